@@ -1,0 +1,121 @@
+"""The `exmap-ray` command.
+
+    exmap-ray run tune_specs/cmnist.yaml                    # the whole pipeline on a local Ray
+    exmap-ray run tune_specs/cmnist.yaml --set seed=1 --set clustering.scope=global --out runs/s1
+    exmap-ray run SPEC --address ray://head:10001 --tracking-uri http://head:5000
+    exmap-ray spec [SPEC] [--set k=v ...]                    # defaults with reasons, or a resolved spec
+    exmap-ray datasets                                       # registered datasets
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("exmap_ray")
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="a YAML spec, e.g. tune_specs/cmnist.yaml")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec key (YAML value), e.g. --set clustering.k=4; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exmap-ray",
+        description="ExMap (CVPR 2024) on Ray: ERM -> explainability heatmaps -> clustering into pseudo "
+                    "groups -> DFR retraining, tracked in MLflow. Group labels are used for evaluation only.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with: exmap-ray run tune_specs/cmnist.yaml   (see `exmap-ray COMMAND --help`)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline once and print the results table",
+                         description="Run ERM, heatmaps, clustering and DFR once; write OUT/results.json, "
+                                     "plots and an MLflow run. Stages are cached in OUT/cache, so a re-run "
+                                     "resumes where the last one stopped.")
+    _add_spec_args(run)
+    run.add_argument("--out", type=Path, help="output folder (default runs/<spec name>)")
+    run.add_argument("--cache", type=Path, help="stage cache folder to share between runs (default OUT/cache)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
+    run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    run.add_argument("--quiet", action="store_true", help="only warnings and the final table")
+
+    sp = sub.add_parser("spec", help="print every spec key with its default and reason, or a resolved spec",
+                        description="Without SPEC: every key, its default and why. With SPEC: the resolved "
+                                    "spec after the YAML file and --set overrides, as YAML.")
+    _add_spec_args(sp)
+
+    sub.add_parser("datasets", help="list the registered datasets",
+                   description="List the dataset names usable as dataset.name.")
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import format_table, run_pipeline
+    from .spec import load_spec
+
+    spec = load_spec(args.spec, args.sets)  # every spec error surfaces here, before any work
+    out = args.out or Path("runs") / spec.name
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=True,
+             logging_level=logging.WARNING, configure_logging=True)
+    try:
+        results = run_pipeline(spec, out, args.cache, args.tracking_uri)
+    finally:
+        ray.shutdown()
+    print("\n" + format_table(results))
+    print(f"\nresults: {out / 'results.json'}   plots: {out}/*.png")
+    uri = args.tracking_uri or spec.tracking.uri
+    print(f"MLflow run {results['mlflow_run_id']}: "
+          + (f"see {uri}" if uri else f"mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}"))
+    return 0
+
+
+def cmd_spec(args) -> int:
+    import yaml
+
+    from .spec import describe_defaults, load_spec
+
+    if not args.spec and not args.sets:
+        print(describe_defaults())
+    else:
+        print(yaml.safe_dump(load_spec(args.spec, args.sets).to_dict(), sort_keys=False))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .data import DATASETS
+
+    for name in DATASETS.names():
+        doc = (sys.modules[DATASETS.get(name).__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<10} {doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return {"run": cmd_run, "spec": cmd_spec, "datasets": cmd_datasets}[args.command](args)
+    except UserError as e:
+        print(f"exmap-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Clustering heatmaps into pseudo groups: FAISS k-means, spectral with eigengap, local/global.
+
+    from exmap_ray.clustering import pseudo_groups
+    groups, info = pseudo_groups(heatmaps.reshape(n, -1), y_val, spec.clustering, seed=0)
+
+- `kmeans`: FAISS k-means on *all* points (FAISS samples 256*k points unless
+  told otherwise), on the GPU when a FAISS GPU build sees one.
+- `spectral` (the paper): a symmetric kNN graph with k_nn = int(ln N), the
+  normalised Laplacian's 13 smallest eigenvalues, k = argmax eigengap over
+  2..k_max, then k-means on the row-normalised eigenvectors.
+- `auto` k with k-means uses the same eigengap estimate.
+- local scope clusters each class apart; global clusters all points. Either
+  way the pseudo group is (class, cluster), numbered 0..G-1.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import eigsh
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+N_EIGS = 13  # the paper inspects the 13 smallest eigenvalues
+DENSE_EIG_MAX = 2500  # below this a dense eigendecomposition is faster and exact
+
+
+def normalize_rows(X: np.ndarray) -> np.ndarray:
+    """Divide each heatmap by its max |value| (the paper); all-zero rows stay zero."""
+    X = np.ascontiguousarray(X, dtype=np.float32).reshape(len(X), -1)
+    scale = np.abs(X).max(axis=1, keepdims=True)
+    return X / np.where(scale > 0, scale, 1.0)
+
+
+def _faiss_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def kmeans(X: np.ndarray, k: int, niter: int = 25, nredo: int = 3, seed: int = 0) -> np.ndarray:
+    """Labels (N,) from FAISS k-means trained on all N points."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if k >= len(X):
+        return np.arange(len(X)) % k
+    km = faiss.Kmeans(X.shape[1], k, niter=niter, nredo=nredo, seed=int(seed) % (2**31 - 1), gpu=_faiss_gpu(),
+                      max_points_per_centroid=math.ceil(len(X) / k) + 1, min_points_per_centroid=1, verbose=False)
+    km.train(X)
+    _, labels = km.index.search(X, 1)
+    return labels.ravel().astype(np.int64)
+
+
+def knn_affinity(X: np.ndarray, k_nn: int | None = None) -> sp.csr_matrix:
+    """Symmetric 0/1 kNN connectivity, A = (C + C^T) / 2, with k_nn = int(ln N) by default."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n = len(X)
+    k_nn = min(max(k_nn or int(math.log(n)), 1), n - 1)
+    index = faiss.IndexFlatL2(X.shape[1])
+    index.add(X)
+    _, nbr = index.search(X, k_nn + 1)
+    rows = np.repeat(np.arange(n), k_nn + 1)
+    C = sp.csr_matrix((np.ones(rows.size, np.float64), (rows, nbr.ravel())), shape=(n, n))
+    C.setdiag(0)
+    C.eliminate_zeros()
+    C.data[:] = 1.0
+    return ((C + C.T) * 0.5).tocsr()
+
+
+def laplacian_spectrum(A: sp.csr_matrix, n_eig: int = N_EIGS) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest `n_eig` eigenvalues (ascending) of L = I - D^-1/2 A D^-1/2 and their eigenvectors."""
+    d = np.asarray(A.sum(axis=1)).ravel()
+    dinv = 1.0 / np.sqrt(np.where(d > 0, d, 1.0))
+    M = sp.diags(dinv) @ A @ sp.diags(dinv)
+    n_eig = min(n_eig, A.shape[0] - 1)
+    if A.shape[0] <= DENSE_EIG_MAX:
+        w, V = np.linalg.eigh(M.toarray())
+        w, V = w[::-1][:n_eig], V[:, ::-1][:, :n_eig]
+    else:
+        w, V = eigsh(M, k=n_eig, which="LA", tol=1e-6, v0=np.full(A.shape[0], 1.0 / math.sqrt(A.shape[0])))
+        order = np.argsort(-w)
+        w, V = w[order], V[:, order]
+    return np.clip(1.0 - w, 0.0, 2.0), V
+
+
+def eigengap_k(eigvals: np.ndarray, k_max: int = 10) -> int:
+    """k in 2..k_max maximising lambda_{k+1} - lambda_k (eigenvalues ascending, 1-indexed)."""
+    ks = [k for k in range(2, k_max + 1) if k < len(eigvals)]
+    if not ks:
+        return 2
+    return max(ks, key=lambda k: eigvals[k] - eigvals[k - 1])
+
+
+def cluster(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+    """Cluster one scope's points; returns labels 0..k-1 and what was chosen."""
+    n = len(X)
+    if n < 2:
+        return np.zeros(n, np.int64), {"k": 1, "n": n}
+    info: dict = {"n": n}
+    if cspec.method == "spectral" or cspec.k == "auto":
+        eigvals, V = laplacian_spectrum(knn_affinity(X))
+        info["eigenvalues"] = [round(float(v), 6) for v in eigvals]
+        k = eigengap_k(eigvals, cspec.k_max) if cspec.k == "auto" else cspec.k
+    else:
+        k = cspec.k
+    if k > n:
+        raise UserError(f"clustering.k = {k} is larger than a scope's {n} val points; lower clustering.k "
+                        f"or use clustering.k: auto")
+    info["k"] = int(k)
+    if cspec.method == "spectral":
+        if k > V.shape[1]:
+            eigvals, V = laplacian_spectrum(knn_affinity(X), n_eig=k + 1)
+        emb = V[:, :k]
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        labels = kmeans(emb.astype(np.float32), k, cspec.niter, cspec.nredo, seed)
+    else:
+        labels = kmeans(X, k, cspec.niter, cspec.nredo, seed)
+    return labels, info
+
+
+def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+    """Pseudo group per point = (class, cluster), numbered densely 0..G-1.
+
+    Returns the labels and a dict with each scope's chosen k and the (class, cluster) of each group.
+    """
+    X = normalize_rows(H) if cspec.normalize else np.ascontiguousarray(H, np.float32).reshape(len(H), -1)
+    if not np.isfinite(X).all():
+        raise UserError("heatmaps contain NaN or inf values; the ERM model may have diverged "
+                        "(check erm.lr) - nothing sensible can be clustered")
+    if not np.abs(X).sum(axis=1).any():
+        raise UserError("every heatmap is all zero: the model explains nothing (a dead model?); "
+                        "check the ERM stage's accuracy or try heatmaps.method input_x_gradient")
+    cluster_of = np.zeros(len(X), np.int64)
+    scopes = {}
+    if cspec.scope == "local":
+        for c in np.unique(y):
+            idx = np.flatnonzero(y == c)
+            labels, info = cluster(X[idx], cspec, seed + int(c))
+            cluster_of[idx] = labels
+            scopes[f"class {int(c)}"] = info
+    else:
+        cluster_of, scopes["global"] = cluster(X, cspec, seed)
+    cluster_of, merges = merge_small(X, y, cluster_of, cspec.min_group_size)
+    pairs = sorted(set(zip(y.tolist(), cluster_of.tolist())))
+    gid = {p: i for i, p in enumerate(pairs)}
+    groups = np.array([gid[p] for p in zip(y.tolist(), cluster_of.tolist())], dtype=np.int64)
+    sizes = np.bincount(groups, minlength=len(pairs))
+    log.info("clustering: %s/%s -> %d pseudo groups, sizes %s%s", cspec.method, cspec.scope, len(pairs),
+             sizes.tolist(), f" ({len(merges)} small fragment(s) merged)" if merges else "")
+    return groups, {"scopes": scopes, "n_groups": len(pairs), "group_class_cluster": pairs,
+                    "sizes": sizes.tolist(), "merged": merges}
+
+
+def merge_small(X: np.ndarray, y: np.ndarray, cluster_of: np.ndarray, min_size: int) -> tuple[np.ndarray, list]:
+    """Merge (class, cluster) groups under `min_size` into the nearest same-class group by centroid.
+
+    DFR subsamples every group to the smallest one, so a 2-member fragment would
+    leave it 2 examples per group. A class with a single group is left alone.
+    """
+    cluster_of = cluster_of.copy()
+    merges = []
+    for c in np.unique(y):
+        while True:
+            idx = np.flatnonzero(y == c)
+            ks, counts = np.unique(cluster_of[idx], return_counts=True)
+            if len(ks) < 2 or counts.min() >= min_size:
+                break
+            small = ks[np.argmin(counts)]
+            centroid = lambda k: X[idx[cluster_of[idx] == k]].mean(0)  # noqa: E731
+            others = [k for k in ks if k != small]
+            target = min(others, key=lambda k: float(((centroid(k) - centroid(small)) ** 2).sum()))
+            cluster_of[idx[cluster_of[idx] == small]] = target
+            merges.append({"class": int(c), "cluster": int(small), "size": int(counts.min()), "into": int(target)})
+    return cluster_of, merges

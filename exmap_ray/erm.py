@@ -1,0 +1,151 @@
+"""ERM training: a plain PyTorch loop, run by Ray Train's TorchTrainer.
+
+    exmap-ray run tune_specs/cmnist.yaml --set erm.num_workers=2   # DDP over gloo on a CPU
+
+- One Ray Train worker per GPU (NCCL) where the cluster has GPUs, else CPU
+  workers over gloo, each given an equal share of the CPUs.
+- Every epoch ends with `ray.train.report(metrics, checkpoint)`: the model,
+  optimizer and history. A restarted worker group resumes from the last
+  checkpoint instead of epoch 0.
+- Only class labels are used: the true groups never reach this stage.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .models import create_model, save_checkpoint
+from .spec import stage_seed
+from .store import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+def train_epoch(model: nn.Module, loader, opt, device) -> dict:
+    model.train()
+    total, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += float(loss) * len(y)
+    dt = time.perf_counter() - t0
+    return {"train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
+            "images_per_s": total / max(dt, 1e-9)}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader, device) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train per-worker entry point."""
+    import ray.train
+    import ray.train.torch
+
+    from .data import build_dataset
+    from .data.base import Labeled
+    from .spec import from_dict
+
+    spec = from_dict(config["spec"])
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(stage_seed(spec.seed, "erm"))  # same init on every worker; DDP also broadcasts it
+    data = build_dataset(spec.dataset, spec.seed)
+    e = spec.erm
+    g = torch.Generator().manual_seed(stage_seed(spec.seed, "erm-shuffle"))
+    train = DataLoader(Labeled(data.train), batch_size=e.batch_size, shuffle=True, generator=g,
+                       num_workers=spec.dataset.loader_workers, pin_memory=torch.cuda.is_available())
+    val = DataLoader(Labeled(data.val), batch_size=512, shuffle=False, num_workers=spec.dataset.loader_workers)
+    train = ray.train.torch.prepare_data_loader(train)
+    val = ray.train.torch.prepare_data_loader(val, add_dist_sampler=False)
+    model = ray.train.torch.prepare_model(create_model(spec.model.backbone, data.n_classes, spec.model.pretrained))
+    opt = torch.optim.AdamW(model.parameters(), lr=e.lr, weight_decay=e.weight_decay)
+    device = ray.train.torch.get_device()
+    start, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resumed after a failure: continue where the last report left off
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+            _unwrap(model).load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            start, history = state["epoch"] + 1, read_json(Path(d) / "history.json")
+        log.info("ERM: resumed from checkpoint after epoch %d", start)
+    for epoch in range(start, e.epochs):
+        if hasattr(train, "sampler") and hasattr(train.sampler, "set_epoch"):
+            train.sampler.set_epoch(epoch)
+        metrics = train_epoch(model, train, opt, device)
+        metrics.update(epoch=epoch + 1, val_acc=accuracy(model, val, device), resumed_from=start)
+        history.append(metrics)
+        if rank == 0:
+            print(f"ERM epoch {epoch + 1}/{e.epochs}: loss {metrics['train_loss']:.4f} "
+                  f"train acc {metrics['train_acc']:.3f} val acc {metrics['val_acc']:.3f} "
+                  f"({metrics['images_per_s']:.0f} img/s per worker)", flush=True)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch},
+                           Path(d) / "state.pt")
+                write_json(Path(d) / "history.json", history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_erm(spec, out: Path, n_classes: int) -> dict:
+    """Run ERM on the connected Ray cluster; writes out/model.pt and out/history.json."""
+    import ray
+    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    e = spec.erm
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = has_gpu if e.use_gpu == "auto" else bool(e.use_gpu)
+    cpus = int(ray.available_resources().get("CPU", 1))
+    threads = 1 if use_gpu else max(1, cpus // e.num_workers)
+    log.info("ERM: %s, %d epoch(s), %d worker(s) on %s", spec.model.backbone, e.epochs, e.num_workers,
+             "GPU (NCCL)" if use_gpu else f"CPU (gloo, {threads} thread(s) each)")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.to_dict(), "threads": threads},
+        scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": threads}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name="erm", storage_path=str((out / "ray_train").resolve()),
+                             failure_config=FailureConfig(max_failures=2)),
+    )
+    result = trainer.fit()
+    ckpt: Checkpoint | None = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError(f"ERM finished without a checkpoint (error: {result.error})")
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        history = read_json(Path(d) / "history.json")
+    model = create_model(spec.model.backbone, n_classes)
+    model.load_state_dict(state["model"])
+    save_checkpoint(model, out / "model.pt")
+    write_json(out / "history.json", history)
+    shutil.rmtree(out / "ray_train", ignore_errors=True)  # model.pt is the stage's artifact
+    return {"epochs": len(history), "history": history, "workers": e.num_workers, "use_gpu": use_gpu}

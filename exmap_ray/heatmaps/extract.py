@@ -1,0 +1,150 @@
+"""Sharded heatmap extraction: a pure core, an on-disk shard store, and a Ray actor pool.
+
+Layout of a heatmap stage folder:
+    shard-00000.npy   heatmaps of images [0, shard_size), float32 (n, C', d, d)
+    pred-00000.npy    the predicted class explained for each of them
+    ...
+    index.json        shard list with ranges, shape and dtype (written after every shard)
+    done              the stage marker (written by the stage cache, last)
+
+Each shard is written atomically as it arrives, so memory does not grow with
+the dataset; `HeatmapStore` memory-maps shards back.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from ..store import read_json, save_npy, write_json
+from . import HEATMAP_METHODS
+
+log = logging.getLogger(__name__)
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def extract(method, images: Dataset, batch_size: int, downsize: int | None,
+            device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Heatmaps of `images` by a built method: (N, C', d, d) float32 and predictions (N,).
+
+    Downsizing (bilinear, as the paper) happens on the device, before the copy to the host.
+    """
+    maps, preds = [], []
+    for x in DataLoader(images, batch_size=batch_size, shuffle=False):
+        rel, pred = method(x.to(device))
+        if downsize and rel.shape[-1] != downsize:
+            rel = F.interpolate(rel, size=(downsize, downsize), mode="bilinear", align_corners=False)
+        maps.append(rel.float().cpu())
+        preds.append(pred.cpu())
+    return torch.cat(maps).numpy(), torch.cat(preds).numpy().astype(np.int64)
+
+
+class HeatmapStore:
+    """Read side of a heatmap stage folder."""
+
+    def __init__(self, folder: str | Path):
+        self.dir = Path(folder)
+        self.index = read_json(self.dir / "index.json")
+
+    def __len__(self) -> int:
+        return self.index["n"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.index["n"], *self.index["item_shape"])
+
+    def shards(self) -> Iterator[np.ndarray]:
+        for s in self.index["shards"]:
+            yield np.load(self.dir / s["file"], mmap_mode="r")
+
+    def load(self) -> np.ndarray:
+        return np.concatenate([np.asarray(a) for a in self.shards()]) if self.index["shards"] else np.zeros(self.shape, np.float32)
+
+    def preds(self) -> np.ndarray:
+        return np.concatenate([np.load(self.dir / s["pred_file"]) for s in self.index["shards"]])
+
+
+def write_shard(folder: Path, shard_id: int, start: int, stop: int, maps: np.ndarray, preds: np.ndarray) -> dict:
+    name = f"shard-{shard_id:05d}.npy"
+    save_npy(folder / name, maps.astype(np.float32, copy=False))
+    save_npy(folder / f"pred-{shard_id:05d}.npy", preds)
+    return {"id": shard_id, "start": start, "stop": stop, "file": name, "pred_file": f"pred-{shard_id:05d}.npy"}
+
+
+def write_index(folder: Path, n: int, entries: list[dict]) -> None:
+    entries = sorted(entries, key=lambda e: e["start"])
+    covered = sum(e["stop"] - e["start"] for e in entries)
+    if covered != n:
+        raise RuntimeError(f"heatmap shards cover {covered} of {n} images; refusing to write an incomplete index")
+    item_shape = list(np.load(folder / entries[0]["file"], mmap_mode="r").shape[1:]) if entries else []
+    write_json(folder / "index.json", {"n": n, "item_shape": item_shape, "dtype": "float32", "shards": entries})
+
+
+# ----------------------------------------------------------------------------- Ray wiring
+
+
+class HeatmapWorker:
+    """One per GPU (or per CPU slot): builds the val split, the model and the method once."""
+
+    def __init__(self, spec_dict: dict, checkpoint: str, threads: int):
+        from ..data import build_dataset
+        from ..models import load_checkpoint
+        from ..spec import from_dict
+
+        torch.set_num_threads(max(1, threads))
+        spec = from_dict(spec_dict)
+        self.hspec = spec.heatmaps
+        data = build_dataset(spec.dataset, spec.seed)
+        self.images = data.val.images
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_checkpoint(spec.model.backbone, data.n_classes, Path(checkpoint)).to(self.device)
+        self.method = HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec)
+
+    def run(self, shard_id: int, start: int, stop: int):
+        maps, preds = extract(self.method, Subset(self.images, range(start, stop)), self.hspec.batch_size,
+                              self.hspec.downsize, self.device)
+        return shard_id, start, stop, maps, preds
+
+
+def extract_with_actors(spec, checkpoint: Path, n_images: int, out: Path) -> dict:
+    """Shard the val split over a pool of Ray actors; write shards as they finish, then the index."""
+    import ray
+    from ray.util import ActorPool
+
+    hspec = spec.heatmaps
+    ranges = shard_ranges(n_images, hspec.shard_size)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        n_actors, options = hspec.num_actors or gpus, {"num_gpus": 1, "num_cpus": 1}
+        threads = 1
+    else:
+        cpus = int(ray.available_resources().get("CPU", 1)) or 1
+        n_actors = hspec.num_actors or min(2, cpus)
+        threads = max(1, cpus // n_actors)
+        options = {"num_cpus": min(threads, cpus)}
+    n_actors = max(1, min(n_actors, len(ranges)))
+    log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images,
+             len(ranges), n_actors, "1 GPU each" if gpus else f"{threads} CPU thread(s) each")
+    Worker = ray.remote(HeatmapWorker).options(**options)
+    actors = [Worker.remote(spec.to_dict(), str(checkpoint), threads) for _ in range(n_actors)]
+    pool = ActorPool(actors)
+    entries = []
+    work = [(i, a, b) for i, (a, b) in enumerate(ranges)]
+    with tqdm(total=n_images, desc=f"heatmaps ({hspec.method})", unit="img", disable=None) as bar:
+        for shard_id, start, stop, maps, preds in pool.map_unordered(lambda act, w: act.run.remote(*w), work):
+            entries.append(write_shard(out, shard_id, start, stop, maps, preds))
+            bar.update(stop - start)
+    for a in actors:
+        ray.kill(a)
+    write_index(out, n_images, entries)
+    return {"n": n_images, "shards": len(entries), "actors": n_actors, "device": "cuda" if gpus else "cpu"}
+

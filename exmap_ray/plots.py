@@ -1,0 +1,67 @@
+"""PNG figures for a run: per-group accuracy bars and heatmap examples per pseudo group."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .store import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def group_accuracy_bars(rows: dict[str, dict[str, float | None]], path: Path, title: str = "") -> None:
+    """rows: method -> {group name: accuracy}. One cluster of bars per true group."""
+    methods = list(rows)
+    groups = list(next(iter(rows.values())))
+    x = np.arange(len(groups))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(groups), 3.6))
+    for i, m in enumerate(methods):
+        vals = [rows[m][g] if rows[m][g] is not None else np.nan for g in groups]
+        bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, label=m)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.set_xticks(x, groups, fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "per-group test accuracy", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def heatmap_grid(images: np.ndarray, heatmaps: np.ndarray, pseudo: np.ndarray, captions: list[str],
+                 path: Path, per_group: int = 6, seed: int = 0) -> None:
+    """For each pseudo group, `per_group` random members: the image above its heatmap.
+
+    Heatmaps are summed over channels and shown on a symmetric red-blue scale (red = positive).
+    """
+    rng = np.random.default_rng(seed)
+    groups = np.unique(pseudo)
+    fig, axes = plt.subplots(2 * len(groups), per_group, figsize=(1.1 * per_group, 2.3 * len(groups)),
+                             squeeze=False)
+    for r, g in enumerate(groups):
+        members = np.flatnonzero(pseudo == g)
+        pick = rng.choice(members, min(per_group, len(members)), replace=False)
+        for c in range(per_group):
+            a_img, a_map = axes[2 * r, c], axes[2 * r + 1, c]
+            a_img.axis("off")
+            a_map.axis("off")
+            if c >= len(pick):
+                continue
+            img = images[pick[c]]
+            img = np.transpose(img, (1, 2, 0)) if img.shape[0] in (1, 3) else img
+            a_img.imshow(np.clip((img - img.min()) / (np.ptp(img) + 1e-8), 0, 1).squeeze())
+            h = heatmaps[pick[c]].sum(0)
+            lim = np.abs(h).max() + 1e-12
+            a_map.imshow(h, cmap="bwr", vmin=-lim, vmax=lim)
+        axes[2 * r, 0].set_title(captions[r], fontsize=7, loc="left")
+    fig.suptitle("heatmaps per pseudo group (image above, relevance below)", fontsize=9)
+    _save(fig, path)

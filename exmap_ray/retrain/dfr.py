@@ -1,0 +1,106 @@
+"""Deep feature reweighting (Kirichenko et al.) on the val split, with any group labels.
+
+    model = fit_dfr(val_features, y_val, pseudo_groups, spec.dfr, seed=0)
+    pred = model.predict(test_features)
+
+1. Standardise the frozen model's penultimate features (fit on val).
+2. Choose C from the grid: over `n_select_repeats` random halves of val, fit an
+   L1 logistic regression on a group-balanced subsample of one half and score the
+   *worst group* accuracy on the other half, using the given groups (pseudo
+   groups for ExMap: no true group is ever seen here).
+3. Final model: average the weights of `n_final_fits` fits on group-balanced
+   subsamples of all of val, at the chosen C.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DFRModel:
+    mean: np.ndarray
+    std: np.ndarray
+    coef: np.ndarray         # (n_classes or 1, d)
+    intercept: np.ndarray
+    classes: np.ndarray
+    C: float
+    selection: dict          # C -> mean worst-group accuracy on held-out halves
+
+    def decision(self, feats: np.ndarray) -> np.ndarray:
+        return ((feats - self.mean) / self.std) @ self.coef.T + self.intercept
+
+    def predict(self, feats: np.ndarray) -> np.ndarray:
+        d = self.decision(feats)
+        idx = (d[:, 0] > 0).astype(int) if d.shape[1] == 1 else d.argmax(1)
+        return self.classes[idx]
+
+
+def balanced_subsample(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices with every present group subsampled to the smallest group's size."""
+    present = np.unique(groups)
+    m = min(int((groups == g).sum()) for g in present)
+    return np.concatenate([rng.choice(np.flatnonzero(groups == g), m, replace=False) for g in present])
+
+
+def _fit(X, y, C, seed) -> LogisticRegression:
+    clf = LogisticRegression(penalty="l1", C=C, solver="liblinear", random_state=seed, max_iter=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # sklearn >= 1.8 deprecates `penalty`; older lack l1_ratio
+        warnings.filterwarnings("ignore", message="Inconsistent values: penalty=l1")
+        return clf.fit(X, y)
+
+
+def worst_group_acc(pred, y, groups) -> float:
+    return min(float((pred[groups == g] == y[groups == g]).mean()) for g in np.unique(groups))
+
+
+def _check_groups(y: np.ndarray, groups: np.ndarray) -> None:
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise UserError(f"DFR needs at least two classes in val; it has only y = {classes[0]}")
+    mixed = [int(g) for g in np.unique(groups) if len(np.unique(y[groups == g])) > 1]
+    if mixed:
+        raise UserError(f"DFR groups must each hold one class (pseudo groups are (class, cluster) pairs); "
+                        f"group {mixed[0]} mixes classes")
+
+
+def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: int) -> DFRModel:
+    _check_groups(y, groups)
+    sizes = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
+    if min(sizes.values()) < 2:
+        log.warning("DFR: smallest group has %d member(s) (%s); balanced fits will be tiny",
+                    min(sizes.values()), sizes)
+    rng = np.random.default_rng(seed)
+    mean, std = feats.mean(0), feats.std(0) + 1e-8
+    X = (feats - mean) / std
+    scores = {C: [] for C in dspec.c_grid}
+    for _ in range(dspec.n_select_repeats):
+        perm = rng.permutation(len(y))
+        a, b = perm[: len(y) // 2], perm[len(y) // 2:]
+        if len(np.unique(y[a])) < 2:
+            continue
+        sub = a[balanced_subsample(groups[a], rng)]
+        for C in dspec.c_grid:
+            clf = _fit(X[sub], y[sub], C, int(rng.integers(2**31 - 1)))
+            scores[C].append(worst_group_acc(clf.predict(X[b]), y[b], groups[b]))
+    selection = {C: float(np.mean(v)) if v else float("nan") for C, v in scores.items()}
+    best_C = max(dspec.c_grid, key=lambda C: (np.nan_to_num(selection[C], nan=-1.0), C))
+    coefs, intercepts = [], []
+    for _ in range(dspec.n_final_fits):
+        sub = balanced_subsample(groups, rng)
+        clf = _fit(X[sub], y[sub], best_C, int(rng.integers(2**31 - 1)))
+        coefs.append(clf.coef_)
+        intercepts.append(clf.intercept_)
+    log.info("DFR: C=%g (held-out worst-group acc %.3f), %d groups %s", best_C, selection[best_C], len(sizes), sizes)
+    return DFRModel(mean, std, np.mean(coefs, 0), np.mean(intercepts, 0), clf.classes_, best_C, selection)

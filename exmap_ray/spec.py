@@ -1,0 +1,331 @@
+"""The typed experiment spec: every default in one place, each with its reason.
+
+    exmap-ray spec                       # print every key, its default and why
+    exmap-ray spec tune_specs/cmnist.yaml --set clustering.k=4   # print the resolved spec
+
+Precedence (as in timm's train.py): dataclass default < YAML file < `--set`.
+The resolved spec is saved next to every run.  Unknown keys, wrong types and
+bad values raise `SpecError` naming the dotted key path and what is allowed,
+before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import SpecError
+
+
+def opt(default, why: str, check=None):
+    """A spec field with its reason (`why`) and an optional value check.
+
+    `check(value)` returns None when the value is fine, or a phrase saying what is allowed.
+    """
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"why": why, "check": check})
+    return field(default=default, metadata={"why": why, "check": check})
+
+
+def _positive(v):
+    return None if v > 0 else "a number > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "a number >= 0"
+
+
+def _fraction(v):
+    return None if 0.0 <= v <= 1.0 else "a number in [0, 1]"
+
+
+def _k_check(v):
+    return None if v == "auto" or v >= 2 else "an integer >= 2, or 'auto' (eigengap)"
+
+
+def _positive_list(v):
+    return None if v and all(x > 0 for x in v) else "a non-empty list of numbers > 0"
+
+
+@dataclass
+class DatasetSpec:
+    name: str = opt("cmnist", "registry name; `exmap-ray datasets` lists them")
+    rho: float = opt(0.99, "cmnist: P(colour agrees with y) on train and val; 0.99 as the reference, "
+                           "weaker shortcuts (0.95) leave ERM's worst group unreliable at this size", _fraction)
+    n_train: int = opt(5000, "cmnist: training images", _positive)
+    n_val: int = opt(3000, "cmnist: validation images; ExMap clusters these, so the minority needs "
+                           "enough members (about 15 per class at rho 0.99)", _positive)
+    n_test: int = opt(2000, "cmnist: test images (colour independent of y)", _positive)
+    mnist_root: Optional[str] = opt(None, "cmnist: a folder with the full MNIST in torchvision's raw "
+                                          "layout; None uses the 10k test digits shipped with exmap-ray")
+    root: Optional[str] = opt(None, "folder: ROOT holding metadata.csv and the images")
+    image_size: Optional[int] = opt(None, "square input size; None = the dataset's own (cmnist 28, folder 224)",
+                                    lambda v: None if v is None or v >= 8 else "an integer >= 8")
+    mean: Optional[list[float]] = opt(None, "per-channel normalisation mean; None = the dataset's own "
+                                            "(cmnist none, folder ImageNet)")
+    std: Optional[list[float]] = opt(None, "per-channel normalisation std; None = the dataset's own")
+    loader_workers: int = opt(0, "DataLoader worker processes per Ray worker; 0 suits in-memory data", _non_negative)
+
+
+@dataclass
+class ModelSpec:
+    backbone: str = opt("resnet10t", "any timm model name; resnet10t is small enough for a 2-core CPU")
+    pretrained: Optional[str] = opt(None, "a local checkpoint file (state dict / safetensors); never downloaded")
+
+
+@dataclass
+class ErmSpec:
+    epochs: int = opt(5, "enough for the colour shortcut to dominate on C-MNIST", _positive)
+    lr: float = opt(1e-3, "Adam learning rate", _positive)
+    weight_decay: float = opt(1e-4, "AdamW decoupled weight decay", _non_negative)
+    batch_size: int = opt(128, "per Ray Train worker", _positive)
+    num_workers: int = opt(1, "Ray Train workers (one per GPU on a cluster); DDP over gloo on CPU", _positive)
+    use_gpu: Union[bool, Literal["auto"]] = opt("auto", "'auto' uses GPUs when the Ray cluster has them")
+
+
+@dataclass
+class HeatmapSpec:
+    method: str = opt("lrp", "registry name: lrp (the paper), input_x_gradient, gradcam")
+    conv_rule: Literal["alpha_beta", "gamma"] = opt("alpha_beta", "LRP rule on convolutions (paper: alpha2-beta1)")
+    alpha: float = opt(2.0, "LRP alpha-beta: alpha (alpha - beta = 1 conserves relevance)", _positive)
+    beta: float = opt(1.0, "LRP alpha-beta: beta", _non_negative)
+    gamma: float = opt(0.25, "LRP gamma rule: weight on positive contributions", _non_negative)
+    epsilon: float = opt(1e-6, "LRP epsilon on linear layers and pools; stabilises division", _positive)
+    downsize: Optional[int] = opt(7, "bilinear resize of each heatmap before clustering; the paper's "
+                                     "sizes are Waterbirds 112, CelebA 20; on C-MNIST 7 keeps the colour "
+                                     "channel and removes per-digit stroke detail", 
+                                  lambda v: None if v is None or v >= 1 else "an integer >= 1, or null")
+    batch_size: int = opt(256, "images per forward/backward in an actor", _positive)
+    shard_size: int = opt(1024, "images per shard file; one shard is one unit of actor work", _positive)
+    num_actors: Optional[int] = opt(None, "extraction actors; None = one per GPU, else 2 on CPU",
+                                    lambda v: None if v is None or v >= 1 else "an integer >= 1, or null")
+
+
+@dataclass
+class ClusteringSpec:
+    method: Literal["kmeans", "spectral"] = opt("spectral", "the paper uses spectral; k-means prefers to "
+                                                            "split the big group on imbalanced data")
+    k: Union[int, Literal["auto"]] = opt("auto", "clusters per scope; 'auto' = eigengap over 2..k_max", _k_check)
+    k_max: int = opt(10, "largest k the eigengap may pick (paper: 10)",
+                     lambda v: None if v >= 2 else "an integer >= 2")
+    scope: Literal["local", "global"] = opt("local", "local = cluster each class apart (pseudo group = "
+                                                     "class x cluster); global = all points together")
+    niter: int = opt(25, "k-means iterations", _positive)
+    nredo: int = opt(3, "k-means restarts; the best inertia wins", _positive)
+    normalize: bool = opt(True, "divide each heatmap by its max |value| (paper)")
+    min_group_size: int = opt(5, "pseudo groups smaller than this merge into the nearest group of their class; "
+                                 "DFR subsamples every group to the smallest, so tiny fragments starve it",
+                              _positive)
+
+
+@dataclass
+class DfrSpec:
+    c_grid: list[float] = opt([1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01],
+                              "inverse L1 strengths tried (DFR paper grid)", _positive_list)
+    n_select_repeats: int = opt(5, "random val halves used to choose C", _positive)
+    n_final_fits: int = opt(20, "group-balanced fits on all of val whose weights are averaged", _positive)
+
+
+@dataclass
+class TrackingSpec:
+    experiment: Optional[str] = opt(None, "MLflow experiment; None = the spec's name")
+    uri: Optional[str] = opt(None, "MLflow tracking URI; None = sqlite:///OUT/mlflow.db")
+
+
+@dataclass
+class Spec:
+    name: str = opt("exmap", "names the MLflow experiment and the run")
+    seed: int = opt(0, "root seed; each stage derives its own by hashing (stage_seed)", _non_negative)
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    erm: ErmSpec = field(default_factory=ErmSpec)
+    heatmaps: HeatmapSpec = field(default_factory=HeatmapSpec)
+    clustering: ClusteringSpec = field(default_factory=ClusteringSpec)
+    dfr: DfrSpec = field(default_factory=DfrSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        return flatten(self.to_dict())
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value, tp, path: str):
+    """Return `value` as type `tp`, or raise SpecError naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except SpecError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (inner,) = typing.get_args(tp)
+            return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise SpecError(f"spec key '{path}': got {value!r}, expected {_type_name(tp)}")
+
+
+def _build(cls, data: dict, path: str):
+    if not isinstance(data, dict):
+        raise SpecError(f"spec key '{path or '<top>'}': expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        where = f"{path}.{key}" if path else str(key)
+        near = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise SpecError(f"unknown spec key '{where}'.{hint} Valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp, sub = hints[name], f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, sub)
+            continue
+        value = _coerce(value, tp, sub)
+        check = fields[name].metadata.get("check")
+        problem = check(value) if (check and value is not None) else None
+        if problem:
+            raise SpecError(f"spec key '{sub}': got {value!r}, expected {problem}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(sets: list[str]) -> dict:
+    """['a.b=3', 'c=[1, 2]'] -> {'a': {'b': 3}, 'c': [1, 2]}; values are parsed as YAML."""
+    out: dict = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected key.path=value, e.g. --set clustering.k=4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {key}: value {raw!r} is not valid YAML ({e.problem})") from None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file '{path}' does not exist; ready-made specs are in tune_specs/")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"spec file '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file '{path}': the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_spec(path: str | Path | None = None, sets: list[str] | None = None, extra: dict | None = None) -> Spec:
+    """Defaults < YAML file < `extra` (a dict) < `--set` overrides."""
+    data = read_yaml(path) if path else {}
+    data = _deep_merge(data, extra or {})
+    data = _deep_merge(data, parse_overrides(sets or []))
+    return from_dict(data)
+
+
+def from_dict(data: dict) -> Spec:
+    return _build(Spec, data, "")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def describe_defaults() -> str:
+    """Every key with its default and reason, for `exmap-ray spec`."""
+    lines = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                lines.append(f"\n{f.name}:")
+                walk(hints[f.name], prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {prefix}{f.name} = {json.dumps(default)}    # {f.metadata.get('why', '')}")
+
+    walk(Spec, "")
+    return "\n".join(lines)
+
+
+def stable_hash(obj: Any, n: int = 12) -> str:
+    """Content hash of a JSON-able object (key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """A per-stage seed derived by hashing, so stages do not share random streams."""
+    return int(hashlib.sha256(f"{seed}:{stage}".encode()).hexdigest()[:8], 16) % (2**31 - 1)
