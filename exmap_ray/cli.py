@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -64,20 +62,22 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import format_table, run_pipeline
+    from .pipeline import format_table, preflight, run_pipeline
     from .spec import load_spec
 
-    spec = load_spec(args.spec, args.sets)  # every spec error surfaces here, before any work
+    spec = load_spec(args.spec, args.sets)  # spec errors surface here, before any work
+    data = preflight(spec)                  # and data / backbone / method errors here
     out = args.out or Path("runs") / spec.name
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=True,
-             logging_level=logging.WARNING, configure_logging=True)
+    own_ray = not ray.is_initialized()  # reuse a Ray the caller already started (tests, notebooks)
+    if own_ray:
+        ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        results = run_pipeline(spec, out, args.cache, args.tracking_uri)
+        results = run_pipeline(spec, out, args.cache, args.tracking_uri, data)
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
     print("\n" + format_table(results))
     print(f"\nresults: {out / 'results.json'}   plots: {out}/*.png")
     uri = args.tracking_uri or spec.tracking.uri

@@ -40,15 +40,35 @@ def _faiss_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def kmeanspp_init(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (D^2 sampling): spreads the initial centroids over distinct clusters."""
+    centers = np.empty((k, X.shape[1]), np.float32)
+    centers[0] = X[rng.integers(len(X))]
+    d2 = ((X - centers[0]) ** 2).sum(1)
+    for i in range(1, k):
+        total = float(d2.sum())
+        j = rng.choice(len(X), p=d2 / total) if total > 0 else rng.integers(len(X))
+        centers[i] = X[j]
+        d2 = np.minimum(d2, ((X - centers[i]) ** 2).sum(1))
+    return centers
+
+
 def kmeans(X: np.ndarray, k: int, niter: int = 25, nredo: int = 3, seed: int = 0) -> np.ndarray:
-    """Labels (N,) from FAISS k-means trained on all N points."""
+    """Labels (N,) from FAISS k-means on all N points, k-means++ seeded; the best of `nredo` restarts."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     if k >= len(X):
         return np.arange(len(X)) % k
-    km = faiss.Kmeans(X.shape[1], k, niter=niter, nredo=nredo, seed=int(seed) % (2**31 - 1), gpu=_faiss_gpu(),
-                      max_points_per_centroid=math.ceil(len(X) / k) + 1, min_points_per_centroid=1, verbose=False)
-    km.train(X)
-    _, labels = km.index.search(X, 1)
+    rng = np.random.default_rng(seed)
+    best, best_obj = None, np.inf
+    for _ in range(nredo):
+        km = faiss.Kmeans(X.shape[1], k, niter=niter, seed=int(rng.integers(2**31 - 1)), gpu=_faiss_gpu(),
+                          max_points_per_centroid=math.ceil(len(X) / k) + 1, min_points_per_centroid=1,
+                          verbose=False)
+        km.train(X, init_centroids=kmeanspp_init(X, k, rng))
+        obj = float(km.obj[-1]) if len(km.obj) else np.inf
+        if obj < best_obj or best is None:
+            best, best_obj = km, obj
+    _, labels = best.index.search(X, 1)
     return labels.ravel().astype(np.int64)
 
 

@@ -41,7 +41,7 @@ def train_epoch(model: nn.Module, loader, opt, device) -> dict:
         opt.step()
         total += len(y)
         correct += int((logits.argmax(1) == y).sum())
-        loss_sum += float(loss) * len(y)
+        loss_sum += loss.item() * len(y)
     dt = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
             "images_per_s": total / max(dt, 1e-9)}

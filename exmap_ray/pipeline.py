@@ -24,7 +24,9 @@ from .clustering import pseudo_groups
 from .data import GroupData, build_dataset
 from .heatmaps.extract import HeatmapStore, extract_with_actors
 from .metrics import agreement, evaluate
-from .models import embed, load_checkpoint
+from .errors import SpecError
+from .heatmaps import HEATMAP_METHODS
+from .models import create_model, embed, load_checkpoint
 from .retrain import fit_dfr
 from .spec import Spec, stage_seed
 from .store import StageCache, save_npy, write_json
@@ -96,14 +98,33 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer) -> 
             "pseudo": np.load(cl.dir / "pseudo_groups.npy")}
 
 
-def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri: str | None = None) -> dict:
+def preflight(spec: Spec) -> GroupData:
+    """Everything checkable before Ray work starts: the data, the backbone, the method names.
+
+    Building the heatmap method on an untrained model makes LRP refuse an unsupported
+    architecture now rather than inside an actor after ERM.
+    """
+    data = build_dataset(spec.dataset, spec.seed)
+    model = create_model(spec.model.backbone, data.n_classes, spec.model.pretrained)
+    HEATMAP_METHODS.get(spec.heatmaps.method)(model, spec.heatmaps)
+    k = spec.clustering.k
+    if k != "auto":
+        smallest = min(np.bincount(data.val.y)) if spec.clustering.scope == "local" else len(data.val)
+        if k > smallest:
+            raise SpecError(f"spec key 'clustering.k': {k} clusters but a {spec.clustering.scope} scope has only "
+                            f"{smallest} val points; lower it or use 'auto'")
+    return data
+
+
+def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri: str | None = None,
+                 data: GroupData | None = None) -> dict:
     import mlflow
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer()
     with timer("dataset"):
-        data = build_dataset(spec.dataset, spec.seed)  # validates the data before any Ray work
+        data = data or preflight(spec)
     log.info("dataset %s: train %d, val %d, test %d, %d classes, %d true groups (evaluation only)",
              spec.dataset.name, len(data.train), len(data.val), len(data.test), data.n_classes, data.n_groups)
     uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)

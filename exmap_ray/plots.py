@@ -33,7 +33,7 @@ def group_accuracy_bars(rows: dict[str, dict[str, float | None]], path: Path, ti
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("test accuracy")
     ax.set_title(title or "per-group test accuracy", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(methods), frameon=False)
     _save(fig, path)
 
 
@@ -41,7 +41,9 @@ def heatmap_grid(images: np.ndarray, heatmaps: np.ndarray, pseudo: np.ndarray, c
                  path: Path, per_group: int = 6, seed: int = 0) -> None:
     """For each pseudo group, `per_group` random members: the image above its heatmap.
 
-    Heatmaps are summed over channels and shown on a symmetric red-blue scale (red = positive).
+    A 3-channel heatmap is drawn as RGB: each input channel's positive relevance in that
+    channel's colour (so "which colour mattered" is visible). A 1-channel heatmap uses a
+    symmetric red-blue scale (red = positive).
     """
     rng = np.random.default_rng(seed)
     groups = np.unique(pseudo)
@@ -59,9 +61,13 @@ def heatmap_grid(images: np.ndarray, heatmaps: np.ndarray, pseudo: np.ndarray, c
             img = images[pick[c]]
             img = np.transpose(img, (1, 2, 0)) if img.shape[0] in (1, 3) else img
             a_img.imshow(np.clip((img - img.min()) / (np.ptp(img) + 1e-8), 0, 1).squeeze())
-            h = heatmaps[pick[c]].sum(0)
+            h = heatmaps[pick[c]]
             lim = np.abs(h).max() + 1e-12
-            a_map.imshow(h, cmap="bwr", vmin=-lim, vmax=lim)
+            if h.shape[0] == 3:
+                a_map.imshow(np.transpose(np.clip(h / lim, 0, 1), (1, 2, 0)))
+            else:
+                a_map.imshow(h.sum(0), cmap="bwr", vmin=-lim, vmax=lim)
         axes[2 * r, 0].set_title(captions[r], fontsize=7, loc="left")
-    fig.suptitle("heatmaps per pseudo group (image above, relevance below)", fontsize=9)
+    fig.suptitle("val images per pseudo group; below each, its heatmap as clustered", fontsize=9, y=1.0)
+    fig.tight_layout()
     _save(fig, path)

@@ -1,0 +1,83 @@
+"""Shared fixtures: a real local Ray, a tiny spec, and tiny on-disk datasets.
+
+Everything here is real (Ray, MLflow on SQLite, FAISS, timm); tests stay fast
+through tiny data and the 370k-parameter `test_resnet`, not through fakes.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token notice on every test start
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_spec_dict(**over) -> dict:
+    d = {
+        "name": "tiny",
+        "seed": 0,
+        "dataset": {"name": "cmnist", "rho": 0.95, "n_train": 400, "n_val": 300, "n_test": 300},
+        "model": {"backbone": "test_resnet"},
+        "erm": {"epochs": 1, "batch_size": 64},
+        "heatmaps": {"method": "lrp", "downsize": 7, "shard_size": 100, "num_actors": 2, "batch_size": 64},
+        "clustering": {"method": "spectral", "k": "auto", "scope": "global"},
+        "dfr": {"c_grid": [1.0, 0.1], "n_select_repeats": 2, "n_final_fits": 3},
+    }
+    for k, v in over.items():
+        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+    return d
+
+
+@pytest.fixture
+def tiny_spec():
+    from exmap_ray.spec import from_dict
+
+    return from_dict(tiny_spec_dict())
+
+
+def make_folder_dataset(root: Path, per_group: int = 6, size: int = 32, seed: int = 0,
+                        spurious_col: str = "place") -> Path:
+    """A group_DRO-layout dataset of real PNGs: class = shape (square / bar), spurious = background tint."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split in (0, 1, 2):
+        for y in (0, 1):
+            for s in (0, 1):
+                for i in range(per_group):
+                    img = np.zeros((size, size, 3), np.uint8)
+                    img[..., 2 if s else 0] = 80 + rng.integers(0, 40)
+                    if y:
+                        img[size // 4: 3 * size // 4, size // 2 - 2: size // 2 + 2] = 255
+                    else:
+                        img[size // 3: 2 * size // 3, size // 3: 2 * size // 3] = 255
+                    name = f"imgs/s{split}_y{y}_p{s}_{i}.png"
+                    (root / "imgs").mkdir(exist_ok=True)
+                    Image.fromarray(img).save(root / name)
+                    rows.append({"img_filename": name, "y": y, "split": split, spurious_col: s})
+    with open(root / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["img_filename", "y", "split", spurious_col])
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+@pytest.fixture
+def folder_dataset(tmp_path) -> Path:
+    return make_folder_dataset(tmp_path / "waterbirds_like")

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from exmap_ray.errors import UserError
+from exmap_ray.metrics import agreement, evaluate, recovery
+from exmap_ray.retrain.dfr import balanced_subsample, fit_dfr
+from exmap_ray.spec import DfrSpec
+
+
+def shortcut_features(n, rho, seed):
+    """Feature 0 = core (noisy y), feature 1 = spurious (clean s); s agrees with y w.p. rho."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    s = np.where(rng.random(n) < rho, y, 1 - y)
+    core = (2 * y - 1) + 0.8 * rng.normal(size=n)
+    spur = 3 * (2 * s - 1) + 0.1 * rng.normal(size=n)
+    noise = rng.normal(size=(n, 6))
+    return np.column_stack([core, spur, noise]), y, 2 * y + s
+
+
+def test_dfr_with_groups_beats_plain_logistic_regression_on_the_worst_group():
+    Xv, yv, gv = shortcut_features(2000, 0.95, 0)
+    Xt, yt, gt = shortcut_features(4000, 0.5, 1)
+    names = ["0/0", "0/1", "1/0", "1/1"]
+    plain = LogisticRegression().fit(Xv, yv).predict(Xt)
+    model = fit_dfr(Xv, yv, gv, DfrSpec(n_select_repeats=3, n_final_fits=10), seed=0)
+    wga_plain = evaluate(plain, yt, gt, names, gv)["worst_group_acc"]
+    wga_dfr = evaluate(model.predict(Xt), yt, gt, names, gv)["worst_group_acc"]
+    assert wga_dfr > wga_plain + 0.3 and wga_dfr > 0.75
+    assert model.C in DfrSpec().c_grid and set(model.selection) == set(DfrSpec().c_grid)
+
+
+def test_balanced_subsample_equalises_groups():
+    g = np.array([0] * 50 + [1] * 5 + [2] * 9)
+    idx = balanced_subsample(g, np.random.default_rng(0))
+    assert np.bincount(g[idx]).tolist() == [5, 5, 5] and len(set(idx)) == 15
+
+
+def test_dfr_rejects_bad_groups():
+    X = np.random.rand(20, 3)
+    with pytest.raises(UserError, match="at least two classes"):
+        fit_dfr(X, np.zeros(20, int), np.zeros(20, int), DfrSpec(), 0)
+    y = np.array([0, 1] * 10)
+    with pytest.raises(UserError, match="mixes classes"):
+        fit_dfr(X, y, np.zeros(20, int), DfrSpec(), 0)
+
+
+def test_evaluate_reports_both_means_and_worst_group():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    g = np.array([0, 0, 1, 2, 2, 3])
+    pred = np.array([0, 0, 1, 1, 1, 1])
+    r = evaluate(pred, y, g, ["a", "b", "c", "d"], train_group=np.array([0, 0, 0, 1, 2, 2, 2, 3]))
+    assert r["per_group"] == {"a": 1.0, "b": 0.0, "c": 1.0, "d": 1.0}
+    assert r["worst_group_acc"] == 0.0 and r["mean_acc"] == pytest.approx(5 / 6)
+    assert r["mean_acc_train_weighted"] == pytest.approx((3 * 1 + 1 * 0 + 3 * 1 + 1 * 1) / 8)
+
+
+def test_recovery_sees_a_minority_that_ari_hides():
+    true = np.array([0] * 95 + [1] * 5)
+    merged = np.zeros(100, int)  # minority lost inside the majority's cluster
+    found = np.array([0] * 95 + [1] * 5)
+    assert recovery(merged, true) == {0: 1.0, 1: 0.0}
+    assert recovery(found, true) == {0: 1.0, 1: 1.0}
+    a = agreement(found, true, ["maj", "min"])
+    assert a["ari"] == pytest.approx(1.0) and a["worst_recovery"] == 1.0

@@ -1,0 +1,89 @@
+"""The whole pipeline through the CLI: real local Ray, real SQLite MLflow, real artifacts."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from exmap_ray.cli import main
+from exmap_ray.store import StageCache
+
+from .conftest import tiny_spec_dict
+
+REQUIRED = ["erm.test.worst_group_acc", "erm.test.mean_acc", "erm.test.per_group",
+            "exmap.test.worst_group_acc", "exmap.test.mean_acc", "exmap.test.per_group", "exmap.n_groups",
+            "exmap.ari", "exmap.nmi", "oracle_dfr.test.worst_group_acc", "oracle_dfr.test.mean_acc",
+            "timings_s", "config", "mlflow_run_id"]
+
+
+def _get(d, dotted):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def _write_spec(tmp_path, **over):
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(tiny_spec_dict(**over)))
+    return p
+
+
+def test_run_cmnist_end_to_end(ray_local, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(_write_spec(tmp_path)), "--out", str(out), "--set", "seed=0"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for key in REQUIRED:
+        _get(res, key)
+    for row in ("erm", "exmap", "oracle_dfr"):
+        t = res[row]["test"]
+        assert 0 <= t["worst_group_acc"] <= t["mean_acc"] <= 1
+        assert set(t["per_group"]) == {"y<5 red", "y<5 green", "y>=5 red", "y>=5 green"}
+    assert -1 <= res["exmap"]["ari"] <= 1 and res["exmap"]["n_groups"] >= 2
+    assert set(res["timings_s"]) >= {"erm", "heatmaps", "clusters", "dfr"}
+    assert res["config"]["model"]["backbone"] == "test_resnet"
+    printed = capsys.readouterr().out
+    assert "test WGA" in printed and "oracle DFR" in printed
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(res["mlflow_run_id"])
+    assert run.data.params["clustering.method"] == "spectral" and run.data.params["model.backbone"] == "test_resnet"
+    assert run.data.metrics["exmap.test.worst_group_acc"] == pytest.approx(res["exmap"]["test"]["worst_group_acc"])
+    assert "erm.train_loss" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "group_accuracy.png", "heatmaps_by_pseudo_group.png", "spec.resolved.json"} <= artifacts
+    assert (out / "group_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same spec again: every stage comes from the cache, and the result is identical
+    assert main(["run", str(_write_spec(tmp_path)), "--out", str(out), "--quiet"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    events = [(r["stage"], r["event"]) for r in StageCache(out / "cache").records()]
+    assert events.count(("erm", "computed")) == 1 and ("erm", "reused") in events
+    assert events.count(("heatmaps", "computed")) == 1
+    assert again["exmap"]["test"] == res["exmap"]["test"] and again["mlflow_run_id"] != res["mlflow_run_id"]
+
+
+def test_run_folder_dataset_of_real_images(ray_local, tmp_path, folder_dataset):
+    spec = _write_spec(tmp_path, dataset={"name": "folder", "root": str(folder_dataset), "image_size": 32},
+                       heatmaps={"method": "input_x_gradient", "shard_size": 8, "downsize": 8},
+                       clustering={"method": "kmeans", "k": 2, "scope": "local", "min_group_size": 2},
+                       erm={"epochs": 2, "batch_size": 8})
+    out = tmp_path / "run"
+    assert main(["run", str(spec), "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["erm"]["test"]["per_group"]) == {"y=0 place=0", "y=0 place=1", "y=1 place=0", "y=1 place=1"}
+    assert res["exmap"]["n_groups"] == 4
+    H = np.load(next((out / "cache").glob("heatmaps-*/shard-00000.npy")))
+    assert H.shape[1:] == (3, 8, 8)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "clustering.kk=2"], "unknown spec key 'clustering.kk'. Did you mean 'k'?"),
+    (["--set", "heatmaps.method=shap"], "unknown heatmap method 'shap'. Registered: gradcam, input_x_gradient, lrp"),
+    (["--set", "model.backbone=resnet_999"], "'resnet_999' is not a timm model"),
+    (["--set", "dataset.name=folder", "--set", "dataset.root=/nonexistent"], "'/nonexistent' is not a folder"),
+])
+def test_bad_input_stops_with_a_named_culprit(tmp_path, capsys, args, message):
+    rc = main(["run", str(_write_spec(tmp_path)), "--out", str(tmp_path / "o")] + args)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err

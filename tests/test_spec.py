@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from exmap_ray.errors import SpecError
+from exmap_ray.spec import Spec, describe_defaults, from_dict, load_spec, parse_overrides, stable_hash, stage_seed
+
+SPECS = sorted(Path(__file__).resolve().parents[1].joinpath("tune_specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_shipped_specs_validate(path):
+    assert isinstance(load_spec(path), Spec)
+
+
+def test_defaults_and_reasons():
+    spec = from_dict({})
+    assert spec.dataset.name == "cmnist" and spec.clustering.k == "auto"
+    text = describe_defaults()
+    assert "clustering.k = \"auto\"" in text and "eigengap" in text
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"clustering": {"kk": 3}}, "unknown spec key 'clustering.kk'. Did you mean 'k'?"),
+    ({"datset": {}}, "unknown spec key 'datset'. Did you mean 'dataset'?"),
+    ({"erm": {"epochs": "five"}}, "spec key 'erm.epochs': got 'five', expected an integer"),
+    ({"erm": {"lr": -0.1}}, "spec key 'erm.lr': got -0.1, expected a number > 0"),
+    ({"dataset": {"rho": 1.5}}, "spec key 'dataset.rho': got 1.5, expected a number in [0, 1]"),
+    ({"clustering": {"k": 1}}, "spec key 'clustering.k': got 1, expected an integer >= 2, or 'auto'"),
+    ({"clustering": {"scope": "galaxy"}}, "spec key 'clustering.scope': got 'galaxy', expected 'local' | 'global'"),
+    ({"erm": {"use_gpu": "maybe"}}, "spec key 'erm.use_gpu'"),
+    ({"dfr": {"c_grid": []}}, "spec key 'dfr.c_grid'"),
+    ({"erm": 3}, "spec key 'erm': expected a mapping"),
+])
+def test_bad_spec_names_the_key(data, fragment):
+    with pytest.raises(SpecError) as e:
+        from_dict(data)
+    assert fragment in str(e.value)
+
+
+def test_yaml_then_set_precedence(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("seed: 3\nclustering:\n  k: 4\n")
+    spec = load_spec(p, ["clustering.k=6", "dfr.c_grid=[1, 0.5]", "model.pretrained=null"])
+    assert spec.seed == 3 and spec.clustering.k == 6 and spec.dfr.c_grid == [1.0, 0.5]
+    assert parse_overrides(["a.b.c=x"]) == {"a": {"b": {"c": "x"}}}
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("seed: 1\nclustering: [unclosed\n")
+    with pytest.raises(SpecError, match=r"bad.yaml' is not valid YAML at line \d+"):
+        load_spec(p)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        load_spec(None, ["clustering.k"])
+
+
+def test_hashes_are_stable_and_order_free():
+    assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
+    assert stage_seed(0, "erm") == stage_seed(0, "erm") != stage_seed(0, "dfr")

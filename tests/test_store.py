@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+import pytest
+
+from exmap_ray.store import StageCache, atomic_path, save_npy, write_json
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk gone")
+    assert list(tmp_path.iterdir()) == []
+    write_json(target, {"x": np.float32(1.5), "n": np.int64(3)})
+    assert json.loads(target.read_text()) == {"x": 1.5, "n": 3}
+    save_npy(tmp_path / "z.npy", np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "z.npy"]
+
+
+def test_stage_cache_computes_once_and_records(tmp_path):
+    cache = StageCache(tmp_path)
+    calls = []
+
+    def compute(d):
+        calls.append(d)
+        (d / "out.txt").write_text("x")
+        return {"value": 7}
+
+    a = cache.stage("erm", {"lr": 1})
+    assert cache.run(a, compute)["value"] == 7
+    assert cache.run(a, compute)["value"] == 7
+    assert len(calls) == 1
+    b = cache.stage("heatmaps", {"m": "lrp"}, (a,))
+    assert b.key != cache.stage("heatmaps", {"m": "lrp"}, (cache.stage("erm", {"lr": 2}),)).key
+    assert [(r["stage"], r["event"]) for r in cache.records()] == [("erm", "computed"), ("erm", "reused")]
+
+
+def test_unfinished_stage_is_cleared_not_trusted(tmp_path):
+    cache = StageCache(tmp_path)
+    st = cache.stage("heatmaps", {})
+    st.dir.mkdir(parents=True)
+    (st.dir / "shard-00000.npy").write_text("half-written")  # a crash before `done`
+
+    def boom(d):
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        cache.run(st, boom)
+    assert not st.done
+    info = cache.run(st, lambda d: {"ok": True})
+    assert info["ok"] and not (st.dir / "shard-00000.npy").exists()
