@@ -3,13 +3,16 @@
     exmap-ray run tune_specs/cmnist.yaml                    # the whole pipeline on a local Ray
     exmap-ray run tune_specs/cmnist.yaml --set seed=1 --set clustering.scope=global --out runs/s1
     exmap-ray run SPEC --address ray://head:10001 --tracking-uri http://head:5000
+    exmap-ray tune tune_specs/cmnist_sweep.yaml [--resume]   # a Ray Tune sweep, tracked in MLflow
     exmap-ray spec [SPEC] [--set k=v ...]                    # defaults with reasons, or a resolved spec
     exmap-ray datasets                                       # registered datasets
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
     run.add_argument("--quiet", action="store_true", help="only warnings and the final table")
 
+    tn = sub.add_parser("tune", help="run a Ray Tune sweep over the spec's search: section",
+                        description="Sweep the spec's `search.space` with Ray Tune. ERM and heatmaps shared by all "
+                                    "trials are computed once; each trial is an MLflow child run of one parent run; "
+                                    "OUT/summary.{md,csv,json} names the label-free choice and the oracle's.")
+    _add_spec_args(tn)
+    tn.add_argument("--out", type=Path, help="sweep folder (default runs/<spec name>-sweep)")
+    tn.add_argument("--cache", type=Path, help="stage cache to share (default OUT/cache)")
+    tn.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
+    tn.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    tn.add_argument("--resume", action="store_true", help="continue an interrupted sweep in OUT: finished "
+                                                          "trials are not rerun, cached stages not recomputed")
+    tn.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+
     sp = sub.add_parser("spec", help="print every spec key with its default and reason, or a resolved spec",
                         description="Without SPEC: every key, its default and why. With SPEC: the resolved "
                                     "spec after the YAML file and --set overrides, as YAML.")
@@ -55,10 +71,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(quiet: bool) -> None:
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow", "filelock", "urllib3"):
+    for noisy in ("alembic", "mlflow", "filelock", "urllib3", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """Connect to `address` (or $RAY_ADDRESS, or a new local Ray); reuse one the caller started."""
+    import ray
+
+    own = not ray.is_initialized()
+    if own:
+        ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        if own:
+            ray.shutdown()
+
+
+def cmd_tune(args) -> int:
+    from .spec import load_spec
+    from .tune import format_summary, run_sweep
+
+    spec = load_spec(args.spec, args.sets)
+    from .search import parse_space
+    parse_space(spec)  # search-space errors before Ray starts
+    out = args.out or Path("runs") / f"{spec.name}-sweep"
+    with ray_session(args.address):
+        summary = run_sweep(spec, out, args.cache, args.tracking_uri, resume=args.resume)
+    print("\n" + format_summary(summary))
+    print(f"\nsummary: {out / 'summary.md'} (also .csv, .json; plots {out}/*.png)")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -68,16 +115,8 @@ def cmd_run(args) -> int:
     spec = load_spec(args.spec, args.sets)  # spec errors surface here, before any work
     data = preflight(spec)                  # and data / backbone / method errors here
     out = args.out or Path("runs") / spec.name
-    import ray
-
-    own_ray = not ray.is_initialized()  # reuse a Ray the caller already started (tests, notebooks)
-    if own_ray:
-        ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
-    try:
+    with ray_session(args.address):
         results = run_pipeline(spec, out, args.cache, args.tracking_uri, data)
-    finally:
-        if own_ray:
-            ray.shutdown()
     print("\n" + format_table(results))
     print(f"\nresults: {out / 'results.json'}   plots: {out}/*.png")
     uri = args.tracking_uri or spec.tracking.uri
@@ -111,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return {"run": cmd_run, "spec": cmd_spec, "datasets": cmd_datasets}[args.command](args)
+        return {"run": cmd_run, "tune": cmd_tune, "spec": cmd_spec, "datasets": cmd_datasets}[args.command](args)
     except UserError as e:
         print(f"exmap-ray: error: {e}", file=sys.stderr)
         return 2

@@ -98,9 +98,9 @@ def train_loop(config: dict) -> None:
         metrics.update(epoch=epoch + 1, val_acc=accuracy(model, val, device), resumed_from=start)
         history.append(metrics)
         if rank == 0:
-            print(f"ERM epoch {epoch + 1}/{e.epochs}: loss {metrics['train_loss']:.4f} "
-                  f"train acc {metrics['train_acc']:.3f} val acc {metrics['val_acc']:.3f} "
-                  f"({metrics['images_per_s']:.0f} img/s per worker)", flush=True)
+            log.info("ERM epoch %d/%d: loss %.4f, train acc %.3f, val acc %.3f (%.0f img/s per worker)",
+                     epoch + 1, e.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_acc"],
+                     metrics["images_per_s"])
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch},
                            Path(d) / "state.pt")
@@ -117,7 +117,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def train_erm(spec, out: Path, n_classes: int) -> dict:
     """Run ERM on the connected Ray cluster; writes out/model.pt and out/history.json."""
     import ray
-    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     e = spec.erm
@@ -134,7 +134,8 @@ def train_erm(spec, out: Path, n_classes: int) -> dict:
                                      resources_per_worker=None if use_gpu else {"CPU": threads}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name="erm", storage_path=str((out / "ray_train").resolve()),
-                             failure_config=FailureConfig(max_failures=2)),
+                             failure_config=FailureConfig(max_failures=2),
+                             logging_config=LoggingConfig(log_level="WARNING")),  # our epoch lines, not per-report INFO
     )
     result = trainer.fit()
     ckpt: Checkpoint | None = result.checkpoint

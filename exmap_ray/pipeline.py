@@ -55,8 +55,11 @@ class Timer:
         log.info("stage %s finished in %.1f s", name, self.seconds[name])
 
 
-def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer) -> dict:
-    """ERM -> features -> heatmaps -> clusters. Returns the stage objects and loaded arrays."""
+def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer, upto: str | None = None) -> dict | None:
+    """ERM -> features -> heatmaps -> clusters. Returns the stage objects and loaded arrays.
+
+    `upto="erm"` or `"heatmaps"` stops after that stage (a sweep precomputes its shared upstream).
+    """
     from .erm import train_erm
 
     erm = cache.stage("erm", {"seed": spec.seed, "dataset": _config(spec, "dataset"),
@@ -64,6 +67,8 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer) -> 
     with timer("erm"):
         erm_info = cache.run(erm, lambda d: train_erm(spec, d, data.n_classes))
     model_path = erm.dir / "model.pt"
+    if upto == "erm":
+        return None
 
     feats = cache.stage("features", {}, (erm,))
     with timer("features"):
@@ -79,6 +84,8 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer) -> 
     hm = cache.stage("heatmaps", _config(spec, "heatmaps"), (erm,))
     with timer("heatmaps"):
         hm_info = cache.run(hm, lambda d: extract_with_actors(spec, model_path, len(data.val), d))
+    if upto == "heatmaps":
+        return None
 
     cl = cache.stage("clusters", {"clustering": _config(spec, "clustering"), "seed": spec.seed}, (hm,))
     with timer("clusters"):
@@ -117,7 +124,7 @@ def preflight(spec: Spec) -> GroupData:
 
 
 def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri: str | None = None,
-                 data: GroupData | None = None) -> dict:
+                 data: GroupData | None = None, parent_run_id: str | None = None, run_name: str | None = None) -> dict:
     import mlflow
 
     out = Path(out)
@@ -131,7 +138,8 @@ def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_
     exp_id = tracking.setup(uri, spec.tracking.experiment or spec.name, out)
     cache = StageCache(cache_dir or out / "cache")
 
-    with mlflow.start_run(experiment_id=exp_id, run_name=spec.name) as run:
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None  # nests a sweep's trials
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name or spec.name, tags=tags) as run:
         tracking.log_flat_params(spec.flat())
         write_json(out / "spec.resolved.json", spec.to_dict())
         s = run_stages(spec, data, cache, timer)
@@ -155,14 +163,19 @@ def evaluate_all(spec: Spec, data: GroupData, s: dict, timer: Timer) -> dict:
     res = {"erm": {"test": evaluate(s["test_logits"].argmax(1), test.y, test.group, names, train_g),
                    "val_acc": float((s["val_logits"].argmax(1) == data.val.y).mean())}}
     with timer("dfr"):
-        exmap = fit_dfr(s["val_features"], data.val.y, s["pseudo"], spec.dfr, stage_seed(spec.seed, "dfr"))
+        exmap = fit_dfr(s["val_features"], data.val.y, s["pseudo"], spec.dfr, stage_seed(spec.seed, "dfr"),
+                        score_groups={"true": data.val.group})  # scored for analysis, never used to choose
         oracle = fit_dfr(s["val_features"], data.val.y, data.val.group, spec.dfr, stage_seed(spec.seed, "dfr"))
     agree = agreement(s["pseudo"], data.val.group, names)
     res["exmap"] = {"test": evaluate(exmap.predict(s["test_features"]), test.y, test.group, names, train_g),
                     "n_groups": int(s["cluster_info"]["n_groups"]), **agree,
                     "pseudo_group_sizes": s["cluster_info"]["sizes"],
                     "k_chosen": {sc: v["k"] for sc, v in s["cluster_info"]["scopes"].items()},
-                    "dfr_C": exmap.C}
+                    "dfr_C": exmap.C,
+                    # label-free: worst pseudo-group / worst-class accuracy on held-out halves of val
+                    "val": {"worst_pseudo_group_acc": exmap.heldout["pseudo"],
+                            "worst_class_acc": exmap.heldout["class"],
+                            "oracle_worst_group_acc": exmap.heldout["true"]}}
     res["oracle_dfr"] = {"test": evaluate(oracle.predict(s["test_features"]), test.y, test.group, names, train_g),
                          "dfr_C": oracle.C}
     return res
@@ -182,10 +195,7 @@ def make_figures(data: GroupData, s: dict, results: dict, out: Path, spec: Spec)
         top = np.bincount(true, minlength=data.n_groups).argmax()
         captions.append(f"pseudo group {g}: class {c}, cluster {k}, n={len(true)}; "
                         f"mostly '{data.group_names[top]}' ({(true == top).mean():.0%})")
-    n_show = min(len(data.val), 4000)
-    sel = np.arange(n_show)
-    images = np.stack([np.asarray(data.val.images[i]) for i in sel])
-    plots.heatmap_grid(images, H[sel], pseudo[sel], captions, out / "heatmaps_by_pseudo_group.png",
+    plots.heatmap_grid(data.val.images, H, pseudo, captions, out / "heatmaps_by_pseudo_group.png",
                        seed=stage_seed(spec.seed, "plot"))
 
 

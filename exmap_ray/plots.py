@@ -37,9 +37,11 @@ def group_accuracy_bars(rows: dict[str, dict[str, float | None]], path: Path, ti
     _save(fig, path)
 
 
-def heatmap_grid(images: np.ndarray, heatmaps: np.ndarray, pseudo: np.ndarray, captions: list[str],
+def heatmap_grid(images, heatmaps: np.ndarray, pseudo: np.ndarray, captions: list[str],
                  path: Path, per_group: int = 6, seed: int = 0) -> None:
     """For each pseudo group, `per_group` random members: the image above its heatmap.
+
+    `images` is indexable (a Dataset); only the images shown are loaded.
 
     A 3-channel heatmap is drawn as RGB: each input channel's positive relevance in that
     channel's colour (so "which colour mattered" is visible). A 1-channel heatmap uses a
@@ -58,7 +60,7 @@ def heatmap_grid(images: np.ndarray, heatmaps: np.ndarray, pseudo: np.ndarray, c
             a_map.axis("off")
             if c >= len(pick):
                 continue
-            img = images[pick[c]]
+            img = np.asarray(images[int(pick[c])], dtype=np.float32)
             img = np.transpose(img, (1, 2, 0)) if img.shape[0] in (1, 3) else img
             a_img.imshow(np.clip((img - img.min()) / (np.ptp(img) + 1e-8), 0, 1).squeeze())
             h = heatmaps[pick[c]]
@@ -70,4 +72,45 @@ def heatmap_grid(images: np.ndarray, heatmaps: np.ndarray, pseudo: np.ndarray, c
         axes[2 * r, 0].set_title(captions[r], fontsize=7, loc="left")
     fig.suptitle("val images per pseudo group; below each, its heatmap as clustered", fontsize=9, y=1.0)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def scatter_selection(rows: list[dict], metric: str, path: Path) -> None:
+    """Test WGA against the label-free metric, one point per trial: does the selection work?"""
+    fig, ax = plt.subplots(figsize=(5.2, 4))
+    scopes = sorted({str(r.get("config.clustering.scope", "")) for r in rows})
+    for scope in scopes:
+        pts = [r for r in rows if str(r.get("config.clustering.scope", "")) == scope]
+        ax.scatter([r["selection_metric"] for r in pts], [r["test_worst_group_acc"] for r in pts],
+                   label=f"scope {scope}" if scope else None, alpha=0.8)
+    best = max(rows, key=lambda r: r["selection_metric"])
+    ax.scatter([best["selection_metric"]], [best["test_worst_group_acc"]], s=160, facecolors="none",
+               edgecolors="black", label="label-free choice")
+    ax.set_xlabel(f"{metric} (label-free, held-out val)")
+    ax.set_ylabel("test worst-group accuracy")
+    ax.set_title("does the label-free metric pick good trials?", fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def wga_vs_k(rows: list[dict], path: Path) -> None:
+    """Test WGA per searched k (auto last), one line per clustering scope/method."""
+    ks = sorted({str(r["config.clustering.k"]) for r in rows}, key=lambda k: (k == "auto", int(k) if k.isdigit() else 0))
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    series = sorted({(str(r.get("config.clustering.scope", "")), str(r.get("config.clustering.method", ""))) for r in rows})
+    for scope, method in series:
+        xs, ys = [], []
+        for i, k in enumerate(ks):
+            vals = [r["test_worst_group_acc"] for r in rows if str(r["config.clustering.k"]) == k
+                    and str(r.get("config.clustering.scope", "")) == scope
+                    and str(r.get("config.clustering.method", "")) == method]
+            if vals:
+                xs.append(i)
+                ys.append(float(np.mean(vals)))
+        ax.plot(xs, ys, marker="o", label=" ".join(x for x in (scope, method) if x) or "trials")
+    ax.set_xticks(range(len(ks)), ks)
+    ax.set_xlabel("clustering.k")
+    ax.set_ylabel("test worst-group accuracy (mean over trials)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
     _save(fig, path)

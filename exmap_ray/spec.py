@@ -29,8 +29,8 @@ def opt(default, why: str, check=None):
 
     `check(value)` returns None when the value is fine, or a phrase saying what is allowed.
     """
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"why": why, "check": check})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"why": why, "check": check})
     return field(default=default, metadata={"why": why, "check": check})
 
 
@@ -140,6 +140,24 @@ class TrackingSpec:
 
 
 @dataclass
+class SearchSpec:
+    space: dict = opt({}, "dotted spec key -> one domain: {grid: [...]}, {choice: [...]}, "
+                          "{uniform: [lo, hi]}, {loguniform: [lo, hi]} or {randint: [lo, hi]}")
+    metric: Literal["val_worst_pseudo_group_acc", "val_worst_class_acc"] = opt(
+        "val_worst_pseudo_group_acc", "label-free selection metric, on held-out halves of val; true groups never used")
+    num_samples: int = opt(1, "Tune num_samples: repeats of the grid, or random draws for sampled domains", _positive)
+    algorithm: Literal["basic", "optuna", "hyperopt"] = opt("basic", "basic = grid/random; optuna and "
+                                                                     "hyperopt need their package installed")
+    max_concurrent_trials: int = opt(2, "trials at once; each runs clustering + DFR (+ any upstream it varies)",
+                                     _positive)
+    trial_cpus: float = opt(0.25, "logical CPUs a trial reserves; small, so ERM workers and heatmap actors "
+                                  "started inside trials still find CPUs", _positive)
+    trial_gpus: float = opt(0.0, "GPUs a trial reserves (clustering on the GPU); 0 on CPU machines", _non_negative)
+    max_failures: int = opt(1, "retries of a failing trial before it is reported as failed", _non_negative)
+    storage_path: Optional[str] = opt(None, "Tune storage: a local path, NFS, s3:// or gs://; None = OUT/tune")
+
+
+@dataclass
 class Spec:
     name: str = opt("exmap", "names the MLflow experiment and the run")
     seed: int = opt(0, "root seed; each stage derives its own by hashing (stage_seed)", _non_negative)
@@ -150,6 +168,7 @@ class Spec:
     clustering: ClusteringSpec = field(default_factory=ClusteringSpec)
     dfr: DfrSpec = field(default_factory=DfrSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -194,6 +213,9 @@ def _coerce(value, tp, path: str):
     elif tp is type(None):
         if value is None:
             return None
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
     elif tp is bool:
         if isinstance(value, bool):
             return value

@@ -23,7 +23,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=2, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 

@@ -34,7 +34,12 @@ class DFRModel:
     intercept: np.ndarray
     classes: np.ndarray
     C: float
-    selection: dict          # C -> mean worst-group accuracy on held-out halves
+    selection: dict          # C -> {"pseudo": ..., "class": ..., **extra}: mean held-out worst accuracies
+
+    @property
+    def heldout(self) -> dict:
+        """Held-out worst accuracies at the chosen C (the label-free selection metrics, plus any extras)."""
+        return self.selection[self.C]
 
     def decision(self, feats: np.ndarray) -> np.ndarray:
         return ((feats - self.mean) / self.std) @ self.coef.T + self.intercept
@@ -75,7 +80,10 @@ def _check_groups(y: np.ndarray, groups: np.ndarray) -> None:
                         f"group {mixed[0]} mixes classes")
 
 
-def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: int) -> DFRModel:
+def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: int,
+            score_groups: dict[str, np.ndarray] | None = None) -> DFRModel:
+    """`score_groups` are extra groupings scored on the same held-out halves for analysis only
+    (e.g. the true groups); they never influence the choice of C."""
     _check_groups(y, groups)
     sizes = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
     if min(sizes.values()) < 2:
@@ -84,7 +92,8 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
     rng = np.random.default_rng(seed)
     mean, std = feats.mean(0), feats.std(0) + 1e-8
     X = (feats - mean) / std
-    scores = {C: [] for C in dspec.c_grid}
+    scorers = {"pseudo": groups, "class": y, **(score_groups or {})}
+    scores = {C: {name: [] for name in scorers} for C in dspec.c_grid}
     for _ in range(dspec.n_select_repeats):
         perm = rng.permutation(len(y))
         a, b = perm[: len(y) // 2], perm[len(y) // 2:]
@@ -93,14 +102,18 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
         sub = a[balanced_subsample(groups[a], rng)]
         for C in dspec.c_grid:
             clf = _fit(X[sub], y[sub], C, int(rng.integers(2**31 - 1)))
-            scores[C].append(worst_group_acc(clf.predict(X[b]), y[b], groups[b]))
-    selection = {C: float(np.mean(v)) if v else float("nan") for C, v in scores.items()}
-    best_C = max(dspec.c_grid, key=lambda C: (np.nan_to_num(selection[C], nan=-1.0), C))
+            pred = clf.predict(X[b])
+            for name, g in scorers.items():
+                scores[C][name].append(worst_group_acc(pred, y[b], g[b]))
+    selection = {C: {name: float(np.mean(v)) if v else float("nan") for name, v in per.items()}
+                 for C, per in scores.items()}
+    best_C = max(dspec.c_grid, key=lambda C: (np.nan_to_num(selection[C]["pseudo"], nan=-1.0), C))
     coefs, intercepts = [], []
     for _ in range(dspec.n_final_fits):
         sub = balanced_subsample(groups, rng)
         clf = _fit(X[sub], y[sub], best_C, int(rng.integers(2**31 - 1)))
         coefs.append(clf.coef_)
         intercepts.append(clf.intercept_)
-    log.info("DFR: C=%g (held-out worst-group acc %.3f), %d groups %s", best_C, selection[best_C], len(sizes), sizes)
+    log.info("DFR: C=%g (held-out worst-group acc %.3f), %d groups %s", best_C, selection[best_C]["pseudo"],
+             len(sizes), sizes)
     return DFRModel(mean, std, np.mean(coefs, 0), np.mean(intercepts, 0), clf.classes_, best_C, selection)

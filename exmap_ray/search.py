@@ -1,0 +1,114 @@
+"""The spec's `search:` section: a validated search space over any spec key.
+
+    search:
+      space:
+        clustering.k: {grid: [2, 3, 4, 6, 8, auto]}
+        clustering.scope: {grid: [local, global]}
+        dfr.c_grid: {choice: [[1.0, 0.1], [0.3, 0.03]]}
+        erm.lr: {loguniform: [1.0e-4, 1.0e-2]}
+
+Every key must be a spec key, and every value it can take is checked against the
+spec's own types and ranges before any trial starts, so a typo fails at once.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SpecError
+from .spec import Spec, _deep_merge, flatten, from_dict
+
+KINDS = {"grid": "list", "choice": "list", "uniform": "range", "loguniform": "range", "randint": "range"}
+# sections whose keys change the shared upstream (ERM, heatmaps); the rest only change clusters/DFR
+UPSTREAM_SECTIONS = ("seed", "dataset", "model", "erm")
+HEATMAP_SECTIONS = ("heatmaps",)
+
+
+@dataclass(frozen=True)
+class Domain:
+    key: str
+    kind: str
+    values: tuple
+
+    def tune(self):
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        lo, hi = self.values
+        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](lo, hi)
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def spec_keys() -> list[str]:
+    return [k for k in flatten(Spec().to_dict()) if not k.startswith("search.")]
+
+
+def flatten_space(space: dict, prefix: str = "") -> dict:
+    """Dotted keys down to each spec key's domain, so `--set search.space.clustering.k={grid: [2]}`
+    (nested) and a YAML key `clustering.k:` (dotted) mean the same."""
+    out, leaves = {}, set(spec_keys())
+    for k, v in space.items():
+        key = f"{prefix}{k}"
+        if key not in leaves and isinstance(v, dict):
+            out.update(flatten_space(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_space(spec: Spec) -> list[Domain]:
+    space = flatten_space(spec.search.space)
+    if not space:
+        raise SpecError("spec key 'search.space' is empty: name at least one spec key to search, e.g. "
+                        "search.space: {clustering.k: {grid: [2, 4, auto]}}")
+    valid = spec_keys()
+    base = {k: v for k, v in spec.to_dict().items() if k != "search"}
+    domains = []
+    for key, dom in space.items():
+        where = f"search.space.{key}"
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            raise SpecError(f"spec key '{where}': '{key}' is not a spec key."
+                            + (f" Did you mean '{near[0]}'?" if near else "") + " See `exmap-ray spec`")
+        if not isinstance(dom, dict) or len(dom) != 1 or next(iter(dom)) not in KINDS:
+            raise SpecError(f"spec key '{where}': expected one of {{grid: [...]}}, {{choice: [...]}}, "
+                            f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, {{randint: [lo, hi]}}; got {dom!r}")
+        kind, values = next(iter(dom.items()))
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"spec key '{where}.{kind}': expected a non-empty list, got {values!r}")
+        if KINDS[kind] == "range":
+            if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                raise SpecError(f"spec key '{where}.{kind}': expected [lo, hi] with lo < hi, got {values!r}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise SpecError(f"spec key '{where}.loguniform': bounds must be > 0, got {values!r}")
+        for v in values:  # each value (or range end) must make a valid spec on its own
+            try:
+                from_dict(_deep_merge(base, unflatten({key: v})))
+            except SpecError as e:
+                raise SpecError(f"spec key '{where}': value {v!r} is not valid: {e}") from None
+        domains.append(Domain(key, kind, tuple(values)))
+    return domains
+
+
+def touches(domains: list[Domain], sections: tuple[str, ...]) -> bool:
+    return any(d.key.split(".")[0] in sections for d in domains)
+
+
+def n_trials(domains: list[Domain], num_samples: int) -> int:
+    """Trials a basic search runs: the grid's size times num_samples."""
+    return num_samples * math.prod(len(d.values) for d in domains if d.kind == "grid")

@@ -1,0 +1,243 @@
+"""Ray Tune sweeps over the spec's search space: one MLflow parent run, one child run per trial.
+
+    exmap-ray tune tune_specs/cmnist_sweep.yaml --out runs/sweep
+    exmap-ray tune tune_specs/cmnist_sweep.yaml --out runs/sweep --resume   # after an interruption
+
+- The upstream every trial shares (ERM; the heatmaps too unless a heatmaps key is
+  searched) is computed once by the driver, before any trial starts. Trials
+  compute only what they vary, through the same content-addressed cache, whose
+  per-stage locks make concurrent trials wait for one another instead of
+  computing the same stage twice.
+- Trials are ranked by a label-free metric (`search.metric`, held-out halves of
+  val, pseudo groups or classes only). Oracle metrics are logged beside it and
+  never used to choose: the summary names both the label-free choice and the
+  choice an oracle with true val groups would make, with both test WGAs.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import re
+import tempfile
+from pathlib import Path
+
+from . import plots, tracking
+from .errors import UserError
+from .pipeline import Timer, preflight, run_pipeline, run_stages
+from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, n_trials, parse_space, touches, unflatten
+from .spec import Spec, _deep_merge, from_dict, stable_hash
+from .store import StageCache, read_json, write_json
+
+log = logging.getLogger(__name__)
+ORACLE_METRIC = "oracle_val_worst_group_acc"
+COLUMNS = ["trial", "status", "selection_metric", "val_worst_pseudo_group_acc", "val_worst_class_acc",
+           ORACLE_METRIC, "test_worst_group_acc", "test_mean_acc", "n_groups", "ari", "worst_recovery", "k_chosen"]
+
+
+def trial_metrics(res: dict, metric: str) -> dict:
+    e = res["exmap"]
+    m = {"val_worst_pseudo_group_acc": e["val"]["worst_pseudo_group_acc"],
+         "val_worst_class_acc": e["val"]["worst_class_acc"],
+         ORACLE_METRIC: e["val"]["oracle_worst_group_acc"],
+         "test_worst_group_acc": e["test"]["worst_group_acc"], "test_mean_acc": e["test"]["mean_acc"],
+         "erm_test_worst_group_acc": res["erm"]["test"]["worst_group_acc"],
+         "oracle_dfr_test_worst_group_acc": res["oracle_dfr"]["test"]["worst_group_acc"],
+         "n_groups": e["n_groups"], "ari": e["ari"], "worst_recovery": e["worst_recovery"],
+         "k_chosen": "/".join(str(k) for k in e["k_chosen"].values())}
+    m["selection_metric"] = m[metric]
+    return m
+
+
+def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, parent_run_id: str) -> None:
+    """One Tune trial: the base spec plus this trial's values, run through the pipeline."""
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(1)  # trials share the machine with ERM workers and heatmap actors
+    overrides = unflatten({k.replace("__", "."): v for k, v in config.items()})
+    spec = from_dict(_deep_merge(base, overrides))
+    name = tune.get_context().get_trial_name()
+    # Tune snapshots its own state only every few seconds, so after a crash it may rerun a trial that
+    # had finished. A done record keyed by the resolved spec makes that rerun a cheap re-report.
+    done = Path(root) / "trial_results" / f"{stable_hash({k: v for k, v in base.items() if k != 'search'} | overrides)}.json"
+    if done.exists():
+        res = read_json(done)
+        log.info("trial %s: finished before as %s; reporting its results without rerunning", name, res["trial"])
+    else:
+        res = run_pipeline(spec, Path(root) / "trials" / name, Path(cache_dir), uri,
+                           parent_run_id=parent_run_id, run_name=name)
+        res["trial"] = name
+        write_json(done, res)  # after the MLflow run has ended: the trial counts as done only now
+    metrics = trial_metrics(res, spec.search.metric)
+    with tempfile.TemporaryDirectory() as d:
+        write_json(Path(d) / "results.json", res)
+        # a checkpoint makes Tune keep Result.metrics; it also carries the full results
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _search_alg(spec: Spec):
+    algo = spec.search.algorithm
+    if algo == "basic":
+        return None
+    try:
+        if algo == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+            return OptunaSearch(metric="selection_metric", mode="max")
+        from ray.tune.search.hyperopt import HyperOptSearch
+        return HyperOptSearch(metric="selection_metric", mode="max")
+    except (ImportError, AssertionError) as e:
+        raise UserError(f"search.algorithm '{algo}' needs its package: pip install {algo} ({e})") from None
+
+
+def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri: str | None = None,
+              resume: bool = False) -> dict:
+    import mlflow
+    from ray import tune
+
+    out = Path(out).resolve()
+    domains = parse_space(spec)
+    data = preflight(spec)
+    state_path = out / "sweep.json"
+    if resume and not state_path.exists():
+        raise UserError(f"--resume: no sweep to resume in '{out}' (no sweep.json); drop --resume to start one")
+    if not resume and state_path.exists():
+        raise UserError(f"'{out}' already holds a sweep; add --resume to continue it, or pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)
+    exp_id = tracking.setup(uri, spec.tracking.experiment or spec.name, out)
+    cache_dir = Path(cache_dir or out / "cache").resolve()
+    storage = spec.search.storage_path or str(out / "tune")
+    planned = n_trials(domains, spec.search.num_samples)
+    timer = Timer()
+
+    state = read_json(state_path) if resume else {}
+    with mlflow.start_run(experiment_id=exp_id, run_id=state.get("parent_run_id"),
+                          run_name=None if resume else f"{spec.name} sweep") as parent:
+        if resume:
+            _mark_killed_children(parent.info.run_id)
+        else:
+            tracking.log_flat_params({k: v for k, v in spec.flat().items() if k != "search.space"})
+            mlflow.log_dict(spec.search.space, "search_space.json")
+            write_json(state_path, {"parent_run_id": parent.info.run_id, "storage": storage, "planned": planned})
+        # the upstream all trials share is computed here, once, before any trial holds resources
+        upto = None if touches(domains, UPSTREAM_SECTIONS) else \
+            "erm" if touches(domains, HEATMAP_SECTIONS) else "heatmaps"
+        if upto:
+            log.info("sweep: computing the shared upstream (up to %s) once, before the trials", upto)
+            run_stages(spec, data, StageCache(cache_dir), timer, upto=upto)
+        log.info("sweep: %d trial(s) over %s, at most %d at once, selected by %s", planned,
+                 ", ".join(d.key for d in domains), spec.search.max_concurrent_trials, spec.search.metric)
+        base = spec.to_dict()
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=base, root=str(out), cache_dir=str(cache_dir), uri=uri,
+                                 parent_run_id=parent.info.run_id),
+            {"cpu": spec.search.trial_cpus, "gpu": spec.search.trial_gpus})
+        experiment_path = f"{storage.rstrip('/')}/sweep"
+        if resume and tune.Tuner.can_restore(experiment_path):
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={d.key.replace(".", "__"): d.tune() for d in domains},
+                tune_config=tune.TuneConfig(metric="selection_metric", mode="max", num_samples=spec.search.num_samples,
+                                            max_concurrent_trials=spec.search.max_concurrent_trials,
+                                            search_alg=_search_alg(spec)),
+                run_config=tune.RunConfig(name="sweep", storage_path=storage,
+                                          failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)))
+        with timer("trials"):
+            grid = tuner.fit()
+        rows = collect_rows(grid, domains)
+        summary = summarize(rows, domains, spec, out)
+        summary.update(timings_s=timer.seconds, mlflow_parent_run_id=parent.info.run_id, planned_trials=planned,
+                       cache_records=len(StageCache(cache_dir).records()))
+        write_json(out / "summary.json", summary)
+        for name in ("summary.json", "summary.csv", "summary.md", "wga_vs_selection_metric.png", "wga_vs_k.png"):
+            if (out / name).exists():
+                mlflow.log_artifact(str(out / name))
+        for tag, row in (("label_free", summary["label_free_choice"]), ("oracle", summary["oracle_choice"])):
+            if row:
+                tracking.log_metrics({f"{tag}_choice.test_worst_group_acc": row["test_worst_group_acc"],
+                                      f"{tag}_choice.selection_metric": row["selection_metric"]})
+    return summary
+
+
+def _mark_killed_children(parent_id: str) -> None:
+    """Child runs still RUNNING belong to trials the interruption killed; say so in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_run(parent_id).info.experiment_id
+    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.info("sweep: marked interrupted trial run %s (%s) as KILLED", run.info.run_name, run.info.run_id)
+
+
+def collect_rows(grid, domains) -> list[dict]:
+    rows = []
+    for r in grid:
+        # Tune's trial folder is "<trial name>_<index>_<params>_<time>"; the trial name is the MLflow run name
+        m = re.match(r"(.+?_\d{5})", Path(r.path).name) if r.path else None
+        name = m.group(1) if m else str(r.path)
+        cfg = {d.key: r.config.get(d.key.replace(".", "__")) for d in domains}
+        row = {"trial": name, **{f"config.{k}": v for k, v in cfg.items()}}
+        if r.error:
+            row.update(status="ERROR", error=f"{type(r.error).__name__}: {str(r.error).splitlines()[-1][:300]}")
+        else:
+            row.update(status="OK", **{k: r.metrics.get(k) for k in COLUMNS if k not in ("trial", "status")})
+        rows.append(row)
+    return sorted(rows, key=lambda x: x["trial"])
+
+
+def _best(rows: list[dict], key: str) -> dict | None:
+    ok = [r for r in rows if r["status"] == "OK" and r.get(key) is not None and not math.isnan(r[key])]
+    return max(ok, key=lambda r: r[key]) if ok else None
+
+
+def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
+    chosen, oracle = _best(rows, "selection_metric"), _best(rows, ORACLE_METRIC)
+    cols = ["trial"] + [f"config.{d.key}" for d in domains] + COLUMNS[1:] + ["error"]
+    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".csv", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    Path(f.name).replace(out / "summary.csv")
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    md = [f"# Sweep summary: {spec.name}", "",
+          f"Selection metric (label-free): `{spec.search.metric}`. Oracle column: worst *true*-group "
+          f"accuracy on the same held-out val halves, shown for analysis only.", ""]
+    for title, row in (("Label-free choice", chosen), ("Oracle choice (true val groups)", oracle)):
+        if row:
+            md.append(f"- **{title}**: `{row['trial']}` "
+                      + ", ".join(f"{d.key}={row.get('config.' + d.key)}" for d in domains)
+                      + f" -> test WGA **{row['test_worst_group_acc']:.3f}**, test mean acc {row['test_mean_acc']:.3f}")
+    md += ["", "| " + " | ".join(c.removeprefix("config.") for c in cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+
+    ok = [r for r in rows if r["status"] == "OK"]
+    if ok:
+        plots.scatter_selection(ok, spec.search.metric, out / "wga_vs_selection_metric.png")
+        if any(d.key == "clustering.k" for d in domains):
+            plots.wga_vs_k(ok, out / "wga_vs_k.png")
+    failed = [r for r in rows if r["status"] != "OK"]
+    return {"label_free_choice": chosen, "oracle_choice": oracle, "n_trials": len(rows), "n_failed": len(failed),
+            "failed": failed, "rows": rows,
+            "gap_to_oracle": (oracle["test_worst_group_acc"] - chosen["test_worst_group_acc"]) if chosen and oracle else None}
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['n_trials']} trial(s), {summary['n_failed']} failed"]
+    for title, key in (("label-free choice", "label_free_choice"), ("oracle choice   ", "oracle_choice")):
+        r = summary[key]
+        if r:
+            cfg = ", ".join(f"{k.removeprefix('config.')}={v}" for k, v in r.items() if k.startswith("config."))
+            lines.append(f"{title}: {r['trial']} ({cfg}): selection metric {r['selection_metric']:.3f}, "
+                         f"test WGA {r['test_worst_group_acc']:.3f}, test mean acc {r['test_mean_acc']:.3f}")
+    for r in summary["failed"]:
+        lines.append(f"FAILED {r['trial']}: {r.get('error')}")
+    return "\n".join(lines)
+

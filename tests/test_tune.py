@@ -1,0 +1,115 @@
+"""Ray Tune sweeps on a real local Ray into a real SQLite MLflow: nesting, reuse, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from exmap_ray.cli import main
+from exmap_ray.errors import SpecError
+from exmap_ray.search import flatten_space, n_trials, parse_space
+from exmap_ray.spec import from_dict
+from exmap_ray.store import StageCache
+
+from .conftest import tiny_spec_dict
+
+SPACE = {"clustering.k": {"grid": [2, "auto"]}, "clustering.scope": {"grid": ["local", "global"]}}
+
+
+def _sweep_spec(tmp_path, **search):
+    d = tiny_spec_dict()
+    d["search"] = {"space": SPACE, "max_concurrent_trials": 2, **search}
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_search_space_validation():
+    spec = from_dict({"search": {"space": {"clustering": {"k": {"grid": [2, 3]}}, "dfr.n_final_fits": {"randint": [2, 9]}}}})
+    assert flatten_space(spec.search.space) == {"clustering.k": {"grid": [2, 3]}, "dfr.n_final_fits": {"randint": [2, 9]}}
+    domains = parse_space(spec)
+    assert [d.key for d in domains] == ["clustering.k", "dfr.n_final_fits"] and n_trials(domains, 3) == 6
+    for space, msg in [({}, "search.space' is empty"),
+                       ({"clustering.kk": {"grid": [2]}}, "Did you mean 'clustering.k'"),
+                       ({"clustering.k": {"grid": [1]}}, "value 1 is not valid"),
+                       ({"clustering.k": {"among": [2]}}, "expected one of"),
+                       ({"erm.lr": {"uniform": [1.0, 0.1]}}, "lo < hi")]:
+        with pytest.raises(SpecError, match=msg):
+            parse_space(from_dict({"search": {"space": space}}))
+
+
+def test_sweep_nests_trials_shares_upstream_and_summarizes(ray_local, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["tune", str(_sweep_spec(tmp_path)), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_trials"] == 4 and summary["n_failed"] == 0
+    chosen, oracle = summary["label_free_choice"], summary["oracle_choice"]
+    assert chosen["selection_metric"] == max(r["selection_metric"] for r in summary["rows"])
+    assert oracle["oracle_val_worst_group_acc"] == max(r["oracle_val_worst_group_acc"] for r in summary["rows"])
+    assert {"config.clustering.k", "config.clustering.scope"} <= set(chosen)
+    for f in ("summary.csv", "summary.md", "wga_vs_selection_metric.png", "wga_vs_k.png"):
+        assert (out / f).stat().st_size > 0
+    assert "label-free choice" in capsys.readouterr().out
+
+    # ERM and heatmaps once for the whole sweep; clusters once per trial
+    events = [(r["stage"], r["event"]) for r in StageCache(out / "cache").records()]
+    assert events.count(("erm", "computed")) == 1 and events.count(("heatmaps", "computed")) == 1
+    assert events.count(("clusters", "computed")) == 4
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    assert parent.data.params["model.backbone"] == "test_resnet"
+    assert "label_free_choice.test_worst_group_acc" in parent.data.metrics
+    assert {"summary.csv", "summary.md", "wga_vs_selection_metric.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    kids = _children(client, parent.info.run_id)
+    assert len(kids) == 4 and {k.info.run_name for k in kids} == {r["trial"] for r in summary["rows"]}
+    for k in kids:
+        assert k.data.params["clustering.k"] in ("2", "auto") and "exmap.val.worst_pseudo_group_acc" in k.data.metrics
+        assert "group_accuracy.png" in {a.path for a in client.list_artifacts(k.info.run_id)}
+
+    # an existing sweep is not overwritten without --resume
+    assert main(["tune", str(_sweep_spec(tmp_path)), "--out", str(out)]) == 2
+    assert "add --resume" in capsys.readouterr().err
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    """SIGKILL the whole `exmap-ray tune` process group mid-sweep, then --resume."""
+    out = tmp_path / "sweep"
+    spec = _sweep_spec(tmp_path, max_concurrent_trials=1)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "exmap_ray", "tune", str(spec), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and len(list(out.glob("trial_results/*.json"))) < 2:
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = {json.loads(p.read_text())["trial"] for p in out.glob("trial_results/*.json")}
+    assert 2 <= len(finished) < 4, finished
+
+    rc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_trials"] == 4 and summary["n_failed"] == 0
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    kids = _children(client, summary["mlflow_parent_run_id"])
+    names = [k.info.run_name for k in kids if k.info.status == "FINISHED"]
+    for name in finished:  # a trial that had finished before the kill ran exactly once
+        assert names.count(name) == 1, (name, names)
+    assert set(names) == {r["trial"] for r in summary["rows"]}
+    assert all(k.info.status in ("FINISHED", "KILLED") for k in kids)  # no run left dangling as RUNNING
+    events = [(r["stage"], r["event"]) for r in StageCache(out / "cache").records()]
+    assert events.count(("erm", "computed")) == 1  # the resumed driver reused the cached ERM
