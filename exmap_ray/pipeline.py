@@ -29,7 +29,7 @@ from .heatmaps import HEATMAP_METHODS
 from .models import create_model, embed, load_checkpoint
 from .retrain import fit_dfr
 from .spec import Spec, stage_seed
-from .store import StageCache, save_npy, write_json
+from .store import StageCache, save_npy, save_npz, write_json
 
 log = logging.getLogger(__name__)
 # keys that change how a stage runs but not what it computes: kept out of the cache hash
@@ -145,11 +145,13 @@ def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_
         s = run_stages(spec, data, cache, timer)
         for h in (s["erm_info"].get("history") or []):
             tracking.log_metrics(h, "erm.", step=h["epoch"])
-        results = evaluate_all(spec, data, s, timer)
+        results, heldout = evaluate_all(spec, data, s, timer)
         results.update(timings_s=timer.seconds, config=spec.to_dict(), mlflow_run_id=run.info.run_id,
                        cache={k: {"key": v.key, "dir": str(v.dir)} for k, v in s["stages"].items()})
         tracking.log_metrics({k: results[k] for k in ("erm", "exmap", "oracle_dfr")})
         tracking.log_metrics({"timings_s": timer.seconds})
+        save_npz(out / "selection.npz", **heldout, pseudo_groups=s["pseudo"], y=data.val.y)
+        results["exmap"]["selection_file"] = str((out / "selection.npz").resolve())
         write_json(out / "results.json", results)
         make_figures(data, s, results, out, spec)
         for name in ("results.json", "spec.resolved.json", "group_accuracy.png", "heatmaps_by_pseudo_group.png"):
@@ -157,7 +159,8 @@ def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_
     return results
 
 
-def evaluate_all(spec: Spec, data: GroupData, s: dict, timer: Timer) -> dict:
+def evaluate_all(spec: Spec, data: GroupData, s: dict, timer: Timer) -> tuple[dict, dict]:
+    """Test metrics of ERM, ExMap and oracle DFR; plus ExMap's held-out val predictions (for sweeps)."""
     train_g, names = data.train.group, data.group_names
     test = data.test
     res = {"erm": {"test": evaluate(s["test_logits"].argmax(1), test.y, test.group, names, train_g),
@@ -178,7 +181,7 @@ def evaluate_all(spec: Spec, data: GroupData, s: dict, timer: Timer) -> dict:
                             "oracle_worst_group_acc": exmap.heldout["true"]}}
     res["oracle_dfr"] = {"test": evaluate(oracle.predict(s["test_features"]), test.y, test.group, names, train_g),
                          "dfr_C": oracle.C}
-    return res
+    return res, {"heldout_idx": exmap.heldout_idx, "heldout_pred": exmap.heldout_pred}
 
 
 def make_figures(data: GroupData, s: dict, results: dict, out: Path, spec: Spec) -> None:

@@ -143,8 +143,10 @@ class TrackingSpec:
 class SearchSpec:
     space: dict = opt({}, "dotted spec key -> one domain: {grid: [...]}, {choice: [...]}, "
                           "{uniform: [lo, hi]}, {loguniform: [lo, hi]} or {randint: [lo, hi]}")
-    metric: Literal["val_worst_pseudo_group_acc", "val_worst_class_acc"] = opt(
-        "val_worst_pseudo_group_acc", "label-free selection metric, on held-out halves of val; true groups never used")
+    metric: Literal["sweep_worst_pseudo_group_acc", "val_worst_pseudo_group_acc", "val_worst_class_acc"] = opt(
+        "sweep_worst_pseudo_group_acc", "label-free selection metric on held-out val halves. sweep_*: each trial "
+        "scored on every trial's pseudo groups (worst); val_*: on its own pseudo groups / on classes. "
+        "The own-groups metrics overrate trials whose clustering missed the minority")
     num_samples: int = opt(1, "Tune num_samples: repeats of the grid, or random draws for sampled domains", _positive)
     algorithm: Literal["basic", "optuna", "hyperopt"] = opt("basic", "basic = grid/random; optuna and "
                                                                      "hyperopt need their package installed")

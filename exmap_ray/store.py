@@ -61,6 +61,12 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
             np.save(f, arr)
 
 
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)

@@ -22,16 +22,20 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from . import plots, tracking
 from .errors import UserError
 from .pipeline import Timer, preflight, run_pipeline, run_stages
+from .retrain.dfr import worst_over_groupings
 from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, n_trials, parse_space, touches, unflatten
 from .spec import Spec, _deep_merge, from_dict, stable_hash
 from .store import StageCache, read_json, write_json
 
 log = logging.getLogger(__name__)
 ORACLE_METRIC = "oracle_val_worst_group_acc"
-COLUMNS = ["trial", "status", "selection_metric", "val_worst_pseudo_group_acc", "val_worst_class_acc",
+SWEEP_METRIC = "sweep_worst_pseudo_group_acc"  # needs every trial: computed in the summary
+COLUMNS = ["trial", "status", "selection_metric", SWEEP_METRIC, "val_worst_pseudo_group_acc", "val_worst_class_acc",
            ORACLE_METRIC, "test_worst_group_acc", "test_mean_acc", "n_groups", "ari", "worst_recovery", "k_chosen"]
 
 
@@ -44,8 +48,10 @@ def trial_metrics(res: dict, metric: str) -> dict:
          "erm_test_worst_group_acc": res["erm"]["test"]["worst_group_acc"],
          "oracle_dfr_test_worst_group_acc": res["oracle_dfr"]["test"]["worst_group_acc"],
          "n_groups": e["n_groups"], "ari": e["ari"], "worst_recovery": e["worst_recovery"],
-         "k_chosen": "/".join(str(k) for k in e["k_chosen"].values())}
-    m["selection_metric"] = m[metric]
+         "k_chosen": "/".join(str(k) for k in e["k_chosen"].values()),
+         "selection_file": e["selection_file"]}
+    # in flight (for Tune's search algorithms) the sweep metric is proxied by the trial's own groups
+    m["selection_metric"] = m["val_worst_pseudo_group_acc" if metric == SWEEP_METRIC else metric]
     return m
 
 
@@ -60,7 +66,8 @@ def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, par
     name = tune.get_context().get_trial_name()
     # Tune snapshots its own state only every few seconds, so after a crash it may rerun a trial that
     # had finished. A done record keyed by the resolved spec makes that rerun a cheap re-report.
-    done = Path(root) / "trial_results" / f"{stable_hash({k: v for k, v in base.items() if k != 'search'} | overrides)}.json"
+    resolved = {k: v for k, v in spec.to_dict().items() if k != "search"}
+    done = Path(root) / "trial_results" / f"{stable_hash(resolved)}.json"
     if done.exists():
         res = read_json(done)
         log.info("trial %s: finished before as %s; reporting its results without rerunning", name, res["trial"])
@@ -184,7 +191,8 @@ def collect_rows(grid, domains) -> list[dict]:
         if r.error:
             row.update(status="ERROR", error=f"{type(r.error).__name__}: {str(r.error).splitlines()[-1][:300]}")
         else:
-            row.update(status="OK", **{k: r.metrics.get(k) for k in COLUMNS if k not in ("trial", "status")})
+            row.update(status="OK", selection_file=r.metrics.get("selection_file"),
+                       **{k: r.metrics.get(k) for k in COLUMNS if k not in ("trial", "status")})
         rows.append(row)
     return sorted(rows, key=lambda x: x["trial"])
 
@@ -194,7 +202,25 @@ def _best(rows: list[dict], key: str) -> dict | None:
     return max(ok, key=lambda r: r[key]) if ok else None
 
 
+def add_sweep_metric(rows: list[dict], metric: str) -> None:
+    """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only)."""
+    ok = [r for r in rows if r["status"] == "OK" and r.get("selection_file") and Path(r["selection_file"]).exists()]
+    loaded = {r["trial"]: dict(np.load(r["selection_file"])) for r in ok}
+    buckets: dict[str, list[dict]] = {}
+    for r in ok:  # trials that vary dataset or seed have other val splits: compare within a bucket
+        d = loaded[r["trial"]]
+        buckets.setdefault(stable_hash([d["y"].tolist(), d["heldout_idx"].tolist()]), []).append(r)
+    for group in buckets.values():
+        groupings = [loaded[r["trial"]]["pseudo_groups"] for r in group]
+        for r in group:
+            d = loaded[r["trial"]]
+            r[SWEEP_METRIC] = worst_over_groupings(d["heldout_idx"], d["heldout_pred"], d["y"], groupings)
+            if metric == SWEEP_METRIC:
+                r["selection_metric"] = r[SWEEP_METRIC]
+
+
 def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
+    add_sweep_metric(rows, spec.search.metric)
     chosen, oracle = _best(rows, "selection_metric"), _best(rows, ORACLE_METRIC)
     cols = ["trial"] + [f"config.{d.key}" for d in domains] + COLUMNS[1:] + ["error"]
     with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".csv", newline="") as f:

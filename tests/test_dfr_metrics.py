@@ -64,3 +64,21 @@ def test_recovery_sees_a_minority_that_ari_hides():
     assert recovery(found, true) == {0: 1.0, 1: 1.0}
     a = agreement(found, true, ["maj", "min"])
     assert a["ari"] == pytest.approx(1.0) and a["worst_recovery"] == 1.0
+
+
+def test_worst_over_groupings_penalises_a_missed_minority():
+    from exmap_ray.retrain.dfr import worst_over_groupings
+
+    y = np.array([0] * 40 + [1] * 40)
+    minority = np.zeros(80, bool)
+    minority[[0, 1, 2, 3, 4, 5, 40, 41, 42, 43, 44, 45]] = True
+    found = np.where(minority, 2 + y, y)      # a grouping that isolates the minorities
+    missed = y.copy()                         # a grouping that does not (groups = classes)
+    idx = np.arange(80)[None, :]
+    shortcut_pred = np.where(minority, 1 - y, y)[None, :]  # right on majorities, wrong on minorities
+    robust_pred = y[None, :]                                # right everywhere
+    # judged only on its own (missed) groups the shortcut model looks fine ...
+    assert worst_over_groupings(idx, shortcut_pred, y, [missed]) == pytest.approx(0.85)
+    # ... but not once another trial's grouping that found the minority is included
+    assert worst_over_groupings(idx, shortcut_pred, y, [missed, found]) == 0.0
+    assert worst_over_groupings(idx, robust_pred, y, [missed, found]) == 1.0

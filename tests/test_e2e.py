@@ -40,6 +40,8 @@ def test_run_cmnist_end_to_end(ray_local, tmp_path, capsys):
         assert 0 <= t["worst_group_acc"] <= t["mean_acc"] <= 1
         assert set(t["per_group"]) == {"y<5 red", "y<5 green", "y>=5 red", "y>=5 green"}
     assert -1 <= res["exmap"]["ari"] <= 1 and res["exmap"]["n_groups"] >= 2
+    v = res["exmap"]["val"]  # label-free (pseudo groups, classes) and oracle, on held-out val halves
+    assert all(0 <= v[k] <= 1 for k in ("worst_pseudo_group_acc", "worst_class_acc", "oracle_worst_group_acc"))
     assert set(res["timings_s"]) >= {"erm", "heatmaps", "clusters", "dfr"}
     assert res["config"]["model"]["backbone"] == "test_resnet"
     printed = capsys.readouterr().out

@@ -1,4 +1,6 @@
 import json
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -51,3 +53,33 @@ def test_unfinished_stage_is_cleared_not_trusted(tmp_path):
     assert not st.done
     info = cache.run(st, lambda d: {"ok": True})
     assert info["ok"] and not (st.dir / "shard-00000.npy").exists()
+
+
+def _slow_stage(root, marker_dir):
+    import time as _t
+
+    from exmap_ray.store import StageCache as _SC
+
+    cache = _SC(root)
+    st = cache.stage("heatmaps", {"m": "lrp"})
+
+    def compute(d):
+        (marker_dir / f"computed-{os.getpid()}").write_text("x")
+        _t.sleep(1.0)  # long enough for the other process to arrive while this one holds the lock
+        (d / "shard-00000.npy").write_text("data")
+        return {}
+
+    cache.run(st, compute)
+
+
+def test_two_processes_needing_the_same_stage_compute_it_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_slow_stage, args=(tmp_path / "cache", tmp_path)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(list(tmp_path.glob("computed-*"))) == 1
+    events = sorted(r["event"] for r in StageCache(tmp_path / "cache").records())
+    assert events == ["computed", "reused"]

@@ -113,3 +113,17 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert all(k.info.status in ("FINISHED", "KILLED") for k in kids)  # no run left dangling as RUNNING
     events = [(r["stage"], r["event"]) for r in StageCache(out / "cache").records()]
     assert events.count(("erm", "computed")) == 1  # the resumed driver reused the cached ERM
+
+
+def test_sweep_over_erm_runs_ray_train_inside_trials(ray_local, tmp_path):
+    """ERM keys in the search: nothing upstream is shared, so each trial launches its own TorchTrainer."""
+    d = tiny_spec_dict(dataset={"n_train": 200, "n_val": 200, "n_test": 200})
+    d["search"] = {"space": {"erm.lr": {"grid": [0.001, 0.003]}}, "max_concurrent_trials": 2}
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(d))
+    out = tmp_path / "sweep"
+    assert main(["tune", str(p), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_trials"] == 2 and summary["n_failed"] == 0
+    computed = [r for r in StageCache(out / "cache").records() if r["event"] == "computed"]
+    assert [r["stage"] for r in computed].count("erm") == 2  # one ERM per lr, each inside its trial

@@ -13,6 +13,7 @@ the dataset; `HeatmapStore` memory-maps shards back.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -109,6 +110,9 @@ class HeatmapWorker:
         model = load_checkpoint(spec.model.backbone, data.n_classes, Path(checkpoint)).to(self.device)
         self.method = HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec)
 
+    def ready(self) -> bool:
+        return True
+
     def run(self, shard_id: int, start: int, stop: int):
         maps, preds = extract(self.method, Subset(self.images, range(start, stop)), self.hspec.batch_size,
                               self.hspec.downsize, self.device)
@@ -118,7 +122,6 @@ class HeatmapWorker:
 def extract_with_actors(spec, checkpoint: Path, n_images: int, out: Path) -> dict:
     """Shard the val split over a pool of Ray actors; write shards as they finish, then the index."""
     import ray
-    from ray.util import ActorPool
 
     hspec = spec.heatmaps
     ranges = shard_ranges(n_images, hspec.shard_size)
@@ -134,17 +137,32 @@ def extract_with_actors(spec, checkpoint: Path, n_images: int, out: Path) -> dic
     n_actors = max(1, min(n_actors, len(ranges)))
     log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images,
              len(ranges), n_actors, "1 GPU each" if gpus else f"{threads} CPU thread(s) each")
-    Worker = ray.remote(HeatmapWorker).options(**options)
+    # "DEFAULT" keeps the actors out of a Tune trial's placement group: inside a trial, Ray would
+    # otherwise try to fit them into the trial's small bundle and refuse
+    Worker = ray.remote(HeatmapWorker).options(**options, scheduling_strategy="DEFAULT")
     actors = [Worker.remote(spec.to_dict(), str(checkpoint), threads) for _ in range(n_actors)]
-    pool = ActorPool(actors)
-    entries = []
-    work = [(i, a, b) for i, (a, b) in enumerate(ranges)]
+    starting = {a.ready.remote(): a for a in actors}
+    idle, running, entries = [], {}, []
+    work = deque((i, a, b) for i, (a, b) in enumerate(ranges))
+    # Work goes only to actors that are up: an actor still waiting for resources (another trial holds
+    # them) gets nothing, so extraction progresses as soon as one actor runs, never deadlocks.
     with tqdm(total=n_images, desc=f"heatmaps ({hspec.method})", unit="img", disable=None) as bar:
-        for shard_id, start, stop, maps, preds in pool.map_unordered(lambda act, w: act.run.remote(*w), work):
+        while work or running:
+            while idle and work:
+                actor = idle.pop()
+                running[actor.run.remote(*work.popleft())] = actor
+            (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
+            if ref in starting:
+                ray.get(ref)  # raises if the actor could not be built
+                idle.append(starting.pop(ref))
+                continue
+            idle.append(running.pop(ref))
+            shard_id, start, stop, maps, preds = ray.get(ref)
             entries.append(write_shard(out, shard_id, start, stop, maps, preds))
             bar.update(stop - start)
     for a in actors:
-        ray.kill(a)
+        ray.kill(a)  # also withdraws the resource requests of actors that never started
     write_index(out, n_images, entries)
-    return {"n": n_images, "shards": len(entries), "actors": n_actors, "device": "cuda" if gpus else "cpu"}
+    return {"n": n_images, "shards": len(entries), "actors": n_actors, "actors_started": n_actors - len(starting),
+            "device": "cuda" if gpus else "cpu"}
 

@@ -35,6 +35,8 @@ class DFRModel:
     classes: np.ndarray
     C: float
     selection: dict          # C -> {"pseudo": ..., "class": ..., **extra}: mean held-out worst accuracies
+    heldout_idx: np.ndarray  # (repeats, n/2) val indices of each held-out half (same for every grouping)
+    heldout_pred: np.ndarray  # (repeats, n/2) predictions there of the fit at the chosen C
 
     @property
     def heldout(self) -> dict:
@@ -89,20 +91,25 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
     if min(sizes.values()) < 2:
         log.warning("DFR: smallest group has %d member(s) (%s); balanced fits will be tiny",
                     min(sizes.values()), sizes)
-    rng = np.random.default_rng(seed)
+    # halves come from their own stream, so runs with the same seed and val split val identically
+    # whatever their groups: a sweep can then score every trial on every trial's pseudo groups
+    split_rng, rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
     mean, std = feats.mean(0), feats.std(0) + 1e-8
     X = (feats - mean) / std
     scorers = {"pseudo": groups, "class": y, **(score_groups or {})}
     scores = {C: {name: [] for name in scorers} for C in dspec.c_grid}
+    halves, preds = [], {C: [] for C in dspec.c_grid}
     for _ in range(dspec.n_select_repeats):
-        perm = rng.permutation(len(y))
+        perm = split_rng.permutation(len(y))
         a, b = perm[: len(y) // 2], perm[len(y) // 2:]
         if len(np.unique(y[a])) < 2:
             continue
+        halves.append(b)
         sub = a[balanced_subsample(groups[a], rng)]
         for C in dspec.c_grid:
             clf = _fit(X[sub], y[sub], C, int(rng.integers(2**31 - 1)))
             pred = clf.predict(X[b])
+            preds[C].append(pred)
             for name, g in scorers.items():
                 scores[C][name].append(worst_group_acc(pred, y[b], g[b]))
     selection = {C: {name: float(np.mean(v)) if v else float("nan") for name, v in per.items()}
@@ -116,4 +123,27 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
         intercepts.append(clf.intercept_)
     log.info("DFR: C=%g (held-out worst-group acc %.3f), %d groups %s", best_C, selection[best_C]["pseudo"],
              len(sizes), sizes)
-    return DFRModel(mean, std, np.mean(coefs, 0), np.mean(intercepts, 0), clf.classes_, best_C, selection)
+    return DFRModel(mean, std, np.mean(coefs, 0), np.mean(intercepts, 0), clf.classes_, best_C, selection,
+                    np.array(halves), np.array(preds[best_C]))
+
+
+def worst_over_groupings(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: np.ndarray,
+                         groupings: list[np.ndarray], min_members: int = 3) -> float:
+    """Label-free score of one model against many pseudo-groupings of val (e.g. every trial's in a sweep).
+
+    For each grouping, the worst group accuracy on each held-out half (groups with fewer than
+    `min_members` there are skipped as noise), averaged over halves; then the minimum over
+    groupings. A model that ignores a minority that *any* grouping isolated scores low, which a
+    trial's own groups cannot show when its clustering missed that minority.
+    """
+    worst = []
+    for g in groupings:
+        per_half = []
+        for idx, pred in zip(heldout_idx, heldout_pred):
+            accs = [float((pred[g[idx] == k] == y[idx][g[idx] == k]).mean())
+                    for k in np.unique(g[idx]) if (g[idx] == k).sum() >= min_members]
+            if accs:
+                per_half.append(min(accs))
+        if per_half:
+            worst.append(float(np.mean(per_half)))
+    return min(worst) if worst else float("nan")
