@@ -4,8 +4,14 @@
     exmap-ray run tune_specs/cmnist.yaml --set seed=1 --set clustering.scope=global --out runs/s1
     exmap-ray run SPEC --address ray://head:10001 --tracking-uri http://head:5000
     exmap-ray tune tune_specs/cmnist_sweep.yaml [--resume]   # a Ray Tune sweep, tracked in MLflow
+    exmap-ray sync-mlflow runs/demo [--tracking-uri URI]      # upload a run whose MLflow server went away
     exmap-ray spec [SPEC] [--set k=v ...]                    # defaults with reasons, or a resolved spec
     exmap-ray datasets                                       # registered datasets
+
+An http(s) tracking server that does not answer stops `run` and `tune` within seconds, before
+Ray starts (exit 2). One that goes away during `run` does not stop it: the results are written
+to OUT as usual, OUT/mlflow_pending.json says what was not logged, and `sync-mlflow OUT` logs it
+once the server is back.
 """
 from __future__ import annotations
 
@@ -45,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache", type=Path, help="stage cache folder to share between runs (default OUT/cache)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT with the same spec: "
+                                                           "finished stages are reused, a half-written one is redone")
     run.add_argument("--quiet", action="store_true", help="only warnings and the final table")
 
     tn = sub.add_parser("tune", help="run a Ray Tune sweep over the spec's search: section",
@@ -59,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--resume", action="store_true", help="continue an interrupted sweep in OUT: finished "
                                                           "trials are not rerun, cached stages not recomputed")
     tn.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+
+    sy = sub.add_parser("sync-mlflow", help="upload a finished run to MLflow after its server was unreachable",
+                        description="Log a finished `exmap-ray run` output folder to MLflow: the flattened spec as "
+                                    "params, per-epoch ERM metrics, test metrics, stage timings and the artifacts "
+                                    "(results.json, spec.resolved.json and the plots). Completes the run the "
+                                    "pipeline started if the server has it, else makes a new run in the same "
+                                    "experiment tagged exmap_ray.synced_from. Needs DIR/results.json; does "
+                                    "nothing (exit 0) unless DIR/mlflow_pending.json says logging failed.")
+    sy.add_argument("dir", type=Path, metavar="DIR", help="the run's output folder (its --out)")
+    sy.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run used, from "
+                                           "DIR/tracking.json)")
+    sy.add_argument("--quiet", action="store_true", help="only warnings and the final line")
 
     sp = sub.add_parser("spec", help="print every spec key with its default and reason, or a resolved spec",
                         description="Without SPEC: every key, its default and why. With SPEC: the resolved "
@@ -95,12 +115,13 @@ def ray_session(address: str | None):
 
 def cmd_tune(args) -> int:
     from .spec import load_spec
-    from .tune import format_summary, run_sweep
 
     spec = load_spec(args.spec, args.sets)
     from .search import parse_space
     parse_space(spec)  # search-space errors before Ray starts
     out = args.out or Path("runs") / f"{spec.name}-sweep"
+    _check_tracking(args.tracking_uri or spec.tracking.uri, out)  # before torch and Ray load
+    from .tune import format_summary, run_sweep
     with ray_session(args.address):
         summary = run_sweep(spec, out, args.cache, args.tracking_uri, resume=args.resume)
     print("\n" + format_summary(summary))
@@ -109,19 +130,88 @@ def cmd_tune(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import format_table, preflight, run_pipeline
     from .spec import load_spec
 
     spec = load_spec(args.spec, args.sets)  # spec errors surface here, before any work
-    data = preflight(spec)                  # and data / backbone / method errors here
     out = args.out or Path("runs") / spec.name
+    uri = args.tracking_uri or spec.tracking.uri
+    _check_tracking(uri, out)               # an unreachable tracking server, in seconds (before torch loads)
+    from .pipeline import format_table, preflight, run_pipeline
+    if args.resume:
+        _check_resume(spec, out)
+    data = preflight(spec)                  # and data / backbone / method errors here
+    if args.resume:
+        _mark_interrupted_run(out, uri)
     with ray_session(args.address):
         results = run_pipeline(spec, out, args.cache, args.tracking_uri, data)
     print("\n" + format_table(results))
     print(f"\nresults: {out / 'results.json'}   plots: {out}/*.png")
-    uri = args.tracking_uri or spec.tracking.uri
+    from .store import read_json
+    from .tracking import PENDING
+    if (out / PENDING).is_file():  # the tracker logged the failure when it happened; this is the how-to
+        print(f"MLflow run {results['mlflow_run_id']}: NOT fully logged, MLflow at {read_json(out / PENDING)['uri']} "
+              f"became unreachable ({out / PENDING}). When it is back: exmap-ray sync-mlflow {out}")
+        return 0
     print(f"MLflow run {results['mlflow_run_id']}: "
           + (f"see {uri}" if uri else f"mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}"))
+    return 0
+
+
+def _check_resume(spec, out: Path) -> None:
+    """`run --resume` continues the run in OUT only with the spec that run had."""
+    from .spec import flatten
+    from .store import read_json
+
+    saved = out / "spec.resolved.json"
+    if not saved.is_file():
+        raise UserError(f"--resume: no run to resume in '{out}' (no {saved.name}); drop --resume to start one")
+    old, new = flatten(read_json(saved)), flatten(spec.to_dict())
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if differ:
+        raise UserError(f"--resume: '{out}' holds a run of another spec (it differs in {', '.join(differ[:8])}); "
+                        f"resume with the same spec and --set values, or drop --resume / pick another --out")
+    log.info("resuming the run in %s: finished stages are reused, an unfinished one is redone", out)
+
+
+def _mark_interrupted_run(out: Path, uri: str | None) -> None:
+    """The interrupted run's MLflow run was left RUNNING: mark it KILLED (best effort)."""
+    from . import tracking
+    from .store import read_json
+
+    info = read_json(out / tracking.INFO) if (out / tracking.INFO).is_file() else {}
+    run_id = info.get("run_id")
+    if not run_id:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(info.get("uri") or uri or tracking.default_uri(out))
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+            log.info("marked the interrupted MLflow run %s as KILLED", run_id)
+    except Exception as e:  # noqa: BLE001 - bookkeeping only; the resumed run logs a new run either way
+        log.warning("could not mark the interrupted MLflow run %s as KILLED: %s", run_id, e)
+
+
+def _check_tracking(uri: str | None, out: Path) -> None:
+    """Short MLflow HTTP retries/timeouts (unless set by the user), and a dead server caught before Ray starts."""
+    from . import tracking
+
+    tracking.http_defaults()
+    tracking.probe(uri, out)
+
+
+def cmd_sync(args) -> int:
+    from .sync_mlflow import sync
+
+    done = sync(args.dir, args.tracking_uri)
+    if done["status"] == "nothing pending":
+        print(f"nothing to sync: {args.dir} has no {args.dir / 'mlflow_pending.json'}; its MLflow logging "
+              f"did not fail (or was synced already)")
+        return 0
+    how = "completed the original run" if done["resumed"] else "created a new run (the original is not there)"
+    print(f"synced {args.dir} to MLflow at {done['uri']}: {how} {done['run_id']}, {done['params']} params, "
+          f"{done['metrics']} metric values, artifacts {', '.join(done['artifacts'])}")
     return 0
 
 
@@ -150,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return {"run": cmd_run, "tune": cmd_tune, "spec": cmd_spec, "datasets": cmd_datasets}[args.command](args)
+        return {"run": cmd_run, "tune": cmd_tune, "sync-mlflow": cmd_sync, "spec": cmd_spec,
+                "datasets": cmd_datasets}[args.command](args)
     except UserError as e:
         print(f"exmap-ray: error: {e}", file=sys.stderr)
         return 2

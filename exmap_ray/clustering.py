@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh
 
-from .errors import UserError
+from .errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 N_EIGS = 13  # the paper inspects the 13 smallest eigenvalues
@@ -139,18 +139,31 @@ def cluster(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
     return labels, info
 
 
+def check_heatmaps(H: np.ndarray) -> None:
+    """Refuse heatmaps that cannot be clustered: any NaN/inf, or every one all zero (a dead model)."""
+    flat = np.asarray(H).reshape(len(H), -1)
+    if len(flat) == 0:
+        raise DataError("no heatmaps to cluster: the val split is empty")
+    bad = int((~np.isfinite(flat)).any(axis=1).sum())
+    if bad:
+        raise DataError(f"{bad} of {len(flat)} heatmaps contain NaN or inf values; nothing sensible can be "
+                        f"clustered. Likely causes: ERM diverged (lower erm.lr, check the ERM loss/accuracy) "
+                        f"or the heatmap method is unstable for this backbone (raise heatmaps.epsilon or "
+                        f"try heatmaps.method input_x_gradient)")
+    if not np.abs(flat).sum(axis=1).any():
+        raise DataError(f"all {len(flat)} heatmaps are all zero: the model explains nothing. Likely causes: "
+                        f"ERM collapsed to a constant prediction (a dead model: check the ERM stage's "
+                        f"accuracy, lower erm.lr) or the wrong heatmap method for this backbone "
+                        f"(try heatmaps.method input_x_gradient or gradcam)")
+
+
 def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
     """Pseudo group per point = (class, cluster), numbered densely 0..G-1.
 
     Returns the labels and a dict with each scope's chosen k and the (class, cluster) of each group.
     """
+    check_heatmaps(H)
     X = normalize_rows(H) if cspec.normalize else np.ascontiguousarray(H, np.float32).reshape(len(H), -1)
-    if not np.isfinite(X).all():
-        raise UserError("heatmaps contain NaN or inf values; the ERM model may have diverged "
-                        "(check erm.lr) - nothing sensible can be clustered")
-    if not np.abs(X).sum(axis=1).any():
-        raise UserError("every heatmap is all zero: the model explains nothing (a dead model?); "
-                        "check the ERM stage's accuracy or try heatmaps.method input_x_gradient")
     cluster_of = np.zeros(len(X), np.int64)
     scopes = {}
     if cspec.scope == "local":

@@ -20,14 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, tracking
-from .clustering import pseudo_groups
+from .clustering import check_heatmaps, pseudo_groups
 from .data import GroupData, build_dataset
 from .heatmaps.extract import HeatmapStore, extract_with_actors
 from .metrics import agreement, evaluate
-from .errors import SpecError
+from .errors import DataError, SpecError
 from .heatmaps import HEATMAP_METHODS
 from .models import create_model, embed, load_checkpoint
 from .retrain import fit_dfr
+from .retrain.dfr import MIN_GROUP_SIZE as DFR_MIN_GROUP_SIZE
 from .spec import Spec, stage_seed
 from .store import StageCache, save_npy, save_npz, write_json
 
@@ -91,6 +92,11 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer, upt
     with timer("clusters"):
         def compute_clusters(d: Path):
             H = HeatmapStore(hm.dir).load()
+            try:
+                check_heatmaps(H)
+            except DataError as e:  # name the culprit stage: which method, which files
+                raise DataError(f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone "
+                                f"'{spec.model.backbone}', heatmaps in '{hm.dir}']") from None
             groups, info = pseudo_groups(H.reshape(len(H), -1), data.val.y, spec.clustering,
                                          stage_seed(spec.seed, "clusters"))
             save_npy(d / "pseudo_groups.npy", groups)
@@ -112,14 +118,25 @@ def preflight(spec: Spec) -> GroupData:
     architecture now rather than inside an actor after ERM.
     """
     data = build_dataset(spec.dataset, spec.seed)
+    for split in (data.train, data.val, data.test):
+        getattr(split.images, "check", lambda: None)()  # on-disk images: a corrupt file fails now, by name
     model = create_model(spec.model.backbone, data.n_classes, spec.model.pretrained)
     HEATMAP_METHODS.get(spec.heatmaps.method)(model, spec.heatmaps)
     k = spec.clustering.k
     if k != "auto":
-        smallest = min(np.bincount(data.val.y)) if spec.clustering.scope == "local" else len(data.val)
+        counts = np.bincount(data.val.y)
+        c = int(np.argmin(np.where(counts > 0, counts, len(data.val) + 1)))
+        smallest, where = ((int(counts[c]), f"local scope (class {c})") if spec.clustering.scope == "local"
+                           else (len(data.val), "global scope"))
         if k > smallest:
-            raise SpecError(f"spec key 'clustering.k': {k} clusters but a {spec.clustering.scope} scope has only "
-                            f"{smallest} val points; lower it or use 'auto'")
+            raise SpecError(f"spec key 'clustering.k': {k} clusters but the {where} has only {smallest} val "
+                            f"points; use an integer in 2..{smallest}, or 'auto'")
+    sizes = np.bincount(data.val.group, minlength=data.n_groups)
+    tiny = [g for g in range(len(sizes)) if 0 < sizes[g] < DFR_MIN_GROUP_SIZE]
+    if tiny:
+        raise DataError(f"dataset '{spec.dataset.name}': true group '{data.group_names[tiny[0]]}' has "
+                        f"{sizes[tiny[0]]} val member(s); the oracle DFR row needs at least {DFR_MIN_GROUP_SIZE} "
+                        f"per group. Enlarge the val split (dataset.n_val for cmnist) or weaken the shortcut")
     return data
 
 
@@ -135,27 +152,30 @@ def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_
     log.info("dataset %s: train %d, val %d, test %d, %d classes, %d true groups (evaluation only)",
              spec.dataset.name, len(data.train), len(data.val), len(data.test), data.n_classes, data.n_groups)
     uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)
-    exp_id = tracking.setup(uri, spec.tracking.experiment or spec.name, out)
+    experiment = spec.tracking.experiment or spec.name
+    exp_id = tracking.setup(uri, experiment, out)
     cache = StageCache(cache_dir or out / "cache")
 
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None  # nests a sweep's trials
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name or spec.name, tags=tags) as run:
-        tracking.log_flat_params(spec.flat())
+    # every MLflow call goes through `tracker`: a server lost mid-run stops the logging, not the run
+    tracker = tracking.Tracker(uri, out, experiment)
+    with tracker.run(experiment_id=exp_id, run_name=run_name or spec.name, tags=tags):
+        tracker.call("log_params", tracking.log_flat_params, spec.flat())
         write_json(out / "spec.resolved.json", spec.to_dict())
         s = run_stages(spec, data, cache, timer)
         for h in (s["erm_info"].get("history") or []):
-            tracking.log_metrics(h, "erm.", step=h["epoch"])
+            tracker.call("log_metrics", tracking.log_metrics, h, "erm.", step=h["epoch"])
         results, heldout = evaluate_all(spec, data, s, timer)
-        results.update(timings_s=timer.seconds, config=spec.to_dict(), mlflow_run_id=run.info.run_id,
-                       cache={k: {"key": v.key, "dir": str(v.dir)} for k, v in s["stages"].items()})
-        tracking.log_metrics({k: results[k] for k in ("erm", "exmap", "oracle_dfr")})
-        tracking.log_metrics({"timings_s": timer.seconds})
+        results.update(timings_s=timer.seconds, config=spec.to_dict(), mlflow_run_id=tracker.run_id,
+                       cache={k: {"key": v.key, "dir": str(Path(v.dir).resolve())} for k, v in s["stages"].items()})
+        tracker.call("log_metrics", tracking.log_metrics, {k: results[k] for k in ("erm", "exmap", "oracle_dfr")})
+        tracker.call("log_metrics", tracking.log_metrics, {"timings_s": timer.seconds})
         save_npz(out / "selection.npz", **heldout, pseudo_groups=s["pseudo"], y=data.val.y)
         results["exmap"]["selection_file"] = str((out / "selection.npz").resolve())
         write_json(out / "results.json", results)
         make_figures(data, s, results, out, spec)
-        for name in ("results.json", "spec.resolved.json", "group_accuracy.png", "heatmaps_by_pseudo_group.png"):
-            mlflow.log_artifact(str(out / name))
+        for name in tracking.ARTIFACTS:
+            tracker.call("log_artifact", mlflow.log_artifact, str(out / name))
     return results
 
 

@@ -13,6 +13,7 @@ A per-stage file lock makes the cache safe under concurrent runs sharing it
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -27,20 +28,49 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .errors import UserError
 from .spec import stable_hash
 
 log = logging.getLogger(__name__)
 
 
+class DiskFullError(UserError):
+    """The filesystem ran out of space (or quota) while an artifact was being written."""
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path`, else remove it."""
+    """Yield a temp path beside `path`; on success rename it over `path`, else remove it.
+
+    A full disk becomes a `DiskFullError` naming the file; the temp file is removed, so no
+    partial artifact is ever left under its final name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        free = _free_bytes(path.parent)
+        # numpy's tofile reports a short write without an errno ("N requested and M written")
+        short_write = e.errno is None and "requested and" in str(e) and free is not None and free < 2**20
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not short_write:
+            raise
+        raise DiskFullError(
+            f"disk full while writing '{path}' ({os.strerror(e.errno or errno.ENOSPC)}; "
+            f"{'unknown' if free is None else f'{free / 2**20:.1f} MiB'} free on its filesystem). Free some space "
+            f"or point --out/--cache at a bigger disk, then run again: the partial file was removed and its "
+            f"stage was not marked done, so nothing partial will be reused") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -137,7 +167,12 @@ class StageCache:
                 shutil.rmtree(stage.dir)
             stage.dir.mkdir(parents=True)
             t0 = time.perf_counter()
-            info = dict(compute(stage.dir) or {})
+            try:
+                info = dict(compute(stage.dir) or {})
+            except DiskFullError:
+                shutil.rmtree(stage.dir, ignore_errors=True)  # give the space back; it was never done
+                self.record(stage, "failed", reason="disk full")
+                raise
             info["seconds"] = time.perf_counter() - t0
             write_json(stage.dir / "done", info)  # last: the stage counts as done only now
             self.record(stage, "computed", seconds=info["seconds"])

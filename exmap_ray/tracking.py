@@ -1,17 +1,68 @@
 """MLflow tracking: a SQLite store under the output folder by default, or any server.
 
     mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db   # then open http://127.0.0.1:5000
+
+A server that does not answer stops a run before any work (`probe`). One that goes away
+mid-run does not stop it: `Tracker` stops calling MLflow after the first failure and writes
+OUT/mlflow_pending.json; `exmap-ray sync-mlflow OUT` (see sync_mlflow.py) uploads later.
+OUT/tracking.json records the URI, experiment and run id a run used.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+from .store import write_json
 
 log = logging.getLogger(__name__)
+PENDING = "mlflow_pending.json"   # OUT/<this>: what a run could not log; removed by sync-mlflow
+INFO = "tracking.json"            # OUT/<this>: the URI, experiment and run id a run used
+# files in OUT logged as MLflow artifacts, by run_pipeline or later by sync-mlflow
+ARTIFACTS = ("results.json", "spec.resolved.json", "group_accuracy.png", "heatmaps_by_pseudo_group.png")
+
+# MLflow's own defaults (7 retries with exponential backoff, 120 s timeout) stall a run for
+# minutes on a dead server; these are set only where the user has not set them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def http_defaults() -> None:
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def probe(uri: str | None, out: Path | None = None, timeout: float = 3.0) -> None:
+    """Fail fast, with a UserError naming `uri`, when an http(s) tracking server does not answer.
+
+    Any HTTP answer (even 401 or 404) counts as reachable; other URIs are not probed here.
+    """
+    if not uri or not uri.lower().startswith(("http://", "https://")):
+        return
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(uri, method="GET"), timeout=timeout).close()
+        return
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):
+            return  # it answers; TLS settings are MLflow's to apply (MLFLOW_TRACKING_INSECURE_TLS, ...)
+        why = str(e.reason)
+    except (TimeoutError, OSError) as e:
+        why = str(e) or type(e).__name__
+    except ValueError as e:
+        raise UserError(f"MLflow tracking URI '{uri}' is not a valid URL ({e})") from None
+    local = default_uri(out) if out is not None else "sqlite:///OUT/mlflow.db"
+    raise UserError(f"MLflow tracking server '{uri}' is unreachable ({why}; waited at most {timeout:g} s). "
+                    f"Start the server, or drop --tracking-uri (and spec key tracking.uri) to log to the "
+                    f"local default {local}")
 
 
 def default_uri(out: Path) -> str:
@@ -27,8 +78,7 @@ def setup(uri: str, experiment: str, out: Path) -> str:
     """Point MLflow at `uri`, make sure it answers, and return the experiment id."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    http_defaults()
     mlflow.set_tracking_uri(uri)
     try:
         exp = mlflow.get_experiment_by_name(experiment)
@@ -51,9 +101,16 @@ def log_flat_params(params: dict) -> None:
 
 def log_metrics(metrics: dict, prefix: str = "", step: int | None = None) -> None:
     """Log every finite number in a nested dict, with dotted names."""
-    import math
-
     import mlflow
+
+    flat = flat_metrics(metrics, prefix)
+    if flat:
+        mlflow.log_metrics(flat, step=step)
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Every finite number in a nested dict, under its dotted (MLflow-safe) name."""
+    import math
 
     flat = {}
 
@@ -66,5 +123,100 @@ def log_metrics(metrics: dict, prefix: str = "", step: int | None = None) -> Non
                 flat[metric_name(key)] = float(v)
 
     walk(metrics, prefix)
-    if flat:
-        mlflow.log_metrics(flat, step=step)
+    return flat
+
+
+def write_info(out: Path, **info) -> None:
+    """Merge `info` into OUT/tracking.json (the URI, experiment and run id a run used)."""
+    import json
+
+    path = Path(out) / INFO
+    old = json.loads(path.read_text()) if path.exists() else {}
+    write_json(path, {**old, **info})
+
+
+class Tracker:
+    """The MLflow calls of one pipeline run, made so that losing the tracking server loses no results.
+
+        tracker = Tracker(uri, out, experiment)
+        with tracker.run(experiment_id=exp_id, run_name="x"):
+            tracker.call("log_metrics", log_metrics, {"acc": 1.0})
+
+    The first failed call writes OUT/mlflow_pending.json (URI, run id, what failed) and logs one
+    warning; from then on no call reaches MLflow and the run goes on. A run that logs everything
+    removes a stale marker left by an earlier run in OUT (whose results it has overwritten).
+    """
+
+    def __init__(self, uri: str, out: Path, experiment: str):
+        self.uri, self.out, self.experiment = uri, Path(out), experiment
+        self.run_id: str | None = None
+        self.failure: dict | None = None
+        write_info(self.out, uri=uri, experiment=experiment, run_id=None)
+
+    @property
+    def pending(self) -> bool:
+        return self.failure is not None
+
+    def call(self, what: str, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)`, or None once MLflow has failed (now or before)."""
+        if self.failure is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure: stop talking to MLflow, keep the results
+            self._lost(what, e)
+            return None
+
+    def _lost(self, what: str, e: Exception) -> None:
+        import time
+
+        self.failure = {"call": what, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
+        write_json(self.out / PENDING, {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id,
+                                        "failed": self.failure, "time": time.time()})
+        log.warning("MLflow at %s became unreachable (%s failed: %s). The run goes on without MLflow and "
+                    "keeps every result in %s; upload them later with: exmap-ray sync-mlflow %s",
+                    self.uri, what, self.failure["error"][:200], self.out, self.out)
+
+    @contextmanager
+    def run(self, **start_kwargs):
+        """`mlflow.start_run(**start_kwargs)` as a context that survives the server going away."""
+        import mlflow
+
+        active = self.call("start_run", mlflow.start_run, **start_kwargs)
+        if active is not None:
+            self.run_id = active.info.run_id
+            write_info(self.out, run_id=self.run_id)
+        status = "FAILED"
+        try:
+            yield self
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if active is not None:
+                if self.failure is None:
+                    self.call("end_run", mlflow.end_run, status)
+                else:
+                    _drop_active_run(self.run_id)
+            if status == "FINISHED" and self.failure is None:
+                (self.out / PENDING).unlink(missing_ok=True)
+
+
+def _drop_active_run(run_id: str | None) -> None:
+    """Forget the active run in this process without a request to the (gone) server."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:
+        return
+    try:
+        from mlflow.tracking.fluent import _active_run_stack
+
+        _active_run_stack.get().pop()
+        os.environ.pop("MLFLOW_RUN_ID", None)
+    except Exception:  # noqa: BLE001 - a private API; end_run pops the run before it calls the server
+        try:
+            mlflow.end_run("FAILED")
+        except Exception:  # noqa: BLE001
+            pass

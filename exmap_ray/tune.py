@@ -26,6 +26,7 @@ import numpy as np
 
 from . import plots, tracking
 from .errors import UserError
+from .faults import inject
 from .pipeline import Timer, preflight, run_pipeline, run_stages
 from .retrain.dfr import worst_over_groupings
 from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, n_trials, parse_space, touches, unflatten
@@ -72,6 +73,7 @@ def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, par
         res = read_json(done)
         log.info("trial %s: finished before as %s; reporting its results without rerunning", name, res["trial"])
     else:
+        inject("trial", spec.flat())  # no-op unless an EXMAP_RAY_FAULTS plan is set (fault tests)
         res = run_pipeline(spec, Path(root) / "trials" / name, Path(cache_dir), uri,
                            parent_run_id=parent_run_id, run_name=name)
         res["trial"] = name

@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,10 @@ from PIL import Image
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token notice on every test start
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Fault plans (exmap_ray/faults.py): Ray's workers inherit this path when the session's Ray starts;
+# a test arms a fault by writing the file (fixture `fault_plan`) and disarms it by removing it.
+FAULT_DIR = Path(tempfile.mkdtemp(prefix="exmap-faults-"))
+os.environ["EXMAP_RAY_FAULTS"] = str(FAULT_DIR / "plan.json")
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +33,20 @@ def ray_local():
         ray.init(num_cpus=2, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def fault_plan():
+    """arm(list_of_faults) writes the session's fault plan; it is removed, with its hit counts, afterwards."""
+    plan = Path(os.environ["EXMAP_RAY_FAULTS"])
+
+    def arm(faults: list[dict]) -> Path:
+        plan.write_text(json.dumps(faults))
+        return plan
+
+    yield arm
+    for f in plan.parent.glob(plan.name + "*"):
+        f.unlink()
 
 
 def tiny_spec_dict(**over) -> dict:

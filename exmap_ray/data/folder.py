@@ -44,6 +44,21 @@ class ImageFiles(Dataset):
             raise DataError(f"image '{self.paths[i]}' cannot be read ({e}); replace it or drop its "
                             f"row from metadata.csv") from None
 
+    def check(self) -> None:
+        """Open every file (header + PIL's verify, no full decode) so a corrupt image fails now, by name."""
+        bad = []
+        for p in self.paths:
+            try:
+                with Image.open(p) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many types (UnidentifiedImageError, SyntaxError, struct.error)
+                bad.append((p, e))
+        if bad:
+            p, e = bad[0]
+            raise DataError(f"{len(bad)} of {len(self.paths)} image file(s) cannot be read as images, e.g. "
+                            f"'{p}' ({type(e).__name__}: {e}); expected PNG/JPEG or another format PIL opens. "
+                            f"Replace them or drop their rows from metadata.csv")
+
 
 def _int_column(rows, col, path) -> np.ndarray:
     out = []
@@ -67,7 +82,8 @@ def read_metadata(root: Path) -> dict:
         rows = list(reader)
     missing = [c for c in ("img_filename", "y", "split") if c not in cols]
     if missing:
-        raise DataError(f"'{meta}' lacks column(s) {', '.join(missing)}; it has {', '.join(sorted(cols))}")
+        raise DataError(f"'{meta}' lacks column(s) {', '.join(missing)}; it has {', '.join(sorted(cols))}. "
+                        f"Needed: img_filename, y, split (0 train, 1 val, 2 test) and place or spurious")
     spurious_col = "place" if "place" in cols else "spurious" if "spurious" in cols else None
     if spurious_col is None:
         raise DataError(f"'{meta}' needs a 'place' or 'spurious' column (the spurious attribute, "
@@ -94,9 +110,10 @@ def read_metadata(root: Path) -> dict:
     for code, name in SPLITS.items():
         if not (split == code).any():
             raise DataError(f"'{meta}': the {name} split (split == {code}) is empty")
-    if len(np.unique(y[split == 0])) < 2:
-        raise DataError(f"'{meta}': the train split has a single class (y = {y[split == 0][0]}); "
-                        f"a classifier needs at least two")
+    for code in (0, 1):  # ERM trains on train; clustering and DFR work per class on val
+        if len(np.unique(y[split == code])) < 2:
+            raise DataError(f"'{meta}': the {SPLITS[code]} split has a single class (column 'y' is "
+                            f"{y[split == code][0]} on every split == {code} row); a classifier needs at least two")
     return {"paths": paths, "y": y, "split": split, "group": group, "group_names": names}
 
 
@@ -116,7 +133,8 @@ def build_folder(dspec, seed: int) -> GroupData:
                         "(a folder with metadata.csv and the images)")
     root = Path(dspec.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"dataset.root '{root}' is not a folder")
+        raise DataError(f"dataset.root '{root}' is not a folder; expected a folder holding metadata.csv "
+                        f"and the images it lists (the group_DRO / Waterbirds layout)")
     m = read_metadata(root)
     size = dspec.image_size or 224
     mean, std = normalization(dspec, IMAGENET_MEAN, IMAGENET_STD)

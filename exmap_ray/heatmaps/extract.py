@@ -140,29 +140,59 @@ def extract_with_actors(spec, checkpoint: Path, n_images: int, out: Path) -> dic
     # "DEFAULT" keeps the actors out of a Tune trial's placement group: inside a trial, Ray would
     # otherwise try to fit them into the trial's small bundle and refuse
     Worker = ray.remote(HeatmapWorker).options(**options, scheduling_strategy="DEFAULT")
-    actors = [Worker.remote(spec.to_dict(), str(checkpoint), threads) for _ in range(n_actors)]
+    make = lambda: Worker.remote(spec.to_dict(), str(checkpoint), threads)  # noqa: E731
+    actors = [make() for _ in range(n_actors)]
     starting = {a.ready.remote(): a for a in actors}
     idle, running, entries = [], {}, []
     work = deque((i, a, b) for i, (a, b) in enumerate(ranges))
+    lost, max_lost = 0, max(3, 2 * n_actors)
+
+    def replace(actor, err) -> None:
+        """An actor died (node lost, OOM, killed): start another in its place, up to `max_lost` times."""
+        nonlocal lost
+        lost += 1
+        actors.remove(actor)
+        if lost > max_lost:
+            raise RuntimeError(f"heatmap extraction lost {lost} actors (last: {err}); giving up") from err
+        log.warning("heatmaps: an actor died (%s); its shard goes back in the queue and a new actor "
+                    "replaces it (%d/%d)", type(err).__name__, lost, max_lost)
+        new = make()
+        actors.append(new)
+        starting[new.ready.remote()] = new
+
     # Work goes only to actors that are up: an actor still waiting for resources (another trial holds
     # them) gets nothing, so extraction progresses as soon as one actor runs, never deadlocks.
     with tqdm(total=n_images, desc=f"heatmaps ({hspec.method})", unit="img", disable=None) as bar:
         while work or running:
             while idle and work:
-                actor = idle.pop()
-                running[actor.run.remote(*work.popleft())] = actor
+                actor, task = idle.pop(), work.popleft()
+                running[actor.run.remote(*task)] = (actor, task)
             (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
             if ref in starting:
-                ray.get(ref)  # raises if the actor could not be built
-                idle.append(starting.pop(ref))
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):
+                        raise  # its __init__ raised: a bug or bad input, which a new actor would repeat
+                    replace(actor, e)
+                    continue
+                idle.append(actor)
                 continue
-            idle.append(running.pop(ref))
-            shard_id, start, stop, maps, preds = ray.get(ref)
+            actor, task = running.pop(ref)
+            try:
+                shard_id, start, stop, maps, preds = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                work.appendleft(task)  # redone by another actor; nothing of it was written
+                replace(actor, e)
+                continue
+            idle.append(actor)
             entries.append(write_shard(out, shard_id, start, stop, maps, preds))
             bar.update(stop - start)
     for a in actors:
         ray.kill(a)  # also withdraws the resource requests of actors that never started
     write_index(out, n_images, entries)
-    return {"n": n_images, "shards": len(entries), "actors": n_actors, "actors_started": n_actors - len(starting),
+    return {"n": n_images, "shards": len(entries), "actors": n_actors, "actors_lost": lost,
+            "actors_started": len(actors) - len(starting),
             "device": "cuda" if gpus else "cpu"}
 

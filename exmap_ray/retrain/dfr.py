@@ -24,6 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
+MIN_GROUP_SIZE = 2  # a 1-member group makes every balanced fit reuse that one point
 
 
 @dataclass
@@ -88,9 +89,15 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
     (e.g. the true groups); they never influence the choice of C."""
     _check_groups(y, groups)
     sizes = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
-    if min(sizes.values()) < 2:
-        log.warning("DFR: smallest group has %d member(s) (%s); balanced fits will be tiny",
-                    min(sizes.values()), sizes)
+    small = min(sizes, key=sizes.get)
+    if sizes[small] < MIN_GROUP_SIZE:
+        raise UserError(f"DFR: group {small} has {sizes[small]} val member(s), but DFR's group-balanced fits "
+                        f"subsample every group to the smallest and need at least {MIN_GROUP_SIZE} per group "
+                        f"(group sizes {sizes}). For pseudo groups raise clustering.min_group_size (fragments "
+                        f"below it merge into their class's nearest group); otherwise enlarge the val split")
+    if sizes[small] < 5:
+        log.warning("DFR: smallest group %d has %d members (%s); balanced fits will be tiny",
+                    small, sizes[small], sizes)
     # halves come from their own stream, so runs with the same seed and val split val identically
     # whatever their groups: a sweep can then score every trial on every trial's pseudo groups
     split_rng, rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])

@@ -1,0 +1,153 @@
+"""Upload a finished run's output folder to MLflow after the tracking server was unreachable.
+
+    exmap-ray sync-mlflow runs/demo                       # the URI the run used (OUT/tracking.json)
+    exmap-ray sync-mlflow runs/demo --tracking-uri http://host:5000
+
+`run_pipeline` writes OUT/mlflow_pending.json when MLflow fails mid-run. This reads OUT
+(spec.resolved.json, results.json, the ERM history in the cached ERM stage, the plots) and logs
+what the run logs: the flattened spec as params, per-epoch ERM metrics, test metrics and stage
+timings, and the artifacts. If the run the pipeline started exists on the server it is completed,
+else a new run is made in the same experiment, tagged `exmap_ray.synced_from`. The run ends
+FINISHED and the marker is removed. Params and metrics the server already has are not logged twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from . import tracking
+from .errors import UserError
+from .spec import flatten
+from .store import write_json
+
+log = logging.getLogger(__name__)
+
+
+def _read(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: '{path.parent}' is not the output folder of a finished "
+                        f"`exmap-ray run` ({what})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def erm_history(out: Path, results: dict) -> list[dict]:
+    """The per-epoch ERM metrics from the ERM stage folder named in results.json, or []."""
+    erm = (results.get("cache") or {}).get("erm") or {}
+    candidates = []
+    if erm.get("dir"):
+        candidates.append(Path(erm["dir"]))
+    if erm.get("key"):
+        candidates.append(out / "cache" / f"erm-{erm['key']}")
+    for d in candidates:
+        if (d / "history.json").is_file():
+            return json.loads((d / "history.json").read_text())
+    log.warning("sync-mlflow: no ERM history.json found (looked in %s); per-epoch ERM metrics are not logged",
+                ", ".join(map(str, candidates)) or "nowhere: results.json names no ERM stage")
+    return []
+
+
+def sync(out: Path, tracking_uri: str | None = None) -> dict:
+    """Log OUT to MLflow; returns what was done. Raises UserError for a bad OUT or an unusable server."""
+    out = Path(out)
+    results = _read(out / "results.json", "results.json is written when the pipeline finishes")
+    spec = _read(out / "spec.resolved.json", "spec.resolved.json is written when the pipeline starts")
+    pending_path = out / tracking.PENDING
+    if not pending_path.is_file():
+        return {"status": "nothing pending", "out": str(out)}
+    pending = _read(pending_path, "the marker of a run whose MLflow logging failed")
+    info = json.loads((out / tracking.INFO).read_text()) if (out / tracking.INFO).is_file() else {}
+    uri = tracking_uri or pending.get("uri") or info.get("uri") or tracking.default_uri(out)
+    experiment = (pending.get("experiment") or info.get("experiment")
+                  or (spec.get("tracking") or {}).get("experiment") or spec.get("name"))
+
+    tracking.http_defaults()
+    tracking.probe(uri, out)
+    exp_id = tracking.setup(uri, experiment, out)
+    try:
+        return _log_all(out, results, spec, pending, uri, experiment, exp_id)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the server failed part-way: keep the marker, say so
+        raise UserError(f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}). {pending_path} is kept; run sync-mlflow again "
+                        f"when the server answers") from None
+
+
+def _existing_run(client, run_id: str | None):
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return run if run.info.lifecycle_stage == "active" else None
+
+
+def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, experiment: str, exp_id: str) -> dict:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run_id = pending.get("run_id") or results.get("mlflow_run_id")
+    existing = _existing_run(client, run_id)
+    have_params = dict(existing.data.params) if existing else {}
+    have_metrics = set(existing.data.metrics) if existing else set()
+
+    if existing:
+        active = mlflow.start_run(run_id=existing.info.run_id)
+    else:
+        active = mlflow.start_run(experiment_id=exp_id, run_name=spec.get("name"))
+        if run_id:
+            log.info("sync-mlflow: run %s is not on %s; logging to a new run %s", run_id, uri, active.info.run_id)
+    rid = active.info.run_id
+    try:
+        mlflow.set_tags({"exmap_ray.synced_from": str(out.resolve()),
+                         "exmap_ray.sync_reason": f"MLflow failed mid-run: {pending.get('failed', {}).get('call')}"})
+        params = {k: v for k, v in flatten(spec).items() if k not in have_params}
+        tracking.log_flat_params(params)
+
+        n_metrics = 0
+        history = erm_history(out, results)
+        logged_steps = {}
+        for h in history:
+            flat = tracking.flat_metrics(h, "erm.")
+            step = h.get("epoch")
+            for k in flat:
+                if k in have_metrics and k not in logged_steps:
+                    logged_steps[k] = {m.step for m in client.get_metric_history(rid, k)}
+            todo = {k: v for k, v in flat.items() if step not in logged_steps.get(k, ())}
+            if todo:
+                mlflow.log_metrics(todo, step=step)
+                n_metrics += len(todo)
+        final = tracking.flat_metrics({k: results[k] for k in ("erm", "exmap", "oracle_dfr") if k in results})
+        final.update(tracking.flat_metrics({"timings_s": results.get("timings_s") or {}}))
+        final = {k: v for k, v in final.items() if k not in have_metrics}
+        if final:
+            mlflow.log_metrics(final)
+            n_metrics += len(final)
+
+        if results.get("mlflow_run_id") != rid:  # results.json names the run that holds it
+            results["mlflow_run_id"] = rid
+            write_json(out / "results.json", results)
+        artifacts = [name for name in tracking.ARTIFACTS if (out / name).is_file()]
+        for name in artifacts:
+            mlflow.log_artifact(str(out / name))
+    except BaseException:
+        try:
+            mlflow.end_run("FAILED")
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+        raise
+    mlflow.end_run("FINISHED")
+    (out / tracking.PENDING).unlink(missing_ok=True)
+    tracking.write_info(out, uri=uri, experiment=experiment, run_id=rid)
+    return {"status": "synced", "out": str(out), "uri": uri, "run_id": rid, "resumed": existing is not None,
+            "params": len(params), "metrics": n_metrics, "artifacts": artifacts}

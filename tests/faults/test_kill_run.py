@@ -1,0 +1,60 @@
+"""Fault 4 for `exmap-ray run`: the whole process group is SIGKILLed mid-stage (while heatmaps are
+being written), then started again with the same spec and --resume. Finished stages are reused
+(asserted through the cache's record), the half-written stage is never taken as done, and the
+interrupted MLflow run is marked KILLED. (The same fault for `exmap-ray tune` is in tests/test_tune.py.)"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from exmap_ray.cli import main
+from exmap_ray.store import StageCache
+
+from ..conftest import tiny_spec_dict
+
+
+def test_run_killed_mid_stage_resumes(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec_dict(heatmaps={"shard_size": 20, "num_actors": 1, "batch_size": 10})))
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "exmap_ray", "run", str(spec), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cache = out / "cache"
+    deadline, hm = time.time() + 300, []
+    try:
+        while time.time() < deadline and not hm:
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            hm = [d for d in cache.glob("heatmaps-*") if list(d.glob("shard-*.npy"))] if cache.exists() else []
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray, its actors: everything at once
+        proc.wait()
+    assert hm, "heatmap extraction never started"
+    assert not (hm[0] / "done").exists()  # killed mid-stage: shards on disk, the stage not done
+    before = [(r["stage"], r["event"]) for r in StageCache(cache).records()]
+    assert ("erm", "computed") in before and ("heatmaps", "computed") not in before
+
+    # --resume with another spec is refused before any work
+    assert main(["run", str(spec), "--out", str(out), "--resume", "--set", "seed=1"]) == 2
+    assert "differs in seed" in capsys.readouterr().err
+
+    r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = [(r_["stage"], r_["event"]) for r_ in StageCache(cache).records()]
+    assert after[:len(before)] == before
+    new = after[len(before):]
+    assert ("erm", "reused") in new and ("features", "reused") in new  # finished stages: not recomputed
+    assert after.count(("erm", "computed")) == 1 and after.count(("features", "computed")) == 1
+    assert ("heatmaps", "computed") in new  # the half-written one: cleared and redone
+    assert "clearing unfinished attempt" in r.stderr
+    assert json.loads((out / "results.json").read_text())["exmap"]["n_groups"] >= 2
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert sorted(x.info.status for x in runs) == ["FINISHED", "KILLED"]

@@ -1,0 +1,69 @@
+"""Faults 1 and 2: a Ray Train worker and a heatmap actor are SIGKILLed mid-stage on a real local Ray.
+
+ERM must resume from its last checkpoint (not from epoch 0) and reach the same quality; extraction
+must redo the lost shard elsewhere and end with every val image exactly once, equal to an
+undisturbed run.
+"""
+import numpy as np
+import torch
+
+from exmap_ray.data import build_dataset
+from exmap_ray.erm import train_erm
+from exmap_ray.heatmaps import HEATMAP_METHODS
+from exmap_ray.heatmaps.extract import HeatmapStore, extract, extract_with_actors
+from exmap_ray.models import create_model, save_checkpoint
+from exmap_ray.spec import from_dict
+from exmap_ray.store import read_json
+
+from ..conftest import tiny_spec_dict
+from .helpers import KillWhen, files
+
+
+def test_erm_worker_killed_resumes_from_checkpoint(ray_local, tmp_path):
+    spec = from_dict(tiny_spec_dict(dataset={"n_train": 600}, erm={"epochs": 4, "batch_size": 32}))
+    def committed() -> bool:
+        # a checkpoint counts once the controller has recorded it (a folder alone may be half-reported)
+        snap = files(tmp_path / "hit" / "ray_train", "**/checkpoint_manager_snapshot.json")
+        return any("checkpoint_" in s.read_text() for s in snap)
+
+    killer = KillWhen("RayTrainWorker", committed)
+    killer.start()
+    hit = train_erm(spec, tmp_path / "hit", n_classes=2)
+    killer.stop.set()
+    assert killer.killed, "the worker was never killed: ERM finished before a checkpoint was committed"
+
+    hist = read_json(tmp_path / "hit" / "history.json")
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]  # every epoch once: no restart from epoch 0
+    resumed = [h["resumed_from"] for h in hist]
+    assert resumed[0] == 0 and max(resumed) >= 1, f"no epoch ran after a resume: {resumed}"
+    assert hit["epochs"] == 4
+
+    clean = train_erm(spec, tmp_path / "clean", n_classes=2)
+    assert all(h["resumed_from"] == 0 for h in clean["history"])
+    # equal in quality: the resumed model is as good on val as the undisturbed one
+    assert abs(hist[-1]["val_acc"] - clean["history"][-1]["val_acc"]) <= 0.05, (hist[-1], clean["history"][-1])
+
+
+def test_heatmap_actor_killed_shards_redone(ray_local, tmp_path):
+    spec = from_dict(tiny_spec_dict(dataset={"n_val": 1200},
+                                    heatmaps={"shard_size": 30, "num_actors": 2, "batch_size": 10}))
+    data = build_dataset(spec.dataset, spec.seed)
+    torch.manual_seed(0)
+    model = create_model(spec.model.backbone, data.n_classes).eval()
+    save_checkpoint(model, tmp_path / "model.pt")
+    out = tmp_path / "hm"
+    out.mkdir()
+    killer = KillWhen("HeatmapWorker", lambda: bool(files(out, "shard-*.npy")))
+    killer.start()
+    info = extract_with_actors(spec, tmp_path / "model.pt", len(data.val), out)
+    killer.stop.set()
+    assert killer.killed and info["actors_lost"] >= 1, ("no actor died mid-extraction", info)
+
+    store = HeatmapStore(out)
+    starts = sorted(s["start"] for s in store.index["shards"])
+    assert starts == list(range(0, 1200, 30))  # every shard exactly once: no gap, no duplicate
+    assert len(store) == 1200 == sum(s["stop"] - s["start"] for s in store.index["shards"])
+    method = HEATMAP_METHODS.get("lrp")(model, spec.heatmaps)
+    maps, preds = extract(method, data.val.images, 10, spec.heatmaps.downsize)
+    np.testing.assert_allclose(store.load(), maps, rtol=1e-4, atol=1e-7)  # equal to an undisturbed run
+    np.testing.assert_array_equal(store.preds(), preds)

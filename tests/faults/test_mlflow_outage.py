@@ -1,0 +1,197 @@
+"""Fault: the MLflow tracking server is unreachable, at the start of a run or in the middle of it.
+
+Real processes only: the `exmap-ray` CLI in a subprocess (its own local Ray), a real
+`mlflow server` on SQLite that the test SIGKILLs mid-run and restarts, and `sync-mlflow`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exmap_ray.cli import main
+
+from ..conftest import tiny_spec_dict
+
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+ARTIFACTS = {"results.json", "spec.resolved.json", "group_accuracy.png", "heatmaps_by_pseudo_group.png"}
+
+
+def _free_port() -> int:
+    """A port nothing listens on (bound and released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spec(tmp_path: Path) -> Path:
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(tiny_spec_dict()))
+    return p
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "exmap_ray", *args]
+
+
+class MlflowServer:
+    """`mlflow server` on a SQLite db in its own process group, so a SIGKILL takes all its workers."""
+
+    def __init__(self, root: Path, port: int):
+        self.root, self.port = root, port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> "MlflowServer":
+        mlflow_exe = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow_exe) if mlflow_exe.exists() else "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+               "--artifacts-destination", str(self.root / "server-artifacts"),
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        log = open(self.root / f"server-{time.time():.0f}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=ENV,
+                                     start_new_session=True)
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            assert self.proc.poll() is None, f"mlflow server exited: {Path(log.name).read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server did not answer /health in {timeout} s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("command", ["run", "tune"])
+def test_unreachable_server_at_start_stops_at_once(tmp_path, command):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    out = tmp_path / "out"
+    extra = ["--set", "search.space={clustering.k: {grid: [2, 3]}}"] if command == "tune" else []
+    t0 = time.time()
+    p = subprocess.run(_cli(command, str(_spec(tmp_path)), "--out", str(out), "--tracking-uri", uri, *extra),
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    took = time.time() - t0
+    assert p.returncode == 2, p.stderr
+    assert uri in p.stderr and "unreachable" in p.stderr
+    assert f"sqlite:///{out.resolve() / 'mlflow.db'}" in p.stderr  # the local default, for this OUT
+    assert "Traceback" not in p.stderr
+    assert took < 20, f"took {took:.1f} s to notice a closed port"
+    assert not (out / "cache").exists() and not list(tmp_path.rglob("erm-*"))  # no stage work at all
+
+
+def test_sync_mlflow_rejects_a_folder_without_results(tmp_path, capsys):
+    assert main(["sync-mlflow", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "results.json") in err and "missing" in err and "Traceback" not in err
+
+
+def test_server_killed_mid_run_then_sync(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    server = MlflowServer(tmp_path, _free_port()).start()
+    run_log = {"stdout": open(tmp_path / "run.out", "w"), "stderr": open(tmp_path / "run.err", "w")}
+    proc = None
+    try:
+        proc = subprocess.Popen(_cli("run", str(_spec(tmp_path)), "--out", str(out), "--tracking-uri", server.uri),
+                                env=ENV, start_new_session=True, **run_log)  # its Ray goes with it
+        # wait until the MLflow run exists with its params logged and ERM is done, then kill the server
+        record, t0 = out / "cache" / "record.jsonl", time.time()
+        while True:
+            assert proc.poll() is None, f"run ended before ERM was done: {(tmp_path / 'run.err').read_text()[-3000:]}"
+            assert time.time() - t0 < 400, "ERM was not computed within 400 s"
+            lines = record.read_text().splitlines() if record.exists() else []
+            if any('"stage": "erm"' in l and '"event": "computed"' in l for l in lines):
+                break
+            time.sleep(0.1)
+        server.kill()
+        rc = proc.wait(timeout=500)
+        stdout, stderr = (tmp_path / "run.out").read_text(), (tmp_path / "run.err").read_text()
+        assert rc == 0, stderr[-3000:]
+
+        # everything is on disk, and the CLI says what happened once, with the command to fix it
+        results = json.loads((out / "results.json").read_text())
+        assert ARTIFACTS <= {p.name for p in out.iterdir()}
+        assert (out / "group_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "test WGA" in stdout and "NOT fully logged" in stdout
+        assert stderr.count("became unreachable") == 1, stderr[-3000:]
+        assert server.uri in stderr and f"exmap-ray sync-mlflow {out}" in stderr
+        # the driver's own output (Ray worker lines are prefixed "(Name pid=...)", and Ray Train's internals
+        # may print unrelated tracebacks when other Ray instances share the machine)
+        driver = [l for l in stderr.splitlines() if "pid=" not in l.split(")")[0]]
+        assert not any("Traceback" in l for l in driver), "\n".join(driver)[-3000:]
+        pending = json.loads((out / "mlflow_pending.json").read_text())
+        assert pending["uri"] == server.uri and pending["failed"]["call"] in {"log_metrics", "log_artifact"}
+        run_id = results["mlflow_run_id"]
+        assert run_id and pending["run_id"] == run_id  # the run was started before the server went away
+        assert json.loads((out / "tracking.json").read_text())["uri"] == server.uri
+
+        # a store that never saw the run (a copy of OUT, synced to a fresh SQLite db): a new, tagged run
+        copy = tmp_path / "copy"
+        shutil.copytree(out, copy)
+        other = f"sqlite:///{tmp_path / 'other.db'}"
+        p = subprocess.run(_cli("sync-mlflow", str(copy), "--tracking-uri", other, "--quiet"),
+                           capture_output=True, text=True, env=ENV, timeout=300)
+        assert p.returncode == 0 and "created a new run" in p.stdout, p.stderr[-3000:]
+        new_id = json.loads((copy / "results.json").read_text())["mlflow_run_id"]
+        assert new_id != run_id and not (copy / "mlflow_pending.json").exists()
+        fresh = MlflowClient(other).get_run(new_id)
+        assert fresh.info.status == "FINISHED" and fresh.data.tags["exmap_ray.synced_from"] == str(copy.resolve())
+        assert MlflowClient(other).get_experiment(fresh.info.experiment_id).name == "tiny"
+        assert fresh.data.metrics["exmap.test.worst_group_acc"] == pytest.approx(results["exmap"]["test"]["worst_group_acc"])
+
+        # the server comes back on the same db; sync needs no flags (the URI is in OUT/tracking.json)
+        server.start()
+        client = MlflowClient(server.uri)
+        assert client.get_run(run_id).info.status == "RUNNING"  # left open when the server died
+        assert "exmap.test.worst_group_acc" not in client.get_run(run_id).data.metrics
+        p = subprocess.run(_cli("sync-mlflow", str(out)), capture_output=True, text=True, env=ENV, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "completed the original run" in p.stdout and run_id in p.stdout
+
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        m = run.data.metrics
+        for row in ("erm", "exmap", "oracle_dfr"):
+            for key in ("worst_group_acc", "mean_acc", "mean_acc_train_weighted"):
+                assert m[f"{row}.test.{key}"] == pytest.approx(results[row]["test"][key])
+        assert m["exmap.ari"] == pytest.approx(results["exmap"]["ari"])
+        assert m["timings_s.erm"] == pytest.approx(results["timings_s"]["erm"])
+        assert [h.step for h in client.get_metric_history(run_id, "erm.train_loss")] == [1]  # 1 epoch, once
+        assert run.data.params["clustering.method"] == "spectral"
+        assert run.data.params["model.backbone"] == "test_resnet" and run.data.params["erm.epochs"] == "1"
+        assert run.data.tags["exmap_ray.synced_from"] == str(out.resolve())
+        assert ARTIFACTS <= {a.path for a in client.list_artifacts(run_id)}
+        assert not (out / "mlflow_pending.json").exists()
+
+        # again: nothing left to do
+        p = subprocess.run(_cli("sync-mlflow", str(out)), capture_output=True, text=True, env=ENV, timeout=120)
+        assert p.returncode == 0 and "nothing to sync" in p.stdout
+        assert len(client.get_metric_history(run_id, "exmap.test.worst_group_acc")) == 1
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        server.kill()
+        for f in run_log.values():
+            f.close()
