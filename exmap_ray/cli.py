@@ -5,8 +5,10 @@
     exmap-ray run SPEC --address ray://head:10001 --tracking-uri http://head:5000
     exmap-ray tune tune_specs/cmnist_sweep.yaml [--resume]   # a Ray Tune sweep, tracked in MLflow
     exmap-ray sync-mlflow runs/demo [--tracking-uri URI]      # upload a run whose MLflow server went away
+    exmap-ray bench tune_specs/cmnist.yaml --seeds 3            # ExMap against the baselines, over seeds
     exmap-ray spec [SPEC] [--set k=v ...]                    # defaults with reasons, or a resolved spec
     exmap-ray datasets                                       # registered datasets
+    exmap-ray datasets check waterbirds --root /data/waterbird_complete95_forest2water2   # verify a dataset on disk
 
 An http(s) tracking server that does not answer stops `run` and `tune` within seconds, before
 Ray starts (exit 2). One that goes away during `run` does not stop it: the results are written
@@ -80,13 +82,40 @@ def build_parser() -> argparse.ArgumentParser:
                                            "DIR/tracking.json)")
     sy.add_argument("--quiet", action="store_true", help="only warnings and the final line")
 
+    bn = sub.add_parser("bench", help="compare ExMap with the baselines over seeds (a Markdown/CSV table)",
+                        description="For each seed: train ERM and extract heatmaps once, then fit every row "
+                                    "(ERM, oracle DFR, random groups + DFR, feature clustering + DFR, JTT, ExMap "
+                                    "local/global + DFR, ExMap + GroupDRO, ExMap + JTT) and score it on test. "
+                                    "Writes OUT/bench.{md,csv,json} and bench_wga.png, and one MLflow run.")
+    _add_spec_args(bn)
+    bn.add_argument("--seeds", type=int, default=3, help="number of seeds, from the spec's seed upwards (default 3)")
+    bn.add_argument("--out", type=Path, help="output folder (default runs/<spec name>-bench)")
+    bn.add_argument("--cache", type=Path, help="stage cache to share (default OUT/cache)")
+    bn.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
+    bn.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    bn.add_argument("--quiet", action="store_true", help="only warnings and the final table")
+
     sp = sub.add_parser("spec", help="print every spec key with its default and reason, or a resolved spec",
                         description="Without SPEC: every key, its default and why. With SPEC: the resolved "
                                     "spec after the YAML file and --set overrides, as YAML.")
     _add_spec_args(sp)
 
-    sub.add_parser("datasets", help="list the registered datasets",
-                   description="List the dataset names usable as dataset.name.")
+    ds = sub.add_parser("datasets", help="list the registered datasets, or check one on disk",
+                        description="Without arguments: list the dataset names usable as dataset.name. "
+                                    "`datasets check NAME --root PATH` verifies an on-disk dataset before a run: "
+                                    "the folder layout, the index files, the count of images per split and "
+                                    "true group, and every missing or unreadable file; it ends with the fix. "
+                                    "Exit 0 when the dataset is usable, 2 when not. `run` makes the same "
+                                    "check before any training.")
+    ds_sub = ds.add_subparsers(dest="ds_command", metavar="check")
+    chk = ds_sub.add_parser("check", help="verify a dataset's layout and files",
+                            description="Verify NAME at --root: layout, counts per split and group, missing and "
+                                        "unreadable files; ends with the precise fix.")
+    chk.add_argument("name", metavar="NAME", help="a registered dataset, e.g. waterbirds, celeba, metashift, urbancars")
+    chk.add_argument("--root", help="the dataset folder (dataset.root)")
+    chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="other dataset keys, e.g. --set dataset.target=Smiling")
+    chk.add_argument("--no-verify", action="store_true", help="skip opening every image (layout and counts only)")
     return parser
 
 
@@ -111,6 +140,26 @@ def ray_session(address: str | None):
     finally:
         if own:
             ray.shutdown()
+
+
+def cmd_bench(args) -> int:
+    from .spec import load_spec
+
+    spec = load_spec(args.spec, args.sets)
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: give at least 1")
+    out = args.out or Path("runs") / f"{spec.name}-bench"
+    _check_tracking(args.tracking_uri or spec.tracking.uri, out)
+    from .bench import run_bench
+    from .pipeline import preflight
+
+    preflight(spec)  # data / backbone / method errors before Ray starts
+    seeds = [spec.seed + i for i in range(args.seeds)]
+    with ray_session(args.address):
+        summary = run_bench(spec, seeds, out, args.cache, args.tracking_uri)
+    print("\n" + summary["table"])
+    print(f"\ntable: {out / 'bench.md'} (also .csv, .json; plot {out / 'bench_wga.png'})")
+    return 0
 
 
 def cmd_tune(args) -> int:
@@ -230,9 +279,21 @@ def cmd_spec(args) -> int:
 def cmd_datasets(args) -> int:
     from .data import DATASETS
 
+    if getattr(args, "ds_command", None) == "check":
+        from .data import check_dataset
+        from .spec import load_spec
+
+        extra = {"dataset": {"name": args.name, **({"root": args.root} if args.root else {})}}
+        dspec = load_spec(None, args.sets, extra=extra).dataset
+        DATASETS.get(dspec.name)  # an unknown name: the registry's error, with the registered names
+        report = check_dataset(dspec, verify=not args.no_verify, progress=lambda m: print(m, file=sys.stderr))
+        print(report.format())
+        return 0 if report.ok else 2
+
+    width = max(10, *(len(n) for n in DATASETS.names()))
     for name in DATASETS.names():
         doc = (sys.modules[DATASETS.get(name).__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<10} {doc}")
+        print(f"{name:<{width}} {doc}")
     return 0
 
 
@@ -241,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "quiet", False))
     try:
         return {"run": cmd_run, "tune": cmd_tune, "sync-mlflow": cmd_sync, "spec": cmd_spec,
-                "datasets": cmd_datasets}[args.command](args)
+                "datasets": cmd_datasets, "bench": cmd_bench}[args.command](args)
     except UserError as e:
         print(f"exmap-ray: error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,21 @@
-"""Clustering heatmaps into pseudo groups: FAISS k-means, spectral with eigengap, local/global.
+"""Clustering heatmaps (or any (N, d) rows) into pseudo groups; clusterers sit in `CLUSTERERS`.
 
     from exmap_ray.clustering import pseudo_groups
     groups, info = pseudo_groups(heatmaps.reshape(n, -1), y_val, spec.clustering, seed=0)
 
+`clustering.method` names a registered clusterer:
 - `kmeans`: FAISS k-means on *all* points (FAISS samples 256*k points unless
-  told otherwise), on the GPU when a FAISS GPU build sees one.
+  told otherwise), on the GPU when a FAISS GPU build sees one. k = auto uses
+  the eigengap estimate below (unchanged, so earlier runs reproduce).
 - `spectral` (the paper): a symmetric kNN graph with k_nn = int(ln N), the
   normalised Laplacian's 13 smallest eigenvalues, k = argmax eigengap over
   2..k_max, then k-means on the row-normalised eigenvectors.
-- `auto` k with k-means uses the same eigengap estimate.
+- `kmeans_silhouette` (GEORGE / SpuCo): k-means for each k in 2..k_max, the
+  best silhouette wins (k = auto); an integer k is plain k-means.
+- `gmm`: diagonal-covariance Gaussian mixture (sklearn), k = auto by lowest BIC
+  over 2..k_max.
+Nothing here is specific to heatmaps: the same call clusters penultimate
+features (`clustering.input: features`, or the `features` group source).
 - local scope clusters each class apart; global clusters all points. Either
   way the pseudo group is (class, cluster), numbered 0..G-1.
 """
@@ -23,10 +30,14 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh
 
 from .errors import DataError, UserError
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 N_EIGS = 13  # the paper inspects the 13 smallest eigenvalues
 DENSE_EIG_MAX = 2500  # below this a dense eigendecomposition is faster and exact
+SILHOUETTE_SAMPLE = 4000  # kmeans_silhouette scores at most this many points (silhouette is O(n^2))
+GMM_MAX_ITER = 200
+GMM_REG_COVAR = 1e-3  # gmm variance floor, as a fraction of the mean per-dimension variance
 
 
 def normalize_rows(X: np.ndarray) -> np.ndarray:
@@ -112,31 +123,111 @@ def eigengap_k(eigvals: np.ndarray, k_max: int = 10) -> int:
     return max(ks, key=lambda k: eigvals[k] - eigvals[k - 1])
 
 
-def cluster(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
-    """Cluster one scope's points; returns labels 0..k-1 and what was chosen."""
-    n = len(X)
-    if n < 2:
-        return np.zeros(n, np.int64), {"k": 1, "n": n}
-    info: dict = {"n": n}
-    if cspec.method == "spectral" or cspec.k == "auto":
-        eigvals, V = laplacian_spectrum(knn_affinity(X))
-        info["eigenvalues"] = [round(float(v), 6) for v in eigvals]
-        k = eigengap_k(eigvals, cspec.k_max) if cspec.k == "auto" else cspec.k
-    else:
-        k = cspec.k
+CLUSTERERS: Registry = Registry("clusterer", "clustering.method")
+"""name -> fn(X (n, d) float32, cspec, seed) -> (labels (n,) int64 in 0..k-1, info with at least "k").
+
+`cspec` is a `spec.ClusteringSpec`; `cspec.k` is an int or "auto" (each clusterer says how it picks
+k), `cspec.k_max` bounds the search. X may be heatmaps or features: clusterers only see rows."""
+
+
+def _check_k(k: int, n: int) -> None:
     if k > n:
         raise UserError(f"clustering.k = {k} is larger than a scope's {n} val points; lower clustering.k "
                         f"or use clustering.k: auto")
+
+
+def _eigengap(X: np.ndarray, cspec, info: dict):
+    eigvals, V = laplacian_spectrum(knn_affinity(X))
+    info["eigenvalues"] = [round(float(v), 6) for v in eigvals]
+    return (eigengap_k(eigvals, cspec.k_max) if cspec.k == "auto" else cspec.k), V
+
+
+@CLUSTERERS.register("spectral")
+def spectral_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+    """The paper: kNN graph, normalised Laplacian, k by eigengap (k=auto), k-means on the row-normalised eigenvectors."""
+    info: dict = {}
+    k, V = _eigengap(X, cspec, info)
+    _check_k(k, len(X))
     info["k"] = int(k)
-    if cspec.method == "spectral":
-        if k > V.shape[1]:
-            eigvals, V = laplacian_spectrum(knn_affinity(X), n_eig=k + 1)
-        emb = V[:, :k]
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        labels = kmeans(emb.astype(np.float32), k, cspec.niter, cspec.nredo, seed)
-    else:
-        labels = kmeans(X, k, cspec.niter, cspec.nredo, seed)
-    return labels, info
+    if k > V.shape[1]:
+        _, V = laplacian_spectrum(knn_affinity(X), n_eig=k + 1)
+    emb = V[:, :k]
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return kmeans(emb.astype(np.float32), k, cspec.niter, cspec.nredo, seed), info
+
+
+@CLUSTERERS.register("kmeans")
+def kmeans_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+    """FAISS k-means on the rows; k=auto takes the eigengap estimate (kept so that earlier runs reproduce)."""
+    info: dict = {}
+    k = _eigengap(X, cspec, info)[0] if cspec.k == "auto" else cspec.k
+    _check_k(k, len(X))
+    info["k"] = int(k)
+    return kmeans(X, k, cspec.niter, cspec.nredo, seed), info
+
+
+def candidate_ks(cspec, n: int) -> list[int]:
+    """k = auto searches 2..min(k_max, n - 1); an integer k is the only candidate."""
+    if cspec.k != "auto":
+        _check_k(cspec.k, n)
+        return [int(cspec.k)]
+    return list(range(2, max(2, min(cspec.k_max, n - 1)) + 1))
+
+
+@CLUSTERERS.register("kmeans_silhouette")
+def kmeans_silhouette_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+    """GEORGE / SpuCo style: FAISS k-means for each k in 2..k_max, keep the k with the best silhouette.
+
+    The silhouette (Euclidean) is computed on at most SILHOUETTE_SAMPLE points, so it stays cheap
+    on large scopes. With an integer k this is plain k-means.
+    """
+    from sklearn.metrics import silhouette_score
+
+    ks = candidate_ks(cspec, len(X))
+    runs = {k: kmeans(X, k, cspec.niter, cspec.nredo, seed) for k in ks}
+    if len(ks) == 1:
+        return runs[ks[0]], {"k": ks[0]}
+    scores = {}
+    for k, labels in runs.items():
+        scores[k] = float(silhouette_score(X, labels, sample_size=min(len(X), SILHOUETTE_SAMPLE),
+                                           random_state=seed)) if len(np.unique(labels)) > 1 else -1.0
+    best = max(ks, key=lambda k: (scores[k], -k))  # ties: the smaller k
+    return runs[best], {"k": int(best), "silhouette": {str(k): round(v, 6) for k, v in scores.items()}}
+
+
+@CLUSTERERS.register("gmm")
+def gmm_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+    """Gaussian mixture with diagonal covariances (sklearn, EM, k-means init, `nredo` restarts).
+
+    k = auto fits every k in 2..k_max and keeps the lowest BIC. Components that end up owning
+    no point are dropped, so the labels are dense 0..k'-1 (info: "k" chosen, "k_used" non-empty).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    X = np.asarray(X, np.float64)
+    # variance floor relative to the data's own scale: dimensions that are (nearly) constant, such as
+    # an unused colour channel, must not let one component win by collapsing onto them
+    reg = GMM_REG_COVAR * max(float(X.var(0).mean()), 1e-12)
+    fits, bics = {}, {}
+    for k in candidate_ks(cspec, len(X)):
+        gm = GaussianMixture(k, covariance_type="diag", n_init=cspec.nredo, max_iter=GMM_MAX_ITER,
+                             reg_covar=reg, random_state=seed).fit(X)
+        fits[k], bics[k] = gm, float(gm.bic(X))
+    best = min(bics, key=lambda k: (bics[k], k))
+    _, labels = np.unique(fits[best].predict(X), return_inverse=True)
+    info = {"k": int(best), "k_used": int(labels.max()) + 1}
+    if len(bics) > 1:
+        info["bic"] = {str(k): round(v, 3) for k, v in bics.items()}
+    return labels.astype(np.int64), info
+
+
+def cluster(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+    """Cluster one scope's points with the registered `cspec.method`; labels 0..k-1 and what was chosen."""
+    n = len(X)
+    if n < 2:
+        return np.zeros(n, np.int64), {"k": 1, "n": n}
+    labels, info = CLUSTERERS.get(cspec.method)(X, cspec, seed)
+    return np.asarray(labels, np.int64), {"n": n, **info}
 
 
 def check_heatmaps(H: np.ndarray) -> None:
@@ -157,12 +248,25 @@ def check_heatmaps(H: np.ndarray) -> None:
                         f"(try heatmaps.method input_x_gradient or gradcam)")
 
 
-def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+def check_rows(X: np.ndarray, what: str) -> None:
+    """Refuse rows (e.g. penultimate features) that are empty or hold NaN/inf, naming `what`."""
+    flat = np.asarray(X).reshape(len(X), -1)
+    if len(flat) == 0:
+        raise DataError(f"no {what} to cluster: the val split is empty")
+    bad = int((~np.isfinite(flat)).any(axis=1).sum())
+    if bad:
+        raise DataError(f"{bad} of {len(flat)} rows of {what} contain NaN or inf values; nothing sensible can be "
+                        f"clustered (did ERM diverge? check the ERM loss/accuracy)")
+
+
+def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int, what: str = "heatmaps") -> tuple[np.ndarray, dict]:
     """Pseudo group per point = (class, cluster), numbered densely 0..G-1.
 
+    `H` is any (N, ...) array, flattened per row: heatmaps by default, or penultimate features
+    (pass `what="features"`: the input checks then speak of features, not heatmaps).
     Returns the labels and a dict with each scope's chosen k and the (class, cluster) of each group.
     """
-    check_heatmaps(H)
+    check_heatmaps(H) if what == "heatmaps" else check_rows(H, what)
     X = normalize_rows(H) if cspec.normalize else np.ascontiguousarray(H, np.float32).reshape(len(H), -1)
     cluster_of = np.zeros(len(X), np.int64)
     scopes = {}

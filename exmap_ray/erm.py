@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .models import create_model, save_checkpoint
 from .spec import stage_seed
@@ -57,13 +58,26 @@ def accuracy(model: nn.Module, loader, device) -> float:
     return correct / max(total, 1)
 
 
+def make_optimizer(params, e):
+    if e.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay)
+    return torch.optim.AdamW(params, lr=e.lr, weight_decay=e.weight_decay)
+
+
+def epoch_lr(e, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (0-based): constant, or cosine from erm.lr down towards 0."""
+    if e.lr_schedule == "cosine":
+        return 0.5 * e.lr * (1.0 + math.cos(math.pi * epoch / e.epochs))
+    return e.lr
+
+
 def train_loop(config: dict) -> None:
     """Ray Train per-worker entry point."""
     import ray.train
     import ray.train.torch
 
     from .data import build_dataset
-    from .data.base import Labeled
+    from .data.base import Labeled, loader_options
     from .spec import from_dict
 
     spec = from_dict(config["spec"])
@@ -74,13 +88,18 @@ def train_loop(config: dict) -> None:
     data = build_dataset(spec.dataset, spec.seed)
     e = spec.erm
     g = torch.Generator().manual_seed(stage_seed(spec.seed, "erm-shuffle"))
-    train = DataLoader(Labeled(data.train), batch_size=e.batch_size, shuffle=True, generator=g,
-                       num_workers=spec.dataset.loader_workers, pin_memory=torch.cuda.is_available())
-    val = DataLoader(Labeled(data.val), batch_size=512, shuffle=False, num_workers=spec.dataset.loader_workers)
-    train = ray.train.torch.prepare_data_loader(train)
+    opts = loader_options(spec.dataset)  # workers, pinned memory, persistent workers: from the spec
+    world = ctx.get_world_size()
+    # our own DistributedSampler: Ray's prepare_data_loader would rebuild the loader without persistent_workers
+    sampler = DistributedSampler(Labeled(data.train), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=stage_seed(spec.seed, "erm-shuffle")) if world > 1 else None
+    train = DataLoader(Labeled(data.train), batch_size=e.batch_size, shuffle=sampler is None, sampler=sampler,
+                       generator=g if sampler is None else None, **opts)
+    val = DataLoader(Labeled(data.val), batch_size=512, shuffle=False, **opts)
+    train = ray.train.torch.prepare_data_loader(train, add_dist_sampler=False)
     val = ray.train.torch.prepare_data_loader(val, add_dist_sampler=False)
     model = ray.train.torch.prepare_model(create_model(spec.model.backbone, data.n_classes, spec.model.pretrained))
-    opt = torch.optim.AdamW(model.parameters(), lr=e.lr, weight_decay=e.weight_decay)
+    opt = make_optimizer(model.parameters(), e)
     device = ray.train.torch.get_device()
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
@@ -92,8 +111,10 @@ def train_loop(config: dict) -> None:
             start, history = state["epoch"] + 1, read_json(Path(d) / "history.json")
         log.info("ERM: resumed from checkpoint after epoch %d", start)
     for epoch in range(start, e.epochs):
-        if hasattr(train, "sampler") and hasattr(train.sampler, "set_epoch"):
-            train.sampler.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every worker
+        for group in opt.param_groups:  # a function of the epoch, so a resumed run gets the same rate
+            group["lr"] = epoch_lr(e, epoch)
         metrics = train_epoch(model, train, opt, device)
         metrics.update(epoch=epoch + 1, val_acc=accuracy(model, val, device), resumed_from=start)
         history.append(metrics)

@@ -55,3 +55,29 @@ def agreement(pseudo: np.ndarray, true: np.ndarray, group_names: list[str]) -> d
         "recovery": {group_names[g]: r for g, r in rec.items()},
         "worst_recovery": float(min(rec.values())),
     }
+
+
+def shortcut_gaps(pred: np.ndarray, y: np.ndarray, aligned: dict[str, np.ndarray]) -> dict:
+    """Per-shortcut gaps, the way UrbanCars reports them.
+
+    `aligned[name]` is True where shortcut `name` agrees with the label. The in-distribution
+    accuracy is taken where every shortcut agrees; each gap is the accuracy where exactly the
+    named shortcut disagrees (and, for "all", where all of them do) minus that. Negative gaps
+    mean the model leans on the shortcut. NaN where no test image is in a cell.
+    """
+    correct = pred == y
+    names = list(aligned)
+    masks = {n: np.asarray(aligned[n], bool) for n in names}
+    all_ok = np.logical_and.reduce([masks[n] for n in names])
+
+    def acc(m):
+        return float(correct[m].mean()) if m.any() else float("nan")
+
+    out = {"id_acc": acc(all_ok)}
+    for n in names:
+        only = ~masks[n] & np.logical_and.reduce([masks[o] for o in names if o != n] or [np.ones_like(all_ok)])
+        out[f"{n}_gap"] = acc(only) - out["id_acc"]
+    if len(names) > 1:
+        none_ok = np.logical_and.reduce([~masks[n] for n in names])
+        out["+".join(names) + "_gap"] = acc(none_ok) - out["id_acc"]
+    return out

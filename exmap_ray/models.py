@@ -3,7 +3,8 @@
 Every timm model has `forward_features` and `forward_head(pre_logits=True)`;
 DFR retrains on the pre-logit features and the heatmap methods use the whole
 model. Weights are never downloaded: `model.pretrained` must be a local file
-(a timm / torchvision state dict, or .safetensors) or a folder holding one.
+(a timm / torchvision state dict, or .safetensors), a HF hub cache folder or a
+folder holding one weights file (`find_weights` lists every place it looked).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .errors import SpecError, UserError
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
 
 
 def create_model(backbone: str, n_classes: int, pretrained: str | None = None) -> nn.Module:
@@ -30,43 +32,131 @@ def create_model(backbone: str, n_classes: int, pretrained: str | None = None) -
         raise SpecError(f"spec key 'model.backbone': '{backbone}' is not a timm model.{hint} "
                         f"`python -c \"import timm; print(timm.list_models('resnet*'))\"` lists them")
     model = timm.create_model(backbone, pretrained=False, num_classes=n_classes)
-    if pretrained:
-        load_pretrained(model, pretrained)
+    if pretrained is not None:  # never silently from scratch: a path that is set must load
+        load_pretrained(model, pretrained, backbone)
     return model
 
 
 def _read_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state"):
+    """A state dict from .safetensors or a torch file; unwraps training checkpoints and DDP prefixes."""
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt file, a pickled whole model, a foreign format
+        raise UserError(f"model.pretrained: '{path}' cannot be read as a state dict ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); give a timm/torchvision state dict "
+                        f"(.pth/.pt/.bin) or a .safetensors file") from None
+    for key in ("state_dict", "model", "model_state", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"model.pretrained: '{path}' holds no state dict of tensors (found "
+                        f"{type(sd).__name__}); give a timm/torchvision state dict or a .safetensors file")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_pretrained(model: nn.Module, where: str) -> None:
-    """Load backbone weights from a local file or folder; the classifier head stays fresh."""
+def _snapshot_weights(repo: Path, looked: list[str]) -> Path | None:
+    """A weights file in a HF hub cache repo folder (models--ORG--NAME): refs/main's snapshot first."""
+    snaps = repo / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    revs = [snaps / ref.read_text().strip()] if ref.is_file() else []
+    revs += sorted((d for d in snaps.iterdir() if d.is_dir() and d not in revs),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    for rev in revs:
+        for n in WEIGHT_FILES:
+            looked.append(str(rev / n))
+            if (rev / n).is_file():
+                return rev / n
+    return None
+
+
+def find_weights(where: str, backbone: str | None = None) -> Path:
+    """The weights file `model.pretrained` means: a file; a folder holding model.safetensors /
+    pytorch_model.bin; a HF hub cache repo folder (models--timm--NAME, its snapshots); a hub cache
+    root holding models--*--BACKBONE[.tag]; or a folder with exactly one weights file. Raises a
+    UserError listing every place it looked."""
     path = Path(where).expanduser()
+    looked: list[str] = [str(path)]
+    if path.is_file():
+        return path
     if path.is_dir():
-        found = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
-        if not found:
-            raise UserError(f"model.pretrained: no weights in folder '{path}' (looked for {', '.join(WEIGHT_FILES)})")
-        path = found[0]
-    if not path.is_file():
-        raise UserError(f"model.pretrained: '{path}' does not exist; exmap-ray never downloads weights, "
-                        f"so give a local state dict, .safetensors file or hub cache folder")
+        for n in WEIGHT_FILES:
+            looked.append(str(path / n))
+            if (path / n).is_file():
+                return path / n
+        hit = _snapshot_weights(path, looked)
+        if hit is not None:
+            return hit
+        if backbone:
+            repos = sorted(d for d in path.iterdir() if d.is_dir() and d.name.startswith("models--")
+                           and (d.name.split("--")[-1] == backbone or d.name.split("--")[-1].startswith(backbone + ".")))
+            looked.append(str(path / f"models--*--{backbone}[.*]"))
+            if len(repos) > 1:
+                raise UserError(f"model.pretrained: '{path}' holds several hub caches for '{backbone}': "
+                                f"{', '.join(d.name for d in repos)}; set model.pretrained to the one you mean")
+            for repo in repos:
+                hit = _snapshot_weights(repo, looked)
+                if hit is not None:
+                    return hit
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+        looked.append(str(path / ("*{" + ",".join(WEIGHT_SUFFIXES) + "}")))
+        if len(files) == 1:
+            return files[0]
+        if len(files) > 1:
+            raise UserError(f"model.pretrained: folder '{path}' holds {len(files)} weight files "
+                            f"({', '.join(f.name for f in files)}); set model.pretrained to one of them")
+        raise UserError(f"model.pretrained: no weights found for '{where}'. Looked at: {'; '.join(looked)}. "
+                        f"exmap-ray never downloads weights; fetch them once elsewhere, e.g. "
+                        f"`huggingface-cli download timm/resnet50.tv_in1k` (then point at its "
+                        f"models--timm--resnet50.tv_in1k folder) or torchvision's resnet50 .pth file")
+    raise UserError(f"model.pretrained: '{path}' does not exist; exmap-ray never downloads weights, so give a "
+                    f"local state dict (.pth/.pt/.bin), .safetensors file or hub cache folder. Looked at: {path}"
+                    + (f" (its folder '{path.parent}' does not exist either)" if not path.parent.exists() else ""))
+
+
+def _names(keys, n: int = 8) -> str:
+    keys = list(keys)
+    return ", ".join(f"'{k}'" for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_pretrained(model: nn.Module, where: str, backbone: str | None = None) -> Path:
+    """Load local weights into a timm model; returns the file used.
+
+    Key names must match the model's: timm and torchvision ResNets share them. The classifier head
+    is loaded only when its shape fits (same class count); otherwise it stays freshly initialised.
+    Any other missing, unexpected or mis-shaped tensor is an error naming them (BatchNorm's
+    num_batches_tracked counters may be absent, as in old torchvision files).
+    """
+    path = find_weights(where, backbone)
     sd = _read_state_dict(path)
-    head = model.default_cfg.get("classifier", "fc")
     own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not k.startswith(head + ".") and k in own and v.shape == own[k].shape}
-    missing = [k for k in own if k not in sd and not k.startswith(head + ".")]
-    if missing:
-        raise UserError(f"model.pretrained: '{path}' does not fit '{type(model).__name__}': "
-                        f"{len(missing)} backbone tensors missing, e.g. '{missing[0]}'")
+    heads = model.default_cfg.get("classifier", "fc")
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    is_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
+    head_skipped = [k for k in sd if is_head(k) and (k not in own or sd[k].shape != own[k].shape)]
+    sd = {k: v for k, v in sd.items() if k not in head_skipped}
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"'{k}' {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    missing = [k for k in own if k not in sd and not is_head(k) and not k.endswith("num_batches_tracked")]
+    if unexpected or shapes or missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) the model needs are missing: {_names(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape: {', '.join(shapes[:8])}")
+        raise UserError(f"model.pretrained: '{path}' does not fit timm '{model.default_cfg.get('architecture', type(model).__name__)}' "
+                        f"({'; '.join(parts)}). Is it the weights of another architecture than model.backbone?")
     model.load_state_dict(sd, strict=False)
-    log.info("loaded pretrained backbone from %s (%d tensors)", path, len(sd))
+    log.info("loaded pretrained weights from %s (%d tensors%s)", path, len(sd),
+             f"; classifier re-initialised for {model.num_classes} classes" if head_skipped else "")
+    return path
 
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -74,11 +164,14 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images: Dataset, batch_size: int = 512, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(penultimate features, logits) of a frozen model over a dataset of images."""
+def embed(model: nn.Module, images: Dataset, batch_size: int = 512, device: str = "cpu",
+          loader_kwargs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(penultimate features, logits) of a frozen model over a dataset of images.
+
+    `loader_kwargs` (workers, pinned memory) come from `data.base.loader_options(spec.dataset)`."""
     model.eval().to(device)
     feats, logits = [], []
-    for x in DataLoader(images, batch_size=batch_size, shuffle=False):
+    for x in DataLoader(images, batch_size=batch_size, shuffle=False, **(loader_kwargs or {})):
         f = penultimate(model, x.to(device))
         feats.append(f.float().cpu())
         logits.append(model.get_classifier()(f).float().cpu())

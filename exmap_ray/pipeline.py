@@ -22,12 +22,15 @@ import numpy as np
 from . import plots, tracking
 from .clustering import check_heatmaps, pseudo_groups
 from .data import GroupData, build_dataset
+from .data.base import loader_options
+from .data.layout import LAYOUTS, check_dataset
 from .heatmaps.extract import HeatmapStore, extract_with_actors
 from .metrics import agreement, evaluate
 from .errors import DataError, SpecError
 from .heatmaps import HEATMAP_METHODS
-from .models import create_model, embed, load_checkpoint
-from .retrain import fit_dfr
+from .models import create_model, embed, find_weights, load_checkpoint
+from .groups import GroupContext, infer_groups
+from .retrain import RETRAINERS, fit_dfr
 from .retrain.dfr import MIN_GROUP_SIZE as DFR_MIN_GROUP_SIZE
 from .spec import Spec, stage_seed
 from .store import StageCache, save_npy, save_npz, write_json
@@ -35,12 +38,15 @@ from .store import StageCache, save_npy, save_npz, write_json
 log = logging.getLogger(__name__)
 # keys that change how a stage runs but not what it computes: kept out of the cache hash
 EXECUTION_ONLY = {"heatmaps": {"batch_size", "shard_size", "num_actors"}, "erm": {"num_workers", "use_gpu"},
-                  "dataset": {"loader_workers"}}
+                  "dataset": {"loader_workers", "pin_memory", "persistent_workers", "decode_cache"}}
 
 
 def _config(spec: Spec, section: str) -> dict:
     d = getattr(spec, section).__dict__
     return {k: v for k, v in d.items() if k not in EXECUTION_ONLY.get(section, ())}
+
+
+RETRAIN_NAMES = {"dfr": "DFR", "groupdro": "GroupDRO", "jtt": "JTT"}  # for tables and plots
 
 
 class Timer:
@@ -76,7 +82,8 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer, upt
         def compute_features(d: Path):
             model = load_checkpoint(spec.model.backbone, data.n_classes, model_path)
             for split in ("val", "test"):
-                f, logits = embed(model, data.split(split).images)
+                f, logits = embed(model, data.split(split).images,
+                                  loader_kwargs=loader_options(spec.dataset, persistent=False))
                 save_npy(d / f"{split}_features.npy", f)
                 save_npy(d / f"{split}_logits.npy", logits)
             return {"dim": int(f.shape[1])}
@@ -88,17 +95,23 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer, upt
     if upto == "heatmaps":
         return None
 
-    cl = cache.stage("clusters", {"clustering": _config(spec, "clustering"), "seed": spec.seed}, (hm,))
+    # the val grouping retraining uses: ExMap's heatmap clusters, or a baseline (groups.source)
+    cl = cache.stage("clusters", {"clustering": _config(spec, "clustering"), "groups": _config(spec, "groups"),
+                                  "seed": spec.seed}, (hm, feats))
     with timer("clusters"):
         def compute_clusters(d: Path):
             H = HeatmapStore(hm.dir).load()
-            try:
-                check_heatmaps(H)
-            except DataError as e:  # name the culprit stage: which method, which files
-                raise DataError(f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone "
-                                f"'{spec.model.backbone}', heatmaps in '{hm.dir}']") from None
-            groups, info = pseudo_groups(H.reshape(len(H), -1), data.val.y, spec.clustering,
-                                         stage_seed(spec.seed, "clusters"))
+            if spec.groups.source == "exmap" and spec.clustering.input == "heatmaps":
+                try:
+                    check_heatmaps(H)
+                except DataError as e:  # name the culprit stage: which method, which files
+                    raise DataError(f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone "
+                                    f"'{spec.model.backbone}', heatmaps in '{hm.dir}']") from None
+            ctx = GroupContext(y_val=data.val.y, clustering=spec.clustering, seed=stage_seed(spec.seed, "clusters"),
+                               val_features=np.load(feats.dir / "val_features.npy"),
+                               val_logits=np.load(feats.dir / "val_logits.npy"), heatmaps=H,
+                               true_groups=data.val.group, random_k=spec.groups.random_k)
+            groups, info = infer_groups(spec.groups.source, ctx)  # only the `true` source sees true groups
             save_npy(d / "pseudo_groups.npy", groups)
             return info
         cl_info = cache.run(cl, compute_clusters)
@@ -117,9 +130,18 @@ def preflight(spec: Spec) -> GroupData:
     Building the heatmap method on an untrained model makes LRP refuse an unsupported
     architecture now rather than inside an actor after ERM.
     """
+    if spec.model.pretrained is not None:  # missing weights fail at once, not after the data checks
+        find_weights(spec.model.pretrained, spec.model.backbone)
+    if spec.dataset.name in LAYOUTS:  # on-disk benchmarks: the same check as `exmap-ray datasets check`
+        report = check_dataset(spec.dataset)  # layout, index files, every missing and unreadable image
+        report.raise_if_bad()
+    if spec.retrain.mode == "end_to_end":
+        raise SpecError("spec key 'retrain.mode': end_to_end is not wired into `run`, `tune` or `bench` yet (it "
+                        "exists as a library function, exmap_ray.retrain.finetune); use last_layer")
     data = build_dataset(spec.dataset, spec.seed)
-    for split in (data.train, data.val, data.test):
-        getattr(split.images, "check", lambda: None)()  # on-disk images: a corrupt file fails now, by name
+    if spec.dataset.name not in LAYOUTS:
+        for split in (data.train, data.val, data.test):
+            getattr(split.images, "check", lambda: None)()  # on-disk images: a corrupt file fails now, by name
     model = create_model(spec.model.backbone, data.n_classes, spec.model.pretrained)
     HEATMAP_METHODS.get(spec.heatmaps.method)(model, spec.heatmaps)
     k = spec.clustering.k
@@ -186,44 +208,60 @@ def evaluate_all(spec: Spec, data: GroupData, s: dict, timer: Timer) -> tuple[di
     res = {"erm": {"test": evaluate(s["test_logits"].argmax(1), test.y, test.group, names, train_g),
                    "val_acc": float((s["val_logits"].argmax(1) == data.val.y).mean())}}
     with timer("dfr"):
-        exmap = fit_dfr(s["val_features"], data.val.y, s["pseudo"], spec.dfr, stage_seed(spec.seed, "dfr"),
-                        score_groups={"true": data.val.group})  # scored for analysis, never used to choose
+        exmap = RETRAINERS.get(spec.retrain.method).fit(
+            s["val_features"], data.val.y, s["pseudo"], spec, stage_seed(spec.seed, "dfr"),
+            score_groups={"true": data.val.group})  # scored for analysis, never used to choose
         oracle = fit_dfr(s["val_features"], data.val.y, data.val.group, spec.dfr, stage_seed(spec.seed, "dfr"))
     agree = agreement(s["pseudo"], data.val.group, names)
     res["exmap"] = {"test": evaluate(exmap.predict(s["test_features"]), test.y, test.group, names, train_g),
                     "n_groups": int(s["cluster_info"]["n_groups"]), **agree,
                     "pseudo_group_sizes": s["cluster_info"]["sizes"],
-                    "k_chosen": {sc: v["k"] for sc, v in s["cluster_info"]["scopes"].items()},
-                    "dfr_C": exmap.C,
+                    "k_chosen": {sc: v["k"] for sc, v in s["cluster_info"].get("scopes", {}).items()},
+                    "groups_source": spec.groups.source, "retrain": spec.retrain.method,
+                    "dfr_C": exmap.chosen.get("C"), "retrain_chosen": exmap.chosen,
                     # label-free: worst pseudo-group / worst-class accuracy on held-out halves of val
                     "val": {"worst_pseudo_group_acc": exmap.heldout["pseudo"],
                             "worst_class_acc": exmap.heldout["class"],
                             "oracle_worst_group_acc": exmap.heldout["true"]}}
     res["oracle_dfr"] = {"test": evaluate(oracle.predict(s["test_features"]), test.y, test.group, names, train_g),
                          "dfr_C": oracle.C}
+    if data.shortcut_metrics is not None:  # datasets with several shortcuts: per-shortcut gaps (UrbanCars)
+        preds = {"erm": s["test_logits"].argmax(1), "exmap": exmap.predict(s["test_features"]),
+                 "oracle_dfr": oracle.predict(s["test_features"])}
+        for row, pred in preds.items():
+            res[row]["test"]["shortcut_gaps"] = data.shortcut_metrics(pred, test.y, test.attrs)
     return res, {"heldout_idx": exmap.heldout_idx, "heldout_pred": exmap.heldout_pred}
 
 
 def make_figures(data: GroupData, s: dict, results: dict, out: Path, spec: Spec) -> None:
-    rows = {"ERM": results["erm"]["test"]["per_group"], "ExMap (DFR)": results["exmap"]["test"]["per_group"],
+    label = "ExMap" if spec.groups.source == "exmap" else f"{spec.groups.source} groups"
+    rows = {"ERM": results["erm"]["test"]["per_group"],
+            f"{label} + {RETRAIN_NAMES.get(spec.retrain.method, spec.retrain.method)}": results["exmap"]["test"]["per_group"],
             "oracle DFR": results["oracle_dfr"]["test"]["per_group"]}
     plots.group_accuracy_bars(rows, out / "group_accuracy.png", f"{spec.name}: per-group test accuracy")
     pseudo = s["pseudo"]
     store = HeatmapStore(s["stages"]["heatmaps"].dir)
     H = store.load()
-    pairs = s["cluster_info"]["group_class_cluster"]
+    pairs = s["cluster_info"].get("group_class_cluster")
     captions = []
-    for g, (c, k) in enumerate(pairs):
+    for g in range(int(pseudo.max()) + 1):
         true = data.val.group[pseudo == g]
+        if not len(true):
+            captions.append(f"pseudo group {g}: empty")
+            continue
         top = np.bincount(true, minlength=data.n_groups).argmax()
-        captions.append(f"pseudo group {g}: class {c}, cluster {k}, n={len(true)}; "
+        where = f"class {pairs[g][0]}, cluster {pairs[g][1]}" if pairs else f"class {data.val.y[pseudo == g][0]}"
+        captions.append(f"pseudo group {g}: {where}, n={len(true)}; "
                         f"mostly '{data.group_names[top]}' ({(true == top).mean():.0%})")
     plots.heatmap_grid(data.val.images, H, pseudo, captions, out / "heatmaps_by_pseudo_group.png",
                        seed=stage_seed(spec.seed, "plot"))
 
 
 def format_table(results: dict) -> str:
-    rows = [("ERM", results["erm"]), ("ExMap (pseudo groups + DFR)", results["exmap"]),
+    e = results["exmap"]
+    label = ("ExMap" if e.get("groups_source", "exmap") == "exmap" else e["groups_source"]) + \
+        f" + {RETRAIN_NAMES.get(e.get('retrain', 'dfr'), e.get('retrain'))}"
+    rows = [("ERM", results["erm"]), (label, results["exmap"]),
             ("oracle DFR (true val groups)", results["oracle_dfr"])]
     lines = [f"{'method':<30} {'test WGA':>9} {'mean acc':>9} {'train-weighted':>15}", "-" * 66]
     for name, r in rows:

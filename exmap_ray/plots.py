@@ -114,3 +114,21 @@ def wga_vs_k(rows: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def bench_bars(rows: list[dict], path: Path, title: str = "") -> None:
+    """Horizontal bars of test WGA (mean ± std over seeds), with mean accuracy as a marker, per method."""
+    names = [r["row"] for r in rows]
+    wga = np.array([r.get("test_wga", np.nan) for r in rows])
+    err = np.array([r.get("test_wga_std", 0.0) for r in rows])
+    mean = np.array([r.get("test_mean_acc", np.nan) for r in rows])
+    y = np.arange(len(rows))[::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    ax.barh(y, wga, xerr=err, color="#4c72b0", alpha=0.85, label="test WGA (± std)")
+    ax.plot(mean, y, "k|", markersize=14, label="mean test accuracy")
+    ax.set_yticks(y, names)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

@@ -54,37 +54,82 @@ def _positive_list(v):
     return None if v and all(x > 0 for x in v) else "a non-empty list of numbers > 0"
 
 
+def _registered(module: str, registry: str):
+    """A check that `v` is a name in a registry, imported only when a value is checked."""
+    def check(v):
+        import importlib
+
+        reg = getattr(importlib.import_module(module, __package__), registry)
+        return None if v in reg else f"one of: {', '.join(reg.names())}"
+    return check
+
+
+_clusterer_check = _registered(".clustering", "CLUSTERERS")
+_retrainer_check = _registered(".retrain", "RETRAINERS")
+_group_source_check = _registered(".groups", "GROUP_SOURCES")
+
+
+def _non_negative_list(v):
+    return None if v and all(x >= 0 for x in v) else "a non-empty list of numbers >= 0"
+
+
 @dataclass
 class DatasetSpec:
     name: str = opt("cmnist", "registry name; `exmap-ray datasets` lists them")
     rho: float = opt(0.99, "cmnist: P(colour agrees with y) on train and val; 0.99 as the reference, "
                            "weaker shortcuts (0.95) leave ERM's worst group unreliable at this size", _fraction)
+    rho_patch: float = opt(0.9, "cmnist_multi: P(corner patch position agrees with y) on train and val, the "
+                                "second shortcut; drawn independently of the colour", _fraction)
     n_train: int = opt(5000, "cmnist: training images", _positive)
     n_val: int = opt(3000, "cmnist: validation images; ExMap clusters these, so the minority needs "
                            "enough members (about 15 per class at rho 0.99)", _positive)
     n_test: int = opt(2000, "cmnist: test images (colour independent of y)", _positive)
     mnist_root: Optional[str] = opt(None, "cmnist: a folder with the full MNIST in torchvision's raw "
                                           "layout; None uses the 10k test digits shipped with exmap-ray")
-    root: Optional[str] = opt(None, "folder: ROOT holding metadata.csv and the images")
-    image_size: Optional[int] = opt(None, "square input size; None = the dataset's own (cmnist 28, folder 224)",
+    root: Optional[str] = opt(None, "folder, waterbirds, celeba, metashift, urbancars: the dataset folder; "
+                                    "`exmap-ray datasets check NAME --root PATH` verifies it")
+    target: Optional[str] = opt(None, "celeba: the attribute to predict; None = Blond_Hair. Any of the 40 names "
+                                      "in list_attr_celeba.txt")
+    spurious: Optional[str] = opt(None, "celeba: the attribute that defines the true groups with the target "
+                                        "(evaluation only); None = Male")
+    group_by: Literal["both", "bg", "co_occur_obj"] = opt(
+        "both", "urbancars: the shortcut(s) that define the true groups: both (8 groups), bg or co_occur_obj "
+                "(4 each). Changes the oracle DFR row and the true-group WGA; the shortcut gaps use both always")
+    image_size: Optional[int] = opt(None, "square input size; None = the dataset's own (cmnist 28, folder and "
+                                          "the on-disk benchmarks 224)",
                                     lambda v: None if v is None or v >= 8 else "an integer >= 8")
     mean: Optional[list[float]] = opt(None, "per-channel normalisation mean; None = the dataset's own "
                                             "(cmnist none, folder ImageNet)")
     std: Optional[list[float]] = opt(None, "per-channel normalisation std; None = the dataset's own")
     loader_workers: int = opt(0, "DataLoader worker processes per Ray worker; 0 suits in-memory data", _non_negative)
+    pin_memory: Union[bool, Literal["auto"]] = opt("auto", "page-locked host batches for faster copies to the GPU; "
+                                                           "'auto' = when CUDA is available")
+    persistent_workers: bool = opt(True, "keep DataLoader workers alive between epochs (with loader_workers > 0)")
+    decode_cache: Optional[str] = opt("auto", "on-disk datasets: val/test images are decoded and eval-transformed "
+                                              "once into a uint8 .npy memmap reused by ERM validation, features, "
+                                              "heatmaps and plots. 'auto' = $EXMAP_RAY_DECODE_CACHE or "
+                                              "~/.cache/exmap_ray/decoded; a path; null = decode on every access")
 
 
 @dataclass
 class ModelSpec:
     backbone: str = opt("resnet10t", "any timm model name; resnet10t is small enough for a 2-core CPU")
-    pretrained: Optional[str] = opt(None, "a local checkpoint file (state dict / safetensors); never downloaded")
+    pretrained: Optional[str] = opt(None, "local weights: a timm/torchvision state dict (.pth/.pt/.bin), a "
+                                          ".safetensors file, a HF hub cache folder (models--timm--NAME) or a folder "
+                                          "holding one weights file; never downloaded. null = train from scratch",
+                                    lambda v: None if v is None or v.strip() else "a path, or null to train from scratch")
 
 
 @dataclass
 class ErmSpec:
     epochs: int = opt(5, "enough for the colour shortcut to dominate on C-MNIST", _positive)
-    lr: float = opt(1e-3, "Adam learning rate", _positive)
-    weight_decay: float = opt(1e-4, "AdamW decoupled weight decay", _non_negative)
+    lr: float = opt(1e-3, "learning rate (of erm.optimizer)", _positive)
+    weight_decay: float = opt(1e-4, "weight decay: decoupled for adamw, L2 for sgd", _non_negative)
+    optimizer: Literal["adamw", "sgd"] = opt("adamw", "adamw, or sgd with erm.momentum (the DFR/ExMap reference "
+                                                      "scripts fine-tune ResNet-50 with SGD)")
+    momentum: float = opt(0.9, "sgd momentum", _fraction)
+    lr_schedule: Literal["constant", "cosine"] = opt("constant", "cosine = per-epoch cosine decay to 0 over "
+                                                                 "erm.epochs (the ExMap reference scripts)")
     batch_size: int = opt(128, "per Ray Train worker", _positive)
     num_workers: int = opt(1, "Ray Train workers (one per GPU on a cluster); DDP over gloo on CPU", _positive)
     use_gpu: Union[bool, Literal["auto"]] = opt("auto", "'auto' uses GPUs when the Ray cluster has them")
@@ -92,12 +137,16 @@ class ErmSpec:
 
 @dataclass
 class HeatmapSpec:
-    method: str = opt("lrp", "registry name: lrp (the paper), input_x_gradient, gradcam")
+    method: str = opt("lrp", "registry name: lrp (the paper), input_x_gradient, integrated_gradients, gradcam")
     conv_rule: Literal["alpha_beta", "gamma"] = opt("alpha_beta", "LRP rule on convolutions (paper: alpha2-beta1)")
     alpha: float = opt(2.0, "LRP alpha-beta: alpha (alpha - beta = 1 conserves relevance)", _positive)
     beta: float = opt(1.0, "LRP alpha-beta: beta", _non_negative)
     gamma: float = opt(0.25, "LRP gamma rule: weight on positive contributions", _non_negative)
     epsilon: float = opt(1e-6, "LRP epsilon on linear layers and pools; stabilises division", _positive)
+    canonize: bool = opt(True, "LRP: fold BatchNorm into the convolution before it (canonization), so the conv "
+                               "rule sees the effective weights; false keeps BatchNorm as a layer under epsilon")
+    ig_steps: int = opt(32, "integrated gradients: gradient evaluations along the path from the all-zero "
+                            "baseline (midpoint rule); the completeness error shrinks as 1/steps", _positive)
     downsize: Optional[int] = opt(7, "bilinear resize of each heatmap before clustering; the paper's "
                                      "sizes are Waterbirds 112, CelebA 20; on C-MNIST 7 keeps the colour "
                                      "channel and removes per-digit stroke detail", 
@@ -110,10 +159,15 @@ class HeatmapSpec:
 
 @dataclass
 class ClusteringSpec:
-    method: Literal["kmeans", "spectral"] = opt("spectral", "the paper uses spectral; k-means prefers to "
-                                                            "split the big group on imbalanced data")
-    k: Union[int, Literal["auto"]] = opt("auto", "clusters per scope; 'auto' = eigengap over 2..k_max", _k_check)
-    k_max: int = opt(10, "largest k the eigengap may pick (paper: 10)",
+    method: str = opt("spectral", "registry name: spectral (the paper), kmeans, kmeans_silhouette, gmm; "
+                                  "k-means prefers to split the big group on imbalanced data", _clusterer_check)
+    input: Literal["heatmaps", "features"] = opt("heatmaps", "what is clustered: the ERM model's heatmaps "
+                                                             "(ExMap) or its penultimate val features "
+                                                             "(GEORGE-style); the same clusterer either way")
+    k: Union[int, Literal["auto"]] = opt("auto", "clusters per scope; 'auto' = eigengap over 2..k_max "
+                                                 "(spectral, kmeans), best silhouette (kmeans_silhouette), "
+                                                 "lowest BIC (gmm)", _k_check)
+    k_max: int = opt(10, "largest k 'auto' may pick (paper: 10)",
                      lambda v: None if v >= 2 else "an integer >= 2")
     scope: Literal["local", "global"] = opt("local", "local = cluster each class apart (pseudo group = "
                                                      "class x cluster); global = all points together")
@@ -131,6 +185,56 @@ class DfrSpec:
                               "inverse L1 strengths tried (DFR paper grid)", _positive_list)
     n_select_repeats: int = opt(5, "random val halves used to choose C", _positive)
     n_final_fits: int = opt(20, "group-balanced fits on all of val whose weights are averaged", _positive)
+
+
+@dataclass
+class GroupsSpec:
+    source: str = opt("exmap", "registry name of the val grouping retraining uses: exmap (heatmap clusters, the "
+                               "paper), features (GEORGE-style feature clusters per class), jtt_error_set (ERM's "
+                               "val errors), random (a floor), true (the oracle: reads the true val groups)",
+                      _group_source_check)
+    random_k: Optional[int] = opt(None, "random source: groups per class; null = clustering.k when it is an "
+                                        "integer, else 2", lambda v: None if v is None or v >= 1 else
+                                  "an integer >= 1, or null")
+
+
+@dataclass
+class RetrainSpec:
+    method: str = opt("dfr", "registry name: dfr (the paper; its keys are under dfr:), groupdro (Sagawa et al. "
+                             "online GroupDRO), jtt (Liu et al. error-set upweighting)", _retrainer_check)
+    mode: Literal["last_layer", "end_to_end"] = opt(
+        "last_layer", "last_layer = a linear head on frozen standardised val features (as DFR); end_to_end = "
+                      "fine-tune the whole ERM model on val images (groupdro, jtt only)")
+    groupdro_eta: float = opt(0.01, "GroupDRO step size of the group weights, q_g <- q_g exp(eta l_g) per batch "
+                                    "(Sagawa et al.'s 0.01); larger reacts faster to the worst group but lets q "
+                                    "swing between groups", _positive)
+    groupdro_epochs: int = opt(30, "GroupDRO last layer: passes over val (group-balanced minibatch SGD)", _positive)
+    jtt_upweight: float = opt(20.0, "JTT lambda_up: weight of the error set (a class's points outside its "
+                                    "largest group); the JTT paper uses 20 to 100",
+                              lambda v: None if v >= 1 else "a number >= 1")
+    weight_decay_grid: list[float] = opt([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "L2 strengths tried for the groupdro / "
+                                                                         "jtt head, chosen by held-out worst "
+                                                                         "pseudo-group accuracy (label-free); "
+                                                                         "GroupDRO needs strong L2 (Sagawa et al.)",
+                                         _non_negative_list)
+    lr: float = opt(0.02, "GroupDRO last layer: initial SGD step size (momentum 0.9, cosine decay) on "
+                          "standardised features", _positive)
+    batch_size: int = opt(128, "GroupDRO minibatch (last layer and end to end; JTT end to end)", _positive)
+    n_select_repeats: int = opt(5, "random val halves used to choose the weight decay (the same halves as DFR's "
+                                   "with the same seed)", _positive)
+    e2e_lr: float = opt(1e-4, "end_to_end: SGD step size (momentum 0.9) for the whole network", _positive)
+    e2e_weight_decay: float = opt(1e-4, "end_to_end: SGD weight decay", _non_negative)
+    e2e_epochs: int = opt(1, "end_to_end: passes over val", _positive)
+
+    def __post_init__(self):
+        if self.mode == "end_to_end":
+            from .retrain import RETRAINERS
+
+            if self.method in RETRAINERS and RETRAINERS.get(self.method).finetune is None:
+                able = [n for n in RETRAINERS.names() if RETRAINERS.get(n).finetune is not None]
+                raise SpecError(f"spec key 'retrain.mode': 'end_to_end' is not available for retrain.method "
+                                f"'{self.method}' (last layer only); use retrain.mode last_layer, or a method "
+                                f"with an end-to-end mode: {', '.join(able)}")
 
 
 @dataclass
@@ -169,6 +273,8 @@ class Spec:
     heatmaps: HeatmapSpec = field(default_factory=HeatmapSpec)
     clustering: ClusteringSpec = field(default_factory=ClusteringSpec)
     dfr: DfrSpec = field(default_factory=DfrSpec)
+    groups: GroupsSpec = field(default_factory=GroupsSpec)
+    retrain: RetrainSpec = field(default_factory=RetrainSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
 

@@ -65,6 +65,17 @@ def tiny_spec_dict(**over) -> dict:
     return d
 
 
+@pytest.fixture(scope="session")
+def tiny_run(ray_local, tmp_path_factory):
+    """The tiny spec run once from scratch in this session: (OUT, results). Tests that only need its
+    upstream pass `OUT / "cache"` as their cache, so the tiny ERM is trained once, not per test."""
+    from exmap_ray.pipeline import run_pipeline
+    from exmap_ray.spec import from_dict
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    return out, run_pipeline(from_dict(tiny_spec_dict()), out)
+
+
 @pytest.fixture
 def tiny_spec():
     from exmap_ray.spec import from_dict

@@ -118,5 +118,5 @@ def test_folder_missing_root_and_corrupt_image(tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(SpecError, match="unknown dataset 'imagenet'. Registered: cmnist, folder"):
+    with pytest.raises(SpecError, match="unknown dataset 'imagenet'. Registered: celeba, cmnist, cmnist_multi, folder, metashift, urbancars, waterbirds"):
         build_dataset(from_dict({"dataset": {"name": "imagenet"}}).dataset, 0)

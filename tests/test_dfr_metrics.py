@@ -82,3 +82,15 @@ def test_worst_over_groupings_penalises_a_missed_minority():
     # ... but not once another trial's grouping that found the minority is included
     assert worst_over_groupings(idx, shortcut_pred, y, [missed, found]) == 0.0
     assert worst_over_groupings(idx, robust_pred, y, [missed, found]) == 1.0
+
+
+def test_dfr_handles_more_than_two_classes():
+    from exmap_ray.retrain import fit_dfr
+    from exmap_ray.spec import from_dict
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 60)
+    X = rng.normal(size=(180, 5)) + np.eye(5)[y] * 3
+    groups = y * 2 + (rng.random(180) < 0.3)
+    model = fit_dfr(X, y, groups, from_dict({"dfr": {"c_grid": [1.0], "n_select_repeats": 2, "n_final_fits": 2}}).dfr, 0)
+    assert (model.predict(X) == y).mean() > 0.9

@@ -85,20 +85,20 @@ def test_sweep_nests_trials_shares_upstream_and_summarizes(ray_local, tmp_path, 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     """SIGKILL the whole `exmap-ray tune` process group mid-sweep, then --resume."""
     out = tmp_path / "sweep"
-    spec = _sweep_spec(tmp_path, max_concurrent_trials=1)
+    spec = _sweep_spec(tmp_path, max_concurrent_trials=2)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "exmap_ray", "tune", str(spec), "--out", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and len(list(out.glob("trial_results/*.json"))) < 2:
+        while time.time() < deadline and len(list(out.glob("trial_results/*.json"))) < 1:
             assert proc.poll() is None, "the sweep ended before it could be interrupted"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finished = {json.loads(p.read_text())["trial"] for p in out.glob("trial_results/*.json")}
-    assert 2 <= len(finished) < 4, finished
+    assert 1 <= len(finished) < 4, finished
 
     rc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]

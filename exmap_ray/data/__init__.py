@@ -1,11 +1,14 @@
 """Dataset registry.  `build_dataset(spec.dataset, seed)` returns a `GroupData`.
 
     exmap-ray datasets        # list the registered datasets
+    exmap-ray datasets check NAME --root PATH   # verify an on-disk dataset (exmap_ray/data/layout.py)
 
 Group labels are carried for evaluation only: training, heatmaps, clustering
 and model selection in ExMap see `images` and `y`, never `group`.
 """
 from .base import DATASETS, GroupData, Split, build_dataset
-from . import cmnist, folder  # noqa: F401  (register)
+from . import cmnist, cmnist_multi, folder  # noqa: F401  (register)
+from . import celeba, metashift, urbancars, waterbirds  # noqa: F401  (register: on-disk benchmarks)
+from .layout import check_dataset  # noqa: F401
 
 __all__ = ["DATASETS", "GroupData", "Split", "build_dataset"]

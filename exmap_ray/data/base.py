@@ -1,7 +1,8 @@
 """The dataset contract shared by every loader."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ class Split:
     images: Dataset          # item i -> float tensor (C, H, W); no labels, so nothing leaks
     y: np.ndarray            # class labels, int64
     group: np.ndarray        # true group, int64: evaluation only
+    attrs: dict = field(default_factory=dict)  # name -> per-sample attribute array (e.g. UrbanCars 'bg'): evaluation only
 
     def __len__(self) -> int:
         return len(self.y)
@@ -29,6 +31,8 @@ class GroupData:
     test: Split
     n_classes: int
     group_names: list[str]   # index = true group id
+    # (pred, y, attrs) -> dict of extra test metrics (UrbanCars' shortcut gaps); evaluation only
+    shortcut_metrics: Optional[Callable] = None
 
     @property
     def n_groups(self) -> int:
@@ -62,6 +66,16 @@ class Labeled(Dataset):
 
     def __getitem__(self, i):
         return self.images[i], self.y[i]
+
+
+def loader_options(dspec, persistent: bool = True) -> dict:
+    """DataLoader keyword arguments from the dataset spec: workers, pinned memory, persistent workers."""
+    workers = dspec.loader_workers
+    pin = torch.cuda.is_available() if dspec.pin_memory == "auto" else bool(dspec.pin_memory)
+    opts = {"num_workers": workers, "pin_memory": pin}
+    if workers > 0:
+        opts["persistent_workers"] = bool(persistent and dspec.persistent_workers)
+    return opts
 
 
 def build_dataset(dspec, seed: int) -> GroupData:

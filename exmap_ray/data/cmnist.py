@@ -121,14 +121,30 @@ def assign_colours(y: np.ndarray, rho: float, rng: np.random.Generator) -> np.nd
     return colour
 
 
+def split_sizes(dspec, n_digits: int) -> dict[str, int]:
+    sizes = {"train": dspec.n_train, "val": dspec.n_val, "test": dspec.n_test}
+    if sum(sizes.values()) > n_digits:
+        raise SpecError(f"spec keys 'dataset.n_train' + 'dataset.n_val' + 'dataset.n_test' = "
+                        f"{sum(sizes.values())}, but only {n_digits} MNIST digits are available; "
+                        f"lower them or set dataset.mnist_root to the full MNIST")
+    return sizes
+
+
+def to_input(x: torch.Tensor, dspec) -> torch.Tensor:
+    """Resize to dataset.image_size and normalise with dataset.mean/std where the spec asks for it."""
+    if dspec.image_size and dspec.image_size != x.shape[-1]:
+        x = F.interpolate(x, size=dspec.image_size, mode="bilinear", align_corners=False)
+    if dspec.mean is not None or dspec.std is not None:
+        mean = torch.tensor(dspec.mean or [0.0] * 3).view(1, 3, 1, 1)
+        std = torch.tensor(dspec.std or [1.0] * 3).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
 @DATASETS.register("cmnist")
 def build_cmnist(dspec, seed: int) -> GroupData:
     digits, labels = load_digits(dspec.mnist_root)
-    sizes = {"train": dspec.n_train, "val": dspec.n_val, "test": dspec.n_test}
-    if sum(sizes.values()) > len(digits):
-        raise SpecError(f"spec keys 'dataset.n_train' + 'dataset.n_val' + 'dataset.n_test' = "
-                        f"{sum(sizes.values())}, but only {len(digits)} MNIST digits are available; "
-                        f"lower them or set dataset.mnist_root to the full MNIST")
+    sizes = split_sizes(dspec, len(digits))
     rng = np.random.default_rng(stage_seed(seed, "cmnist"))
     order = rng.permutation(len(digits))
     splits, start = {}, 0
@@ -138,11 +154,6 @@ def build_cmnist(dspec, seed: int) -> GroupData:
         y = (labels[idx] >= 5).astype(np.int64)
         colour = assign_colours(y, dspec.rho if name != "test" else 0.5, rng)
         x = colorize(digits[idx], colour)
-        if dspec.image_size and dspec.image_size != 28:
-            x = F.interpolate(x, size=dspec.image_size, mode="bilinear", align_corners=False)
-        if dspec.mean is not None or dspec.std is not None:
-            mean = torch.tensor(dspec.mean or [0.0] * 3).view(1, 3, 1, 1)
-            std = torch.tensor(dspec.std or [1.0] * 3).view(1, 3, 1, 1)
-            x = (x - mean) / std
+        x = to_input(x, dspec)
         splits[name] = Split(images=TensorImages(x), y=y, group=2 * y + colour)
     return GroupData(**splits, n_classes=2, group_names=list(GROUP_NAMES))

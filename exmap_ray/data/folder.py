@@ -70,8 +70,12 @@ def _int_column(rows, col, path) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def read_metadata(root: Path) -> dict:
-    """Parse and validate ROOT/metadata.csv; returns columns as arrays plus the file paths."""
+def read_metadata(root: Path, missing_ok: bool = False) -> dict:
+    """Parse and validate ROOT/metadata.csv; returns columns as arrays plus the file paths.
+
+    With `missing_ok`, image files that are not on disk do not raise: they are returned as
+    `absent`, a list of (csv line, path), so a layout check can list every one of them.
+    """
     meta = root / "metadata.csv"
     if not meta.is_file():
         raise DataError(f"'{meta}' not found: the folder dataset needs ROOT/metadata.csv with columns "
@@ -105,7 +109,7 @@ def read_metadata(root: Path) -> dict:
         names = [f"y={g // n_s} {spurious_col}={g % n_s}" for g in range(int(group.max()) + 1)]
     paths = [root / r["img_filename"] for r in rows]
     absent = [p for p in paths if not p.is_file()]
-    if absent:
+    if absent and not missing_ok:
         raise DataError(f"{len(absent)} image file(s) listed in '{meta}' are missing, e.g. '{absent[0]}'")
     for code, name in SPLITS.items():
         if not (split == code).any():
@@ -114,7 +118,8 @@ def read_metadata(root: Path) -> dict:
         if len(np.unique(y[split == code])) < 2:
             raise DataError(f"'{meta}': the {SPLITS[code]} split has a single class (column 'y' is "
                             f"{y[split == code][0]} on every split == {code} row); a classifier needs at least two")
-    return {"paths": paths, "y": y, "split": split, "group": group, "group_names": names}
+    return {"paths": paths, "y": y, "split": split, "group": group, "group_names": names, "spurious": s,
+            "absent": [(i + 2, p) for i, p in enumerate(paths) if not p.is_file()] if absent else []}
 
 
 def normalization(dspec, default_mean, default_std):

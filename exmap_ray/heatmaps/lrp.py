@@ -10,7 +10,15 @@ Rules (Montavon et al., "Layer-wise relevance propagation: an overview"):
 - convolutions: alpha-beta (default alpha=2, beta=1) or gamma;
 - linear layers and average pools: epsilon;
 - residual additions: relevance split in proportion to each branch's share;
-- ReLU, max-pool, flatten, dropout, identity: relevance passes unchanged.
+- ReLU, max-pool, flatten, dropout, identity: relevance passes unchanged;
+- BatchNorm: folded into the convolution before it (canonization, the default,
+  `heatmaps.canonize: true`), or with `canonize: false` kept as its own layer
+  under the epsilon rule.
+
+The composite is set by spec keys: `heatmaps.conv_rule` (alpha_beta | gamma),
+`heatmaps.alpha` / `heatmaps.beta` (alpha - beta must be 1, so relevance is
+conserved), `heatmaps.gamma`, `heatmaps.epsilon` (the linear/pool rule and the
+stabiliser of every division) and `heatmaps.canonize`.
 
 Supported: CNNs built only from Conv2d (+BatchNorm), Linear, ReLU, max/avg
 pools, flatten and residual additions: timm's ResNet family (resnet*, resnet*d,
@@ -137,11 +145,16 @@ class LRP:
 
     def __init__(self, model: nn.Module, hspec):
         self.eps = hspec.epsilon
+        if hspec.conv_rule == "alpha_beta" and abs(hspec.alpha - hspec.beta - 1.0) > 1e-6:
+            raise UserError(f"heatmaps.method 'lrp' with conv_rule alpha_beta needs heatmaps.alpha - heatmaps.beta "
+                            f"= 1 so that relevance is conserved; got alpha={hspec.alpha}, beta={hspec.beta} "
+                            f"(the paper: alpha 2, beta 1)")
         if hspec.conv_rule == "alpha_beta":
             conv_rule = partial(alpha_beta_rule, alpha=hspec.alpha, beta=hspec.beta, eps=hspec.epsilon)
         else:
             conv_rule = partial(gamma_rule, gamma=hspec.gamma, eps=hspec.epsilon)
-        self.net = build_lrp_model(model, conv_rule, partial(epsilon_rule, eps=hspec.epsilon), hspec.epsilon)
+        self.net = build_lrp_model(model, conv_rule, partial(epsilon_rule, eps=hspec.epsilon), hspec.epsilon,
+                                   canonize=getattr(hspec, "canonize", True))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().requires_grad_(True)
@@ -152,10 +165,12 @@ class LRP:
         return rel.detach(), pred.detach()
 
 
-def build_lrp_model(model: nn.Module, conv_rule, eps_rule, eps: float) -> torch.fx.GraphModule:
+def build_lrp_model(model: nn.Module, conv_rule, eps_rule, eps: float, canonize: bool = True) -> torch.fx.GraphModule:
     name = type(model).__name__
+    eps_modules = EPS_MODULES if canonize else EPS_MODULES + (nn.BatchNorm2d,)
     try:
-        gm = fuse(copy.deepcopy(model).eval())  # folds BatchNorm into the conv before it
+        # canonize: fold BatchNorm into the conv before it; otherwise BatchNorm keeps its own (epsilon) rule
+        gm = fuse(copy.deepcopy(model).eval()) if canonize else torch.fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as e:  # noqa: BLE001 - any tracing failure means: not a supported model
         raise UserError(f"heatmaps.method 'lrp': model '{name}' cannot be traced for LRP ({type(e).__name__}: {e}); "
                         f"use heatmaps.method input_x_gradient or gradcam") from None
@@ -165,7 +180,7 @@ def build_lrp_model(model: nn.Module, conv_rule, eps_rule, eps: float) -> torch.
             mod = gm.get_submodule(node.target)
             if isinstance(mod, nn.Conv2d):
                 gm.add_submodule(node.target, RuleLayer(mod, conv_rule))
-            elif isinstance(mod, EPS_MODULES):
+            elif isinstance(mod, eps_modules):
                 gm.add_submodule(node.target, RuleLayer(mod, eps_rule))
             elif not isinstance(mod, PASS_MODULES):
                 _unsupported(name, f"layer '{node.target}' ({type(mod).__name__})")

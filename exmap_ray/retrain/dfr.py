@@ -27,8 +27,26 @@ log = logging.getLogger(__name__)
 MIN_GROUP_SIZE = 2  # a 1-member group makes every balanced fit reuse that one point
 
 
+class LinearHead:
+    """A linear classifier on standardised features: `mean`, `std`, `coef`, `intercept`, `classes`."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    coef: np.ndarray
+    intercept: np.ndarray
+    classes: np.ndarray
+
+    def decision(self, feats: np.ndarray) -> np.ndarray:
+        return ((feats - self.mean) / self.std) @ self.coef.T + self.intercept
+
+    def predict(self, feats: np.ndarray) -> np.ndarray:
+        d = self.decision(feats)
+        idx = (d[:, 0] > 0).astype(int) if d.shape[1] == 1 else d.argmax(1)
+        return self.classes[idx]
+
+
 @dataclass
-class DFRModel:
+class DFRModel(LinearHead):
     mean: np.ndarray
     std: np.ndarray
     coef: np.ndarray         # (n_classes or 1, d)
@@ -44,13 +62,10 @@ class DFRModel:
         """Held-out worst accuracies at the chosen C (the label-free selection metrics, plus any extras)."""
         return self.selection[self.C]
 
-    def decision(self, feats: np.ndarray) -> np.ndarray:
-        return ((feats - self.mean) / self.std) @ self.coef.T + self.intercept
-
-    def predict(self, feats: np.ndarray) -> np.ndarray:
-        d = self.decision(feats)
-        idx = (d[:, 0] > 0).astype(int) if d.shape[1] == 1 else d.argmax(1)
-        return self.classes[idx]
+    @property
+    def chosen(self) -> dict:
+        """The selected hyperparameter, in the shape every retrainer reports it (see retrain/__init__.py)."""
+        return {"C": self.C}
 
 
 def balanced_subsample(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -61,7 +76,10 @@ def balanced_subsample(groups: np.ndarray, rng: np.random.Generator) -> np.ndarr
 
 
 def _fit(X, y, C, seed) -> LogisticRegression:
-    clf = LogisticRegression(penalty="l1", C=C, solver="liblinear", random_state=seed, max_iter=200)
+    # liblinear is the reference's L1 solver but is binary-only in current scikit-learn; saga does L1 multiclass
+    binary = len(np.unique(y)) <= 2
+    clf = LogisticRegression(penalty="l1", C=C, solver="liblinear" if binary else "saga", random_state=seed,
+                             max_iter=200 if binary else 1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)  # sklearn >= 1.8 deprecates `penalty`; older lack l1_ratio

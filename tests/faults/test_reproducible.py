@@ -10,14 +10,13 @@ from exmap_ray.store import StageCache
 from ..conftest import tiny_spec_dict
 
 
-def test_same_spec_and_seed_give_identical_groups_and_dfr(ray_local, tmp_path):
-    spec = from_dict(tiny_spec_dict())
-    a = run_pipeline(spec, tmp_path / "a")
-    b = run_pipeline(spec, tmp_path / "b")
-    for out in ("a", "b"):  # both really computed every stage
-        events = {(r["stage"], r["event"]) for r in StageCache(tmp_path / out / "cache").records()}
-        assert ("erm", "computed") in events and ("clusters", "computed") in events
-    sa, sb = np.load(tmp_path / "a" / "selection.npz"), np.load(tmp_path / "b" / "selection.npz")
+def test_same_spec_and_seed_give_identical_groups_and_dfr(tiny_run, tmp_path):
+    out_a, a = tiny_run  # the session's from-scratch run of the tiny spec
+    b = run_pipeline(from_dict(tiny_spec_dict()), tmp_path / "b")  # and a second one, from scratch too
+    for cache in (out_a / "cache", tmp_path / "b" / "cache"):  # both really computed every stage
+        events = {(r["stage"], r["event"]) for r in StageCache(cache).records()}
+        assert {("erm", "computed"), ("heatmaps", "computed"), ("clusters", "computed")} <= events
+    sa, sb = np.load(out_a / "selection.npz"), np.load(tmp_path / "b" / "selection.npz")
     np.testing.assert_array_equal(sa["pseudo_groups"], sb["pseudo_groups"])
     np.testing.assert_array_equal(sa["heldout_pred"], sb["heldout_pred"])
     for key in ("exmap", "oracle_dfr", "erm"):

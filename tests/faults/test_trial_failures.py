@@ -11,7 +11,7 @@ from exmap_ray.faults import hits
 from ..conftest import tiny_spec_dict
 
 
-def test_failing_trials_are_retried_then_reported(ray_local, tmp_path, fault_plan, capsys):
+def test_failing_trials_are_retried_then_reported(tiny_run, tmp_path, fault_plan, capsys):
     d = tiny_spec_dict()
     d["search"] = {"space": {"clustering.k": {"grid": [2, 3, 4]}}, "max_concurrent_trials": 2, "max_failures": 1}
     spec = tmp_path / "sweep.yaml"
@@ -21,7 +21,8 @@ def test_failing_trials_are_retried_then_reported(ray_local, tmp_path, fault_pla
         {"point": "trial", "when": {"clustering.k": 4}, "times": 99, "message": "persistent failure"},
     ])
     out = tmp_path / "sweep"
-    assert main(["tune", str(spec), "--out", str(out), "--quiet"]) == 0  # the sweep completes
+    cache = tiny_run[0] / "cache"  # the tiny spec's ERM and heatmaps, trained once per session
+    assert main(["tune", str(spec), "--out", str(out), "--cache", str(cache), "--quiet"]) == 0  # it completes
 
     assert hits(plan, 0) == 1  # k=3 failed once ...
     assert hits(plan, 1) == 2  # ... k=4 failed on its first try and on its one retry (max_failures: 1)

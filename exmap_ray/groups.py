@@ -1,0 +1,139 @@
+"""Group inference for the val split: ExMap and the baselines it is compared against, in `GROUP_SOURCES`.
+
+    from exmap_ray.groups import GroupContext, infer_groups
+    ctx = GroupContext(y_val=y, clustering=spec.clustering, seed=0, val_features=F, val_logits=L, heatmaps=H)
+    groups, info = infer_groups("exmap", ctx)
+
+Every source maps a `GroupContext` to `(groups, info)`: an int64 array of non-negative group ids,
+one per val point, and a JSON-able dict (always with `source`, `n_groups` and `sizes`). Sources:
+`exmap` (cluster the heatmaps, the paper; `clustering.input: features` clusters features instead),
+`features` (GEORGE-style: the same clusterer on penultimate features, each class apart),
+`jtt_error_set` (group = 2 y + [ERM is wrong], JTT's error set), `random` (random groups per class:
+a sanity floor) and `true` (the oracle). The true val groups reach the oracle only: `infer_groups`
+hands every other source a context with `true_groups` removed, so no baseline can peek at them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .clustering import pseudo_groups
+from .errors import UserError
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class GroupContext:
+    """What a group source may use. Arrays are per val point, in val order."""
+
+    y_val: np.ndarray                          # (N,) class labels
+    clustering: Any                            # spec.ClusteringSpec: method, k, k_max, scope, ...
+    seed: int
+    val_features: Optional[np.ndarray] = None  # (N, d) penultimate features of the ERM model
+    val_logits: Optional[np.ndarray] = None    # (N, n_classes) ERM logits
+    heatmaps: Optional[np.ndarray] = None      # (N, ...) heatmaps of the predicted class
+    true_groups: Optional[np.ndarray] = None   # (N,) true groups: the `true` source (oracle) only
+    random_k: Optional[int] = None             # `random`: groups per class; None = clustering.k if an int, else 2
+
+
+@dataclass(frozen=True)
+class GroupSource:
+    fn: Callable[[GroupContext], tuple[np.ndarray, dict]]
+    needs: tuple[str, ...]   # GroupContext fields that must not be None
+    oracle: bool = False     # only an oracle source is shown `true_groups`
+
+
+GROUP_SOURCES: Registry = Registry("group source", "groups.source")
+
+
+def source(name: str, needs: tuple[str, ...] = (), oracle: bool = False):
+    def deco(fn):
+        GROUP_SOURCES.register(name)(GroupSource(fn, needs, oracle))
+        return fn
+    return deco
+
+
+def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
+    """Run the registered source `name` on `ctx`; checks its inputs and hides the truth from non-oracles."""
+    src: GroupSource = GROUP_SOURCES.get(name)
+    needs = src.needs
+    if name == "exmap" and getattr(ctx.clustering, "input", "heatmaps") == "features":
+        needs = ("val_features",)
+    missing = [f for f in needs if getattr(ctx, f) is None]
+    if missing:
+        raise UserError(f"group source '{name}' needs {', '.join(missing)}, which the caller did not provide")
+    if not src.oracle:
+        ctx = dataclasses.replace(ctx, true_groups=None)
+    groups, info = src.fn(ctx)
+    groups = np.asarray(groups, np.int64)
+    if groups.shape != (len(ctx.y_val),):
+        raise ValueError(f"group source '{name}' returned shape {groups.shape}, expected ({len(ctx.y_val)},)")
+    ids, counts = np.unique(groups, return_counts=True)
+    return groups, {"source": name, **info, "n_groups": int(len(ids)),
+                    "sizes": {int(g): int(c) for g, c in zip(ids, counts)}}
+
+
+def class_by_cluster(y: np.ndarray, cluster_of: np.ndarray) -> np.ndarray:
+    """Dense ids 0..G-1 for the (class, cluster) pairs, ordered by class then cluster."""
+    pairs = np.stack([y, cluster_of], 1)
+    _, ids = np.unique(pairs, axis=0, return_inverse=True)
+    return ids.ravel().astype(np.int64)
+
+
+@source("exmap", needs=("heatmaps",))
+def exmap_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
+    """ExMap: cluster the heatmaps with `clustering.*` (scope, method, k); group = class x cluster."""
+    if getattr(ctx.clustering, "input", "heatmaps") == "features":
+        return pseudo_groups(ctx.val_features, ctx.y_val, ctx.clustering, ctx.seed, what="features")
+    H = np.asarray(ctx.heatmaps)
+    return pseudo_groups(H.reshape(len(H), -1), ctx.y_val, ctx.clustering, ctx.seed)
+
+
+@source("features", needs=("val_features",))
+def feature_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
+    """GEORGE-style: the same clusterer on penultimate features, each class clustered apart (local scope)."""
+    cspec = dataclasses.replace(ctx.clustering, scope="local")
+    return pseudo_groups(ctx.val_features, ctx.y_val, cspec, ctx.seed, what="features")
+
+
+@source("jtt_error_set", needs=("val_logits",))
+def error_set_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
+    """JTT's error set as groups: 2 y + 1 where ERM misclassifies, 2 y where it is right.
+
+    An error set smaller than `clustering.min_group_size` is folded back into its class's
+    correct group (a 2-point group would starve group-balanced retraining); `merged` says so.
+    """
+    y = np.asarray(ctx.y_val, np.int64)
+    wrong = (np.asarray(ctx.val_logits).argmax(1) != y).astype(np.int64)
+    merged = []
+    for c in np.unique(y):
+        n_err = int(wrong[y == c].sum())
+        if 0 < n_err < ctx.clustering.min_group_size:
+            wrong[y == c] = 0
+            merged.append({"class": int(c), "errors": n_err})
+    return 2 * y + wrong, {"error_rate": float((np.asarray(ctx.val_logits).argmax(1) != y).mean()),
+                           "merged": merged}
+
+
+@source("random")
+def random_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
+    """Each class split at random into k equal-sized parts: class x random part. A floor any method must beat."""
+    k = ctx.random_k or (ctx.clustering.k if isinstance(ctx.clustering.k, int) else 2)
+    rng = np.random.default_rng([ctx.seed, 7])
+    cluster_of = np.zeros(len(ctx.y_val), np.int64)
+    for c in np.unique(ctx.y_val):
+        idx = np.flatnonzero(ctx.y_val == c)
+        cluster_of[rng.permutation(idx)] = np.arange(len(idx)) % k
+    return class_by_cluster(np.asarray(ctx.y_val), cluster_of), {"k_per_class": int(k)}
+
+
+@source("true", needs=("true_groups",), oracle=True)
+def true_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
+    """The oracle: the true val groups (for the upper-bound row; never used for selection elsewhere)."""
+    return np.asarray(ctx.true_groups, np.int64), {}
+
+
+__all__ = ["GROUP_SOURCES", "GroupContext", "GroupSource", "infer_groups", "class_by_cluster"]

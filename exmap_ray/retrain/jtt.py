@@ -1,0 +1,71 @@
+"""Just Train Twice (Liu et al., ICML 2021) on the last layer: upweight an error set and retrain.
+
+    model = fit_jtt(val_features, y_val, groups, spec, seed=0)
+    pred = model.predict(test_features)
+
+JTT's second stage retrains with the first model's mistakes upsampled `retrain.jtt_upweight`
+(lambda_up) times. Here the error set is read off the group labels given: within each class the
+largest (class, group) cell is the majority and every point outside it is in the error set. With the
+`jtt_error_set` group source (group = 2 y + [ERM wrong]) that is exactly ERM's val errors, as in the
+paper; with pseudo or true groups it is the class's minority groups. Upsampling by lambda_up is done
+exactly, as sample weights in an L2 logistic regression on standardised val features (sklearn,
+lbfgs); its weight decay is chosen from `retrain.weight_decay_grid` by the worst given-group
+accuracy on held-out val halves (label-free, `common.select_on_halves`).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from .common import LastLayerModel, check_inputs, select_on_halves, standardise
+
+log = logging.getLogger(__name__)
+
+
+def error_set_from_groups(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Boolean mask: points outside the largest (class, group) cell of their class (ties: the lower group id)."""
+    y, groups = np.asarray(y), np.asarray(groups)
+    err = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        ids, counts = np.unique(groups[idx], return_counts=True)
+        err[idx] = groups[idx] != ids[np.argmax(counts)]
+    return err
+
+
+def fit_weighted_logreg(X, y, weights, weight_decay: float, seed: int) -> LogisticRegression:
+    """min  sum_i w_i loss_i / sum_i w_i + weight_decay / 2 * ||coef||^2  (sklearn's C = 1 / (wd * sum w))."""
+    C = 1.0 / (max(weight_decay, 1e-12) * float(np.sum(weights)))
+    clf = LogisticRegression(C=C, max_iter=1000, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return clf.fit(X, y, sample_weight=weights)
+
+
+def fit_jtt(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, spec, seed: int,
+            score_groups: dict[str, np.ndarray] | None = None) -> LastLayerModel:
+    """Last-layer JTT on val; `spec` is the full Spec (reads `spec.retrain`). `score_groups`: analysis only."""
+    r = spec.retrain
+    check_inputs("JTT", feats, y, groups)
+    X, mean, std = standardise(feats)
+    err = error_set_from_groups(y, groups)
+    if not err.any():
+        log.warning("JTT: the groups give an empty error set (one group per class); this is plain ERM")
+    weights = np.where(err, r.jtt_upweight, 1.0)
+
+    def fit_predict(a, b, wd, fit_seed):
+        return fit_weighted_logreg(X[a], y[a], weights[a], wd, fit_seed).predict(X[b])
+
+    grid = list(r.weight_decay_grid)
+    best, selection, halves, preds = select_on_halves(fit_predict, X, y, groups, grid, r.n_select_repeats, seed,
+                                                      score_groups)
+    clf = fit_weighted_logreg(X, y, weights, best, seed)
+    log.info("JTT: weight decay %g (held-out worst-group acc %.3f), error set %d of %d, upweight %g",
+             best, selection[best]["pseudo"], int(err.sum()), len(y), r.jtt_upweight)
+    return LastLayerModel(mean, std, clf.coef_, clf.intercept_, clf.classes_, {"weight_decay": best}, selection,
+                          halves, preds, method="jtt",
+                          extra={"error_set_size": int(err.sum()), "upweight": float(r.jtt_upweight)})

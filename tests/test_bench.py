@@ -1,0 +1,74 @@
+"""The method zoo end to end: cmnist_multi, per-shortcut gaps, `bench`, and baselines through `run`."""
+import csv
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from exmap_ray.bench import ROWS, run_bench
+from exmap_ray.data import build_dataset
+from exmap_ray.metrics import shortcut_gaps
+from exmap_ray.pipeline import run_pipeline
+from exmap_ray.spec import from_dict
+from exmap_ray.store import StageCache
+
+from .conftest import tiny_spec_dict
+
+
+def test_cmnist_multi_has_two_shortcuts_and_eight_groups():
+    spec = from_dict({"dataset": {"name": "cmnist_multi", "rho": 0.95, "rho_patch": 0.9,
+                                  "n_train": 600, "n_val": 400, "n_test": 400}})
+    d = build_dataset(spec.dataset, 0)
+    assert d.n_groups == 8 and len(d.group_names) == 8
+    for split in ("train", "val", "test"):
+        s = d.split(split)
+        assert (np.bincount(s.group, minlength=8) >= 2).all(), split  # every group present everywhere
+        x = s.images.x
+        tl, br = s.attrs["patch"] == 0, s.attrs["patch"] == 1
+        assert (x[tl][:, :, :4, :4] == 1).all() and (x[br][:, :, -4:, -4:] == 1).all()
+    v, t = d.val, d.test
+    assert 0.85 <= (v.attrs["patch"] == v.y).mean() <= 0.95 and 0.9 <= (v.attrs["colour"] == v.y).mean()
+    assert abs((t.attrs["patch"] == t.y).mean() - 0.5) < 0.02 and abs((t.attrs["colour"] == t.y).mean() - 0.5) < 0.02
+    # a model that follows the colour fails exactly where the colour disagrees
+    gaps = d.shortcut_metrics(t.attrs["colour"], t.y, t.attrs)
+    assert gaps["id_acc"] == 1.0 and gaps["colour_gap"] == -1.0 and gaps["patch_gap"] == 0.0
+
+
+def test_shortcut_gaps_by_hand():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    pred = np.array([0, 0, 1, 0, 1, 1])
+    a = {"bg": np.array([1, 1, 1, 0, 1, 0], bool), "obj": np.array([1, 1, 1, 1, 0, 0], bool)}
+    g = shortcut_gaps(pred, y, a)
+    assert g["id_acc"] == 1.0 and g["bg_gap"] == -1.0 and g["obj_gap"] == -1.0 and g["bg+obj_gap"] == 0.0
+
+
+def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
+    cache = tiny_run[0] / "cache"
+    before = len(StageCache(cache).records())
+    spec = from_dict(tiny_spec_dict(retrain={"groupdro_epochs": 5, "n_select_repeats": 2}))
+    out = tmp_path / "bench"
+    summary = run_bench(spec, [0], out, cache)
+    rows = {r["row"]: r for r in summary["rows"]}
+    assert list(rows) == [name for name, *_ in ROWS]
+    assert rows["oracle DFR (true groups)"]["ari"] == 1.0
+    for r in rows.values():
+        assert 0 <= r["test_wga"] <= r["test_mean_acc"] <= 1
+    new = [(r["stage"], r["event"]) for r in StageCache(cache).records()[before:]]
+    assert ("erm", "reused") in new and ("erm", "computed") not in new  # ERM once per seed, shared by rows
+    assert ("heatmaps", "computed") not in new
+    with open(out / "bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(ROWS)
+    assert "ExMap global + DFR" in (out / "bench.md").read_text()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert {"bench.md", "bench.csv", "bench_wga.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert any(k.endswith("test_wga") for k in run.data.metrics)
+
+
+def test_run_with_feature_groups_and_groupdro(tiny_run, tmp_path):
+    spec = from_dict(tiny_spec_dict(groups={"source": "features"}, clustering={"k": 2},
+                                    retrain={"method": "groupdro", "groupdro_epochs": 5, "n_select_repeats": 2}))
+    res = run_pipeline(spec, tmp_path / "run", tiny_run[0] / "cache")
+    e = res["exmap"]
+    assert e["groups_source"] == "features" and e["retrain"] == "groupdro" and "weight_decay" in e["retrain_chosen"]
+    assert e["n_groups"] == 4 and 0 <= e["test"]["worst_group_acc"] <= 1
+    assert (tmp_path / "run" / "heatmaps_by_pseudo_group.png").exists()

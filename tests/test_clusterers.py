@@ -1,0 +1,71 @@
+"""The clusterer registry: silhouette-selected k-means and BIC-selected GMM, on any (N, d) rows."""
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from exmap_ray.clustering import CLUSTERERS, cluster, pseudo_groups
+from exmap_ray.errors import DataError, SpecError
+from exmap_ray.spec import ClusteringSpec, from_dict
+
+
+def blobs(sizes, d=6, seed=0, scales=None):
+    """Gaussian blobs with per-blob, per-dimension (diagonal) spreads."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(len(sizes), d)) * 4
+    scales = scales or [0.3] * len(sizes)
+    X = np.concatenate([c + s * rng.uniform(0.5, 1.5, d) * rng.normal(size=(n, d))
+                        for c, n, s in zip(centers, sizes, scales)])
+    return X.astype(np.float32), np.repeat(np.arange(len(sizes)), sizes)
+
+
+def test_registry_holds_every_method_and_the_spec_validates_against_it():
+    assert set(CLUSTERERS.names()) == {"kmeans", "spectral", "kmeans_silhouette", "gmm"}
+    assert from_dict({"clustering": {"method": "gmm", "input": "features"}}).clustering.input == "features"
+    assert from_dict({}).clustering.input == "heatmaps"
+    with pytest.raises(SpecError, match=r"clustering.method': got 'gmn', expected one of: gmm, kmeans"):
+        from_dict({"clustering": {"method": "gmn"}})
+    with pytest.raises(SpecError, match=r"clustering.input"):
+        from_dict({"clustering": {"input": "logits"}})
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_kmeans_silhouette_finds_the_planted_k(k):
+    X, truth = blobs([80] * k, seed=k)
+    labels, info = cluster(X, ClusteringSpec(method="kmeans_silhouette", k="auto", k_max=8), seed=0)
+    assert info["k"] == k and adjusted_rand_score(truth, labels) == pytest.approx(1.0)
+    # the chosen k has the best silhouette of all the candidates 2..k_max
+    assert max(info["silhouette"], key=info["silhouette"].get) == str(k) and len(info["silhouette"]) == 7
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_gmm_bic_finds_the_planted_k_with_unequal_spreads(k):
+    X, truth = blobs([120, 60, 90, 40][:k], seed=10 + k, scales=[0.2, 0.6, 0.3, 0.8][:k])
+    labels, info = cluster(X, ClusteringSpec(method="gmm", k="auto", k_max=7), seed=0)
+    assert info["k"] == k and min(info["bic"], key=info["bic"].get) == str(k)
+    assert adjusted_rand_score(truth, labels) == pytest.approx(1.0)
+    assert labels.dtype == np.int64 and set(labels.tolist()) == set(range(info["k_used"]))
+
+
+@pytest.mark.parametrize("method", ["gmm", "kmeans_silhouette"])
+def test_an_integer_k_is_used_as_given(method):
+    X, _ = blobs([50, 50, 50], seed=3)
+    labels, info = cluster(X, ClusteringSpec(method=method, k=4), seed=0)
+    assert info["k"] == 4 and len(np.unique(labels)) <= 4 and "bic" not in info and "silhouette" not in info
+
+
+def test_any_rows_cluster_into_class_by_cluster_groups():
+    """Penultimate-feature-like rows (2 classes x 2 latent subgroups, one small) go through the same path."""
+    X, sub = blobs([70, 12, 70, 12], d=10, seed=5)
+    y = np.array([0] * 82 + [1] * 82)
+    for method in ("gmm", "kmeans_silhouette"):
+        groups, info = pseudo_groups(X, y, ClusteringSpec(method=method, scope="local", min_group_size=3, normalize=False), 0,
+                                     what="features")
+        assert info["n_groups"] == 4 and adjusted_rand_score(sub, groups) == pytest.approx(1.0)
+        assert all(len(np.unique(y[groups == g])) == 1 for g in np.unique(groups))
+
+
+def test_bad_feature_rows_are_reported_as_features():
+    X = np.random.default_rng(0).normal(size=(10, 4))
+    X[3, 1] = np.inf
+    with pytest.raises(DataError, match="rows of features contain NaN or inf"):
+        pseudo_groups(X, np.array([0, 1] * 5), ClusteringSpec(method="gmm"), 0, what="features")

@@ -1,0 +1,113 @@
+"""Group sources for val: ExMap, GEORGE-style features, JTT error set, random floor, oracle."""
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from exmap_ray.errors import SpecError, UserError
+from exmap_ray.groups import GROUP_SOURCES, GroupContext, GroupSource, infer_groups
+from exmap_ray.spec import ClusteringSpec, from_dict
+
+
+def toy(seed=0):
+    """2 classes x 2 subgroups (60 + 15 each). Heatmaps separate subgroups by a 'colour' channel;
+    features separate them along other directions, so the two inputs are distinguishable."""
+    rng = np.random.default_rng(seed)
+    sizes = [60, 15, 60, 15]
+    sub = np.repeat(np.arange(4), sizes)
+    y = sub // 2
+    colour = sub % 2
+    H = 0.05 * rng.normal(size=(len(y), 2, 4, 4))
+    H[colour == 0, 0] += 1.0
+    H[colour == 1, 1] += 1.0
+    centers = rng.normal(size=(4, 8)) * 4
+    F = centers[sub] + 0.2 * rng.normal(size=(len(y), 8))
+    logits = np.zeros((len(y), 2))
+    logits[np.arange(len(y)), np.where(colour == 0, y, 1 - y)] = 1.0  # the ERM follows the colour
+    return y, sub, H, F, logits
+
+
+def ctx(**over):
+    y, sub, H, F, logits = toy()
+    base = dict(y_val=y, clustering=ClusteringSpec(method="kmeans", k=2, scope="global", min_group_size=3),
+                seed=0, val_features=F, val_logits=logits, heatmaps=H, true_groups=sub)
+    return GroupContext(**{**base, **over})
+
+
+def test_registry_and_spec_key():
+    assert GROUP_SOURCES.names() == ["exmap", "features", "jtt_error_set", "random", "true"]
+    assert from_dict({}).groups.source == "exmap"
+    with pytest.raises(SpecError, match=r"groups.source': got 'oracle', expected one of: exmap"):
+        from_dict({"groups": {"source": "oracle"}})
+
+
+def test_exmap_clusters_heatmaps_into_class_by_cluster():
+    c = ctx()
+    groups, info = infer_groups("exmap", c)
+    assert groups.dtype == np.int64 and info["source"] == "exmap" and info["n_groups"] == 4
+    assert adjusted_rand_score(c.true_groups, groups) == pytest.approx(1.0)
+    assert all(len(np.unique(c.y_val[groups == g])) == 1 for g in np.unique(groups))
+
+
+def test_clustering_input_switches_exmap_to_features():
+    """clustering.input: features clusters the features with the very same clusterer; heatmaps not needed."""
+    cspec = ClusteringSpec(method="kmeans", k=2, scope="local", input="features", min_group_size=3)
+    c = ctx(clustering=cspec, heatmaps=None)
+    groups, info = infer_groups("exmap", c)
+    assert adjusted_rand_score(c.true_groups, groups) == pytest.approx(1.0)
+    with pytest.raises(UserError, match="group source 'exmap' needs heatmaps"):
+        infer_groups("exmap", ctx(heatmaps=None))
+
+
+def test_features_source_clusters_each_class_apart():
+    c = ctx()  # the clustering spec says global: the GEORGE-style source is per class regardless
+    groups, info = infer_groups("features", c)
+    assert set(info["scopes"]) == {"class 0", "class 1"} and info["n_groups"] == 4
+    assert adjusted_rand_score(c.true_groups, groups) == pytest.approx(1.0)
+
+
+def test_jtt_error_set_is_2y_plus_wrong():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    logits = np.array([[2, 0], [2, 0], [0, 2], [0, 2], [0, 1], [0, 1], [0, 1], [1, 0], [1, 0], [1, 0]], float)
+    c = GroupContext(y_val=y, clustering=ClusteringSpec(min_group_size=2), seed=0, val_logits=logits)
+    groups, info = infer_groups("jtt_error_set", c)
+    assert groups.tolist() == [0, 0, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert info["error_rate"] == pytest.approx(0.5) and info["sizes"] == {0: 2, 1: 2, 2: 3, 3: 3}
+    # an error set below clustering.min_group_size folds back into its class's correct group
+    c3 = GroupContext(y_val=y, clustering=ClusteringSpec(min_group_size=3), seed=0, val_logits=logits)
+    groups3, info3 = infer_groups("jtt_error_set", c3)
+    assert groups3.tolist() == [0, 0, 0, 0, 2, 2, 2, 3, 3, 3] and info3["merged"] == [{"class": 0, "errors": 2}]
+
+
+def test_random_groups_are_balanced_per_class_and_seeded():
+    c = ctx(random_k=3)
+    groups, info = infer_groups("random", c)
+    assert info["n_groups"] == 6 and info["k_per_class"] == 3
+    for cls in (0, 1):
+        sizes = np.bincount(groups[c.y_val == cls])
+        sizes = sizes[sizes > 0]
+        assert len(sizes) == 3 and sizes.max() - sizes.min() <= 1
+    assert all(len(np.unique(c.y_val[groups == g])) == 1 for g in np.unique(groups))
+    assert np.array_equal(groups, infer_groups("random", c)[0])
+    assert not np.array_equal(groups, infer_groups("random", ctx(random_k=3, seed=1))[0])
+    assert infer_groups("random", ctx())[1]["k_per_class"] == 2  # clustering.k = 2 when random_k is unset
+    assert adjusted_rand_score(c.true_groups, groups) < 0.5  # no information beyond the class
+
+
+def test_only_the_oracle_sees_the_true_groups(monkeypatch):
+    seen = {}
+
+    def spy(c):
+        seen["true"] = c.true_groups
+        return np.zeros(len(c.y_val), np.int64), {}
+
+    monkeypatch.setitem(GROUP_SOURCES._items, "spy", GroupSource(spy, ()))
+    c = ctx()
+    infer_groups("spy", c)
+    assert seen["true"] is None
+    groups, info = infer_groups("true", c)
+    assert np.array_equal(groups, c.true_groups) and info["n_groups"] == 4
+    with pytest.raises(UserError, match="needs true_groups"):
+        infer_groups("true", ctx(true_groups=None))
+    # and no non-oracle source changes its answer when the truth is (or is not) in the context
+    for name in ("exmap", "features", "jtt_error_set", "random"):
+        assert np.array_equal(infer_groups(name, c)[0], infer_groups(name, ctx(true_groups=None))[0])
