@@ -186,7 +186,8 @@ def collect_rows(grid, domains) -> list[dict]:
     rows = []
     for r in grid:
         # Tune's trial folder is "<trial name>_<index>_<params>_<time>"; the trial name is the MLflow run name
-        m = re.match(r"(.+?_\d{5})", Path(r.path).name) if r.path else None
+        # (the trial id is 5 hex digits, which may all be decimal, then the 5-digit index)
+        m = re.match(r"(.+?_[0-9a-f]{5}_\d{5})_\d+_", Path(r.path).name) if r.path else None
         name = m.group(1) if m else str(r.path)
         cfg = {d.key: r.config.get(d.key.replace(".", "__")) for d in domains}
         row = {"trial": name, **{f"config.{k}": v for k, v in cfg.items()}}
