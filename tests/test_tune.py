@@ -48,9 +48,11 @@ def test_search_space_validation():
             parse_space(from_dict({"search": {"space": space}}))
 
 
-def test_sweep_nests_trials_shares_upstream_and_summarizes(ray_local, tmp_path, capsys):
+def test_sweep_nests_trials_shares_upstream_and_summarizes(tiny_run, tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert main(["tune", str(_sweep_spec(tmp_path)), "--out", str(out), "--quiet"]) == 0
+    cache = tiny_run[0] / "cache"  # the tiny spec's ERM and heatmaps, computed once per session
+    before = len(StageCache(cache).records())
+    assert main(["tune", str(_sweep_spec(tmp_path)), "--out", str(out), "--cache", str(cache), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0
     chosen, oracle = summary["label_free_choice"], summary["oracle_choice"]
@@ -61,10 +63,11 @@ def test_sweep_nests_trials_shares_upstream_and_summarizes(ray_local, tmp_path, 
         assert (out / f).stat().st_size > 0
     assert "label-free choice" in capsys.readouterr().out
 
-    # ERM and heatmaps once for the whole sweep; clusters once per trial
-    events = [(r["stage"], r["event"]) for r in StageCache(out / "cache").records()]
-    assert events.count(("erm", "computed")) == 1 and events.count(("heatmaps", "computed")) == 1
-    assert events.count(("clusters", "computed")) == 4
+    # the cached ERM and heatmaps serve the whole sweep (none recomputed); each trial clusters once
+    events = [(r["stage"], r["event"]) for r in StageCache(cache).records()[before:]]
+    assert ("erm", "computed") not in events and ("heatmaps", "computed") not in events
+    assert events.count(("erm", "reused")) == 5  # the driver's shared-upstream pass + 4 trials
+    assert events.count(("clusters", "computed")) + events.count(("clusters", "reused")) == 4
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     parent = client.get_run(summary["mlflow_parent_run_id"])
@@ -82,12 +85,14 @@ def test_sweep_nests_trials_shares_upstream_and_summarizes(ray_local, tmp_path, 
     assert "add --resume" in capsys.readouterr().err
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_run, tmp_path):
     """SIGKILL the whole `exmap-ray tune` process group mid-sweep, then --resume."""
     out = tmp_path / "sweep"
     spec = _sweep_spec(tmp_path, max_concurrent_trials=2)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "exmap_ray", "tune", str(spec), "--out", str(out), "--quiet"]
+    cache = tiny_run[0] / "cache"  # the tiny spec's ERM and heatmaps, computed once per session
+    before = len(StageCache(cache).records())
+    cmd = [sys.executable, "-m", "exmap_ray", "tune", str(spec), "--out", str(out), "--cache", str(cache), "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     try:
@@ -111,8 +116,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         assert names.count(name) == 1, (name, names)
     assert set(names) == {r["trial"] for r in summary["rows"]}
     assert all(k.info.status in ("FINISHED", "KILLED") for k in kids)  # no run left dangling as RUNNING
-    events = [(r["stage"], r["event"]) for r in StageCache(out / "cache").records()]
-    assert events.count(("erm", "computed")) == 1  # the resumed driver reused the cached ERM
+    events = [(r["stage"], r["event"]) for r in StageCache(cache).records()[before:]]
+    assert ("erm", "computed") not in events  # neither the killed nor the resumed driver retrained ERM
+    assert events.count(("erm", "reused")) >= 2
 
 
 def test_sweep_over_erm_runs_ray_train_inside_trials(ray_local, tmp_path):
