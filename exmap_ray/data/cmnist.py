@@ -141,19 +141,29 @@ def to_input(x: torch.Tensor, dspec) -> torch.Tensor:
     return x
 
 
-@DATASETS.register("cmnist")
-def build_cmnist(dspec, seed: int) -> GroupData:
+def digit_splits(dspec, seed: int, tag: str):
+    """Yield (split name, digits, y = digit >= 5, rng) for train, val and test, in that order.
+
+    One generator per dataset (seeded by `tag`) draws the split order and then, between the
+    yields, whatever the caller draws per split (colours, patches), so every C-MNIST variant
+    gets reproducible, disjoint splits from the same digits.
+    """
     digits, labels = load_digits(dspec.mnist_root)
     sizes = split_sizes(dspec, len(digits))
-    rng = np.random.default_rng(stage_seed(seed, "cmnist"))
+    rng = np.random.default_rng(stage_seed(seed, tag))
     order = rng.permutation(len(digits))
-    splits, start = {}, 0
+    start = 0
     for name, n in sizes.items():
         idx = order[start:start + n]
         start += n
-        y = (labels[idx] >= 5).astype(np.int64)
+        yield name, digits[idx], (labels[idx] >= 5).astype(np.int64), rng
+
+
+@DATASETS.register("cmnist")
+def build_cmnist(dspec, seed: int) -> GroupData:
+    splits = {}
+    for name, digits, y, rng in digit_splits(dspec, seed, "cmnist"):
         colour = assign_colours(y, dspec.rho if name != "test" else 0.5, rng)
-        x = colorize(digits[idx], colour)
-        x = to_input(x, dspec)
+        x = to_input(colorize(digits, colour), dspec)
         splits[name] = Split(images=TensorImages(x), y=y, group=2 * y + colour)
     return GroupData(**splits, n_classes=2, group_names=list(GROUP_NAMES))

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from ..metrics import shortcut_gaps
-from ..spec import stage_seed
 from .base import DATASETS, GroupData, Split, TensorImages
-from .cmnist import assign_colours, colorize, load_digits, split_sizes, to_input
+from .cmnist import assign_colours, colorize, digit_splits, to_input
 
 PATCH = 4
 
@@ -63,18 +62,11 @@ def gaps(pred: np.ndarray, y: np.ndarray, attrs: dict) -> dict:
 
 @DATASETS.register("cmnist_multi")
 def build_cmnist_multi(dspec, seed: int) -> GroupData:
-    digits, labels = load_digits(dspec.mnist_root)
-    sizes = split_sizes(dspec, len(digits))
-    rng = np.random.default_rng(stage_seed(seed, "cmnist_multi"))
-    order = rng.permutation(len(digits))
-    splits, start = {}, 0
-    for name, n in sizes.items():
-        idx = order[start:start + n]
-        start += n
-        y = (labels[idx] >= 5).astype(np.int64)
+    splits = {}
+    for name, digits, y, rng in digit_splits(dspec, seed, "cmnist_multi"):
         colour = assign_colours(y, dspec.rho if name != "test" else 0.5, rng)
         patch = assign_patches(y, colour, dspec.rho_patch if name != "test" else 0.5, rng)
-        x = to_input(add_patch(colorize(digits[idx], colour), patch), dspec)
+        x = to_input(add_patch(colorize(digits, colour), patch), dspec)
         splits[name] = Split(images=TensorImages(x), y=y, group=4 * y + 2 * colour + patch,
                              attrs={"colour": colour, "patch": patch})
     return GroupData(**splits, n_classes=2, group_names=group_names(), shortcut_metrics=gaps)
