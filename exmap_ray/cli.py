@@ -35,6 +35,16 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="override a spec key (YAML value), e.g. --set clustering.k=4; repeatable")
 
 
+def _add_job_args(p: argparse.ArgumentParser, out_help: str,
+                  quiet_help: str = "only warnings and the final table") -> None:
+    """The options every Ray job command (run, tune, bench) shares."""
+    p.add_argument("--out", type=Path, help=out_help)
+    p.add_argument("--cache", type=Path, help="stage cache folder to share between runs (default OUT/cache)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--quiet", action="store_true", help=quiet_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exmap-ray",
@@ -49,26 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "plots and an MLflow run. Stages are cached in OUT/cache, so a re-run "
                                      "resumes where the last one stopped.")
     _add_spec_args(run)
-    run.add_argument("--out", type=Path, help="output folder (default runs/<spec name>)")
-    run.add_argument("--cache", type=Path, help="stage cache folder to share between runs (default OUT/cache)")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
-    run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    _add_job_args(run, "output folder (default runs/<spec name>)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT with the same spec: "
                                                            "finished stages are reused, a half-written one is redone")
-    run.add_argument("--quiet", action="store_true", help="only warnings and the final table")
 
     tn = sub.add_parser("tune", help="run a Ray Tune sweep over the spec's search: section",
                         description="Sweep the spec's `search.space` with Ray Tune. ERM and heatmaps shared by all "
                                     "trials are computed once; each trial is an MLflow child run of one parent run; "
                                     "OUT/summary.{md,csv,json} names the label-free choice and the oracle's.")
     _add_spec_args(tn)
-    tn.add_argument("--out", type=Path, help="sweep folder (default runs/<spec name>-sweep)")
-    tn.add_argument("--cache", type=Path, help="stage cache to share (default OUT/cache)")
-    tn.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
-    tn.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    _add_job_args(tn, "sweep folder (default runs/<spec name>-sweep)", "only warnings and the final summary")
     tn.add_argument("--resume", action="store_true", help="continue an interrupted sweep in OUT: finished "
                                                           "trials are not rerun, cached stages not recomputed")
-    tn.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
 
     sy = sub.add_parser("sync-mlflow", help="upload a finished run to MLflow after its server was unreachable",
                         description="Log a finished `exmap-ray run` output folder to MLflow: the flattened spec as "
@@ -89,11 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Writes OUT/bench.{md,csv,json} and bench_wga.png, and one MLflow run.")
     _add_spec_args(bn)
     bn.add_argument("--seeds", type=int, default=3, help="number of seeds, from the spec's seed upwards (default 3)")
-    bn.add_argument("--out", type=Path, help="output folder (default runs/<spec name>-bench)")
-    bn.add_argument("--cache", type=Path, help="stage cache to share (default OUT/cache)")
-    bn.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
-    bn.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
-    bn.add_argument("--quiet", action="store_true", help="only warnings and the final table")
+    _add_job_args(bn, "output folder (default runs/<spec name>-bench)")
 
     sp = sub.add_parser("spec", help="print every spec key with its default and reason, or a resolved spec",
                         description="Without SPEC: every key, its default and why. With SPEC: the resolved "
