@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Writes OUT/bench.{md,csv,json} and bench_wga.png, and one MLflow run.")
     _add_spec_args(bn)
     bn.add_argument("--seeds", type=int, default=3, help="number of seeds, from the spec's seed upwards (default 3)")
+    bn.add_argument("--end-to-end", action="store_true",
+                    help="add rows ExMap + GroupDRO / JTT (end to end): fine-tune the whole ERM network on val "
+                         "with the ExMap groups (retrain.e2e_* keys); slower than the last-layer rows")
     _add_job_args(bn, "output folder (default runs/<spec name>-bench)")
 
     sp = sub.add_parser("spec", help="print every spec key with its default and reason, or a resolved spec",
@@ -146,6 +149,9 @@ def cmd_bench(args) -> int:
     spec = load_spec(args.spec, args.sets)
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
+    if args.end_to_end and spec.groups.source != "exmap":
+        raise UserError(f"--end-to-end fine-tunes on the ExMap groups, but spec key 'groups.source' is "
+                        f"'{spec.groups.source}'; use groups.source exmap")
     out = args.out or Path("runs") / f"{spec.name}-bench"
     _check_tracking(args.tracking_uri or spec.tracking.uri, out)
     from .bench import run_bench
@@ -154,7 +160,7 @@ def cmd_bench(args) -> int:
     preflight(spec)  # data / backbone / method errors before Ray starts
     seeds = [spec.seed + i for i in range(args.seeds)]
     with ray_session(args.address):
-        summary = run_bench(spec, seeds, out, args.cache, args.tracking_uri)
+        summary = run_bench(spec, seeds, out, args.cache, args.tracking_uri, end_to_end=args.end_to_end)
     print("\n" + summary["table"])
     print(f"\ntable: {out / 'bench.md'} (also .csv, .json; plot {out / 'bench_wga.png'})")
     return 0

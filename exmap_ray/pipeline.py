@@ -49,6 +49,11 @@ def _config(spec: Spec, section: str) -> dict:
 RETRAIN_NAMES = {"dfr": "DFR", "groupdro": "GroupDRO", "jtt": "JTT"}  # for tables and plots
 
 
+def retrain_label(method: str, mode: str = "last_layer") -> str:
+    name = RETRAIN_NAMES.get(method, method)
+    return f"{name} (end to end)" if mode == "end_to_end" else name
+
+
 class Timer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -116,12 +121,34 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer, upt
             return info
         cl_info = cache.run(cl, compute_clusters)
 
+    stages = {"erm": erm, "features": feats, "heatmaps": hm, "clusters": cl}
+    e2e_info = None
+    if spec.retrain.mode == "end_to_end":  # fine-tune the whole network: a cached stage of its own
+        stages["end_to_end"], e2e_info = end_to_end_stage(spec, data, cache, timer, erm, cl)
+
     load = lambda name: np.load(feats.dir / name)  # noqa: E731
-    return {"stages": {"erm": erm, "features": feats, "heatmaps": hm, "clusters": cl},
+    return {"stages": stages, "end_to_end_info": e2e_info,
             "erm_info": erm_info, "heatmap_info": hm_info, "cluster_info": cl_info,
             "val_features": load("val_features.npy"), "test_features": load("test_features.npy"),
             "test_logits": load("test_logits.npy"), "val_logits": load("val_logits.npy"),
             "pseudo": np.load(cl.dir / "pseudo_groups.npy")}
+
+
+def end_to_end_stage(spec: Spec, data: GroupData, cache: StageCache, timer: Timer, erm, cl):
+    """Fine-tune the ERM network with the groups of clusters stage `cl` (retrain.mode end_to_end).
+
+    Cached by the retrain config, so a resumed run or a bench row never fine-tunes twice.
+    """
+    ft = cache.stage("end_to_end", {"retrain": _config(spec, "retrain"), "seed": spec.seed}, (erm, cl))
+    with timer("end_to_end"):
+        def compute(d: Path):
+            from .retrain.end_to_end import run_end_to_end
+
+            model = load_checkpoint(spec.model.backbone, data.n_classes, erm.dir / "model.pt")
+            return run_end_to_end(spec, model, data.val.images, data.val.y, np.load(cl.dir / "pseudo_groups.npy"),
+                                  data.test.images, stage_seed(spec.seed, "dfr"), d)
+        info = cache.run(ft, compute)
+    return ft, info
 
 
 def preflight(spec: Spec) -> GroupData:
@@ -135,9 +162,6 @@ def preflight(spec: Spec) -> GroupData:
     if spec.dataset.name in LAYOUTS:  # on-disk benchmarks: the same check as `exmap-ray datasets check`
         report = check_dataset(spec.dataset)  # layout, index files, every missing and unreadable image
         report.raise_if_bad()
-    if spec.retrain.mode == "end_to_end":
-        raise SpecError("spec key 'retrain.mode': end_to_end is not wired into `run`, `tune` or `bench` yet (it "
-                        "exists as a library function, exmap_ray.retrain.finetune); use last_layer")
     data = build_dataset(spec.dataset, spec.seed)
     if spec.dataset.name not in LAYOUTS:
         for split in (data.train, data.val, data.test):
@@ -208,9 +232,15 @@ def evaluate_all(spec: Spec, data: GroupData, s: dict, timer: Timer) -> tuple[di
     res = {"erm": {"test": evaluate(s["test_logits"].argmax(1), test.y, test.group, names, train_g),
                    "val_acc": float((s["val_logits"].argmax(1) == data.val.y).mean())}}
     with timer("dfr"):
-        exmap = RETRAINERS.get(spec.retrain.method).fit(
-            s["val_features"], data.val.y, s["pseudo"], spec, stage_seed(spec.seed, "dfr"),
-            score_groups={"true": data.val.group})  # scored for analysis, never used to choose
+        if spec.retrain.mode == "end_to_end":  # already fine-tuned in its stage: read its predictions
+            from .retrain.end_to_end import EndToEndModel
+
+            exmap = EndToEndModel(s["stages"]["end_to_end"].dir, s["end_to_end_info"], data.val.y, s["pseudo"],
+                                  score_groups={"true": data.val.group})
+        else:
+            exmap = RETRAINERS.get(spec.retrain.method).fit(
+                s["val_features"], data.val.y, s["pseudo"], spec, stage_seed(spec.seed, "dfr"),
+                score_groups={"true": data.val.group})  # scored for analysis, never used to choose
         oracle = fit_dfr(s["val_features"], data.val.y, data.val.group, spec.dfr, stage_seed(spec.seed, "dfr"))
     agree = agreement(s["pseudo"], data.val.group, names)
     res["exmap"] = {"test": evaluate(exmap.predict(s["test_features"]), test.y, test.group, names, train_g),
@@ -218,11 +248,14 @@ def evaluate_all(spec: Spec, data: GroupData, s: dict, timer: Timer) -> tuple[di
                     "pseudo_group_sizes": s["cluster_info"]["sizes"],
                     "k_chosen": {sc: v["k"] for sc, v in s["cluster_info"].get("scopes", {}).items()},
                     "groups_source": spec.groups.source, "retrain": spec.retrain.method,
+                    "retrain_mode": spec.retrain.mode,
                     "dfr_C": exmap.chosen.get("C"), "retrain_chosen": exmap.chosen,
                     # label-free: worst pseudo-group / worst-class accuracy on held-out halves of val
                     "val": {"worst_pseudo_group_acc": exmap.heldout["pseudo"],
                             "worst_class_acc": exmap.heldout["class"],
                             "oracle_worst_group_acc": exmap.heldout["true"]}}
+    if spec.retrain.mode == "end_to_end":
+        res["exmap"]["end_to_end"] = exmap.info  # steps, final loss, GroupDRO's final q, device
     res["oracle_dfr"] = {"test": evaluate(oracle.predict(s["test_features"]), test.y, test.group, names, train_g),
                          "dfr_C": oracle.C}
     if data.shortcut_metrics is not None:  # datasets with several shortcuts: per-shortcut gaps (UrbanCars)
@@ -236,7 +269,7 @@ def evaluate_all(spec: Spec, data: GroupData, s: dict, timer: Timer) -> tuple[di
 def make_figures(data: GroupData, s: dict, results: dict, out: Path, spec: Spec) -> None:
     label = "ExMap" if spec.groups.source == "exmap" else f"{spec.groups.source} groups"
     rows = {"ERM": results["erm"]["test"]["per_group"],
-            f"{label} + {RETRAIN_NAMES.get(spec.retrain.method, spec.retrain.method)}": results["exmap"]["test"]["per_group"],
+            f"{label} + {retrain_label(spec.retrain.method, spec.retrain.mode)}": results["exmap"]["test"]["per_group"],
             "oracle DFR": results["oracle_dfr"]["test"]["per_group"]}
     plots.group_accuracy_bars(rows, out / "group_accuracy.png", f"{spec.name}: per-group test accuracy")
     pseudo = s["pseudo"]
@@ -260,7 +293,7 @@ def make_figures(data: GroupData, s: dict, results: dict, out: Path, spec: Spec)
 def format_table(results: dict) -> str:
     e = results["exmap"]
     label = ("ExMap" if e.get("groups_source", "exmap") == "exmap" else e["groups_source"]) + \
-        f" + {RETRAIN_NAMES.get(e.get('retrain', 'dfr'), e.get('retrain'))}"
+        f" + {retrain_label(e.get('retrain', 'dfr'), e.get('retrain_mode', 'last_layer'))}"
     rows = [("ERM", results["erm"]), (label, results["exmap"]),
             ("oracle DFR (true val groups)", results["oracle_dfr"])]
     lines = [f"{'method':<30} {'test WGA':>9} {'mean acc':>9} {'train-weighted':>15}", "-" * 66]

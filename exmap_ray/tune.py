@@ -210,9 +210,9 @@ def add_sweep_metric(rows: list[dict], metric: str) -> None:
     ok = [r for r in rows if r["status"] == "OK" and r.get("selection_file") and Path(r["selection_file"]).exists()]
     loaded = {r["trial"]: dict(np.load(r["selection_file"])) for r in ok}
     buckets: dict[str, list[dict]] = {}
-    for r in ok:  # trials that vary dataset or seed have other val splits: compare within a bucket
-        d = loaded[r["trial"]]
-        buckets.setdefault(stable_hash([d["y"].tolist(), d["heldout_idx"].tolist()]), []).append(r)
+    for r in ok:  # trials that vary dataset or seed have another val: compare within a bucket
+        d = loaded[r["trial"]]  # (each trial is scored on its own held-out halves: end-to-end trials have one)
+        buckets.setdefault(stable_hash(d["y"].tolist()), []).append(r)
     for group in buckets.values():
         groupings = [loaded[r["trial"]]["pseudo_groups"] for r in group]
         for r in group:

@@ -1,13 +1,15 @@
 """The method zoo end to end: cmnist_multi, per-shortcut gaps, `bench`, and baselines through `run`."""
 import csv
+from pathlib import Path
 
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
-from exmap_ray.bench import ROWS, run_bench
+from exmap_ray.bench import E2E_ROWS, ROWS, run_bench
 from exmap_ray.data import build_dataset
 from exmap_ray.metrics import shortcut_gaps
-from exmap_ray.pipeline import run_pipeline
+from exmap_ray.pipeline import format_table, run_pipeline
 from exmap_ray.spec import from_dict
 from exmap_ray.store import StageCache
 
@@ -41,22 +43,59 @@ def test_shortcut_gaps_by_hand():
     assert g["id_acc"] == 1.0 and g["bg_gap"] == -1.0 and g["obj_gap"] == -1.0 and g["bg+obj_gap"] == 0.0
 
 
+E2E = {"groupdro_epochs": 5, "n_select_repeats": 2, "e2e_lr": 0.05, "e2e_epochs": 2, "batch_size": 32}
+
+
+def test_run_with_end_to_end_groupdro(tiny_run, tmp_path):
+    """retrain.mode end_to_end through `run`: a cached stage that fine-tunes a copy of the ERM network."""
+    cache = tiny_run[0] / "cache"
+    before = len(StageCache(cache).records())
+    spec = from_dict(tiny_spec_dict(retrain={**E2E, "method": "groupdro", "mode": "end_to_end", "groupdro_eta": 1.0}))
+    res = run_pipeline(spec, tmp_path / "run", cache)
+    e = res["exmap"]
+    assert e["retrain"] == "groupdro" and e["retrain_mode"] == "end_to_end"
+    assert 0 <= e["test"]["worst_group_acc"] <= e["test"]["mean_acc"] <= 1
+    v = e["val"]  # label-free metrics on the held-out half, for sweeps
+    assert all(0 <= v[k] <= 1 for k in ("worst_pseudo_group_acc", "worst_class_acc", "oracle_worst_group_acc"))
+    recs = StageCache(cache).records()[before:]
+    ft = [r for r in recs if r["stage"] == "end_to_end"]
+    assert [r["event"] for r in ft] == ["computed"]
+    stage_dir = Path(res["cache"]["end_to_end"]["dir"])
+    assert (stage_dir / "test_pred.npy").exists() and np.load(stage_dir / "heldout_idx.npy").shape == (1, 150)
+    info = e["end_to_end"]
+    assert info["steps"]["full"] == 2 * (300 // 32) and info["steps"]["half"] == 2 * (150 // 32)
+    q = np.array(info["q"])  # GroupDRO's group weights moved off uniform, toward the hardest pseudo group
+    assert q.sum() == pytest.approx(1.0, abs=1e-5) and q.max() > 1.5 / len(q)
+    # the fine-tune moved the network: its test predictions differ from ERM's somewhere
+    erm_pred = np.load(Path(res["cache"]["features"]["dir"]) / "test_logits.npy").argmax(1)
+    assert (np.load(stage_dir / "test_pred.npy") != erm_pred).any()
+    assert "GroupDRO (end to end)" in format_table(res)
+    with np.load(tmp_path / "run" / "selection.npz") as sel:
+        assert sel["heldout_idx"].shape == sel["heldout_pred"].shape == (1, 150)
+    again = run_pipeline(spec, tmp_path / "again", cache)  # a rerun reads the fine-tune from the cache
+    assert ("end_to_end", "reused") in [(r["stage"], r["event"]) for r in StageCache(cache).records()]
+    assert again["exmap"]["test"] == res["exmap"]["test"]
+
+
 def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     cache = tiny_run[0] / "cache"
     before = len(StageCache(cache).records())
-    spec = from_dict(tiny_spec_dict(retrain={"groupdro_epochs": 5, "n_select_repeats": 2}))
+    spec = from_dict(tiny_spec_dict(retrain=E2E))
     out = tmp_path / "bench"
-    summary = run_bench(spec, [0], out, cache)
+    summary = run_bench(spec, [0], out, cache, end_to_end=True)
     rows = {r["row"]: r for r in summary["rows"]}
-    assert list(rows) == [name for name, *_ in ROWS]
+    assert list(rows) == [name for name, *_ in ROWS + E2E_ROWS]
     assert rows["oracle DFR (true groups)"]["ari"] == 1.0
     for r in rows.values():
         assert 0 <= r["test_wga"] <= r["test_mean_acc"] <= 1
+    assert rows["ExMap + GroupDRO (end to end)"]["ari"] == rows["ExMap global + DFR"]["ari"]  # the same groups
     new = [(r["stage"], r["event"]) for r in StageCache(cache).records()[before:]]
     assert ("erm", "reused") in new and ("erm", "computed") not in new  # ERM once per seed, shared by rows
     assert ("heatmaps", "computed") not in new
+    # with the run test's retrain keys (its groupdro_eta aside) both rows fine-tune here, once each
+    assert new.count(("end_to_end", "computed")) == 2
     with open(out / "bench.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(ROWS)
+        assert len(list(csv.DictReader(f))) == len(ROWS) + len(E2E_ROWS)
     assert "ExMap global + DFR" in (out / "bench.md").read_text()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
