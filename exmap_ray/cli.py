@@ -78,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(results.json, spec.resolved.json and the plots). Completes the run the "
                                     "pipeline started if the server has it, else makes a new run in the same "
                                     "experiment tagged exmap_ray.synced_from. Needs DIR/results.json; does "
-                                    "nothing (exit 0) unless DIR/mlflow_pending.json says logging failed.")
-    sy.add_argument("dir", type=Path, metavar="DIR", help="the run's output folder (its --out)")
+                                    "nothing (exit 0) unless DIR/mlflow_pending.json says logging failed. For a "
+                                    "sweep's folder (`exmap-ray tune --out`): the parent run with the summary, then "
+                                    "every trial whose logging failed, nested under the parent.")
+    sy.add_argument("dir", type=Path, metavar="DIR", help="the run's or sweep's output folder (its --out)")
     sy.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run used, from "
                                            "DIR/tracking.json)")
     sy.add_argument("--quiet", action="store_true", help="only warnings and the final line")
@@ -179,6 +181,10 @@ def cmd_tune(args) -> int:
         summary = run_sweep(spec, out, args.cache, args.tracking_uri, resume=args.resume)
     print("\n" + format_summary(summary))
     print(f"\nsummary: {out / 'summary.md'} (also .csv, .json; plots {out}/*.png)")
+    if summary.get("mlflow_pending"):  # each tracker warned when it lost the server; this is the how-to
+        print(f"MLflow: NOT fully logged ({len(summary['mlflow_pending'])} folder(s) hold mlflow_pending.json: the "
+              f"server became unreachable). Every result is on disk; when the server is back: "
+              f"exmap-ray sync-mlflow {out}")
     return 0
 
 
@@ -263,8 +269,12 @@ def cmd_sync(args) -> int:
               f"did not fail (or was synced already)")
         return 0
     how = "completed the original run" if done["resumed"] else "created a new run (the original is not there)"
-    print(f"synced {args.dir} to MLflow at {done['uri']}: {how} {done['run_id']}, {done['params']} params, "
-          f"{done['metrics']} metric values, artifacts {', '.join(done['artifacts'])}")
+    what = "sweep parent run" if done.get("kind") == "sweep" else "run"
+    print(f"synced {args.dir} to MLflow at {done['uri']}: {how} ({what}) {done['run_id']}, {done['params']} params, "
+          f"{done['metrics']} metric values, artifacts {', '.join(done['artifacts']) or 'none'}")
+    for t in done.get("trials", []):
+        how = "completed" if t["resumed"] else "created"
+        print(f"  trial {Path(t['out']).name}: {how} run {t['run_id']}, {t['metrics']} metric values")
     return 0
 
 

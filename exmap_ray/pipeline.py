@@ -26,7 +26,7 @@ from .data.base import loader_options
 from .data.layout import LAYOUTS, check_dataset
 from .heatmaps.extract import HeatmapStore, extract_with_actors
 from .metrics import agreement, evaluate
-from .errors import DataError, SpecError
+from .errors import DataError, SpecError, UserError
 from .heatmaps import HEATMAP_METHODS
 from .models import create_model, embed, find_weights, load_checkpoint
 from .groups import GroupContext, infer_groups
@@ -199,12 +199,20 @@ def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_
              spec.dataset.name, len(data.train), len(data.val), len(data.test), data.n_classes, data.n_groups)
     uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)
     experiment = spec.tracking.experiment or spec.name
-    exp_id = tracking.setup(uri, experiment, out)
+    lost = None
+    try:
+        exp_id = tracking.setup(uri, experiment, out)
+    except UserError as e:
+        if parent_run_id is None:  # a run on its own: the CLI probed the server, so this is a real fault
+            raise
+        exp_id, lost = None, e  # a sweep's trial: the server went away after the sweep started; go on
     cache = StageCache(cache_dir or out / "cache")
 
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None  # nests a sweep's trials
     # every MLflow call goes through `tracker`: a server lost mid-run stops the logging, not the run
     tracker = tracking.Tracker(uri, out, experiment)
+    if lost is not None:
+        tracker.mark_lost("setup", lost)
     with tracker.run(experiment_id=exp_id, run_name=run_name or spec.name, tags=tags):
         tracker.call("log_params", tracking.log_flat_params, spec.flat())
         write_json(out / "spec.resolved.json", spec.to_dict())

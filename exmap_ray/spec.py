@@ -251,6 +251,10 @@ class SearchSpec:
         "sweep_worst_pseudo_group_acc", "label-free selection metric on held-out val halves. sweep_*: each trial "
         "scored on every trial's pseudo groups (worst); val_*: on its own pseudo groups / on classes. "
         "The own-groups metrics overrate trials whose clustering missed the minority")
+    select: Literal["one_se", "best"] = opt(
+        "one_se", "how the label-free metric picks the configuration. best = the highest score; one_se = the "
+                  "trial with the fewest pseudo groups among those within one standard error (over held-out "
+                  "halves) of the highest: differences smaller than the score's own noise do not decide")
     num_samples: int = opt(1, "Tune num_samples: repeats of the grid, or random draws for sampled domains", _positive)
     algorithm: Literal["basic", "optuna", "hyperopt"] = opt("basic", "basic = grid/random; optuna and "
                                                                      "hyperopt need their package installed")

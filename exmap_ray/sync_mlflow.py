@@ -50,9 +50,15 @@ def erm_history(out: Path, results: dict) -> list[dict]:
     return []
 
 
-def sync(out: Path, tracking_uri: str | None = None) -> dict:
-    """Log OUT to MLflow; returns what was done. Raises UserError for a bad OUT or an unusable server."""
+def sync(out: Path, tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Log OUT to MLflow; returns what was done. Raises UserError for a bad OUT or an unusable server.
+
+    OUT is a run's folder, or a sweep's (it holds sweep.json): then the parent run and every trial
+    folder with a marker are synced, trials nested under the parent.
+    """
     out = Path(out)
+    if (out / "sweep.json").is_file():
+        return sync_sweep(out, tracking_uri)
     results = _read(out / "results.json", "results.json is written when the pipeline finishes")
     spec = _read(out / "spec.resolved.json", "spec.resolved.json is written when the pipeline starts")
     pending_path = out / tracking.PENDING
@@ -68,7 +74,7 @@ def sync(out: Path, tracking_uri: str | None = None) -> dict:
     tracking.probe(uri, out)
     exp_id = tracking.setup(uri, experiment, out)
     try:
-        return _log_all(out, results, spec, pending, uri, experiment, exp_id)
+        return _log_all(out, results, spec, pending, uri, experiment, exp_id, parent_run_id)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - the server failed part-way: keep the marker, say so
@@ -91,7 +97,8 @@ def _existing_run(client, run_id: str | None):
     return run if run.info.lifecycle_stage == "active" else None
 
 
-def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, experiment: str, exp_id: str) -> dict:
+def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, experiment: str, exp_id: str,
+             parent_run_id: str | None = None) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -104,7 +111,9 @@ def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, expe
     if existing:
         active = mlflow.start_run(run_id=existing.info.run_id)
     else:
-        active = mlflow.start_run(experiment_id=exp_id, run_name=spec.get("name"))
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None  # a sweep's trial stays nested
+        active = mlflow.start_run(experiment_id=exp_id, run_name=out.name if parent_run_id else spec.get("name"),
+                                  tags=tags)
         if run_id:
             log.info("sync-mlflow: run %s is not on %s; logging to a new run %s", run_id, uri, active.info.run_id)
     rid = active.info.run_id
@@ -151,3 +160,70 @@ def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, expe
     tracking.write_info(out, uri=uri, experiment=experiment, run_id=rid)
     return {"status": "synced", "out": str(out), "uri": uri, "run_id": rid, "resumed": existing is not None,
             "params": len(params), "metrics": n_metrics, "artifacts": artifacts}
+
+
+def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
+    """Complete (or recreate) a sweep's parent run, then sync every trial folder that has a marker."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from .tune import SUMMARY_ARTIFACTS, sweep_metrics
+
+    state = _read(out / "sweep.json", "sweep.json is written when a sweep starts")
+    summary = _read(out / "summary.json", "summary.json is written when the sweep finishes; finish it first "
+                                          "with exmap-ray tune SPEC --out OUT --resume")
+    spec = _read(out / "spec.resolved.json", "spec.resolved.json is written when the sweep starts")
+    pending_path = out / tracking.PENDING
+    trials = sorted(p.parent for p in (out / "trials").glob(f"*/{tracking.PENDING}"))
+    if not pending_path.is_file() and not trials:
+        return {"status": "nothing pending", "out": str(out)}
+    pending = _read(pending_path, "the sweep's marker") if pending_path.is_file() else {}
+    info = json.loads((out / tracking.INFO).read_text()) if (out / tracking.INFO).is_file() else {}
+    uri = tracking_uri or pending.get("uri") or info.get("uri") or tracking.default_uri(out)
+    experiment = pending.get("experiment") or info.get("experiment") or spec.get("name")
+    tracking.http_defaults()
+    tracking.probe(uri, out)
+    exp_id = tracking.setup(uri, experiment, out)
+    client = MlflowClient(uri)
+    parent_id = state.get("parent_run_id")
+    done = {"status": "synced", "out": str(out), "uri": uri, "kind": "sweep", "params": 0, "metrics": 0,
+            "artifacts": [], "trials": []}
+    try:
+        existing = _existing_run(client, parent_id)
+        done["resumed"] = existing is not None
+        if pending_path.is_file() or existing is None:
+            active = (mlflow.start_run(run_id=existing.info.run_id) if existing else
+                      mlflow.start_run(experiment_id=exp_id, run_name=f"{spec.get('name')} sweep"))
+            try:
+                have_params = dict(existing.data.params) if existing else {}
+                have_metrics = set(existing.data.metrics) if existing else set()
+                mlflow.set_tags({"exmap_ray.synced_from": str(out.resolve())})
+                params = {k: v for k, v in flatten(spec).items() if k not in have_params and k != "search.space"}
+                tracking.log_flat_params(params)
+                metrics = {k: v for k, v in sweep_metrics(summary).items() if k not in have_metrics}
+                if metrics:
+                    mlflow.log_metrics(metrics)
+                done["artifacts"] = [n for n in SUMMARY_ARTIFACTS if (out / n).is_file()]
+                for n in done["artifacts"]:
+                    mlflow.log_artifact(str(out / n))
+                done.update(params=len(params), metrics=len(metrics))
+            except BaseException:
+                mlflow.end_run("FAILED")
+                raise
+            mlflow.end_run("FINISHED")
+            if active.info.run_id != parent_id:
+                parent_id = active.info.run_id
+                write_json(out / "sweep.json", {**state, "parent_run_id": parent_id})
+                write_json(out / "summary.json", {**summary, "mlflow_parent_run_id": parent_id})
+            pending_path.unlink(missing_ok=True)
+            tracking.write_info(out, uri=uri, experiment=experiment, run_id=parent_id)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}). The markers are kept; run sync-mlflow again "
+                        f"when the server answers") from None
+    done["run_id"] = parent_id
+    for d in trials:  # each trial: its original child run completed, or a new one nested under the parent
+        done["trials"].append(sync(d, uri, parent_run_id=parent_id))
+    return done

@@ -167,6 +167,11 @@ class Tracker:
             self._lost(what, e)
             return None
 
+    def mark_lost(self, what: str, e: Exception) -> None:
+        """Record that MLflow failed outside `call` (e.g. in `setup`): nothing is sent from now on."""
+        if self.failure is None:
+            self._lost(what, e)
+
     def _lost(self, what: str, e: Exception) -> None:
         import time
 

@@ -28,7 +28,7 @@ from . import plots, tracking
 from .errors import UserError
 from .faults import inject
 from .pipeline import Timer, preflight, run_pipeline, run_stages
-from .retrain.dfr import worst_over_groupings
+from .retrain.dfr import worst_over_groupings_halves
 from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, n_trials, parse_space, touches, unflatten
 from .spec import Spec, _deep_merge, from_dict, stable_hash
 from .store import StageCache, read_json, write_json
@@ -36,7 +36,7 @@ from .store import StageCache, read_json, write_json
 log = logging.getLogger(__name__)
 ORACLE_METRIC = "oracle_val_worst_group_acc"
 SWEEP_METRIC = "sweep_worst_pseudo_group_acc"  # needs every trial: computed in the summary
-COLUMNS = ["trial", "status", "selection_metric", SWEEP_METRIC, "val_worst_pseudo_group_acc", "val_worst_class_acc",
+COLUMNS = ["trial", "status", "selection_metric", "selection_se", SWEEP_METRIC, "val_worst_pseudo_group_acc", "val_worst_class_acc",
            ORACLE_METRIC, "test_worst_group_acc", "test_mean_acc", "n_groups", "ari", "worst_recovery", "k_chosen"]
 
 
@@ -121,14 +121,20 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
     timer = Timer()
 
     state = read_json(state_path) if resume else {}
-    with mlflow.start_run(experiment_id=exp_id, run_id=state.get("parent_run_id"),
-                          run_name=None if resume else f"{spec.name} sweep") as parent:
+    # every parent-run MLflow call goes through `tracker`: a server lost mid-sweep stops the logging, not the
+    # sweep (trials have their own trackers); `exmap-ray sync-mlflow OUT` uploads the parent and the trials later
+    tracker = tracking.Tracker(uri, out, spec.tracking.experiment or spec.name)
+    with tracker.run(experiment_id=exp_id, run_id=state.get("parent_run_id"),
+                     run_name=None if resume else f"{spec.name} sweep"):
+        parent_id = tracker.run_id or state.get("parent_run_id")
+        write_json(out / "spec.resolved.json", spec.to_dict())
         if resume:
-            _mark_killed_children(parent.info.run_id)
+            tracker.call("search_runs", _mark_killed_children, parent_id)
         else:
-            tracking.log_flat_params({k: v for k, v in spec.flat().items() if k != "search.space"})
-            mlflow.log_dict(spec.search.space, "search_space.json")
-            write_json(state_path, {"parent_run_id": parent.info.run_id, "storage": storage, "planned": planned})
+            tracker.call("log_params", tracking.log_flat_params,
+                         {k: v for k, v in spec.flat().items() if k != "search.space"})
+            tracker.call("log_dict", mlflow.log_dict, spec.search.space, "search_space.json")
+            write_json(state_path, {"parent_run_id": parent_id, "storage": storage, "planned": planned})
         # the upstream all trials share is computed here, once, before any trial holds resources
         upto = None if touches(domains, UPSTREAM_SECTIONS) else \
             "erm" if touches(domains, HEATMAP_SECTIONS) else "heatmaps"
@@ -140,7 +146,7 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
         base = spec.to_dict()
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, root=str(out), cache_dir=str(cache_dir), uri=uri,
-                                 parent_run_id=parent.info.run_id),
+                                 parent_run_id=parent_id),
             {"cpu": spec.search.trial_cpus, "gpu": spec.search.trial_gpus})
         experiment_path = f"{storage.rstrip('/')}/sweep"
         if resume and tune.Tuner.can_restore(experiment_path):
@@ -158,17 +164,39 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
             grid = tuner.fit()
         rows = collect_rows(grid, domains)
         summary = summarize(rows, domains, spec, out)
-        summary.update(timings_s=timer.seconds, mlflow_parent_run_id=parent.info.run_id, planned_trials=planned,
+        summary.update(timings_s=timer.seconds, mlflow_parent_run_id=parent_id, planned_trials=planned,
                        cache_records=len(StageCache(cache_dir).records()))
+        summary["mlflow_pending"] = sorted(str(p.parent) for p in [out / tracking.PENDING,
+                                                                   *(out / "trials").glob(f"*/{tracking.PENDING}")]
+                                           if p.is_file())
         write_json(out / "summary.json", summary)
-        for name in ("summary.json", "summary.csv", "summary.md", "wga_vs_selection_metric.png", "wga_vs_k.png"):
-            if (out / name).exists():
-                mlflow.log_artifact(str(out / name))
-        for tag, row in (("label_free", summary["label_free_choice"]), ("oracle", summary["oracle_choice"])):
-            if row:
-                tracking.log_metrics({f"{tag}_choice.test_worst_group_acc": row["test_worst_group_acc"],
-                                      f"{tag}_choice.selection_metric": row["selection_metric"]})
+        log_sweep_summary(tracker, out, summary)
+    if tracker.pending:  # the trials' own markers are listed in the summary
+        summary["mlflow_pending"] = sorted(set(summary["mlflow_pending"]) | {str(out)})
+        write_json(out / "summary.json", summary)
     return summary
+
+
+SUMMARY_ARTIFACTS = ("summary.json", "summary.csv", "summary.md", "wga_vs_selection_metric.png", "wga_vs_k.png")
+
+
+def sweep_metrics(summary: dict) -> dict:
+    """The parent run's metrics: each choice's test WGA and selection metric."""
+    m = {}
+    for tag, row in (("label_free", summary.get("label_free_choice")), ("oracle", summary.get("oracle_choice"))):
+        if row:
+            m.update({f"{tag}_choice.test_worst_group_acc": row["test_worst_group_acc"],
+                      f"{tag}_choice.selection_metric": row["selection_metric"]})
+    return m
+
+
+def log_sweep_summary(tracker, out: Path, summary: dict) -> None:
+    import mlflow
+
+    for name in SUMMARY_ARTIFACTS:
+        if (out / name).exists():
+            tracker.call("log_artifact", mlflow.log_artifact, str(out / name))
+    tracker.call("log_metrics", tracking.log_metrics, sweep_metrics(summary))
 
 
 def _mark_killed_children(parent_id: str) -> None:
@@ -205,6 +233,23 @@ def _best(rows: list[dict], key: str) -> dict | None:
     return max(ok, key=lambda r: r[key]) if ok else None
 
 
+def choose(rows: list[dict], select: str) -> dict | None:
+    """The label-free choice: the best selection metric, or (one_se) the simplest trial within its noise.
+
+    one_se is the one-standard-error rule: with `se` the standard error of the best trial's score over
+    its held-out halves, every trial scoring at least best - se is as good as the data can tell, and
+    among those the one with the fewest pseudo groups (larger groups: steadier balanced DFR fits) is
+    chosen, ties to the higher score. No true group enters.
+    """
+    best = _best(rows, "selection_metric")
+    se = best.get("selection_se") if best else None
+    if best is None or select == "best" or se is None or math.isnan(se):
+        return best
+    band = [r for r in rows if r["status"] == "OK" and r.get("selection_metric") is not None
+            and r["selection_metric"] >= best["selection_metric"] - se]
+    return min(band, key=lambda r: (r.get("n_groups") or math.inf, -r["selection_metric"], r["trial"]))
+
+
 def add_sweep_metric(rows: list[dict], metric: str) -> None:
     """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only)."""
     ok = [r for r in rows if r["status"] == "OK" and r.get("selection_file") and Path(r["selection_file"]).exists()]
@@ -217,14 +262,20 @@ def add_sweep_metric(rows: list[dict], metric: str) -> None:
         groupings = [loaded[r["trial"]]["pseudo_groups"] for r in group]
         for r in group:
             d = loaded[r["trial"]]
-            r[SWEEP_METRIC] = worst_over_groupings(d["heldout_idx"], d["heldout_pred"], d["y"], groupings)
+            r[SWEEP_METRIC], halves = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"], d["y"],
+                                                                  groupings)
             if metric == SWEEP_METRIC:
                 r["selection_metric"] = r[SWEEP_METRIC]
+            else:  # the noise of the trial's own metric: its own pseudo groups, or the classes
+                halves = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"], d["y"],
+                                                     [d["y"] if metric == "val_worst_class_acc" else d["pseudo_groups"]])[1]
+            r["selection_se"] = float(np.std(halves, ddof=1) / np.sqrt(len(halves))) if len(halves) > 1 else float("nan")
 
 
 def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
     add_sweep_metric(rows, spec.search.metric)
-    chosen, oracle = _best(rows, "selection_metric"), _best(rows, ORACLE_METRIC)
+    chosen, oracle = choose(rows, spec.search.select), _best(rows, ORACLE_METRIC)
+    top = _best(rows, "selection_metric")  # the plain maximum, reported beside the rule's choice
     cols = ["trial"] + [f"config.{d.key}" for d in domains] + COLUMNS[1:] + ["error"]
     with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".csv", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -235,10 +286,14 @@ def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
+    rule = ("the fewest pseudo groups within one standard error of the best score" if spec.search.select == "one_se"
+            else "the best score")
     md = [f"# Sweep summary: {spec.name}", "",
-          f"Selection metric (label-free): `{spec.search.metric}`. Oracle column: worst *true*-group "
-          f"accuracy on the same held-out val halves, shown for analysis only.", ""]
-    for title, row in (("Label-free choice", chosen), ("Oracle choice (true val groups)", oracle)):
+          f"Selection metric (label-free): `{spec.search.metric}`, choosing {rule} (`search.select: "
+          f"{spec.search.select}`). Oracle column: worst *true*-group accuracy on the same held-out val halves, "
+          f"shown for analysis only.", ""]
+    for title, row in (("Label-free choice", chosen), ("Highest label-free score", top if top is not chosen else None),
+                       ("Oracle choice (true val groups)", oracle)):
         if row:
             md.append(f"- **{title}**: `{row['trial']}` "
                       + ", ".join(f"{d.key}={row.get('config.' + d.key)}" for d in domains)
@@ -253,16 +308,18 @@ def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
         if any(d.key == "clustering.k" for d in domains):
             plots.wga_vs_k(ok, out / "wga_vs_k.png")
     failed = [r for r in rows if r["status"] != "OK"]
-    return {"label_free_choice": chosen, "oracle_choice": oracle, "n_trials": len(rows), "n_failed": len(failed),
+    return {"label_free_choice": chosen, "label_free_top": top, "select": spec.search.select,
+            "oracle_choice": oracle, "n_trials": len(rows), "n_failed": len(failed),
             "failed": failed, "rows": rows,
             "gap_to_oracle": (oracle["test_worst_group_acc"] - chosen["test_worst_group_acc"]) if chosen and oracle else None}
 
 
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['n_trials']} trial(s), {summary['n_failed']} failed"]
-    for title, key in (("label-free choice", "label_free_choice"), ("oracle choice   ", "oracle_choice")):
-        r = summary[key]
-        if r:
+    for title, key in (("label-free choice", "label_free_choice"), ("highest score   ", "label_free_top"),
+                       ("oracle choice   ", "oracle_choice")):
+        r = summary.get(key)
+        if r and not (key == "label_free_top" and r is summary["label_free_choice"]):
             cfg = ", ".join(f"{k.removeprefix('config.')}={v}" for k, v in r.items() if k.startswith("config."))
             lines.append(f"{title}: {r['trial']} ({cfg}): selection metric {r['selection_metric']:.3f}, "
                          f"test WGA {r['test_worst_group_acc']:.3f}, test mean acc {r['test_mean_acc']:.3f}")

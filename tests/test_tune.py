@@ -48,6 +48,22 @@ def test_search_space_validation():
             parse_space(from_dict({"search": {"space": space}}))
 
 
+def test_one_se_rule_prefers_fewer_groups_within_the_noise():
+    from exmap_ray.tune import choose
+
+    def row(name, score, se, n_groups, status="OK"):
+        return {"trial": name, "status": status, "selection_metric": score, "selection_se": se, "n_groups": n_groups}
+
+    rows = [row("a", 0.70, 0.03, 7), row("b", 0.68, 0.02, 4), row("c", 0.66, 0.02, 3), row("d", 0.9, 0.0, 2, "ERROR")]
+    assert choose(rows, "best")["trial"] == "a"
+    assert choose(rows, "one_se")["trial"] == "b"  # c is 0.04 below a: outside one SE (0.03)
+    rows[0]["selection_se"] = 0.05
+    assert choose(rows, "one_se")["trial"] == "c"
+    rows[0]["selection_se"] = float("nan")  # no noise estimate (a single held-out half): the plain best
+    assert choose(rows, "one_se")["trial"] == "a"
+    assert choose([], "one_se") is None
+
+
 def test_sweep_nests_trials_shares_upstream_and_summarizes(tiny_run, tmp_path, capsys):
     out = tmp_path / "sweep"
     cache = tiny_run[0] / "cache"  # the tiny spec's ERM and heatmaps, computed once per session
@@ -55,8 +71,12 @@ def test_sweep_nests_trials_shares_upstream_and_summarizes(tiny_run, tmp_path, c
     assert main(["tune", str(_sweep_spec(tmp_path)), "--out", str(out), "--cache", str(cache), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0
-    chosen, oracle = summary["label_free_choice"], summary["oracle_choice"]
-    assert chosen["selection_metric"] == max(r["selection_metric"] for r in summary["rows"])
+    chosen, oracle, top = summary["label_free_choice"], summary["oracle_choice"], summary["label_free_top"]
+    assert summary["select"] == "one_se" and top["selection_metric"] == max(r["selection_metric"] for r in summary["rows"])
+    assert top["selection_se"] >= 0  # the one-SE rule: within the top score's noise, the fewest pseudo groups
+    band = [r for r in summary["rows"] if r["selection_metric"] >= top["selection_metric"] - top["selection_se"]]
+    assert chosen["trial"] in {r["trial"] for r in band}
+    assert chosen["n_groups"] == min(r["n_groups"] for r in band)
     assert oracle["oracle_val_worst_group_acc"] == max(r["oracle_val_worst_group_acc"] for r in summary["rows"])
     assert {"config.clustering.k", "config.clustering.scope"} <= set(chosen)
     for f in ("summary.csv", "summary.md", "wga_vs_selection_metric.png", "wga_vs_k.png"):

@@ -161,7 +161,17 @@ def worst_over_groupings(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: n
     groupings. A model that ignores a minority that *any* grouping isolated scores low, which a
     trial's own groups cannot show when its clustering missed that minority.
     """
-    worst = []
+    return worst_over_groupings_halves(heldout_idx, heldout_pred, y, groupings, min_members)[0]
+
+
+def worst_over_groupings_halves(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: np.ndarray,
+                                groupings: list[np.ndarray], min_members: int = 3) -> tuple[float, np.ndarray]:
+    """`worst_over_groupings` and the per-half worst accuracies of the grouping that set it.
+
+    The spread of those per-half values is the score's own noise: `tune` uses it for the
+    one-standard-error selection rule (`search.select: one_se`).
+    """
+    best_mean, best_halves = float("nan"), np.array([])
     for g in groupings:
         per_half = []
         for idx, pred in zip(heldout_idx, heldout_pred):
@@ -169,6 +179,6 @@ def worst_over_groupings(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: n
                     for k in np.unique(g[idx]) if (g[idx] == k).sum() >= min_members]
             if accs:
                 per_half.append(min(accs))
-        if per_half:
-            worst.append(float(np.mean(per_half)))
-    return min(worst) if worst else float("nan")
+        if per_half and not (float(np.mean(per_half)) >= best_mean):  # the minimum over groupings (nan first)
+            best_mean, best_halves = float(np.mean(per_half)), np.array(per_half)
+    return best_mean, best_halves

@@ -195,3 +195,64 @@ def test_server_killed_mid_run_then_sync(tmp_path):
         server.kill()
         for f in run_log.values():
             f.close()
+
+
+def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path):
+    """The server dies after the first of three trials: the sweep finishes, then sync-mlflow nests it all."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from exmap_ray.spec import from_dict
+    from exmap_ray.sync_mlflow import sync
+    from exmap_ray.tune import run_sweep
+
+    d = tiny_spec_dict()
+    d["search"] = {"space": {"clustering.k": {"grid": [2, 3, 4]}}, "max_concurrent_trials": 1}
+    out = tmp_path / "sweep"
+    server = MlflowServer(tmp_path, _free_port()).start()
+    killed = threading.Event()
+
+    def kill_after_first_trial():
+        t0 = time.time()
+        while time.time() - t0 < 300 and not killed.is_set():
+            if list((out / "trial_results").glob("*.json")):  # written after the trial's MLflow run ended
+                server.kill()
+                killed.set()
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_first_trial, daemon=True)
+    killer.start()
+    try:
+        summary = run_sweep(from_dict(d), out, tiny_run[0] / "cache", server.uri)
+        killer.join(timeout=5)
+        assert killed.is_set(), "the sweep finished before the server could be killed"
+        assert summary["n_trials"] == 3 and summary["n_failed"] == 0  # no trial failed for want of MLflow
+        assert (out / "summary.md").is_file() and summary["label_free_choice"] is not None
+        pending = set(summary["mlflow_pending"])
+        assert str(out.resolve()) in pending and len(pending) >= 2  # the parent and the trials after the kill
+        parent_id = summary["mlflow_parent_run_id"]
+
+        server.start()  # back on the same db: the sweep folder is synced, trials nested under the parent
+        done = sync(out)
+        assert done["kind"] == "sweep" and done["resumed"] and done["run_id"] == parent_id
+        assert len(done["trials"]) == len(pending) - 1
+        client = MlflowClient(server.uri)
+        parent = client.get_run(parent_id)
+        assert parent.info.status == "FINISHED"
+        assert parent.data.metrics["label_free_choice.test_worst_group_acc"] == pytest.approx(
+            summary["label_free_choice"]["test_worst_group_acc"])
+        assert {"summary.md", "summary.csv", "summary.json"} <= {a.path for a in client.list_artifacts(parent_id)}
+        exp = parent.info.experiment_id
+        kids = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+        by_name = {k.info.run_name: k for k in kids}
+        assert set(by_name) == {r["trial"] for r in summary["rows"]}  # every trial once, nested
+        for r in summary["rows"]:
+            k = by_name[r["trial"]]
+            assert k.info.status == "FINISHED"
+            assert k.data.metrics["exmap.test.worst_group_acc"] == pytest.approx(r["test_worst_group_acc"])
+        assert not list(out.rglob("mlflow_pending.json"))
+        assert sync(out)["status"] == "nothing pending"
+    finally:
+        killed.set()
+        server.kill()
