@@ -23,13 +23,19 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # a test arms a fault by writing the file (fixture `fault_plan`) and disarms it by removing it.
 FAULT_DIR = Path(tempfile.mkdtemp(prefix="exmap-faults-"))
 os.environ["EXMAP_RAY_FAULTS"] = str(FAULT_DIR / "plan.json")
+# a dead MLflow server (the outage tests) is noticed at the first refused connection, not after
+# retries with backoff; set before Ray starts, so trial processes see it too
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
 
+    from exmap_ray.cli import local_ray_defaults
+
     if not ray.is_initialized():
+        local_ray_defaults()  # as `exmap-ray run` does for the Ray it starts
         ray.init(num_cpus=2, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
@@ -113,3 +119,14 @@ def make_folder_dataset(root: Path, per_group: int = 6, size: int = 32, seed: in
 @pytest.fixture
 def folder_dataset(tmp_path) -> Path:
     return make_folder_dataset(tmp_path / "waterbirds_like")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (heavier variants) run only on demand: `pytest -m slow`, or with the others
+    via `make test PYTEST_ARGS='-m "slow or not slow"'`. By default they are reported as skipped."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="heavier variant, run on demand: pytest -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -141,15 +141,21 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_run, t
     assert events.count(("erm", "reused")) >= 2
 
 
-def test_sweep_over_erm_runs_ray_train_inside_trials(ray_local, tmp_path):
-    """ERM keys in the search: nothing upstream is shared, so each trial launches its own TorchTrainer."""
-    d = tiny_spec_dict(dataset={"n_train": 200, "n_val": 200, "n_test": 200})
+def test_sweep_over_erm_runs_ray_train_inside_trials(tiny_run, tmp_path):
+    """ERM keys in the search: nothing upstream is shared, so each trial launches its own TorchTrainer.
+
+    lr 0.001 is the tiny spec's own, so that trial finds its ERM in the session's cache; lr 0.003 trains
+    one inside its trial (and extracts its heatmaps there)."""
+    d = tiny_spec_dict()
     d["search"] = {"space": {"erm.lr": {"grid": [0.001, 0.003]}}, "max_concurrent_trials": 2}
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(d))
-    out = tmp_path / "sweep"
-    assert main(["tune", str(p), "--out", str(out), "--quiet"]) == 0
+    out, cache = tmp_path / "sweep", tiny_run[0] / "cache"
+    before = len(StageCache(cache).records())
+    assert main(["tune", str(p), "--out", str(out), "--cache", str(cache), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_trials"] == 2 and summary["n_failed"] == 0
-    computed = [r for r in StageCache(out / "cache").records() if r["event"] == "computed"]
-    assert [r["stage"] for r in computed].count("erm") == 2  # one ERM per lr, each inside its trial
+    new = [r for r in StageCache(cache).records()[before:] if r["stage"] == "erm"]
+    assert sorted(r["event"] for r in new) == ["computed", "reused"]  # the driver precomputed nothing
+    [computed] = [r for r in new if r["event"] == "computed"]
+    assert computed["pid"] != os.getpid()  # trained by the trial's TorchTrainer, not by the driver

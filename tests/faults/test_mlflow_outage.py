@@ -105,7 +105,15 @@ def test_sync_mlflow_rejects_a_folder_without_results(tmp_path, capsys):
     assert str(tmp_path / "results.json") in err and "missing" in err and "Traceback" not in err
 
 
-def test_server_killed_mid_run_then_sync(tmp_path):
+def _sync_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`exmap-ray sync-mlflow ...` in this process (the run itself is a real subprocess above)."""
+    capsys.readouterr()
+    rc = main(["sync-mlflow", *args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_server_killed_mid_run_then_sync(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "out"
@@ -150,9 +158,8 @@ def test_server_killed_mid_run_then_sync(tmp_path):
         copy = tmp_path / "copy"
         shutil.copytree(out, copy)
         other = f"sqlite:///{tmp_path / 'other.db'}"
-        p = subprocess.run(_cli("sync-mlflow", str(copy), "--tracking-uri", other, "--quiet"),
-                           capture_output=True, text=True, env=ENV, timeout=300)
-        assert p.returncode == 0 and "created a new run" in p.stdout, p.stderr[-3000:]
+        rc, stdout, stderr = _sync_cli(capsys, str(copy), "--tracking-uri", other, "--quiet")
+        assert rc == 0 and "created a new run" in stdout, stderr[-3000:]
         new_id = json.loads((copy / "results.json").read_text())["mlflow_run_id"]
         assert new_id != run_id and not (copy / "mlflow_pending.json").exists()
         fresh = MlflowClient(other).get_run(new_id)
@@ -165,9 +172,9 @@ def test_server_killed_mid_run_then_sync(tmp_path):
         client = MlflowClient(server.uri)
         assert client.get_run(run_id).info.status == "RUNNING"  # left open when the server died
         assert "exmap.test.worst_group_acc" not in client.get_run(run_id).data.metrics
-        p = subprocess.run(_cli("sync-mlflow", str(out)), capture_output=True, text=True, env=ENV, timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert "completed the original run" in p.stdout and run_id in p.stdout
+        rc, stdout, stderr = _sync_cli(capsys, str(out))
+        assert rc == 0, stderr[-3000:]
+        assert "completed the original run" in stdout and run_id in stdout
 
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
@@ -185,8 +192,8 @@ def test_server_killed_mid_run_then_sync(tmp_path):
         assert not (out / "mlflow_pending.json").exists()
 
         # again: nothing left to do
-        p = subprocess.run(_cli("sync-mlflow", str(out)), capture_output=True, text=True, env=ENV, timeout=120)
-        assert p.returncode == 0 and "nothing to sync" in p.stdout
+        rc, stdout, _ = _sync_cli(capsys, str(out))
+        assert rc == 0 and "nothing to sync" in stdout
         assert len(client.get_metric_history(run_id, "exmap.test.worst_group_acc")) == 1
     finally:
         if proc is not None and proc.poll() is None:
@@ -197,6 +204,7 @@ def test_server_killed_mid_run_then_sync(tmp_path):
             f.close()
 
 
+@pytest.mark.slow  # a heavier variant of the mid-run fault above (about 55 s): run on demand, -m slow
 def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path):
     """The server dies after the first of three trials: the sweep finishes, then sync-mlflow nests it all."""
     import threading
@@ -208,7 +216,7 @@ def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path):
     from exmap_ray.tune import run_sweep
 
     d = tiny_spec_dict()
-    d["search"] = {"space": {"clustering.k": {"grid": [2, 3, 4]}}, "max_concurrent_trials": 1}
+    d["search"] = {"space": {"clustering.k": {"grid": [2, 3, 4]}}, "max_concurrent_trials": 2}
     out = tmp_path / "sweep"
     server = MlflowServer(tmp_path, _free_port()).start()
     killed = threading.Event()
