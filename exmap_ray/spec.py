@@ -396,8 +396,29 @@ def parse_overrides(sets: list[str]) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A spec file as a dict. A top-level `base: OTHER.yaml` (relative to this file) is read first and
+    this file's keys are merged over it, so a sweep spec can be a dataset spec plus a `search:` section."""
+    data = _read_one_yaml(Path(path))
+    base = data.pop("base", None)
+    if base is None:
+        return data
     path = Path(path)
+    if not isinstance(base, str) or not base.strip():
+        raise SpecError(f"spec file '{path}': key 'base' must be the path of another spec file (relative to "
+                        f"this one), got {base!r}")
+    base_path = Path(base).expanduser()
+    base_path = base_path if base_path.is_absolute() else path.parent / base_path
+    if base_path.resolve() in _seen + (path.resolve(),):
+        raise SpecError(f"spec file '{path}': key 'base' names '{base}', which leads back to '{path}' "
+                        f"(a cycle); a base file must not name its own descendants")
+    if not base_path.is_file():
+        raise SpecError(f"spec file '{path}': key 'base' names '{base}', but '{base_path}' does not exist; "
+                        f"give a path relative to '{path.parent}'")
+    return _deep_merge(read_yaml(base_path, _seen + (path.resolve(),)), data)
+
+
+def _read_one_yaml(path: Path) -> dict:
     if not path.is_file():
         raise SpecError(f"spec file '{path}' does not exist; ready-made specs are in tune_specs/")
     try:

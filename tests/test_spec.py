@@ -5,7 +5,8 @@ import pytest
 from exmap_ray.errors import SpecError
 from exmap_ray.spec import Spec, describe_defaults, from_dict, load_spec, parse_overrides, stable_hash, stage_seed
 
-SPECS = sorted(Path(__file__).resolve().parents[1].joinpath("tune_specs").glob("*.yaml"))
+SPEC_DIR = Path(__file__).resolve().parents[1] / "tune_specs"
+SPECS = sorted(SPEC_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
@@ -60,3 +61,39 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 def test_hashes_are_stable_and_order_free():
     assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
     assert stage_seed(0, "erm") == stage_seed(0, "erm") != stage_seed(0, "dfr")
+
+
+def test_every_sweep_spec_loads_and_parses(tmp_path):
+    """Each shipped sweep: a header comment, a search space of several trials, its base's settings."""
+    from exmap_ray.search import n_trials, parse_space
+
+    sweeps = sorted(SPEC_DIR.glob("*_sweep.yaml"))
+    names = {p.name for p in sweeps}
+    assert {"cmnist_sweep.yaml", "cmnist_multi_sweep.yaml", "waterbirds_sweep.yaml", "celeba_sweep.yaml",
+            "metashift_sweep.yaml", "urbancars_sweep.yaml"} <= names
+    for p in sweeps:
+        assert p.read_text().startswith("# "), f"{p.name} needs a header saying what it searches and why"
+        spec = load_spec(p)
+        assert n_trials(parse_space(spec), spec.search.num_samples) >= 4, p.name
+        if "base:" in p.read_text():
+            base = load_spec(SPEC_DIR / p.name.replace("_sweep", ""))
+            assert spec.dataset == base.dataset and spec.model == base.model and spec.erm == base.erm, p.name
+    assert load_spec(SPEC_DIR / "waterbirds_sweep.yaml").model.backbone == "resnet50"
+
+
+def test_base_key_errors_name_the_file(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: missing.yaml\n")
+    with pytest.raises(SpecError, match=r"key 'base' names 'missing.yaml', but '.*missing.yaml' does not exist"):
+        load_spec(a)
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(SpecError, match="a cycle"):
+        load_spec(a)
+    a.write_text("base: [1]\n")
+    with pytest.raises(SpecError, match="key 'base' must be the path"):
+        load_spec(a)
+    b.write_text("seed: 3\nclustering: {k: 4, scope: local}\n")
+    a.write_text("base: b.yaml\nclustering: {k: 2}\n")
+    s = load_spec(a)
+    assert s.seed == 3 and s.clustering.k == 2 and s.clustering.scope == "local"  # this file over its base
