@@ -51,7 +51,7 @@ def main(argv=None) -> int:
           f"{s}x{s} cells (a uniform map puts {1 / s**2:.3f} in each cell)")
     print(f"{'':28}{'patch cell':>12}{'mirror cell':>13}{'red ch.':>9}{'green ch.':>10}{'blue ch.':>9}")
     rows = [("all val images", np.ones(len(val.y), bool))]
-    rows += [(f"patch agrees with y", patch == val.y), ("patch disagrees with y", patch != val.y),
+    rows += [("patch agrees with y", patch == val.y), ("patch disagrees with y", patch != val.y),
              ("colour agrees with y", val.attrs["colour"] == val.y), ("colour disagrees", val.attrs["colour"] != val.y)]
     for name, m in rows:
         print(f"{name:<28}{at_patch[m].mean():>12.4f}{other[m].mean():>13.4f}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, tracking
-from .clustering import check_heatmaps, pseudo_groups
+from .clustering import check_heatmaps
 from .data import GroupData, build_dataset
 from .data.base import loader_options
 from .data.layout import LAYOUTS, check_dataset

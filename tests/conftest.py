@@ -9,7 +9,6 @@ import csv
 import logging
 import os
 import json
-import shutil
 import tempfile
 from pathlib import Path
 

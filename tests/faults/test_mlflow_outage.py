@@ -205,7 +205,7 @@ def test_server_killed_mid_run_then_sync(tmp_path, capsys):
 
 
 @pytest.mark.slow  # a heavier variant of the mid-run fault above (about 55 s): run on demand, -m slow
-def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path):
+def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path, capsys):
     """The server dies after the first of three trials: the sweep finishes, then sync-mlflow nests it all."""
     import threading
 
@@ -242,9 +242,10 @@ def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path):
         parent_id = summary["mlflow_parent_run_id"]
 
         server.start()  # back on the same db: the sweep folder is synced, trials nested under the parent
-        done = sync(out)
-        assert done["kind"] == "sweep" and done["resumed"] and done["run_id"] == parent_id
-        assert len(done["trials"]) == len(pending) - 1
+        rc, stdout, stderr = _sync_cli(capsys, str(out))  # the CLI on the sweep's folder
+        assert rc == 0, stderr[-3000:]
+        assert f"completed the original run (sweep parent run) {parent_id}" in stdout
+        assert stdout.count("  trial run_trial_") == len(pending) - 1  # one line per trial synced
         client = MlflowClient(server.uri)
         parent = client.get_run(parent_id)
         assert parent.info.status == "FINISHED"
