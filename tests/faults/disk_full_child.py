@@ -6,7 +6,6 @@ extracts again. Prints one JSON line with what it observed.
 """
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
