@@ -65,10 +65,7 @@ def sync(out: Path, tracking_uri: str | None = None, parent_run_id: str | None =
     if not pending_path.is_file():
         return {"status": "nothing pending", "out": str(out)}
     pending = _read(pending_path, "the marker of a run whose MLflow logging failed")
-    info = json.loads((out / tracking.INFO).read_text()) if (out / tracking.INFO).is_file() else {}
-    uri = tracking_uri or pending.get("uri") or info.get("uri") or tracking.default_uri(out)
-    experiment = (pending.get("experiment") or info.get("experiment")
-                  or (spec.get("tracking") or {}).get("experiment") or spec.get("name"))
+    uri, experiment = _target(out, pending, spec, tracking_uri)
 
     tracking.http_defaults()
     tracking.probe(uri, out)
@@ -81,6 +78,15 @@ def sync(out: Path, tracking_uri: str | None = None, parent_run_id: str | None =
         raise UserError(f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:300]}). {pending_path} is kept; run sync-mlflow again "
                         f"when the server answers") from None
+
+
+def _target(out: Path, pending: dict, spec: dict, tracking_uri: str | None) -> tuple[str, str]:
+    """(URI, experiment) to sync to: the flag, else what the marker or OUT/tracking.json recorded."""
+    info = json.loads((out / tracking.INFO).read_text()) if (out / tracking.INFO).is_file() else {}
+    uri = tracking_uri or pending.get("uri") or info.get("uri") or tracking.default_uri(out)
+    experiment = (pending.get("experiment") or info.get("experiment")
+                  or (spec.get("tracking") or {}).get("experiment") or spec.get("name"))
+    return uri, experiment
 
 
 def _existing_run(client, run_id: str | None):
@@ -178,9 +184,7 @@ def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
     if not pending_path.is_file() and not trials:
         return {"status": "nothing pending", "out": str(out)}
     pending = _read(pending_path, "the sweep's marker") if pending_path.is_file() else {}
-    info = json.loads((out / tracking.INFO).read_text()) if (out / tracking.INFO).is_file() else {}
-    uri = tracking_uri or pending.get("uri") or info.get("uri") or tracking.default_uri(out)
-    experiment = pending.get("experiment") or info.get("experiment") or spec.get("name")
+    uri, experiment = _target(out, pending, spec, tracking_uri)
     tracking.http_defaults()
     tracking.probe(uri, out)
     exp_id = tracking.setup(uri, experiment, out)

@@ -166,15 +166,19 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
         summary = summarize(rows, domains, spec, out)
         summary.update(timings_s=timer.seconds, mlflow_parent_run_id=parent_id, planned_trials=planned,
                        cache_records=len(StageCache(cache_dir).records()))
-        summary["mlflow_pending"] = sorted(str(p.parent) for p in [out / tracking.PENDING,
-                                                                   *(out / "trials").glob(f"*/{tracking.PENDING}")]
-                                           if p.is_file())
+        summary["mlflow_pending"] = pending_folders(out)
         write_json(out / "summary.json", summary)
         log_sweep_summary(tracker, out, summary)
-    if tracker.pending:  # the trials' own markers are listed in the summary
-        summary["mlflow_pending"] = sorted(set(summary["mlflow_pending"]) | {str(out)})
+    if tracker.pending:  # MLflow went away while the summary was being logged: list the parent too
+        summary["mlflow_pending"] = pending_folders(out)
         write_json(out / "summary.json", summary)
     return summary
+
+
+def pending_folders(out: Path) -> list[str]:
+    """The sweep folder and trial folders whose MLflow logging failed (they hold a marker file)."""
+    markers = [out / tracking.PENDING, *(out / "trials").glob(f"*/{tracking.PENDING}")]
+    return sorted(str(p.parent) for p in markers if p.is_file())
 
 
 SUMMARY_ARTIFACTS = ("summary.json", "summary.csv", "summary.md", "wga_vs_selection_metric.png", "wga_vs_k.png")
