@@ -13,6 +13,7 @@ spec's own types and ranges before any trial starts, so a typo fails at once.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +27,20 @@ UPSTREAM_SECTIONS = ("seed", "dataset", "model", "erm")
 HEATMAP_SECTIONS = ("heatmaps",)
 
 
+SCALARS = (str, int, float, bool, type(None))
+
+
 @dataclass(frozen=True)
 class Domain:
     key: str
     kind: str
     values: tuple
+
+    @property
+    def encoded(self) -> bool:
+        """A choice among lists or mappings (e.g. DFR C grids) travels through Tune as JSON strings:
+        Optuna's categorical parameters hold scalars only. `decode` turns them back into values."""
+        return self.kind == "choice" and not all(isinstance(v, SCALARS) for v in self.values)
 
     def tune(self):
         from ray import tune
@@ -38,9 +48,13 @@ class Domain:
         if self.kind == "grid":
             return tune.grid_search(list(self.values))
         if self.kind == "choice":
-            return tune.choice(list(self.values))
+            return tune.choice([json.dumps(v) for v in self.values] if self.encoded else list(self.values))
         lo, hi = self.values
         return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](lo, hi)
+
+    def decode(self, value):
+        """The spec value behind what Tune handed a trial."""
+        return json.loads(value) if self.encoded and isinstance(value, str) else value
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
@@ -101,6 +115,10 @@ def parse_space(spec: Spec) -> list[Domain]:
                 from_dict(_deep_merge(base, unflatten({key: v})))
             except SpecError as e:
                 raise SpecError(f"spec key '{where}': value {v!r} is not valid: {e}") from None
+        if kind == "grid" and spec.search.algorithm != "basic":
+            raise SpecError(f"spec key '{where}.grid': search.algorithm '{spec.search.algorithm}' samples "
+                            f"each trial's values and cannot enumerate a grid; use {{choice: {values!r}}} "
+                            f"(search.num_samples sets how many trials), or search.algorithm: basic")
         domains.append(Domain(key, kind, tuple(values)))
     return domains
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import re
@@ -30,7 +31,7 @@ from .faults import inject
 from .pipeline import Timer, preflight, run_pipeline, run_stages
 from .retrain.dfr import worst_over_groupings_halves
 from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, n_trials, parse_space, touches, unflatten
-from .spec import Spec, _deep_merge, from_dict, stable_hash
+from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
 from .store import StageCache, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,20 @@ def trial_metrics(res: dict, metric: str) -> dict:
     return m
 
 
-def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, parent_run_id: str) -> None:
+def decode_config(config: dict, encoded: tuple[str, ...] = ()) -> dict:
+    """Tune's trial config as dotted spec keys and spec values (JSON-encoded choices decoded)."""
+    flat = {k.replace("__", "."): v for k, v in config.items()}
+    return {k: json.loads(v) if k in encoded and isinstance(v, str) else v for k, v in flat.items()}
+
+
+def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, parent_run_id: str,
+              encoded: tuple[str, ...] = ()) -> None:
     """One Tune trial: the base spec plus this trial's values, run through the pipeline."""
     import torch
     from ray import tune
 
     torch.set_num_threads(1)  # trials share the machine with ERM workers and heatmap actors
-    overrides = unflatten({k.replace("__", "."): v for k, v in config.items()})
+    overrides = unflatten(decode_config(config, encoded))
     spec = from_dict(_deep_merge(base, overrides))
     name = tune.get_context().get_trial_name()
     # Tune snapshots its own state only every few seconds, so after a crash it may rerun a trial that
@@ -79,6 +87,7 @@ def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, par
         res["trial"] = name
         write_json(done, res)  # after the MLflow run has ended: the trial counts as done only now
     metrics = trial_metrics(res, spec.search.metric)
+    metrics["trial_name"] = name  # the summary's and MLflow's name for this trial, whatever Tune's id scheme
     with tempfile.TemporaryDirectory() as d:
         write_json(Path(d) / "results.json", res)
         # a checkpoint makes Tune keep Result.metrics; it also carries the full results
@@ -89,14 +98,18 @@ def _search_alg(spec: Spec):
     algo = spec.search.algorithm
     if algo == "basic":
         return None
-    try:
+    try:  # seeded from the spec: the same spec proposes the same trials
         if algo == "optuna":
+            import optuna
             from ray.tune.search.optuna import OptunaSearch
-            return OptunaSearch(metric="selection_metric", mode="max")
+            return OptunaSearch(metric="selection_metric", mode="max",
+                                sampler=optuna.samplers.TPESampler(seed=stage_seed(spec.seed, "search")))
         from ray.tune.search.hyperopt import HyperOptSearch
-        return HyperOptSearch(metric="selection_metric", mode="max")
+        return HyperOptSearch(metric="selection_metric", mode="max",
+                              random_state_seed=stage_seed(spec.seed, "search") % 2**32)
     except (ImportError, AssertionError) as e:
-        raise UserError(f"search.algorithm '{algo}' needs its package: pip install {algo} ({e})") from None
+        raise UserError(f"search.algorithm '{algo}' needs its package: pip install {algo} "
+                        f"(or pip install 'exmap-ray[search]'); {e}") from None
 
 
 def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri: str | None = None,
@@ -146,7 +159,7 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
         base = spec.to_dict()
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, root=str(out), cache_dir=str(cache_dir), uri=uri,
-                                 parent_run_id=parent_id),
+                                 parent_run_id=parent_id, encoded=tuple(d.key for d in domains if d.encoded)),
             {"cpu": spec.search.trial_cpus, "gpu": spec.search.trial_gpus})
         experiment_path = f"{storage.rstrip('/')}/sweep"
         if resume and tune.Tuner.can_restore(experiment_path):
@@ -219,9 +232,10 @@ def collect_rows(grid, domains) -> list[dict]:
     for r in grid:
         # Tune's trial folder is "<trial name>_<index>_<params>_<time>"; the trial name is the MLflow run name
         # (the trial id is 5 hex digits, which may all be decimal, then the 5-digit index)
+        # (sweeps from before trials reported their name; searchers' trial ids are 8 hex digits, no index)
         m = re.match(r"(.+?_[0-9a-f]{5}_\d{5})_\d+_", Path(r.path).name) if r.path else None
-        name = m.group(1) if m else str(r.path)
-        cfg = {d.key: r.config.get(d.key.replace(".", "__")) for d in domains}
+        name = (r.metrics or {}).get("trial_name") or (m.group(1) if m else Path(str(r.path)).name)
+        cfg = {d.key: d.decode(r.config.get(d.key.replace(".", "__"))) for d in domains}
         row = {"trial": name, **{f"config.{k}": v for k, v in cfg.items()}}
         if r.error:
             row.update(status="ERROR", error=f"{type(r.error).__name__}: {str(r.error).splitlines()[-1][:300]}")
