@@ -145,15 +145,20 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_P
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None):
-    """Connect to `address` (or $RAY_ADDRESS, or a new local Ray); reuse one the caller started."""
+def ray_session(address: str | None, quiet: bool = False):
+    """Connect to `address` (or $RAY_ADDRESS, or a new local Ray); reuse one the caller started.
+
+    `quiet` reaches the workers as QUIET_ENV in the job's runtime env: they then log warnings only."""
     import ray
+
+    from . import QUIET_ENV
 
     own = not ray.is_initialized()
     if own:
         if not (address or os.environ.get("RAY_ADDRESS")):
             local_ray_defaults()
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {QUIET_ENV: "1"}} if quiet else None)
     try:
         yield
     finally:
@@ -177,7 +182,7 @@ def cmd_bench(args) -> int:
 
     preflight(spec)  # data / backbone / method errors before Ray starts
     seeds = [spec.seed + i for i in range(args.seeds)]
-    with ray_session(args.address):
+    with ray_session(args.address, getattr(args, "quiet", False)):
         summary = run_bench(spec, seeds, out, args.cache, args.tracking_uri, end_to_end=args.end_to_end)
     print("\n" + summary["table"])
     print(f"\ntable: {out / 'bench.md'} (also .csv, .json; plot {out / 'bench_wga.png'})")
@@ -193,8 +198,9 @@ def cmd_tune(args) -> int:
     out = args.out or Path("runs") / f"{spec.name}-sweep"
     _check_tracking(args.tracking_uri or spec.tracking.uri, out)  # before torch and Ray load
     from .tune import format_summary, run_sweep
-    with ray_session(args.address):
-        summary = run_sweep(spec, out, args.cache, args.tracking_uri, resume=args.resume)
+    with ray_session(args.address, getattr(args, "quiet", False)):
+        summary = run_sweep(spec, out, args.cache, args.tracking_uri, resume=args.resume,
+                            quiet=args.quiet)
     print("\n" + format_summary(summary))
     print(f"\nsummary: {out / 'summary.md'} (also .csv, .json; plots {out}/*.png)")
     if summary.get("mlflow_pending"):  # each tracker warned when it lost the server; this is the how-to
@@ -217,7 +223,7 @@ def cmd_run(args) -> int:
     data = preflight(spec)                  # and data / backbone / method errors here
     if args.resume:
         _mark_interrupted_run(out, uri)
-    with ray_session(args.address):
+    with ray_session(args.address, getattr(args, "quiet", False)):
         results = run_pipeline(spec, out, args.cache, args.tracking_uri, data)
     print("\n" + format_table(results))
     print(f"\nresults: {out / 'results.json'}   plots: {out}/*.png")

@@ -76,10 +76,12 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from . import quiet_worker_logs
     from .data import build_dataset
     from .data.base import Labeled, loader_options
     from .spec import from_dict
 
+    quiet_worker_logs()
     spec = from_dict(config["spec"])
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()

@@ -253,8 +253,12 @@ class SearchSpec:
         "The own-groups metrics overrate trials whose clustering missed the minority")
     select: Literal["one_se", "best"] = opt(
         "one_se", "how the label-free metric picks the configuration. best = the highest score; one_se = the "
-                  "trial with the fewest pseudo groups among those within one standard error (over held-out "
-                  "halves) of the highest: differences smaller than the score's own noise do not decide")
+                  "trial with the fewest pseudo groups among those within one standard error (search.se) of "
+                  "the highest: differences smaller than the score's own noise do not decide")
+    se: Literal["binomial", "halves"] = opt(
+        "binomial", "the standard error one_se uses. binomial = sqrt(p(1-p)/n), n the val size of the group "
+                    "the top score rests on; halves = the spread of the score over the held-out halves, which "
+                    "overlap and so understate the noise of a group of a few images")
     num_samples: int = opt(1, "Tune num_samples: repeats of the grid, or random draws for sampled domains", _positive)
     algorithm: Literal["basic", "optuna", "hyperopt"] = opt("basic", "basic = grid/random; optuna and "
                                                                      "hyperopt need their package installed")

@@ -15,21 +15,23 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from . import plots, tracking
+from . import plots, quiet_worker_logs, tracking
 from .errors import UserError
 from .faults import inject
 from .pipeline import Timer, preflight, run_pipeline, run_stages
-from .retrain.dfr import worst_over_groupings_halves
+from .retrain.dfr import score_se, worst_over_groupings_halves
 from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, n_trials, parse_space, touches, unflatten
 from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
 from .store import StageCache, read_json, write_json
@@ -70,6 +72,7 @@ def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, par
     from ray import tune
 
     torch.set_num_threads(1)  # trials share the machine with ERM workers and heatmap actors
+    quiet_worker_logs()  # under --quiet: no INFO lines from the pipeline or Ray's per-trial checkpoint line
     overrides = unflatten(decode_config(config, encoded))
     spec = from_dict(_deep_merge(base, overrides))
     name = tune.get_context().get_trial_name()
@@ -113,7 +116,8 @@ def _search_alg(spec: Spec):
 
 
 def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri: str | None = None,
-              resume: bool = False) -> dict:
+              resume: bool = False, quiet: bool = False) -> dict:
+    """`quiet` also silences Tune's own trial tables (the summary is printed by the caller)."""
     import mlflow
     from ray import tune
 
@@ -171,9 +175,12 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
                 tune_config=tune.TuneConfig(metric="selection_metric", mode="max", num_samples=spec.search.num_samples,
                                             max_concurrent_trials=spec.search.max_concurrent_trials,
                                             search_alg=_search_alg(spec)),
-                run_config=tune.RunConfig(name="sweep", storage_path=storage,
+                run_config=tune.RunConfig(name="sweep", storage_path=storage, verbose=0 if quiet else None,
                                           failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)))
-        with timer("trials"):
+        # quiet: Tune prints its tables and experiment box to stdout whatever `verbose` says (and a restored
+        # sweep keeps its first run's verbosity); warnings and errors go to stderr and still show
+        with timer("trials"), open(os.devnull, "w") as devnull, \
+                contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext():
             grid = tuner.fit()
         rows = collect_rows(grid, domains)
         summary = summarize(rows, domains, spec, out)
@@ -254,10 +261,10 @@ def _best(rows: list[dict], key: str) -> dict | None:
 def choose(rows: list[dict], select: str) -> dict | None:
     """The label-free choice: the best selection metric, or (one_se) the simplest trial within its noise.
 
-    one_se is the one-standard-error rule: with `se` the standard error of the best trial's score over
-    its held-out halves, every trial scoring at least best - se is as good as the data can tell, and
-    among those the one with the fewest pseudo groups (larger groups: steadier balanced DFR fits) is
-    chosen, ties to the higher score. No true group enters.
+    one_se is the one-standard-error rule: with `se` the standard error of the best trial's score
+    (`search.se`), every trial scoring at least best - se is as good as the data can tell, and among
+    those the one with the fewest pseudo groups (larger groups: steadier balanced DFR fits) is chosen,
+    ties to the higher score. No true group enters.
     """
     best = _best(rows, "selection_metric")
     se = best.get("selection_se") if best else None
@@ -268,8 +275,9 @@ def choose(rows: list[dict], select: str) -> dict | None:
     return min(band, key=lambda r: (r.get("n_groups") or math.inf, -r["selection_metric"], r["trial"]))
 
 
-def add_sweep_metric(rows: list[dict], metric: str) -> None:
-    """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only)."""
+def add_sweep_metric(rows: list[dict], metric: str, se: str = "binomial") -> None:
+    """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only),
+    and the standard error of each trial's selection metric (`se`: binomial or halves)."""
     ok = [r for r in rows if r["status"] == "OK" and r.get("selection_file") and Path(r["selection_file"]).exists()]
     loaded = {r["trial"]: dict(np.load(r["selection_file"])) for r in ok}
     buckets: dict[str, list[dict]] = {}
@@ -280,18 +288,18 @@ def add_sweep_metric(rows: list[dict], metric: str) -> None:
         groupings = [loaded[r["trial"]]["pseudo_groups"] for r in group]
         for r in group:
             d = loaded[r["trial"]]
-            r[SWEEP_METRIC], halves = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"], d["y"],
-                                                                  groupings)
+            r[SWEEP_METRIC], halves, sizes = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"],
+                                                                         d["y"], groupings)
             if metric == SWEEP_METRIC:
                 r["selection_metric"] = r[SWEEP_METRIC]
             else:  # the noise of the trial's own metric: its own pseudo groups, or the classes
-                halves = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"], d["y"],
-                                                     [d["y"] if metric == "val_worst_class_acc" else d["pseudo_groups"]])[1]
-            r["selection_se"] = float(np.std(halves, ddof=1) / np.sqrt(len(halves))) if len(halves) > 1 else float("nan")
+                own = d["y"] if metric == "val_worst_class_acc" else d["pseudo_groups"]
+                _, halves, sizes = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"], d["y"], [own])
+            r["selection_se"] = score_se(r["selection_metric"], halves, sizes, se)
 
 
 def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
-    add_sweep_metric(rows, spec.search.metric)
+    add_sweep_metric(rows, spec.search.metric, spec.search.se)
     chosen, oracle = choose(rows, spec.search.select), _best(rows, ORACLE_METRIC)
     top = _best(rows, "selection_metric")  # the plain maximum, reported beside the rule's choice
     cols = ["trial"] + [f"config.{d.key}" for d in domains] + COLUMNS[1:] + ["error"]
@@ -304,8 +312,8 @@ def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
-    rule = ("the fewest pseudo groups within one standard error of the best score" if spec.search.select == "one_se"
-            else "the best score")
+    rule = (f"the fewest pseudo groups within one standard error (`search.se: {spec.search.se}`) of the best "
+            f"score" if spec.search.select == "one_se" else "the best score")
     md = [f"# Sweep summary: {spec.name}", "",
           f"Selection metric (label-free): `{spec.search.metric}`, choosing {rule} (`search.select: "
           f"{spec.search.select}`). Oracle column: worst *true*-group accuracy on the same held-out val halves, "
@@ -326,7 +334,7 @@ def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
         if any(d.key == "clustering.k" for d in domains):
             plots.wga_vs_k(ok, out / "wga_vs_k.png")
     failed = [r for r in rows if r["status"] != "OK"]
-    return {"label_free_choice": chosen, "label_free_top": top, "select": spec.search.select,
+    return {"label_free_choice": chosen, "label_free_top": top, "select": spec.search.select, "se": spec.search.se,
             "oracle_choice": oracle, "n_trials": len(rows), "n_failed": len(failed),
             "failed": failed, "rows": rows,
             "gap_to_oracle": (oracle["test_worst_group_acc"] - chosen["test_worst_group_acc"]) if chosen and oracle else None}

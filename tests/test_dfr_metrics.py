@@ -94,3 +94,20 @@ def test_dfr_handles_more_than_two_classes():
     groups = y * 2 + (rng.random(180) < 0.3)
     model = fit_dfr(X, y, groups, from_dict({"dfr": {"c_grid": [1.0], "n_select_repeats": 2, "n_final_fits": 2}}).dfr, 0)
     assert (model.predict(X) == y).mean() > 0.9
+
+
+def test_score_se_binomial_rests_on_the_worst_groups_size():
+    from exmap_ray.retrain.dfr import score_se, worst_over_groupings_halves
+
+    y = np.array([0] * 20 + [1] * 20)
+    g = np.array([0] * 16 + [1] * 4 + [2] * 16 + [3] * 4)  # class 0: groups 0 (16) and 1 (4); class 1: 2, 3
+    pred = y.copy()
+    pred[16:19] = 1  # three of group 1's four wrong
+    idx = np.array([np.arange(40), np.arange(40)])  # two "halves" that both hold everything
+    score, halves, sizes = worst_over_groupings_halves(idx, np.array([pred, pred]), y, [g])
+    assert score == pytest.approx(0.25) and list(halves) == [0.25, 0.25] and list(sizes) == [4, 4]
+    assert score_se(score, halves, sizes, "binomial") == pytest.approx(np.sqrt(0.25 * 0.75 / 4))
+    assert score_se(score, halves, sizes, "halves") == 0.0  # identical halves: no spread, the blind spot
+    assert np.isnan(score_se(score, halves[:1], sizes[:1], "halves"))
+    with pytest.raises(ValueError, match="binomial"):
+        score_se(score, halves, sizes, "bootstrap")

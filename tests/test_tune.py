@@ -127,6 +127,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_run, t
 
     rc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]
+    # --quiet: no Tune tables, no per-trial INFO lines from the workers; the summary is printed
+    for noise in ("Trial status", "Checkpoint successfully created", "── stage", "Loading faiss"):
+        assert noise not in rc.stdout + rc.stderr, noise
+    assert "label-free choice" in rc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")

@@ -97,10 +97,12 @@ class HeatmapWorker:
     """One per GPU (or per CPU slot): builds the val split, the model and the method once."""
 
     def __init__(self, spec_dict: dict, checkpoint: str, threads: int):
+        from .. import quiet_worker_logs
         from ..data import build_dataset
         from ..models import load_checkpoint
         from ..spec import from_dict
 
+        quiet_worker_logs()
         torch.set_num_threads(max(1, threads))
         spec = from_dict(spec_dict)
         self.hspec = spec.heatmaps

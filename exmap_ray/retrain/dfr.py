@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -165,20 +166,42 @@ def worst_over_groupings(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: n
 
 
 def worst_over_groupings_halves(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: np.ndarray,
-                                groupings: list[np.ndarray], min_members: int = 3) -> tuple[float, np.ndarray]:
-    """`worst_over_groupings` and the per-half worst accuracies of the grouping that set it.
+                                groupings: list[np.ndarray], min_members: int = 3
+                                ) -> tuple[float, np.ndarray, np.ndarray]:
+    """`worst_over_groupings`, the per-half worst accuracies of the grouping that set it, and the val
+    size of the group that was worst on each of those halves.
 
-    The spread of those per-half values is the score's own noise: `tune` uses it for the
-    one-standard-error selection rule (`search.select: one_se`).
+    Those give the score's noise for the one-standard-error selection rule (`search.select: one_se`):
+    the spread over halves (`search.se: halves`), or a binomial error on the worst group's size
+    (`search.se: binomial`).
     """
-    best_mean, best_halves = float("nan"), np.array([])
+    best_mean, best_halves, best_sizes = float("nan"), np.array([]), np.array([])
     for g in groupings:
-        per_half = []
+        per_half, sizes = [], []
         for idx, pred in zip(heldout_idx, heldout_pred):
-            accs = [float((pred[g[idx] == k] == y[idx][g[idx] == k]).mean())
+            accs = [(float((pred[g[idx] == k] == y[idx][g[idx] == k]).mean()), k)
                     for k in np.unique(g[idx]) if (g[idx] == k).sum() >= min_members]
             if accs:
-                per_half.append(min(accs))
+                acc, k = min(accs)
+                per_half.append(acc)
+                sizes.append(int((g == k).sum()))
         if per_half and not (float(np.mean(per_half)) >= best_mean):  # the minimum over groupings (nan first)
-            best_mean, best_halves = float(np.mean(per_half)), np.array(per_half)
-    return best_mean, best_halves
+            best_mean, best_halves, best_sizes = float(np.mean(per_half)), np.array(per_half), np.array(sizes)
+    return best_mean, best_halves, best_sizes
+
+
+def score_se(score: float, halves: np.ndarray, sizes: np.ndarray, kind: str) -> float:
+    """Standard error of a held-out worst-group score (nan when it cannot be estimated).
+
+    halves: the spread over held-out halves. They overlap, so it understates the noise when the
+    worst group is a handful of images. binomial: sqrt(p(1-p)/n) with p the score and n the val size
+    of the worst group (mean over halves); the halves together cover about all of val, so n is the
+    sample the score rests on.
+    """
+    if kind == "halves":
+        return float(np.std(halves, ddof=1) / np.sqrt(len(halves))) if len(halves) > 1 else float("nan")
+    if kind == "binomial":
+        if not len(sizes) or math.isnan(score):
+            return float("nan")
+        return math.sqrt(max(score * (1 - score), 0.0) / float(np.mean(sizes)))
+    raise ValueError(f"unknown standard-error kind {kind!r}; use 'binomial' or 'halves'")
