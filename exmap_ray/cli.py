@@ -182,7 +182,7 @@ def cmd_bench(args) -> int:
 
     preflight(spec)  # data / backbone / method errors before Ray starts
     seeds = [spec.seed + i for i in range(args.seeds)]
-    with ray_session(args.address, getattr(args, "quiet", False)):
+    with ray_session(args.address, args.quiet):
         summary = run_bench(spec, seeds, out, args.cache, args.tracking_uri, end_to_end=args.end_to_end)
     print("\n" + summary["table"])
     print(f"\ntable: {out / 'bench.md'} (also .csv, .json; plot {out / 'bench_wga.png'})")
@@ -198,9 +198,8 @@ def cmd_tune(args) -> int:
     out = args.out or Path("runs") / f"{spec.name}-sweep"
     _check_tracking(args.tracking_uri or spec.tracking.uri, out)  # before torch and Ray load
     from .tune import format_summary, run_sweep
-    with ray_session(args.address, getattr(args, "quiet", False)):
-        summary = run_sweep(spec, out, args.cache, args.tracking_uri, resume=args.resume,
-                            quiet=args.quiet)
+    with ray_session(args.address, args.quiet):
+        summary = run_sweep(spec, out, args.cache, args.tracking_uri, resume=args.resume, quiet=args.quiet)
     print("\n" + format_summary(summary))
     print(f"\nsummary: {out / 'summary.md'} (also .csv, .json; plots {out}/*.png)")
     if summary.get("mlflow_pending"):  # each tracker warned when it lost the server; this is the how-to
@@ -223,7 +222,7 @@ def cmd_run(args) -> int:
     data = preflight(spec)                  # and data / backbone / method errors here
     if args.resume:
         _mark_interrupted_run(out, uri)
-    with ray_session(args.address, getattr(args, "quiet", False)):
+    with ray_session(args.address, args.quiet):
         results = run_pipeline(spec, out, args.cache, args.tracking_uri, data)
     print("\n" + format_table(results))
     print(f"\nresults: {out / 'results.json'}   plots: {out}/*.png")

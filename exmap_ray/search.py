@@ -37,6 +37,11 @@ class Domain:
     values: tuple
 
     @property
+    def tune_key(self) -> str:
+        """The key in Tune's config (and trial folder names): dots would read as nesting there."""
+        return self.key.replace(".", "__")
+
+    @property
     def encoded(self) -> bool:
         """A choice among lists or mappings (e.g. DFR C grids) travels through Tune as JSON strings:
         Optuna's categorical parameters hold scalars only. `decode` turns them back into values."""

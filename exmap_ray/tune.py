@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ from .errors import UserError
 from .faults import inject
 from .pipeline import Timer, preflight, run_pipeline, run_stages
 from .retrain.dfr import score_se, worst_over_groupings_halves
-from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, n_trials, parse_space, touches, unflatten
+from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, Domain, n_trials, parse_space, touches, unflatten
 from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
 from .store import StageCache, read_json, write_json
 
@@ -59,21 +58,15 @@ def trial_metrics(res: dict, metric: str) -> dict:
     return m
 
 
-def decode_config(config: dict, encoded: tuple[str, ...] = ()) -> dict:
-    """Tune's trial config as dotted spec keys and spec values (JSON-encoded choices decoded)."""
-    flat = {k.replace("__", "."): v for k, v in config.items()}
-    return {k: json.loads(v) if k in encoded and isinstance(v, str) else v for k, v in flat.items()}
-
-
 def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, parent_run_id: str,
-              encoded: tuple[str, ...] = ()) -> None:
+              domains: tuple[Domain, ...] = ()) -> None:
     """One Tune trial: the base spec plus this trial's values, run through the pipeline."""
     import torch
     from ray import tune
 
     torch.set_num_threads(1)  # trials share the machine with ERM workers and heatmap actors
     quiet_worker_logs()  # under --quiet: no INFO lines from the pipeline or Ray's per-trial checkpoint line
-    overrides = unflatten(decode_config(config, encoded))
+    overrides = unflatten({d.key: d.decode(config[d.tune_key]) for d in domains if d.tune_key in config})
     spec = from_dict(_deep_merge(base, overrides))
     name = tune.get_context().get_trial_name()
     # Tune snapshots its own state only every few seconds, so after a crash it may rerun a trial that
@@ -163,7 +156,7 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
         base = spec.to_dict()
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, root=str(out), cache_dir=str(cache_dir), uri=uri,
-                                 parent_run_id=parent_id, encoded=tuple(d.key for d in domains if d.encoded)),
+                                 parent_run_id=parent_id, domains=tuple(domains)),
             {"cpu": spec.search.trial_cpus, "gpu": spec.search.trial_gpus})
         experiment_path = f"{storage.rstrip('/')}/sweep"
         if resume and tune.Tuner.can_restore(experiment_path):
@@ -171,11 +164,11 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={d.key.replace(".", "__"): d.tune() for d in domains},
+                param_space={d.tune_key: d.tune() for d in domains},
                 tune_config=tune.TuneConfig(metric="selection_metric", mode="max", num_samples=spec.search.num_samples,
                                             max_concurrent_trials=spec.search.max_concurrent_trials,
                                             search_alg=_search_alg(spec)),
-                run_config=tune.RunConfig(name="sweep", storage_path=storage, verbose=0 if quiet else None,
+                run_config=tune.RunConfig(name="sweep", storage_path=storage,
                                           failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)))
         # quiet: Tune prints its tables and experiment box to stdout whatever `verbose` says (and a restored
         # sweep keeps its first run's verbosity); warnings and errors go to stderr and still show
@@ -237,12 +230,11 @@ def _mark_killed_children(parent_id: str) -> None:
 def collect_rows(grid, domains) -> list[dict]:
     rows = []
     for r in grid:
-        # Tune's trial folder is "<trial name>_<index>_<params>_<time>"; the trial name is the MLflow run name
-        # (the trial id is 5 hex digits, which may all be decimal, then the 5-digit index)
-        # (sweeps from before trials reported their name; searchers' trial ids are 8 hex digits, no index)
+        # each trial reports its name (the MLflow run name). Sweeps from before that are named from Tune's
+        # trial folder, "<trial name>_<index>_<params>_<time>" (trial id: 5 hex digits, then a 5-digit index)
         m = re.match(r"(.+?_[0-9a-f]{5}_\d{5})_\d+_", Path(r.path).name) if r.path else None
         name = (r.metrics or {}).get("trial_name") or (m.group(1) if m else Path(str(r.path)).name)
-        cfg = {d.key: d.decode(r.config.get(d.key.replace(".", "__"))) for d in domains}
+        cfg = {d.key: d.decode(r.config.get(d.tune_key)) for d in domains}
         row = {"trial": name, **{f"config.{k}": v for k, v in cfg.items()}}
         if r.error:
             row.update(status="ERROR", error=f"{type(r.error).__name__}: {str(r.error).splitlines()[-1][:300]}")
