@@ -38,8 +38,8 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 def _add_job_args(p: argparse.ArgumentParser, out_help: str,
                   quiet_help: str = "only warnings and the final table") -> None:
     """The options every Ray job command (run, tune, bench) shares."""
-    p.add_argument("--out", type=Path, help=out_help)
-    p.add_argument("--cache", type=Path, help="stage cache folder to share between runs (default OUT/cache)")
+    p.add_argument("--out", help=out_help + "; a local path or a storage URI (s3://BUCKET/PREFIX?..., gs://...)")
+    p.add_argument("--cache", help="stage cache to share between runs, a path or a URI (default OUT/cache)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--quiet", action="store_true", help=quiet_help)
@@ -153,8 +153,11 @@ def ray_session(address: str | None, quiet: bool = False):
 
     from . import QUIET_ENV
 
+    from .resources import check_address
+
     own = not ray.is_initialized()
     if own:
+        check_address(address or os.environ.get("RAY_ADDRESS"))  # a dead address: an error in seconds, not a hang
         if not (address or os.environ.get("RAY_ADDRESS")):
             local_ray_defaults()
         ray.init(address=address, logging_level=logging.WARNING,
@@ -175,7 +178,7 @@ def cmd_bench(args) -> int:
     if args.end_to_end and spec.groups.source != "exmap":
         raise UserError(f"--end-to-end fine-tunes on the ExMap groups, but spec key 'groups.source' is "
                         f"'{spec.groups.source}'; use groups.source exmap")
-    out = args.out or Path("runs") / f"{spec.name}-bench"
+    out, cache = _storage(args, f"{spec.name}-bench")
     _check_tracking(args.tracking_uri or spec.tracking.uri, out)
     from .bench import run_bench
     from .pipeline import preflight
@@ -183,7 +186,7 @@ def cmd_bench(args) -> int:
     preflight(spec)  # data / backbone / method errors before Ray starts
     seeds = [spec.seed + i for i in range(args.seeds)]
     with ray_session(args.address, args.quiet):
-        summary = run_bench(spec, seeds, out, args.cache, args.tracking_uri, end_to_end=args.end_to_end)
+        summary = run_bench(spec, seeds, out, cache, args.tracking_uri, end_to_end=args.end_to_end)
     print("\n" + summary["table"])
     print(f"\ntable: {out / 'bench.md'} (also .csv, .json; plot {out / 'bench_wga.png'})")
     return 0
@@ -195,11 +198,15 @@ def cmd_tune(args) -> int:
     spec = load_spec(args.spec, args.sets)
     from .search import parse_space
     parse_space(spec)  # search-space errors before Ray starts
-    out = args.out or Path("runs") / f"{spec.name}-sweep"
+    out, cache = _storage(args, f"{spec.name}-sweep")
+    if spec.search.storage_path:
+        from .storage import check_root
+
+        check_root(spec.search.storage_path, "spec key 'search.storage_path'")
     _check_tracking(args.tracking_uri or spec.tracking.uri, out)  # before torch and Ray load
     from .tune import format_summary, run_sweep
     with ray_session(args.address, args.quiet):
-        summary = run_sweep(spec, out, args.cache, args.tracking_uri, resume=args.resume, quiet=args.quiet)
+        summary = run_sweep(spec, out, cache, args.tracking_uri, resume=args.resume, quiet=args.quiet)
     print("\n" + format_summary(summary))
     print(f"\nsummary: {out / 'summary.md'} (also .csv, .json; plots {out}/*.png)")
     if summary.get("mlflow_pending"):  # each tracker warned when it lost the server; this is the how-to
@@ -213,7 +220,7 @@ def cmd_run(args) -> int:
     from .spec import load_spec
 
     spec = load_spec(args.spec, args.sets)  # spec errors surface here, before any work
-    out = args.out or Path("runs") / spec.name
+    out, cache = _storage(args, spec.name)
     uri = args.tracking_uri or spec.tracking.uri
     _check_tracking(uri, out)               # an unreachable tracking server, in seconds (before torch loads)
     from .pipeline import format_table, preflight, run_pipeline
@@ -223,7 +230,7 @@ def cmd_run(args) -> int:
     if args.resume:
         _mark_interrupted_run(out, uri)
     with ray_session(args.address, args.quiet):
-        results = run_pipeline(spec, out, args.cache, args.tracking_uri, data)
+        results = run_pipeline(spec, out, cache, args.tracking_uri, data)
     print("\n" + format_table(results))
     print(f"\nresults: {out / 'results.json'}   plots: {out}/*.png")
     from .store import read_json
@@ -233,11 +240,20 @@ def cmd_run(args) -> int:
               f"became unreachable ({out / PENDING}). When it is back: exmap-ray sync-mlflow {out}")
         return 0
     print(f"MLflow run {results['mlflow_run_id']}: "
-          + (f"see {uri}" if uri else f"mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()}"))
+          + (f"see {uri}" if uri else f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}"))
     return 0
 
 
-def _check_resume(spec, out: Path) -> None:
+def _storage(args, default_name: str):
+    """--out and --cache as storage Locs, each proven writable in seconds (before Ray or torch start)."""
+    from .storage import check_root
+
+    out = check_root(args.out or Path("runs") / default_name, "--out")
+    cache = check_root(args.cache, "--cache") if args.cache else None
+    return out, cache
+
+
+def _check_resume(spec, out) -> None:
     """`run --resume` continues the run in OUT only with the spec that run had."""
     from .spec import flatten
     from .store import read_json
@@ -253,7 +269,7 @@ def _check_resume(spec, out: Path) -> None:
     log.info("resuming the run in %s: finished stages are reused, an unfinished one is redone", out)
 
 
-def _mark_interrupted_run(out: Path, uri: str | None) -> None:
+def _mark_interrupted_run(out, uri: str | None) -> None:
     """The interrupted run's MLflow run was left RUNNING: mark it KILLED (best effort)."""
     from . import tracking
     from .store import read_json
@@ -273,12 +289,15 @@ def _mark_interrupted_run(out: Path, uri: str | None) -> None:
         log.warning("could not mark the interrupted MLflow run %s as KILLED: %s", run_id, e)
 
 
-def _check_tracking(uri: str | None, out: Path) -> None:
-    """Short MLflow HTTP retries/timeouts (unless set by the user), and a dead server caught before Ray starts."""
+def _check_tracking(uri: str | None, out) -> None:
+    """Short MLflow HTTP retries/timeouts (unless set by the user), and a dead server caught before Ray starts.
+    A storage-URI OUT without a tracking server is refused here too (a SQLite file cannot serve a cluster)."""
     from . import tracking
 
     tracking.http_defaults()
     tracking.probe(uri, out)
+    if not uri:
+        tracking.default_uri(out)
 
 
 def cmd_sync(args) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .models import create_model, save_checkpoint
 from .spec import stage_seed
+from .storage import Loc
 from .store import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -137,26 +137,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def train_erm(spec, out: Path, n_classes: int) -> dict:
-    """Run ERM on the connected Ray cluster; writes out/model.pt and out/history.json."""
+def train_erm(spec, out, n_classes: int) -> dict:
+    """Run ERM on the connected Ray cluster; writes out/model.pt and out/history.json (`out`: a storage Loc)."""
     import ray
     from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     e = spec.erm
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    use_gpu = has_gpu if e.use_gpu == "auto" else bool(e.use_gpu)
-    cpus = int(ray.available_resources().get("CPU", 1))
-    threads = 1 if use_gpu else max(1, cpus // e.num_workers)
+    from .resources import cpus_per_worker, resolve_resources
+
+    use_gpu = resolve_resources(spec).resources.gpu is True  # from the spec, decided once per run
+    threads = 1 if use_gpu else cpus_per_worker(e.num_workers)
     log.info("ERM: %s, %d epoch(s), %d worker(s) on %s", spec.model.backbone, e.epochs, e.num_workers,
              "GPU (NCCL)" if use_gpu else f"CPU (gloo, {threads} thread(s) each)")
+    out = Loc.parse(out)
+    train_dir = out / "ray_train"
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "threads": threads},
         scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": threads}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name="erm", storage_path=str((out / "ray_train").resolve()),
+        # checkpoints go to the storage root, which every node can reach (a URI on a cluster)
+        run_config=RunConfig(name="erm", storage_path=train_dir.fs_path, storage_filesystem=train_dir.fs,
                              failure_config=FailureConfig(max_failures=2),
                              logging_config=LoggingConfig(log_level="WARNING")),  # our epoch lines, not per-report INFO
     )
@@ -171,5 +174,5 @@ def train_erm(spec, out: Path, n_classes: int) -> dict:
     model.load_state_dict(state["model"])
     save_checkpoint(model, out / "model.pt")
     write_json(out / "history.json", history)
-    shutil.rmtree(out / "ray_train", ignore_errors=True)  # model.pt is the stage's artifact
+    train_dir.rmtree()  # model.pt is the stage's artifact
     return {"epochs": len(history), "history": history, "workers": e.num_workers, "use_gpu": use_gpu}

@@ -33,11 +33,13 @@ from .groups import GroupContext, infer_groups
 from .retrain import RETRAINERS, fit_dfr
 from .retrain.dfr import MIN_GROUP_SIZE as DFR_MIN_GROUP_SIZE
 from .spec import Spec, stage_seed
-from .store import StageCache, save_npy, save_npz, write_json
+from .resources import resolve_resources, run_task
+from .storage import Loc
+from .store import StageCache, load_npy, save_npy, save_npz, write_json
 
 log = logging.getLogger(__name__)
 # keys that change how a stage runs but not what it computes: kept out of the cache hash
-EXECUTION_ONLY = {"heatmaps": {"batch_size", "shard_size", "num_actors"}, "erm": {"num_workers", "use_gpu"},
+EXECUTION_ONLY = {"heatmaps": {"batch_size", "shard_size", "num_actors"},
                   "dataset": {"loader_workers", "pin_memory", "persistent_workers", "decode_cache"}}
 
 
@@ -67,71 +69,99 @@ class Timer:
         log.info("stage %s finished in %.1f s", name, self.seconds[name])
 
 
+def _device(spec: Spec) -> str:
+    """Part of every compute stage's key: resources.gpu as resolved for this run (never 'auto')."""
+    if spec.resources.gpu == "auto":
+        raise RuntimeError("resources.gpu must be resolved (resources.resolve_resources) before stage keys")
+    return "cuda" if spec.resources.gpu else "cpu"
+
+
+def features_task(spec_dict: dict, model_uri: str, out_uri: str) -> dict:
+    """Penultimate features and logits of val and test, written under `out_uri` (a Ray task)."""
+    from .spec import from_dict
+
+    spec = from_dict(spec_dict)
+    data = build_dataset(spec.dataset, spec.seed)
+    out = Loc.parse(out_uri)
+    model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
+    for split in ("val", "test"):
+        f, logits = embed(model, data.split(split).images, device=_device(spec),
+                          loader_kwargs=loader_options(spec.dataset, persistent=False))
+        save_npy(out / f"{split}_features.npy", f)
+        save_npy(out / f"{split}_logits.npy", logits)
+    return {"dim": int(f.shape[1])}
+
+
+def clusters_task(spec_dict: dict, hm_uri: str, feats_uri: str, out_uri: str, y_val: np.ndarray,
+                  true_groups: np.ndarray) -> dict:
+    """The val grouping retraining uses (ExMap's heatmap clusters, or a baseline), as a Ray task."""
+    from .spec import from_dict
+
+    spec = from_dict(spec_dict)
+    hm, feats = Loc.parse(hm_uri), Loc.parse(feats_uri)
+    H = HeatmapStore(hm).load()
+    if spec.groups.source == "exmap" and spec.clustering.input == "heatmaps":
+        try:
+            check_heatmaps(H)
+        except DataError as e:  # name the culprit stage: which method, which files
+            raise DataError(f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone "
+                            f"'{spec.model.backbone}', heatmaps in '{hm}']") from None
+    ctx = GroupContext(y_val=y_val, clustering=spec.clustering, seed=stage_seed(spec.seed, "clusters"),
+                       val_features=load_npy(feats / "val_features.npy"),
+                       val_logits=load_npy(feats / "val_logits.npy"), heatmaps=H,
+                       true_groups=true_groups, random_k=spec.groups.random_k)
+    groups, info = infer_groups(spec.groups.source, ctx)  # only the `true` source sees true groups
+    save_npy(Loc.parse(out_uri) / "pseudo_groups.npy", groups)
+    return info
+
+
 def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer, upto: str | None = None) -> dict | None:
     """ERM -> features -> heatmaps -> clusters. Returns the stage objects and loaded arrays.
 
     `upto="erm"` or `"heatmaps"` stops after that stage (a sweep precomputes its shared upstream).
+    Every stage reads and writes under the cache's storage root; the features and clustering
+    stages run as Ray tasks, the heatmaps on an actor pool, ERM on Ray Train, so none of them
+    depends on the driver's disk.
     """
     from .erm import train_erm
 
+    spec = resolve_resources(spec)  # a no-op when run_pipeline or a sweep resolved it already
+    device = _device(spec)
     erm = cache.stage("erm", {"seed": spec.seed, "dataset": _config(spec, "dataset"),
-                              "model": _config(spec, "model"), "erm": _config(spec, "erm")})
+                              "model": _config(spec, "model"), "erm": _config(spec, "erm"), "device": device})
     with timer("erm"):
         erm_info = cache.run(erm, lambda d: train_erm(spec, d, data.n_classes))
-    model_path = erm.dir / "model.pt"
+    model_loc = erm.dir / "model.pt"
     if upto == "erm":
         return None
 
-    feats = cache.stage("features", {}, (erm,))
+    feats = cache.stage("features", {"device": device}, (erm,))
     with timer("features"):
-        def compute_features(d: Path):
-            model = load_checkpoint(spec.model.backbone, data.n_classes, model_path)
-            for split in ("val", "test"):
-                f, logits = embed(model, data.split(split).images,
-                                  loader_kwargs=loader_options(spec.dataset, persistent=False))
-                save_npy(d / f"{split}_features.npy", f)
-                save_npy(d / f"{split}_logits.npy", logits)
-            return {"dim": int(f.shape[1])}
-        cache.run(feats, compute_features)
+        cache.run(feats, lambda d: run_task(spec, features_task, spec.to_dict(), str(model_loc), str(d)))
 
-    hm = cache.stage("heatmaps", _config(spec, "heatmaps"), (erm,))
+    hm = cache.stage("heatmaps", {**_config(spec, "heatmaps"), "device": device}, (erm,))
     with timer("heatmaps"):
-        hm_info = cache.run(hm, lambda d: extract_with_actors(spec, model_path, len(data.val), d))
+        hm_info = cache.run(hm, lambda d: extract_with_actors(spec, model_loc, len(data.val), d))
     if upto == "heatmaps":
         return None
 
-    # the val grouping retraining uses: ExMap's heatmap clusters, or a baseline (groups.source)
     cl = cache.stage("clusters", {"clustering": _config(spec, "clustering"), "groups": _config(spec, "groups"),
-                                  "seed": spec.seed}, (hm, feats))
+                                  "seed": spec.seed, "device": device}, (hm, feats))
     with timer("clusters"):
-        def compute_clusters(d: Path):
-            H = HeatmapStore(hm.dir).load()
-            if spec.groups.source == "exmap" and spec.clustering.input == "heatmaps":
-                try:
-                    check_heatmaps(H)
-                except DataError as e:  # name the culprit stage: which method, which files
-                    raise DataError(f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone "
-                                    f"'{spec.model.backbone}', heatmaps in '{hm.dir}']") from None
-            ctx = GroupContext(y_val=data.val.y, clustering=spec.clustering, seed=stage_seed(spec.seed, "clusters"),
-                               val_features=np.load(feats.dir / "val_features.npy"),
-                               val_logits=np.load(feats.dir / "val_logits.npy"), heatmaps=H,
-                               true_groups=data.val.group, random_k=spec.groups.random_k)
-            groups, info = infer_groups(spec.groups.source, ctx)  # only the `true` source sees true groups
-            save_npy(d / "pseudo_groups.npy", groups)
-            return info
-        cl_info = cache.run(cl, compute_clusters)
+        cl_info = cache.run(cl, lambda d: run_task(spec, clusters_task, spec.to_dict(), str(hm.dir), str(feats.dir),
+                                                   str(d), data.val.y, data.val.group))
 
     stages = {"erm": erm, "features": feats, "heatmaps": hm, "clusters": cl}
     e2e_info = None
     if spec.retrain.mode == "end_to_end":  # fine-tune the whole network: a cached stage of its own
         stages["end_to_end"], e2e_info = end_to_end_stage(spec, data, cache, timer, erm, cl)
 
-    load = lambda name: np.load(feats.dir / name)  # noqa: E731
+    load = lambda name: load_npy(feats.dir / name)  # noqa: E731
     return {"stages": stages, "end_to_end_info": e2e_info,
             "erm_info": erm_info, "heatmap_info": hm_info, "cluster_info": cl_info,
             "val_features": load("val_features.npy"), "test_features": load("test_features.npy"),
             "test_logits": load("test_logits.npy"), "val_logits": load("val_logits.npy"),
-            "pseudo": np.load(cl.dir / "pseudo_groups.npy")}
+            "pseudo": load_npy(cl.dir / "pseudo_groups.npy")}
 
 
 def end_to_end_stage(spec: Spec, data: GroupData, cache: StageCache, timer: Timer, erm, cl):
@@ -145,7 +175,7 @@ def end_to_end_stage(spec: Spec, data: GroupData, cache: StageCache, timer: Time
             from .retrain.end_to_end import run_end_to_end
 
             model = load_checkpoint(spec.model.backbone, data.n_classes, erm.dir / "model.pt")
-            return run_end_to_end(spec, model, data.val.images, data.val.y, np.load(cl.dir / "pseudo_groups.npy"),
+            return run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(cl.dir / "pseudo_groups.npy"),
                                   data.test.images, stage_seed(spec.seed, "dfr"), d)
         info = cache.run(ft, compute)
     return ft, info
@@ -186,17 +216,19 @@ def preflight(spec: Spec) -> GroupData:
     return data
 
 
-def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri: str | None = None,
+def run_pipeline(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
                  data: GroupData | None = None, parent_run_id: str | None = None, run_name: str | None = None) -> dict:
+    """The whole pipeline once. `out` and `cache_dir` are local paths or storage URIs (storage.Loc)."""
     import mlflow
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Loc.parse(out)
+    out.mkdir()
     timer = Timer()
     with timer("dataset"):
         data = data or preflight(spec)
     log.info("dataset %s: train %d, val %d, test %d, %d classes, %d true groups (evaluation only)",
              spec.dataset.name, len(data.train), len(data.val), len(data.test), data.n_classes, data.n_groups)
+    spec = resolve_resources(spec)  # once, before any stage: part of every stage key
     uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)
     experiment = spec.tracking.experiment or spec.name
     lost = None
@@ -221,15 +253,15 @@ def run_pipeline(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_
             tracker.call("log_metrics", tracking.log_metrics, h, "erm.", step=h["epoch"])
         results, heldout = evaluate_all(spec, data, s, timer)
         results.update(timings_s=timer.seconds, config=spec.to_dict(), mlflow_run_id=tracker.run_id,
-                       cache={k: {"key": v.key, "dir": str(Path(v.dir).resolve())} for k, v in s["stages"].items()})
+                       cache={k: {"key": v.key, "dir": str(v.dir)} for k, v in s["stages"].items()})
         tracker.call("log_metrics", tracking.log_metrics, {k: results[k] for k in ("erm", "exmap", "oracle_dfr")})
         tracker.call("log_metrics", tracking.log_metrics, {"timings_s": timer.seconds})
         save_npz(out / "selection.npz", **heldout, pseudo_groups=s["pseudo"], y=data.val.y)
-        results["exmap"]["selection_file"] = str((out / "selection.npz").resolve())
+        results["exmap"]["selection_file"] = str(out / "selection.npz")
         write_json(out / "results.json", results)
         make_figures(data, s, results, out, spec)
         for name in tracking.ARTIFACTS:
-            tracker.call("log_artifact", mlflow.log_artifact, str(out / name))
+            tracker.call("log_artifact", tracking.log_artifact, out / name)
     return results
 
 
@@ -281,7 +313,7 @@ def make_figures(data: GroupData, s: dict, results: dict, out: Path, spec: Spec)
             "oracle DFR": results["oracle_dfr"]["test"]["per_group"]}
     plots.group_accuracy_bars(rows, out / "group_accuracy.png", f"{spec.name}: per-group test accuracy")
     pseudo = s["pseudo"]
-    store = HeatmapStore(s["stages"]["heatmaps"].dir)
+    store = HeatmapStore(s["stages"]["heatmaps"].dir)  # remote shards: read through the node-local cache
     H = store.load()
     pairs = s["cluster_info"].get("group_class_cluster")
     captions = []

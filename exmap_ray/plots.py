@@ -9,13 +9,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .store import atomic_path  # noqa: E402
+from .storage import Loc  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+def _save(fig, path: "Path | Loc") -> None:
+    """To a local path or the storage root, whole or not at all."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
+    Loc.parse(path).write_bytes(buf.getvalue())
 
 
 def group_accuracy_bars(rows: dict[str, dict[str, float | None]], path: Path, title: str = "") -> None:

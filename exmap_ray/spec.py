@@ -131,8 +131,15 @@ class ErmSpec:
     lr_schedule: Literal["constant", "cosine"] = opt("constant", "cosine = per-epoch cosine decay to 0 over "
                                                                  "erm.epochs (the ExMap reference scripts)")
     batch_size: int = opt(128, "per Ray Train worker", _positive)
-    num_workers: int = opt(1, "Ray Train workers (one per GPU on a cluster); DDP over gloo on CPU", _positive)
-    use_gpu: Union[bool, Literal["auto"]] = opt("auto", "'auto' uses GPUs when the Ray cluster has them")
+    num_workers: int = opt(1, "Ray Train workers (one per GPU on a cluster); DDP over gloo on CPU. Part of the "
+                              "ERM cache key: the global batch is batch_size x num_workers", _positive)
+    keep: Literal["last", "best_val_acc"] = opt("last", "the checkpoint ERM hands on: the last epoch's, or the "
+                                                        "epoch with the best val accuracy (class labels only; the "
+                                                        "ExMap reference's choice)")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "bf16 autocast for the forward and loss; 'auto' = bf16 "
+                                                             "on CUDA, fp32 on CPU (where bf16 is slower)")
+    channels_last: bool = opt(False, "NHWC memory layout for model and batches; faster convolutions on recent GPUs")
+    compile: bool = opt(False, "torch.compile the model: faster steps after a compile time of a minute or more")
 
 
 @dataclass
@@ -141,10 +148,14 @@ class HeatmapSpec:
     conv_rule: Literal["alpha_beta", "gamma"] = opt("alpha_beta", "LRP rule on convolutions (paper: alpha2-beta1)")
     alpha: float = opt(2.0, "LRP alpha-beta: alpha (alpha - beta = 1 conserves relevance)", _positive)
     beta: float = opt(1.0, "LRP alpha-beta: beta", _non_negative)
-    gamma: float = opt(0.25, "LRP gamma rule: weight on positive contributions", _non_negative)
+    gamma: float = opt(0.25, "LRP gamma rule: extra weight on the contributions of the output's own sign "
+                             "(zennit's Gamma); the released ExMap code uses 4", _non_negative)
     epsilon: float = opt(1e-6, "LRP epsilon on linear layers and pools; stabilises division", _positive)
     canonize: bool = opt(True, "LRP: fold BatchNorm into the convolution before it (canonization), so the conv "
                                "rule sees the effective weights; false keeps BatchNorm as a layer under epsilon")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "bf16 autocast for the forward passes (LRP keeps its "
+                                                             "divisions and relevance in fp32); 'auto' = bf16 on "
+                                                             "CUDA, fp32 on CPU")
     ig_steps: int = opt(32, "integrated gradients: gradient evaluations along the path from the all-zero "
                             "baseline (midpoint rule); the completeness error shrinks as 1/steps", _positive)
     downsize: Optional[int] = opt(7, "bilinear resize of each heatmap before clustering; the paper's "
@@ -268,7 +279,22 @@ class SearchSpec:
                                   "started inside trials still find CPUs", _positive)
     trial_gpus: float = opt(0.0, "GPUs a trial reserves (clustering on the GPU); 0 on CPU machines", _non_negative)
     max_failures: int = opt(1, "retries of a failing trial before it is reported as failed", _non_negative)
-    storage_path: Optional[str] = opt(None, "Tune storage: a local path, NFS, s3:// or gs://; None = OUT/tune")
+    storage_path: Optional[str] = opt(None, "Tune's own state: a local path or a URI (s3://, gs://, as Ray's "
+                                            "storage_path); None = OUT/tune, under the storage root")
+
+
+@dataclass
+class ResourcesSpec:
+    gpu: Union[bool, Literal["auto"]] = opt(
+        "auto", "GPUs for ERM workers, heatmap actors and the features and clustering tasks: true, false, or "
+                "'auto' = yes when the Ray cluster has GPUs (after asking the autoscaler, see autoscale_wait_s). "
+                "Decided once per run, before any stage, and part of every stage's cache key")
+    autoscale_wait_s: float = opt(0.0, "gpu auto on a cluster that shows no GPU yet: ask the autoscaler for "
+                                       "erm.num_workers GPUs (ray.autoscaler.sdk.request_resources) and wait at "
+                                       "most this long for them; 0 = do not ask (a laptop). cluster.yaml's "
+                                       "commands use 600", _non_negative)
+    task_cpus: float = opt(1.0, "CPUs the features and clustering tasks each reserve (they run as Ray tasks, "
+                                "on whichever node has room, reading and writing the storage root)", _positive)
 
 
 @dataclass
@@ -285,6 +311,7 @@ class Spec:
     retrain: RetrainSpec = field(default_factory=RetrainSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -356,6 +383,8 @@ def _build(cls, data: dict, path: str):
     if unknown:
         key = unknown[0]
         where = f"{path}.{key}" if path else str(key)
+        if where in MOVED:
+            raise SpecError(f"spec key '{where}' has moved: use '{MOVED[where]}' instead")
         near = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
         raise SpecError(f"unknown spec key '{where}'.{hint} Valid keys here: {', '.join(fields)}")
@@ -372,6 +401,9 @@ def _build(cls, data: dict, path: str):
             raise SpecError(f"spec key '{sub}': got {value!r}, expected {problem}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+MOVED = {"erm.use_gpu": "resources.gpu"}  # old key -> its new place: an error that names the new key
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -7,14 +7,15 @@ without it is a crashed attempt and is cleared before the stage is recomputed.
 Every compute and every reuse is appended to `CACHE/record.jsonl`, so tests
 and users can check what was really run.
 
-A per-stage file lock makes the cache safe under concurrent runs sharing it
-(Tune trials): the second waits and then reuses the first's result.
+The cache lives under the storage root (a local path or a URI, see storage.py).
+A claim per stage (claims.py) makes it safe under concurrent runs and trials
+sharing it: the second waits and then reuses the first's result.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+import io
 import json
 import logging
 import os
@@ -24,12 +25,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from .errors import UserError
 from .spec import stable_hash
+
+if TYPE_CHECKING:
+    from .storage import Loc
 
 log = logging.getLogger(__name__)
 
@@ -76,25 +80,39 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+def _to_loc(path):
+    from .storage import Loc
+
+    return Loc.parse(path)
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def write_json(path: "Path | Loc", obj: Any) -> None:
+    """Atomically, to a local path or a storage location."""
+    _to_loc(path).write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
-def save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
+def read_json(path: "Path | Loc") -> Any:
+    return json.loads(_to_loc(path).read_text())
 
 
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+def save_npy(path: "Path | Loc", arr: np.ndarray) -> None:
+    with _to_loc(path).writer() as f:
+        np.save(f, arr)
+
+
+def save_npz(path: "Path | Loc", **arrays: np.ndarray) -> None:
+    with _to_loc(path).writer() as f:
+        np.savez(f, **arrays)
+
+
+def load_npy(path: "Path | Loc", mmap: bool = False) -> np.ndarray:
+    """A .npy from a local path or the storage root (remote files go through the node-local cache)."""
+    return np.load(_to_loc(path).local_copy(), mmap_mode="r" if mmap else None)
+
+
+def load_npz(path: "Path | Loc") -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(_to_loc(path).read_bytes())) as z:
+        return dict(z)
 
 
 def _json_default(o):
@@ -113,7 +131,7 @@ def _json_default(o):
 class Stage:
     name: str
     key: str
-    dir: Path
+    dir: "Loc"  # under the storage root: a local folder or a URI prefix
 
     @property
     def done(self) -> bool:
@@ -124,53 +142,65 @@ class Stage:
 
 
 class StageCache:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    """Stage folders under a storage root (a path or a URI), each computed at most once.
+
+    Claims: before computing, a caller claims the stage; others needing it wait for its `done`
+    marker (see `claims.py` for the semantics on local disks and on object stores).
+    """
+
+    def __init__(self, root, claims=None):
+        from .storage import Loc
+
+        self.root = Loc.parse(root)
+        self.root.mkdir()
+        self.claims = claims
 
     def stage(self, name: str, config: Any, upstream: tuple[Stage, ...] = ()) -> Stage:
         key = stable_hash({"stage": name, "config": config, "upstream": [s.key for s in upstream]})
         return Stage(name, key, self.root / f"{name}-{key}")
 
-    @contextlib.contextmanager
-    def _lock(self, stage: Stage) -> Iterator[None]:
-        lock_dir = self.root / ".locks"
-        lock_dir.mkdir(exist_ok=True)
-        with open(lock_dir / f"{stage.name}-{stage.key}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _claims(self):
+        if self.claims is None:
+            from .claims import claims_for
+
+            self.claims = claims_for(self.root)
+        return self.claims
 
     def record(self, stage: Stage, event: str, **extra) -> None:
-        line = json.dumps({"time": time.time(), "stage": stage.name, "key": stage.key, "event": event,
-                           "host": socket.gethostname(), "pid": os.getpid(), **extra}, default=_json_default)
-        with open(self.root / "record.jsonl", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            fh.write(line + "\n")
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        """One object per event (object stores cannot append): CACHE/records/<time>-<id>.json."""
+        now = time.time()
+        rec = {"time": now, "stage": stage.name, "key": stage.key, "event": event,
+               "host": socket.gethostname(), "pid": os.getpid(), **extra}
+        write_json(self.root / "records" / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json", rec)
 
     def records(self) -> list[dict]:
-        path = self.root / "record.jsonl"
-        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        """Every compute, reuse and failure so far, oldest first."""
+        recs = [read_json(p) for p in (self.root / "records").glob("*.json")]
+        return sorted(recs, key=lambda r: r["time"])
 
-    def run(self, stage: Stage, compute: Callable[[Path], dict | None]) -> dict:
-        """Return the stage's `done` info, computing it first unless a finished copy exists."""
-        with self._lock(stage):
-            if stage.done:
+    def run(self, stage: Stage, compute: Callable[["Loc"], dict | None]) -> dict:
+        """Return the stage's `done` info, computing it first unless a finished copy exists.
+
+        `compute(folder)` writes the stage's files under `folder` (a Loc: local folder or URI prefix).
+        """
+        if stage.done:  # the common case on a shared cache: no claim needed to read a finished stage
+            self.record(stage, "reused")
+            log.info("stage %s: reusing %s", stage.name, stage.dir)
+            return stage.info()
+        with self._claims().hold(stage):
+            if stage.done:  # another claimant finished it while this one waited
                 self.record(stage, "reused")
-                log.info("stage %s: reusing %s", stage.name, stage.dir)
+                log.info("stage %s: reusing %s (computed by another claimant meanwhile)", stage.name, stage.dir)
                 return stage.info()
             if stage.dir.exists():
                 log.warning("stage %s: clearing unfinished attempt in %s", stage.name, stage.dir)
-                shutil.rmtree(stage.dir)
+                stage.dir.rmtree()
             stage.dir.mkdir(parents=True)
             t0 = time.perf_counter()
             try:
                 info = dict(compute(stage.dir) or {})
             except DiskFullError:
-                shutil.rmtree(stage.dir, ignore_errors=True)  # give the space back; it was never done
+                stage.dir.rmtree()  # give the space back; it was never done
                 self.record(stage, "failed", reason="disk full")
                 raise
             info["seconds"] = time.perf_counter() - t0

@@ -65,8 +65,25 @@ def probe(uri: str | None, out: Path | None = None, timeout: float = 3.0) -> Non
                     f"local default {local}")
 
 
-def default_uri(out: Path) -> str:
-    return f"sqlite:///{(Path(out) / 'mlflow.db').resolve()}"
+def default_uri(out) -> str:
+    """sqlite:///OUT/mlflow.db for a local OUT. A storage URI needs a tracking server every node reaches."""
+    from .storage import Loc, redact
+
+    loc = Loc.parse(out)
+    if not loc.is_local:
+        raise UserError(f"--out '{redact(str(loc))}' is a storage URI, so MLflow needs a tracking server that every "
+                        f"node can reach: give --tracking-uri http://HEAD:5000 (or spec key tracking.uri). A "
+                        f"SQLite file on one machine cannot take the trials' runs from other nodes")
+    return f"sqlite:///{loc.path}/mlflow.db"
+
+
+def log_artifact(loc) -> None:
+    """Log a file from the storage root (or a local path) as an MLflow artifact, under its own name."""
+    import mlflow
+
+    from .storage import Loc
+
+    mlflow.log_artifact(str(Loc.parse(loc).local_copy()))
 
 
 def metric_name(name: str) -> str:
@@ -84,7 +101,11 @@ def setup(uri: str, experiment: str, out: Path) -> str:
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is not None:
             return exp.experiment_id
-        location = (Path(out) / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+        from .storage import Loc
+
+        loc = Loc.parse(out)
+        location = (loc.local_path / "mlartifacts").as_uri() if uri.startswith("sqlite:") and loc.is_local else None
+        # (a server keeps its own artifact location: mlflow server --artifacts-destination s3://... on a cluster)
         return mlflow.create_experiment(experiment, artifact_location=location)
     except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
         raise UserError(f"MLflow tracking URI '{uri}' cannot be used ({type(e).__name__}: {str(e)[:200]}). "
@@ -128,10 +149,11 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 def write_info(out: Path, **info) -> None:
     """Merge `info` into OUT/tracking.json (the URI, experiment and run id a run used)."""
-    import json
+    from .storage import Loc
+    from .store import read_json
 
-    path = Path(out) / INFO
-    old = json.loads(path.read_text()) if path.exists() else {}
+    path = Loc.parse(out) / INFO
+    old = read_json(path) if path.exists() else {}
     write_json(path, {**old, **info})
 
 
@@ -148,7 +170,9 @@ class Tracker:
     """
 
     def __init__(self, uri: str, out: Path, experiment: str):
-        self.uri, self.out, self.experiment = uri, Path(out), experiment
+        from .storage import Loc
+
+        self.uri, self.out, self.experiment = uri, Loc.parse(out), experiment
         self.run_id: str | None = None
         self.failure: dict | None = None
         write_info(self.out, uri=uri, experiment=experiment, run_id=None)

@@ -29,7 +29,8 @@ def test_defaults_and_reasons():
     ({"dataset": {"rho": 1.5}}, "spec key 'dataset.rho': got 1.5, expected a number in [0, 1]"),
     ({"clustering": {"k": 1}}, "spec key 'clustering.k': got 1, expected an integer >= 2, or 'auto'"),
     ({"clustering": {"scope": "galaxy"}}, "spec key 'clustering.scope': got 'galaxy', expected 'local' | 'global'"),
-    ({"erm": {"use_gpu": "maybe"}}, "spec key 'erm.use_gpu'"),
+    ({"resources": {"gpu": "maybe"}}, "spec key 'resources.gpu'"),
+    ({"erm": {"use_gpu": True}}, "use 'resources.gpu' instead"),
     ({"dfr": {"c_grid": []}}, "spec key 'dfr.c_grid'"),
     ({"erm": 3}, "spec key 'erm': expected a mapping"),
 ])

@@ -7,8 +7,10 @@ Layout of a heatmap stage folder:
     index.json        shard list with ranges, shape and dtype (written after every shard)
     done              the stage marker (written by the stage cache, last)
 
-Each shard is written atomically as it arrives, so memory does not grow with
-the dataset; `HeatmapStore` memory-maps shards back.
+Each shard is written atomically by the actor that computed it, straight to the
+storage root (a local folder or a URI), so neither the driver's memory nor its
+disk is in the path; `HeatmapStore` memory-maps shards back (remote shards via
+the node-local derived cache).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..store import read_json, save_npy, write_json
+from ..storage import Loc
+from ..store import load_npy, read_json, save_npy, write_json
 from . import HEATMAP_METHODS
 
 log = logging.getLogger(__name__)
@@ -50,10 +53,13 @@ def extract(method, images: Dataset, batch_size: int, downsize: int | None,
 
 
 class HeatmapStore:
-    """Read side of a heatmap stage folder."""
+    """Read side of a heatmap stage folder (a local folder or a prefix under a storage URI).
 
-    def __init__(self, folder: str | Path):
-        self.dir = Path(folder)
+    Shards of a remote store are read through the node-local derived cache, then memory-mapped.
+    """
+
+    def __init__(self, folder):
+        self.dir = Loc.parse(folder)
         self.index = read_json(self.dir / "index.json")
 
     def __len__(self) -> int:
@@ -65,38 +71,46 @@ class HeatmapStore:
 
     def shards(self) -> Iterator[np.ndarray]:
         for s in self.index["shards"]:
-            yield np.load(self.dir / s["file"], mmap_mode="r")
+            yield load_npy(self.dir / s["file"], mmap=True)
 
     def load(self) -> np.ndarray:
         return np.concatenate([np.asarray(a) for a in self.shards()]) if self.index["shards"] else np.zeros(self.shape, np.float32)
 
     def preds(self) -> np.ndarray:
-        return np.concatenate([np.load(self.dir / s["pred_file"]) for s in self.index["shards"]])
+        return np.concatenate([load_npy(self.dir / s["pred_file"]) for s in self.index["shards"]])
 
 
-def write_shard(folder: Path, shard_id: int, start: int, stop: int, maps: np.ndarray, preds: np.ndarray) -> dict:
+def write_shard(folder, shard_id: int, start: int, stop: int, maps: np.ndarray, preds: np.ndarray) -> dict:
+    """Write one shard (maps, then predictions) under `folder` (a Loc or a local path)."""
+    folder = Loc.parse(folder)
     name = f"shard-{shard_id:05d}.npy"
     save_npy(folder / name, maps.astype(np.float32, copy=False))
     save_npy(folder / f"pred-{shard_id:05d}.npy", preds)
-    return {"id": shard_id, "start": start, "stop": stop, "file": name, "pred_file": f"pred-{shard_id:05d}.npy"}
+    return {"id": shard_id, "start": start, "stop": stop, "file": name, "pred_file": f"pred-{shard_id:05d}.npy",
+            "item_shape": list(maps.shape[1:]), "bytes": int(maps.nbytes + preds.nbytes)}
 
 
-def write_index(folder: Path, n: int, entries: list[dict]) -> None:
+def write_index(folder, n: int, entries: list[dict]) -> None:
     entries = sorted(entries, key=lambda e: e["start"])
     covered = sum(e["stop"] - e["start"] for e in entries)
     if covered != n:
         raise RuntimeError(f"heatmap shards cover {covered} of {n} images; refusing to write an incomplete index")
-    item_shape = list(np.load(folder / entries[0]["file"], mmap_mode="r").shape[1:]) if entries else []
-    write_json(folder / "index.json", {"n": n, "item_shape": item_shape, "dtype": "float32", "shards": entries})
+    item_shape = entries[0]["item_shape"] if entries else []
+    write_json(Loc.parse(folder) / "index.json",
+               {"n": n, "item_shape": item_shape, "dtype": "float32", "shards": entries})
 
 
 # ----------------------------------------------------------------------------- Ray wiring
 
 
 class HeatmapWorker:
-    """One per GPU (or per CPU slot): builds the val split, the model and the method once."""
+    """One per GPU (or per CPU slot): builds the val split, the model and the method once.
 
-    def __init__(self, spec_dict: dict, checkpoint: str, threads: int):
+    The model is read from the storage root and the shards are written there by the actor itself;
+    only the shard's small index entry travels back to the driver.
+    """
+
+    def __init__(self, spec_dict: dict, model_uri: str, out_uri: str, threads: int):
         from .. import quiet_worker_logs
         from ..data import build_dataset
         from ..models import load_checkpoint
@@ -106,30 +120,32 @@ class HeatmapWorker:
         torch.set_num_threads(max(1, threads))
         spec = from_dict(spec_dict)
         self.hspec = spec.heatmaps
+        self.out = Loc.parse(out_uri)
         data = build_dataset(spec.dataset, spec.seed)
         self.images = data.val.images
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_checkpoint(spec.model.backbone, data.n_classes, Path(checkpoint)).to(self.device)
+        self.device = "cuda" if spec.resources.gpu is True else "cpu"
+        model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri)).to(self.device)
         self.method = HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec)
 
     def ready(self) -> bool:
         return True
 
-    def run(self, shard_id: int, start: int, stop: int):
+    def run(self, shard_id: int, start: int, stop: int) -> dict:
         maps, preds = extract(self.method, Subset(self.images, range(start, stop)), self.hspec.batch_size,
                               self.hspec.downsize, self.device)
-        return shard_id, start, stop, maps, preds
+        return write_shard(self.out, shard_id, start, stop, maps, preds)
 
 
-def extract_with_actors(spec, checkpoint: Path, n_images: int, out: Path) -> dict:
-    """Shard the val split over a pool of Ray actors; write shards as they finish, then the index."""
+def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
+    """Shard the val split over a pool of Ray actors, which read the model at `checkpoint` and write
+    their shards under `out` (both storage locations); the driver writes the index last."""
     import ray
 
     hspec = spec.heatmaps
     ranges = shard_ranges(n_images, hspec.shard_size)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus:
-        n_actors, options = hspec.num_actors or gpus, {"num_gpus": 1, "num_cpus": 1}
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if spec.resources.gpu is True else 0
+    if spec.resources.gpu is True:  # from the spec (resolved once per run), not from the cluster's state now
+        n_actors, options = hspec.num_actors or max(1, gpus), {"num_gpus": 1, "num_cpus": 1}
         threads = 1
     else:
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
@@ -138,11 +154,11 @@ def extract_with_actors(spec, checkpoint: Path, n_images: int, out: Path) -> dic
         options = {"num_cpus": min(threads, cpus)}
     n_actors = max(1, min(n_actors, len(ranges)))
     log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images,
-             len(ranges), n_actors, "1 GPU each" if gpus else f"{threads} CPU thread(s) each")
+             len(ranges), n_actors, "1 GPU each" if spec.resources.gpu is True else f"{threads} CPU thread(s) each")
     # "DEFAULT" keeps the actors out of a Tune trial's placement group: inside a trial, Ray would
     # otherwise try to fit them into the trial's small bundle and refuse
     Worker = ray.remote(HeatmapWorker).options(**options, scheduling_strategy="DEFAULT")
-    make = lambda: Worker.remote(spec.to_dict(), str(checkpoint), threads)  # noqa: E731
+    make = lambda: Worker.remote(spec.to_dict(), str(checkpoint), str(out), threads)  # noqa: E731
     actors = [make() for _ in range(n_actors)]
     starting = {a.ready.remote(): a for a in actors}
     idle, running, entries = [], {}, []
@@ -183,18 +199,19 @@ def extract_with_actors(spec, checkpoint: Path, n_images: int, out: Path) -> dic
                 continue
             actor, task = running.pop(ref)
             try:
-                shard_id, start, stop, maps, preds = ray.get(ref)
+                entry = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 work.appendleft(task)  # redone by another actor; nothing of it was written
                 replace(actor, e)
                 continue
             idle.append(actor)
-            entries.append(write_shard(out, shard_id, start, stop, maps, preds))
-            bar.update(stop - start)
+            entries.append(entry)
+            bar.update(entry["stop"] - entry["start"])
     for a in actors:
         ray.kill(a)  # also withdraws the resource requests of actors that never started
     write_index(out, n_images, entries)
     return {"n": n_images, "shards": len(entries), "actors": n_actors, "actors_lost": lost,
             "actors_started": len(actors) - len(starting),
-            "device": "cuda" if gpus else "cpu"}
+            "device": "cuda" if spec.resources.gpu is True else "cpu",
+            "bytes_written": sum(e["bytes"] for e in entries)}
 

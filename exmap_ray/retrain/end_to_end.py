@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from ..store import save_npy
+from ..store import load_npy, save_npy
 from .dfr import worst_group_acc
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ def run_end_to_end(spec, model: torch.nn.Module, val_images, y_val: np.ndarray, 
     log.info("end-to-end %s: fine-tuning on all of val (%d images): the final model", spec.retrain.method, len(y_val))
     full = finetune(model, val_images, y_val, groups, spec, seed + 1, device=device)
     test_pred = full.predict(test_images, device=device)
-    save_npy(Path(out_dir) / "test_pred.npy", test_pred)
-    save_npy(Path(out_dir) / "heldout_idx.npy", b[None])
-    save_npy(Path(out_dir) / "heldout_pred.npy", heldout_pred[None])
+    save_npy(out_dir / "test_pred.npy", test_pred)
+    save_npy(out_dir / "heldout_idx.npy", b[None])
+    save_npy(out_dir / "heldout_pred.npy", heldout_pred[None])
     return {"steps": {"half": half.steps, "full": full.steps},
             "last_loss": full.losses[-1] if full.losses else None,
             "q": full.q.tolist() if full.q is not None else None,
@@ -67,10 +67,10 @@ class EndToEndModel:
 
     def __init__(self, stage_dir: Path, info: dict, y_val: np.ndarray, groups: np.ndarray,
                  score_groups: dict[str, np.ndarray] | None = None):
-        d = Path(stage_dir)
-        self.test_pred = np.load(d / "test_pred.npy")
-        self.heldout_idx = np.load(d / "heldout_idx.npy")
-        self.heldout_pred = np.load(d / "heldout_pred.npy")
+        d = stage_dir
+        self.test_pred = load_npy(d / "test_pred.npy")
+        self.heldout_idx = load_npy(d / "heldout_idx.npy")
+        self.heldout_pred = load_npy(d / "heldout_pred.npy")
         b, pred = self.heldout_idx[0], self.heldout_pred[0]
         scorers = {"pseudo": groups, "class": y_val, **(score_groups or {})}
         self.heldout = {name: worst_group_acc(pred, y_val[b], g[b]) for name, g in scorers.items()}

@@ -1,0 +1,111 @@
+"""What a run asks of the Ray cluster: decided from the spec once, before any stage runs.
+
+    spec = resolve_resources(spec)   # resources.gpu: auto -> true/false, after asking the autoscaler
+
+An autoscaling cluster starts with no GPU, so what `ray.cluster_resources()` shows at one moment
+is no basis for a cached result: the decision is made once per run, logged, written into the
+resolved spec, and is part of every stage's cache key (a CPU-trained ERM is never reused as a
+GPU one). Also here: the check that a Ray address answers, and `run_task`, which places a
+stage's compute on the cluster as a Ray task with the resources the spec gives it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import time
+from urllib.parse import urlsplit
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def resolve_resources(spec):
+    """The spec with `resources.gpu` resolved to True/False on the connected Ray cluster (idempotent)."""
+    import ray
+
+    r = spec.resources
+    if r.gpu != "auto":
+        return spec
+    if not ray.is_initialized():  # library use without Ray: this process's own device
+        import torch
+
+        use = torch.cuda.is_available()
+    else:
+        use = ray.cluster_resources().get("GPU", 0) > 0 or (r.autoscale_wait_s > 0 and _ask_autoscaler(spec))
+        log.info("resources: %s (resources.gpu auto; the cluster has %g GPU(s))", "GPU" if use else "CPU only",
+                 ray.cluster_resources().get("GPU", 0))
+    return dataclasses.replace(spec, resources=dataclasses.replace(r, gpu=bool(use)))
+
+
+def _ask_autoscaler(spec) -> bool:
+    """Request erm.num_workers GPUs from the autoscaler; True once they are in the cluster."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    n, wait = max(1, spec.erm.num_workers), spec.resources.autoscale_wait_s
+    request_resources(bundles=[{"GPU": 1}] * n)
+    log.info("resources: asked the autoscaler for %d GPU(s); waiting at most %g s (resources.autoscale_wait_s)",
+             n, wait)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        have = ray.cluster_resources().get("GPU", 0)
+        if have >= n:
+            log.info("resources: %g GPU(s) joined the cluster", have)
+            return True
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+    have = ray.cluster_resources().get("GPU", 0)
+    log.warning("resources: %g of %d GPU(s) after %g s; %s", have, n, wait,
+                "using those" if have else "running on CPU")
+    return have > 0
+
+
+def cpus_per_worker(n_workers: int) -> int:
+    """CPU threads for each of `n_workers` CPU workers: an equal share of the free CPUs, but no more
+    than one node has (a worker cannot span nodes; a cluster's head may have none)."""
+    import ray
+
+    free = int(ray.available_resources().get("CPU", 1))
+    per_node = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(1, min(free // max(1, n_workers), max(per_node or [1])))
+
+
+def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """A Ray address that does not answer: a UserError naming it, within `timeout` seconds.
+
+    Covers host:port (GCS), ray://host:port (Ray Client) and http(s)://host:port (a dashboard
+    address given by mistake is still probed, and Ray's own error explains the rest). 'auto' and
+    'local' are left to Ray.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    host, port = parts.hostname, parts.port
+    if not host or not port:
+        raise UserError(f"Ray address '{address}' is not HOST:PORT (or ray://HOST:PORT); e.g. 127.0.0.1:6379, "
+                        f"or leave --address out to start a local Ray")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise UserError(f"Ray address '{address}' does not answer ({why}; waited at most {timeout:g} s). Is the "
+                        f"cluster up (`ray status`, `ray up cluster.yaml`)? Leave --address and RAY_ADDRESS unset to "
+                        f"start a local Ray") from None
+
+
+def run_task(spec, fn, *args, gpu_capable: bool = True):
+    """`fn(*args)` as a Ray task with the spec's resources (inline when Ray is not running).
+
+    scheduling_strategy DEFAULT keeps the task out of a Tune trial's placement group: it takes
+    the cluster's free resources, like the heatmap actors do.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return fn(*args)
+    opts = {"num_cpus": spec.resources.task_cpus, "scheduling_strategy": "DEFAULT", "max_retries": 2,
+            "num_gpus": 1 if (gpu_capable and spec.resources.gpu is True) else 0}
+    return ray.get(ray.remote(fn).options(**opts).remote(*args))
