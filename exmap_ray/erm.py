@@ -147,7 +147,7 @@ def train_erm(spec, out, n_classes: int) -> dict:
     from .resources import cpus_per_worker, resolve_resources
 
     use_gpu = resolve_resources(spec).resources.gpu is True  # from the spec, decided once per run
-    threads = 1 if use_gpu else cpus_per_worker(e.num_workers)
+    threads = 1 if use_gpu else cpus_per_worker(e.num_workers, spec)
     log.info("ERM: %s, %d epoch(s), %d worker(s) on %s", spec.model.backbone, e.epochs, e.num_workers,
              "GPU (NCCL)" if use_gpu else f"CPU (gloo, {threads} thread(s) each)")
     out = Loc.parse(out)

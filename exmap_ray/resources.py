@@ -62,11 +62,13 @@ def _ask_autoscaler(spec) -> bool:
     return have > 0
 
 
-def cpus_per_worker(n_workers: int) -> int:
-    """CPU threads for each of `n_workers` CPU workers: an equal share of the free CPUs, but no more
-    than one node has (a worker cannot span nodes; a cluster's head may have none)."""
+def cpus_per_worker(n_workers: int, spec=None) -> int:
+    """CPU threads for each of `n_workers` CPU workers: resources.worker_cpus, or (auto) an equal share of
+    the free CPUs, but no more than one node has (a worker cannot span nodes; a cluster's head may have none)."""
     import ray
 
+    if spec is not None and spec.resources.worker_cpus != "auto":
+        return int(spec.resources.worker_cpus)
     free = int(ray.available_resources().get("CPU", 1))
     per_node = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     return max(1, min(free // max(1, n_workers), max(per_node or [1])))

@@ -295,6 +295,10 @@ class ResourcesSpec:
                                        "commands use 600", _non_negative)
     task_cpus: float = opt(1.0, "CPUs the features and clustering tasks each reserve (they run as Ray tasks, "
                                 "on whichever node has room, reading and writing the storage root)", _positive)
+    worker_cpus: Union[int, Literal["auto"]] = opt(
+        "auto", "CPU threads of each ERM worker and heatmap actor when on CPU; auto = an equal share of the free "
+                "CPUs, at most one node's. Fix it (e.g. 1) to get bit-identical results on clusters of another "
+                "shape", lambda v: None if v == "auto" or v >= 1 else "an integer >= 1, or 'auto'")
 
 
 @dataclass

@@ -148,10 +148,12 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
         n_actors, options = hspec.num_actors or max(1, gpus), {"num_gpus": 1, "num_cpus": 1}
         threads = 1
     else:
+        from ..resources import cpus_per_worker
+
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
         n_actors = hspec.num_actors or min(2, cpus)
-        threads = max(1, cpus // n_actors)
-        options = {"num_cpus": min(threads, cpus)}
+        threads = cpus_per_worker(n_actors, spec)
+        options = {"num_cpus": threads}
     n_actors = max(1, min(n_actors, len(ranges)))
     log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images,
              len(ranges), n_actors, "1 GPU each" if spec.resources.gpu is True else f"{threads} CPU thread(s) each")

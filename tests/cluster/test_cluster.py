@@ -1,0 +1,186 @@
+"""Laptop to cluster: the same commands on a 3-node Ray cluster whose nodes share no disk.
+
+The cluster (local_cluster.py): a 0-CPU head and two worker nodes, each worker in its own mount
+namespace with a private tmpfs over the test's temp tree; S3 is moto's server on 127.0.0.1;
+MLflow runs on the head with its artifacts in the bucket; Ray token authentication is on. Jobs
+go in through `ray job submit --working-dir .`, as from a laptop. Every artifact must travel
+through the bucket, or the run could not finish.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from .local_cluster import REPO, LocalCluster, can_run
+
+pytestmark = pytest.mark.skipif(can_run() is not None, reason=f"multi-node cluster test: {can_run()}")
+SPEC = "tests/cluster/tiny.yaml"
+SWEEP = "tests/cluster/tiny_sweep.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    hide = tmp_path_factory.getbasetemp()  # the whole test temp tree is invisible to the worker nodes
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"), hide)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def single_node(ray_local, tmp_path_factory):
+    """The same spec and seed on one node (this process's local Ray, a local folder)."""
+    from exmap_ray.pipeline import run_pipeline
+    from exmap_ray.spec import load_spec
+
+    out = tmp_path_factory.mktemp("single_node")
+    results = run_pipeline(load_spec(REPO / SPEC), out)
+    return out, results
+
+
+def s3fs(c: LocalCluster):
+    from pyarrow import fs as pafs
+
+    return pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
+                             endpoint_override=f"127.0.0.1:{c.s3_port}")
+
+
+def s3_read(c: LocalCluster, path: str) -> bytes:
+    with s3fs(c).open_input_stream(f"exmap/{path}") as f:
+        return f.read()
+
+
+def s3_list(c: LocalCluster, prefix: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    infos = s3fs(c).get_file_info(pafs.FileSelector(f"exmap/{prefix}", recursive=True, allow_not_found=True))
+    return [i.path.removeprefix("exmap/") for i in infos if i.type == pafs.FileType.File]
+
+
+def records(c: LocalCluster) -> list[dict]:
+    return [json.loads(s3_read(c, p)) for p in s3_list(c, "cache/records")]
+
+
+def computed_twice(recs: list[dict]) -> list[str]:
+    keys = [f"{r['stage']}-{r['key']}" for r in recs if r["event"] == "computed"]
+    return sorted({k for k in keys if keys.count(k) > 1})
+
+
+def assert_same_results(got: dict, want: dict) -> None:
+    for row in ("erm", "exmap", "oracle_dfr"):
+        assert got[row]["test"] == want[row]["test"], row
+    assert got["exmap"]["k_chosen"] == want["exmap"]["k_chosen"]
+    assert got["exmap"]["pseudo_group_sizes"] == want["exmap"]["pseudo_group_sizes"]
+
+
+def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(cluster, single_node):
+    c = cluster
+    r = c.submit(f"python -m exmap_ray.cli run {SPEC} --out '{c.s3_uri('run')}' --cache '{c.s3_uri('cache')}' "
+                 f"--tracking-uri {c.tracking_uri}")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    got = json.loads(s3_read(c, "run/results.json"))
+    local_out, want = single_node
+    assert_same_results(got, want)
+    with np.load(io.BytesIO(s3_read(c, "run/selection.npz"))) as z, np.load(local_out / "selection.npz") as w:
+        np.testing.assert_array_equal(z["pseudo_groups"], w["pseudo_groups"])  # the same pseudo groups
+    # every stage folder, its done marker, the shards the actors wrote and the plots are in the bucket
+    files = s3_list(c, "")
+    for stage in ("erm", "features", "heatmaps", "clusters"):
+        assert any(p.startswith(f"cache/{stage}-") and p.endswith("/done") for p in files), stage
+    assert any("/shard-00002.npy" in p for p in files) and "run/heatmaps_by_pseudo_group.png" in files
+    assert not any("ray_train" in p for p in files)  # ERM's checkpoints went through the bucket, then away
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(c.tracking_uri)
+    run = client.get_run(got["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["dataset.name"] == "cmnist"
+    assert not any("testing" in v or c.token in v for v in run.data.params.values())  # no credentials
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="results.json",
+                                                tracking_uri=c.tracking_uri)
+    assert json.loads(open(local).read())["exmap"]["test"] == got["exmap"]["test"]  # read through the server
+    assert any(p.startswith("mlartifacts/") and p.endswith("results.json") for p in files)  # stored in the bucket
+    assert computed_twice(records(c)) == []
+
+
+def test_sweep_survives_losing_a_node(cluster, single_node):
+    c = cluster
+    sub = c.submit(f"python -m exmap_ray.cli tune {SWEEP} --out '{c.s3_uri('sweep')}' --cache '{c.s3_uri('cache')}' "
+                   f"--tracking-uri {c.tracking_uri}", wait=False)
+    assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+    job = c.job_id(sub)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill a worker node once trials are running
+        started = [p for p in s3_list(c, "sweep/trials") if p.endswith("spec.resolved.json")]
+        if started:
+            break
+        assert c.job_status(job) in ("PENDING", "RUNNING"), c.job_logs(job)[-4000:]
+        time.sleep(1)
+    else:
+        pytest.fail("no trial started within 240 s:\n" + c.job_logs(job)[-4000:])
+    killed = c.raylet_pid(1)
+    os.kill(killed, signal.SIGKILL)
+    state = c.wait_job(job, 420)
+    logs = c.job_logs(job)
+    assert state == "SUCCEEDED", logs[-5000:]
+    summary = json.loads(s3_read(c, "sweep/summary.json"))
+    assert summary["n_trials"] == 4 and summary["n_failed"] == 0, logs[-3000:]
+    # the trial that is the tiny spec itself gives the single-node run's results
+    same = [r for r in summary["rows"] if r["config.clustering.k"] == "auto"
+            and r["config.clustering.scope"] == "global"]
+    assert len(same) == 1
+    trial = json.loads(s3_read(c, f"sweep/trials/{same[0]['trial']}/results.json"))
+    assert_same_results(trial, single_node[1])
+    recs = records(c)
+    assert computed_twice(recs) == []  # no stage computed twice, node loss or not
+    erm = [r for r in recs if r["stage"] == "erm"]
+    assert [r["event"] for r in erm].count("computed") == 1 and "reused" in [r["event"] for r in erm]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(c.tracking_uri)
+    parent = summary["mlflow_parent_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
+    assert len({r.info.run_name for r in children}) == 4
+    assert {a.path for a in client.list_artifacts(parent)} >= {"summary.json", "summary.md"}
+
+
+def test_nothing_is_written_outside_the_bucket_but_node_caches(cluster):
+    c = cluster
+    hide = c.hide
+    repo_files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout.split()
+    listing = c.base / "repo_files.json"
+    listing.write_text(json.dumps(repo_files))
+    r = c.submit(f"python tests/cluster/list_node_files.py {hide} {listing}")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    line = next(l for l in (r.stdout + r.stderr).splitlines() if l.startswith("NODE_FILES "))
+    per_node = json.loads(line.removeprefix("NODE_FILES "))
+    assert per_node and all(files == [] for files in per_node.values()), per_node
+    # the head (where the drivers ran): Ray's temp folder, the node cache, the MLflow server's db, the logs
+    head = c.base / "head"
+    extra = []
+    for p in head.rglob("*"):
+        rel = p.relative_to(head)
+        if not p.is_file() or rel.parts[0] in ("cache", "mlflow.db") or rel.name.startswith("mlflow.db"):
+            continue
+        if "working_dir_files" in rel.parts:
+            inner = rel.parts[rel.parts.index("working_dir_files") + 2:]
+            if "/".join(inner) not in repo_files:
+                extra.append(str(rel))
+        elif rel.parts[0] != "ray":
+            extra.append(str(rel))
+    assert extra == []
+    assert not list(c.base.rglob("s3:*"))
