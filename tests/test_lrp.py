@@ -115,3 +115,156 @@ def test_input_x_gradient_matches_autograd():
     (g,) = torch.autograd.grad(sel, x)
     maps, _ = HEATMAP_METHODS.get("input_x_gradient")(model, HeatmapSpec())(x.detach())
     torch.testing.assert_close(maps, (x * g).detach(), rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- against zennit
+# zennit (a test-only dependency) is an LRP implementation nobody here wrote. Each conv rule we offer
+# is compared with zennit's on a plain CNN and on timm's test_resnet (deep stem, BasicBlock and
+# Bottleneck residual additions, average-pool downsampling), BatchNorm folded by zennit's canonizer,
+# for positive and for signed inputs. Relative error: max |ours - zennit| / max |zennit| per image.
+
+RULES = {  # our spec keys -> zennit's rule
+    "alpha2beta1": ({"conv_rule": "alpha_beta", "alpha": 2.0, "beta": 1.0}, lambda z: z.rules.AlphaBeta(2.0, 1.0)),
+    "alpha1beta0": ({"conv_rule": "alpha_beta", "alpha": 1.0, "beta": 0.0}, lambda z: z.rules.AlphaBeta(1.0, 0.0)),
+    "gamma0.25": ({"conv_rule": "gamma", "gamma": 0.25}, lambda z: z.rules.Gamma(0.25)),
+    "gamma4": ({"conv_rule": "gamma", "gamma": 4.0}, lambda z: z.rules.Gamma(4.0)),
+}
+
+
+def _zennit():
+    return pytest.importorskip("zennit", reason="zennit is a test dependency: pip install -e '.[dev]'")
+
+
+def _plain_cnn(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                      nn.Conv2d(16, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    return _random_batchnorm(m)
+
+
+def _random_batchnorm(m):
+    """Non-trivial BatchNorm statistics and affine terms, so that folding them matters."""
+    g = torch.Generator().manual_seed(1)
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            n = bn.num_features
+            bn.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+            bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            bn.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            bn.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return m.eval()
+
+
+def _timm_resnet():
+    torch.manual_seed(0)
+    return _random_batchnorm(timm.create_model("test_resnet", num_classes=3))
+
+
+def _zennit_canonizers(zennit):
+    """BatchNorm merged into the conv before it, and each residual addition made a zennit Sum module.
+
+    zennit's merge sets BatchNorm's eps to 0, which current torch rejects; with running_var = 1
+    after the merge, an eps of 1e-30 leaves it the identity in fp32 (1 + 1e-30 == 1)."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+    from zennit.canonizers import AttributeCanonizer, SequentialMergeBatchNorm
+    from zennit.layer import Sum
+
+    class MergeBatchNormPositiveEps(SequentialMergeBatchNorm):
+        @staticmethod
+        def merge_batch_norm(modules, batch_norm):
+            SequentialMergeBatchNorm.merge_batch_norm(modules, batch_norm)
+            object.__setattr__(batch_norm, "eps", 1e-30)
+
+    def basic(self, x):
+        y = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act2(self.residual_sum(torch.stack([y, shortcut], -1)))
+
+    def bottleneck(self, x):
+        y = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        y = self.bn3(self.conv3(y))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act3(self.residual_sum(torch.stack([y, shortcut], -1)))
+
+    def residuals(name, module):
+        for cls, fwd in ((BasicBlock, basic), (Bottleneck, bottleneck)):
+            if isinstance(module, cls):
+                return {"forward": fwd.__get__(module), "residual_sum": Sum()}
+        return None
+
+    return [MergeBatchNormPositiveEps(), AttributeCanonizer(residuals)]
+
+
+def _zennit_lrp(zennit, model, conv_rule, x):
+    from zennit.attribution import Gradient
+    from zennit.composites import LayerMapComposite, layer_map_base
+    from zennit.rules import Epsilon
+    from zennit.types import Convolution
+
+    composite = LayerMapComposite(layer_map=layer_map_base() + [(Convolution, conv_rule), (nn.Linear, Epsilon())],
+                                  canonizers=_zennit_canonizers(zennit))
+    with torch.no_grad():
+        target = torch.eye(model(x).shape[1])[model(x).argmax(1)]
+    with Gradient(model=model, composite=composite) as attributor:
+        _, rel = attributor(x, target)
+    return rel.detach()
+
+
+def _rel_err(ours, ref):
+    return float(((ours - ref).flatten(1).abs().amax(1) / ref.flatten(1).abs().amax(1)).max())
+
+
+@pytest.mark.parametrize("sign", ["positive", "signed"])
+@pytest.mark.parametrize("net", ["plain_cnn", "timm_resnet"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_lrp_matches_zennit(rule, net, sign):
+    zennit = _zennit()
+    keys, zennit_rule = RULES[rule]
+    model = _plain_cnn() if net == "plain_cnn" else _timm_resnet()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 3, 32, 32, generator=g) if sign == "positive" else torch.randn(6, 3, 32, 32, generator=g)
+    ours, pred = LRP(model, HeatmapSpec(precision="fp32", **keys))(x)
+    ref = _zennit_lrp(zennit, model, zennit_rule(zennit), x)
+    assert (pred == model(x).argmax(1)).all()
+    assert _rel_err(ours, ref) <= 1e-4, f"{rule} on {net}, {sign} inputs: relative error {_rel_err(ours, ref):.2e}"
+    # not vacuous: the rules differ from each other and from input x gradient on these nets
+    x_ = x.clone().requires_grad_(True)
+    logits = model(x_)
+    (grad,) = torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), x_)
+    assert _rel_err(x * grad, ref) > 1e-2
+
+
+def _symmetric_gamma_as_released(zennit, gamma):
+    """The conv rule of the released ExMap code, from its description, as a zennit hook: contributions
+    split into P (x+ w+, x- w-, b+) and N (x+ w-, x- w+, b-); where P + N >= 0 the P terms are weighted
+    by 1 + gamma, elsewhere the N terms; each term's share of the weighted sum gets the relevance."""
+    from zennit.core import BasicHook, stabilize
+    from zennit.rules import ClampMod
+
+    def mapper(out_grad, outputs):
+        P, N = outputs[0] + outputs[1], outputs[2] + outputs[3]
+        up = (P + N >= 0).to(P.dtype)
+        fp, fn = 1 + gamma * up, 1 + gamma * (1 - up)
+        s = out_grad / stabilize(fp * P + fn * N)
+        return [fp * s, fp * s, fn * s, fn * s]
+
+    plus, minus = (lambda t: t.clamp(min=0)), (lambda t: t.clamp(max=0))
+    return BasicHook(input_modifiers=[plus, minus, plus, minus],
+                     param_modifiers=[ClampMod(min=0.), ClampMod(max=0., zero_params=["bias"]),
+                                      ClampMod(max=0.), ClampMod(min=0., zero_params=["bias"])],
+                     output_modifiers=[lambda z: z] * 4, gradient_mapper=mapper,
+                     reducer=lambda inputs, grads: sum(i * g for i, g in zip(inputs, grads)))
+
+
+@pytest.mark.parametrize("sign", ["positive", "signed"])
+def test_gamma_rule_is_the_released_symmetric_gamma(sign):
+    """conv_rule gamma with gamma 4 reproduces the released ExMap code's conv rule on a residual net."""
+    zennit = _zennit()
+    model = _timm_resnet()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 3, 32, 32, generator=g) if sign == "positive" else torch.randn(6, 3, 32, 32, generator=g)
+    ours, _ = LRP(model, HeatmapSpec(conv_rule="gamma", gamma=4.0, precision="fp32"))(x)
+    ref = _zennit_lrp(zennit, model, _symmetric_gamma_as_released(zennit, 4.0), x)
+    assert _rel_err(ours, ref) <= 1e-4

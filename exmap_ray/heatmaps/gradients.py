@@ -8,12 +8,17 @@ f(x) - f(baseline) up to the Riemann error of `heatmaps.ig_steps` steps
 `forward_features` (the last convolutional stage for CNNs) and is upsampled to
 the input size, so every method gives (B, C', H, W) maps; with a global-average
 pool and linear head it equals CAM (the classifier-weighted feature map).
+
+`heatmaps.precision` puts the forward passes under bf16 autocast ('auto': on CUDA
+only); the maps come back in fp32.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..models import autocast
 
 IG_IMAGES_PER_PASS = 256  # integrated gradients batches path points up to this many images per forward
 
@@ -28,13 +33,15 @@ class InputXGradient:
 
     def __init__(self, model: nn.Module, hspec):
         self.model = model.eval()
+        self.precision = hspec.precision
 
     def __call__(self, x: torch.Tensor):
         x = x.detach().requires_grad_(True)
-        logits = self.model(x)
+        with autocast(x.device.type, self.precision):
+            logits = self.model(x)
         pred, seed = _predicted_seed(logits)
         (g,) = torch.autograd.grad(logits, x, seed)
-        return (x * g).detach(), pred.detach()
+        return (x * g).detach().float(), pred.detach()
 
 
 class GradCAM:
@@ -42,8 +49,13 @@ class GradCAM:
 
     def __init__(self, model: nn.Module, hspec):
         self.model = model.eval()
+        self.precision = hspec.precision
 
     def __call__(self, x: torch.Tensor):
+        with autocast(x.device.type, self.precision):
+            return self._cam(x)
+
+    def _cam(self, x: torch.Tensor):
         feats = self.model.forward_features(x.detach())
         if feats.dim() != 4:
             from ..errors import UserError
@@ -53,7 +65,7 @@ class GradCAM:
         logits = self.model.forward_head(feats)
         pred, seed = _predicted_seed(logits)
         (g,) = torch.autograd.grad(logits, feats, seed)
-        cam = F.relu((g.mean((2, 3), keepdim=True) * feats).sum(1, keepdim=True))
+        cam = F.relu((g.float().mean((2, 3), keepdim=True) * feats.float()).sum(1, keepdim=True))
         cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return cam.detach(), pred.detach()
 
@@ -73,9 +85,13 @@ class IntegratedGradients:
     def __init__(self, model: nn.Module, hspec):
         self.model = model.eval()
         self.steps = int(hspec.ig_steps)
+        self.precision = hspec.precision
 
     def __call__(self, x: torch.Tensor):
-        x = x.detach()
+        with autocast(x.device.type, self.precision):
+            return self._ig(x.detach())
+
+    def _ig(self, x: torch.Tensor):
         baseline = torch.zeros_like(x)
         with torch.no_grad():
             pred, seed = _predicted_seed(self.model(x))
@@ -86,5 +102,5 @@ class IntegratedGradients:
             a = chunk.view(-1, *([1] * x.dim()))
             xi = (baseline + a * (x - baseline)).reshape(-1, *x.shape[1:]).requires_grad_(True)
             (g,) = torch.autograd.grad(self.model(xi), xi, seed.repeat(len(chunk), 1))
-            total += g.view(len(chunk), *x.shape).sum(0)
+            total += g.float().view(len(chunk), *x.shape).sum(0)
         return ((x - baseline) * total / self.steps).detach(), pred.detach()

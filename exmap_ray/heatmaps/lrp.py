@@ -1,5 +1,7 @@
 """Layer-wise relevance propagation on timm CNNs, built once per model.
 
+    python benchmarks/lrp_speed.py            # img/s against input x gradient on this machine
+
 How it works: the model is traced with torch.fx, BatchNorm is folded into the
 preceding convolution (canonization), and each layer is wrapped in an autograd
 function whose backward pass returns the layer's *input relevance* instead of
@@ -7,7 +9,15 @@ its gradient. One ordinary `backward()` from a one-hot seed at the predicted
 class then yields the relevance map at the input, sign and channels kept.
 
 Rules (Montavon et al., "Layer-wise relevance propagation: an overview"):
-- convolutions: alpha-beta (default alpha=2, beta=1) or gamma;
+- convolutions: alpha-beta (default alpha=2, beta=1) or gamma. Both split each
+  output into its positive contributions P (x+ w+, x- w-, b+) and negative
+  ones N (x+ w-, x- w+, b-), so they hold for signed inputs (the first layer
+  of an ImageNet-normalised image) exactly as zennit's AlphaBeta and Gamma:
+  alpha-beta gives alpha * (share of P) - beta * (share of N); gamma boosts
+  the contributions of the output's own sign by (1 + gamma), i.e. w + gamma w+
+  on positive contributions where the output is positive and w + gamma w- on
+  negative ones where it is negative. That is also the rule the released
+  ExMap code puts on every convolution, with gamma = 4;
 - linear layers and average pools: epsilon;
 - residual additions: relevance split in proportion to each branch's share;
 - ReLU, max-pool, flatten, dropout, identity: relevance passes unchanged;
@@ -15,105 +25,221 @@ Rules (Montavon et al., "Layer-wise relevance propagation: an overview"):
   `heatmaps.canonize: true`), or with `canonize: false` kept as its own layer
   under the epsilon rule.
 
+Cost: a convolution computes P and N in one convolution with the stacked
+weights [w+, w-] (P + N is the layer's output, so no separate forward), and
+its relevance in one transposed convolution. Where the input comes out of a
+ReLU (every convolution but the stem's, found from the traced graph) x- = 0
+and that is all; a signed input needs the pair twice. So LRP costs about two
+input x gradient passes, not four or eight.
+
+Mixed precision (`heatmaps.precision`): under bf16 autocast the convolutions
+and their transposes run in bf16, while every division by P, N or z and the
+relevance handed from layer to layer stay in fp32.
+
 The composite is set by spec keys: `heatmaps.conv_rule` (alpha_beta | gamma),
 `heatmaps.alpha` / `heatmaps.beta` (alpha - beta must be 1, so relevance is
 conserved), `heatmaps.gamma`, `heatmaps.epsilon` (the linear/pool rule and the
-stabiliser of every division) and `heatmaps.canonize`.
+stabiliser of every division) and `heatmaps.canonize`. tests/test_lrp.py checks
+every rule against zennit.
 
 Supported: CNNs built only from Conv2d (+BatchNorm), Linear, ReLU, max/avg
 pools, flatten and residual additions: timm's ResNet family (resnet*, resnet*d,
 resnet*t, test_resnet) and VGG-style nets. Anything else (attention, LayerNorm,
-GELU, squeeze-excite multiplications, pre-activation BatchNorm) is refused with
-an error naming the layer, rather than producing meaningless relevance.
+GELU, squeeze-excite multiplications, pre-activation BatchNorm, 'same'-padded
+convolutions) is refused with an error naming the layer, rather than producing
+meaningless relevance.
 """
 from __future__ import annotations
 
 import copy
 import operator
-from functools import partial
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
+from torch.nn.grad import conv2d_input
 
 from ..errors import UserError
+from ..models import autocast
 
 PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
 EPS_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 SHAPE_OPS = {"flatten", "view", "reshape", "size", "contiguous"}
+# modules whose output is >= 0 when their input is (ReLU: always)
+KEEPS_SIGN = (nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
 def _stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
 
 
-def _through(fn, inputs: tuple[torch.Tensor, ...], R: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
-    """For a (near-)linear fn: R_in_i = x_i * d/dx_i [ fn(x) . R / fn(x) ]."""
-    with torch.enable_grad():
-        xs = tuple(x.detach().requires_grad_(True) for x in inputs)
-        z = fn(*xs)
-        grads = torch.autograd.grad(z, xs, (R / _stabilize(z, eps)).detach())
-    return tuple(x * g for x, g in zip(inputs, grads))
+# ----------------------------------------------------------------------------- conv rules
+# A convolution's output splits into its positive and negative contributions, P and N (z = P + N):
+#   P = x+ (*) w+ + x- (*) w- + b+,   N = x+ (*) w- + x- (*) w+ + b-.
+# Both come out of one convolution with the stacked weights [w+, w-] (for x-: [w-, w+]), held as a
+# pair axis: Zs (B, groups, 2, C/groups, H, W). A rule gives
+#   coefficients(Rs, Zs): S, the output relevance per unit of P and of N (Rs: (B, groups, 1, C/groups, H, W)),
+#   weights(a, b): the pair of weights that carries S back to an input of sign +, called with (w+, w-);
+#                  for the x- part the same function is called with (w-, w+),
+# and the input relevance is R_in = x+ * S (*)^T weights(w+, w-) + x- * S (*)^T weights(w-, w+).
+# Every division happens here, in fp32.
 
 
-def epsilon_rule(module: nn.Module, x: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
-    return _through(module, (x,), R, eps)[0]
+class AlphaBeta:
+    """alpha * (share of P) - beta * (share of N): zennit's AlphaBeta."""
+
+    def __init__(self, alpha: float, beta: float, eps: float):
+        self.alpha, self.beta, self.eps = alpha, beta, eps
+        self._sign = torch.tensor([1.0, -1.0]).view(1, 1, 2, 1, 1, 1)
+
+    def coefficients(self, Rs, Zs):
+        # P >= 0 and N <= 0 always, so each is stabilised away from 0 by its own sign (N = 0 carries nothing)
+        return Rs / (Zs + self.eps * self._sign.to(Zs.device))
+
+    def weights(self, a, b):
+        return self.alpha * a, -self.beta * b
 
 
-def _conv(module: nn.Conv2d, w, b):
-    return partial(F.conv2d, weight=w, bias=b, stride=module.stride, padding=module.padding,
-                   dilation=module.dilation, groups=module.groups)
+class Gamma:
+    """Contributions of the output's own sign weighted by (1 + gamma): zennit's Gamma.
+
+    Where z > 0: R / (z + gamma P) through w + gamma w+ (for x+; w + gamma w- for x-); where z < 0
+    the same with N and w + gamma w-; z = 0 passes nothing. gamma = 0 is the epsilon rule. This is
+    also the symmetric gamma rule of the released ExMap code (there with gamma = 4).
+    """
+
+    def __init__(self, gamma: float, eps: float):
+        self.gamma, self.eps = gamma, eps
+        self._sign = torch.tensor([1.0, -1.0]).view(1, 1, 2, 1, 1, 1)
+
+    def coefficients(self, Rs, Zs):
+        sign = self._sign.to(Zs.device)
+        z = Zs.sum(2, keepdim=True)
+        S = Rs / (z + self.gamma * Zs + self.eps * sign)  # [R / (z + gamma P), R / (z + gamma N)]
+        return torch.where(z * sign > 0, S, 0.0)  # the first where z > 0, the second where z < 0
+
+    def weights(self, a, b):
+        g = self.gamma
+        return (1 + g) * a + b, a + (1 + g) * b  # [w + gamma w+, w + gamma w-] for x+
 
 
-def alpha_beta_rule(module: nn.Conv2d, x, R, alpha: float, beta: float, eps: float):
-    """alpha * (positive contributions' share) - beta * (negative contributions' share)."""
-    w, b = module.weight, module.bias
-    wp, wn = w.clamp(min=0), w.clamp(max=0)
-    bp = b.clamp(min=0) if b is not None else None
-    bn = b.clamp(max=0) if b is not None else None
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
-    if bool((x >= 0).all()):  # after a ReLU: the x- terms vanish, skip half the work
-        pos = _through(lambda a: _conv(module, wp, bp)(a), (xp,), R, eps)[0]
-        neg = _through(lambda a: _conv(module, wn, bn)(a), (xp,), R, eps)[0] if beta else 0
-    else:
-        pos = sum(_through(lambda a, c: _conv(module, wp, bp)(a) + _conv(module, wn, None)(c), (xp, xn), R, eps))
-        neg = sum(_through(lambda a, c: _conv(module, wn, bn)(a) + _conv(module, wp, None)(c), (xp, xn), R, eps)) \
-            if beta else 0
-    return alpha * pos - beta * neg
+class ConvRule(nn.Module):
+    """A Conv2d whose backward pass is a conv rule; P and N come from one stacked convolution.
+
+    `nonneg_input`: the input comes out of a ReLU (x- = 0), so half of the work is skipped."""
+
+    def __init__(self, conv: nn.Conv2d, rule, nonneg_input: bool):
+        super().__init__()
+        self.conv, self.rule, self.nonneg = conv, rule, nonneg_input
+        self.groups, self.out_channels = conv.groups, conv.out_channels
+        w = conv.weight.detach()
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        b = None if conv.bias is None else conv.bias.detach()
+        self.register_buffer("w_fwd", self._stack(wp, wn), persistent=False)
+        self.register_buffer("b_fwd", None if b is None else self._stack(b.clamp(min=0), b.clamp(max=0)),
+                             persistent=False)
+        self.register_buffer("w_bwd", self._stack(*rule.weights(wp, wn)), persistent=False)
+        if not nonneg_input:
+            self.register_buffer("w_fwd_neg", self._stack(wn, wp), persistent=False)
+            self.register_buffer("w_bwd_neg", self._stack(*rule.weights(wn, wp)), persistent=False)
+        self._cast: dict = {}
+
+    def _stack(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Output channels in (groups, pair, C/groups) order, so grouped convolutions keep their blocks."""
+        g = self.groups
+        return torch.stack([a.unflatten(0, (g, -1)), b.unflatten(0, (g, -1))], 1).flatten(0, 2)
+
+    def pairs(self, z: torch.Tensor, n: int = 2) -> torch.Tensor:
+        return z.unflatten(1, (self.groups, n, self.out_channels // self.groups))
+
+    def param(self, name: str, dtype: torch.dtype):
+        """A stacked weight in the compute dtype (cast once per dtype, not per batch)."""
+        t = getattr(self, name)
+        if t is None or t.dtype == dtype:
+            return t
+        key = (name, dtype, t.device)
+        if key not in self._cast:
+            self._cast[key] = t.to(dtype)
+        return self._cast[key]
+
+    def conv2(self, x, w, b=None):
+        c = self.conv
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+    def transposed(self, shape, w, S):
+        c = self.conv
+        return conv2d_input(shape, w, S, c.stride, c.padding, c.dilation, c.groups)
+
+    def forward(self, x):
+        return _ConvRuleFn.apply(x, self)
 
 
-def gamma_rule(module: nn.Conv2d, x, R, gamma: float, eps: float):
-    """Weights w + gamma * w+ favour positive evidence; gamma = 0 is the epsilon rule."""
-    w, b = module.weight, module.bias
-    w2 = w + gamma * w.clamp(min=0)
-    b2 = b + gamma * b.clamp(min=0) if b is not None else None
-    return _through(lambda a: _conv(module, w2, b2)(a), (x,), R, eps)[0]
-
-
-class _RelevanceFn(torch.autograd.Function):
-    """Forward: the module as usual. Backward: input relevance from output relevance."""
+class _ConvRuleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer: ConvRule):
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else layer.w_fwd.dtype
+        if layer.nonneg:
+            Z = layer.conv2(x, layer.param("w_fwd", dtype), layer.param("b_fwd", dtype))
+        else:
+            Z = layer.conv2(x.clamp(min=0), layer.param("w_fwd", dtype), layer.param("b_fwd", dtype)) + \
+                layer.conv2(x.clamp(max=0), layer.param("w_fwd_neg", dtype))
+        ctx.layer = layer
+        ctx.save_for_backward(x, Z)
+        # z = P + N, in fp32: under autocast the relevance handed between layers stays fp32. A new
+        # tensor, not a view of Z, so that an in-place ReLU after it is allowed
+        C = layer.out_channels
+        if layer.groups == 1:
+            return torch.add(Z[:, :C].float(), Z[:, C:])
+        Zs = layer.pairs(Z)
+        out = torch.empty((Z.shape[0], C, *Z.shape[2:]), dtype=torch.float32, device=Z.device)
+        torch.add(Zs[:, :, 0].float(), Zs[:, :, 1], out=out.view(Zs[:, :, 0].shape))
+        return out
 
     @staticmethod
-    def forward(ctx, x, module, rule):
-        ctx.module, ctx.rule = module, rule
+    def backward(ctx, R):
+        x, Z = ctx.saved_tensors
+        layer = ctx.layer
+        S = layer.rule.coefficients(layer.pairs(R.float(), 1), layer.pairs(Z.float())).flatten(1, 3).to(Z.dtype)
+        if layer.nonneg:
+            R_in = x * layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S)
+        else:
+            R_in = x.clamp(min=0) * layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S) + \
+                x.clamp(max=0) * layer.transposed(x.shape, layer.param("w_bwd_neg", Z.dtype), S)
+        return R_in.to(x.dtype), None
+
+
+class EpsilonRule(nn.Module):
+    """R_in = x * d/dx [z . R / z] for a (near-)linear module: linear layers, average pools, BatchNorm."""
+
+    def __init__(self, module: nn.Module, eps: float):
+        super().__init__()
+        self.module, self.eps = module, eps
+
+    def forward(self, x):
+        return _EpsilonFn.apply(x, self)
+
+
+class _EpsilonFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer: EpsilonRule):
+        with torch.enable_grad():  # keep this layer's own small graph for its backward: no recompute
+            xd = x.detach().requires_grad_(True)
+            z = layer.module(xd)
+        ctx.xd, ctx.z, ctx.eps = xd, z, layer.eps
         ctx.save_for_backward(x)
-        return module(x)
+        return z.detach().float()
 
     @staticmethod
     def backward(ctx, R):
         (x,) = ctx.saved_tensors
-        return ctx.rule(ctx.module, x, R), None, None
-
-
-class RuleLayer(nn.Module):
-    def __init__(self, module: nn.Module, rule):
-        super().__init__()
-        self.module, self.rule = module, rule
-
-    def forward(self, x):
-        return _RelevanceFn.apply(x, self.module, self.rule)
+        z = ctx.z
+        s = R.float() / _stabilize(z.detach().float(), ctx.eps)
+        (g,) = torch.autograd.grad(z, ctx.xd, s.to(z.dtype))
+        del ctx.xd, ctx.z
+        return (x * g.float()).to(x.dtype), None
 
 
 class _SumFn(torch.autograd.Function):
@@ -126,8 +252,8 @@ class _SumFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, R):
         a, b = ctx.saved_tensors
-        s = R / _stabilize(a + b, ctx.eps)
-        return a * s, b * s, None
+        s = R.float() / _stabilize(a.float() + b.float(), ctx.eps)
+        return (a * s).to(a.dtype), (b * s).to(b.dtype), None
 
 
 def relevance_sum(a, b, eps):
@@ -145,27 +271,44 @@ class LRP:
 
     def __init__(self, model: nn.Module, hspec):
         self.eps = hspec.epsilon
+        self.precision = hspec.precision
         if hspec.conv_rule == "alpha_beta" and abs(hspec.alpha - hspec.beta - 1.0) > 1e-6:
             raise UserError(f"heatmaps.method 'lrp' with conv_rule alpha_beta needs heatmaps.alpha - heatmaps.beta "
                             f"= 1 so that relevance is conserved; got alpha={hspec.alpha}, beta={hspec.beta} "
                             f"(the paper: alpha 2, beta 1)")
-        if hspec.conv_rule == "alpha_beta":
-            conv_rule = partial(alpha_beta_rule, alpha=hspec.alpha, beta=hspec.beta, eps=hspec.epsilon)
-        else:
-            conv_rule = partial(gamma_rule, gamma=hspec.gamma, eps=hspec.epsilon)
-        self.net = build_lrp_model(model, conv_rule, partial(epsilon_rule, eps=hspec.epsilon), hspec.epsilon,
+        CONV_RULES = {"alpha_beta": lambda: AlphaBeta(hspec.alpha, hspec.beta, hspec.epsilon),
+                      "gamma": lambda: Gamma(hspec.gamma, hspec.epsilon)}
+        self.net = build_lrp_model(model, CONV_RULES[hspec.conv_rule](), hspec.epsilon,
                                    canonize=getattr(hspec, "canonize", True))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().requires_grad_(True)
-        logits = self.net(x)
+        with autocast(x.device.type, self.precision):
+            logits = self.net(x)
         pred = logits.argmax(1)
         seed = F.one_hot(pred, logits.shape[1]).to(logits.dtype)
         (rel,) = torch.autograd.grad(logits, x, seed)
         return rel.detach(), pred.detach()
 
 
-def build_lrp_model(model: nn.Module, conv_rule, eps_rule, eps: float, canonize: bool = True) -> torch.fx.GraphModule:
+def _nonneg_nodes(gm: torch.fx.GraphModule) -> set:
+    """Nodes whose value is >= 0 for every input: ReLU outputs and sign-keeping ops of them."""
+    out: set = set()
+    for node in gm.graph.nodes:
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.ReLU) or (isinstance(mod, KEEPS_SIGN) and args and args[0] in out):
+                out.add(node)
+        elif node.op == "call_method" and node.target in SHAPE_OPS and args and args[0] in out:
+            out.add(node)
+        elif node.op == "call_function" and node.target in (torch.flatten, operator.add, operator.iadd, torch.add) \
+                and args and all(a in out for a in args):
+            out.add(node)
+    return out
+
+
+def build_lrp_model(model: nn.Module, conv_rule, eps: float, canonize: bool = True) -> torch.fx.GraphModule:
     name = type(model).__name__
     eps_modules = EPS_MODULES if canonize else EPS_MODULES + (nn.BatchNorm2d,)
     try:
@@ -174,14 +317,16 @@ def build_lrp_model(model: nn.Module, conv_rule, eps_rule, eps: float, canonize:
     except Exception as e:  # noqa: BLE001 - any tracing failure means: not a supported model
         raise UserError(f"heatmaps.method 'lrp': model '{name}' cannot be traced for LRP ({type(e).__name__}: {e}); "
                         f"use heatmaps.method input_x_gradient or gradcam") from None
+    gm.requires_grad_(False)  # relevance flows to the input only
+    nonneg = _nonneg_nodes(gm)
     for node in list(gm.graph.nodes):
         where = f"node '{node.name}'"
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, nn.Conv2d):
-                gm.add_submodule(node.target, RuleLayer(mod, conv_rule))
+            if type(mod) is nn.Conv2d and mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
+                gm.add_submodule(node.target, ConvRule(mod, conv_rule, node.args[0] in nonneg))
             elif isinstance(mod, eps_modules):
-                gm.add_submodule(node.target, RuleLayer(mod, eps_rule))
+                gm.add_submodule(node.target, EpsilonRule(mod, eps))
             elif not isinstance(mod, PASS_MODULES):
                 _unsupported(name, f"layer '{node.target}' ({type(mod).__name__})")
         elif node.op == "call_function":
