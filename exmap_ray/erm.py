@@ -5,8 +5,13 @@
 - One Ray Train worker per GPU (NCCL) where the cluster has GPUs, else CPU
   workers over gloo, each given an equal share of the CPUs.
 - Every epoch ends with `ray.train.report(metrics, checkpoint)`: the model,
-  optimizer and history. A restarted worker group resumes from the last
-  checkpoint instead of epoch 0.
+  optimizer and history (and, with `erm.keep: best_val_acc`, the best-val-accuracy
+  weights so far). A restarted worker group resumes from the last checkpoint
+  instead of epoch 0; Ray keeps only the last CHECKPOINTS_KEPT of them.
+- Validation is sharded over the workers (each scores every world-th image) and
+  the counts are all-reduced, so val accuracy is the same as one worker's.
+- `erm.precision` (bf16 autocast; auto = on CUDA), `erm.channels_last` and
+  `erm.compile` are the GPU speed options; their defaults leave CPU runs as they were.
 - Only class labels are used: the true groups never reach this stage.
 """
 from __future__ import annotations
@@ -20,41 +25,63 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .models import create_model, save_checkpoint
+from .models import autocast, create_model, save_checkpoint
 from .spec import stage_seed
 from .storage import Loc
 from .store import read_json, write_json
 
 log = logging.getLogger(__name__)
+CHECKPOINTS_KEPT = 2  # the last two: a worker lost while one is being written still leaves a whole one
 
 
-def train_epoch(model: nn.Module, loader, opt, device) -> dict:
+def _batch(x, y, device, channels_last: bool):
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+
+
+def train_epoch(model: nn.Module, loader, opt, device, precision: str = "fp32", channels_last: bool = False) -> dict:
+    """One pass over `loader`. Loss and accuracy are summed on the device (no host sync per batch)."""
     model.train()
-    total, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
+    device = torch.device(device)
+    total, t0 = 0, time.perf_counter()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        x, y = _batch(x, y, device, channels_last)
+        with autocast(device.type, precision):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         total += len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        loss_sum += loss.detach().double() * len(y)
+    correct, loss_sum = int(correct), float(loss_sum)  # one sync, which also ends the timed epoch
     dt = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
             "images_per_s": total / max(dt, 1e-9)}
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader, device) -> float:
+def accuracy(model: nn.Module, loader, device, precision: str = "fp32", channels_last: bool = False) -> float:
+    """Accuracy over `loader` (batches may already be on the device), summed over all ranks when
+    torch.distributed runs more than one: each rank then passes its own shard of the data."""
+    import torch.distributed as dist
+
     model.eval()
-    correct = total = 0
+    device = torch.device(device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
     for x, y in loader:
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-        total += len(y)
+        x, y = _batch(x, y, device, channels_last)
+        with autocast(device.type, precision):
+            counts[0] += (model(x).argmax(1) == y).sum()
+        counts[1] += len(y)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    correct, total = counts.tolist()
     return correct / max(total, 1)
 
 
@@ -97,13 +124,22 @@ def train_loop(config: dict) -> None:
                                  seed=stage_seed(spec.seed, "erm-shuffle")) if world > 1 else None
     train = DataLoader(Labeled(data.train), batch_size=e.batch_size, shuffle=sampler is None, sampler=sampler,
                        generator=g if sampler is None else None, **opts)
-    val = DataLoader(Labeled(data.val), batch_size=512, shuffle=False, **opts)
+    # each rank scores every world-th val image; accuracy() all-reduces the counts
+    val = DataLoader(Subset(Labeled(data.val), range(rank, len(data.val), world)), batch_size=512, shuffle=False,
+                     **opts)
     train = ray.train.torch.prepare_data_loader(train, add_dist_sampler=False)
     val = ray.train.torch.prepare_data_loader(val, add_dist_sampler=False)
-    model = ray.train.torch.prepare_model(create_model(spec.model.backbone, data.n_classes, spec.model.pretrained))
+    net = create_model(spec.model.backbone, data.n_classes, spec.model.pretrained)
+    if e.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(net)
     opt = make_optimizer(model.parameters(), e)
+    if e.compile:
+        model = torch.compile(model)
     device = ray.train.torch.get_device()
+    amp = {"precision": e.precision, "channels_last": e.channels_last}
     start, history = 0, []
+    best = {"val_acc": -1.0, "epoch": -1, "model": None}  # erm.keep best_val_acc: the best weights so far
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resumed after a failure: continue where the last report left off
         with ckpt.as_directory() as d:
@@ -111,22 +147,28 @@ def train_loop(config: dict) -> None:
             _unwrap(model).load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             start, history = state["epoch"] + 1, read_json(Path(d) / "history.json")
+            best = state.get("best", best)
         log.info("ERM: resumed from checkpoint after epoch %d", start)
     for epoch in range(start, e.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every worker
         for group in opt.param_groups:  # a function of the epoch, so a resumed run gets the same rate
             group["lr"] = epoch_lr(e, epoch)
-        metrics = train_epoch(model, train, opt, device)
-        metrics.update(epoch=epoch + 1, val_acc=accuracy(model, val, device), resumed_from=start)
+        metrics = train_epoch(model, train, opt, device, **amp)
+        metrics.update(epoch=epoch + 1, val_acc=accuracy(model, val, device, **amp), resumed_from=start)
         history.append(metrics)
+        if e.keep == "best_val_acc" and rank == 0 and metrics["val_acc"] > best["val_acc"]:  # the first best wins
+            best = {"val_acc": metrics["val_acc"], "epoch": epoch,
+                    "model": {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}}
         if rank == 0:
             log.info("ERM epoch %d/%d: loss %.4f, train acc %.3f, val acc %.3f (%.0f img/s per worker)",
                      epoch + 1, e.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_acc"],
                      metrics["images_per_s"])
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch},
-                           Path(d) / "state.pt")
+                state = {"model": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch}
+                if e.keep == "best_val_acc":
+                    state["best"] = best
+                torch.save(state, Path(d) / "state.pt")
                 write_json(Path(d) / "history.json", history)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
@@ -134,13 +176,15 @@ def train_loop(config: dict) -> None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if hasattr(model, "module") else model
 
 
 def train_erm(spec, out, n_classes: int) -> dict:
     """Run ERM on the connected Ray cluster; writes out/model.pt and out/history.json (`out`: a storage Loc)."""
     import ray
-    from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     e = spec.erm
@@ -161,6 +205,7 @@ def train_erm(spec, out, n_classes: int) -> dict:
         # checkpoints go to the storage root, which every node can reach (a URI on a cluster)
         run_config=RunConfig(name="erm", storage_path=train_dir.fs_path, storage_filesystem=train_dir.fs,
                              failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                              logging_config=LoggingConfig(log_level="WARNING")),  # our epoch lines, not per-report INFO
     )
     result = trainer.fit()
@@ -171,8 +216,10 @@ def train_erm(spec, out, n_classes: int) -> dict:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
         history = read_json(Path(d) / "history.json")
     model = create_model(spec.model.backbone, n_classes)
-    model.load_state_dict(state["model"])
+    kept = state["best"] if e.keep == "best_val_acc" else state  # erm.keep
+    model.load_state_dict(kept["model"])
     save_checkpoint(model, out / "model.pt")
     write_json(out / "history.json", history)
     train_dir.rmtree()  # model.pt is the stage's artifact
-    return {"epochs": len(history), "history": history, "workers": e.num_workers, "use_gpu": use_gpu}
+    return {"epochs": len(history), "history": history, "workers": e.num_workers, "use_gpu": use_gpu,
+            "kept_epoch": kept["epoch"] + 1}

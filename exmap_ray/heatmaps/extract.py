@@ -37,14 +37,16 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def extract(method, images: Dataset, batch_size: int, downsize: int | None,
-            device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+            device: str = "cpu", loader_kwargs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps of `images` by a built method: (N, C', d, d) float32 and predictions (N,).
 
     Downsizing (bilinear, as the paper) happens on the device, before the copy to the host.
+    `loader_kwargs` (workers, pinned memory) come from `data.base.loader_options(spec.dataset,
+    persistent=False)`: decoding on-disk images in loader workers keeps a GPU busy.
     """
     maps, preds = [], []
-    for x in DataLoader(images, batch_size=batch_size, shuffle=False):
-        rel, pred = method(x.to(device))
+    for x in DataLoader(images, batch_size=batch_size, shuffle=False, **(loader_kwargs or {})):
+        rel, pred = method(x.to(device, non_blocking=True))
         if downsize and rel.shape[-1] != downsize:
             rel = F.interpolate(rel, size=(downsize, downsize), mode="bilinear", align_corners=False)
         maps.append(rel.float().cpu())
