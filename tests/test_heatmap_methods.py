@@ -127,3 +127,16 @@ def test_lrp_composite_comes_from_spec_keys_and_bad_alpha_beta_is_refused():
 def test_unsupported_model_is_refused_without_canonization_too():
     with pytest.raises(UserError, match=r"heatmaps.method 'lrp'.*(unsupported|cannot be traced)"):
         LRP(timm.create_model("test_vit", num_classes=2).eval(), HeatmapSpec(canonize=False))
+
+
+@pytest.mark.parametrize("method", ["input_x_gradient", "integrated_gradients", "gradcam"])
+def test_gradient_methods_under_bf16_autocast(method):
+    """heatmaps.precision bf16: forward passes under autocast, fp32 maps close to the fp32 ones."""
+    model = _nonlinear_resnet()
+    x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    full, p32 = HEATMAP_METHODS.get(method)(model, HeatmapSpec(precision="fp32", ig_steps=8))(x)
+    half, p16 = HEATMAP_METHODS.get(method)(model, HeatmapSpec(precision="bf16", ig_steps=8))(x)
+    assert half.dtype == torch.float32 and half.shape == full.shape and torch.isfinite(half).all()
+    same = p32 == p16
+    cos = F.cosine_similarity(half.flatten(1)[same], full.flatten(1)[same], dim=1)
+    assert same.sum() >= 3 and cos.min() > 0.95, cos

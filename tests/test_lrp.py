@@ -268,3 +268,22 @@ def test_gamma_rule_is_the_released_symmetric_gamma(sign):
     ours, _ = LRP(model, HeatmapSpec(conv_rule="gamma", gamma=4.0, precision="fp32"))(x)
     ref = _zennit_lrp(zennit, model, _symmetric_gamma_as_released(zennit, 4.0), x)
     assert _rel_err(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("conv_rule", ["alpha_beta", "gamma"])
+def test_lrp_under_bf16_autocast_keeps_fp32_relevance(conv_rule):
+    """heatmaps.precision bf16 (the GPU default, here on the CPU): convolutions in bf16, divisions and
+    relevance in fp32, so the maps and their totals stay those of fp32 up to bf16 rounding."""
+    model = _timm_resnet()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    full, p32 = LRP(model, HeatmapSpec(conv_rule=conv_rule, precision="fp32"))(x)
+    half, p16 = LRP(model, HeatmapSpec(conv_rule=conv_rule, precision="bf16"))(x)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    same = p32 == p16
+    assert same.sum() >= 6
+    cos = torch.nn.functional.cosine_similarity(half.flatten(1), full.flatten(1), dim=1)[same]
+    assert cos.min() > 0.98, cos
+    # totals (the seed is 1; biases absorb the rest) within 3% of the seed
+    torch.testing.assert_close(half.flatten(1).sum(1)[same], full.flatten(1).sum(1)[same], rtol=0, atol=0.03)
+    assert LRP(model, HeatmapSpec(precision="auto")).precision == "auto"  # auto = fp32 on this CPU
+    torch.testing.assert_close(LRP(model, HeatmapSpec(conv_rule=conv_rule, precision="auto"))(x)[0], full)

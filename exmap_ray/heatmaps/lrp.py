@@ -279,7 +279,10 @@ class LRP:
         CONV_RULES = {"alpha_beta": lambda: AlphaBeta(hspec.alpha, hspec.beta, hspec.epsilon),
                       "gamma": lambda: Gamma(hspec.gamma, hspec.epsilon)}
         self.net = build_lrp_model(model, CONV_RULES[hspec.conv_rule](), hspec.epsilon,
-                                   canonize=getattr(hspec, "canonize", True))
+                                   canonize=hspec.canonize)
+        if any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters()):  # a channels_last model: its folded, stacked weights too
+            self.net.to(memory_format=torch.channels_last)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().requires_grad_(True)
