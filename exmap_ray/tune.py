@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import math
 import os
@@ -33,7 +34,9 @@ from .pipeline import Timer, preflight, run_pipeline, run_stages
 from .retrain.dfr import score_se, worst_over_groupings_halves
 from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, Domain, n_trials, parse_space, touches, unflatten
 from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
-from .store import StageCache, read_json, write_json
+from .resources import resolve_resources
+from .storage import Loc
+from .store import StageCache, load_npz, read_json, write_json
 
 log = logging.getLogger(__name__)
 ORACLE_METRIC = "oracle_val_worst_group_acc"
@@ -60,7 +63,9 @@ def trial_metrics(res: dict, metric: str) -> dict:
 
 def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, parent_run_id: str,
               domains: tuple[Domain, ...] = ()) -> None:
-    """One Tune trial: the base spec plus this trial's values, run through the pipeline."""
+    """One Tune trial: the base spec plus this trial's values, run through the pipeline.
+
+    `root` and `cache_dir` are storage-root strings (local path or URI): the trial may run on any node."""
     import torch
     from ray import tune
 
@@ -72,13 +77,13 @@ def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, par
     # Tune snapshots its own state only every few seconds, so after a crash it may rerun a trial that
     # had finished. A done record keyed by the resolved spec makes that rerun a cheap re-report.
     resolved = {k: v for k, v in spec.to_dict().items() if k != "search"}
-    done = Path(root) / "trial_results" / f"{stable_hash(resolved)}.json"
+    done = Loc.parse(root) / "trial_results" / f"{stable_hash(resolved)}.json"
     if done.exists():
         res = read_json(done)
         log.info("trial %s: finished before as %s; reporting its results without rerunning", name, res["trial"])
     else:
         inject("trial", spec.flat())  # no-op unless an EXMAP_RAY_FAULTS plan is set (fault tests)
-        res = run_pipeline(spec, Path(root) / "trials" / name, Path(cache_dir), uri,
+        res = run_pipeline(spec, Loc.parse(root) / "trials" / name, Loc.parse(cache_dir), uri,
                            parent_run_id=parent_run_id, run_name=name)
         res["trial"] = name
         write_json(done, res)  # after the MLflow run has ended: the trial counts as done only now
@@ -108,25 +113,26 @@ def _search_alg(spec: Spec):
                         f"(or pip install 'exmap-ray[search]'); {e}") from None
 
 
-def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri: str | None = None,
+def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
               resume: bool = False, quiet: bool = False) -> dict:
-    """`quiet` also silences Tune's own trial tables (the summary is printed by the caller)."""
+    """`out`, `cache_dir`: local paths or storage URIs. `quiet` also silences Tune's own trial tables."""
     import mlflow
     from ray import tune
 
-    out = Path(out).resolve()
+    out = Loc.parse(out)
     domains = parse_space(spec)
     data = preflight(spec)
+    spec = resolve_resources(spec)  # once for the whole sweep: every trial gets the same devices
     state_path = out / "sweep.json"
     if resume and not state_path.exists():
         raise UserError(f"--resume: no sweep to resume in '{out}' (no sweep.json); drop --resume to start one")
     if not resume and state_path.exists():
         raise UserError(f"'{out}' already holds a sweep; add --resume to continue it, or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)
     exp_id = tracking.setup(uri, spec.tracking.experiment or spec.name, out)
-    cache_dir = Path(cache_dir or out / "cache").resolve()
-    storage = spec.search.storage_path or str(out / "tune")
+    cache_dir = Loc.parse(cache_dir or out / "cache")
+    storage = Loc.parse(spec.search.storage_path or out / "tune")  # Tune's own state, under the root too
     planned = n_trials(domains, spec.search.num_samples)
     timer = Timer()
 
@@ -144,7 +150,7 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
             tracker.call("log_params", tracking.log_flat_params,
                          {k: v for k, v in spec.flat().items() if k != "search.space"})
             tracker.call("log_dict", mlflow.log_dict, spec.search.space, "search_space.json")
-            write_json(state_path, {"parent_run_id": parent_id, "storage": storage, "planned": planned})
+            write_json(state_path, {"parent_run_id": parent_id, "storage": str(storage), "planned": planned})
         # the upstream all trials share is computed here, once, before any trial holds resources
         upto = None if touches(domains, UPSTREAM_SECTIONS) else \
             "erm" if touches(domains, HEATMAP_SECTIONS) else "heatmaps"
@@ -158,9 +164,10 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
             tune.with_parameters(run_trial, base=base, root=str(out), cache_dir=str(cache_dir), uri=uri,
                                  parent_run_id=parent_id, domains=tuple(domains)),
             {"cpu": spec.search.trial_cpus, "gpu": spec.search.trial_gpus})
-        experiment_path = f"{storage.rstrip('/')}/sweep"
-        if resume and tune.Tuner.can_restore(experiment_path):
-            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+        experiment = storage / "sweep"
+        if resume and tune.Tuner.can_restore(experiment.fs_path, storage_filesystem=storage.fs):
+            tuner = tune.Tuner.restore(experiment.fs_path, trainable=trainable, resume_errored=True,
+                                       storage_filesystem=storage.fs)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -168,7 +175,7 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
                 tune_config=tune.TuneConfig(metric="selection_metric", mode="max", num_samples=spec.search.num_samples,
                                             max_concurrent_trials=spec.search.max_concurrent_trials,
                                             search_alg=_search_alg(spec)),
-                run_config=tune.RunConfig(name="sweep", storage_path=storage,
+                run_config=tune.RunConfig(name="sweep", storage_path=storage.fs_path, storage_filesystem=storage.fs,
                                           failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)))
         # quiet: Tune prints its tables and experiment box to stdout whatever `verbose` says (and a restored
         # sweep keeps its first run's verbosity); warnings and errors go to stderr and still show
@@ -188,8 +195,9 @@ def run_sweep(spec: Spec, out: Path, cache_dir: Path | None = None, tracking_uri
     return summary
 
 
-def pending_folders(out: Path) -> list[str]:
+def pending_folders(out) -> list[str]:
     """The sweep folder and trial folders whose MLflow logging failed (they hold a marker file)."""
+    out = Loc.parse(out)
     markers = [out / tracking.PENDING, *(out / "trials").glob(f"*/{tracking.PENDING}")]
     return sorted(str(p.parent) for p in markers if p.is_file())
 
@@ -207,12 +215,11 @@ def sweep_metrics(summary: dict) -> dict:
     return m
 
 
-def log_sweep_summary(tracker, out: Path, summary: dict) -> None:
-    import mlflow
-
+def log_sweep_summary(tracker, out, summary: dict) -> None:
+    out = Loc.parse(out)
     for name in SUMMARY_ARTIFACTS:
         if (out / name).exists():
-            tracker.call("log_artifact", mlflow.log_artifact, str(out / name))
+            tracker.call("log_artifact", tracking.log_artifact, out / name)
     tracker.call("log_metrics", tracking.log_metrics, sweep_metrics(summary))
 
 
@@ -270,14 +277,19 @@ def choose(rows: list[dict], select: str) -> dict | None:
 def add_sweep_metric(rows: list[dict], metric: str, se: str = "binomial") -> None:
     """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only),
     and the standard error of each trial's selection metric (`se`: binomial or halves)."""
-    ok = [r for r in rows if r["status"] == "OK" and r.get("selection_file") and Path(r["selection_file"]).exists()]
-    loaded = {r["trial"]: dict(np.load(r["selection_file"])) for r in ok}
+    import hashlib
+
+    from .retrain.dfr import prepare_groupings
+
+    ok = [r for r in rows if r["status"] == "OK" and r.get("selection_file")
+          and Loc.parse(r["selection_file"]).exists()]  # a path or a URI under the storage root
+    loaded = {r["trial"]: load_npz(r["selection_file"]) for r in ok}
     buckets: dict[str, list[dict]] = {}
     for r in ok:  # trials that vary dataset or seed have another val: compare within a bucket
         d = loaded[r["trial"]]  # (each trial is scored on its own held-out halves: end-to-end trials have one)
-        buckets.setdefault(stable_hash(d["y"].tolist()), []).append(r)
-    for group in buckets.values():
-        groupings = [loaded[r["trial"]]["pseudo_groups"] for r in group]
+        buckets.setdefault(hashlib.sha1(np.asarray(d["y"], np.int64).tobytes()).hexdigest(), []).append(r)
+    for group in buckets.values():  # the bucket's groupings are numbered once, then every trial is scored on them
+        groupings = prepare_groupings([loaded[r["trial"]]["pseudo_groups"] for r in group])
         for r in group:
             d = loaded[r["trial"]]
             r[SWEEP_METRIC], halves, sizes = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"],
@@ -295,11 +307,11 @@ def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
     chosen, oracle = choose(rows, spec.search.select), _best(rows, ORACLE_METRIC)
     top = _best(rows, "selection_metric")  # the plain maximum, reported beside the rule's choice
     cols = ["trial"] + [f"config.{d.key}" for d in domains] + COLUMNS[1:] + ["error"]
-    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".csv", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    Path(f.name).replace(out / "summary.csv")
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    (out / "summary.csv").write_text(buf.getvalue())
 
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
@@ -318,7 +330,7 @@ def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
                       + f" -> test WGA **{row['test_worst_group_acc']:.3f}**, test mean acc {row['test_mean_acc']:.3f}")
     md += ["", "| " + " | ".join(c.removeprefix("config.") for c in cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    (out / "summary.md").write_text("\n".join(md) + "\n")
+    (out / "summary.md").write_text("\n".join(md) + "\n")  # out: a storage Loc
 
     ok = [r for r in rows if r["status"] == "OK"]
     if ok:
