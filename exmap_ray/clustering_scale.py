@@ -1,0 +1,291 @@
+"""Clustering millions of heatmaps: chunked rows (memmaps, shards) and an anchor-graph spectrum.
+
+    from exmap_ray.clustering_scale import Rows, anchor_spectrum, planted_heatmaps
+    H, truth = planted_heatmaps(1_000_000, minority=0.001, seed=0)   # or np.load(path, mmap_mode="r")
+    spec = anchor_spectrum(Rows(H, normalize=True), seed=0)          # 13 eigenvalues + an embedder
+    emb = spec.embed(k)                                              # (N, k) rows for k-means
+
+`clustering.pseudo_groups` uses this above `SCALE_MIN_N` points per scope; below it the
+exact path (an exact kNN graph, quadratic) runs unchanged. benchmarks/cluster_scale.py
+measures both, and docs/cluster_scale.md says why this route (anchors) over an approximate
+kNN graph.
+
+The anchor graph (Nystrom-style, as in landmark / anchor-graph spectral clustering):
+1. `N_ANCHORS` anchors: D^2-seeded k-means on a uniform sample of the rows. D^2 seeding
+   puts anchors in far, small groups (a 0.1% minority) that a uniform pick would miss.
+2. Each row links to its `ANCHOR_NN` nearest anchors with weights exp(-(d_j^2 - d_1^2) / h^2),
+   normalised to sum 1 (Z, N x m, r nonzeros a row). h^2 is the mean spread d_r^2 - d_1^2, so
+   anchors across a gap between groups get ~0 weight: the graph keeps the kNN graph's locality.
+3. W = Z diag(Z^T 1)^-1 Z^T has unit degrees, so its normalised Laplacian is I - W, and its
+   eigenpairs come from the m x m matrix diag^-1/2 Z^T Z diag^-1/2: O(N r^2 + m^3), not O(N^2).
+Only Z (N x r indices and weights) and the (N, k) embedding are held: the rows are streamed
+in chunks and never copied whole.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import faiss
+import numpy as np
+
+SCALE_MIN_N = 50_000  # at or above this many points a scope takes the anchor path (the exact kNN graph costs ~7 s at 50k, 25 s at 100k)
+N_ANCHORS = 1000      # anchors: the eigenproblem is m x m; 1000 keeps a 0.1% minority's few anchors and costs ~O(N m d) to link
+ANCHOR_NN = 5         # anchors each row links to (r); more blurs small groups into their neighbours
+ANCHOR_SAMPLE = 50    # rows sampled per anchor for the anchor k-means (50k for 1000 anchors)
+ANCHOR_MIN_ROWS = 5   # an anchor fewer sampled rows are nearest to is dropped (D^2 seeding also picks outliers)
+ANCHOR_MIN_SHARE = 20  # small inputs (the forced route, tests) get at most one anchor per 20 rows
+ANCHOR_ITERS = 5      # Lloyd iterations for the anchors, from the D^2 seeding (they only tile the data)
+SEED_ROUNDS = 10      # D^2 seeding picks the anchors in this many batches (k-means||-style), not one pass per anchor
+CHUNK_ROWS = 1 << 16  # rows per chunk: 65,536 x 147 float32 is 38 MB
+
+
+def normalize_rows(X: np.ndarray) -> np.ndarray:
+    """Divide each heatmap by its max |value| (the paper); all-zero rows stay zero."""
+    X = np.ascontiguousarray(X, dtype=np.float32).reshape(len(X), -1)
+    scale = np.abs(X).max(axis=1, keepdims=True)
+    return X / np.where(scale > 0, scale, 1.0)
+
+
+def float16_roundtrip(H: np.ndarray) -> np.ndarray:
+    """The heatmaps as a float16 store would give them back (cast down and up, float32 out).
+
+    Measures what float16 storage does to the pseudo groups: cluster this and the original and
+    compare (benchmarks/cluster_scale.py --float16). Reads `H` in chunks, so a memmap works.
+    """
+    out = np.empty((len(H), int(np.prod(H.shape[1:]))), np.float32)
+    for lo in range(0, len(H), CHUNK_ROWS):
+        out[lo:lo + CHUNK_ROWS] = np.asarray(H[lo:lo + CHUNK_ROWS], np.float32).reshape(-1, out.shape[1]).astype(
+            np.float16).astype(np.float32)
+    return out
+
+
+class Rows:
+    """An (N, ...) array, an np.memmap, or a list of such shards, read as float32 (N, d) rows in chunks.
+
+    `normalize` applies `normalize_rows` to each chunk. Nothing is copied whole unless asked
+    (`materialize`); `subset` selects rows (e.g. one class) without reading them.
+    """
+
+    def __init__(self, H: np.ndarray | Sequence[np.ndarray], normalize: bool, index: np.ndarray | None = None):
+        self.shards = [H] if isinstance(H, np.ndarray) else list(H)
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.normalize = normalize
+        self.index = None if index is None else np.asarray(index, np.int64)
+        self.d = int(np.prod(self.shards[0].shape[1:])) if self.shards else 0
+
+    def __len__(self) -> int:
+        return int(self.starts[-1]) if self.index is None else len(self.index)
+
+    def subset(self, idx: np.ndarray) -> "Rows":
+        idx = np.asarray(idx, np.int64)
+        return Rows(self.shards, self.normalize, idx if self.index is None else self.index[idx])
+
+    def _prep(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, np.float32).reshape(len(X), self.d)
+        return normalize_rows(X) if self.normalize else np.ascontiguousarray(X)
+
+    def _raw(self, idx: np.ndarray) -> np.ndarray:
+        """Rows at sorted global positions `idx`, shard by shard (memmaps read only those rows)."""
+        out = []
+        bounds = np.searchsorted(idx, self.starts)
+        for s, shard in enumerate(self.shards):
+            part = idx[bounds[s]:bounds[s + 1]] - self.starts[s]
+            if len(part):
+                out.append(np.asarray(shard[part], np.float32).reshape(len(part), self.d))
+        return np.concatenate(out) if len(out) != 1 else out[0]
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows at positions `idx` (ascending) of this view, float32 (len(idx), d), normalised if asked."""
+        idx = np.asarray(idx, np.int64)
+        return self._prep(self._raw(idx if self.index is None else self.index[idx]))
+
+    def chunks(self, size: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, float32 rows) for consecutive chunks of this view."""
+        if self.index is not None:
+            for lo in range(0, len(self), size):
+                yield lo, self.take(np.arange(lo, min(lo + size, len(self))))
+            return
+        for s, shard in enumerate(self.shards):
+            for lo in range(0, len(shard), size):
+                yield int(self.starts[s]) + lo, self._prep(shard[lo:lo + size])
+
+    def materialize(self) -> np.ndarray:
+        """All rows as one float32 (N, d) array: the exact path's input (one copy)."""
+        if len(self.shards) == 1 and self.index is None:
+            H = self.shards[0]
+            return normalize_rows(H) if self.normalize else np.ascontiguousarray(H, np.float32).reshape(len(H), -1)
+        out = np.empty((len(self), self.d), np.float32)
+        for lo, X in self.chunks():
+            out[lo:lo + len(X)] = X
+        return out
+
+    def mean(self, idx: np.ndarray) -> np.ndarray:
+        """Mean of the rows at positions `idx` (ascending), accumulated in float64 over chunks."""
+        total = np.zeros(self.d)
+        for lo in range(0, len(idx), CHUNK_ROWS):
+            total += self.take(idx[lo:lo + CHUNK_ROWS]).sum(0, dtype=np.float64)
+        return (total / max(len(idx), 1)).astype(np.float32)
+
+
+def d2_seed(X: np.ndarray, m: int, rng: np.random.Generator, rounds: int = SEED_ROUNDS) -> np.ndarray:
+    """m seeds by D^2 sampling in `rounds` batches: each batch draws ~m/rounds rows with probability
+    proportional to their squared distance to the seeds so far (the k-means|| idea). A far, small
+    group has a large share of the D^2 mass until a seed lands in it."""
+    n = len(X)
+    m = min(m, n)
+    sq = np.einsum("ij,ij->i", X, X)
+    chosen = [int(rng.integers(n))]
+    d2 = np.maximum(sq + sq[chosen[0]] - 2 * X @ X[chosen[0]], 0)
+    per_round = math.ceil((m - 1) / rounds) if m > 1 else 0
+    while len(chosen) < m:
+        total = float(d2.sum())
+        want = min(per_round, m - len(chosen))
+        if total <= 0:  # every row sits on a seed: take unseen rows uniformly
+            rest = np.setdiff1d(np.arange(n), chosen)
+            chosen += rng.choice(rest, min(want, len(rest)), replace=False).tolist()
+            if not len(rest):
+                break
+            continue
+        new = np.unique(rng.choice(n, want, p=d2 / total))
+        new = new[d2[new] > 0]
+        chosen += new.tolist()
+        C = X[new]
+        dn = sq[:, None] + np.einsum("ij,ij->i", C, C)[None] - 2 * (X @ C.T)
+        d2 = np.minimum(d2, np.maximum(dn.min(1), 0))
+    return X[np.array(chosen[:m])].copy()
+
+
+def _faiss_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _torch_cuda():
+    """torch, when it sees a CUDA device; importing torch takes seconds, so only where a driver exists."""
+    if "torch" not in sys.modules and not os.path.exists("/dev/nvidiactl"):
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+class NearestAnchors:
+    """The r nearest anchors of a chunk of rows: FAISS GPU, else torch on CUDA, else FAISS on the CPU."""
+
+    def __init__(self, anchors: np.ndarray, r: int):
+        self.r = min(r, len(anchors))
+        self.torch = None
+        index = faiss.IndexFlatL2(anchors.shape[1])
+        index.add(np.ascontiguousarray(anchors, np.float32))
+        if _faiss_gpu():
+            index = faiss.index_cpu_to_all_gpus(index)
+        elif (torch := _torch_cuda()) is not None:
+            self.torch, self.A = torch, torch.as_tensor(anchors, device="cuda")
+            self.asq = (self.A * self.A).sum(1)
+        self.index = index
+
+    def __call__(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distances (n, r) ascending and anchor ids (n, r) int64."""
+        if self.torch is None:
+            return self.index.search(np.ascontiguousarray(X, np.float32), self.r)
+        T = self.torch.as_tensor(X, device="cuda")
+        d2 = ((T * T).sum(1, keepdim=True) + self.asq[None] - 2 * T @ self.A.T).clamp_min_(0)
+        D, I = self.torch.topk(d2, self.r, dim=1, largest=False, sorted=True)
+        return D.cpu().numpy(), I.cpu().numpy()
+
+
+def pick_anchors(rows: Rows, m: int, seed: int) -> np.ndarray:
+    """m anchors: D^2-seeded FAISS k-means on a uniform sample of ANCHOR_SAMPLE * m rows."""
+    rng = np.random.default_rng(seed)
+    n = len(rows)
+    sample = rows.take(np.sort(rng.choice(n, min(n, ANCHOR_SAMPLE * m), replace=False)))
+    init = d2_seed(sample, m, rng)
+    km = faiss.Kmeans(sample.shape[1], len(init), niter=ANCHOR_ITERS, seed=int(rng.integers(2**31 - 1)),
+                      max_points_per_centroid=len(sample), min_points_per_centroid=1, gpu=_faiss_gpu(),
+                      verbose=False)
+    km.train(sample, init_centroids=init)
+    _, owner = km.index.search(sample, 1)
+    owned = np.bincount(owner.ravel(), minlength=len(init))
+    # an anchor that only its own outlier row is near would be a component of its own (an eigenvalue 0
+    # per outlier): keep anchors that at least ANCHOR_MIN_ROWS sampled rows are nearest to
+    return np.ascontiguousarray(km.centroids[owned >= min(ANCHOR_MIN_ROWS, owned.max())], np.float32)
+
+
+@dataclass
+class AnchorSpectrum:
+    """The anchor graph's Laplacian spectrum and what maps it back to the N rows."""
+    eigenvalues: np.ndarray  # (n_eig,) smallest eigenvalues of I - W, ascending
+    nbr: np.ndarray          # (N, r) int32 anchor ids of each row
+    weight: np.ndarray       # (N, r) float32 link weights, rows sum to 1
+    lift: np.ndarray         # (m, n_eig) anchor-side factor: row i's eigenvector entries = weight_i . lift[nbr_i]
+    anchors: int
+
+    def embed(self, k: int) -> np.ndarray:
+        """(N, k) float32: the first k eigenvectors, one row per point (before row normalisation)."""
+        out = np.empty((len(self.nbr), k), np.float32)
+        P = self.lift[:, :k].astype(np.float32)
+        for lo in range(0, len(out), CHUNK_ROWS):
+            w, j = self.weight[lo:lo + CHUNK_ROWS], self.nbr[lo:lo + CHUNK_ROWS]
+            out[lo:lo + len(w)] = np.einsum("nr,nrk->nk", w, P[j])
+        return out
+
+
+def anchor_spectrum(rows: Rows, seed: int, n_eig: int = 13, m: int = N_ANCHORS, r: int = ANCHOR_NN) -> AnchorSpectrum:
+    """The anchor graph of `rows` (see the module docstring) and its `n_eig` smallest Laplacian eigenvalues."""
+    anchors = pick_anchors(rows, min(m, max(16, len(rows) // ANCHOR_MIN_SHARE)), seed)
+    m = len(anchors)
+    search = NearestAnchors(anchors, r)
+    r = search.r
+    n = len(rows)
+    nbr = np.empty((n, r), np.int32)
+    d2 = np.empty((n, r), np.float32)
+    for lo, X in rows.chunks():
+        D, I = search(X)
+        d2[lo:lo + len(X)], nbr[lo:lo + len(X)] = D, I
+    d2 -= d2[:, :1]  # distances relative to the nearest anchor: the nearest always has weight 1
+    h2 = float(d2[:, -1].mean()) if r > 1 else 1.0
+    weight = np.exp(-d2 / max(h2, 1e-12), dtype=np.float32) if r > 1 else np.ones_like(d2)
+    del d2
+    weight /= weight.sum(1, keepdims=True)
+    degree = np.bincount(nbr.ravel(), weights=weight.ravel(), minlength=m)  # Z^T 1
+    ztz = np.zeros(m * m)
+    for lo in range(0, n, CHUNK_ROWS):  # Z^T Z, accumulated as pair counts of each row's r anchors
+        w, j = weight[lo:lo + CHUNK_ROWS].astype(np.float64), nbr[lo:lo + CHUNK_ROWS].astype(np.int64)
+        ztz += np.bincount((j[:, :, None] * m + j[:, None, :]).ravel(), weights=(w[:, :, None] * w[:, None, :]).ravel(),
+                           minlength=m * m)
+    inv = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-300)), 0.0)
+    M = inv[:, None] * ztz.reshape(m, m) * inv[None]
+    mu, V = np.linalg.eigh((M + M.T) / 2)
+    n_eig = min(n_eig, m)
+    mu, V = mu[::-1][:n_eig], V[:, ::-1][:, :n_eig]
+    lift = inv[:, None] * V / np.sqrt(np.maximum(mu, 1e-12))[None]
+    return AnchorSpectrum(np.clip(1.0 - mu, 0.0, 2.0), nbr, weight, lift, m)
+
+
+def planted_heatmaps(n: int, minority: float = 0.01, noise: float = 0.35, seed: int = 0, out: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Heatmap-like planted data, (n, 3, 7, 7) float32, and its planted group (0..3) per row.
+
+    Two classes, each with its own 7x7 relevance blob; a shortcut colour channel (0 or 1) that
+    agrees with the class except on a `minority` fraction. Group = class * 2 + channel. Rows are
+    written chunk by chunk into `out` when given (e.g. an np.memmap for 10M rows).
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:7, 0:7]
+    blobs = np.stack([np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 4.0) for cy, cx in ((2, 2), (4, 5))])
+    out = np.empty((n, 3, 7, 7), np.float32) if out is None else out
+    group = np.empty(n, np.int64)
+    for lo in range(0, n, CHUNK_ROWS):
+        b = min(CHUNK_ROWS, n - lo)
+        y = rng.integers(0, 2, b)
+        s = np.where(rng.random(b) < minority, 1 - y, y)
+        H = noise * rng.standard_normal((b, 3, 7, 7), dtype=np.float32)
+        H[np.arange(b), s] += blobs[y]
+        H[:, 2] *= 0.3  # the unused channel: noise only, weaker
+        out[lo:lo + b], group[lo:lo + b] = H, y * 2 + s
+    return out, group
