@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
 from pathlib import Path
@@ -26,7 +27,9 @@ from .metrics import agreement, evaluate
 from .pipeline import Timer, end_to_end_stage, preflight, run_stages
 from .retrain import RETRAINERS
 from .spec import Spec, from_dict, stage_seed
-from .store import StageCache, write_json
+from .resources import resolve_resources
+from .storage import Loc
+from .store import StageCache, load_npy, write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = F
             agree = agreement(s["pseudo"], val.group, names)
             row.update(n_groups=int(s["cluster_info"]["n_groups"]), ari=agree["ari"],
                        worst_recovery=agree["worst_recovery"])
-            pred = np.load(stage.dir / "test_pred.npy")
+            pred = load_npy(stage.dir / "test_pred.npy")
         else:
             c = ctx if scope is None else dataclasses.replace(
                 ctx, clustering=dataclasses.replace(spec.clustering, scope=scope))
@@ -134,8 +137,9 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
               tracking_uri: str | None = None, end_to_end: bool = False) -> dict:
     import mlflow
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Loc.parse(out)  # a local folder or a storage URI
+    out.mkdir()
+    spec = resolve_resources(spec)
     uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)
     exp_id = tracking.setup(uri, spec.tracking.experiment or spec.name, out)
     cache = StageCache(cache_dir or out / "cache")
@@ -156,10 +160,11 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
               f"oracle row and for scoring.", "", table, ""]
         (out / "bench.md").write_text("\n".join(md))
         cols = ["row", "n_seeds"] + [k for k in rows[0] if k not in ("row", "n_seeds")]
-        with open(out / "bench.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        (out / "bench.csv").write_text(buf.getvalue())
         summary = {"rows": rows, "per_seed": per_seed, "seeds": seeds, "timings_s": timer.seconds,
                    "mlflow_run_id": run.info.run_id}
         write_json(out / "bench.json", summary)
@@ -168,6 +173,6 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
             tracking.log_metrics({k: v for k, v in r.items() if isinstance(v, float)},
                                  prefix=tracking.metric_name(r["row"]).replace(" ", "_") + ".")
         for name in ("bench.md", "bench.csv", "bench.json", "bench_wga.png"):
-            mlflow.log_artifact(str(out / name))
+            tracking.log_artifact(out / name)
     summary["table"] = table
     return summary

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .storage import redact
 
 log = logging.getLogger("exmap_ray")
 
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "nothing (exit 0) unless DIR/mlflow_pending.json says logging failed. For a "
                                     "sweep's folder (`exmap-ray tune --out`): the parent run with the summary, then "
                                     "every trial whose logging failed, nested under the parent.")
-    sy.add_argument("dir", type=Path, metavar="DIR", help="the run's or sweep's output folder (its --out)")
+    sy.add_argument("dir", metavar="DIR", help="the run's or sweep's output folder or storage URI (its --out)")
     sy.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run used, from "
                                            "DIR/tracking.json)")
     sy.add_argument("--quiet", action="store_true", help="only warnings and the final line")
@@ -188,7 +189,7 @@ def cmd_bench(args) -> int:
     with ray_session(args.address, args.quiet):
         summary = run_bench(spec, seeds, out, cache, args.tracking_uri, end_to_end=args.end_to_end)
     print("\n" + summary["table"])
-    print(f"\ntable: {out / 'bench.md'} (also .csv, .json; plot {out / 'bench_wga.png'})")
+    print(f"\ntable: {redact(str(out / 'bench.md'))} (also .csv, .json; plot {redact(str(out / 'bench_wga.png'))})")
     return 0
 
 
@@ -208,7 +209,7 @@ def cmd_tune(args) -> int:
     with ray_session(args.address, args.quiet):
         summary = run_sweep(spec, out, cache, args.tracking_uri, resume=args.resume, quiet=args.quiet)
     print("\n" + format_summary(summary))
-    print(f"\nsummary: {out / 'summary.md'} (also .csv, .json; plots {out}/*.png)")
+    print(f"\nsummary: {redact(str(out / 'summary.md'))} (also .csv, .json; plots {redact(str(out / '*.png'))})")
     if summary.get("mlflow_pending"):  # each tracker warned when it lost the server; this is the how-to
         print(f"MLflow: NOT fully logged ({len(summary['mlflow_pending'])} folder(s) hold mlflow_pending.json: the "
               f"server became unreachable). Every result is on disk; when the server is back: "
@@ -232,7 +233,7 @@ def cmd_run(args) -> int:
     with ray_session(args.address, args.quiet):
         results = run_pipeline(spec, out, cache, args.tracking_uri, data)
     print("\n" + format_table(results))
-    print(f"\nresults: {out / 'results.json'}   plots: {out}/*.png")
+    print(f"\nresults: {redact(str(out / 'results.json'))}   plots: {redact(str(out / '*.png'))}")
     from .store import read_json
     from .tracking import PENDING
     if (out / PENDING).is_file():  # the tracker logged the failure when it happened; this is the how-to
@@ -301,11 +302,12 @@ def _check_tracking(uri: str | None, out) -> None:
 
 
 def cmd_sync(args) -> int:
+    from .storage import Loc
     from .sync_mlflow import sync
 
     done = sync(args.dir, args.tracking_uri)
     if done["status"] == "nothing pending":
-        print(f"nothing to sync: {args.dir} has no {args.dir / 'mlflow_pending.json'}; its MLflow logging "
+        print(f"nothing to sync: {args.dir} has no mlflow_pending.json; its MLflow logging "
               f"did not fail (or was synced already)")
         return 0
     how = "completed the original run" if done["resumed"] else "created a new run (the original is not there)"
@@ -314,7 +316,7 @@ def cmd_sync(args) -> int:
           f"{done['metrics']} metric values, artifacts {', '.join(done['artifacts']) or 'none'}")
     for t in done.get("trials", []):
         how = "completed" if t["resumed"] else "created"
-        print(f"  trial {Path(t['out']).name}: {how} run {t['run_id']}, {t['metrics']} metric values")
+        print(f"  trial {Loc.parse(t['out']).name}: {how} run {t['run_id']}, {t['metrics']} metric values")
     return 0
 
 

@@ -192,13 +192,18 @@ def embed(model: nn.Module, images: Dataset, batch_size: int = 512, device: str 
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-def save_checkpoint(model: nn.Module, path: Path) -> None:
-    from .store import atomic_path
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+def save_checkpoint(model: nn.Module, path) -> None:
+    """To a local path or a storage location (storage.Loc), atomically."""
+    from .storage import Loc
+
+    with Loc.parse(path).writer() as f:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f)
 
 
-def load_checkpoint(backbone: str, n_classes: int, path: Path) -> nn.Module:
+def load_checkpoint(backbone: str, n_classes: int, path) -> nn.Module:
+    """From a local path or a storage location (read through the node-local cache when remote)."""
+    from .storage import Loc
+
     model = create_model(backbone, n_classes)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(Loc.parse(path).local_copy(), map_location="cpu", weights_only=True))
     return model.eval()

@@ -183,17 +183,20 @@ class StageCache:
 
         `compute(folder)` writes the stage's files under `folder` (a Loc: local folder or URI prefix).
         """
+        from .storage import redact
+
         if stage.done:  # the common case on a shared cache: no claim needed to read a finished stage
             self.record(stage, "reused")
-            log.info("stage %s: reusing %s", stage.name, stage.dir)
+            log.info("stage %s: reusing %s", stage.name, redact(str(stage.dir)))
             return stage.info()
         with self._claims().hold(stage):
             if stage.done:  # another claimant finished it while this one waited
                 self.record(stage, "reused")
-                log.info("stage %s: reusing %s (computed by another claimant meanwhile)", stage.name, stage.dir)
+                log.info("stage %s: reusing %s (computed by another claimant meanwhile)", stage.name,
+                         redact(str(stage.dir)))
                 return stage.info()
             if stage.dir.exists():
-                log.warning("stage %s: clearing unfinished attempt in %s", stage.name, stage.dir)
+                log.warning("stage %s: clearing unfinished attempt in %s", stage.name, redact(str(stage.dir)))
                 stage.dir.rmtree()
             stage.dir.mkdir(parents=True)
             t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import tracking
 from .errors import UserError
 from .spec import flatten
+from .storage import Loc
 from .store import write_json
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def erm_history(out: Path, results: dict) -> list[dict]:
     erm = (results.get("cache") or {}).get("erm") or {}
     candidates = []
     if erm.get("dir"):
-        candidates.append(Path(erm["dir"]))
+        candidates.append(Loc.parse(erm["dir"]))
     if erm.get("key"):
         candidates.append(out / "cache" / f"erm-{erm['key']}")
     for d in candidates:
@@ -56,7 +57,7 @@ def sync(out: Path, tracking_uri: str | None = None, parent_run_id: str | None =
     OUT is a run's folder, or a sweep's (it holds sweep.json): then the parent run and every trial
     folder with a marker are synced, trials nested under the parent.
     """
-    out = Path(out)
+    out = Loc.parse(out)  # a local folder or a storage URI
     if (out / "sweep.json").is_file():
         return sync_sweep(out, tracking_uri)
     results = _read(out / "results.json", "results.json is written when the pipeline finishes")
@@ -154,7 +155,7 @@ def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, expe
             write_json(out / "results.json", results)
         artifacts = [name for name in tracking.ARTIFACTS if (out / name).is_file()]
         for name in artifacts:
-            mlflow.log_artifact(str(out / name))
+            tracking.log_artifact(out / name)
     except BaseException:
         try:
             mlflow.end_run("FAILED")
@@ -209,7 +210,7 @@ def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
                     mlflow.log_metrics(metrics)
                 done["artifacts"] = [n for n in SUMMARY_ARTIFACTS if (out / n).is_file()]
                 for n in done["artifacts"]:
-                    mlflow.log_artifact(str(out / n))
+                    tracking.log_artifact(out / n)
                 done.update(params=len(params), metrics=len(metrics))
             except BaseException:
                 mlflow.end_run("FAILED")

@@ -35,7 +35,7 @@ def http_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
-def probe(uri: str | None, out: Path | None = None, timeout: float = 3.0) -> None:
+def probe(uri: str | None, out: Path | None = None, timeout: float = 10.0) -> None:
     """Fail fast, with a UserError naming `uri`, when an http(s) tracking server does not answer.
 
     Any HTTP answer (even 401 or 404) counts as reachable; other URIs are not probed here.
@@ -47,7 +47,9 @@ def probe(uri: str | None, out: Path | None = None, timeout: float = 3.0) -> Non
     import urllib.request
 
     try:
-        urllib.request.urlopen(urllib.request.Request(uri, method="GET"), timeout=timeout).close()
+        # MLflow's light health endpoint; any HTTP answer counts, so other servers are fine too
+        urllib.request.urlopen(urllib.request.Request(uri.rstrip("/") + "/health", method="GET"),
+                               timeout=timeout).close()
         return
     except urllib.error.HTTPError:
         return  # the server answered
@@ -59,10 +61,13 @@ def probe(uri: str | None, out: Path | None = None, timeout: float = 3.0) -> Non
         why = str(e) or type(e).__name__
     except ValueError as e:
         raise UserError(f"MLflow tracking URI '{uri}' is not a valid URL ({e})") from None
-    local = default_uri(out) if out is not None else "sqlite:///OUT/mlflow.db"
-    raise UserError(f"MLflow tracking server '{uri}' is unreachable ({why}; waited at most {timeout:g} s). "
-                    f"Start the server, or drop --tracking-uri (and spec key tracking.uri) to log to the "
-                    f"local default {local}")
+    try:
+        local = default_uri(out) if out is not None else "sqlite:///OUT/mlflow.db"
+    except UserError:  # a storage-URI OUT has no local default: a server is the only way
+        local = None
+    fix = (f"Start the server, or drop --tracking-uri (and spec key tracking.uri) to log to the local default "
+           f"{local}" if local else "Start the server, and give an address every node of the cluster can reach")
+    raise UserError(f"MLflow tracking server '{uri}' is unreachable ({why}; waited at most {timeout:g} s). {fix}")
 
 
 def default_uri(out) -> str:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..storage import Loc
 from ..store import load_npy, read_json, save_npy, write_json
 from . import HEATMAP_METHODS
@@ -184,35 +185,39 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
 
     # Work goes only to actors that are up: an actor still waiting for resources (another trial holds
     # them) gets nothing, so extraction progresses as soon as one actor runs, never deadlocks.
-    with tqdm(total=n_images, desc=f"heatmaps ({hspec.method})", unit="img", disable=None) as bar:
-        while work or running:
-            while idle and work:
-                actor, task = idle.pop(), work.popleft()
-                running[actor.run.remote(*task)] = (actor, task)
-            (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
-            if ref in starting:
-                actor = starting.pop(ref)
+    try:
+        with tqdm(total=n_images, desc=f"heatmaps ({hspec.method})", unit="img", disable=None) as bar:
+            while work or running:
+                while idle and work:
+                    actor, task = idle.pop(), work.popleft()
+                    running[actor.run.remote(*task)] = (actor, task)
+                (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayActorError as e:
+                        if getattr(e, "actor_init_failed", False):
+                            raise  # its __init__ raised: a bug or bad input, which a new actor would repeat
+                        replace(actor, e)
+                        continue
+                    idle.append(actor)
+                    continue
+                actor, task = running.pop(ref)
                 try:
-                    ray.get(ref)
+                    entry = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # the actor's own error (a full disk, bad data): as is
+                    raise (e.cause if isinstance(e.cause, UserError) else e) from None
                 except ray.exceptions.RayActorError as e:
-                    if getattr(e, "actor_init_failed", False):
-                        raise  # its __init__ raised: a bug or bad input, which a new actor would repeat
+                    work.appendleft(task)  # redone by another actor; nothing of it was written
                     replace(actor, e)
                     continue
                 idle.append(actor)
-                continue
-            actor, task = running.pop(ref)
-            try:
-                entry = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                work.appendleft(task)  # redone by another actor; nothing of it was written
-                replace(actor, e)
-                continue
-            idle.append(actor)
-            entries.append(entry)
-            bar.update(entry["stop"] - entry["start"])
-    for a in actors:
-        ray.kill(a)  # also withdraws the resource requests of actors that never started
+                entries.append(entry)
+                bar.update(entry["stop"] - entry["start"])
+    finally:  # done or failed: the actors go, which also withdraws the requests of those never started
+        for a in actors:
+            ray.kill(a)
     write_index(out, n_images, entries)
     return {"n": n_images, "shards": len(entries), "actors": n_actors, "actors_lost": lost,
             "actors_started": len(actors) - len(starting),

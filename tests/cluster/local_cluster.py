@@ -62,13 +62,19 @@ def can_run() -> str | None:
 
 
 class LocalCluster:
-    def __init__(self, base: Path, hide: Path, n_workers: int = 2, worker_cpus: int = 2):
-        self.base, self.hide, self.n_workers, self.worker_cpus = base, hide, n_workers, worker_cpus
+    def __init__(self, hide: list[Path], n_workers: int = 2, worker_cpus: int = 2):
+        """`hide`: folders the worker nodes must not see (besides this cluster's own base folder, a short
+        path under /tmp: Ray's socket paths must stay under the 107-byte limit of Unix sockets)."""
+        import tempfile
+
+        self.base = Path(tempfile.mkdtemp(prefix="xr-", dir="/tmp"))
+        self.hide = [*hide, self.base]
+        self.n_workers, self.worker_cpus = n_workers, worker_cpus
         self.procs: dict[str, subprocess.Popen] = {}
         self.token = secrets.token_hex(32)
         self.gcs_port, self.dash_port = free_port(), free_port()
         self.s3_port, self.mlflow_port = free_port(), free_port()
-        self.logs = base / "logs"
+        self.logs = self.base / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ addresses
@@ -98,9 +104,18 @@ class LocalCluster:
                  AWS_EC2_METADATA_DISABLED="true", RAY_USAGE_STATS_ENABLED="0", TQDM_DISABLE="1",
                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
                  MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", PYTHONUNBUFFERED="1")
-        e.pop("RAY_ADDRESS", None)
+        # every process of this cluster knows its GCS: Ray's own helpers (Ray Train's placement-group cleaner)
+        # otherwise look for *the* Ray on the machine, and here there are several
+        e["RAY_ADDRESS"] = self.address
         e.update(extra)
         return e
+
+    @staticmethod
+    def node_ports() -> list[str]:
+        """Ports of a node's agents, free ones: every node here shares one machine, so Ray's fixed defaults
+        (52365 for the dashboard agent and others) would collide between nodes and with other Ray instances."""
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
     def _spawn(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
@@ -116,11 +131,14 @@ class LocalCluster:
         s3 = self._spawn("moto", [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1",
                                   "-p", str(self.s3_port)], self.env())
         head_env = self.env(EXMAP_RAY_NODE_CACHE=str(head_dir / "cache"))
-        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", "--num-cpus=0",
-                        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={self.dash_port}", f"--temp-dir={head_dir / 'ray'}",
-                        "--disable-usage-stats"], env=head_env, check=True, capture_output=True, timeout=120)
         self.head_started = True
+        r = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", "--num-cpus=0",
+                            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                            f"--dashboard-port={self.dash_port}", f"--temp-dir={head_dir / 'ray'}",
+                            "--disable-usage-stats", *self.node_ports()], env=head_env, capture_output=True,
+                           text=True, timeout=120)
+        if r.returncode:
+            raise RuntimeError(f"ray start --head failed:\n{(r.stdout + r.stderr)[-3000:]}")
         wait_port(self.s3_port, 60, "moto server", s3)
         self._make_bucket()
         mlf = self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1",
@@ -136,12 +154,14 @@ class LocalCluster:
 
     def start_worker(self, i: int) -> None:
         """A worker node in its own mount namespace: tmpfs over the hidden tree, its own temp and cache."""
-        node = self.hide / f"exmap-node-{i}"  # exists only inside this node's tmpfs
-        script = (f"set -e; mount -t tmpfs -o size=4g tmpfs {self.hide}; "
+        node = self.base / f"exmap-node-{i}"  # exists only inside this node's tmpfs
+        mounts = "".join(f"mount -t tmpfs -o size=4g tmpfs {h}; " for h in self.hide)
+        script = (f"set -e; {mounts}"
                   f"mkdir -p /tmp/ray && mount -t tmpfs -o size=1g tmpfs /tmp/ray; "
                   f"mkdir -p {node}/ray {node}/cache; "
                   f"exec {BIN / 'ray'} start --address={self.address} --num-cpus={self.worker_cpus} "
-                  f"--node-ip-address=127.0.0.1 --temp-dir={node}/ray --block --disable-usage-stats")
+                  f"--node-ip-address=127.0.0.1 --temp-dir={node}/ray --block --disable-usage-stats "
+                  + " ".join(self.node_ports()))
         self._spawn(f"worker{i}", ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script],
                     self.env(EXMAP_RAY_NODE_CACHE=f"{node}/cache"))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -27,18 +28,20 @@ SWEEP = "tests/cluster/tiny_sweep.yaml"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    hide = tmp_path_factory.getbasetemp()  # the whole test temp tree is invisible to the worker nodes
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), hide)
+    # the whole test temp tree (and the cluster's own folder) is invisible to the worker nodes
+    c = LocalCluster([tmp_path_factory.getbasetemp()])
     try:
         c.start()
         yield c
     finally:
         c.stop()
+        shutil.rmtree(c.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def single_node(ray_local, tmp_path_factory):
-    """The same spec and seed on one node (this process's local Ray, a local folder)."""
+    """The same spec and seed on one node (this process's local Ray, a local folder). Run before the
+    cluster starts: Ray Train's helpers look for *the* local Ray and refuse when they find two."""
     from exmap_ray.pipeline import run_pipeline
     from exmap_ray.spec import load_spec
 
@@ -76,13 +79,14 @@ def computed_twice(recs: list[dict]) -> list[str]:
 
 
 def assert_same_results(got: dict, want: dict) -> None:
+    want = json.loads(json.dumps(want, default=str))  # as read back from results.json
     for row in ("erm", "exmap", "oracle_dfr"):
         assert got[row]["test"] == want[row]["test"], row
     assert got["exmap"]["k_chosen"] == want["exmap"]["k_chosen"]
     assert got["exmap"]["pseudo_group_sizes"] == want["exmap"]["pseudo_group_sizes"]
 
 
-def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(cluster, single_node):
+def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, cluster):
     c = cluster
     r = c.submit(f"python -m exmap_ray.cli run {SPEC} --out '{c.s3_uri('run')}' --cache '{c.s3_uri('cache')}' "
                  f"--tracking-uri {c.tracking_uri}")
@@ -114,7 +118,7 @@ def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(cluster, single_
     assert computed_twice(records(c)) == []
 
 
-def test_sweep_survives_losing_a_node(cluster, single_node):
+def test_sweep_survives_losing_a_node(single_node, cluster):
     c = cluster
     sub = c.submit(f"python -m exmap_ray.cli tune {SWEEP} --out '{c.s3_uri('sweep')}' --cache '{c.s3_uri('cache')}' "
                    f"--tracking-uri {c.tracking_uri}", wait=False)
@@ -159,12 +163,11 @@ def test_sweep_survives_losing_a_node(cluster, single_node):
 
 def test_nothing_is_written_outside_the_bucket_but_node_caches(cluster):
     c = cluster
-    hide = c.hide
     repo_files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                                 capture_output=True, text=True, check=True).stdout.split()
     listing = c.base / "repo_files.json"
     listing.write_text(json.dumps(repo_files))
-    r = c.submit(f"python tests/cluster/list_node_files.py {hide} {listing}")
+    r = c.submit(f"python tests/cluster/list_node_files.py {c.base} {listing}")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     line = next(l for l in (r.stdout + r.stderr).splitlines() if l.startswith("NODE_FILES "))
     per_node = json.loads(line.removeprefix("NODE_FILES "))

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from exmap_ray.cli import main
+from exmap_ray.store import StageCache
 
 from ..conftest import tiny_spec_dict
 
@@ -124,12 +125,12 @@ def test_server_killed_mid_run_then_sync(tmp_path, capsys):
         proc = subprocess.Popen(_cli("run", str(_spec(tmp_path)), "--out", str(out), "--tracking-uri", server.uri),
                                 env=ENV, start_new_session=True, **run_log)  # its Ray goes with it
         # wait until the MLflow run exists with its params logged and ERM is done, then kill the server
-        record, t0 = out / "cache" / "record.jsonl", time.time()
+        t0 = time.time()
         while True:
             assert proc.poll() is None, f"run ended before ERM was done: {(tmp_path / 'run.err').read_text()[-3000:]}"
             assert time.time() - t0 < 400, "ERM was not computed within 400 s"
-            lines = record.read_text().splitlines() if record.exists() else []
-            if any('"stage": "erm"' in l and '"event": "computed"' in l for l in lines):
+            recs = StageCache(out / "cache").records() if (out / "cache").exists() else []
+            if any(r["stage"] == "erm" and r["event"] == "computed" for r in recs):
                 break
             time.sleep(0.1)
         server.kill()

@@ -1,0 +1,153 @@
+"""The storage root on a real S3 endpoint (moto's server on 127.0.0.1), its checks, and stage claims."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from exmap_ray.errors import UserError
+from exmap_ray.storage import Loc, check_root
+from exmap_ray.store import StageCache, load_npy, read_json, save_npy, write_json
+
+from .cluster.local_cluster import BIN, free_port, wait_port
+
+pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[dev]')")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on the loopback, with one bucket; yields a URI maker."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true")
+    try:
+        wait_port(port, 60, "moto server", proc)
+        from pyarrow import fs as pafs
+
+        pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
+                          endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True).create_dir("bkt")
+        yield lambda prefix, bucket="bkt": (f"s3://{bucket}/{prefix}?endpoint_override=127.0.0.1:{port}"
+                                            f"&scheme=http&region=us-east-1")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_loc_reads_and_writes_the_same_on_disk_and_on_s3(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXMAP_RAY_NODE_CACHE", str(tmp_path / "node-cache"))
+    for root in (Loc.parse(tmp_path / "local"), Loc.parse(s3("loc"))):
+        assert Loc.parse(str(root)) == root  # the string form is what tasks and actors receive
+        write_json(root / "a" / "x.json", {"v": 1})
+        save_npy(root / "a" / "m.npy", np.arange(6.0).reshape(2, 3))
+        assert read_json(root / "a" / "x.json") == {"v": 1}
+        np.testing.assert_array_equal(load_npy(root / "a" / "m.npy", mmap=True), np.arange(6.0).reshape(2, 3))
+        assert sorted(p.name for p in root.glob("*/*.json")) == ["x.json"]
+        assert (root / "a").is_dir() and (root / "a" / "x.json").is_file() and not (root / "b").exists()
+        (root / "a").rmtree()
+        assert not (root / "a" / "x.json").exists()
+    # remote files are read through the node-local derived cache, never written next to the driver
+    assert any((tmp_path / "node-cache").rglob("m.npy"))
+    with pytest.raises(TypeError, match="not a local file"):
+        open(Loc.parse(s3("loc")) / "y")  # a remote location handed to open() fails loudly
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("foo://bucket/x", "storage URI 'foo://bucket/x' cannot be used"),
+    ("/proc/x/y", "'/proc/x/y' cannot be written"),
+])
+def test_unusable_local_or_unknown_roots_are_refused(bad, says):
+    with pytest.raises(UserError, match=says.replace("(", r"\(")):
+        check_root(bad)
+
+
+def test_unusable_s3_roots_are_refused_in_seconds_naming_them(s3):
+    with pytest.raises(UserError, match="the bucket does not exist"):
+        check_root(s3("x", bucket="no-such-bucket"))
+    dead = f"s3://bkt/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http&region=us-east-1"
+    with pytest.raises(UserError, match="endpoint does not answer|no answer from the storage endpoint"):
+        check_root(dead)
+    secret = s3("x", bucket="no-such-bucket") + "&access_key=AKIAXX&secret_key=SECRETXX"
+    with pytest.raises(UserError) as e:
+        check_root(secret)
+    assert "SECRETXX" not in str(e.value) and "secret_key=***" in str(e.value)  # no credential in messages
+
+
+def test_cli_refuses_bad_out_and_dead_ray_address_before_any_work(s3, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cases = [
+        (["--out", "/proc/x/y"], "'/proc/x/y' cannot be written"),
+        (["--out", "foo://bucket/x"], "storage URI 'foo://bucket/x' cannot be used"),
+        (["--out", s3("x", bucket="no-such-bucket")], "the bucket does not exist"),
+        (["--out", s3("x")], "needs a tracking server that every node can reach"),
+        (["--out", str(tmp_path / "o"), "--address", f"127.0.0.1:{free_port()}"], "does not answer"),
+    ]
+    for args, says in cases:
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "exmap_ray.cli", "run", "--quiet", *args], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert time.monotonic() - t0 < 60, args  # bounded, not a hang (the real bound is a few seconds)
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def _claimant(root: str, marker_root: str, i: int) -> str:
+    """A Ray task that needs the same stage as its siblings: at most one may compute it."""
+    from exmap_ray.store import StageCache as _SC
+
+    cache = _SC(root)
+    st = cache.stage("heatmaps", {"m": "lrp"})
+
+    def compute(d):
+        (Loc.parse(marker_root) / f"computed-{i}").write_text("x")
+        time.sleep(1.0)  # long enough for the others to arrive while this one holds the claim
+        (d / "shard-00000.npy").write_text("data")
+        return {"by": i}
+
+    return cache.run(st, compute)["by"]
+
+
+def test_concurrent_claimants_on_s3_compute_a_stage_once(s3, ray_local):
+    root, markers = s3("claims/cache"), s3("claims/markers")
+    task = ray_local.remote(_claimant).options(num_cpus=0.25)
+    winners = ray_local.get([task.remote(root, markers, i) for i in range(4)])
+    assert len(set(winners)) == 1  # every claimant got the one result
+    assert len(list(Loc.parse(markers).iterdir())) == 1
+    events = sorted(r["event"] for r in StageCache(root).records())
+    assert events == ["computed", "reused", "reused", "reused"]
+
+
+def _dies_holding_claim(root: str) -> None:
+    from exmap_ray.store import StageCache as _SC
+
+    cache = _SC(root)
+
+    def compute(d):
+        (d / "partial.npy").write_text("half")
+        os._exit(1)  # the process dies mid-stage, holding the claim
+
+    cache.run(cache.stage("clusters", {"k": 2}), compute)
+
+
+def test_a_dead_holders_claim_is_taken_over_and_its_partial_output_cleared(s3, ray_local):
+    root = s3("takeover/cache")
+    lease = {"env_vars": {"EXMAP_RAY_CLAIM_LEASE_S": "2"}}  # the holder's lease (60 s by default)
+    ref = ray_local.remote(_dies_holding_claim).options(num_cpus=0.25, max_retries=0, runtime_env=lease).remote(root)
+    with pytest.raises(Exception):
+        ray_local.get(ref)
+    cache = StageCache(root)
+    st = cache.stage("clusters", {"k": 2})
+    assert (st.dir / "partial.npy").exists() and not st.done
+    info = cache.run(st, lambda d: {"ok": True})  # waits out the dead holder's lease, then computes
+    assert info["ok"] and st.done and not (st.dir / "partial.npy").exists()
+    assert [r["event"] for r in cache.records()] == ["computed"]
