@@ -1,0 +1,255 @@
+"""Throughput of heatmaps, ERM and k-means as ratios to bounds measured in the same run.
+
+    .venv/bin/python benchmarks/gpu.py                 # a GPU: ResNet-50 at 224 px, bf16, channels_last (< 8 min)
+    nice -n 10 .venv/bin/python benchmarks/gpu.py --cpu   # this CPU: a small VGG-style CNN at 32 px, fp32
+
+Sections, each a measured figure against a bound taken on the same model, batch and precision:
+- heatmaps: LRP (alpha2beta1, gamma) and the gradient methods against one forward plus a backward
+  pass to the input (no rules, no weight gradients): what any gradient heatmap costs at least.
+  Also LRP under bf16 autocast against fp32 maps (per-image cosine, relevance totals);
+- ERM: images/s of an epoch inside Ray Train (`exmap_ray.erm.train_erm`, epochs after the first)
+  against a bare training-step loop of the same model, batch, optimizer and precision on batches
+  already in memory; Ray Train's fixed start-up (wall time minus the epochs) is reported apart;
+- k-means: `exmap_ray.clustering.kmeans` (FAISS; GPU where its GPU build is installed) against
+  memory bandwidth: every Lloyd iteration reads all points once, so niter * N * d * 4 bytes at the
+  copy bandwidth measured here (plus one host-to-device copy of the points on a GPU).
+Figures are printed, never asserted. Every timed figure is the median of --repeats rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.lrp_speed import small_vgg  # noqa: E402
+
+GPU = {"model": "resnet50", "size": 224, "batch": 128, "precision": "bf16", "channels_last": True,
+       "erm_backbone": "resnet50", "erm_images": 4096, "erm_epochs": 3, "kmeans_n": 1_000_000, "kmeans_d": 784}
+CPU = {"model": "small_vgg", "size": 32, "batch": 128, "precision": "fp32", "channels_last": False,
+       "erm_backbone": "resnet10t", "erm_images": 2048, "erm_epochs": 3, "kmeans_n": 200_000, "kmeans_d": 147}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` calls after one warm-up call."""
+    fn()
+    sync(device)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def build_model(name: str, n_classes: int, device, channels_last: bool):
+    import timm
+
+    torch.manual_seed(0)
+    m = small_vgg(n_classes) if name == "small_vgg" else timm.create_model(name, num_classes=n_classes)
+    m = m.eval().to(device)
+    return m.to(memory_format=torch.channels_last) if channels_last else m
+
+
+# ----------------------------------------------------------------------------- heatmaps
+
+
+def bench_heatmaps(cfg, device, repeats: int) -> None:
+    from exmap_ray.heatmaps import HEATMAP_METHODS
+    from exmap_ray.models import autocast
+    from exmap_ray.spec import HeatmapSpec
+
+    model = build_model(cfg["model"], 10, device, cfg["channels_last"])
+    x = torch.randn(cfg["batch"], 3, cfg["size"], cfg["size"], device=device)
+    if cfg["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bare = build_model(cfg["model"], 10, device, cfg["channels_last"]).requires_grad_(False)
+
+    def bound():  # forward + backward to the input: the floor of every gradient heatmap
+        xi = x.detach().requires_grad_(True)
+        with autocast(device.type, cfg["precision"]):
+            logits = bare(xi)
+        torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), xi)
+
+    t_bound = timed(bound, device, repeats)
+    print(f"\nheatmaps: {cfg['model']} at {cfg['size']} px, batch {cfg['batch']}, {cfg['precision']}"
+          f"{', channels_last' if cfg['channels_last'] else ''}")
+    print(f"  {'pass':<34} {'img/s':>8} {'of the bound':>13}")
+    print(f"  {'forward+backward to input (bound)':<34} {cfg['batch'] / t_bound:>8.0f} {1:>13.0%}")
+    rows = [("input_x_gradient", "input_x_gradient", {}), ("gradcam", "gradcam", {}),
+            ("lrp alpha2beta1", "lrp", {}), ("lrp gamma", "lrp", {"conv_rule": "gamma"})]
+    for label, name, keys in rows:
+        if name == "gradcam" and not hasattr(model, "forward_features"):
+            continue  # Grad-CAM needs timm's forward_features / forward_head split
+        fn = HEATMAP_METHODS.get(name)(model, HeatmapSpec(precision=cfg["precision"], **keys))
+        t = timed(lambda: fn(x), device, repeats)
+        print(f"  {label:<34} {cfg['batch'] / t:>8.0f} {t_bound / t:>13.0%}")
+    lrp_bf16_agreement(device)
+
+
+def lrp_bf16_agreement(device) -> None:
+    """LRP maps under bf16 autocast against fp32 maps, on small nets with non-trivial BatchNorm."""
+    import timm
+
+    from exmap_ray.heatmaps.lrp import LRP
+    from exmap_ray.spec import HeatmapSpec
+
+    print("  LRP bf16 autocast vs fp32 (divisions and relevance in fp32), 16 signed 64 px images:")
+    for backbone in ("test_resnet", "resnet10t", "resnet18"):
+        torch.manual_seed(0)
+        m = timm.create_model(backbone, num_classes=2).eval()
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.data.uniform_(0.5, 1.5)  # timm zero-initialises the last BN of each block
+        m = m.to(device)
+        x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(device)
+        for rule in ("alpha_beta", "gamma"):
+            full, p32 = LRP(m, HeatmapSpec(conv_rule=rule, precision="fp32"))(x)
+            half, p16 = LRP(m, HeatmapSpec(conv_rule=rule, precision="bf16"))(x)
+            same = p32 == p16
+            cos = F.cosine_similarity(half.flatten(1), full.flatten(1), dim=1)[same]
+            tot32, tot16 = full.flatten(1).sum(1)[same], half.flatten(1).sum(1)[same]
+            print(f"    {backbone:<12} {rule:<10} cosine min {cos.min():.4f} mean {cos.mean():.4f}; "
+                  f"relevance total fp32 {tot32.mean():.4f}, bf16 {tot16.mean():.4f} "
+                  f"(max |diff| {(tot16 - tot32).abs().max():.4f}); same prediction {int(same.sum())}/16")
+
+
+# ----------------------------------------------------------------------------- ERM
+
+
+def bench_erm(cfg, device, repeats: int) -> None:
+    import ray
+
+    from exmap_ray.erm import make_optimizer, train_erm
+    from exmap_ray.models import autocast, create_model
+    from exmap_ray.spec import from_dict
+
+    size = cfg["size"] if device.type == "cuda" else None  # cmnist's own 28 px on the CPU
+    spec = from_dict({"dataset": {"name": "cmnist", "n_train": cfg["erm_images"], "n_val": 512, "n_test": 256,
+                                  "image_size": size},
+                      "model": {"backbone": cfg["erm_backbone"]},
+                      "erm": {"epochs": cfg["erm_epochs"], "batch_size": cfg["batch"], "precision": cfg["precision"],
+                              "channels_last": cfg["channels_last"]},
+                      "resources": {"gpu": device.type == "cuda"}})
+    e = spec.erm
+    threads = torch.get_num_threads()
+    model = create_model(e and spec.model.backbone, 2).to(device).train()
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model.parameters(), e)
+    side = size or 28
+    x = torch.randn(cfg["batch"], 3, side, side, device=device)
+    if cfg["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (cfg["batch"],), device=device)
+
+    def step():
+        with autocast(device.type, cfg["precision"]):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t_step = timed(lambda: [step() for _ in range(5)], device, repeats) / 5
+    bare = cfg["batch"] / t_step
+
+    from exmap_ray.cli import local_ray_defaults
+
+    local_ray_defaults()
+    ray.init(num_cpus=None if device.type == "cuda" else threads, logging_level=logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            info = train_erm(spec, Path(d), 2)
+            wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    hist = info["history"]
+    epoch_s = [cfg["erm_images"] / h["images_per_s"] for h in hist]
+    later = statistics.median(h["images_per_s"] for h in hist[1:]) if len(hist) > 1 else hist[0]["images_per_s"]
+    print(f"\nERM: {cfg['erm_backbone']} at {side} px, batch {cfg['batch']}, {cfg['precision']}"
+          f"{', channels_last' if cfg['channels_last'] else ''}, {cfg['erm_images']} images x {len(hist)} epochs")
+    print(f"  bare training step (batches in memory)    {bare:>8.0f} img/s  100%")
+    print(f"  Ray Train epoch (median after the first)  {later:>8.0f} img/s  {later / bare:>4.0%}")
+    print(f"  Ray Train fixed start-up: {wall - sum(epoch_s):.1f} s of a {wall:.1f} s fit "
+          f"(epochs {', '.join(f'{t:.1f}' for t in epoch_s)} s, validation and checkpoints included in the rest)")
+
+
+# ----------------------------------------------------------------------------- k-means
+
+
+def bench_kmeans(cfg, device, repeats: int) -> None:
+    from exmap_ray.clustering import kmeans
+
+    n, d, k, niter = cfg["kmeans_n"], cfg["kmeans_d"], 8, 25
+    rng = np.random.default_rng(0)
+    X = (rng.normal(0, 4, (k, d)).astype(np.float32)[rng.integers(0, k, n)]
+         + rng.standard_normal((n, d), dtype=np.float32))
+    nbytes = X.nbytes
+    if device.type == "cuda":
+        big = torch.empty(nbytes // 4, device=device)
+        t_copy = timed(lambda: big.clone(), device, repeats)
+        bw = 2 * nbytes / t_copy  # a copy reads and writes
+        host = torch.from_numpy(X).pin_memory()
+        t_h2d = timed(lambda: host.to(device, non_blocking=True), device, repeats)
+        bound = niter * nbytes / bw + t_h2d
+        where = f"device copy {bw / 1e9:.0f} GB/s, host-to-device {nbytes / t_h2d / 1e9:.0f} GB/s"
+        del big, host
+    else:
+        buf = np.empty_like(X)
+        t_copy = timed(lambda: np.copyto(buf, X), device, repeats)
+        bw = 2 * nbytes / t_copy
+        bound = niter * nbytes / bw
+        where = f"memory copy {bw / 1e9:.1f} GB/s"
+        del buf
+    t = timed(lambda: kmeans(X, k, niter=niter, nredo=1, seed=0), torch.device("cpu"), max(1, repeats // 2))
+    print(f"\nk-means: {n:,} x {d} fp32, k={k}, {niter} iterations, 1 restart ({where})")
+    print(f"  bandwidth bound {bound:.2f} s; exmap_ray.clustering.kmeans {t:.2f} s: {bound / t:.0%} of the bound")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="the CPU settings (also the default without CUDA)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (--cpu)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", nargs="*", choices=["heatmaps", "erm", "kmeans"], default=["heatmaps", "erm", "kmeans"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override a setting, e.g. --set kmeans_n=100000 erm_images=1024 batch=64")
+    args = ap.parse_args()
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if on_gpu else "cpu")
+    cfg = dict(GPU if on_gpu else CPU)
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        cfg[key] = type(cfg[key])(value) if not isinstance(cfg[key], bool) else value.lower() == "true"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+        print(f"device: {torch.cuda.get_device_name()}")
+    else:
+        torch.set_num_threads(args.threads)
+        print(f"device: CPU, {args.threads} thread(s)")
+    t0 = time.perf_counter()
+    for section in args.only:
+        {"heatmaps": bench_heatmaps, "erm": bench_erm, "kmeans": bench_kmeans}[section](cfg, device, args.repeats)
+    print(f"\n(total {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
