@@ -264,6 +264,13 @@ def redact(uri: str) -> str:
     return base + "?" + "&".join(parts)
 
 
+def _s3_credentials_given(loc: Loc) -> bool:
+    """Whether any S3 credential source other than an instance profile is visible to this process."""
+    if "access_key=" in loc.query or os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
+        return True
+    return (Path.home() / ".aws" / "credentials").is_file() or bool(os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"))
+
+
 def as_loc(where) -> Loc:
     return Loc.parse(where)
 
@@ -316,9 +323,12 @@ def check_root(where: str | os.PathLike, what: str = "--out", timeout: float = P
         low = msg.lower()
         if "nosuchbucket" in low.replace(" ", "") or "bucket does not exist" in low or "no such bucket" in low:
             hint = f"the bucket does not exist; create it (aws s3 mb {loc.scheme}://{loc.path.split('/')[0]})"
-        elif any(w in low for w in ("access denied", "accessdenied", "forbidden", "credential", "signature",
-                                    "invalidaccesskeyid", "403")):
-            hint = "the credentials are missing or may not write there; check the instance profile or AWS_* variables"
+        elif any(w in low for w in ("access denied", "accessdenied", "access_denied", "forbidden", "credential",
+                                    "signature", "invalidaccesskeyid", "invalid_access_key", "403")):
+            hint = "the credentials are refused or may not write there; check the instance profile or AWS_* variables"
+        elif loc.scheme == "s3" and not _s3_credentials_given(loc):
+            hint = ("no S3 credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                    "or run on a node with an instance profile")
         elif any(w in low for w in ("connect", "resolve", "curl", "network", "refused", "timed out")):
             hint = "the endpoint does not answer; check endpoint_override/scheme and the network"
         else:

@@ -83,6 +83,28 @@ def test_unusable_s3_roots_are_refused_in_seconds_naming_them(s3):
     assert "SECRETXX" not in str(e.value) and "secret_key=***" in str(e.value)  # no credential in messages
 
 
+def test_refused_or_missing_s3_credentials_are_named(tmp_path):
+    """moto with authentication on (INITIAL_NO_AUTH_ACTION_COUNT=0): unknown keys are refused."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, 60, "moto server", proc)
+        uri = f"s3://bkt/x?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        probe = [sys.executable, "-c", "import sys; from exmap_ray.storage import check_root; check_root(sys.argv[1])",
+                 uri]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        for env, says in (({"AWS_ACCESS_KEY_ID": "nobody", "AWS_SECRET_ACCESS_KEY": "x"}, "credentials are refused"),
+                          ({"HOME": str(tmp_path)}, "no S3 credentials were found")):
+            r = subprocess.run(probe, env={**base, "AWS_EC2_METADATA_DISABLED": "true", **env}, capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode != 0 and says in r.stderr, r.stderr[-1500:]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_cli_refuses_bad_out_and_dead_ray_address_before_any_work(s3, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     cases = [
