@@ -87,16 +87,25 @@ def _stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
 # Every division happens here, in fp32.
 
 
+def _pair_sign(device) -> torch.Tensor:
+    """[+1, -1] along the pair axis, made once per device (a copy per layer and batch would sync a GPU)."""
+    if device not in _PAIR_SIGN:
+        _PAIR_SIGN[device] = torch.tensor([1.0, -1.0], device=device).view(1, 1, 2, 1, 1, 1)
+    return _PAIR_SIGN[device]
+
+
+_PAIR_SIGN: dict = {}
+
+
 class AlphaBeta:
     """alpha * (share of P) - beta * (share of N): zennit's AlphaBeta."""
 
     def __init__(self, alpha: float, beta: float, eps: float):
         self.alpha, self.beta, self.eps = alpha, beta, eps
-        self._sign = torch.tensor([1.0, -1.0]).view(1, 1, 2, 1, 1, 1)
 
     def coefficients(self, Rs, Zs):
         # P >= 0 and N <= 0 always, so each is stabilised away from 0 by its own sign (N = 0 carries nothing)
-        return Rs / (Zs + self.eps * self._sign.to(Zs.device))
+        return Rs / (Zs + self.eps * _pair_sign(Zs.device))
 
     def weights(self, a, b):
         return self.alpha * a, -self.beta * b
@@ -112,10 +121,9 @@ class Gamma:
 
     def __init__(self, gamma: float, eps: float):
         self.gamma, self.eps = gamma, eps
-        self._sign = torch.tensor([1.0, -1.0]).view(1, 1, 2, 1, 1, 1)
 
     def coefficients(self, Rs, Zs):
-        sign = self._sign.to(Zs.device)
+        sign = _pair_sign(Zs.device)
         z = Zs.sum(2, keepdim=True)
         S = Rs / (z + self.gamma * Zs + self.eps * sign)  # [R / (z + gamma P), R / (z + gamma N)]
         return torch.where(z * sign > 0, S, 0.0)  # the first where z > 0, the second where z < 0
@@ -289,7 +297,7 @@ class LRP:
         with autocast(x.device.type, self.precision):
             logits = self.net(x)
         pred = logits.argmax(1)
-        seed = F.one_hot(pred, logits.shape[1]).to(logits.dtype)
+        seed = torch.zeros_like(logits).scatter_(1, pred[:, None], 1.0)  # one-hot; no range check (a GPU sync)
         (rel,) = torch.autograd.grad(logits, x, seed)
         return rel.detach(), pred.detach()
 
