@@ -218,3 +218,20 @@ def test_sweep_summary_scores_every_trial_as_before(tmp_path):
                                                                 [s["pseudo_groups"] for s in saved])
         assert r[SWEEP_METRIC] == r["selection_metric"] == score
         assert r["selection_se"] == score_se(score, halves, sizes, "binomial")
+
+
+def test_joint_restarts_match_faiss_kmeans(monkeypatch):
+    """From SCALE_MIN_N rows k-means runs its restarts together; same clusters and inertia as FAISS's."""
+    rng = np.random.default_rng(3)
+    X = np.concatenate([rng.normal(c, 1.0, (n, 12)) for c, n in ((0, 3000), (4, 2000), (-4, 60))]).astype(np.float32)
+
+    def inertia(labels):
+        return sum(float(((X[labels == j] - X[labels == j].mean(0)) ** 2).sum()) for j in np.unique(labels))
+    monkeypatch.setattr(clustering, "SCALE_MIN_N", 1 << 62)
+    ref = clustering.kmeans(X, 3, niter=25, nredo=3, seed=0)
+    monkeypatch.setattr(clustering, "SCALE_MIN_N", 2)
+    joint = clustering.kmeans(X, 3, niter=25, nredo=3, seed=0)
+    assert adjusted_rand_score(ref, joint) == pytest.approx(1.0)
+    assert inertia(joint) <= inertia(ref) * (1 + 1e-4)
+    single = clustering.kmeans_joint(X, [X[:3].copy()], niter=2)  # one restart, fewer iterations than JOINT_ITERS
+    assert single.dtype == np.int64 and set(np.unique(single)) <= {0, 1, 2}
