@@ -125,7 +125,7 @@ class RayClaims:
         node = ray.get_runtime_context().get_node_id()
         self.actor = ray.remote(ClaimTable).options(
             name=self.name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-            max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote()
+            max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
 
     @contextlib.contextmanager
     def hold(self, stage) -> Iterator[None]:

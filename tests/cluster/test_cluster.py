@@ -124,7 +124,7 @@ def test_sweep_survives_losing_a_node(single_node, cluster):
                    f"--tracking-uri {c.tracking_uri}", wait=False)
     assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
     job = c.job_id(sub)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # kill a worker node once trials are running
         started = [p for p in s3_list(c, "sweep/trials") if p.endswith("spec.resolved.json")]
         if started:
@@ -132,10 +132,10 @@ def test_sweep_survives_losing_a_node(single_node, cluster):
         assert c.job_status(job) in ("PENDING", "RUNNING"), c.job_logs(job)[-4000:]
         time.sleep(1)
     else:
-        pytest.fail("no trial started within 240 s:\n" + c.job_logs(job)[-4000:])
+        pytest.fail("no trial started within 600 s:\n" + c.job_logs(job)[-4000:])
     killed = c.raylet_pid(1)
     os.kill(killed, signal.SIGKILL)
-    state = c.wait_job(job, 420)
+    state = c.wait_job(job, 900)  # bounds a hang; a quiet 2-core machine needs a fraction of it
     logs = c.job_logs(job)
     assert state == "SUCCEEDED", logs[-5000:]
     summary = json.loads(s3_read(c, "sweep/summary.json"))
