@@ -288,11 +288,11 @@ def check_root(where: str | os.PathLike, what: str = "--out", timeout: float = P
         parent = next((q for q in (p, *p.parents) if q.exists()), None)
         if parent is not None and not parent.is_dir():
             raise UserError(f"{what} '{shown}': '{parent}' is a file, not a folder; pick another path")
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-            probe = p / f".exmap-ray-probe-{uuid.uuid4().hex[:8]}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+        try:  # probe the deepest folder that exists: a bad run leaves no folder of its own behind
+            import tempfile
+
+            with tempfile.TemporaryFile(dir=parent or Path.cwd(), prefix=".exmap-ray-probe-"):
+                pass
         except OSError as e:
             raise UserError(f"{what} '{shown}' cannot be written ({e.strerror or e}); pick a folder you can "
                             f"write, or a storage URI such as s3://BUCKET/PREFIX") from None
