@@ -60,7 +60,7 @@ def main() -> None:
         c.start()
         up = time.perf_counter() - t0
         t0 = time.perf_counter()
-        r = c.submit(f"python -m exmap_ray.cli run {args.spec} --quiet --out '{c.s3_uri('run')}' "
+        r = c.submit(f"exmap-ray run {args.spec} --quiet --out '{c.s3_uri('run')}' "
                      f"--cache '{c.s3_uri('cache')}' --tracking-uri {c.tracking_uri} --set resources.worker_cpus=1")
         wall = time.perf_counter() - t0
         if r.returncode:

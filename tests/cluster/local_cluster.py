@@ -148,8 +148,8 @@ class LocalCluster:
                           self.env(MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}"))
         for i in range(self.n_workers):
             self.start_worker(i)
-        wait_port(self.mlflow_port, 120, "mlflow server", mlf)
-        self.wait_nodes(self.n_workers + 1, 120)
+        wait_port(self.mlflow_port, 300, "mlflow server", mlf)  # about 10 s on a quiet machine
+        self.wait_nodes(self.n_workers + 1, 300)  # seconds on a quiet machine; bounds a hang
         return self
 
     def start_worker(self, i: int) -> None:

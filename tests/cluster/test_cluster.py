@@ -88,7 +88,7 @@ def assert_same_results(got: dict, want: dict) -> None:
 
 def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, cluster):
     c = cluster
-    r = c.submit(f"python -m exmap_ray.cli run {SPEC} --out '{c.s3_uri('run')}' --cache '{c.s3_uri('cache')}' "
+    r = c.submit(f"exmap-ray run {SPEC} --out '{c.s3_uri('run')}' --cache '{c.s3_uri('cache')}' "
                  f"--tracking-uri {c.tracking_uri}")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     got = json.loads(s3_read(c, "run/results.json"))
@@ -120,7 +120,7 @@ def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, clu
 
 def test_sweep_survives_losing_a_node(single_node, cluster):
     c = cluster
-    sub = c.submit(f"python -m exmap_ray.cli tune {SWEEP} --out '{c.s3_uri('sweep')}' --cache '{c.s3_uri('cache')}' "
+    sub = c.submit(f"exmap-ray tune {SWEEP} --out '{c.s3_uri('sweep')}' --cache '{c.s3_uri('cache')}' "
                    f"--tracking-uri {c.tracking_uri}", wait=False)
     assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
     job = c.job_id(sub)
