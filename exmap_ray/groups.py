@@ -88,8 +88,10 @@ def exmap_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """ExMap: cluster the heatmaps with `clustering.*` (scope, method, k); group = class x cluster."""
     if getattr(ctx.clustering, "input", "heatmaps") == "features":
         return pseudo_groups(ctx.val_features, ctx.y_val, ctx.clustering, ctx.seed, what="features")
-    H = np.asarray(ctx.heatmaps)
-    return pseudo_groups(H.reshape(len(H), -1), ctx.y_val, ctx.clustering, ctx.seed)
+    H = ctx.heatmaps  # an array, a memmap or a list of memory-mapped shards (millions): never stacked here
+    if isinstance(H, np.ndarray):
+        H = H.reshape(len(H), -1)  # a view, for a memmap too
+    return pseudo_groups(H, ctx.y_val, ctx.clustering, ctx.seed)
 
 
 @source("features", needs=("val_features",))

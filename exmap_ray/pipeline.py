@@ -99,7 +99,9 @@ def clusters_task(spec_dict: dict, hm_uri: str, feats_uri: str, out_uri: str, y_
 
     spec = from_dict(spec_dict)
     hm, feats = Loc.parse(hm_uri), Loc.parse(feats_uri)
-    H = HeatmapStore(hm).load()
+    from .clustering_scale import SCALE_MIN_N
+
+    H = HeatmapStore(hm).for_clustering(whole_below=SCALE_MIN_N)  # millions: shards, memory-mapped
     if spec.groups.source == "exmap" and spec.clustering.input == "heatmaps":
         try:
             check_heatmaps(H)
@@ -313,8 +315,7 @@ def make_figures(data: GroupData, s: dict, results: dict, out: Path, spec: Spec)
             "oracle DFR": results["oracle_dfr"]["test"]["per_group"]}
     plots.group_accuracy_bars(rows, out / "group_accuracy.png", f"{spec.name}: per-group test accuracy")
     pseudo = s["pseudo"]
-    store = HeatmapStore(s["stages"]["heatmaps"].dir)  # remote shards: read through the node-local cache
-    H = store.load()
+    H = HeatmapStore(s["stages"]["heatmaps"].dir)  # read per heatmap shown (remote: via the node-local cache)
     pairs = s["cluster_info"].get("group_class_cluster")
     captions = []
     for g in range(int(pseudo.max()) + 1):

@@ -76,6 +76,18 @@ class HeatmapStore:
         for s in self.index["shards"]:
             yield load_npy(self.dir / s["file"], mmap=True)
 
+    def __getitem__(self, i: int) -> np.ndarray:
+        """One heatmap by its val index, read from its (memory-mapped) shard: plots need a few, not all."""
+        for s in self.index["shards"]:
+            if s["start"] <= i < s["stop"]:
+                return np.asarray(load_npy(self.dir / s["file"], mmap=True)[i - s["start"]])
+        raise IndexError(f"heatmap {i} is not in this store ({len(self)} heatmaps)")
+
+    def for_clustering(self, whole_below: int):
+        """What the clusterer reads: one array below `whole_below` heatmaps (the exact path, unchanged),
+        else the memory-mapped shards themselves, which the scalable path streams without a copy."""
+        return self.load() if len(self) < whole_below else list(self.shards())
+
     def load(self) -> np.ndarray:
         return np.concatenate([np.asarray(a) for a in self.shards()]) if self.index["shards"] else np.zeros(self.shape, np.float32)
 

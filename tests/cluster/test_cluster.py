@@ -39,15 +39,18 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_node(ray_local, tmp_path_factory):
-    """The same spec and seed on one node (this process's local Ray, a local folder). Run before the
-    cluster starts: Ray Train's helpers look for *the* local Ray and refuse when they find two."""
-    from exmap_ray.pipeline import run_pipeline
-    from exmap_ray.spec import load_spec
+def single_node(tiny_run):
+    """The same spec and seed on one node: the session's tiny run (tests/cluster/tiny.yaml is that spec).
+    Requested before the cluster starts: Ray Train's helpers look for *the* local Ray and refuse two."""
+    from exmap_ray.spec import from_dict, load_spec
 
-    out = tmp_path_factory.mktemp("single_node")
-    results = run_pipeline(load_spec(REPO / SPEC), out)
-    return out, results
+    from ..conftest import tiny_spec_dict
+
+    mine, theirs = load_spec(REPO / SPEC).to_dict(), from_dict(tiny_spec_dict()).to_dict()
+    for section in ("seed", "dataset", "model", "erm", "heatmaps", "clustering", "dfr", "groups", "retrain"):
+        assert mine[section] == theirs[section], f"tests/cluster/tiny.yaml differs from the tiny spec in {section}"
+    assert mine["resources"]["worker_cpus"] == theirs["resources"]["worker_cpus"]
+    return tiny_run
 
 
 def s3fs(c: LocalCluster):
