@@ -263,6 +263,8 @@ def _check_resume(spec, out) -> None:
     if not saved.is_file():
         raise UserError(f"--resume: no run to resume in '{out}' (no {saved.name}); drop --resume to start one")
     old, new = flatten(read_json(saved)), flatten(spec.to_dict())
+    if new.get("resources.gpu") == "auto":  # the saved spec holds what auto resolved to; it resolves again
+        new["resources.gpu"] = old.get("resources.gpu")
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
         raise UserError(f"--resume: '{out}' holds a run of another spec (it differs in {', '.join(differ[:8])}); "

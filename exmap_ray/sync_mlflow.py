@@ -19,7 +19,7 @@ from pathlib import Path
 from . import tracking
 from .errors import UserError
 from .spec import flatten
-from .storage import Loc
+from .storage import Loc, redact
 from .store import write_json
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, expe
             log.info("sync-mlflow: run %s is not on %s; logging to a new run %s", run_id, uri, active.info.run_id)
     rid = active.info.run_id
     try:
-        mlflow.set_tags({"exmap_ray.synced_from": str(out.resolve()),
+        mlflow.set_tags({"exmap_ray.synced_from": redact(str(out)),
                          "exmap_ray.sync_reason": f"MLflow failed mid-run: {pending.get('failed', {}).get('call')}"})
         params = {k: v for k, v in flatten(spec).items() if k not in have_params}
         tracking.log_flat_params(params)
@@ -202,7 +202,7 @@ def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
             try:
                 have_params = dict(existing.data.params) if existing else {}
                 have_metrics = set(existing.data.metrics) if existing else set()
-                mlflow.set_tags({"exmap_ray.synced_from": str(out.resolve())})
+                mlflow.set_tags({"exmap_ray.synced_from": redact(str(out))})
                 params = {k: v for k, v in flatten(spec).items() if k not in have_params and k != "search.space"}
                 tracking.log_flat_params(params)
                 metrics = {k: v for k, v in sweep_metrics(summary).items() if k not in have_metrics}

@@ -138,6 +138,10 @@ class HeatmapWorker:
         self.out = Loc.parse(out_uri)
         data = build_dataset(spec.dataset, spec.seed)
         self.images = data.val.images
+        from ..data.base import loader_options
+
+        # DataLoader workers and pinned memory from the spec; not persistent: a shard is one short pass
+        self.loader_kwargs = loader_options(spec.dataset, persistent=False)
         self.device = "cuda" if spec.resources.gpu is True else "cpu"
         model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri)).to(self.device)
         self.method = HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec)
@@ -147,7 +151,7 @@ class HeatmapWorker:
 
     def run(self, shard_id: int, start: int, stop: int) -> dict:
         maps, preds = extract(self.method, Subset(self.images, range(start, stop)), self.hspec.batch_size,
-                              self.hspec.downsize, self.device)
+                              self.hspec.downsize, self.device, loader_kwargs=self.loader_kwargs)
         return write_shard(self.out, shard_id, start, stop, maps, preds)
 
 
