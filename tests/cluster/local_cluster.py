@@ -214,10 +214,11 @@ class LocalCluster:
 
     def job_status(self, job_id: str) -> str:
         out = self.ray_cli("job", "status", f"--address={self.dashboard}", job_id, timeout=60, check=False)
-        text = out.stdout + out.stderr
-        for state in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if f"{state}" in text:
-                return state
+        text = (out.stdout + out.stderr).lower()
+        for state in ("succeeded", "failed", "stopped", "running", "pending"):
+            # Ray's CLI: "Job '…' succeeded" / "… failed" / "… was stopped" / "Status for job '…': RUNNING"
+            if f"' {state}" in text or f"' was {state}" in text or f"': {state}" in text:
+                return state.upper()
         return "UNKNOWN"
 
     def wait_job(self, job_id: str, timeout: float) -> str:
