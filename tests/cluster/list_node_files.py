@@ -24,7 +24,8 @@ def written_here(hide: str, repo_files: set) -> list:
         if "working_dir_files" in parts:  # a copy of the job's working dir: only the repository's files
             i = parts.index("working_dir_files")
             inner = parts[i + 2:] if len(parts) > i + 1 else ()
-            found += [str(rel / f) for f in filenames if "/".join((*inner, f)) not in repo_files]
+            found += [str(rel / f) for f in filenames if "/".join((*inner, f)) not in repo_files
+                      and "__pycache__" not in parts]  # Python's bytecode cache: derived, rebuilt anywhere
             continue
         if len(parts) >= 2 and parts[0].startswith("exmap-node-") and parts[1] == "ray":
             continue  # Ray's own temp folder (logs, sockets, runtime envs)
