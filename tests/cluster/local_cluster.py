@@ -104,9 +104,7 @@ class LocalCluster:
                  AWS_EC2_METADATA_DISABLED="true", RAY_USAGE_STATS_ENABLED="0", TQDM_DISABLE="1",
                  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
                  MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", PYTHONUNBUFFERED="1")
-        # every process of this cluster knows its GCS: Ray's own helpers (Ray Train's placement-group cleaner)
-        # otherwise look for *the* Ray on the machine, and here there are several
-        e["RAY_ADDRESS"] = self.address
+        e.pop("RAY_ADDRESS", None)  # set for the nodes, the raylets fail to start (Ray 2.60)
         e.update(extra)
         return e
 
