@@ -230,16 +230,6 @@ class Loc:
         yield buf
         self.write_bytes(buf.getvalue())
 
-    def upload(self, local: Path) -> None:
-        """Copy a local file or folder's contents to this location."""
-        local = Path(local)
-        if local.is_dir():
-            for p in sorted(local.rglob("*")):
-                if p.is_file():
-                    (self / p.relative_to(local).as_posix()).write_bytes(p.read_bytes())
-        else:
-            self.write_bytes(local.read_bytes())
-
     def unlink(self, missing_ok: bool = True) -> None:
         try:
             self.fs.delete_file(self.path)
@@ -269,10 +259,6 @@ def _s3_credentials_given(loc: Loc) -> bool:
     if "access_key=" in loc.query or os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
         return True
     return (Path.home() / ".aws" / "credentials").is_file() or bool(os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"))
-
-
-def as_loc(where) -> Loc:
-    return Loc.parse(where)
 
 
 def check_root(where: str | os.PathLike, what: str = "--out", timeout: float = PROBE_TIMEOUT_S) -> Loc:
