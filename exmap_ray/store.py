@@ -92,7 +92,14 @@ def write_json(path: "Path | Loc", obj: Any) -> None:
 
 
 def read_json(path: "Path | Loc") -> Any:
-    return json.loads(_to_loc(path).read_text())
+    loc = _to_loc(path)
+    text = loc.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        from .storage import redact
+
+        raise ValueError(f"{redact(str(loc))} is not valid JSON ({e}); it starts {text[:80]!r}") from e
 
 
 def save_npy(path: "Path | Loc", arr: np.ndarray) -> None:

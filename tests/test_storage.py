@@ -139,10 +139,16 @@ def _claimant(root: str, marker_root: str, i: int) -> str:
     return cache.run(st, compute)["by"]
 
 
-@pytest.mark.slow  # failed once in a clean-clone run on a loaded machine, cause not yet found: on demand only
+# The session's Ray started before the `s3` fixture set the credentials, so its workers get them
+# through their runtime env, as a cluster job would. (Without them the SDK sends anonymous
+# aws-chunked uploads, which moto stores undecoded and real S3 refuses.)
+S3_ENV = {"env_vars": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_EC2_METADATA_DISABLED": "true"}}
+
+
 def test_concurrent_claimants_on_s3_compute_a_stage_once(s3, ray_local):
     root, markers = s3("claims/cache"), s3("claims/markers")
-    task = ray_local.remote(_claimant).options(num_cpus=0.25)
+    task = ray_local.remote(_claimant).options(num_cpus=0.25, runtime_env=S3_ENV)
     winners = ray_local.get([task.remote(root, markers, i) for i in range(4)])
     assert len(set(winners)) == 1  # every claimant got the one result
     assert len(list(Loc.parse(markers).iterdir())) == 1
@@ -164,7 +170,7 @@ def _dies_holding_claim(root: str) -> None:
 
 def test_a_dead_holders_claim_is_taken_over_and_its_partial_output_cleared(s3, ray_local):
     root = s3("takeover/cache")
-    lease = {"env_vars": {"EXMAP_RAY_CLAIM_LEASE_S": "2"}}  # the holder's lease (60 s by default)
+    lease = {"env_vars": {**S3_ENV["env_vars"], "EXMAP_RAY_CLAIM_LEASE_S": "2"}}  # 60 s by default
     ref = ray_local.remote(_dies_holding_claim).options(num_cpus=0.25, max_retries=0, runtime_env=lease).remote(root)
     with pytest.raises(Exception):
         ray_local.get(ref)
