@@ -99,15 +99,26 @@ def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> No
 
 
 def run_task(spec, fn, *args, gpu_capable: bool = True):
-    """`fn(*args)` as a Ray task with the spec's resources (inline when Ray is not running).
+    """`fn(*args)` as a Ray task with the spec's resources, on whichever node has them.
 
-    scheduling_strategy DEFAULT keeps the task out of a Tune trial's placement group: it takes
-    the cluster's free resources, like the heatmap actors do.
+    On a one-node Ray (a laptop, the tests), or without Ray, it runs in this process instead: a task
+    there would buy nothing but a fresh worker process, which spends 10 s or more importing torch,
+    timm and scikit-learn before its first line of work. scheduling_strategy DEFAULT keeps the task
+    out of a Tune trial's placement group: it takes the cluster's free resources, like the heatmap
+    actors do.
     """
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or _one_node_here():
         return fn(*args)
     opts = {"num_cpus": spec.resources.task_cpus, "scheduling_strategy": "DEFAULT", "max_retries": 2,
             "num_gpus": 1 if (gpu_capable and spec.resources.gpu is True) else 0}
     return ray.get(ray.remote(fn).options(**opts).remote(*args))
+
+
+def _one_node_here() -> bool:
+    """True when the connected Ray cluster is this process's node alone."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return len(alive) == 1 and alive[0]["NodeID"] == ray.get_runtime_context().get_node_id()

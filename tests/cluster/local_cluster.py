@@ -124,10 +124,17 @@ class LocalCluster:
     # ------------------------------------------------------------------ start
 
     def start(self) -> "LocalCluster":
+        """Servers and nodes start side by side: only the workers wait for the head."""
         head_dir = self.base / "head"
         (head_dir / "cache").mkdir(parents=True, exist_ok=True)
         s3 = self._spawn("moto", [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1",
                                   "-p", str(self.s3_port)], self.env())
+        # the server needs the bucket only when the first artifact arrives, made below
+        mlf = self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1",
+                                     "--port", str(self.mlflow_port), "--workers", "1",
+                                     "--backend-store-uri", f"sqlite:///{head_dir / 'mlflow.db'}",
+                                     "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
+                          self.env(MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}"))
         head_env = self.env(EXMAP_RAY_NODE_CACHE=str(head_dir / "cache"))
         self.head_started = True
         r = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", "--num-cpus=0",
@@ -137,15 +144,10 @@ class LocalCluster:
                            text=True, timeout=120)
         if r.returncode:
             raise RuntimeError(f"ray start --head failed:\n{(r.stdout + r.stderr)[-3000:]}")
-        wait_port(self.s3_port, 60, "moto server", s3)
-        self._make_bucket()
-        mlf = self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1",
-                                     "--port", str(self.mlflow_port), "--workers", "1",
-                                     "--backend-store-uri", f"sqlite:///{head_dir / 'mlflow.db'}",
-                                     "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
-                          self.env(MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}"))
         for i in range(self.n_workers):
             self.start_worker(i)
+        wait_port(self.s3_port, 60, "moto server", s3)
+        self._make_bucket()
         wait_port(self.mlflow_port, 300, "mlflow server", mlf)  # about 10 s on a quiet machine
         self.wait_nodes(self.n_workers + 1, 300)  # seconds on a quiet machine; bounds a hang
         return self

@@ -21,10 +21,7 @@ import pytest
 
 from .local_cluster import REPO, LocalCluster, can_run
 
-# `slow` (run on demand: pytest -m slow tests/cluster) until one clean-clone run has them all green: in this
-# session's last clean-clone run the first passed, and the fixes for the other two had not been rerun there
-pytestmark = [pytest.mark.skipif(can_run() is not None, reason=f"multi-node cluster test: {can_run()}"),
-              pytest.mark.slow]
+pytestmark = pytest.mark.skipif(can_run() is not None, reason=f"multi-node cluster test: {can_run()}")
 SPEC = "tests/cluster/tiny.yaml"
 SWEEP = "tests/cluster/tiny_sweep.yaml"
 
@@ -92,11 +89,38 @@ def assert_same_results(got: dict, want: dict) -> None:
     assert got["exmap"]["pseudo_group_sizes"] == want["exmap"]["pseudo_group_sizes"]
 
 
-def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, cluster):
+@pytest.fixture(scope="module")
+def jobs(single_node, cluster):
+    """`exmap-ray run` and a small `exmap-ray tune`, submitted together as from a laptop. They share one
+    cache, so the claims decide which of them computes each stage. Once the sweep's trials are running,
+    one worker node's raylet is SIGKILLed; both jobs must still finish."""
     c = cluster
-    r = c.submit(f"exmap-ray run {SPEC} --out '{c.s3_uri('run')}' --cache '{c.s3_uri('cache')}' "
-                 f"--tracking-uri {c.tracking_uri}")
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    t0 = time.monotonic()
+    run = c.submit(f"exmap-ray run {SPEC} --out '{c.s3_uri('run')}' --cache '{c.s3_uri('cache')}' "
+                   f"--tracking-uri {c.tracking_uri}", wait=False)
+    sweep = c.submit(f"exmap-ray tune {SWEEP} --out '{c.s3_uri('sweep')}' --cache '{c.s3_uri('cache')}' "
+                     f"--tracking-uri {c.tracking_uri}", wait=False)
+    for sub in (run, sweep):
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+    ids = {"run": c.job_id(run), "sweep": c.job_id(sweep)}
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # kill a worker node once trials are running
+        if any(p.endswith("spec.resolved.json") for p in s3_list(c, "sweep/trials")):
+            break
+        assert c.job_status(ids["sweep"]) in ("PENDING", "RUNNING"), c.job_logs(ids["sweep"])[-4000:]
+        time.sleep(1)
+    else:
+        pytest.fail("no trial started within 600 s:\n" + c.job_logs(ids["sweep"])[-4000:])
+    killed_at = time.monotonic() - t0
+    os.kill(c.raylet_pid(1), signal.SIGKILL)
+    states = {k: c.wait_job(j, 900) for k, j in ids.items()}  # bounds a hang; a quiet machine needs far less
+    print(f"cluster jobs: node killed at {killed_at:.0f} s, both ended at {time.monotonic() - t0:.0f} s: {states}")
+    return {"states": states, "logs": {k: c.job_logs(j) for k, j in ids.items()}}
+
+
+def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, cluster, jobs):
+    c = cluster
+    assert jobs["states"]["run"] == "SUCCEEDED", jobs["logs"]["run"][-5000:]
     got = json.loads(s3_read(c, "run/results.json"))
     local_out, want = single_node
     assert_same_results(got, want)
@@ -121,29 +145,12 @@ def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, clu
                                                 tracking_uri=c.tracking_uri)
     assert json.loads(open(local).read())["exmap"]["test"] == got["exmap"]["test"]  # read through the server
     assert any(p.startswith("mlartifacts/") and p.endswith("results.json") for p in files)  # stored in the bucket
-    assert computed_twice(records(c)) == []
 
 
-def test_sweep_survives_losing_a_node(single_node, cluster):
+def test_sweep_survives_losing_a_node(single_node, cluster, jobs):
     c = cluster
-    sub = c.submit(f"exmap-ray tune {SWEEP} --out '{c.s3_uri('sweep')}' --cache '{c.s3_uri('cache')}' "
-                   f"--tracking-uri {c.tracking_uri}", wait=False)
-    assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
-    job = c.job_id(sub)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # kill a worker node once trials are running
-        started = [p for p in s3_list(c, "sweep/trials") if p.endswith("spec.resolved.json")]
-        if started:
-            break
-        assert c.job_status(job) in ("PENDING", "RUNNING"), c.job_logs(job)[-4000:]
-        time.sleep(1)
-    else:
-        pytest.fail("no trial started within 600 s:\n" + c.job_logs(job)[-4000:])
-    killed = c.raylet_pid(1)
-    os.kill(killed, signal.SIGKILL)
-    state = c.wait_job(job, 900)  # bounds a hang; a quiet 2-core machine needs a fraction of it
-    logs = c.job_logs(job)
-    assert state == "SUCCEEDED", logs[-5000:]
+    logs = jobs["logs"]["sweep"]
+    assert jobs["states"]["sweep"] == "SUCCEEDED", logs[-5000:]
     summary = json.loads(s3_read(c, "sweep/summary.json"))
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0, logs[-3000:]
     # the trial that is the tiny spec itself gives the single-node run's results
@@ -152,10 +159,6 @@ def test_sweep_survives_losing_a_node(single_node, cluster):
     assert len(same) == 1
     trial = json.loads(s3_read(c, f"sweep/trials/{same[0]['trial']}/results.json"))
     assert_same_results(trial, single_node[1])
-    recs = records(c)
-    assert computed_twice(recs) == []  # no stage computed twice, node loss or not
-    erm = [r for r in recs if r["stage"] == "erm"]
-    assert [r["event"] for r in erm].count("computed") == 1 and "reused" in [r["event"] for r in erm]
 
     from mlflow.tracking import MlflowClient
 
@@ -167,7 +170,16 @@ def test_sweep_survives_losing_a_node(single_node, cluster):
     assert {a.path for a in client.list_artifacts(parent)} >= {"summary.json", "summary.md"}
 
 
-def test_nothing_is_written_outside_the_bucket_but_node_caches(cluster):
+def test_no_stage_is_computed_twice_across_jobs_and_node_loss(cluster, jobs):
+    recs = records(cluster)
+    assert computed_twice(recs) == []
+    # the run and the sweep both needed ERM and the heatmaps: one computed each, the other reused it
+    for stage in ("erm", "heatmaps"):
+        events = [r["event"] for r in recs if r["stage"] == stage]
+        assert events.count("computed") == 1 and "reused" in events, (stage, events)
+
+
+def test_nothing_is_written_outside_the_bucket_but_node_caches(cluster, jobs):
     c = cluster
     repo_files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                                 capture_output=True, text=True, check=True).stdout.split()
