@@ -23,7 +23,9 @@ def written_here(hide: str, repo_files: set) -> list:
             continue  # the node-local derived cache
         if "working_dir_files" in parts:  # a copy of the job's working dir: only the repository's files
             i = parts.index("working_dir_files")
-            inner = parts[i + 2:] if len(parts) > i + 1 else ()
+            if len(parts) == i + 1:
+                continue  # beside the copies: Ray's own bookkeeping (the package's .zip and its .lock)
+            inner = parts[i + 2:]
             found += [str(rel / f) for f in filenames if "/".join((*inner, f)) not in repo_files
                       and "__pycache__" not in parts]  # Python's bytecode cache: derived, rebuilt anywhere
             continue

@@ -198,8 +198,8 @@ def test_nothing_is_written_outside_the_bucket_but_node_caches(cluster, jobs):
         if not p.is_file() or rel.parts[0] in ("cache", "mlflow.db") or rel.name.startswith("mlflow.db"):
             continue
         if "working_dir_files" in rel.parts:
-            inner = rel.parts[rel.parts.index("working_dir_files") + 2:]
-            if "/".join(inner) not in repo_files and "__pycache__" not in inner:  # bytecode: derived
+            inner = rel.parts[rel.parts.index("working_dir_files") + 2:]  # () beside the copies: Ray's zip, lock
+            if inner and "/".join(inner) not in repo_files and "__pycache__" not in inner:  # bytecode: derived
                 extra.append(str(rel))
         elif rel.parts[0] != "ray":
             extra.append(str(rel))
