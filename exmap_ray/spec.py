@@ -1,7 +1,7 @@
 """The typed experiment spec: every default in one place, each with its reason.
 
     exmap-ray spec                       # print every key, its default and why
-    exmap-ray spec tune_specs/cmnist.yaml --set clustering.k=4   # print the resolved spec
+    exmap-ray spec cmnist --set clustering.k=4   # print a shipped spec, resolved (a file path works too)
 
 Precedence (as in timm's train.py): dataclass default < YAML file < `--set`.
 The resolved spec is saved next to every run.  Unknown keys, wrong types and
@@ -460,7 +460,7 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
 
 def _read_one_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise SpecError(f"spec file '{path}' does not exist; ready-made specs are in tune_specs/")
+        raise SpecError(f"spec file '{path}' does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -474,9 +474,39 @@ def _read_one_yaml(path: Path) -> dict:
     return data
 
 
+SHIPPED = Path(__file__).parent / "specs"  # ready-made specs, package data; the repo's tune_specs/ points here
+DEMO = "cmnist"                           # the spec `exmap-ray run` runs when given none
+
+
+def shipped_specs() -> list[str]:
+    """The names of the specs that ship with exmap-ray (`exmap-ray run NAME`)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def find_spec(ref: str | Path) -> Path:
+    """The spec file `ref` names: a file, or a shipped spec's name (no folder, no .yaml)."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    names = shipped_specs()
+    if path.suffix or len(path.parts) != 1:  # a path that is not there
+        near = difflib.get_close_matches(path.stem, names, n=1)
+        hint = f" Did you mean the shipped spec '{near[0]}'?" if near else ""
+        raise SpecError(f"spec file '{path}' does not exist.{hint} Shipped specs, named without a "
+                        f"folder or .yaml: {', '.join(names)}")
+    if str(ref) not in names:
+        near = difflib.get_close_matches(str(ref), names, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise SpecError(f"unknown spec '{ref}': neither a file nor a shipped spec.{hint} "
+                        f"Shipped specs: {', '.join(names)}")
+    return SHIPPED / f"{ref}.yaml"
+
+
 def load_spec(path: str | Path | None = None, sets: list[str] | None = None, extra: dict | None = None) -> Spec:
-    """Defaults < YAML file < `extra` (a dict) < `--set` overrides."""
-    data = read_yaml(path) if path else {}
+    """Defaults < YAML file < `extra` (a dict) < `--set` overrides.
+
+    `path` is a spec file or the name of a shipped spec (`find_spec`); None means the defaults alone."""
+    data = read_yaml(find_spec(path)) if path else {}
     data = _deep_merge(data, extra or {})
     data = _deep_merge(data, parse_overrides(sets or []))
     return from_dict(data)

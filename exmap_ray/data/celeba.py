@@ -1,8 +1,8 @@
 """CelebA (Liu et al., ICCV 2015) as a spurious-correlation benchmark: Blond_Hair vs Male by default.
 
     exmap-ray datasets check celeba --root /data/celeba
-    exmap-ray run tune_specs/celeba.yaml --set dataset.root=/data/celeba
-    exmap-ray run tune_specs/celeba.yaml --set dataset.root=/data/celeba --set dataset.target=Smiling \\
+    exmap-ray run celeba --set dataset.root=/data/celeba
+    exmap-ray run celeba --set dataset.root=/data/celeba --set dataset.target=Smiling \\
         --set dataset.spurious=Eyeglasses
 
 ROOT holds the images and an index, in one of two forms:

@@ -1,7 +1,7 @@
 """MetaShift cats vs dogs (Liang & Zou, ICLR 2022), indoor/outdoor context as the shortcut; 4 groups.
 
     exmap-ray datasets check metashift --root /data/MetaShift-Cat-Dog-indoor-outdoor
-    exmap-ray run tune_specs/metashift.yaml --set dataset.root=/data/MetaShift-Cat-Dog-indoor-outdoor
+    exmap-ray run metashift --set dataset.root=/data/MetaShift-Cat-Dog-indoor-outdoor
 
 ROOT is the `MetaShift-Cat-Dog-indoor-outdoor` folder of the metashift.tar.gz that SubpopBench
 ("Change is hard", Yang et al., ICML 2023) and the spurious_feature_learning code download:

@@ -1,7 +1,7 @@
 """UrbanCars (Li et al., "A Whac-A-Mole Dilemma", CVPR 2023): two shortcuts at once; 8 groups.
 
     exmap-ray datasets check urbancars --root /data/urbancars
-    exmap-ray run tune_specs/urbancars.yaml --set dataset.root=/data/urbancars
+    exmap-ray run urbancars --set dataset.root=/data/urbancars
 
 ROOT is the folder the Whac-A-Mole code reads as data/urbancars:
 
