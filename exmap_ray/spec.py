@@ -11,7 +11,6 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import typing
@@ -21,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import SpecError
+from .errors import SpecError, did_you_mean
 
 
 def opt(default, why: str, check=None):
@@ -389,9 +388,7 @@ def _build(cls, data: dict, path: str):
         where = f"{path}.{key}" if path else str(key)
         if where in MOVED:
             raise SpecError(f"spec key '{where}' has moved: use '{MOVED[where]}' instead")
-        near = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise SpecError(f"unknown spec key '{where}'.{hint} Valid keys here: {', '.join(fields)}")
+        raise SpecError(f"unknown spec key '{where}'.{did_you_mean(key, fields)} Valid keys here: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         tp, sub = hints[name], f"{path}.{name}" if path else name
@@ -490,14 +487,10 @@ def find_spec(ref: str | Path) -> Path:
         return path
     names = shipped_specs()
     if path.suffix or len(path.parts) != 1:  # a path that is not there
-        near = difflib.get_close_matches(path.stem, names, n=1)
-        hint = f" Did you mean the shipped spec '{near[0]}'?" if near else ""
-        raise SpecError(f"spec file '{path}' does not exist.{hint} Shipped specs, named without a "
-                        f"folder or .yaml: {', '.join(names)}")
+        raise SpecError(f"spec file '{path}' does not exist.{did_you_mean(path.stem, names)} Shipped specs, "
+                        f"named without a folder or .yaml: {', '.join(names)}")
     if str(ref) not in names:
-        near = difflib.get_close_matches(str(ref), names, n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise SpecError(f"unknown spec '{ref}': neither a file nor a shipped spec.{hint} "
+        raise SpecError(f"unknown spec '{ref}': neither a file nor a shipped spec.{did_you_mean(ref, names)} "
                         f"Shipped specs: {', '.join(names)}")
     return SHIPPED / f"{ref}.yaml"
 

@@ -64,7 +64,7 @@ def test_a_missing_file_suggests_the_shipped_name(tmp_path):
     with pytest.raises(SpecError) as e:
         load_spec(tmp_path / "cmnist_multi.yaml")
     msg = str(e.value)
-    assert "does not exist" in msg and "Did you mean the shipped spec 'cmnist_multi'?" in msg
+    assert "does not exist. Did you mean 'cmnist_multi'? Shipped specs, named without a folder" in msg
 
 
 @pytest.mark.parametrize("command", ["run", "tune", "bench"])
