@@ -14,7 +14,7 @@ nothing. For each rule it prints the test WGA of the trial it picks and the gap 
 - default_se:      that configuration unless the top score beats it by more than the top's halves SE
 
 The rules were compared this way on seeds 0-4, fixed in writing, and then judged on seeds 5-9, which
-were run afterwards (README, "What the C-MNIST sweep finds").
+were run afterwards (docs/sweeps.md, "What the C-MNIST sweep finds").
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """exmap-ray: ExMap (Chakraborty, Sletten & Kampffmeyer, CVPR 2024) as a Ray experiment engine.
 
-    exmap-ray run tune_specs/cmnist.yaml
+    exmap-ray run cmnist
 """
 import logging as _logging
 import os as _os

@@ -1,6 +1,6 @@
 """`exmap-ray bench SPEC --seeds N`: ExMap against the baselines people cite, over seeds.
 
-    exmap-ray bench tune_specs/cmnist.yaml --seeds 3 --out runs/bench-cmnist
+    exmap-ray bench cmnist --seeds 3 --out runs/bench-cmnist
 
 For each seed, the upstream (ERM, features, heatmaps) is computed once through the stage cache
 and shared by every row. Each row is a group source (exmap_ray.groups) plus a retrainer

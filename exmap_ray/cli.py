@@ -1,14 +1,18 @@
 """The `exmap-ray` command.
 
-    exmap-ray run tune_specs/cmnist.yaml                    # the whole pipeline on a local Ray
-    exmap-ray run tune_specs/cmnist.yaml --set seed=1 --set clustering.scope=global --out runs/s1
-    exmap-ray run SPEC --address ray://head:10001 --tracking-uri http://head:5000
-    exmap-ray tune tune_specs/cmnist_sweep.yaml [--resume]   # a Ray Tune sweep, tracked in MLflow
+    exmap-ray run                                           # the demo (the shipped spec cmnist) on a local Ray
+    exmap-ray run cmnist --set seed=1 --set clustering.scope=local --out runs/s1
+    exmap-ray run waterbirds --set dataset.root=/data/waterbird_complete95_forest2water2
+    exmap-ray run my_spec.yaml --address ray://head:10001 --tracking-uri http://head:5000
+    exmap-ray tune cmnist_sweep [--resume]                  # a Ray Tune sweep, tracked in MLflow
     exmap-ray sync-mlflow runs/demo [--tracking-uri URI]      # upload a run whose MLflow server went away
-    exmap-ray bench tune_specs/cmnist.yaml --seeds 3            # ExMap against the baselines, over seeds
+    exmap-ray bench cmnist --seeds 3                        # ExMap against the baselines, over seeds
     exmap-ray spec [SPEC] [--set k=v ...]                    # defaults with reasons, or a resolved spec
     exmap-ray datasets                                       # registered datasets
     exmap-ray datasets check waterbirds --root /data/waterbird_complete95_forest2water2   # verify a dataset on disk
+
+SPEC is a YAML file or the name of a spec that ships with exmap-ray (exmap_ray/specs/; the
+repository's tune_specs/ points there); `run`, `tune` and `bench` without one use the demo, cmnist.
 
 An http(s) tracking server that does not answer stops `run` and `tune` within seconds, before
 Ray starts (exit 2). One that goes away during `run` does not stop it: the results are written
@@ -31,7 +35,7 @@ log = logging.getLogger("exmap_ray")
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", nargs="?", help="a YAML spec, e.g. tune_specs/cmnist.yaml")
+    p.add_argument("spec", nargs="?", help="a YAML spec file, or a shipped spec's name (e.g. cmnist, waterbirds)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a spec key (YAML value), e.g. --set clustering.k=4; repeatable")
 
@@ -52,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ExMap (CVPR 2024) on Ray: ERM -> explainability heatmaps -> clustering into pseudo "
                     "groups -> DFR retraining, tracked in MLflow. Group labels are used for evaluation only.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with: exmap-ray run tune_specs/cmnist.yaml   (see `exmap-ray COMMAND --help`)")
+        epilog="Start with: exmap-ray run   (the demo, the shipped spec cmnist; see `exmap-ray COMMAND --help`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="run the whole pipeline once and print the results table",
@@ -170,10 +174,15 @@ def ray_session(address: str | None, quiet: bool = False):
             ray.shutdown()
 
 
-def cmd_bench(args) -> int:
-    from .spec import load_spec
+def job_spec(args):
+    """The spec of `run`, `tune` or `bench`: SPEC (a file or a shipped spec's name), else the demo; then --set."""
+    from .spec import DEMO, load_spec
 
-    spec = load_spec(args.spec, args.sets)
+    return load_spec(args.spec or DEMO, args.sets)
+
+
+def cmd_bench(args) -> int:
+    spec = job_spec(args)
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
     if args.end_to_end and spec.groups.source != "exmap":
@@ -194,9 +203,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .spec import load_spec
-
-    spec = load_spec(args.spec, args.sets)
+    spec = job_spec(args)
     from .search import parse_space
     parse_space(spec)  # search-space errors before Ray starts
     out, cache = _storage(args, f"{spec.name}-sweep")
@@ -218,9 +225,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .spec import load_spec
-
-    spec = load_spec(args.spec, args.sets)  # spec errors surface here, before any work
+    spec = job_spec(args)  # spec errors surface here, before any work
     out, cache = _storage(args, spec.name)
     uri = args.tracking_uri or spec.tracking.uri
     _check_tracking(uri, out)               # an unreachable tracking server, in seconds (before torch loads)

@@ -1,6 +1,6 @@
 """ERM training: a plain PyTorch loop, run by Ray Train's TorchTrainer.
 
-    exmap-ray run tune_specs/cmnist.yaml --set erm.num_workers=2   # DDP over gloo on a CPU
+    exmap-ray run cmnist --set erm.num_workers=2   # DDP over gloo on a CPU
 
 - One Ray Train worker per GPU (NCCL) where the cluster has GPUs, else CPU
   workers over gloo, each given an equal share of the CPUs.

@@ -9,7 +9,6 @@ folder holding one weights file (`find_weights` lists every place it looked).
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import SpecError, UserError
+from .errors import SpecError, UserError, near_names
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -28,7 +27,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
 
 def create_model(backbone: str, n_classes: int, pretrained: str | None = None) -> nn.Module:
     if not timm.is_model(backbone):
-        near = difflib.get_close_matches(backbone, timm.list_models(), n=3)
+        near = near_names(backbone, timm.list_models(), n=3)
         hint = f" Close names: {', '.join(near)}." if near else ""
         raise SpecError(f"spec key 'model.backbone': '{backbone}' is not a timm model.{hint} "
                         f"`python -c \"import timm; print(timm.list_models('resnet*'))\"` lists them")

@@ -1,10 +1,9 @@
 """Named registries (timm's @register_model, DomainBed's algorithm table) instead of if-chains."""
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Generic, TypeVar
 
-from .errors import SpecError
+from .errors import SpecError, did_you_mean
 
 T = TypeVar("T")
 
@@ -25,10 +24,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            near = difflib.get_close_matches(str(name), list(self._items), n=1)
-            hint = f". Did you mean '{near[0]}'?" if near else ""
             raise SpecError(f"spec key '{self.spec_key}': unknown {self.kind} '{name}'. "
-                            f"Registered: {', '.join(sorted(self._items))}{hint}")
+                            f"Registered: {', '.join(sorted(self._items))}.{did_you_mean(name, self._items)}")
         return self._items[name]
 
     def names(self) -> list[str]:

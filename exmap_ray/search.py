@@ -12,13 +12,12 @@ spec's own types and ranges before any trial starts, so a typo fails at once.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SpecError
+from .errors import SpecError, did_you_mean
 from .spec import Spec, _deep_merge, flatten, from_dict
 
 KINDS = {"grid": "list", "choice": "list", "uniform": "range", "loguniform": "range", "randint": "range"}
@@ -101,9 +100,8 @@ def parse_space(spec: Spec) -> list[Domain]:
     for key, dom in space.items():
         where = f"search.space.{key}"
         if key not in valid:
-            near = difflib.get_close_matches(key, valid, n=1)
-            raise SpecError(f"spec key '{where}': '{key}' is not a spec key."
-                            + (f" Did you mean '{near[0]}'?" if near else "") + " See `exmap-ray spec`")
+            raise SpecError(f"spec key '{where}': '{key}' is not a spec key.{did_you_mean(key, valid)} "
+                            f"See `exmap-ray spec`")
         if not isinstance(dom, dict) or len(dom) != 1 or next(iter(dom)) not in KINDS:
             raise SpecError(f"spec key '{where}': expected one of {{grid: [...]}}, {{choice: [...]}}, "
                             f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, {{randint: [lo, hi]}}; got {dom!r}")

@@ -1,7 +1,7 @@
 """The typed experiment spec: every default in one place, each with its reason.
 
     exmap-ray spec                       # print every key, its default and why
-    exmap-ray spec tune_specs/cmnist.yaml --set clustering.k=4   # print the resolved spec
+    exmap-ray spec cmnist --set clustering.k=4   # print a shipped spec, resolved (a file path works too)
 
 Precedence (as in timm's train.py): dataclass default < YAML file < `--set`.
 The resolved spec is saved next to every run.  Unknown keys, wrong types and
@@ -11,7 +11,6 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import typing
@@ -21,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import SpecError
+from .errors import SpecError, did_you_mean
 
 
 def opt(default, why: str, check=None):
@@ -389,9 +388,7 @@ def _build(cls, data: dict, path: str):
         where = f"{path}.{key}" if path else str(key)
         if where in MOVED:
             raise SpecError(f"spec key '{where}' has moved: use '{MOVED[where]}' instead")
-        near = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise SpecError(f"unknown spec key '{where}'.{hint} Valid keys here: {', '.join(fields)}")
+        raise SpecError(f"unknown spec key '{where}'.{did_you_mean(key, fields)} Valid keys here: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         tp, sub = hints[name], f"{path}.{name}" if path else name
@@ -460,7 +457,7 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
 
 def _read_one_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise SpecError(f"spec file '{path}' does not exist; ready-made specs are in tune_specs/")
+        raise SpecError(f"spec file '{path}' does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -474,9 +471,35 @@ def _read_one_yaml(path: Path) -> dict:
     return data
 
 
+SHIPPED = Path(__file__).parent / "specs"  # ready-made specs, package data; the repo's tune_specs/ points here
+DEMO = "cmnist"                           # the spec `exmap-ray run` runs when given none
+
+
+def shipped_specs() -> list[str]:
+    """The names of the specs that ship with exmap-ray (`exmap-ray run NAME`)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def find_spec(ref: str | Path) -> Path:
+    """The spec file `ref` names: a file, or a shipped spec's name (no folder, no .yaml)."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    names = shipped_specs()
+    if path.suffix or len(path.parts) != 1:  # a path that is not there
+        raise SpecError(f"spec file '{path}' does not exist.{did_you_mean(path.stem, names)} Shipped specs, "
+                        f"named without a folder or .yaml: {', '.join(names)}")
+    if str(ref) not in names:
+        raise SpecError(f"unknown spec '{ref}': neither a file nor a shipped spec.{did_you_mean(ref, names)} "
+                        f"Shipped specs: {', '.join(names)}")
+    return SHIPPED / f"{ref}.yaml"
+
+
 def load_spec(path: str | Path | None = None, sets: list[str] | None = None, extra: dict | None = None) -> Spec:
-    """Defaults < YAML file < `extra` (a dict) < `--set` overrides."""
-    data = read_yaml(path) if path else {}
+    """Defaults < YAML file < `extra` (a dict) < `--set` overrides.
+
+    `path` is a spec file or the name of a shipped spec (`find_spec`); None means the defaults alone."""
+    data = read_yaml(find_spec(path)) if path else {}
     data = _deep_merge(data, extra or {})
     data = _deep_merge(data, parse_overrides(sets or []))
     return from_dict(data)

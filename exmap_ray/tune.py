@@ -1,7 +1,7 @@
 """Ray Tune sweeps over the spec's search space: one MLflow parent run, one child run per trial.
 
-    exmap-ray tune tune_specs/cmnist_sweep.yaml --out runs/sweep
-    exmap-ray tune tune_specs/cmnist_sweep.yaml --out runs/sweep --resume   # after an interruption
+    exmap-ray tune cmnist_sweep --out runs/sweep
+    exmap-ray tune cmnist_sweep --out runs/sweep --resume   # after an interruption
 
 - The upstream every trial shares (ERM; the heatmaps too unless a heatmaps key is
   searched) is computed once by the driver, before any trial starts. Trials

@@ -1,8 +1,8 @@
 """CelebA (Liu et al., ICCV 2015) as a spurious-correlation benchmark: Blond_Hair vs Male by default.
 
     exmap-ray datasets check celeba --root /data/celeba
-    exmap-ray run tune_specs/celeba.yaml --set dataset.root=/data/celeba
-    exmap-ray run tune_specs/celeba.yaml --set dataset.root=/data/celeba --set dataset.target=Smiling \\
+    exmap-ray run celeba --set dataset.root=/data/celeba
+    exmap-ray run celeba --set dataset.root=/data/celeba --set dataset.target=Smiling \\
         --set dataset.spurious=Eyeglasses
 
 ROOT holds the images and an index, in one of two forms:
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SpecError
+from ..errors import SpecError, near_name
 from .base import DATASETS, GroupData
 from .images import image_group_data
-from .layout import (LAYOUTS, MAX_LISTED, Scan, find_below, missing_files, near_name, require_root,
-                     scan_metadata_csv, scan_or_raise)
+from .layout import (LAYOUTS, MAX_LISTED, Scan, find_below, missing_files, require_root, scan_metadata_csv,
+                     scan_or_raise)
 
 DEFAULT_TARGET, DEFAULT_SPURIOUS = "Blond_Hair", "Male"
 IMAGES = "img_align_celeba"
@@ -59,8 +59,7 @@ def _index_file(scan: Scan, root: Path, names: tuple, what: str, sub: str) -> Pa
         others = [p.name for p in root.iterdir() if p.is_file()]
         near = next((h for n in names if (h := near_name(n, others)) is not None), None)
     if near:
-        scan.add(f"missing {what} file", f"'{root / names[0]}' not found, but '{root / near}' exists",
-                 f"rename '{root / near}' to '{root / names[0]}'")
+        scan.renamed(f"missing {what} file", root / names[0], root / near)
     else:
         scan.add(f"missing {what} file", f"neither {' nor '.join(names)} is in '{root}' (or its {sub}/)",
                  f"put {names[0]} ({sub}/ of the CelebA release) in {root}, or DFR's celeba_metadata.csv "
@@ -80,8 +79,7 @@ def _image_dir(scan: Scan, root: Path) -> Path | None:
     subdirs = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
     near = near_name(IMAGES, subdirs)
     if near:
-        scan.add("wrong folder name", f"'{root / IMAGES}/' not found, but '{root / near}/' exists",
-                 f"rename '{root / near}' to '{root / IMAGES}'")
+        scan.renamed("wrong folder name", root / IMAGES, root / near, folder=True)
     else:
         scan.add("missing folder", f"'{root / IMAGES}/' not found",
                  f"extract img_align_celeba.zip (from {SOURCE}) into {root}")

@@ -1,6 +1,6 @@
 """Colored MNIST from real MNIST digits, with a colour shortcut of strength rho.
 
-    exmap-ray run tune_specs/cmnist.yaml --set dataset.rho=0.98
+    exmap-ray run cmnist --set dataset.rho=0.98
 
 - y = digit >= 5.
 - Each digit is drawn into the red (colour 0) or green (colour 1) channel of a

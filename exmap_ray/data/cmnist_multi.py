@@ -1,7 +1,7 @@
 """C-MNIST with two shortcuts: the colour of the digit and a corner patch.
 
-    exmap-ray run tune_specs/cmnist_multi.yaml
-    exmap-ray bench tune_specs/cmnist_multi.yaml --seeds 3
+    exmap-ray run cmnist_multi
+    exmap-ray bench cmnist_multi --seeds 3
 
 As `cmnist` (y = digit >= 5; colour = red/green channel agreeing with y with
 probability `dataset.rho` on train and val), plus a white 4x4 patch in the

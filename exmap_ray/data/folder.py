@@ -1,6 +1,6 @@
 """The group_DRO / Waterbirds folder layout.
 
-    exmap-ray run tune_specs/folder.yaml --set dataset.root=/data/waterbird_complete95_forest2water2
+    exmap-ray run folder --set dataset.root=/data/waterbird_complete95_forest2water2
 
 ROOT/metadata.csv has the columns
 - `img_filename`: the image path relative to ROOT;

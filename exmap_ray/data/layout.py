@@ -12,7 +12,6 @@ folder) are checked by building them and verifying their image files the same wa
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError, SpecError
+from ..errors import DataError, SpecError, near_name
 from ..registry import Registry
 
 LAYOUTS: Registry = Registry("dataset layout", "dataset.name")
@@ -49,6 +48,13 @@ class Scan:
     def add(self, problem: str, detail: str, fix: str) -> None:
         self.findings.append(Finding(problem, detail, fix))
 
+    def renamed(self, problem: str, want: Path, found: Path, folder: bool = False,
+                rename_to: Optional[Path] = None) -> None:
+        """`want` is missing but `found`, a near name (`near_name`), exists: a rename to undo."""
+        slash = "/" if folder else ""
+        self.add(problem, f"'{want}{slash}' not found, but '{found}{slash}' exists",
+                 f"rename '{found}' to '{rename_to or want}'")
+
 
 def _fatal_message(findings: list[Finding], root) -> str:
     f = findings[0]
@@ -70,16 +76,6 @@ def require_root(dspec, name: str, expected: str) -> Path:
         raise SpecError(f"spec key 'dataset.root' is required for dataset.name '{name}' ({expected}); "
                         f"e.g. --set dataset.root=/data/... (--root PATH with `exmap-ray datasets check`)")
     return Path(dspec.root).expanduser()
-
-
-def near_name(name: str, candidates) -> Optional[str]:
-    """The closest existing name to `name` (a renamed file or folder), or None."""
-    cands = [str(c) for c in candidates]
-    low = {c.lower(): c for c in cands}
-    if name.lower() in low:
-        return low[name.lower()]
-    hit = difflib.get_close_matches(name, cands, n=1, cutoff=0.6)
-    return hit[0] if hit else None
 
 
 def find_below(root: Path, rel: str, depth: int = 2) -> Optional[Path]:
@@ -125,8 +121,7 @@ def root_problem(scan: Scan, root: Path, marker: str, folder_name: str, archive_
         return False
     near = near_name(Path(marker).name, [p.name for p in root.iterdir()])
     if near is not None:
-        scan.add("renamed file", f"'{root / marker}' not found, but '{root / near}' exists",
-                 f"rename '{root / near}' to '{root / marker}'")
+        scan.renamed("renamed file", root / marker, root / near)
         return False
     scan.add("missing file", f"'{root / marker}' not found",
              f"set dataset.root to the '{folder_name}' folder that holds {marker}" +

@@ -1,7 +1,7 @@
 """MetaShift cats vs dogs (Liang & Zou, ICLR 2022), indoor/outdoor context as the shortcut; 4 groups.
 
     exmap-ray datasets check metashift --root /data/MetaShift-Cat-Dog-indoor-outdoor
-    exmap-ray run tune_specs/metashift.yaml --set dataset.root=/data/MetaShift-Cat-Dog-indoor-outdoor
+    exmap-ray run metashift --set dataset.root=/data/MetaShift-Cat-Dog-indoor-outdoor
 
 ROOT is the `MetaShift-Cat-Dog-indoor-outdoor` folder of the metashift.tar.gz that SubpopBench
 ("Change is hard", Yang et al., ICML 2023) and the spurious_feature_learning code download:
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import near_name
 from .base import DATASETS, GroupData
 from .images import image_group_data
-from .layout import (LAYOUTS, Scan, find_below, near_name, require_root, root_problem, scan_metadata_csv,
-                     scan_or_raise)
+from .layout import LAYOUTS, Scan, find_below, require_root, root_problem, scan_metadata_csv, scan_or_raise
 
 FOLDER = "MetaShift-Cat-Dog-indoor-outdoor"
 # folder -> (y, place), as in the public generate_metadata_metashift
@@ -47,8 +47,7 @@ def _group_dir(scan: Scan, root, rel: str):
     existing = [p.relative_to(root).as_posix() for p in parent.rglob("*") if p.is_dir()] if parent.is_dir() else []
     near = near_name(rel, existing)
     if near:
-        scan.add("wrong folder name", f"'{root / rel}/' not found, but '{root / near}/' exists",
-                 f"rename '{root / near}' to '{root / rel}'")
+        scan.renamed("wrong folder name", root / rel, root / near, folder=True)
     else:
         scan.add("missing folder", f"'{root / rel}/' not found", f"re-extract {SOURCE}; ROOT needs the folders "
                  f"{', '.join(DIRS)}")

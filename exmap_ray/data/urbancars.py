@@ -1,7 +1,7 @@
 """UrbanCars (Li et al., "A Whac-A-Mole Dilemma", CVPR 2023): two shortcuts at once; 8 groups.
 
     exmap-ray datasets check urbancars --root /data/urbancars
-    exmap-ray run tune_specs/urbancars.yaml --set dataset.root=/data/urbancars
+    exmap-ray run urbancars --set dataset.root=/data/urbancars
 
 ROOT is the folder the Whac-A-Mole code reads as data/urbancars:
 
@@ -24,9 +24,10 @@ import re
 
 import numpy as np
 
+from ..errors import near_name
 from .base import DATASETS, GroupData
 from .images import image_group_data
-from .layout import LAYOUTS, Scan, find_below, near_name, require_root, scan_or_raise
+from .layout import LAYOUTS, Scan, find_below, require_root, scan_or_raise
 
 NAMES = ["urban", "country"]  # index = label, for obj, bg and co_occur_obj alike
 RATIO_RE = re.compile(r"^bg-([0-9.]+)_co_occur_obj-([0-9.]+)$")
@@ -102,8 +103,8 @@ def _split_dir(scan: Scan, root, dirs: list, split: str):
     near = next((f"{d.name}/{h}" for d in where
                  if (h := near_name(split, [p.name for p in d.iterdir() if p.is_dir()])) is not None), None)
     if near:
-        scan.add("wrong folder name", f"'{want}/' not found, but '{root / near}/' exists",
-                 f"rename '{root / near}' to '{root / near.split('/')[0] / split}'")
+        scan.renamed("wrong folder name", want, root / near, folder=True,
+                     rename_to=root / near.split("/")[0] / split)
     else:
         scan.add("missing folder", f"no {split}/ folder under any bg-*_co_occur_obj-* folder of '{root}'",
                  f"restore '{want}/' from {SOURCE}")
@@ -127,8 +128,7 @@ def scan_urbancars(dspec) -> Scan:
             scan.add("wrong folder", f"'{root}' has no bg-*_co_occur_obj-* folder, but '{inner}' has",
                      f"set dataset.root={inner}")
         elif near:
-            scan.add("wrong folder name", f"'{root / DEFAULT_RATIO_DIR['train']}/' not found, but "
-                     f"'{root / near}/' exists", f"rename '{root / near}' to '{root / DEFAULT_RATIO_DIR['train']}'")
+            scan.renamed("wrong folder name", root / DEFAULT_RATIO_DIR["train"], root / near, folder=True)
         else:
             scan.add("missing folder", f"'{root}' has no bg-*_co_occur_obj-* folder",
                      f"set dataset.root to the urbancars folder of {SOURCE}")
@@ -150,8 +150,7 @@ def scan_urbancars(dspec) -> Scan:
                         near = near_name(name, [p for p in present if not RATIO_RE.match(p) and p not in
                                                 {group_folder(*t) for t in np.ndindex(2, 2, 2)}])
                         if near:
-                            scan.add("wrong folder name", f"'{d}/' not found, but '{sd / near}/' exists",
-                                     f"rename '{sd / near}' to '{d}'")
+                            scan.renamed("wrong folder name", d, sd / near, folder=True)
                         else:
                             scan.add("missing folder", f"'{d}/' not found", f"restore it from {SOURCE}")
                         continue

@@ -1,7 +1,7 @@
 """Waterbirds (Sagawa et al., ICLR 2020): CUB birds pasted onto Places backgrounds; 4 groups.
 
     exmap-ray datasets check waterbirds --root /data/waterbird_complete95_forest2water2
-    exmap-ray run tune_specs/waterbirds.yaml --set dataset.root=/data/waterbird_complete95_forest2water2
+    exmap-ray run waterbirds --set dataset.root=/data/waterbird_complete95_forest2water2
 
 ROOT is the `waterbird_complete95_forest2water2` folder from the group_DRO tarball: the bird-species
 folders (`001.Black_footed_Albatross/...jpg`) and `metadata.csv` with img_id, img_filename, y
