@@ -101,18 +101,20 @@ def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> No
 def run_task(spec, fn, *args, gpu_capable: bool = True):
     """`fn(*args)` as a Ray task with the spec's resources, on whichever node has them.
 
-    On a one-node Ray (a laptop, the tests), or without Ray, it runs in this process instead: a task
-    there would buy nothing but a fresh worker process, which spends 10 s or more importing torch,
-    timm and scikit-learn before its first line of work. scheduling_strategy DEFAULT keeps the task
-    out of a Tune trial's placement group: it takes the cluster's free resources, like the heatmap
-    actors do.
+    It runs in this process instead when a task would buy nothing but a fresh worker process (which
+    spends 10 s or more importing torch, timm and scikit-learn before its first line of work):
+    without Ray, on a one-node Ray (a laptop, the tests), and inside a task or actor that already
+    holds what the task would ask for (a Tune trial on a worker node). A driver on a cluster's head
+    always hands the work to the cluster. scheduling_strategy DEFAULT keeps the task out of a Tune
+    trial's placement group: it takes the cluster's free resources, like the heatmap actors do.
     """
     import ray
 
-    if not ray.is_initialized() or _one_node_here():
+    gpus = 1 if (gpu_capable and spec.resources.gpu is True) else 0
+    if not ray.is_initialized() or _one_node_here() or _holds(spec.resources.task_cpus, gpus):
         return fn(*args)
     opts = {"num_cpus": spec.resources.task_cpus, "scheduling_strategy": "DEFAULT", "max_retries": 2,
-            "num_gpus": 1 if (gpu_capable and spec.resources.gpu is True) else 0}
+            "num_gpus": gpus}
     return ray.get(ray.remote(fn).options(**opts).remote(*args))
 
 
@@ -122,3 +124,14 @@ def _one_node_here() -> bool:
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
     return len(alive) == 1 and alive[0]["NodeID"] == ray.get_runtime_context().get_node_id()
+
+
+def _holds(cpus: float, gpus: int) -> bool:
+    """True inside a task or actor that was given at least these resources (a driver holds none)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    if ctx.worker.mode != ray.WORKER_MODE:
+        return False
+    have = ctx.get_assigned_resources()
+    return have.get("CPU", 0) >= cpus and have.get("GPU", 0) >= gpus

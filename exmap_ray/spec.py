@@ -293,7 +293,9 @@ class ResourcesSpec:
                                        "most this long for them; 0 = do not ask (a laptop). cluster.yaml's "
                                        "commands use 600", _non_negative)
     task_cpus: float = opt(1.0, "CPUs the features and clustering tasks each reserve (they run as Ray tasks, "
-                                "on whichever node has room, reading and writing the storage root)", _positive)
+                                "on whichever node has room, reading and writing the storage root; in the "
+                                "caller's process instead on a one-node Ray, or in a Tune trial that holds "
+                                "at least this many CPUs, see search.trial_cpus)", _positive)
     worker_cpus: Union[int, Literal["auto"]] = opt(
         "auto", "CPU threads of each ERM worker and heatmap actor when on CPU; auto = an equal share of the free "
                 "CPUs, at most one node's. Fix it (e.g. 1) to get bit-identical results on clusters of another "

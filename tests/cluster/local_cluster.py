@@ -135,7 +135,10 @@ class LocalCluster:
                                      "--backend-store-uri", f"sqlite:///{head_dir / 'mlflow.db'}",
                                      "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
                           self.env(MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}"))
-        head_env = self.env(EXMAP_RAY_NODE_CACHE=str(head_dir / "cache"))
+        # the GCS checks each node every second and gives it up after 3 missed checks (Ray's defaults:
+        # 3 s and 5): a killed node is noticed in seconds, so the node-loss test does not wait on it
+        head_env = self.env(EXMAP_RAY_NODE_CACHE=str(head_dir / "cache"), RAY_health_check_period_ms="1000",
+                            RAY_health_check_failure_threshold="3")
         self.head_started = True
         r = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", "--num-cpus=0",
                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",

@@ -152,10 +152,9 @@ def test_sweep_survives_losing_a_node(single_node, cluster, jobs):
     logs = jobs["logs"]["sweep"]
     assert jobs["states"]["sweep"] == "SUCCEEDED", logs[-5000:]
     summary = json.loads(s3_read(c, "sweep/summary.json"))
-    assert summary["n_trials"] == 4 and summary["n_failed"] == 0, logs[-3000:]
+    assert summary["n_trials"] == 2 and summary["n_failed"] == 0, logs[-3000:]
     # the trial that is the tiny spec itself gives the single-node run's results
-    same = [r for r in summary["rows"] if r["config.clustering.k"] == "auto"
-            and r["config.clustering.scope"] == "global"]
+    same = [r for r in summary["rows"] if r["config.clustering.k"] == "auto"]
     assert len(same) == 1
     trial = json.loads(s3_read(c, f"sweep/trials/{same[0]['trial']}/results.json"))
     assert_same_results(trial, single_node[1])
@@ -166,7 +165,7 @@ def test_sweep_survives_losing_a_node(single_node, cluster, jobs):
     parent = summary["mlflow_parent_run_id"]
     exp = client.get_run(parent).info.experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
-    assert len({r.info.run_name for r in children}) == 4
+    assert len({r.info.run_name for r in children}) == 2
     assert {a.path for a in client.list_artifacts(parent)} >= {"summary.json", "summary.md"}
 
 
