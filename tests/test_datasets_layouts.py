@@ -493,10 +493,11 @@ def test_shipped_specs_carry_the_paper_settings():
     assert (wb.erm.epochs, wb.erm.batch_size, ca.erm.epochs, ca.erm.batch_size) == (100, 32, 20, 100)
 
 
-# waterbirds (the group_DRO layout) and urbancars (two shortcuts) run in every suite; celeba and metashift,
-# whose loaders the layout tests above cover, are heavier variants run on demand (-m slow)
+# waterbirds (the group_DRO layout) runs in every suite; celeba, metashift and urbancars, whose loaders
+# the layout tests above cover, are heavier variants run on demand (-m slow)
 @pytest.mark.parametrize("name", ["waterbirds", pytest.param("celeba", marks=pytest.mark.slow),
-                                  pytest.param("metashift", marks=pytest.mark.slow), "urbancars"])
+                                  pytest.param("metashift", marks=pytest.mark.slow),
+                                  pytest.param("urbancars", marks=pytest.mark.slow)])
 def test_shipped_spec_runs_end_to_end(ray_local, tmp_path, name):
     from exmap_ray.pipeline import run_pipeline
 

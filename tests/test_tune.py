@@ -165,7 +165,8 @@ def test_sweep_over_erm_runs_ray_train_inside_trials(tiny_run, tmp_path):
     assert computed["pid"] != os.getpid()  # trained by the trial's TorchTrainer, not by the driver
 
 
-@pytest.mark.parametrize("algorithm", ["optuna", "hyperopt"])
+# optuna in every suite; hyperopt, the same path through another searcher, on demand (-m slow)
+@pytest.mark.parametrize("algorithm", ["optuna", pytest.param("hyperopt", marks=pytest.mark.slow)])
 def test_model_based_searcher_samples_choices_and_names_trials(tiny_run, tmp_path, algorithm):
     """search.algorithm optuna / hyperopt: real searchers proposing trials, a choice among DFR C grids
     (lists, which Optuna's categoricals cannot hold) decoded back into spec values, trials named as in MLflow."""

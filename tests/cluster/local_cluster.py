@@ -297,7 +297,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _terminate(pids: list[int], grace: float = 10.0) -> None:
+def _terminate(pids: list[int], grace: float = 5.0) -> None:
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)

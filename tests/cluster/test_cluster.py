@@ -91,18 +91,23 @@ def assert_same_results(got: dict, want: dict) -> None:
 
 @pytest.fixture(scope="module")
 def jobs(single_node, cluster):
-    """`exmap-ray run` and a small `exmap-ray tune`, submitted together as from a laptop. They share one
-    cache, so the claims decide which of them computes each stage. Once the sweep's trials are running,
-    one worker node's raylet is SIGKILLed; both jobs must still finish."""
+    """`exmap-ray run`, then a small `exmap-ray tune` on the same cache, submitted as from a laptop. Once
+    the sweep's trials are running, one worker node's raylet is SIGKILLed; the sweep must still finish.
+
+    One after the other: on 2 cores, two jobs at once only share the CPUs (both drivers import torch and
+    timm at the same moment) and finish later than in turn. Claimants that wait for each other are
+    tested in tests/test_storage.py."""
     c = cluster
     t0 = time.monotonic()
-    run = c.submit(f"exmap-ray run {SPEC} --out '{c.s3_uri('run')}' --cache '{c.s3_uri('cache')}' "
-                   f"--tracking-uri {c.tracking_uri}", wait=False)
-    sweep = c.submit(f"exmap-ray tune {SWEEP} --out '{c.s3_uri('sweep')}' --cache '{c.s3_uri('cache')}' "
-                     f"--tracking-uri {c.tracking_uri}", wait=False)
-    for sub in (run, sweep):
-        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
-    ids = {"run": c.job_id(run), "sweep": c.job_id(sweep)}
+    common = f"--cache '{c.s3_uri('cache')}' --tracking-uri {c.tracking_uri}"
+    run = c.submit(f"exmap-ray run {SPEC} --out '{c.s3_uri('run')}' {common}", wait=False)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    ids = {"run": c.job_id(run)}
+    states = {"run": c.wait_job(ids["run"], 600)}
+    run_s = time.monotonic() - t0
+    sweep = c.submit(f"exmap-ray tune {SWEEP} --out '{c.s3_uri('sweep')}' {common}", wait=False)
+    assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-3000:]
+    ids["sweep"] = c.job_id(sweep)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # kill a worker node once trials are running
         if any(p.endswith("spec.resolved.json") for p in s3_list(c, "sweep/trials")):
@@ -113,9 +118,15 @@ def jobs(single_node, cluster):
         pytest.fail("no trial started within 600 s:\n" + c.job_logs(ids["sweep"])[-4000:])
     killed_at = time.monotonic() - t0
     os.kill(c.raylet_pid(1), signal.SIGKILL)
-    states = {k: c.wait_job(j, 900) for k, j in ids.items()}  # bounds a hang; a quiet machine needs far less
-    print(f"cluster jobs: node killed at {killed_at:.0f} s, both ended at {time.monotonic() - t0:.0f} s: {states}")
-    return {"states": states, "logs": {k: c.job_logs(j) for k, j in ids.items()}}
+    states["sweep"] = c.wait_job(ids["sweep"], 600)  # bounds a hang; a quiet machine needs far less
+    print(f"\ncluster jobs: run ended at {run_s:.0f} s; a node killed at {killed_at:.0f} s; the sweep ended at "
+          f"{time.monotonic() - t0:.0f} s: {states}")
+    wall0 = time.time() - (time.monotonic() - t0)
+    for r in sorted(records(c), key=lambda r: r["time"]):  # the stages' timeline, for the log
+        print(f"  {r['time'] - wall0:6.1f} s  {r['stage']:<9} {r['event']:<9} {r.get('seconds', '')}")
+    logs = {k: c.job_logs(j) for k, j in ids.items()}
+    print("\n".join(line for line in logs["run"].splitlines() if line[:4].isdigit())[:6000])  # timestamped lines
+    return {"states": states, "logs": logs}
 
 
 def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, cluster, jobs):
@@ -172,7 +183,7 @@ def test_sweep_survives_losing_a_node(single_node, cluster, jobs):
 def test_no_stage_is_computed_twice_across_jobs_and_node_loss(cluster, jobs):
     recs = records(cluster)
     assert computed_twice(recs) == []
-    # the run and the sweep both needed ERM and the heatmaps: one computed each, the other reused it
+    # the run computed ERM and the heatmaps; the sweep (its driver and its trials) reused them
     for stage in ("erm", "heatmaps"):
         events = [r["event"] for r in recs if r["stage"] == stage]
         assert events.count("computed") == 1 and "reused" in events, (stage, events)
