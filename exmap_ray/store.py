@@ -4,8 +4,9 @@ A stage's folder is `CACHE/<stage>-<hash>`, the hash taken over the stage's own
 config and its upstream stages' keys (DomainBed's md5-named job folders,
 applied per stage). The `done` marker is written last, atomically; a folder
 without it is a crashed attempt and is cleared before the stage is recomputed.
-Every compute and every reuse is appended to `CACHE/record.jsonl`, so tests
-and users can check what was really run.
+Every compute, reuse and failure is recorded as one object under
+`CACHE/records/` (object stores cannot append), so tests and users can check
+what was really run.
 
 The cache lives under the storage root (a local path or a URI, see storage.py).
 A claim per stage (claims.py) makes it safe under concurrent runs and trials
