@@ -6,6 +6,7 @@ theirs through `base:`, so both spellings give the same spec.
 from pathlib import Path
 
 import pytest
+import yaml
 
 from exmap_ray.cli import build_parser, job_spec
 from exmap_ray.errors import SpecError
@@ -88,7 +89,8 @@ def test_every_sweep_spec_loads_and_parses():
         assert p.read_text().startswith("# "), f"{p.name} needs a header saying what it searches and why"
         spec = load_spec(p)
         assert n_trials(parse_space(spec), spec.search.num_samples) >= 4, p.name
-        if "base:" in p.read_text():
-            base = load_spec(SHIPPED / p.name.replace("_sweep", ""))
-            assert spec.dataset == base.dataset and spec.model == base.model and spec.erm == base.erm, p.name
+        base_name = yaml.safe_load(p.read_text()).get("base")
+        assert base_name, f"{p.name} should take its settings from its spec through base:, not copy them"
+        base = load_spec(SHIPPED / base_name)
+        assert spec.dataset == base.dataset and spec.model == base.model and spec.erm == base.erm, p.name
     assert load_spec(SHIPPED / "waterbirds_sweep.yaml").model.backbone == "resnet50"
