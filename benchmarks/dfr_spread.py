@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from exmap_ray.pipeline import Timer, _config, preflight, run_stages
+from exmap_ray.pipeline import preflight
+from exmap_ray.resources import resolve_resources
 from exmap_ray.retrain import fit_dfr
 from exmap_ray.spec import load_spec
+from exmap_ray.stages import compute_upstream, stage_keys
 from exmap_ray.store import StageCache
 
 
@@ -33,12 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra spec overrides")
     args = ap.parse_args(argv)
     base = [f"seed={args.seed}", "clustering.scope=global", *args.sets]
-    spec = load_spec(args.spec, base)
+    spec = resolve_resources(load_spec(args.spec, base))  # this machine's device, as the run that cached them
     cache = StageCache(args.cache)
-    erm = cache.stage("erm", {"seed": spec.seed, "dataset": _config(spec, "dataset"),
-                              "model": _config(spec, "model"), "erm": _config(spec, "erm")})
-    hm = cache.stage("heatmaps", _config(spec, "heatmaps"), (erm,))
-    if not (erm.done and hm.done):
+    stages = stage_keys(spec, cache)
+    if not (stages["erm"].done and stages["heatmaps"].done):
         print(f"no finished ERM and heatmaps for this spec and seed in {args.cache}; run `exmap-ray tune "
               f"{args.spec} --cache {args.cache} --set seed={args.seed}` first", file=sys.stderr)
         return 2
@@ -53,16 +53,16 @@ def main(argv=None) -> int:
     print(f"{'k':>5} {'groups':>6} {'smallest':>8} {'fit size':>8} {'minority in':>11} "
           f"{'WGA mean':>8} {'sd':>6} {'min':>6} {'max':>6}")
     for k in args.k.split(","):
-        s_k = load_spec(args.spec, [*base, f"clustering.k={k}"])
-        s = run_stages(s_k, data, cache, Timer())
-        pseudo = s["pseudo"]
+        s_k = resolve_resources(load_spec(args.spec, [*base, f"clustering.k={k}"]))
+        up = compute_upstream(s_k, data, cache)
+        pseudo = up.pseudo
         sizes = np.bincount(pseudo)
         sizes = sizes[sizes > 0]
         holders = len(np.unique(pseudo[minority]))
         wga = []
         for r in range(args.repeats):
-            m = fit_dfr(s["val_features"], data.val.y, pseudo, s_k.dfr, 1000 + r)
-            pred = m.predict(s["test_features"])
+            m = fit_dfr(up.val_features, data.val.y, pseudo, s_k.dfr, 1000 + r)
+            pred = m.predict(up.test_features)
             wga.append(min(float((pred[t.group == g] == t.y[t.group == g]).mean()) for g in np.unique(t.group)))
         print(f"{k:>5} {len(sizes):>6} {sizes.min():>8} {sizes.min() * len(sizes):>8} {holders:>8} grp "
               f"{np.mean(wga):>8.3f} {np.std(wga):>6.3f} {min(wga):>6.3f} {max(wga):>6.3f}", flush=True)

@@ -18,8 +18,9 @@ import numpy as np
 
 from exmap_ray.data import build_dataset
 from exmap_ray.heatmaps.extract import HeatmapStore
-from exmap_ray.pipeline import _config
+from exmap_ray.resources import resolve_resources
 from exmap_ray.spec import load_spec
+from exmap_ray.stages import stage_keys
 from exmap_ray.store import StageCache
 
 
@@ -29,11 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    spec = load_spec(args.spec, [f"seed={args.seed}"])
-    cache = StageCache(args.cache)
-    erm = cache.stage("erm", {"seed": spec.seed, "dataset": _config(spec, "dataset"),
-                              "model": _config(spec, "model"), "erm": _config(spec, "erm")})
-    hm = cache.stage("heatmaps", _config(spec, "heatmaps"), (erm,))
+    spec = resolve_resources(load_spec(args.spec, [f"seed={args.seed}"]))  # this machine's device, as the run's
+    hm = stage_keys(spec, StageCache(args.cache), ["heatmaps"])["heatmaps"]
     if not hm.done:
         print(f"no finished heatmaps for this spec and seed in {args.cache} (looked for {hm.dir}); run "
               f"`exmap-ray run {args.spec} --cache {args.cache} --set seed={args.seed}` first", file=sys.stderr)

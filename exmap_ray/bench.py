@@ -21,15 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, tracking
-from .groups import GroupContext, infer_groups
-from .heatmaps.extract import HeatmapStore
-from .metrics import agreement, evaluate
-from .pipeline import Timer, end_to_end_stage, preflight, run_stages
-from .retrain import RETRAINERS
-from .spec import Spec, from_dict, stage_seed
-from .resources import resolve_resources
-from .storage import Loc
-from .store import StageCache, load_npy, write_json
+from .pipeline import evaluate_row, preflight, start_job
+from .spec import Spec, from_dict
+from .stages import Timer, compute_upstream
+from .store import StageCache, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,39 +56,24 @@ def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = F
     # the rows choose their own retrainers; the spec's retrain.mode only matters for the E2E rows
     spec = dataclasses.replace(spec, retrain=dataclasses.replace(spec.retrain, mode="last_layer"))
     data = preflight(spec)
-    s = run_stages(spec, data, cache, timer)
-    H = HeatmapStore(s["stages"]["heatmaps"].dir).load()
-    val, test, names = data.val, data.test, data.group_names
-    ctx = GroupContext(y_val=val.y, clustering=spec.clustering, seed=stage_seed(spec.seed, "clusters"),
-                       val_features=s["val_features"], val_logits=s["val_logits"], heatmaps=H,
-                       true_groups=val.group)
-    fit_seed = stage_seed(spec.seed, "dfr")
+    up = compute_upstream(spec, data, cache, timer)
     rows = []
     for name, source, scope, retrainer in ROWS + (E2E_ROWS if end_to_end else []):
         row = {"row": name, "seed": spec.seed, "groups": source or "", "retrain": retrainer or ""}
-        if source is None:
-            pred = s["test_logits"].argmax(1)
-        elif (name, source, scope, retrainer) in E2E_ROWS:
+        if (name, source, scope, retrainer) in E2E_ROWS:
             e2e = dataclasses.replace(spec, retrain=dataclasses.replace(spec.retrain, method=retrainer,
                                                                         mode="end_to_end"))
             # the clusters stage holds the spec's own ExMap groups (cmd_bench checks groups.source)
-            stage, _ = end_to_end_stage(e2e, data, cache, timer, s["stages"]["erm"], s["stages"]["clusters"])
-            agree = agreement(s["pseudo"], val.group, names)
-            row.update(n_groups=int(s["cluster_info"]["n_groups"]), ari=agree["ari"],
-                       worst_recovery=agree["worst_recovery"])
-            pred = load_npy(stage.dir / "test_pred.npy")
+            e2e_up = compute_upstream(e2e, data, cache, timer, have=up)
+            r = evaluate_row(e2e, data, e2e_up, source, retrainer, groups=e2e_up.pseudo,
+                             group_info=e2e_up.info["clusters"], mode="end_to_end")
         else:
-            c = ctx if scope is None else dataclasses.replace(
-                ctx, clustering=dataclasses.replace(spec.clustering, scope=scope))
-            groups, info = infer_groups(source, c)
-            agree = agreement(groups, val.group, names)
-            row.update(n_groups=info["n_groups"], ari=agree["ari"], worst_recovery=agree["worst_recovery"])
-            model = RETRAINERS.get(retrainer).fit(s["val_features"], val.y, groups, spec, fit_seed)
-            pred = model.predict(s["test_features"])
-        ev = evaluate(pred, test.y, test.group, names, data.train.group)
-        row.update(test_wga=ev["worst_group_acc"], test_mean_acc=ev["mean_acc"], per_group=ev["per_group"])
-        if data.shortcut_metrics is not None:
-            row.update({f"gap_{k}": v for k, v in data.shortcut_metrics(pred, test.y, test.attrs).items()})
+            r = evaluate_row(spec, data, up, source, retrainer, scope=scope)
+        if source is not None:
+            row.update(n_groups=int(r.group_info["n_groups"]), ari=r.agreement["ari"],
+                       worst_recovery=r.agreement["worst_recovery"])
+        row.update(test_wga=r.test["worst_group_acc"], test_mean_acc=r.test["mean_acc"], per_group=r.test["per_group"])
+        row.update({f"gap_{k}": v for k, v in r.test.get("shortcut_gaps", {}).items()})
         rows.append(row)
         log.info("bench seed %d: %-26s test WGA %.3f, mean acc %.3f", spec.seed, name, row["test_wga"],
                  row["test_mean_acc"])
@@ -135,21 +115,17 @@ def format_table(rows: list[dict], spec: Spec, seeds: list[int]) -> str:
 
 def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = None,
               tracking_uri: str | None = None, end_to_end: bool = False) -> dict:
-    import mlflow
-
-    out = Loc.parse(out)  # a local folder or a storage URI
-    out.mkdir()
-    spec = resolve_resources(spec)
-    uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)
-    exp_id = tracking.setup(uri, spec.tracking.experiment or spec.name, out)
-    cache = StageCache(cache_dir or out / "cache")
-    timer = Timer()
+    """Every row over `seeds`, to OUT/bench.{md,csv,json}, bench_wga.png and one MLflow run. A tracking
+    server lost mid-bench stops the logging, not the bench (OUT/mlflow_pending.json says what was lost;
+    a rerun with the same cache logs it, refitting only the last-layer rows)."""
+    job = start_job(spec, out, cache_dir, tracking_uri, later="rerun")  # sync-mlflow reads run and sweep folders
+    spec, out, tracker, timer = job.spec, job.out, job.tracker, job.timer
     per_seed: list[dict] = []
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{spec.name} bench") as run:
-        tracking.log_flat_params({**spec.flat(), "bench.seeds": seeds})
+    with tracker.run(experiment_id=job.exp_id, run_name=f"{spec.name} bench"):
+        tracker.call("log_params", tracking.log_flat_params, {**spec.flat(), "bench.seeds": seeds})
         for seed in seeds:
             with timer(f"seed {seed}"):
-                per_seed += bench_seed(from_dict({**spec.to_dict(), "seed": seed}), cache, timer, end_to_end)
+                per_seed += bench_seed(from_dict({**spec.to_dict(), "seed": seed}), job.cache, timer, end_to_end)
             write_json(out / "bench_per_seed.json", per_seed)  # a crash keeps the seeds already done
         rows = aggregate(per_seed)
         table = format_table(rows, spec, seeds)
@@ -166,13 +142,21 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
         w.writerows(rows)
         (out / "bench.csv").write_text(buf.getvalue())
         summary = {"rows": rows, "per_seed": per_seed, "seeds": seeds, "timings_s": timer.seconds,
-                   "mlflow_run_id": run.info.run_id}
+                   "mlflow_run_id": tracker.run_id}
         write_json(out / "bench.json", summary)
         plots.bench_bars(rows, out / "bench_wga.png", f"{spec.name}: test WGA over {len(seeds)} seed(s)")
-        for r in rows:
-            tracking.log_metrics({k: v for k, v in r.items() if isinstance(v, float)},
-                                 prefix=tracking.metric_name(r["row"]).replace(" ", "_") + ".")
-        for name in ("bench.md", "bench.csv", "bench.json", "bench_wga.png"):
-            tracking.log_artifact(out / name)
+        tracker.call("log_metrics", tracking.log_metrics, bench_metrics(rows))
+        for name in BENCH_ARTIFACTS:
+            tracker.call("log_artifact", tracking.log_artifact, out / name)
     summary["table"] = table
+    summary["mlflow_pending"] = tracker.pending
     return summary
+
+
+BENCH_ARTIFACTS = ("bench.md", "bench.csv", "bench.json", "bench_wga.png")
+
+
+def bench_metrics(rows: list[dict]) -> dict:
+    """The bench run's MLflow metrics: every row's mean and std, under the row's name."""
+    return {tracking.metric_name(r["row"]).replace(" ", "_"): {k: v for k, v in r.items() if isinstance(v, float)}
+            for r in rows}

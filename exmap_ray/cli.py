@@ -15,7 +15,7 @@ SPEC is a YAML file or the name of a spec that ships with exmap-ray (exmap_ray/s
 repository's tune_specs/ points there); `run`, `tune` and `bench` without one use the demo, cmnist.
 
 An http(s) tracking server that does not answer stops `run` and `tune` within seconds, before
-Ray starts (exit 2). One that goes away during `run` does not stop it: the results are written
+Ray starts (exit 2). One that goes away during `run`, `tune` or `bench` does not stop it: the results are written
 to OUT as usual, OUT/mlflow_pending.json says what was not logged, and `sync-mlflow OUT` logs it
 once the server is back.
 """
@@ -199,6 +199,10 @@ def cmd_bench(args) -> int:
         summary = run_bench(spec, seeds, out, cache, args.tracking_uri, end_to_end=args.end_to_end)
     print("\n" + summary["table"])
     print(f"\ntable: {redact(str(out / 'bench.md'))} (also .csv, .json; plot {redact(str(out / 'bench_wga.png'))})")
+    if summary["mlflow_pending"]:  # the tracker warned when it lost the server; every result is on disk
+        print(f"MLflow: NOT fully logged (the server became unreachable; {redact(str(out / 'mlflow_pending.json'))} "
+              f"says what failed). Every result is in {redact(str(out))}; to log it, rerun the same command once the "
+              f"server is back (with --cache {redact(str(cache or out / 'cache'))}: every stage is reused)")
     return 0
 
 

@@ -58,12 +58,13 @@ def agreement(pseudo: np.ndarray, true: np.ndarray, group_names: list[str]) -> d
 
 
 def shortcut_gaps(pred: np.ndarray, y: np.ndarray, aligned: dict[str, np.ndarray]) -> dict:
-    """Per-shortcut gaps, the way UrbanCars reports them.
+    """Per-shortcut gaps for any number of shortcuts (cmnist_multi), in the spirit of UrbanCars' report.
 
     `aligned[name]` is True where shortcut `name` agrees with the label. The in-distribution
     accuracy is taken where every shortcut agrees; each gap is the accuracy where exactly the
     named shortcut disagrees (and, for "all", where all of them do) minus that. Negative gaps
-    mean the model leans on the shortcut. NaN where no test image is in a cell.
+    mean the model leans on the shortcut. NaN where no test image is in a cell. UrbanCars itself
+    weights its cells by the train ratios: `data.urbancars.urbancars_gaps`.
     """
     correct = pred == y
     names = list(aligned)

@@ -21,11 +21,6 @@ from .errors import SpecError, did_you_mean
 from .spec import Spec, _deep_merge, flatten, from_dict
 
 KINDS = {"grid": "list", "choice": "list", "uniform": "range", "loguniform": "range", "randint": "range"}
-# sections whose keys change the shared upstream (ERM, heatmaps); the rest only change clusters/DFR
-UPSTREAM_SECTIONS = ("seed", "dataset", "model", "erm")
-HEATMAP_SECTIONS = ("heatmaps",)
-
-
 SCALARS = (str, int, float, bool, type(None))
 
 
@@ -124,10 +119,6 @@ def parse_space(spec: Spec) -> list[Domain]:
                             f"(search.num_samples sets how many trials), or search.algorithm: basic")
         domains.append(Domain(key, kind, tuple(values)))
     return domains
-
-
-def touches(domains: list[Domain], sections: tuple[str, ...]) -> bool:
-    return any(d.key.split(".")[0] in sections for d in domains)
 
 
 def n_trials(domains: list[Domain], num_samples: int) -> int:

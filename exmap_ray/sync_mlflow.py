@@ -174,8 +174,6 @@ def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from .tune import SUMMARY_ARTIFACTS, sweep_metrics
-
     state = _read(out / "sweep.json", "sweep.json is written when a sweep starts")
     summary = _read(out / "summary.json", "summary.json is written when the sweep finishes; finish it first "
                                           "with exmap-ray tune SPEC --out OUT --resume")
@@ -205,10 +203,10 @@ def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
                 mlflow.set_tags({"exmap_ray.synced_from": redact(str(out))})
                 params = {k: v for k, v in flatten(spec).items() if k not in have_params and k != "search.space"}
                 tracking.log_flat_params(params)
-                metrics = {k: v for k, v in sweep_metrics(summary).items() if k not in have_metrics}
+                metrics = {k: v for k, v in tracking.sweep_metrics(summary).items() if k not in have_metrics}
                 if metrics:
                     mlflow.log_metrics(metrics)
-                done["artifacts"] = [n for n in SUMMARY_ARTIFACTS if (out / n).is_file()]
+                done["artifacts"] = [n for n in tracking.SUMMARY_ARTIFACTS if (out / n).is_file()]
                 for n in done["artifacts"]:
                     tracking.log_artifact(out / n)
                 done.update(params=len(params), metrics=len(metrics))

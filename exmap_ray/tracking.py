@@ -23,6 +23,8 @@ PENDING = "mlflow_pending.json"   # OUT/<this>: what a run could not log; remove
 INFO = "tracking.json"            # OUT/<this>: the URI, experiment and run id a run used
 # files in OUT logged as MLflow artifacts, by run_pipeline or later by sync-mlflow
 ARTIFACTS = ("results.json", "spec.resolved.json", "group_accuracy.png", "heatmaps_by_pseudo_group.png")
+# files in a sweep's OUT logged to its parent run, by run_sweep or later by sync-mlflow
+SUMMARY_ARTIFACTS = ("summary.json", "summary.csv", "summary.md", "wga_vs_selection_metric.png", "wga_vs_k.png")
 
 # MLflow's own defaults (7 retries with exponential backoff, 120 s timeout) stall a run for
 # minutes on a dead server; these are set only where the user has not set them.
@@ -152,6 +154,16 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def sweep_metrics(summary: dict) -> dict:
+    """A sweep parent run's metrics (run_sweep, sync-mlflow): each choice's test WGA and selection metric."""
+    m = {}
+    for tag, row in (("label_free", summary.get("label_free_choice")), ("oracle", summary.get("oracle_choice"))):
+        if row:
+            m.update({f"{tag}_choice.test_worst_group_acc": row["test_worst_group_acc"],
+                      f"{tag}_choice.selection_metric": row["selection_metric"]})
+    return m
+
+
 def write_info(out: Path, **info) -> None:
     """Merge `info` into OUT/tracking.json (the URI, experiment and run id a run used)."""
     from .storage import Loc
@@ -174,10 +186,11 @@ class Tracker:
     removes a stale marker left by an earlier run in OUT (whose results it has overwritten).
     """
 
-    def __init__(self, uri: str, out: Path, experiment: str):
+    def __init__(self, uri: str, out: Path, experiment: str, later: str = "sync-mlflow"):
         from .storage import Loc
 
         self.uri, self.out, self.experiment = uri, Loc.parse(out), experiment
+        self.later = later  # how the lost logging is made up: "sync-mlflow", or "rerun" (bench: no sync yet)
         self.run_id: str | None = None
         self.failure: dict | None = None
         write_info(self.out, uri=uri, experiment=experiment, run_id=None)
@@ -207,9 +220,11 @@ class Tracker:
         self.failure = {"call": what, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
         write_json(self.out / PENDING, {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id,
                                         "failed": self.failure, "time": time.time()})
+        how = (f"upload them later with: exmap-ray sync-mlflow {self.out}" if self.later == "sync-mlflow" else
+               "to log them, run the same command again once the server is back (with the same --cache its "
+               "stages are reused)")
         log.warning("MLflow at %s became unreachable (%s failed: %s). The run goes on without MLflow and "
-                    "keeps every result in %s; upload them later with: exmap-ray sync-mlflow %s",
-                    self.uri, what, self.failure["error"][:200], self.out, self.out)
+                    "keeps every result in %s; %s", self.uri, what, self.failure["error"][:200], self.out, how)
 
     @contextmanager
     def run(self, **start_kwargs):

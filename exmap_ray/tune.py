@@ -30,13 +30,14 @@ import numpy as np
 from . import plots, quiet_worker_logs, tracking
 from .errors import UserError
 from .faults import inject
-from .pipeline import Timer, preflight, run_pipeline, run_stages
-from .retrain.dfr import score_se, worst_over_groupings_halves
-from .search import HEATMAP_SECTIONS, UPSTREAM_SECTIONS, Domain, n_trials, parse_space, touches, unflatten
+from .pipeline import preflight, run_pipeline, start_job
+from .search import Domain, n_trials, parse_space, unflatten
+from .selection import prepare_groupings, score_se, worst_over_groupings_halves
 from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
 from .resources import resolve_resources
+from .stages import run_stages, shared_stages
 from .storage import Loc
-from .store import StageCache, load_npz, read_json, write_json
+from .store import load_npz, read_json, write_json
 
 log = logging.getLogger(__name__)
 ORACLE_METRIC = "oracle_val_worst_group_acc"
@@ -128,19 +129,15 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
         raise UserError(f"--resume: no sweep to resume in '{out}' (no sweep.json); drop --resume to start one")
     if not resume and state_path.exists():
         raise UserError(f"'{out}' already holds a sweep; add --resume to continue it, or pick another --out")
-    out.mkdir()
-    uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)
-    exp_id = tracking.setup(uri, spec.tracking.experiment or spec.name, out)
-    cache_dir = Loc.parse(cache_dir or out / "cache")
+    job = start_job(spec, out, cache_dir, tracking_uri)
+    uri, tracker, timer = job.uri, job.tracker, job.timer
     storage = Loc.parse(spec.search.storage_path or out / "tune")  # Tune's own state, under the root too
     planned = n_trials(domains, spec.search.num_samples)
-    timer = Timer()
 
     state = read_json(state_path) if resume else {}
     # every parent-run MLflow call goes through `tracker`: a server lost mid-sweep stops the logging, not the
     # sweep (trials have their own trackers); `exmap-ray sync-mlflow OUT` uploads the parent and the trials later
-    tracker = tracking.Tracker(uri, out, spec.tracking.experiment or spec.name)
-    with tracker.run(experiment_id=exp_id, run_id=state.get("parent_run_id"),
+    with tracker.run(experiment_id=job.exp_id, run_id=state.get("parent_run_id"),
                      run_name=None if resume else f"{spec.name} sweep"):
         parent_id = tracker.run_id or state.get("parent_run_id")
         write_json(out / "spec.resolved.json", spec.to_dict())
@@ -151,17 +148,17 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
                          {k: v for k, v in spec.flat().items() if k != "search.space"})
             tracker.call("log_dict", mlflow.log_dict, spec.search.space, "search_space.json")
             write_json(state_path, {"parent_run_id": parent_id, "storage": str(storage), "planned": planned})
-        # the upstream all trials share is computed here, once, before any trial holds resources
-        upto = None if touches(domains, UPSTREAM_SECTIONS) else \
-            "erm" if touches(domains, HEATMAP_SECTIONS) else "heatmaps"
-        if upto:
-            log.info("sweep: computing the shared upstream (up to %s) once, before the trials", upto)
-            run_stages(spec, data, StageCache(cache_dir), timer, upto=upto)
+        # the upstream all trials share (stages no searched key changes) is computed here, once, before
+        # any trial holds resources
+        shared = shared_stages(spec, [d.key for d in domains])
+        if shared:
+            log.info("sweep: computing the shared upstream (%s) once, before the trials", ", ".join(shared))
+            run_stages(spec, data, job.cache, timer, targets=shared)
         log.info("sweep: %d trial(s) over %s, at most %d at once, selected by %s", planned,
                  ", ".join(d.key for d in domains), spec.search.max_concurrent_trials, spec.search.metric)
         base = spec.to_dict()
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=base, root=str(out), cache_dir=str(cache_dir), uri=uri,
+            tune.with_parameters(run_trial, base=base, root=str(out), cache_dir=str(job.cache.root), uri=uri,
                                  parent_run_id=parent_id, domains=tuple(domains)),
             {"cpu": spec.search.trial_cpus, "gpu": spec.search.trial_gpus})
         experiment = storage / "sweep"
@@ -185,7 +182,7 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
         rows = collect_rows(grid, domains)
         summary = summarize(rows, domains, spec, out)
         summary.update(timings_s=timer.seconds, mlflow_parent_run_id=parent_id, planned_trials=planned,
-                       cache_records=len(StageCache(cache_dir).records()))
+                       cache_records=len(job.cache.records()))
         summary["mlflow_pending"] = pending_folders(out)
         write_json(out / "summary.json", summary)
         log_sweep_summary(tracker, out, summary)
@@ -202,25 +199,12 @@ def pending_folders(out) -> list[str]:
     return sorted(str(p.parent) for p in markers if p.is_file())
 
 
-SUMMARY_ARTIFACTS = ("summary.json", "summary.csv", "summary.md", "wga_vs_selection_metric.png", "wga_vs_k.png")
-
-
-def sweep_metrics(summary: dict) -> dict:
-    """The parent run's metrics: each choice's test WGA and selection metric."""
-    m = {}
-    for tag, row in (("label_free", summary.get("label_free_choice")), ("oracle", summary.get("oracle_choice"))):
-        if row:
-            m.update({f"{tag}_choice.test_worst_group_acc": row["test_worst_group_acc"],
-                      f"{tag}_choice.selection_metric": row["selection_metric"]})
-    return m
-
-
 def log_sweep_summary(tracker, out, summary: dict) -> None:
     out = Loc.parse(out)
-    for name in SUMMARY_ARTIFACTS:
+    for name in tracking.SUMMARY_ARTIFACTS:
         if (out / name).exists():
             tracker.call("log_artifact", tracking.log_artifact, out / name)
-    tracker.call("log_metrics", tracking.log_metrics, sweep_metrics(summary))
+    tracker.call("log_metrics", tracking.log_metrics, tracking.sweep_metrics(summary))
 
 
 def _mark_killed_children(parent_id: str) -> None:
@@ -278,8 +262,6 @@ def add_sweep_metric(rows: list[dict], metric: str, se: str = "binomial") -> Non
     """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only),
     and the standard error of each trial's selection metric (`se`: binomial or halves)."""
     import hashlib
-
-    from .retrain.dfr import prepare_groupings
 
     ok = [r for r in rows if r["status"] == "OK" and r.get("selection_file")
           and Loc.parse(r["selection_file"]).exists()]  # a path or a URI under the storage root

@@ -8,7 +8,7 @@ from exmap_ray import clustering
 from exmap_ray.clustering import kmeanspp_init, pseudo_groups
 from exmap_ray.clustering_scale import (NearestAnchors, Rows, anchor_spectrum, float16_roundtrip, normalize_rows,
                                         planted_heatmaps)
-from exmap_ray.retrain.dfr import prepare_groupings, worst_over_groupings_halves
+from exmap_ray.selection import prepare_groupings, worst_over_groupings_halves
 from exmap_ray.spec import ClusteringSpec
 
 SPECTRAL = ClusteringSpec(method="spectral", k="auto", scope="global")
@@ -196,7 +196,7 @@ def test_gpu_anchor_route_matches_the_exact_path(planted, monkeypatch):
 
 def test_sweep_summary_scores_every_trial_as_before(tmp_path):
     """`tune.add_sweep_metric` over saved selection files equals the old all-pairs loop."""
-    from exmap_ray.retrain.dfr import score_se
+    from exmap_ray.selection import score_se
     from exmap_ray.tune import SWEEP_METRIC, add_sweep_metric
 
     rng = np.random.default_rng(7)

@@ -21,7 +21,7 @@ from PIL import Image
 from exmap_ray.cli import main
 from exmap_ray.data import build_dataset, check_dataset
 from exmap_ray.data.images import eval_resize
-from exmap_ray.data.urbancars import shortcut_gaps
+from exmap_ray.data.urbancars import urbancars_gaps
 from exmap_ray.errors import DataError
 from exmap_ray.spec import from_dict, load_spec
 
@@ -273,15 +273,15 @@ def test_shortcut_gaps_follow_urbancars_definition():
     y, bg, co = (np.repeat(np.array(v), 10) for v in ([0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1],
                                                      [0, 1, 0, 1, 0, 1, 0, 1]))
     attrs = {"bg": bg, "co_occur_obj": co}
-    perfect = shortcut_gaps(y, y, attrs)
+    perfect = urbancars_gaps(y, y, attrs)
     assert perfect["id_acc"] == 1.0 and perfect["bg_gap"] == perfect["co_occur_obj_gap"] == perfect["both_gap"] == 0
-    follows_bg = shortcut_gaps(bg, y, attrs)  # a model that predicts the background
+    follows_bg = urbancars_gaps(bg, y, attrs)  # a model that predicts the background
     assert follows_bg["acc_bg_absent_coobj_present"] == 0.0 and follows_bg["acc_bg_present_coobj_absent"] == 1.0
     # in-distribution: cells weighted by the train ratios (0.95 each): 0.9025 + 0.0475 (bg present, co absent)
     assert follows_bg["id_acc"] == pytest.approx(0.95)
     assert follows_bg["bg_gap"] == pytest.approx(-0.95) and follows_bg["both_gap"] == pytest.approx(-0.95)
     assert follows_bg["co_occur_obj_gap"] == pytest.approx(0.05)
-    assert shortcut_gaps(bg, y, attrs, bg_ratio=0.5, co_occur_obj_ratio=0.5)["id_acc"] == pytest.approx(0.5)
+    assert urbancars_gaps(bg, y, attrs, bg_ratio=0.5, co_occur_obj_ratio=0.5)["id_acc"] == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------- `datasets check` on planted faults

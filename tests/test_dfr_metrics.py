@@ -67,7 +67,7 @@ def test_recovery_sees_a_minority_that_ari_hides():
 
 
 def test_worst_over_groupings_penalises_a_missed_minority():
-    from exmap_ray.retrain.dfr import worst_over_groupings
+    from exmap_ray.selection import worst_over_groupings
 
     y = np.array([0] * 40 + [1] * 40)
     minority = np.zeros(80, bool)
@@ -97,7 +97,7 @@ def test_dfr_handles_more_than_two_classes():
 
 
 def test_score_se_binomial_rests_on_the_worst_groups_size():
-    from exmap_ray.retrain.dfr import score_se, worst_over_groupings_halves
+    from exmap_ray.selection import score_se, worst_over_groupings_halves
 
     y = np.array([0] * 20 + [1] * 20)
     g = np.array([0] * 16 + [1] * 4 + [2] * 16 + [3] * 4)  # class 0: groups 0 (16) and 1 (4); class 1: 2, 3

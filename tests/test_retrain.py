@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from exmap_ray.errors import SpecError
 from exmap_ray.groups import GroupContext, infer_groups
 from exmap_ray.metrics import evaluate
-from exmap_ray.retrain import RETRAINERS, error_set_from_groups
+from exmap_ray.retrain import RETRAINERS, Head, LastLayerResult, RetrainedModel, Retrainer, error_set_from_groups
 from exmap_ray.retrain.groupdro import groupdro_step
 from exmap_ray.spec import ClusteringSpec, from_dict
 
@@ -29,6 +29,12 @@ def small_spec(**retrain):
     return from_dict({"retrain": {"n_select_repeats": 3, **retrain}})
 
 
+def fit(method, X, y, groups, spec, **kw):
+    """A retrainer fitted with the spec section it reads (`Retrainer.config`)."""
+    r = RETRAINERS.get(method)
+    return r.fit(X, y, groups, r.config(spec), **kw)
+
+
 @pytest.fixture(scope="module")
 def problem():
     Xv, yv, gv = shortcut(1200, 0.95, 0)
@@ -40,7 +46,7 @@ def problem():
 @pytest.mark.parametrize("method", ["groupdro", "jtt"])
 def test_true_groups_beat_plain_erm_on_the_worst_group(problem, method):
     Xv, yv, gv, Xt, yt, gt, wga_plain = problem
-    model = RETRAINERS.get(method).fit(Xv, yv, gv, small_spec(), seed=0)
+    model = fit(method, Xv, yv, gv, small_spec(), seed=0)
     wga = evaluate(model.predict(Xt), yt, gt, NAMES, gv)["worst_group_acc"]
     assert wga_plain < 0.55 and wga > wga_plain + 0.25 and wga > 0.75
     assert model.chosen["weight_decay"] in small_spec().retrain.weight_decay_grid
@@ -56,7 +62,7 @@ def test_jtt_from_erm_errors_beats_erm(problem):
     groups, info = infer_groups("jtt_error_set", ctx)
     assert 0 < info["error_rate"] < 0.2
     assert np.array_equal(error_set_from_groups(yv, groups), erm.predict(Xv) != yv)
-    model = RETRAINERS.get("jtt").fit(Xv, yv, groups, small_spec(jtt_upweight=20.0), seed=0)
+    model = fit("jtt", Xv, yv, groups, small_spec(jtt_upweight=20.0), seed=0)
     wga = evaluate(model.predict(Xt), yt, gt, NAMES, gv)["worst_group_acc"]
     assert wga > wga_plain + 0.15
 
@@ -65,11 +71,28 @@ def test_selection_is_label_free_and_shares_dfrs_halves(problem):
     Xv, yv, gv, *_ = problem
     spec = from_dict({"retrain": {"n_select_repeats": 3}, "dfr": {"n_select_repeats": 3, "n_final_fits": 2}})
     noise = np.random.default_rng(5).integers(0, 4, len(yv))
-    a = RETRAINERS.get("groupdro").fit(Xv, yv, gv, spec, seed=3)
-    b = RETRAINERS.get("groupdro").fit(Xv, yv, gv, spec, seed=3, score_groups={"true": noise})
+    a = fit("groupdro", Xv, yv, gv, spec, seed=3)
+    b = fit("groupdro", Xv, yv, gv, spec, seed=3, score_groups={"true": noise})
     assert a.chosen == b.chosen and np.array_equal(a.coef, b.coef) and "true" in b.heldout
-    dfr = RETRAINERS.get("dfr").fit(Xv, yv, gv, spec, seed=3)
+    dfr = fit("dfr", Xv, yv, gv, spec, seed=3)
     assert np.array_equal(dfr.heldout_idx, a.heldout_idx) and dfr.chosen == {"C": dfr.C}
+
+
+@pytest.mark.parametrize("method", RETRAINERS.names())
+def test_every_retrainer_keeps_the_typed_contract(problem, method):
+    """Each registered retrainer is a `Retrainer` reading one spec section; its head, with the features
+    of each split, is a `RetrainedModel` that predicts every point of that split."""
+    Xv, yv, gv, Xt, *_ = problem
+    r = RETRAINERS.get(method)
+    spec = from_dict({"retrain": {"n_select_repeats": 2}, "dfr": {"n_select_repeats": 2, "n_final_fits": 2}})
+    assert isinstance(r, Retrainer) and r.config(spec) is getattr(spec, r.section)
+    assert r.section == ("dfr" if method == "dfr" else "retrain")
+    head = r.fit(Xv, yv, gv, r.config(spec), seed=0)
+    assert isinstance(head, Head)
+    model = LastLayerResult(head, {"val": Xv, "test": Xt})
+    assert isinstance(model, RetrainedModel)
+    assert model.predictions("val").shape == yv.shape and model.predictions("test").shape == (len(Xt),)
+    assert np.array_equal(model.predictions("test"), head.predict(Xt)) and model.chosen == head.chosen
 
 
 def test_groupdro_step_moves_weight_to_the_worst_group_and_has_the_right_gradient():
@@ -124,7 +147,7 @@ def test_end_to_end_fine_tunes_a_copy_of_test_resnet(method):
     y = np.array([0, 1] * 12)
     groups = np.array([0, 1] * 10 + [2, 3] * 2)  # 2 small groups: the DRO weights must favour someone
     spec = from_dict({"retrain": {"method": method, "mode": "end_to_end", "e2e_lr": 0.05, "batch_size": 8}})
-    res = RETRAINERS.get(method).finetune(model, images, y, groups, spec, seed=0, max_steps=3)
+    res = RETRAINERS.get(method).finetune(model, images, y, groups, spec.retrain, seed=0, max_steps=3)
     assert res.steps == 3 and len(res.losses) == 3 and all(np.isfinite(res.losses))
     changed = [k for k, v in res.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any("fc" in k for k in changed) and any("conv" in k for k in changed)  # head and body both moved

@@ -14,7 +14,7 @@ On train each shortcut agrees with the car type 95% of the time, on val and test
 True groups (evaluation only) follow `dataset.group_by`: both = obj x bg x co-object (8), bg or
 co_occur_obj (4 each), as the Whac-A-Mole code's group_label. Whatever the grouping, every split
 carries the bg and co_occur_obj attributes, and test results get UrbanCars' shortcut gaps
-(`shortcut_gaps`): accuracy where the background, the co-object or both disagree with the car type,
+(`urbancars_gaps`): accuracy where the background, the co-object or both disagree with the car type,
 minus the in-distribution accuracy (the four agree/disagree accuracies weighted by the train ratios).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def group_folder(o: int, b: int, c: int) -> str:
     return f"obj-{NAMES[o]}_bg-{NAMES[b]}_co_occur_obj-{NAMES[c]}"
 
 
-def shortcut_gaps(pred, y, attrs: dict, bg_ratio: float = 0.95, co_occur_obj_ratio: float = 0.95) -> dict:
+def urbancars_gaps(pred, y, attrs: dict, bg_ratio: float = 0.95, co_occur_obj_ratio: float = 0.95) -> dict:
     """UrbanCars' evaluation: in-distribution accuracy and the BG, CoObj and BG+CoObj gaps.
 
     A shortcut is "present" for a sample when its attribute equals the class. For each of the four
@@ -188,5 +188,5 @@ def scan_urbancars(dspec) -> Scan:
 def build_urbancars(dspec, seed: int) -> GroupData:
     scan = scan_or_raise("urbancars", dspec)
     bg_ratio, co_ratio = scan.extras["ratios"]
-    gaps = functools.partial(shortcut_gaps, bg_ratio=bg_ratio, co_occur_obj_ratio=co_ratio)
+    gaps = functools.partial(urbancars_gaps, bg_ratio=bg_ratio, co_occur_obj_ratio=co_ratio)
     return image_group_data(scan.table, dspec, "urbancars", shortcut_metrics=gaps)

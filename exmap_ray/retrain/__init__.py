@@ -1,24 +1,28 @@
 """Group-robust retraining from any (pseudo) group labels, selectable by `retrain.method`. DFR is the paper's.
 
-    from exmap_ray.retrain import RETRAINERS
+    from exmap_ray.retrain import RETRAINERS, LastLayerResult
     r = RETRAINERS.get(spec.retrain.method)
-    head = r.fit(val_features, y_val, groups, spec, seed)          # retrain.mode: last_layer
-    pred = head.predict(test_features)
-    res = r.finetune(model, val_images, y_val, groups, spec, seed)  # retrain.mode: end_to_end
+    head = r.fit(val_features, y_val, groups, r.config(spec), seed)          # retrain.mode: last_layer
+    model = LastLayerResult(head, {"val": val_features, "test": test_features})
+    pred = model.predictions("test")
+    res = r.finetune(net, val_images, y_val, groups, r.config(spec), seed)   # retrain.mode: end_to_end
     pred = res.predict(test_images)
 
-A `Retrainer` has `fit(feats, y, groups, spec, seed, score_groups=None)`, which returns a model with
-`.predict(features) -> labels` and DFR's held-out selection surface (`DFRModel` or
-`common.LastLayerModel`: `selection`, `heldout`, `heldout_idx`, `heldout_pred`, `chosen`), and
-`finetune(model, images, y, groups, spec, seed, max_steps=None)`, a `finetune.FinetuneResult` whose
-`.predict(images)` gives labels, or None where the method is last-layer only (DFR). `spec` is the
-full `Spec`: DFR reads `spec.dfr`, the others `spec.retrain`. `groups` are any int ids; true groups
-are never needed, and every hyperparameter is chosen on the worst *given*-group accuracy.
+The contract is `Retrainer` (a typing.Protocol). Each retrainer reads one spec section, named by
+`section` and handed to it by `config(spec)`: DFR's keys sit under `dfr:`, GroupDRO's and JTT's
+under `retrain:`. `fit` returns a `Head`: a linear head on penultimate features with the label-free
+selection surface (`chosen`, `heldout`, `heldout_idx`, `heldout_pred`). Evaluation reads any result,
+last-layer or end-to-end, as a `RetrainedModel`: that surface plus `predictions(split)`, the labels
+of every point of a split (`LastLayerResult` for a head, `end_to_end.EndToEndModel` for the cached
+fine-tune). `groups` are any int ids; true groups are never needed, and every hyperparameter is
+chosen on the worst *given*-group accuracy.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
+
+import numpy as np
 
 from ..registry import Registry
 from .common import LastLayerModel
@@ -27,32 +31,99 @@ from .groupdro import fit_groupdro
 from .jtt import error_set_from_groups, fit_jtt
 
 
+@runtime_checkable
+class Head(Protocol):
+    """What `Retrainer.fit` returns: a head on penultimate features, and how its value was chosen."""
+
+    chosen: dict[str, Any]       # the selected hyperparameter(s), e.g. {"C": 0.1}
+    heldout: dict[str, float]    # held-out worst accuracies there: "pseudo", "class", and any score_groups
+    heldout_idx: np.ndarray      # (repeats, n/2) val indices of each held-out half
+    heldout_pred: np.ndarray     # (repeats, n/2) the predictions there
+
+    def predict(self, feats: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class RetrainedModel(Protocol):
+    """A retrained model as evaluation reads it, last-layer or end-to-end: its labels per split."""
+
+    chosen: dict[str, Any]
+    heldout: dict[str, float]
+    heldout_idx: np.ndarray
+    heldout_pred: np.ndarray
+
+    def predictions(self, split: str) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Retrainer(Protocol):
+    section: str                 # the spec section holding its hyperparameters (`config` hands it over)
+    modes: tuple[str, ...]       # "last_layer", and "end_to_end" where it can fine-tune the whole network
+
+    def config(self, spec) -> Any: ...
+
+    def fit(self, feats: np.ndarray, y: np.ndarray, groups: np.ndarray, config, seed: int,
+            score_groups: Optional[dict[str, np.ndarray]] = None) -> Head: ...
+
+    # end_to_end only: (model, images, y, groups, config, seed, max_steps=None, device="cpu") -> FinetuneResult
+    finetune: Optional[Callable]
+
+
 @dataclass(frozen=True)
-class Retrainer:
-    fit: Callable                       # (feats, y, groups, spec, seed, score_groups=None) -> model with .predict
-    finetune: Optional[Callable] = None  # (model, images, y, groups, spec, seed, max_steps=None) -> FinetuneResult
+class LastLayerResult:
+    """A fitted head and the penultimate features of each split it predicts (a `RetrainedModel`)."""
+
+    head: Head
+    features: Mapping[str, np.ndarray]  # split name -> (N, d) features
+
+    @property
+    def chosen(self) -> dict:
+        return self.head.chosen
+
+    @property
+    def heldout(self) -> dict:
+        return self.head.heldout
+
+    @property
+    def heldout_idx(self) -> np.ndarray:
+        return self.head.heldout_idx
+
+    @property
+    def heldout_pred(self) -> np.ndarray:
+        return self.head.heldout_pred
+
+    def predictions(self, split: str) -> np.ndarray:
+        return self.head.predict(self.features[split])
+
+
+@dataclass(frozen=True)
+class FunctionRetrainer:
+    """A `Retrainer` made of functions: `fit`, and `finetune` where the method has an end-to-end mode."""
+
+    fit: Callable
+    section: str
+    finetune: Optional[Callable] = None
 
     @property
     def modes(self) -> tuple[str, ...]:
         return ("last_layer", "end_to_end") if self.finetune else ("last_layer",)
 
-
-def _dfr(feats, y, groups, spec, seed, score_groups=None) -> DFRModel:
-    return fit_dfr(feats, y, groups, spec.dfr, seed, score_groups=score_groups)
+    def config(self, spec) -> Any:
+        return getattr(spec, self.section)
 
 
 def _end_to_end(method: str) -> Callable:
-    def run(model, images, y, groups, spec, seed, max_steps=None, device="cpu"):
-        from .finetune import finetune_from_spec  # torch only when asked for
+    def run(model, images, y, groups, config, seed, max_steps=None, device="cpu"):
+        from .finetune import finetune_with  # torch only when asked for
 
-        return finetune_from_spec(method, model, images, y, groups, spec, seed, max_steps=max_steps, device=device)
+        return finetune_with(method, model, images, y, groups, config, seed, max_steps=max_steps, device=device)
     return run
 
 
 RETRAINERS: Registry = Registry("retrainer", "retrain.method")
-RETRAINERS.register("dfr")(Retrainer(_dfr))
-RETRAINERS.register("groupdro")(Retrainer(fit_groupdro, _end_to_end("groupdro")))
-RETRAINERS.register("jtt")(Retrainer(fit_jtt, _end_to_end("jtt")))
+RETRAINERS.register("dfr")(FunctionRetrainer(fit_dfr, "dfr"))
+RETRAINERS.register("groupdro")(FunctionRetrainer(fit_groupdro, "retrain", _end_to_end("groupdro")))
+RETRAINERS.register("jtt")(FunctionRetrainer(fit_jtt, "retrain", _end_to_end("jtt")))
 
-__all__ = ["RETRAINERS", "Retrainer", "DFRModel", "LastLayerModel", "fit_dfr", "fit_groupdro", "fit_jtt",
-           "error_set_from_groups"]
+__all__ = ["RETRAINERS", "Retrainer", "RetrainedModel", "Head", "LastLayerResult", "FunctionRetrainer", "DFRModel",
+           "LastLayerModel", "fit_dfr", "fit_groupdro", "fit_jtt", "error_set_from_groups"]

@@ -6,7 +6,7 @@ so callers can swap retrainers. `select_on_halves` picks a hyperparameter the wa
 over random halves of val, fit on one half and score the worst *given*-group accuracy on the other
 (pseudo groups for ExMap: no true group is seen). The halves come from the same random stream as
 DFR's (`default_rng([seed, 0])`), so with one seed every retrainer is scored on the same halves and
-sweep-level scores such as `dfr.worst_over_groupings` compare them fairly.
+sweep-level scores such as `selection.worst_over_groupings` compare them fairly.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
-from .dfr import LinearHead, worst_group_acc
+from ..selection import worst_group_acc
+from .dfr import LinearHead
 
 
 @dataclass

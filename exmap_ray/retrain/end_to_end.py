@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Subset
 
 from ..store import load_npy, save_npy
-from .dfr import worst_group_acc
+from ..selection import worst_group_acc
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,15 @@ def run_end_to_end(spec, model: torch.nn.Module, val_images, y_val: np.ndarray, 
     from . import RETRAINERS
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    finetune = RETRAINERS.get(spec.retrain.method).finetune
+    retrainer = RETRAINERS.get(spec.retrain.method)
+    finetune, config = retrainer.finetune, retrainer.config(spec)
     a, b = heldout_half(len(y_val), seed)
     log.info("end-to-end %s: fine-tuning on half of val (%d images) to score the other half",
              spec.retrain.method, len(a))
-    half = finetune(model, _subset(val_images, a), y_val[a], groups[a], spec, seed, device=device)
+    half = finetune(model, _subset(val_images, a), y_val[a], groups[a], config, seed, device=device)
     heldout_pred = half.predict(_subset(val_images, b), device=device)
     log.info("end-to-end %s: fine-tuning on all of val (%d images): the final model", spec.retrain.method, len(y_val))
-    full = finetune(model, val_images, y_val, groups, spec, seed + 1, device=device)
+    full = finetune(model, val_images, y_val, groups, config, seed + 1, device=device)
     test_pred = full.predict(test_images, device=device)
     save_npy(out_dir / "test_pred.npy", test_pred)
     save_npy(out_dir / "heldout_idx.npy", b[None])
@@ -63,9 +64,9 @@ def run_end_to_end(spec, model: torch.nn.Module, val_images, y_val: np.ndarray, 
 
 
 class EndToEndModel:
-    """The cached stage's outputs with the surface `evaluate_all` reads from a last-layer retrainer."""
+    """The cached stage's outputs as a `retrain.RetrainedModel` (what `pipeline.evaluate_row` reads)."""
 
-    def __init__(self, stage_dir: Path, info: dict, y_val: np.ndarray, groups: np.ndarray,
+    def __init__(self, stage_dir: Path, y_val: np.ndarray, groups: np.ndarray,
                  score_groups: dict[str, np.ndarray] | None = None):
         d = stage_dir
         self.test_pred = load_npy(d / "test_pred.npy")
@@ -75,8 +76,11 @@ class EndToEndModel:
         scorers = {"pseudo": groups, "class": y_val, **(score_groups or {})}
         self.heldout = {name: worst_group_acc(pred, y_val[b], g[b]) for name, g in scorers.items()}
         self.chosen: dict = {}  # nothing is chosen inside the stage
-        self.info = info
 
-    def predict(self, feats=None) -> np.ndarray:
-        """Test predictions (the fine-tuned network saw test images inside the stage, not features)."""
+    def predictions(self, split: str) -> np.ndarray:
+        """Labels of `split`: the stage predicted the test images with the fine-tuned network (val is
+        predicted on its held-out half only: `heldout_idx`, `heldout_pred`)."""
+        if split != "test":
+            raise ValueError(f"the end_to_end stage saved test predictions only, not '{split}' (val: its held-out "
+                             f"half, heldout_pred)")
         return self.test_pred

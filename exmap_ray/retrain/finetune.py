@@ -8,7 +8,7 @@ The given model is copied, never changed in place. Objectives: "groupdro" is Sag
 online GroupDRO (per batch: q_g <- q_g exp(eta l_g), normalise, descend sum_g q_g l_g); "upweight"
 is JTT's second stage, a per-sample weighted cross-entropy (weights, e.g. lambda_up on the error set,
 are passed in). SGD with momentum 0.9 and weight decay, as in both papers; BatchNorm in train mode.
-`finetune_from_spec` reads the `retrain.*` keys. Images are a torch Dataset of (C, H, W) tensors or
+`finetune_with` reads the `retrain.*` keys. Images are a torch Dataset of (C, H, W) tensors or
 an (N, C, H, W) tensor; labels and groups are numpy arrays. There is no hyperparameter selection
 here: end-to-end runs are costly, so it is left to a sweep on the label-free held-out metrics.
 """
@@ -99,10 +99,9 @@ def finetune(model: nn.Module, images, y: np.ndarray, groups: np.ndarray, *, obj
     return FinetuneResult(net.eval(), q.cpu().numpy() if objective == "groupdro" else None, losses, step)
 
 
-def finetune_from_spec(method: str, model: nn.Module, images, y: np.ndarray, groups: np.ndarray, spec, seed: int,
+def finetune_with(method: str, model: nn.Module, images, y: np.ndarray, groups: np.ndarray, r, seed: int,
                        max_steps: int | None = None, device: str = "cpu") -> FinetuneResult:
-    """`method` groupdro or jtt, with the `retrain.*` keys of the full `spec`."""
-    r = spec.retrain
+    """`method` groupdro or jtt, with the keys of the spec's `retrain` section `r`."""
     common = dict(lr=r.e2e_lr, weight_decay=r.e2e_weight_decay, epochs=r.e2e_epochs, batch_size=r.batch_size,
                   seed=seed, max_steps=max_steps, device=device)
     if method == "groupdro":

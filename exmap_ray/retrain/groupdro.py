@@ -1,6 +1,6 @@
 """Online GroupDRO (Sagawa et al., ICLR 2020) on the last layer, with any group labels.
 
-    model = fit_groupdro(val_features, y_val, groups, spec, seed=0)
+    model = fit_groupdro(val_features, y_val, groups, spec.retrain, seed=0)
     pred = model.predict(test_features)
 
 A softmax linear head is trained on the frozen, standardised penultimate features of val by
@@ -79,12 +79,11 @@ def train_groupdro_head(X, yi, gi, n_classes: int, n_groups: int, *, eta: float,
     return W, b, q
 
 
-def fit_groupdro(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, spec, seed: int,
+def fit_groupdro(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
                  score_groups: dict[str, np.ndarray] | None = None) -> LastLayerModel:
-    """Last-layer GroupDRO on val with `groups` (any ids); `spec` is the full Spec (reads `spec.retrain`).
+    """Last-layer GroupDRO on val with `groups` (any ids); `r` is the spec's `retrain` section.
 
     `score_groups` are extra groupings scored on the held-out halves for analysis only."""
-    r = spec.retrain
     check_inputs("GroupDRO", feats, y, groups)
     X, mean, std = standardise(feats)
     classes, yi = np.unique(y, return_inverse=True)

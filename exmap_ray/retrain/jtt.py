@@ -1,6 +1,6 @@
 """Just Train Twice (Liu et al., ICML 2021) on the last layer: upweight an error set and retrain.
 
-    model = fit_jtt(val_features, y_val, groups, spec, seed=0)
+    model = fit_jtt(val_features, y_val, groups, spec.retrain, seed=0)
     pred = model.predict(test_features)
 
 JTT's second stage retrains with the first model's mistakes upsampled `retrain.jtt_upweight`
@@ -46,10 +46,9 @@ def fit_weighted_logreg(X, y, weights, weight_decay: float, seed: int) -> Logist
         return clf.fit(X, y, sample_weight=weights)
 
 
-def fit_jtt(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, spec, seed: int,
+def fit_jtt(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
             score_groups: dict[str, np.ndarray] | None = None) -> LastLayerModel:
-    """Last-layer JTT on val; `spec` is the full Spec (reads `spec.retrain`). `score_groups`: analysis only."""
-    r = spec.retrain
+    """Last-layer JTT on val; `r` is the spec's `retrain` section. `score_groups`: analysis only."""
     check_inputs("JTT", feats, y, groups)
     X, mean, std = standardise(feats)
     err = error_set_from_groups(y, groups)

@@ -266,3 +266,42 @@ def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path, capsys):
     finally:
         killed.set()
         server.kill()
+
+
+def test_server_killed_mid_bench_keeps_every_result(tiny_run, tmp_path):
+    """bench logs through the tracker too: the server dies once its MLflow run exists, and bench still
+    finishes every row and file, with the marker naming the run (the tiny run's cache: no stage recomputed)."""
+    import threading
+
+    from exmap_ray.bench import ROWS, run_bench
+    from exmap_ray.spec import from_dict
+
+    out = tmp_path / "bench"
+    server = MlflowServer(tmp_path, _free_port()).start()
+    killed = threading.Event()
+
+    def kill_once_the_run_exists():
+        t0 = time.time()
+        while time.time() - t0 < 300 and not killed.is_set():
+            try:
+                if json.loads((out / "tracking.json").read_text()).get("run_id"):
+                    server.kill()
+                    killed.set()
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_once_the_run_exists, daemon=True)
+    killer.start()
+    try:
+        summary = run_bench(from_dict(tiny_spec_dict()), [0], out, tiny_run[0] / "cache", server.uri)
+        killer.join(timeout=5)
+        assert killed.is_set() and summary["mlflow_pending"]
+        assert [r["row"] for r in summary["rows"]] == [name for name, *_ in ROWS]
+        for f in ("bench.md", "bench.csv", "bench.json", "bench_wga.png"):
+            assert (out / f).stat().st_size > 0
+        pending = json.loads((out / "mlflow_pending.json").read_text())
+        assert pending["uri"] == server.uri and pending["run_id"] == summary["mlflow_run_id"] is not None
+    finally:
+        killed.set()
+        server.kill()

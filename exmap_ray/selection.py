@@ -1,0 +1,142 @@
+"""Label-free selection maths: worst-group accuracy on held-out halves of val, over one or many groupings.
+
+    from exmap_ray.selection import worst_over_groupings_halves, score_se
+    score, halves, sizes = worst_over_groupings_halves(heldout_idx, heldout_pred, y, [pseudo_groups])
+    se = score_se(score, halves, sizes, "binomial")
+
+The retrainers choose their hyperparameters with `worst_group_acc` on the *given* (pseudo) groups
+(retrain/dfr.py, retrain/common.py); a sweep chooses among trials by scoring each trial's held-out
+predictions on every trial's pseudo groups (`worst_over_groupings`, tune.py). Both sides import
+these from here. Arrays in, floats out; no true group is needed.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+
+def worst_group_acc(pred, y, groups) -> float:
+    return min(float((pred[groups == g] == y[groups == g]).mean()) for g in np.unique(groups))
+
+
+def worst_over_groupings(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: np.ndarray,
+                         groupings: list[np.ndarray], min_members: int = 3) -> float:
+    """Label-free score of one model against many pseudo-groupings of val (e.g. every trial's in a sweep).
+
+    For each grouping, the worst group accuracy on each held-out half (groups with fewer than
+    `min_members` there are skipped as noise), averaged over halves; then the minimum over
+    groupings. A model that ignores a minority that *any* grouping isolated scores low, which a
+    trial's own groups cannot show when its clustering missed that minority.
+    """
+    return worst_over_groupings_halves(heldout_idx, heldout_pred, y, groupings, min_members)[0]
+
+
+class GroupingSet(NamedTuple):
+    """Distinct groupings of one val split, numbered for `np.bincount` (see `prepare_groupings`)."""
+    codes: np.ndarray    # (U, N) int64: grouping u's groups as offsets[u] .. offsets[u+1]-1, in sorted label order
+    offsets: np.ndarray  # (U + 1,) where each grouping's codes start
+    sizes: np.ndarray    # (offsets[-1],) val size of every code
+    first: np.ndarray    # (U,) position in the caller's list of each distinct grouping's first occurrence
+
+
+GROUPING_BLOCK = 1 << 22  # codes scored per bincount: bounds the temporary index array to 32 MB
+
+
+def prepare_groupings(groupings: list[np.ndarray]) -> GroupingSet:
+    """Number every distinct grouping once (identical ones, e.g. trials that share a clustering, count once).
+
+    A sweep scores each of its T trials on the same list of groupings: preparing them once and
+    scoring with bincounts makes the summary O(T * U * N) with U <= T distinct groupings, instead
+    of comparing boolean masks group by group, O(T^2 * N * G).
+    """
+    seen: dict[bytes, int] = {}
+    codes, first, sizes, offsets = [], [], [], [0]
+    for i, g in enumerate(groupings):
+        g = np.asarray(g)
+        key = g.dtype.str.encode() + g.tobytes()
+        if key in seen:
+            continue
+        seen[key] = i
+        _, inv = np.unique(g, return_inverse=True)  # sorted labels, so the smallest code is the smallest label
+        n_groups = int(inv.max()) + 1 if inv.size else 0
+        codes.append(inv.ravel().astype(np.int64) + offsets[-1])
+        sizes.append(np.bincount(inv.ravel(), minlength=n_groups))
+        offsets.append(offsets[-1] + n_groups)
+        first.append(i)
+    n = len(groupings[0]) if len(groupings) else 0
+    return GroupingSet(np.array(codes, np.int64).reshape(len(codes), n), np.array(offsets, np.int64),
+                       np.concatenate(sizes) if sizes else np.zeros(0, np.int64), np.array(first, np.int64))
+
+
+def _half_worst(codes: np.ndarray, offsets: np.ndarray, idx: np.ndarray, correct: np.ndarray,
+                min_members: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per grouping, the worst accuracy on one held-out half over groups with >= min_members there
+    (inf where none qualifies) and the code of that group (ties: the smallest code)."""
+    u = len(codes)
+    worst, arg = np.full(u, np.inf), np.full(u, -1, np.int64)
+    step = max(1, GROUPING_BLOCK // max(len(idx), 1))
+    for lo in range(0, u, step):
+        hi = min(u, lo + step)
+        c = codes[lo:hi, idx].ravel()
+        base, top = int(offsets[lo]), int(offsets[hi])
+        count = np.bincount(c - base, minlength=top - base)
+        right = np.bincount(c - base, weights=np.tile(correct, hi - lo), minlength=top - base)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            acc = np.where(count >= max(min_members, 1), right / count, np.inf)
+        for j in range(lo, hi):
+            seg = acc[offsets[j] - base:offsets[j + 1] - base]
+            if len(seg):
+                a = int(np.argmin(seg))  # first minimum: the smallest code among equal accuracies
+                worst[j], arg[j] = seg[a], offsets[j] + a
+    return worst, arg
+
+
+def worst_over_groupings_halves(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: np.ndarray,
+                                groupings: list[np.ndarray] | GroupingSet, min_members: int = 3
+                                ) -> tuple[float, np.ndarray, np.ndarray]:
+    """`worst_over_groupings`, the per-half worst accuracies of the grouping that set it, and the val
+    size of the group that was worst on each of those halves.
+
+    Those give the score's noise for the one-standard-error selection rule (`search.select: one_se`):
+    the spread over halves (`search.se: halves`), or a binomial error on the worst group's size
+    (`search.se: binomial`). `groupings` may be a list or, when many models are scored on the same
+    list (a sweep summary), the `prepare_groupings` of it, built once.
+    """
+    gs = groupings if isinstance(groupings, GroupingSet) else prepare_groupings(groupings)
+    y = np.asarray(y)
+    halves = [_half_worst(gs.codes, gs.offsets, np.asarray(idx), np.asarray(pred) == y[idx], min_members)
+              for idx, pred in zip(heldout_idx, heldout_pred)]
+    if not halves:
+        return float("nan"), np.array([]), np.array([])
+    worst = np.stack([w for w, _ in halves])  # (halves, U)
+    arg = np.stack([a for _, a in halves])
+    best_mean, best_u = float("nan"), -1
+    for u in range(len(gs.codes)):  # the minimum over groupings, the first one on ties (as listed)
+        ok = np.isfinite(worst[:, u])
+        if ok.any():
+            mean = float(np.mean(worst[ok, u].tolist()))
+            if not (mean >= best_mean):
+                best_mean, best_u = mean, u
+    if best_u < 0:
+        return float("nan"), np.array([]), np.array([])
+    ok = np.isfinite(worst[:, best_u])
+    return best_mean, worst[ok, best_u], gs.sizes[arg[ok, best_u]].astype(int)
+
+
+def score_se(score: float, halves: np.ndarray, sizes: np.ndarray, kind: str) -> float:
+    """Standard error of a held-out worst-group score (nan when it cannot be estimated).
+
+    halves: the spread over held-out halves. They overlap, so it understates the noise when the
+    worst group is a handful of images. binomial: sqrt(p(1-p)/n) with p the score and n the val size
+    of the worst group (mean over halves); the halves together cover about all of val, so n is the
+    sample the score rests on.
+    """
+    if kind == "halves":
+        return float(np.std(halves, ddof=1) / np.sqrt(len(halves))) if len(halves) > 1 else float("nan")
+    if kind == "binomial":
+        if not len(sizes) or math.isnan(score):
+            return float("nan")
+        return math.sqrt(max(score * (1 - score), 0.0) / float(np.mean(sizes)))
+    raise ValueError(f"unknown standard-error kind {kind!r}; use 'binomial' or 'halves'")

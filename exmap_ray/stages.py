@@ -1,0 +1,291 @@
+"""The stage graph: every cached stage declared once, and the one function stage keys come from.
+
+    from exmap_ray.stages import compute_upstream, stage_keys
+    stages = stage_keys(spec, cache)         # {name: Stage}: the key and folder of each stage of this spec
+    up = compute_upstream(spec, data, cache)  # computes (or reuses) them all; needs ray.init() first
+    up.val_features, up.pseudo, up.stages["heatmaps"].dir
+
+    erm ──> features ──────────────┐
+     │ └──> heatmaps ──> clusters <┘
+     └──────────────────────┴──> end_to_end      (retrain.mode end_to_end only)
+
+Each `StageDef` in `STAGES` names its inputs, the spec sections its key hashes, its compute
+function and where it runs. A stage's key is the hash of its name, those sections (less the
+execution-only keys, plus the resolved device) and its inputs' keys (`store.StageCache.stage`),
+so a change to a section recomputes that stage and everything downstream of it, and nothing else.
+`run_pipeline`, `bench`, the sweep's shared upstream (`shared_stages`) and the benchmarks derive
+from this table; a new stage is one entry here and its compute function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from .clustering import check_heatmaps
+from .data import GroupData, build_dataset
+from .data.base import loader_options
+from .errors import DataError
+from .groups import GroupContext, infer_groups
+from .heatmaps.extract import HeatmapStore, extract_with_actors
+from .models import embed, load_checkpoint
+from .resources import resolve_resources, run_task
+from .spec import Spec, stage_seed
+from .storage import Loc
+from .store import Stage, StageCache, load_npy, save_npy
+
+log = logging.getLogger(__name__)
+# keys that change how a stage runs but not what it computes: kept out of the cache hash
+EXECUTION_ONLY = {"heatmaps": {"batch_size", "shard_size", "num_actors"},
+                  "dataset": {"loader_workers", "pin_memory", "persistent_workers", "decode_cache"}}
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        log.info("── stage %s ──", name)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        log.info("stage %s finished in %.1f s", name, self.seconds[name])
+
+
+# compute(spec, data, inputs, out): writes the stage's files under `out` (a storage Loc) and returns
+# the JSON-able info its `done` marker records; `inputs` are the finished input stages, by name
+Compute = Callable[[Spec, GroupData, "dict[str, Stage]", Loc], Optional[dict]]
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    inputs: tuple[str, ...]        # upstream stages, by name (declared earlier in STAGES)
+    sections: tuple[str, ...]      # spec sections (or top-level keys such as seed) its key hashes
+    compute: Compute
+    resources: str                 # where it runs, and the spec keys that size it (docs, logs)
+    device: bool = True            # the key also hashes the resolved device (resources.gpu)
+    flat: bool = False             # the key holds its one section's keys at the top level (heatmaps' first
+                                   # layout, kept so existing caches stay valid)
+    when: Optional[Callable[[Spec], bool]] = None  # the stage runs only for specs where this holds
+
+    def applies(self, spec: Spec) -> bool:
+        return self.when is None or self.when(spec)
+
+
+def device(spec: Spec) -> str:
+    """Part of every compute stage's key: resources.gpu as resolved for this run (never 'auto')."""
+    if spec.resources.gpu == "auto":
+        raise RuntimeError("resources.gpu must be resolved (resources.resolve_resources) before stage keys")
+    return "cuda" if spec.resources.gpu else "cpu"
+
+
+def section_config(spec: Spec, section: str):
+    """A spec section as a stage key hashes it: its keys less the execution-only ones (or a top-level value)."""
+    value = getattr(spec, section)
+    if not dataclasses.is_dataclass(value):
+        return value
+    return {k: v for k, v in value.__dict__.items() if k not in EXECUTION_ONLY.get(section, ())}
+
+
+def stage_config(sd: StageDef, spec: Spec) -> dict:
+    """What stage `sd`'s key hashes of `spec` (besides its inputs' keys)."""
+    if sd.flat:
+        (section,) = sd.sections
+        config = dict(section_config(spec, section))
+    else:
+        config = {s: section_config(spec, s) for s in sd.sections}
+    if sd.device:
+        config["device"] = device(spec)
+    return config
+
+
+# ── compute functions ────────────────────────────────────────────────────────────────────────────
+
+def _erm(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
+    from .erm import train_erm
+
+    return train_erm(spec, out, data.n_classes)
+
+
+def features_task(spec_dict: dict, model_uri: str, out_uri: str) -> dict:
+    """Penultimate features and logits of val and test, written under `out_uri` (a Ray task)."""
+    from .spec import from_dict
+
+    spec = from_dict(spec_dict)
+    data = build_dataset(spec.dataset, spec.seed)
+    out = Loc.parse(out_uri)
+    model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
+    for split in ("val", "test"):
+        f, logits = embed(model, data.split(split).images, device=device(spec),
+                          loader_kwargs=loader_options(spec.dataset, persistent=False))
+        save_npy(out / f"{split}_features.npy", f)
+        save_npy(out / f"{split}_logits.npy", logits)
+    return {"dim": int(f.shape[1])}
+
+
+def _features(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
+    return run_task(spec, features_task, spec.to_dict(), str(inputs["erm"].dir / "model.pt"), str(out))
+
+
+def _heatmaps(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
+    return extract_with_actors(spec, inputs["erm"].dir / "model.pt", len(data.val), out)
+
+
+def group_context(spec: Spec, y_val: np.ndarray, true_groups: np.ndarray, val_features: np.ndarray,
+                  val_logits: np.ndarray, heatmaps, scope: str | None = None) -> GroupContext:
+    """What the spec's group sources see (`scope` overrides clustering.scope: bench's local/global rows)."""
+    clustering = spec.clustering if scope is None else dataclasses.replace(spec.clustering, scope=scope)
+    return GroupContext(y_val=y_val, clustering=clustering, seed=stage_seed(spec.seed, "clusters"),
+                        val_features=val_features, val_logits=val_logits, heatmaps=heatmaps,
+                        true_groups=true_groups, random_k=spec.groups.random_k)
+
+
+def clusters_task(spec_dict: dict, hm_uri: str, feats_uri: str, out_uri: str, y_val: np.ndarray,
+                  true_groups: np.ndarray) -> dict:
+    """The val grouping retraining uses (ExMap's heatmap clusters, or a baseline), as a Ray task."""
+    from .clustering_scale import SCALE_MIN_N
+    from .spec import from_dict
+
+    spec = from_dict(spec_dict)
+    hm, feats = Loc.parse(hm_uri), Loc.parse(feats_uri)
+    H = HeatmapStore(hm).for_clustering(whole_below=SCALE_MIN_N)  # millions: shards, memory-mapped
+    if spec.groups.source == "exmap" and spec.clustering.input == "heatmaps":
+        try:
+            check_heatmaps(H)
+        except DataError as e:  # name the culprit stage: which method, which files
+            raise DataError(f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone "
+                            f"'{spec.model.backbone}', heatmaps in '{hm}']") from None
+    ctx = group_context(spec, y_val, true_groups, load_npy(feats / "val_features.npy"),
+                        load_npy(feats / "val_logits.npy"), H)
+    groups, info = infer_groups(spec.groups.source, ctx)  # only the `true` source sees true groups
+    save_npy(Loc.parse(out_uri) / "pseudo_groups.npy", groups)
+    return info
+
+
+def _clusters(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
+    return run_task(spec, clusters_task, spec.to_dict(), str(inputs["heatmaps"].dir), str(inputs["features"].dir),
+                    str(out), data.val.y, data.val.group)
+
+
+def _end_to_end(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
+    """Fine-tune the ERM network with the clusters stage's groups; a resumed run or a bench row never
+    fine-tunes twice."""
+    from .retrain.end_to_end import run_end_to_end
+
+    model = load_checkpoint(spec.model.backbone, data.n_classes, inputs["erm"].dir / "model.pt")
+    return run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(inputs["clusters"].dir / "pseudo_groups.npy"),
+                          data.test.images, stage_seed(spec.seed, "dfr"), out)
+
+
+STAGES: tuple[StageDef, ...] = (
+    StageDef("erm", (), ("seed", "dataset", "model", "erm"), _erm,
+             "Ray Train: erm.num_workers workers, 1 GPU or resources.worker_cpus CPUs each"),
+    StageDef("features", ("erm",), (), _features, "a Ray task: resources.task_cpus, 1 GPU when resources.gpu"),
+    StageDef("heatmaps", ("erm",), ("heatmaps",), _heatmaps,
+             "a Ray actor pool: heatmaps.num_actors actors, 1 GPU each or CPU threads", flat=True),
+    StageDef("clusters", ("heatmaps", "features"), ("clustering", "groups", "seed"), _clusters,
+             "a Ray task: resources.task_cpus, 1 GPU when resources.gpu"),
+    # no device in its own key: its inputs' keys carry it
+    StageDef("end_to_end", ("erm", "clusters"), ("retrain", "seed"), _end_to_end,
+             "the driver's process (or the trial's): the GPU when there is one", device=False,
+             when=lambda spec: spec.retrain.mode == "end_to_end"),
+)
+BY_NAME = {sd.name: sd for sd in STAGES}
+
+
+def _needed(spec: Spec, targets: Iterable[str] | None) -> list[StageDef]:
+    """The stages `targets` need (all that apply to `spec` when None), in STAGES order."""
+    want = {sd.name for sd in STAGES if sd.applies(spec)} if targets is None else set(targets)
+    for sd in reversed(STAGES):
+        if sd.name in want:
+            want.update(sd.inputs)
+    return [sd for sd in STAGES if sd.name in want]
+
+
+def stage_keys(spec: Spec, cache: StageCache, targets: Iterable[str] | None = None) -> dict[str, Stage]:
+    """Every stage of `spec` (or `targets` and their inputs) with its key and folder in `cache`.
+
+    The one place stage keys come from: the pipeline, bench, sweeps and benchmarks all ask here.
+    `spec.resources.gpu` must be resolved (`resources.resolve_resources`): the device is in the keys."""
+    stages: dict[str, Stage] = {}
+    for sd in _needed(spec, targets):
+        stages[sd.name] = cache.stage(sd.name, stage_config(sd, spec), tuple(stages[i] for i in sd.inputs))
+    return stages
+
+
+def sections_of(name: str) -> set[str]:
+    """The spec sections stage `name`'s key depends on, through its inputs too."""
+    sd = BY_NAME[name]
+    return set(sd.sections).union(*(sections_of(i) for i in sd.inputs))
+
+
+def changes(name: str, key: str) -> bool:
+    """Whether a value of spec key `key` (dotted) enters stage `name`'s key."""
+    section, _, field = key.partition(".")
+    return section in sections_of(name) and field not in EXECUTION_ONLY.get(section, ())
+
+
+def shared_stages(spec: Spec, searched: Iterable[str]) -> list[str]:
+    """The stages of `spec` whose keys none of the `searched` spec keys changes: a sweep's shared upstream."""
+    searched = list(searched)
+    return [sd.name for sd in STAGES if sd.applies(spec) and not any(changes(sd.name, k) for k in searched)]
+
+
+def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer | None = None,
+               targets: Iterable[str] | None = None, have: "Upstream | None" = None
+               ) -> tuple[dict[str, Stage], dict[str, dict]]:
+    """Compute (or reuse) `targets` and their inputs (every stage of `spec` when None): (stages, infos by name).
+
+    Stages already in `have` under the same key are taken from it as they are. Every stage reads and
+    writes under the cache's storage root; ERM runs on Ray Train, the heatmaps on an actor pool,
+    features and clusters as Ray tasks, so none of them depends on the driver's disk."""
+    spec = resolve_resources(spec)  # a no-op when run_pipeline or a sweep resolved it already
+    timer = timer or Timer()
+    stages = stage_keys(spec, cache, targets)
+    infos = {}
+    for name, stage in stages.items():
+        if have is not None and name in have.stages and have.stages[name].key == stage.key:
+            infos[name] = have.info[name]
+            continue
+        sd = BY_NAME[name]
+        inputs = {i: stages[i] for i in sd.inputs}
+        with timer(name):
+            infos[name] = cache.run(stage, lambda d, sd=sd, inputs=inputs: sd.compute(spec, data, inputs, d))
+    return stages, infos
+
+
+@dataclass
+class Upstream:
+    """What evaluation reads from the stages of one spec: their folders, their infos and the arrays."""
+
+    stages: dict[str, Stage]     # by stage name: key and folder
+    info: dict[str, dict]        # by stage name: its `done` record (ERM history, cluster sizes, ...)
+    val_features: np.ndarray     # (N_val, d) penultimate features of the ERM model
+    test_features: np.ndarray
+    val_logits: np.ndarray       # (N_val, n_classes)
+    test_logits: np.ndarray
+    pseudo: np.ndarray           # (N_val,) the clusters stage's groups (groups.source)
+
+    @cached_property
+    def heatmaps(self) -> np.ndarray:
+        """The val heatmaps, loaded whole on first use (group sources run in this process: bench)."""
+        return HeatmapStore(self.stages["heatmaps"].dir).load()
+
+
+def compute_upstream(spec: Spec, data: GroupData, cache: StageCache, timer: Timer | None = None,
+                     have: Upstream | None = None) -> Upstream:
+    """Every stage of `spec`, computed or reused (those in `have` taken as they are), with the arrays
+    evaluation reads loaded."""
+    stages, infos = run_stages(spec, data, cache, timer, have=have)
+    feats = stages["features"].dir
+    return Upstream(stages, infos, load_npy(feats / "val_features.npy"), load_npy(feats / "test_features.npy"),
+                    load_npy(feats / "val_logits.npy"), load_npy(feats / "test_logits.npy"),
+                    load_npy(stages["clusters"].dir / "pseudo_groups.npy"))

@@ -1,0 +1,67 @@
+"""The stage graph (stages.py): literal stage keys, the shared upstream of a sweep, the declarations."""
+import pytest
+
+from exmap_ray.spec import load_spec
+from exmap_ray.stages import STAGES, sections_of, shared_stages, stage_keys
+from exmap_ray.store import StageCache
+
+# Stage keys of the demo spec as the hand-written keys computed them before the stage graph
+# (commit cbcb6c1): an existing cache must keep working, so these never change by accident.
+DEMO_KEYS = {
+    "cpu": {"erm": "220fd1ade0e4", "features": "5287d38d6807", "heatmaps": "ec45ff761a82",
+            "clusters": "892fa0ef4d22", "end_to_end": "a1f7d39bdc78"},
+    "gpu": {"erm": "577d9c7f2361", "features": "f5055dc4e291", "heatmaps": "027d2a1cb88d",
+            "clusters": "e8b3c9a932ec", "end_to_end": "af4b08af5d57"},
+}
+# seed 1, k 4, GroupDRO end to end, and two execution-only keys changed (they stay out of every key)
+VARIANT = ["resources.gpu=false", "seed=1", "clustering.k=4", "retrain.method=groupdro", "retrain.mode=end_to_end",
+           "heatmaps.batch_size=7", "dataset.loader_workers=1"]
+VARIANT_KEYS = {"erm": "10a476b90ce1", "features": "1e84445c4d5b", "heatmaps": "4d7613b9d304",
+                "clusters": "d2dc958bc4d6", "end_to_end": "3bae16952d30"}
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_demo_stage_keys_are_pinned(tmp_path, device):
+    spec = load_spec("cmnist", [f"resources.gpu={device == 'gpu'}"])
+    stages = stage_keys(spec, StageCache(tmp_path), ["clusters", "end_to_end"])
+    assert {n: s.key for n, s in stages.items()} == DEMO_KEYS[device]
+    assert stages["heatmaps"].dir == StageCache(tmp_path).root / f"heatmaps-{DEMO_KEYS[device]['heatmaps']}"
+    # without targets: the stages this spec runs (last-layer retraining: no end_to_end stage)
+    assert list(stage_keys(spec, StageCache(tmp_path))) == ["erm", "features", "heatmaps", "clusters"]
+
+
+def test_variant_stage_keys_are_pinned(tmp_path):
+    stages = stage_keys(load_spec("cmnist", VARIANT), StageCache(tmp_path))
+    assert {n: s.key for n, s in stages.items()} == VARIANT_KEYS
+
+
+def test_unresolved_device_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="resolve_resources"):
+        stage_keys(load_spec("cmnist", ["resources.gpu=auto"]), StageCache(tmp_path))
+
+
+def test_graph_is_declared_in_order_and_sections_are_spec_sections():
+    spec = load_spec("cmnist").to_dict()
+    seen = set()
+    for sd in STAGES:
+        assert set(sd.inputs) <= seen, f"{sd.name} reads a stage declared after it"
+        assert all(s in spec for s in sd.sections), sd.name
+        seen.add(sd.name)
+    assert sections_of("clusters") == {"seed", "dataset", "model", "erm", "heatmaps", "clustering", "groups"}
+
+
+@pytest.mark.parametrize("searched, shared", [
+    (["clustering.k", "clustering.scope"], ["erm", "features", "heatmaps"]),
+    (["heatmaps.downsize"], ["erm", "features"]),
+    (["heatmaps.batch_size"], ["erm", "features", "heatmaps", "clusters"]),  # execution-only: no key changes
+    (["erm.lr"], []),
+    (["dfr.c_grid"], ["erm", "features", "heatmaps", "clusters"]),
+])
+def test_a_sweeps_shared_upstream_follows_the_graph(searched, shared):
+    assert shared_stages(load_spec("cmnist", ["resources.gpu=false"]), searched) == shared
+
+
+def test_end_to_end_is_shared_only_when_it_runs():
+    e2e = load_spec("cmnist", ["resources.gpu=false", "retrain.method=jtt", "retrain.mode=end_to_end"])
+    assert shared_stages(e2e, ["dfr.c_grid"])[-1] == "end_to_end"
+    assert "end_to_end" not in shared_stages(e2e, ["retrain.e2e_lr"])
