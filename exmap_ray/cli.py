@@ -355,8 +355,7 @@ def cmd_datasets(args) -> int:
 
     width = max(10, *(len(n) for n in DATASETS.names()))
     for name in DATASETS.names():
-        doc = (sys.modules[DATASETS.get(name).__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<{width}} {doc}")
+        print(f"{name:<{width}} {DATASETS.get(name).summary}")
     return 0
 
 

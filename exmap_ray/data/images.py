@@ -1,4 +1,5 @@
-"""Image files on disk: the paper's transforms and a decode-once cache for val/test.
+"""Image files on disk: the one image path every on-disk dataset takes (`image_group_data` over a
+scanned table), the paper's transforms and a decode-once cache for val/test.
 
 Transforms (as in the DFR / ExMap reference code, for Waterbirds, CelebA, MetaShift, UrbanCars):
 - train: RandomResizedCrop(S, scale 0.7-1, aspect 3/4-4/3), horizontal flip, ImageNet normalisation;
@@ -26,15 +27,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from ..errors import DataError, SpecError
 from ..store import atomic_path
 from .base import GroupData, Split
-from .folder import IMAGENET_MEAN, IMAGENET_STD, SPLITS, ImageFiles, normalization
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SPLITS = {0: "train", 1: "val", 2: "test"}
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as im:
+                return self.transform(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"image '{self.paths[i]}' cannot be read ({e}); replace it, or drop it from the "
+                            f"dataset's index (`exmap-ray datasets check` lists every such file)") from None
+
+
+def normalization(dspec, default_mean, default_std):
+    mean = dspec.mean if dspec.mean is not None else default_mean
+    std = dspec.std if dspec.std is not None else default_std
+    for key, v in (("dataset.mean", mean), ("dataset.std", std)):
+        if len(v) != 3:
+            raise SpecError(f"spec key '{key}': got {v}, expected 3 values (one per RGB channel)")
+    return mean, std
 
 
 def eval_resize(size: int) -> int:
@@ -143,9 +172,6 @@ class EvalImages(Dataset):
         state = dict(self.__dict__)
         state["_arr"] = None
         return state
-
-    def check(self) -> None:
-        self.files.check()
 
 
 def image_group_data(table: dict, dspec, name: str, shortcut_metrics=None) -> GroupData:
