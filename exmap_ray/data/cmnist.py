@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, SpecError
-from ..spec import stage_seed
+from ..hashing import stage_seed
 from .base import GroupData, Split, TensorImages, register_dataset
 
 log = logging.getLogger(__name__)

@@ -135,7 +135,7 @@ CLI_CASES = [
                  ["spec key 'heatmaps.method': unknown heatmap method 'lrpp'",
                   "Registered: gradcam, input_x_gradient,", "Did you mean 'lrp'?"], id="unknown-heatmap-method"),
     pytest.param(lambda t: tiny_spec_dict(clustering={"method": "kmean"}), SpecError,
-                 ["spec key 'clustering.method': got 'kmean', expected one of:", "kmeans", "spectral"],
+                 ["spec key 'clustering.method': unknown clusterer 'kmean'. Registered:", "spectral", "Did you mean 'kmeans'?"],
                  id="unknown-clustering-method"),
     pytest.param(lambda t: tiny_spec_dict(dataset={"name": "cmnst"}), SpecError,
                  ["spec key 'dataset.name': unknown dataset 'cmnst'", "Registered: celeba, cmnist,",
