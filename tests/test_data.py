@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from exmap_ray.data import build_dataset
+from exmap_ray.data import DATASETS, build_dataset
 from exmap_ray.data.cmnist import SHIPPED, load_digits
 from exmap_ray.errors import DataError, SpecError
 from exmap_ray.spec import from_dict
@@ -118,5 +118,5 @@ def test_folder_missing_root_and_corrupt_image(tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(SpecError, match="unknown dataset 'imagenet'. Registered: celeba, cmnist, cmnist_multi, folder, metashift, urbancars, waterbirds"):
+    with pytest.raises(SpecError, match=f"unknown dataset 'imagenet'. Registered: {', '.join(DATASETS.names())}"):
         build_dataset(from_dict({"dataset": {"name": "imagenet"}}).dataset, 0)

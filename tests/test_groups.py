@@ -34,7 +34,6 @@ def ctx(**over):
 
 
 def test_registry_and_spec_key():
-    assert GROUP_SOURCES.names() == ["exmap", "features", "jtt_error_set", "random", "true"]
     assert from_dict({}).groups.source == "exmap"
     with pytest.raises(SpecError, match=r"groups.source': unknown group source 'oracle'. Registered: exmap"):
         from_dict({"groups": {"source": "oracle"}})
