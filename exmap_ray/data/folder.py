@@ -14,7 +14,8 @@ ROOT/metadata.csv has the columns
 and CelebA's DFR variants). The whole table is checked before any training: missing columns, bad
 values (by line), missing image files, empty splits and single-class splits are findings that name
 the file and the fix (`exmap-ray datasets check` lists them all). The images then take the shared path
-(images.py): the paper's transforms and the val/test decode cache.
+(images.py) with the val/test decode cache; `folder` resizes every split to S x S (no crop, no
+augmentation), the benchmarks use the paper's transforms.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import near_name
+from .images import RESIZE
 from .layout import MAX_LISTED, Scan, missing_files, register_layout, require_root, root_problem
 
 SPLIT_NAMES = {0: "train", 1: "val", 2: "test"}
@@ -114,7 +116,7 @@ def scan_metadata_csv(scan: Scan, root: Path, source: str = SOURCE, values: dict
             "n_classes": int(y.max()) + 1, "spurious": s}
 
 
-@register_layout("folder")
+@register_layout("folder", transforms=RESIZE)  # a plain resize for every split, as before (docs/datasets.md)
 def scan_folder(dspec) -> Scan:
     """Any dataset in the group_DRO / Waterbirds layout: ROOT/metadata.csv and the images it lists."""
     root = require_root(dspec, "folder", "a folder with metadata.csv and the images")

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..errors import DataError, SpecError, near_name
 from .base import DATASETS, DatasetEntry, GroupData, _summary
+from .images import PAPER, Transforms, _files_key, decode_cache_dir, image_group_data
 
 SPLIT_NAMES = ("train", "val", "test")
 MAX_LISTED = 5  # files named per finding; the count says how many there are
@@ -72,16 +73,16 @@ def scan_or_raise(name: str, dspec) -> Scan:
     return scan
 
 
-def register_layout(name: str) -> Callable:
+def register_layout(name: str, transforms: Transforms = PAPER) -> Callable:
     """`@register_layout("waterbirds")` on a scanner (dspec) -> Scan registers an on-disk dataset: its
-    builder reads the scanned table through the shared image path. A scanner may put a
-    `shortcut_metrics` function (pred, y, attrs) -> dict in `scan.extras` (UrbanCars' gaps)."""
+    builder reads the scanned table through the shared image path (`transforms`: the paper's, or
+    images.RESIZE). A scanner may put a `shortcut_metrics` function (pred, y, attrs) -> dict in
+    `scan.extras` (UrbanCars' gaps)."""
     def deco(scan_fn: Callable) -> Callable:
         def build(dspec, seed: int) -> GroupData:
-            from .images import image_group_data
-
             scan = scan_or_raise(name, dspec)
-            return image_group_data(scan.table, dspec, name, shortcut_metrics=scan.extras.get("shortcut_metrics"))
+            return image_group_data(scan.table, dspec, name, shortcut_metrics=scan.extras.get("shortcut_metrics"),
+                                    how=transforms)
 
         DATASETS.register(name)(DatasetEntry(name, build, scan_fn, summary=_summary(scan_fn)))
         return scan_fn
@@ -243,8 +244,6 @@ def empty_groups(scan: Scan, counts: dict, fix: str) -> None:
 def _verified_marker(dspec, files: list[Path]) -> Optional[Path]:
     """A marker beside the decode cache saying these exact files (paths, sizes, mtimes) all opened:
     later checks (every run's preflight, sweeps) skip re-opening hundreds of thousands of images."""
-    from .images import _files_key, decode_cache_dir
-
     cache = decode_cache_dir(dspec)
     return None if cache is None or not files else cache / f"verified-{dspec.name}-{_files_key(files, 0)}"
 
