@@ -27,9 +27,8 @@ import numpy as np
 
 from ..errors import near_name
 from .images import RESIZE
-from .layout import MAX_LISTED, Scan, missing_files, register_layout, require_root, root_problem
+from .layout import MAX_LISTED, SPLIT_NAMES, Scan, missing_files, register_layout, require_root, root_problem
 
-SPLIT_NAMES = {0: "train", 1: "val", 2: "test"}
 SPURIOUS = ("place", "spurious")
 SOURCE = "the dataset's original index"
 
@@ -93,7 +92,7 @@ def scan_metadata_csv(scan: Scan, root: Path, source: str = SOURCE, values: dict
     paths = [root / r["img_filename"] for r in rows]
     missing_files(scan, [(f"line {i + 2}", p) for i, p in enumerate(paths) if not p.is_file()], f"'{meta}'",
                   f"restore those files from {source}, or delete their lines from {meta}")
-    for code, name in SPLIT_NAMES.items():
+    for code, name in enumerate(SPLIT_NAMES):
         if not (split == code).any():
             scan.add("empty split", f"'{meta}': the {name} split (split == {code}) is empty",
                      f"give some rows split {code}, or restore {meta} from {source}")
