@@ -118,7 +118,7 @@ class RayClaims:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from .spec import stable_hash
+        from .hashing import stable_hash
 
         self.name = f"exmap-ray-claims-{stable_hash(str(root))}"
         self.poll_s = poll_s

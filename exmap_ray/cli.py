@@ -7,7 +7,7 @@
     exmap-ray tune cmnist_sweep [--resume]                  # a Ray Tune sweep, tracked in MLflow
     exmap-ray sync-mlflow runs/demo [--tracking-uri URI]      # upload a run whose MLflow server went away
     exmap-ray bench cmnist --seeds 3                        # ExMap against the baselines, over seeds
-    exmap-ray spec [SPEC] [--set k=v ...]                    # defaults with reasons, or a resolved spec
+    exmap-ray spec [SPEC] [--set k=v ...]                    # the built-in defaults with reasons, or a resolved spec
     exmap-ray datasets                                       # registered datasets
     exmap-ray datasets check waterbirds --root /data/waterbird_complete95_forest2water2   # verify a dataset on disk
 
@@ -103,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "with the ExMap groups (retrain.e2e_* keys); slower than the last-layer rows")
     _add_job_args(bn, "output folder (default runs/<spec name>-bench)")
 
-    sp = sub.add_parser("spec", help="print every spec key with its default and reason, or a resolved spec",
-                        description="Without SPEC: every key, its default and why. With SPEC: the resolved "
-                                    "spec after the YAML file and --set overrides, as YAML.")
+    sp = sub.add_parser("spec", help="print the built-in defaults with their reasons, or a resolved spec",
+                        description="Without SPEC: the built-in defaults, every key with its default and why "
+                                    "(with --set: the defaults after the overrides, as YAML). With SPEC: the "
+                                    "resolved spec after the YAML file and --set overrides, as YAML. (`run` "
+                                    "without SPEC runs the demo; `exmap-ray spec cmnist` shows its spec.)")
     _add_spec_args(sp)
 
     ds = sub.add_parser("datasets", help="list the registered datasets, or check one on disk",
@@ -176,6 +178,7 @@ def ray_session(address: str | None, quiet: bool = False):
 
 def job_spec(args):
     """The spec of `run`, `tune` or `bench`: SPEC (a file or a shipped spec's name), else the demo; then --set."""
+    from . import plugins  # noqa: F401  (every registry, so the spec's names are checked against them)
     from .spec import DEMO, load_spec
 
     return load_spec(args.spec or DEMO, args.sets)
@@ -334,9 +337,10 @@ def cmd_sync(args) -> int:
 def cmd_spec(args) -> int:
     import yaml
 
+    from . import plugins  # noqa: F401  (every registry, so the spec's names are checked against them)
     from .spec import describe_defaults, load_spec
 
-    if not args.spec and not args.sets:
+    if not args.spec and not args.sets:  # the built-in defaults (`run` without SPEC runs the demo instead)
         print(describe_defaults())
     else:
         print(yaml.safe_dump(load_spec(args.spec, args.sets).to_dict(), sort_keys=False))
@@ -348,19 +352,18 @@ def cmd_datasets(args) -> int:
 
     if getattr(args, "ds_command", None) == "check":
         from .data import check_dataset
+        from . import plugins  # noqa: F401  (every registry, so the spec's names are checked against them)
         from .spec import load_spec
 
         extra = {"dataset": {"name": args.name, **({"root": args.root} if args.root else {})}}
-        dspec = load_spec(None, args.sets, extra=extra).dataset
-        DATASETS.get(dspec.name)  # an unknown name: the registry's error, with the registered names
+        dspec = load_spec(None, args.sets, extra=extra).dataset  # an unknown name: the registry's error
         report = check_dataset(dspec, verify=not args.no_verify, progress=lambda m: print(m, file=sys.stderr))
         print(report.format())
         return 0 if report.ok else 2
 
     width = max(10, *(len(n) for n in DATASETS.names()))
     for name in DATASETS.names():
-        doc = (sys.modules[DATASETS.get(name).__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<{width}} {doc}")
+        print(f"{name:<{width}} {DATASETS.get(name).summary}")
     return 0
 
 

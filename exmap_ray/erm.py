@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .models import autocast, create_model, save_checkpoint
-from .spec import stage_seed
+from .hashing import stage_seed
 from .storage import Loc
 from .store import read_json, write_json
 

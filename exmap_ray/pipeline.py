@@ -22,7 +22,7 @@ import numpy as np
 
 from . import plots, tracking
 from .data import GroupData, build_dataset
-from .data.layout import LAYOUTS, check_dataset
+from .data.layout import check_before_run
 from .heatmaps.extract import HeatmapStore
 from .metrics import agreement, evaluate
 from .errors import DataError, SpecError, UserError
@@ -54,13 +54,8 @@ def preflight(spec: Spec) -> GroupData:
     """
     if spec.model.pretrained is not None:  # missing weights fail at once, not after the data checks
         find_weights(spec.model.pretrained, spec.model.backbone)
-    if spec.dataset.name in LAYOUTS:  # on-disk benchmarks: the same check as `exmap-ray datasets check`
-        report = check_dataset(spec.dataset)  # layout, index files, every missing and unreadable image
-        report.raise_if_bad()
+    check_before_run(spec.dataset)  # on disk: as `exmap-ray datasets check` (layout, every unreadable image)
     data = build_dataset(spec.dataset, spec.seed)
-    if spec.dataset.name not in LAYOUTS:
-        for split in (data.train, data.val, data.test):
-            getattr(split.images, "check", lambda: None)()  # on-disk images: a corrupt file fails now, by name
     model = create_model(spec.model.backbone, data.n_classes, spec.model.pretrained)
     HEATMAP_METHODS.get(spec.heatmaps.method)(model, spec.heatmaps)
     k = spec.clustering.k

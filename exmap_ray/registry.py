@@ -1,17 +1,28 @@
-"""Named registries (timm's @register_model, DomainBed's algorithm table) instead of if-chains."""
+"""Named registries (timm's @register_model, DomainBed's algorithm table) instead of if-chains.
+
+A registry sits beside what it registers (clustering.CLUSTERERS, retrain.RETRAINERS, ...) and is made
+with the spec key that names its entries; `for_key` finds it by that key. This is how the spec checks
+a name without importing any plugin (imports point down): `spec.from_dict` asks `for_key(path)` for each
+key it reads, so a registry that has been imported checks its key. `exmap_ray.plugins` imports them all
+(the CLI does, before it reads a spec).
+"""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Optional, TypeVar
 
 from .errors import SpecError, did_you_mean
 
 T = TypeVar("T")
+_BY_KEY: dict[str, "Registry"] = {}
 
 
 class Registry(Generic[T]):
     def __init__(self, kind: str, spec_key: str):
+        if spec_key in _BY_KEY:
+            raise ValueError(f"two registries for spec key '{spec_key}'")
         self.kind, self.spec_key = kind, spec_key
         self._items: dict[str, T] = {}
+        _BY_KEY[spec_key] = self
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -33,3 +44,8 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def for_key(spec_key: str) -> Optional[Registry]:
+    """The registry whose entries the dotted spec key names (e.g. 'clustering.method'), if imported."""
+    return _BY_KEY.get(spec_key)

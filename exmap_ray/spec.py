@@ -11,7 +11,6 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +19,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from . import registry
 from .errors import SpecError, did_you_mean
+from .hashing import stable_hash, stage_seed  # noqa: F401  (re-exported: spec.stage_seed, spec.stable_hash)
 
 
 def opt(default, why: str, check=None):
@@ -51,21 +52,6 @@ def _k_check(v):
 
 def _positive_list(v):
     return None if v and all(x > 0 for x in v) else "a non-empty list of numbers > 0"
-
-
-def _registered(module: str, registry: str):
-    """A check that `v` is a name in a registry, imported only when a value is checked."""
-    def check(v):
-        import importlib
-
-        reg = getattr(importlib.import_module(module, __package__), registry)
-        return None if v in reg else f"one of: {', '.join(reg.names())}"
-    return check
-
-
-_clusterer_check = _registered(".clustering", "CLUSTERERS")
-_retrainer_check = _registered(".retrain", "RETRAINERS")
-_group_source_check = _registered(".groups", "GROUP_SOURCES")
 
 
 def _non_negative_list(v):
@@ -170,7 +156,7 @@ class HeatmapSpec:
 @dataclass
 class ClusteringSpec:
     method: str = opt("spectral", "registry name: spectral (the paper), kmeans, kmeans_silhouette, gmm; "
-                                  "k-means prefers to split the big group on imbalanced data", _clusterer_check)
+                                  "k-means prefers to split the big group on imbalanced data")
     input: Literal["heatmaps", "features"] = opt("heatmaps", "what is clustered: the ERM model's heatmaps "
                                                              "(ExMap) or its penultimate val features "
                                                              "(GEORGE-style); the same clusterer either way")
@@ -201,8 +187,7 @@ class DfrSpec:
 class GroupsSpec:
     source: str = opt("exmap", "registry name of the val grouping retraining uses: exmap (heatmap clusters, the "
                                "paper), features (GEORGE-style feature clusters per class), jtt_error_set (ERM's "
-                               "val errors), random (a floor), true (the oracle: reads the true val groups)",
-                      _group_source_check)
+                               "val errors), random (a floor), true (the oracle: reads the true val groups)")
     random_k: Optional[int] = opt(None, "random source: groups per class; null = clustering.k when it is an "
                                         "integer, else 2", lambda v: None if v is None or v >= 1 else
                                   "an integer >= 1, or null")
@@ -211,7 +196,7 @@ class GroupsSpec:
 @dataclass
 class RetrainSpec:
     method: str = opt("dfr", "registry name: dfr (the paper; its keys are under dfr:), groupdro (Sagawa et al. "
-                             "online GroupDRO), jtt (Liu et al. error-set upweighting)", _retrainer_check)
+                             "online GroupDRO), jtt (Liu et al. error-set upweighting)")
     mode: Literal["last_layer", "end_to_end"] = opt(
         "last_layer", "last_layer = a linear head on frozen standardised val features (as DFR); end_to_end = "
                       "fine-tune the whole ERM model on val images (groupdro, jtt only)")
@@ -237,11 +222,10 @@ class RetrainSpec:
     e2e_epochs: int = opt(1, "end_to_end: passes over val", _positive)
 
     def __post_init__(self):
-        if self.mode == "end_to_end":
-            from .retrain import RETRAINERS
-
-            if self.method in RETRAINERS and RETRAINERS.get(self.method).finetune is None:
-                able = [n for n in RETRAINERS.names() if RETRAINERS.get(n).finetune is not None]
+        retrainers = registry.for_key("retrain.method")  # a retrainer entry says its modes
+        if self.mode == "end_to_end" and retrainers is not None:
+            if self.method in retrainers and "end_to_end" not in retrainers.get(self.method).modes:
+                able = [n for n in retrainers.names() if "end_to_end" in retrainers.get(n).modes]
                 raise SpecError(f"spec key 'retrain.mode': 'end_to_end' is not available for retrain.method "
                                 f"'{self.method}' (last layer only); use retrain.mode last_layer, or a method "
                                 f"with an end-to-end mode: {', '.join(able)}")
@@ -398,6 +382,9 @@ def _build(cls, data: dict, path: str):
             kwargs[name] = _build(tp, value or {}, sub)
             continue
         value = _coerce(value, tp, sub)
+        named = registry.for_key(sub)  # a registry name: the registry's own error, with a near name
+        if named is not None and value is not None:
+            named.get(value)
         check = fields[name].metadata.get("check")
         problem = check(value) if (check and value is not None) else None
         if problem:
@@ -538,14 +525,3 @@ def describe_defaults() -> str:
 
     walk(Spec, "")
     return "\n".join(lines)
-
-
-def stable_hash(obj: Any, n: int = 12) -> str:
-    """Content hash of a JSON-able object (key order does not matter)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:n]
-
-
-def stage_seed(seed: int, stage: str) -> int:
-    """A per-stage seed derived by hashing, so stages do not share random streams."""
-    return int(hashlib.sha256(f"{seed}:{stage}".encode()).hexdigest()[:8], 16) % (2**31 - 1)

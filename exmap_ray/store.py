@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from .errors import UserError
-from .spec import stable_hash
+from .hashing import stable_hash
 
 if TYPE_CHECKING:
     from .storage import Loc

@@ -25,6 +25,8 @@ os.environ["EXMAP_RAY_FAULTS"] = str(FAULT_DIR / "plan.json")
 # a dead MLflow server (the outage tests) is noticed at the first refused connection, not after
 # retries with backoff; set before Ray starts, so trial processes see it too
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+# `dataset.decode_cache: auto` decodes on-disk val/test images into this session's folder, not under ~/.cache
+os.environ.setdefault("EXMAP_RAY_DECODE_CACHE", tempfile.mkdtemp(prefix="exmap-decoded-"))
 
 
 @pytest.fixture(scope="session")

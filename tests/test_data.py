@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from exmap_ray.data import build_dataset
+from exmap_ray.data import DATASETS, build_dataset
 from exmap_ray.data.cmnist import SHIPPED, load_digits
 from exmap_ray.errors import DataError, SpecError
 from exmap_ray.spec import from_dict
@@ -89,12 +89,12 @@ def test_folder_group_column_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("breakage, message", [
-    (lambda ls: [ls[0].replace("split", "fold")] + ls[1:], "lacks column(s) split"),
-    (lambda ls: [ls[0].replace("place", "where")] + ls[1:], "needs a 'place' or 'spurious' column"),
-    (lambda ls: [ls[0], "imgs/s0_y0_p0_0.png,0,7,0"] + ls[2:], "line 2: split value 7 is not allowed"),
+    (lambda ls: [ls[0].replace("split", "fold")] + ls[1:], "has no column 'split'"),
+    (lambda ls: [ls[0].replace("place", "where")] + ls[1:], "has no column 'place' or 'spurious'"),
+    (lambda ls: [ls[0], "imgs/s0_y0_p0_0.png,0,7,0"] + ls[2:], "column 'split': line 2 has '7'"),
     (lambda ls: [ls[0]] + [l for l in ls[1:] if l.split(",")[2] != "1"], "the val split (split == 1) is empty"),
-    (lambda ls: [ls[0], "imgs/missing.png,0,0,0"] + ls[1:], "missing, e.g. '"),
-    (lambda ls: [ls[0], "imgs/x.png,zero,0,0"] + ls[1:], "column 'y' has 'zero'"),
+    (lambda ls: [ls[0], "imgs/missing.png,0,0,0"] + ls[1:], "1 image file(s) listed in"),
+    (lambda ls: [ls[0], "imgs/x.png,zero,0,0"] + ls[1:], "column 'y': line 2 has 'zero'"),
 ])
 def test_folder_bad_metadata_is_named(tmp_path, breakage, message):
     root = make_folder_dataset(tmp_path / "ds", per_group=2)
@@ -105,7 +105,7 @@ def test_folder_bad_metadata_is_named(tmp_path, breakage, message):
 
 
 def test_folder_missing_root_and_corrupt_image(tmp_path):
-    with pytest.raises(DataError, match="not a folder"):
+    with pytest.raises(DataError, match="does not exist. Fix: set dataset.root to the folder that holds metadata.csv"):
         build_dataset(_folder_spec(tmp_path / "nope"), 0)
     with pytest.raises(SpecError, match="dataset.root"):
         build_dataset(from_dict({"dataset": {"name": "folder"}}).dataset, 0)
@@ -118,5 +118,5 @@ def test_folder_missing_root_and_corrupt_image(tmp_path):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(SpecError, match="unknown dataset 'imagenet'. Registered: celeba, cmnist, cmnist_multi, folder, metashift, urbancars, waterbirds"):
+    with pytest.raises(SpecError, match=f"unknown dataset 'imagenet'. Registered: {', '.join(DATASETS.names())}"):
         build_dataset(from_dict({"dataset": {"name": "imagenet"}}).dataset, 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -115,28 +114,57 @@ def test_cli_refuses_bad_out_and_dead_ray_address_before_any_work(s3, tmp_path):
         (["--out", str(tmp_path / "o"), "--address", f"127.0.0.1:{free_port()}"], "does not answer"),
     ]
     for args, says in cases:
-        t0 = time.monotonic()
+        # a hang fails by the timeout; a loaded machine may be slow, so no wall-clock bound is asserted
         r = subprocess.run([sys.executable, "-m", "exmap_ray.cli", "run", "--quiet", *args], env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
-        assert time.monotonic() - t0 < 60, args  # bounded, not a hang (the real bound is a few seconds)
     assert not (tmp_path / "o" / "results.json").exists()
 
 
-def _claimant(root: str, marker_root: str, i: int) -> str:
-    """A Ray task that needs the same stage as its siblings: at most one may compute it."""
+def _claimant(root: str, marker_root: str, i: int, gate) -> str:
+    """A Ray task that needs the same stage as its siblings: at most one may compute it. Each signals
+    the `gate` actor at the claim (past the `done` check, before it tries to claim); whichever computes
+    holds the claim until all have arrived, so the others are then waiting on it, not racing it."""
+    import ray as _ray
+
+    from exmap_ray.claims import RayClaims
     from exmap_ray.store import StageCache as _SC
 
-    cache = _SC(root)
+    class Arriving:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def hold(self, stage):
+            _ray.get(gate.arrive.remote())
+            return self.inner.hold(stage)
+
+    cache = _SC(root, claims=Arriving(RayClaims(Loc.parse(root))))
     st = cache.stage("heatmaps", {"m": "lrp"})
 
     def compute(d):
         (Loc.parse(marker_root) / f"computed-{i}").write_text("x")
-        time.sleep(1.0)  # long enough for the others to arrive while this one holds the claim
+        _ray.get(gate.all_arrived.remote(), timeout=120)
         (d / "shard-00000.npy").write_text("data")
         return {"by": i}
 
     return cache.run(st, compute)["by"]
+
+
+class Gate:
+    """Counts claimants arriving at a claim; `all_arrived` returns once `n` have (an async actor)."""
+
+    def __init__(self, n: int):
+        import asyncio
+
+        self.n, self.arrived, self.event = n, 0, asyncio.Event()
+
+    async def arrive(self) -> None:
+        self.arrived += 1
+        if self.arrived >= self.n:
+            self.event.set()
+
+    async def all_arrived(self) -> None:
+        await self.event.wait()
 
 
 # The session's Ray started before the `s3` fixture set the credentials, so its workers get them
@@ -149,7 +177,8 @@ S3_ENV = {"env_vars": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": 
 def test_concurrent_claimants_on_s3_compute_a_stage_once(s3, ray_local):
     root, markers = s3("claims/cache"), s3("claims/markers")
     task = ray_local.remote(_claimant).options(num_cpus=0.25, runtime_env=S3_ENV)
-    winners = ray_local.get([task.remote(root, markers, i) for i in range(4)])
+    gate = ray_local.remote(Gate).options(num_cpus=0).remote(4)
+    winners = ray_local.get([task.remote(root, markers, i, gate) for i in range(4)])
     assert len(set(winners)) == 1  # every claimant got the one result
     assert len(list(Loc.parse(markers).iterdir())) == 1
     events = sorted(r["event"] for r in StageCache(root).records())

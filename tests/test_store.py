@@ -55,17 +55,29 @@ def test_unfinished_stage_is_cleared_not_trusted(tmp_path):
     assert info["ok"] and not (st.dir / "shard-00000.npy").exists()
 
 
-def _slow_stage(root, marker_dir):
-    import time as _t
-
+def _claimant(root, marker_dir, arrived):
+    """A process that needs the stage: it signals `arrived` at the claim (past the `done` check, before
+    it takes the lock); whichever computes holds the lock until both have arrived, so the other is
+    then waiting on the lock, not merely racing it."""
+    from exmap_ray.claims import FileClaims
+    from exmap_ray.storage import Loc
     from exmap_ray.store import StageCache as _SC
 
-    cache = _SC(root)
+    class Arriving:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def hold(self, stage):
+            arrived.release()
+            return self.inner.hold(stage)
+
+    cache = _SC(root, claims=Arriving(FileClaims(Loc.parse(root))))
     st = cache.stage("heatmaps", {"m": "lrp"})
 
     def compute(d):
         (marker_dir / f"computed-{os.getpid()}").write_text("x")
-        _t.sleep(1.0)  # long enough for the other process to arrive while this one holds the lock
+        for _ in range(2):  # this claimant and the other one
+            assert arrived.acquire(timeout=60), "the other claimant never reached the claim"
         (d / "shard-00000.npy").write_text("data")
         return {}
 
@@ -74,11 +86,12 @@ def _slow_stage(root, marker_dir):
 
 def test_two_processes_needing_the_same_stage_compute_it_once(tmp_path):
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_slow_stage, args=(tmp_path / "cache", tmp_path)) for _ in range(2)]
+    arrived = ctx.Semaphore(0)
+    procs = [ctx.Process(target=_claimant, args=(tmp_path / "cache", tmp_path, arrived)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
+        p.join(120)
         assert p.exitcode == 0
     assert len(list(tmp_path.glob("computed-*"))) == 1
     events = sorted(r["event"] for r in StageCache(tmp_path / "cache").records())

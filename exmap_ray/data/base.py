@@ -1,8 +1,14 @@
-"""The dataset contract shared by every loader."""
+"""The dataset contract shared by every loader, and the one dataset registry.
+
+Each dataset is one `DatasetEntry` in `DATASETS`: its builder and, for a dataset on disk, its layout
+scanner. Register a generated dataset with `@register_dataset(NAME)` on its builder, and an on-disk
+one with `@register_layout(NAME)` on its scanner (layout.py): its builder is then the shared image
+path over the scanned table (images.image_group_data, with the val/test decode cache).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -10,7 +16,33 @@ from torch.utils.data import Dataset
 
 from ..registry import Registry
 
-DATASETS: Registry = Registry("dataset", "dataset.name")
+if TYPE_CHECKING:
+    from .layout import Scan
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    build: Callable[..., "GroupData"]                      # (dspec, seed) -> GroupData
+    scan: Optional[Callable[..., "Scan"]] = None           # (dspec) -> Scan: the on-disk index, no image decoded
+    summary: str = ""                                      # one line for `exmap-ray datasets`
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset", "dataset.name")
+
+
+def _summary(fn: Callable) -> str:
+    import sys
+
+    return ((sys.modules[fn.__module__].__doc__ or "").strip().splitlines() or [""])[0]
+
+
+def register_dataset(name: str) -> Callable:
+    """`@register_dataset("cmnist")` on a builder (dspec, seed) -> GroupData: a dataset made in memory."""
+    def deco(build: Callable) -> Callable:
+        DATASETS.register(name)(DatasetEntry(name, build, summary=_summary(build)))
+        return build
+    return deco
 
 
 @dataclass
@@ -79,4 +111,4 @@ def loader_options(dspec, persistent: bool = True) -> dict:
 
 
 def build_dataset(dspec, seed: int) -> GroupData:
-    return DATASETS.get(dspec.name)(dspec, seed)
+    return DATASETS.get(dspec.name).build(dspec, seed)

@@ -25,10 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SpecError, near_name
-from .base import DATASETS, GroupData
-from .images import image_group_data
-from .layout import (LAYOUTS, MAX_LISTED, Scan, find_below, missing_files, require_root, scan_metadata_csv,
-                     scan_or_raise)
+from .folder import scan_metadata_csv
+from .layout import MAX_LISTED, Scan, find_below, missing_files, register_layout, require_root
 
 DEFAULT_TARGET, DEFAULT_SPURIOUS = "Blond_Hair", "Male"
 IMAGES = "img_align_celeba"
@@ -156,7 +154,7 @@ def group_names(target: str, spurious: str) -> list[str]:
     return [f"{target}={y} {spurious}={s}" for y in (0, 1) for s in (0, 1)]
 
 
-@LAYOUTS.register("celeba")
+@register_layout("celeba")
 def scan_celeba(dspec) -> Scan:
     root = require_root(dspec, "celeba", "the folder with img_align_celeba/ and the attribute files")
     target, spurious = _pair(dspec)
@@ -173,7 +171,8 @@ def scan_celeba(dspec) -> Scan:
                      f"put {ATTR_FILES[0]} and {PART_FILES[0]} from {SOURCE} in {root}")
             return scan
         m = scan_metadata_csv(scan, root, "DFR's celeba_metadata.csv (github.com/PolinaKirichenko/"
-                                          "deep_feature_reweighting)")
+                                          "deep_feature_reweighting)",
+                              values={"y": (0, 1), "place": (0, 1)}, spurious=("place",))
         if m is not None:
             scan.notes.append(f"metadata.csv (DFR): y = {DEFAULT_TARGET}, place = {DEFAULT_SPURIOUS}")
             scan.table = {"paths": m["paths"], "y": m["y"], "split": m["split"], "group": 2 * m["y"] + m["spurious"],
@@ -214,7 +213,3 @@ def scan_celeba(dspec) -> Scan:
                   "group": 2 * y + s, "group_names": group_names(target, spurious), "n_classes": 2}
     return scan
 
-
-@DATASETS.register("celeba")
-def build_celeba(dspec, seed: int) -> GroupData:
-    return image_group_data(scan_or_raise("celeba", dspec).table, dspec, "celeba")

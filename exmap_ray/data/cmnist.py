@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, SpecError
-from ..spec import stage_seed
-from .base import DATASETS, GroupData, Split, TensorImages
+from ..hashing import stage_seed
+from .base import GroupData, Split, TensorImages, register_dataset
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def digit_splits(dspec, seed: int, tag: str):
         yield name, digits[idx], (labels[idx] >= 5).astype(np.int64), rng
 
 
-@DATASETS.register("cmnist")
+@register_dataset("cmnist")
 def build_cmnist(dspec, seed: int) -> GroupData:
     splits = {}
     for name, digits, y, rng in digit_splits(dspec, seed, "cmnist"):

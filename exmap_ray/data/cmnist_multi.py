@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..metrics import shortcut_gaps
-from .base import DATASETS, GroupData, Split, TensorImages
+from .base import GroupData, Split, TensorImages, register_dataset
 from .cmnist import assign_colours, colorize, digit_splits, to_input
 
 PATCH = 4
@@ -60,7 +60,7 @@ def gaps(pred: np.ndarray, y: np.ndarray, attrs: dict) -> dict:
     return shortcut_gaps(pred, y, {"colour": attrs["colour"] == y, "patch": attrs["patch"] == y})
 
 
-@DATASETS.register("cmnist_multi")
+@register_dataset("cmnist_multi")
 def build_cmnist_multi(dspec, seed: int) -> GroupData:
     splits = {}
     for name, digits, y, rng in digit_splits(dspec, seed, "cmnist_multi"):

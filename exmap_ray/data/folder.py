@@ -1,5 +1,6 @@
-"""The group_DRO / Waterbirds folder layout.
+"""The group_DRO / Waterbirds folder layout: ROOT/metadata.csv and the images it lists.
 
+    exmap-ray datasets check folder --root /data/waterbird_complete95_forest2water2
     exmap-ray run folder --set dataset.root=/data/waterbird_complete95_forest2water2
 
 ROOT/metadata.csv has the columns
@@ -9,147 +10,120 @@ ROOT/metadata.csv has the columns
 - `place` or `spurious`: the spurious attribute, 0..S-1 (evaluation only);
 - optionally `group`, which overrides group = y * S + spurious.
 
-The whole table is checked before any training: missing columns, bad split
-values, empty splits and missing image files are reported by name.
+`scan_metadata_csv` reads that file for every dataset that ships one (folder, waterbirds, metashift's
+and CelebA's DFR variants). The whole table is checked before any training: missing columns, bad
+values (by line), missing image files, empty splits and single-class splits are findings that name
+the file and the fix (`exmap-ray datasets check` lists them all). The images then take the shared path
+(images.py) with the val/test decode cache; `folder` resizes every split to S x S (no crop, no
+augmentation), the benchmarks use the paper's transforms.
 """
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
-from PIL import Image
-from torch.utils.data import Dataset
-from torchvision import transforms
 
-from ..errors import DataError, SpecError
-from .base import DATASETS, GroupData, Split
+from ..errors import near_name
+from .images import RESIZE
+from .layout import MAX_LISTED, SPLIT_NAMES, Scan, missing_files, register_layout, require_root, root_problem
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-SPLITS = {0: "train", 1: "val", 2: "test"}
+SPURIOUS = ("place", "spurious")
+SOURCE = "the dataset's original index"
 
 
-class ImageFiles(Dataset):
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            with Image.open(self.paths[i]) as im:
-                return self.transform(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise DataError(f"image '{self.paths[i]}' cannot be read ({e}); replace it or drop its "
-                            f"row from metadata.csv") from None
-
-    def check(self) -> None:
-        """Open every file (header + PIL's verify, no full decode) so a corrupt image fails now, by name."""
-        bad = []
-        for p in self.paths:
-            try:
-                with Image.open(p) as im:
-                    im.verify()
-            except Exception as e:  # PIL raises many types (UnidentifiedImageError, SyntaxError, struct.error)
-                bad.append((p, e))
-        if bad:
-            p, e = bad[0]
-            raise DataError(f"{len(bad)} of {len(self.paths)} image file(s) cannot be read as images, e.g. "
-                            f"'{p}' ({type(e).__name__}: {e}); expected PNG/JPEG or another format PIL opens. "
-                            f"Replace them or drop their rows from metadata.csv")
+def _as_int(v) -> Optional[int]:
+    try:
+        f = float(str(v).strip())
+    except ValueError:
+        return None
+    return int(f) if f.is_integer() else None
 
 
-def _int_column(rows, col, path) -> np.ndarray:
-    out = []
-    for line, row in enumerate(rows, start=2):
-        try:
-            out.append(int(float(row[col])))
-        except (TypeError, ValueError):
-            raise DataError(f"'{path}' line {line}: column '{col}' has {row[col]!r}, expected an integer") from None
-    return np.asarray(out, dtype=np.int64)
+def _columns(header: list[str], spurious: tuple, source: str, scan: Scan, meta: Path) -> Optional[str]:
+    """Each missing column is a finding (with the near name to rename, if any); returns the spurious column."""
+    s_col = next((c for c in spurious if c in header), None)
+    others = [h for h in header if h not in ("img_filename", "y", "split") + spurious]
+    for names in [(c,) for c in ("img_filename", "y", "split") if c not in header] + ([spurious] if s_col is None else []):
+        label = " or ".join(f"'{n}'" for n in names)
+        near = next(((n, x) for x in names if (n := near_name(x, others))), None)
+        fix = (f"rename the column '{near[0]}' to '{near[1]}' in the first line of {meta}" if near else
+               f"restore {meta} from {source}; it needs the columns img_filename, y, split, "
+               + " or ".join(spurious))
+        scan.add("missing column", f"'{meta}' has no column {label} (its header: {', '.join(header)})", fix)
+    return s_col
 
 
-def read_metadata(root: Path, missing_ok: bool = False) -> dict:
-    """Parse and validate ROOT/metadata.csv; returns columns as arrays plus the file paths.
+def scan_metadata_csv(scan: Scan, root: Path, source: str = SOURCE, values: dict | None = None,
+                      spurious: tuple = SPURIOUS) -> Optional[dict]:
+    """Check and read ROOT/metadata.csv (img_filename, y, split, `spurious`[0] or [1], optional group).
 
-    With `missing_ok`, image files that are not on disk do not raise: they are returned as
-    `absent`, a list of (csv line, path), so a layout check can list every one of them.
-    """
+    `values` limits columns to given values (Waterbirds: y and place in 0/1); otherwise y and the
+    spurious attribute are any integers >= 0. Returns paths, y, split, group, group_names, n_classes and
+    spurious as arrays, or None with the findings in `scan`."""
     meta = root / "metadata.csv"
-    if not meta.is_file():
-        raise DataError(f"'{meta}' not found: the folder dataset needs ROOT/metadata.csv with columns "
-                        f"img_filename, y, split and place or spurious")
     with open(meta, newline="") as f:
         reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
+        header = list(reader.fieldnames or [])
         rows = list(reader)
-    missing = [c for c in ("img_filename", "y", "split") if c not in cols]
-    if missing:
-        raise DataError(f"'{meta}' lacks column(s) {', '.join(missing)}; it has {', '.join(sorted(cols))}. "
-                        f"Needed: img_filename, y, split (0 train, 1 val, 2 test) and place or spurious")
-    spurious_col = "place" if "place" in cols else "spurious" if "spurious" in cols else None
-    if spurious_col is None:
-        raise DataError(f"'{meta}' needs a 'place' or 'spurious' column (the spurious attribute, "
-                        f"used for evaluation only); it has {', '.join(sorted(cols))}")
+    s_col = _columns(header, spurious, source, scan, meta)
+    if scan.findings:
+        return None
     if not rows:
-        raise DataError(f"'{meta}' has no rows")
-    split = _int_column(rows, "split", meta)
-    bad = sorted(set(split.tolist()) - set(SPLITS))
-    if bad:
-        line = int(np.flatnonzero(~np.isin(split, list(SPLITS)))[0]) + 2
-        raise DataError(f"'{meta}' line {line}: split value {bad[0]} is not allowed; use 0 (train), 1 (val), 2 (test)")
-    y, s = _int_column(rows, "y", meta), _int_column(rows, spurious_col, meta)
+        scan.add("empty index", f"'{meta}' has a header but no rows", f"restore {meta} from {source}")
+        return None
+    allowed = {"split": (0, 1, 2), **(values or {})}
+    for col in ["split", "y", s_col] + (["group"] if "group" in header else []):
+        ok = allowed.get(col if col != s_col else spurious[0])
+        bad = [(i + 2, r[col]) for i, r in enumerate(rows)
+               if (v := _as_int(r[col])) is None or (v not in ok if ok else v < 0)]
+        if bad:
+            shown = ", ".join(f"line {ln} has {v!r}" for ln, v in bad[:MAX_LISTED])
+            more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            what = ("0 (train), 1 (val) or 2 (test)" if col == "split" else
+                    " or ".join(map(str, ok)) if ok else "an integer >= 0")
+            scan.add(f"bad {col} value", f"'{meta}' column '{col}': {shown}{more}",
+                     f"set column '{col}' on those lines of {meta} to {what}" +
+                     (f" (or restore the file from {source})" if col != "split" else ""))
+    if scan.findings:
+        return None
+    split, y, s = (np.array([_as_int(r[c]) for r in rows], dtype=np.int64) for c in ("split", "y", s_col))
+    paths = [root / r["img_filename"] for r in rows]
+    missing_files(scan, [(f"line {i + 2}", p) for i, p in enumerate(paths) if not p.is_file()], f"'{meta}'",
+                  f"restore those files from {source}, or delete their lines from {meta}")
+    for code, name in enumerate(SPLIT_NAMES):
+        if not (split == code).any():
+            scan.add("empty split", f"'{meta}': the {name} split (split == {code}) is empty",
+                     f"give some rows split {code}, or restore {meta} from {source}")
+    for code in (0, 1):  # ERM trains on train; clustering and DFR work per class on val
+        classes = np.unique(y[split == code])
+        if len(classes) == 1:
+            scan.add("single class", f"'{meta}': the {SPLIT_NAMES[code]} split has a single class (column 'y' "
+                     f"is {classes[0]} on every split == {code} row)",
+                     f"a classifier needs at least two: give that split rows of another class")
+    if scan.findings:
+        return None
     n_s = int(s.max()) + 1
-    if "group" in cols:
-        group = _int_column(rows, "group", meta)
+    if "group" in header:
+        group = np.array([_as_int(r["group"]) for r in rows], dtype=np.int64)
         names = [f"group {g}" for g in range(int(group.max()) + 1)]
     else:
         group = y * n_s + s
-        names = [f"y={g // n_s} {spurious_col}={g % n_s}" for g in range(int(group.max()) + 1)]
-    paths = [root / r["img_filename"] for r in rows]
-    absent = [p for p in paths if not p.is_file()]
-    if absent and not missing_ok:
-        raise DataError(f"{len(absent)} image file(s) listed in '{meta}' are missing, e.g. '{absent[0]}'")
-    for code, name in SPLITS.items():
-        if not (split == code).any():
-            raise DataError(f"'{meta}': the {name} split (split == {code}) is empty")
-    for code in (0, 1):  # ERM trains on train; clustering and DFR work per class on val
-        if len(np.unique(y[split == code])) < 2:
-            raise DataError(f"'{meta}': the {SPLITS[code]} split has a single class (column 'y' is "
-                            f"{y[split == code][0]} on every split == {code} row); a classifier needs at least two")
-    return {"paths": paths, "y": y, "split": split, "group": group, "group_names": names, "spurious": s,
-            "absent": [(i + 2, p) for i, p in enumerate(paths) if not p.is_file()] if absent else []}
+        names = [f"y={g // n_s} {s_col}={g % n_s}" for g in range(int(group.max()) + 1)]
+    return {"paths": paths, "y": y, "split": split, "group": group, "group_names": names,
+            "n_classes": int(y.max()) + 1, "spurious": s}
 
 
-def normalization(dspec, default_mean, default_std):
-    mean = dspec.mean if dspec.mean is not None else default_mean
-    std = dspec.std if dspec.std is not None else default_std
-    for key, v in (("dataset.mean", mean), ("dataset.std", std)):
-        if len(v) != 3:
-            raise SpecError(f"spec key '{key}': got {v}, expected 3 values (one per RGB channel)")
-    return mean, std
-
-
-@DATASETS.register("folder")
-def build_folder(dspec, seed: int) -> GroupData:
-    if not dspec.root:
-        raise SpecError("spec key 'dataset.root' is required for dataset.name 'folder' "
-                        "(a folder with metadata.csv and the images)")
-    root = Path(dspec.root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"dataset.root '{root}' is not a folder; expected a folder holding metadata.csv "
-                        f"and the images it lists (the group_DRO / Waterbirds layout)")
-    m = read_metadata(root)
-    size = dspec.image_size or 224
-    mean, std = normalization(dspec, IMAGENET_MEAN, IMAGENET_STD)
-    tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                             transforms.Normalize(mean, std)])
-    splits = {}
-    for code, name in SPLITS.items():
-        sel = np.flatnonzero(m["split"] == code)
-        splits[name] = Split(images=ImageFiles([m["paths"][i] for i in sel], tf),
-                             y=m["y"][sel], group=m["group"][sel])
-    return GroupData(**splits, n_classes=int(m["y"].max()) + 1,
-                     group_names=m["group_names"])
-
+@register_layout("folder", transforms=RESIZE)  # a plain resize for every split, as before (docs/datasets.md)
+def scan_folder(dspec) -> Scan:
+    """Any dataset in the group_DRO / Waterbirds layout: ROOT/metadata.csv and the images it lists."""
+    root = require_root(dspec, "folder", "a folder with metadata.csv and the images")
+    scan = Scan(root)
+    if not root_problem(scan, root, "metadata.csv", None):
+        return scan
+    m = scan_metadata_csv(scan, root)
+    if m is not None:
+        scan.notes.append(f"metadata.csv: {m['n_classes']} classes, {len(m['group_names'])} true groups")
+        scan.table = m
+    return scan

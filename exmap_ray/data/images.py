@@ -1,6 +1,8 @@
-"""Image files on disk: the paper's transforms and a decode-once cache for val/test.
+"""Image files on disk: the one image path every on-disk dataset takes (`image_group_data` over a
+scanned table), the paper's transforms and a decode-once cache for val/test.
 
-Transforms (as in the DFR / ExMap reference code, for Waterbirds, CelebA, MetaShift, UrbanCars):
+Transforms (`PAPER`, as in the DFR / ExMap reference code, for Waterbirds, CelebA, MetaShift, UrbanCars;
+`folder` keeps a plain resize to S x S for every split, `RESIZE`):
 - train: RandomResizedCrop(S, scale 0.7-1, aspect 3/4-4/3), horizontal flip, ImageNet normalisation;
 - eval:  resize to a square of R = round(S * 256 / 224) (256 at S = 224), centre crop S, normalisation.
   The resize is to an R x R square, not shorter-side, as the reference code does.
@@ -22,19 +24,49 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from ..errors import DataError, SpecError
 from ..store import atomic_path
 from .base import GroupData, Split
-from .folder import IMAGENET_MEAN, IMAGENET_STD, SPLITS, ImageFiles, normalization
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SPLITS = {0: "train", 1: "val", 2: "test"}
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as im:
+                return self.transform(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"image '{self.paths[i]}' cannot be read ({e}); replace it, or drop it from the "
+                            f"dataset's index (`exmap-ray datasets check` lists every such file)") from None
+
+
+def normalization(dspec, default_mean, default_std):
+    mean = dspec.mean if dspec.mean is not None else default_mean
+    std = dspec.std if dspec.std is not None else default_std
+    for key, v in (("dataset.mean", mean), ("dataset.std", std)):
+        if len(v) != 3:
+            raise SpecError(f"spec key '{key}': got {v}, expected 3 values (one per RGB channel)")
+    return mean, std
 
 
 def eval_resize(size: int) -> int:
@@ -56,10 +88,26 @@ def eval_transform_uint8(size: int):
     return transforms.Compose([transforms.Resize((r, r)), transforms.CenterCrop(size), transforms.PILToTensor()])
 
 
-def eval_transform(size: int, mean, std):
-    r = eval_resize(size)
-    return transforms.Compose([transforms.Resize((r, r)), transforms.CenterCrop(size), transforms.ToTensor(),
-                               transforms.Normalize(mean, std)])
+def resize_transform(size: int, mean, std):
+    """`folder`'s transform for every split: a plain resize to S x S, no crop and no augmentation."""
+    return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def resize_transform_uint8(size: int):
+    return transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()])
+
+
+@dataclass(frozen=True)
+class Transforms:
+    """How an on-disk dataset's images become tensors: `train(S, mean, std)` (may be random) and
+    `eval_uint8(S)`, deterministic, to uint8 (3, S, S): what the decode cache stores."""
+    name: str
+    train: Callable
+    eval_uint8: Callable
+
+
+PAPER = Transforms("paper", train_transform, eval_transform_uint8)        # Waterbirds, CelebA, MetaShift, UrbanCars
+RESIZE = Transforms("resize", resize_transform, resize_transform_uint8)  # folder: its plain resize
 
 
 def decode_cache_dir(dspec) -> Path | None:
@@ -71,8 +119,9 @@ def decode_cache_dir(dspec) -> Path | None:
     return Path(where).expanduser()
 
 
-def _files_key(paths: list[Path], size: int) -> str:
-    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "size": size, "resize": eval_resize(size)}).encode())
+def _files_key(paths: list[Path], size: int, how: str = "paper") -> str:
+    what = {"v": CACHE_VERSION, "size": size, "resize": eval_resize(size)}
+    h = hashlib.sha256(json.dumps(what if how == "paper" else {**what, "transforms": how}).encode())
     for p in paths:
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -116,14 +165,14 @@ class EvalImages(Dataset):
     """
 
     def __init__(self, paths: list[Path], size: int, mean, std, cache_dir: Path | None = None,
-                 tag: str = "images", workers: int = 0):
+                 tag: str = "images", workers: int = 0, how: Transforms = PAPER):
         self.paths, self.size = list(paths), size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.files = ImageFiles(self.paths, eval_transform_uint8(size))
+        self.files = ImageFiles(self.paths, how.eval_uint8(size))
         self.cache_file = None
         if cache_dir is not None and self.paths:
-            self.cache_file = Path(cache_dir) / f"{tag}-{size}px-{_files_key(self.paths, size)}.npy"
+            self.cache_file = Path(cache_dir) / f"{tag}-{size}px-{_files_key(self.paths, size, how.name)}.npy"
             decode_to_npy(self.files, self.cache_file, size, workers)
         self._arr = None
 
@@ -144,13 +193,10 @@ class EvalImages(Dataset):
         state["_arr"] = None
         return state
 
-    def check(self) -> None:
-        self.files.check()
 
-
-def image_group_data(table: dict, dspec, name: str, shortcut_metrics=None) -> GroupData:
+def image_group_data(table: dict, dspec, name: str, shortcut_metrics=None, how: Transforms = PAPER) -> GroupData:
     """A GroupData over image files from a scanned table: paths, y, split (0/1/2), group, group_names,
-    n_classes and optional per-sample attrs. Train gets the random transform; val/test the eval one."""
+    n_classes and optional per-sample attrs. Train gets `how.train`; val/test `how.eval_uint8` (cached)."""
     size = dspec.image_size or 224
     mean, std = normalization(dspec, IMAGENET_MEAN, IMAGENET_STD)
     cache = decode_cache_dir(dspec)
@@ -161,10 +207,10 @@ def image_group_data(table: dict, dspec, name: str, shortcut_metrics=None) -> Gr
         sel = np.flatnonzero(split == code)
         sel_paths = [paths[i] for i in sel]
         if sname == "train":
-            images = ImageFiles(sel_paths, train_transform(size, mean, std))
+            images = ImageFiles(sel_paths, how.train(size, mean, std))
         else:
             images = EvalImages(sel_paths, size, mean, std, cache, tag=f"{name}-{sname}",
-                                workers=dspec.loader_workers)
+                                workers=dspec.loader_workers, how=how)
         splits[sname] = Split(images=images, y=np.asarray(table["y"])[sel], group=np.asarray(table["group"])[sel],
                               attrs={k: np.asarray(v)[sel] for k, v in attrs.items()})
     return GroupData(**splits, n_classes=int(table["n_classes"]), group_names=list(table["group_names"]),

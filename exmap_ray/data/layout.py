@@ -1,14 +1,16 @@
 """Dataset layout checks: `exmap-ray datasets check NAME --root PATH`, and the same check in preflight.
 
-A dataset with an on-disk layout registers a *scanner* under its name in `LAYOUTS`. A scanner reads
-the dataset's index (metadata files, folder names) without decoding images and returns a `Scan`:
-the table of samples (paths, labels, split, true group, attributes) and every problem it found, each
-a `Finding` with what is wrong, where, and the precise fix. Builders use the same scanner
-(`scan_or_raise`), so a run and the check agree on what is broken.
+A dataset on disk registers its *scanner* with `@register_layout(NAME)`: one `DatasetEntry` in
+`DATASETS` holds the scanner and the builder, which is the shared image path over the scanned table
+(`images.image_group_data`: the paper's transforms, the val/test decode cache). A scanner reads the
+dataset's index (metadata files, folder names) without decoding images and returns a `Scan`: the
+table of samples (paths, labels, split, true group, attributes) and every problem it found, each a
+`Finding` with what is wrong, where, and the precise fix. The builder scans through `scan_or_raise`,
+so a run and the check agree on what is broken.
 
 `check_dataset` adds the per-split, per-group counts and opens every image (PIL's verify: header
-and structure, no full decode) to find unreadable files. Datasets without a scanner (cmnist,
-folder) are checked by building them and verifying their image files the same way.
+and structure, no full decode) to find unreadable files. Datasets made in memory (cmnist,
+cmnist_multi) have no scanner: they are checked by building them.
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError, SpecError, near_name
-from ..registry import Registry
+from .base import DATASETS, DatasetEntry, GroupData, _summary
+from .images import PAPER, Transforms, _files_key, decode_cache_dir, image_group_data
 
-LAYOUTS: Registry = Registry("dataset layout", "dataset.name")
 SPLIT_NAMES = ("train", "val", "test")
 MAX_LISTED = 5  # files named per finding; the count says how many there are
 
@@ -43,7 +45,7 @@ class Scan:
     table: Optional[dict] = None   # paths, y, split, group, group_names, n_classes[, attrs]; None if unreadable
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)    # what was read, e.g. "official attribute files"
-    extras: dict = field(default_factory=dict)         # scanner-specific (e.g. UrbanCars ratios)
+    extras: dict = field(default_factory=dict)         # e.g. "shortcut_metrics": (pred, y, attrs) -> dict (UrbanCars)
 
     def add(self, problem: str, detail: str, fix: str) -> None:
         self.findings.append(Finding(problem, detail, fix))
@@ -65,10 +67,26 @@ def _fatal_message(findings: list[Finding], root) -> str:
 
 def scan_or_raise(name: str, dspec) -> Scan:
     """Scan the layout of `dspec`; any finding stops here as a DataError naming the file and the fix."""
-    scan = LAYOUTS.get(name)(dspec)
+    scan = DATASETS.get(name).scan(dspec)
     if scan.findings or scan.table is None:
         raise DataError(f"dataset '{name}' at '{scan.root}': {_fatal_message(scan.findings, scan.root)}")
     return scan
+
+
+def register_layout(name: str, transforms: Transforms = PAPER) -> Callable:
+    """`@register_layout("waterbirds")` on a scanner (dspec) -> Scan registers an on-disk dataset: its
+    builder reads the scanned table through the shared image path (`transforms`: the paper's, or
+    images.RESIZE). A scanner may put a `shortcut_metrics` function (pred, y, attrs) -> dict in
+    `scan.extras` (UrbanCars' gaps)."""
+    def deco(scan_fn: Callable) -> Callable:
+        def build(dspec, seed: int) -> GroupData:
+            scan = scan_or_raise(name, dspec)
+            return image_group_data(scan.table, dspec, name, shortcut_metrics=scan.extras.get("shortcut_metrics"),
+                                    how=transforms)
+
+        DATASETS.register(name)(DatasetEntry(name, build, scan_fn, summary=_summary(scan_fn)))
+        return scan_fn
+    return deco
 
 
 def require_root(dspec, name: str, expected: str) -> Path:
@@ -98,14 +116,15 @@ def find_below(root: Path, rel: str, depth: int = 2) -> Optional[Path]:
     return None
 
 
-def root_problem(scan: Scan, root: Path, marker: str, folder_name: str, archive_hint: str = "") -> bool:
+def root_problem(scan: Scan, root: Path, marker: str, folder_name: Optional[str], archive_hint: str = "") -> bool:
     """Check that `root/marker` exists; if not, record where it is instead (a parent folder was given,
-    an archive was not extracted) and return False."""
+    an archive was not extracted) and return False. `folder_name`: the dataset folder's usual name."""
     if (root / marker).exists():
         return True
-    if not root.exists():
-        scan.add("missing folder", f"dataset.root '{root}' does not exist",
-                 f"set dataset.root to the '{folder_name}' folder (it holds {marker})")
+    the_folder = f"the '{folder_name}' folder" if folder_name else "the folder"
+    if not root.is_dir():
+        scan.add("missing folder", f"dataset.root '{root}' " + ("is not a folder" if root.exists() else "does not exist"),
+                 f"set dataset.root to {the_folder} that holds {marker}")
         return False
     inner = find_below(root, marker)
     if inner is not None:
@@ -116,7 +135,7 @@ def root_problem(scan: Scan, root: Path, marker: str, folder_name: str, archive_
     if archives:
         scan.add("not extracted", f"'{root}' has no {marker}; it holds the archive(s) {', '.join(archives)}",
                  f"extract it there ({'tar -xzf' if archives[0].endswith(('gz', 'tar')) else 'unzip'} "
-                 f"{root / archives[0]} -C {root}) and set dataset.root to the '{folder_name}' folder it makes"
+                 f"{root / archives[0]} -C {root}) and set dataset.root to {the_folder} it makes"
                  + (f"; {archive_hint}" if archive_hint else ""))
         return False
     near = near_name(Path(marker).name, [p.name for p in root.iterdir()])
@@ -124,7 +143,7 @@ def root_problem(scan: Scan, root: Path, marker: str, folder_name: str, archive_
         scan.renamed("renamed file", root / marker, root / near)
         return False
     scan.add("missing file", f"'{root / marker}' not found",
-             f"set dataset.root to the '{folder_name}' folder that holds {marker}" +
+             f"set dataset.root to {the_folder} that holds {marker}" +
              (f"; {archive_hint}" if archive_hint else ""))
     return False
 
@@ -225,8 +244,6 @@ def empty_groups(scan: Scan, counts: dict, fix: str) -> None:
 def _verified_marker(dspec, files: list[Path]) -> Optional[Path]:
     """A marker beside the decode cache saying these exact files (paths, sizes, mtimes) all opened:
     later checks (every run's preflight, sweeps) skip re-opening hundreds of thousands of images."""
-    from .images import _files_key, decode_cache_dir
-
     cache = decode_cache_dir(dspec)
     return None if cache is None or not files else cache / f"verified-{dspec.name}-{_files_key(files, 0)}"
 
@@ -234,119 +251,58 @@ def _verified_marker(dspec, files: list[Path]) -> Optional[Path]:
 def check_dataset(dspec, verify: bool = True, seed: int = 0,
                   progress: Optional[Callable[[str], None]] = None) -> Report:
     """Layout, counts, missing and unreadable files of the dataset `dspec` describes."""
-    from .base import build_dataset
-
-    name = dspec.name
-    if name in LAYOUTS:
-        scan = LAYOUTS.get(name)(dspec)
-        report = Report(name, scan.root, findings=list(scan.findings), notes=list(scan.notes))
-        if scan.table is None:
-            return report
-        paths = scan.table["paths"]
-        present = np.array([p.is_file() for p in paths], bool) if paths else np.zeros(0, bool)
-        report.counts = _counts(scan.table, present)
-        report.n_images = int(present.sum())
-        if verify:
-            files = [p for p, ok in zip(paths, present) if ok]
-            marker = _verified_marker(dspec, files)
-            if marker is not None and marker.is_file():
-                report.verified = True
-                report.notes.append(f"images verified by an earlier check; sizes and times unchanged ({marker})")
-                return report
-            if progress:
-                progress(f"opening {report.n_images} images ...")
-            bad = unreadable_images(files)
-            report.verified = True
-            if not bad and not report.findings and marker is not None:
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
-            if bad:
-                shown = "; ".join(f"'{p}' ({why})" for p, why in bad[:MAX_LISTED])
-                more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-                report.findings.append(Finding(
-                    "unreadable image", f"{len(bad)} file(s) cannot be read as images: {shown}{more}",
-                    "replace them with the original files (re-extract the dataset archive), or delete them and "
-                    "their rows/entries from the index"))
+    entry = DATASETS.get(dspec.name)
+    if entry.scan is None:
+        return _check_by_building(entry, dspec, seed)
+    scan = entry.scan(dspec)
+    report = Report(entry.name, scan.root, findings=list(scan.findings), notes=list(scan.notes))
+    if scan.table is None:
         return report
-    # no scanner: build it (its own checks raise DataError) and verify whatever image files it has
-    root = Path(dspec.root).expanduser() if getattr(dspec, "root", None) else None
-    report = Report(name, root)
+    paths = scan.table["paths"]
+    present = np.array([p.is_file() for p in paths], bool) if paths else np.zeros(0, bool)
+    report.counts = _counts(scan.table, present)
+    report.n_images = int(present.sum())
+    if verify:
+        files = [p for p, ok in zip(paths, present) if ok]
+        marker = _verified_marker(dspec, files)
+        if marker is not None and marker.is_file():
+            report.verified = True
+            report.notes.append(f"images verified by an earlier check; sizes and times unchanged ({marker})")
+            return report
+        if progress:
+            progress(f"opening {report.n_images} images ...")
+        bad = unreadable_images(files)
+        report.verified = True
+        if not bad and not report.findings and marker is not None:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        if bad:
+            shown = "; ".join(f"'{p}' ({why})" for p, why in bad[:MAX_LISTED])
+            more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            report.findings.append(Finding(
+                "unreadable image", f"{len(bad)} file(s) cannot be read as images: {shown}{more}",
+                "replace them with the original files (re-extract the dataset archive), or delete them and "
+                "their rows/entries from the index"))
+    return report
+
+
+def _check_by_building(entry: DatasetEntry, dspec, seed: int) -> Report:
+    """A dataset made in memory (no files to scan): build it (its own checks raise DataError) and count."""
+    report = Report(entry.name, None)
     try:
-        data = build_dataset(dspec, seed)
+        data = entry.build(dspec, seed)
     except DataError as e:
-        report.findings.append(Finding("layout", str(e), "see the message: it names the file, line or column"))
+        report.findings.append(Finding("build", str(e), "see the message: it names the file or the key"))
         return report
     report.counts = {s: {g: int((data.split(s).group == i).sum()) for i, g in enumerate(data.group_names)}
                      for s in SPLIT_NAMES}
     report.n_images = sum(len(data.split(s)) for s in SPLIT_NAMES)
-    files = [p for s in SPLIT_NAMES for p in getattr(data.split(s).images, "paths", [])]
-    if verify and files:
-        bad = unreadable_images(files)
-        report.verified = True
-        if bad:
-            report.findings.append(Finding(
-                "unreadable image", f"{len(bad)} file(s) cannot be read as images, e.g. '{bad[0][0]}' ({bad[0][1]})",
-                "replace them or drop their rows from the index"))
     return report
 
 
-# --------------------------------------------------------------------------- the group_DRO metadata.csv
-
-
-def _as_int(v) -> Optional[int]:
-    try:
-        f = float(str(v).strip())
-    except ValueError:
-        return None
-    return int(f) if f.is_integer() else None
-
-
-def scan_metadata_csv(scan: Scan, root: Path, source: str, values: dict | None = None) -> Optional[dict]:
-    """Check ROOT/metadata.csv in the group_DRO layout (img_filename, y, split, place) and read it with the
-    `folder` loader's reader. Every bad column, split value, label value and missing file is a finding;
-    returns the folder reader's dict (paths, y, split, group, spurious, ...) or None."""
-    import csv
-
-    from .folder import read_metadata
-
-    meta = root / "metadata.csv"
-    columns = ("img_filename", "y", "split", "place")
-    values = values if values is not None else {"y": (0, 1), "place": (0, 1)}
-    with open(meta, newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
-    for c in columns:
-        if c in header:
-            continue
-        near = near_name(c, [h for h in header if h not in columns])
-        if near:
-            scan.add("missing column", f"'{meta}' has no column '{c}' (its header: {', '.join(header)})",
-                     f"rename the column '{near}' to '{c}' in the first line of {meta}")
-        else:
-            scan.add("missing column", f"'{meta}' has no column '{c}' (its header: {', '.join(header)})",
-                     f"restore {meta} from {source}; it needs the columns {', '.join(columns)}")
-    if scan.findings:
-        return None
-    if not rows:
-        scan.add("empty index", f"'{meta}' has a header but no rows", f"restore {meta} from {source}")
-        return None
-    for col, allowed in [("split", (0, 1, 2))] + list(values.items()):
-        bad = [(i + 2, r[col]) for i, r in enumerate(rows) if _as_int(r[col]) not in allowed]
-        if bad:
-            shown = ", ".join(f"line {ln} has {v!r}" for ln, v in bad[:MAX_LISTED])
-            more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-            what = "0 (train), 1 (val) or 2 (test)" if col == "split" else " or ".join(map(str, allowed))
-            scan.add(f"bad {col} value", f"'{meta}' column '{col}': {shown}{more}",
-                     f"set column '{col}' on those lines of {meta} to {what}" +
-                     (f" (or restore the file from {source})" if col != "split" else ""))
-    if scan.findings:
-        return None
-    try:
-        m = read_metadata(root, missing_ok=True)
-    except DataError as e:
-        scan.add("bad index", str(e), f"fix {meta} as the message says, or restore it from {source}")
-        return None
-    missing_files(scan, [(f"line {ln}", p) for ln, p in m["absent"]], f"'{meta}'",
-                  f"restore those files from {source}, or delete their lines from {meta}")
-    return m
+def check_before_run(dspec) -> None:
+    """What a run checks before any work starts: a dataset on disk gets the check `exmap-ray datasets
+    check` does (layout, index files, every missing and unreadable image); a dataset made in memory has
+    nothing on disk, and its builder raises on bad keys."""
+    if DATASETS.get(dspec.name).scan is not None:
+        check_dataset(dspec).raise_if_bad()

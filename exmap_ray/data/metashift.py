@@ -24,9 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import near_name
-from .base import DATASETS, GroupData
-from .images import image_group_data
-from .layout import LAYOUTS, Scan, find_below, require_root, root_problem, scan_metadata_csv, scan_or_raise
+from .folder import scan_metadata_csv
+from .layout import Scan, find_below, register_layout, require_root, root_problem
 
 FOLDER = "MetaShift-Cat-Dog-indoor-outdoor"
 # folder -> (y, place), as in the public generate_metadata_metashift
@@ -68,12 +67,13 @@ def stratified_split(group: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
     return split
 
 
-@LAYOUTS.register("metashift")
+@register_layout("metashift")
 def scan_metashift(dspec) -> Scan:
     root = require_root(dspec, "metashift", f"the {FOLDER} folder")
     scan = Scan(root)
     if (root / "metadata.csv").is_file():
-        m = scan_metadata_csv(scan, root, f"{SOURCE} plus generate_metadata_metashift")
+        m = scan_metadata_csv(scan, root, f"{SOURCE} plus generate_metadata_metashift",
+                              values={"y": (0, 1), "place": (0, 1)}, spurious=("place",))
         if m is not None:
             scan.notes.append("metadata.csv: its split; y 0 dog / 1 cat, place 0 outdoor / 1 indoor")
             scan.table = {"paths": m["paths"], "y": m["y"], "split": m["split"],
@@ -109,7 +109,3 @@ def scan_metashift(dspec) -> Scan:
                   "group_names": GROUP_NAMES, "n_classes": 2}
     return scan
 
-
-@DATASETS.register("metashift")
-def build_metashift(dspec, seed: int) -> GroupData:
-    return image_group_data(scan_or_raise("metashift", dspec).table, dspec, "metashift")

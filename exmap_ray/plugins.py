@@ -1,0 +1,8 @@
+"""Every module that registers plugins. Importing this fills every registry, so a spec read after it
+has each registry-named key (dataset.name, heatmaps.method, clustering.method, groups.source,
+retrain.method) checked against what is registered (registry.for_key). The CLI imports it before it
+reads a spec; a new plugin module is added here once.
+"""
+from . import clustering, data, groups, heatmaps, retrain  # noqa: F401  (register)
+
+__all__ = ["clustering", "data", "groups", "heatmaps", "retrain"]

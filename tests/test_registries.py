@@ -1,0 +1,174 @@
+"""The contract of every registry, parametrized over what is registered (timm's style).
+
+A new clusterer, retrainer, heatmap method, group source or dataset is tested here the moment it is
+registered: no name list to update (a new dataset adds its tiny fixture to DATASET_FIXTURES). Each
+case runs on tiny arrays, the 370k-parameter `test_resnet` or a few dozen small images.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from exmap_ray import plugins, registry
+from exmap_ray.clustering import CLUSTERERS
+from exmap_ray.data import DATASETS, build_dataset, check_dataset
+from exmap_ray.errors import SpecError
+from exmap_ray.groups import GROUP_SOURCES, GroupContext, infer_groups
+from exmap_ray.heatmaps import HEATMAP_METHODS
+from exmap_ray.retrain import RETRAINERS, Retrainer
+from exmap_ray.spec import ClusteringSpec, HeatmapSpec, from_dict
+
+from .conftest import make_folder_dataset
+from .test_datasets_layouts import MAKERS
+
+assert plugins  # every registry filled
+
+
+def blobs(n_per=30, d=6, seed=0):
+    """Two well-separated blobs (class = blob) plus a colour-like split inside each: 4 true groups."""
+    rng = np.random.default_rng(seed)
+    sub = np.repeat(np.arange(4), [n_per, n_per // 2, n_per, n_per // 2])
+    y = sub // 2
+    centers = rng.normal(size=(4, d)) * 5
+    X = (centers[sub] + 0.3 * rng.normal(size=(len(sub), d))).astype(np.float32)
+    return X, y, sub
+
+
+# --------------------------------------------------------------------------- registry names and the spec
+
+
+@pytest.mark.parametrize("reg", [CLUSTERERS, RETRAINERS, HEATMAP_METHODS, GROUP_SOURCES, DATASETS],
+                         ids=lambda r: r.spec_key)
+def test_every_registry_checks_its_spec_key(reg):
+    """The spec checks a registry's key through the registry (registry.for_key); a near name is offered."""
+    assert registry.for_key(reg.spec_key) is reg and reg.names()
+    section, key = reg.spec_key.split(".")
+    name = reg.names()[0]
+    assert getattr(getattr(from_dict({section: {key: name}}), section), key) == name
+    with pytest.raises(SpecError, match=rf"spec key '{reg.spec_key}': unknown {reg.kind} '{name}x'. "
+                                        rf"Registered: .*Did you mean '{name}'\?"):
+        from_dict({section: {key: name + "x"}})
+
+
+# --------------------------------------------------------------------------- clusterers
+
+
+@pytest.mark.parametrize("name", CLUSTERERS.names())
+def test_clusterer_contract(name):
+    """fn(X, cspec, seed) -> (labels (n,) int64 in 0..k-1, info with k); an integer k is used as given;
+    the same seed gives the same labels."""
+    X, y, _ = blobs()
+    cspec = ClusteringSpec(method=name, k=2, k_max=4)
+    labels, info = CLUSTERERS.get(name)(X, cspec, 0)
+    again, _ = CLUSTERERS.get(name)(X, cspec, 0)
+    assert labels.shape == (len(X),) and labels.dtype == np.int64 and info["k"] == 2
+    assert set(np.unique(labels)) <= {0, 1} and np.array_equal(labels, again)
+
+
+# --------------------------------------------------------------------------- retrainers
+
+
+@pytest.mark.parametrize("name", RETRAINERS.names())
+def test_retrainer_contract(name):
+    """fit(feats, y, groups, config(spec), seed) -> a head whose predict gives class labels; modes name
+    the retrain.mode values it takes, and an end-to-end mode comes with a finetune."""
+    X, y, sub = blobs(n_per=40)
+    spec = from_dict({"dfr": {"c_grid": [1.0], "n_select_repeats": 1, "n_final_fits": 2},
+                      "retrain": {"weight_decay_grid": [1e-2], "groupdro_epochs": 2, "n_select_repeats": 1}})
+    r = RETRAINERS.get(name)
+    assert isinstance(r, Retrainer) and r.config(spec) is getattr(spec, r.section)
+    model = r.fit(X, y, sub, r.config(spec), 0)
+    pred = np.asarray(model.predict(X))
+    assert pred.shape == (len(y),) and set(np.unique(pred)) <= {0, 1}
+    assert (pred == y).mean() > 0.9  # two separated blobs: any retrainer gets the classes
+    assert "last_layer" in r.modes and (("end_to_end" in r.modes) == (r.finetune is not None))
+
+
+# --------------------------------------------------------------------------- heatmap methods
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", num_classes=2).eval()
+
+
+@pytest.mark.parametrize("name", HEATMAP_METHODS.names())
+def test_heatmap_method_contract(name, tiny_model):
+    """Method(model, hspec)(x) -> (relevance (B, C', H', W') finite, the predicted class (B,))."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    rel, pred = HEATMAP_METHODS.get(name)(tiny_model, HeatmapSpec(precision="fp32", ig_steps=4))(x)
+    with torch.no_grad():
+        want = tiny_model(x).argmax(1)
+    assert rel.ndim == 4 and rel.shape[0] == 2 and torch.isfinite(rel).all() and rel.abs().sum() > 0
+    assert torch.equal(pred.cpu(), want)
+
+
+# --------------------------------------------------------------------------- group sources
+
+
+@pytest.mark.parametrize("name", GROUP_SOURCES.names())
+def test_group_source_contract(name):
+    """infer_groups(name, ctx) -> (int64 ids, one per val point, info naming the source and its groups);
+    only an oracle source reads the true groups."""
+    X, y, sub = blobs()
+    logits = np.eye(2)[y]
+    ctx = GroupContext(y_val=y, clustering=ClusteringSpec(method="kmeans", k=2, scope="local", min_group_size=3),
+                       seed=0, val_features=X, val_logits=logits, heatmaps=X.reshape(len(X), 1, 2, 3),
+                       true_groups=sub, random_k=2)
+    groups, info = infer_groups(name, ctx)
+    assert groups.shape == (len(y),) and groups.dtype == np.int64
+    assert info["source"] == name and info["n_groups"] == len(np.unique(groups)) >= 1
+    if GROUP_SOURCES.get(name).oracle:
+        assert np.array_equal(groups, sub)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _cmnist(tmp_path, name):
+    return {"name": name, "n_train": 200, "n_val": 200, "n_test": 200, "rho": 0.9}
+
+
+def _on_disk(maker):
+    def make(tmp_path, name):
+        return {"name": name, "root": str(maker(tmp_path)), "image_size": 32, "decode_cache": None}
+    return make
+
+
+DATASET_FIXTURES = {  # name -> (tmp_path, name) -> the dataset section of a tiny spec
+    "cmnist": _cmnist, "cmnist_multi": _cmnist,
+    "folder": _on_disk(lambda t: make_folder_dataset(t / "ds", per_group=2)),
+    **{name: _on_disk(maker) for name, maker in MAKERS.items()},
+}
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_dataset_contract(tmp_path, name):
+    """build(dspec, seed) -> GroupData: three non-empty splits of (C, H, W) float images with int64 y in
+    0..n_classes-1 and true groups in 0..n_groups-1, two classes in train and val; an on-disk dataset's
+    scanner agrees with its builder, and `datasets check` passes on it."""
+    if name not in DATASET_FIXTURES:
+        pytest.fail(f"dataset '{name}' is registered but has no tiny fixture in DATASET_FIXTURES")
+    dspec = from_dict({"dataset": DATASET_FIXTURES[name](tmp_path, name)}).dataset
+    entry = DATASETS.get(name)
+    assert entry.name == name and entry.summary
+    data = build_dataset(dspec, 0)
+    assert data.n_classes >= 2 and data.n_groups >= 2
+    for split in ("train", "val", "test"):
+        s = data.split(split)
+        assert len(s) == len(s.images) == len(s.group) > 0
+        assert s.y.dtype == np.int64 and s.group.dtype == np.int64
+        assert 0 <= s.y.min() and s.y.max() < data.n_classes and 0 <= s.group.min() and s.group.max() < data.n_groups
+        assert all(len(v) == len(s) for v in s.attrs.values())
+        x = s.images[0]
+        assert x.dtype == torch.float32 and x.ndim == 3
+        if split != "test":
+            assert len(np.unique(s.y)) >= 2
+    if entry.scan is not None:
+        scan = entry.scan(dspec)
+        assert not scan.findings and len(scan.table["paths"]) == sum(len(data.split(s)) for s in ("train", "val", "test"))
+        report = check_dataset(dspec)
+        assert report.ok and report.verified and report.n_images == len(scan.table["paths"])
