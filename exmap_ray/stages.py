@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 # keys that change how a stage runs but not what it computes: kept out of the cache hash
 EXECUTION_ONLY = {"heatmaps": {"batch_size", "shard_size", "num_actors"},
                   "dataset": {"loader_workers", "pin_memory", "persistent_workers", "decode_cache"}}
+# keys added after caches existed: hashed only when set away from this default, so every stage key
+# (and every cache) made before the key was added stays valid
+HASHED_UNLESS = {"heatmaps": {"store_dtype": "float32"}}
 
 
 class Timer:
@@ -92,7 +95,9 @@ def section_config(spec: Spec, section: str):
     value = getattr(spec, section)
     if not dataclasses.is_dataclass(value):
         return value
-    return {k: v for k, v in value.__dict__.items() if k not in EXECUTION_ONLY.get(section, ())}
+    unless = HASHED_UNLESS.get(section, {})
+    return {k: v for k, v in value.__dict__.items()
+            if k not in EXECUTION_ONLY.get(section, ()) and not (k in unless and v == unless[k])}
 
 
 def stage_config(sd: StageDef, spec: Spec) -> dict:
@@ -156,7 +161,8 @@ def clusters_task(spec_dict: dict, hm_uri: str, feats_uri: str, out_uri: str, y_
 
     spec = from_dict(spec_dict)
     hm, feats = Loc.parse(hm_uri), Loc.parse(feats_uri)
-    H = HeatmapStore(hm).for_clustering(whole_below=SCALE_MIN_N)  # millions: shards, memory-mapped
+    # millions: shards, memory-mapped (a float16 store's as stored, when the clusterer normalises anyway)
+    H = HeatmapStore(hm).for_clustering(whole_below=SCALE_MIN_N, normalized=spec.clustering.normalize)
     if spec.groups.source == "exmap" and spec.clustering.input == "heatmaps":
         try:
             check_heatmaps(H)

@@ -35,6 +35,16 @@ def test_variant_stage_keys_are_pinned(tmp_path):
     assert {n: s.key for n, s in stages.items()} == VARIANT_KEYS
 
 
+def test_a_key_added_later_enters_the_hash_only_away_from_its_default(tmp_path):
+    """heatmaps.store_dtype came after caches existed: float32 leaves every key as pinned above;
+    float16 changes the heatmaps stage and what reads it, nothing upstream."""
+    stages = stage_keys(load_spec("cmnist", ["resources.gpu=false", "heatmaps.store_dtype=float16"]),
+                        StageCache(tmp_path))
+    keys = {n: s.key for n, s in stages.items()}
+    assert {n: keys[n] == DEMO_KEYS["cpu"][n] for n in keys} == {
+        "erm": True, "features": True, "heatmaps": False, "clusters": False}
+
+
 def test_unresolved_device_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="resolve_resources"):
         stage_keys(load_spec("cmnist", ["resources.gpu=auto"]), StageCache(tmp_path))

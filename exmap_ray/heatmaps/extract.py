@@ -59,6 +59,8 @@ class HeatmapStore:
     """Read side of a heatmap stage folder (a local folder or a prefix under a storage URI).
 
     Shards of a remote store are read through the node-local derived cache, then memory-mapped.
+    A float16 store (heatmaps.store_dtype) holds each heatmap divided by its max |value|, with that
+    scale beside it in float32: readers get the heatmaps back in float32, one shard at a time.
     """
 
     def __init__(self, folder):
@@ -72,47 +74,86 @@ class HeatmapStore:
     def shape(self) -> tuple[int, ...]:
         return (self.index["n"], *self.index["item_shape"])
 
+    @property
+    def dtype(self) -> str:
+        return self.index.get("dtype", "float32")
+
+    def _shard(self, s: dict, scaled: bool = True) -> np.ndarray:
+        maps = load_npy(self.dir / s["file"], mmap=True)
+        if "scale_file" not in s or not scaled:
+            return maps
+        scale = load_npy(self.dir / s["scale_file"]).reshape((-1,) + (1,) * (maps.ndim - 1))
+        return np.asarray(maps, np.float32) * scale
+
     def shards(self) -> Iterator[np.ndarray]:
+        """Each shard's heatmaps: memory-mapped float32, or (float16 store) one shard scaled back to float32."""
         for s in self.index["shards"]:
-            yield load_npy(self.dir / s["file"], mmap=True)
+            yield self._shard(s)
 
     def __getitem__(self, i: int) -> np.ndarray:
         """One heatmap by its val index, read from its (memory-mapped) shard: plots need a few, not all."""
         for s in self.index["shards"]:
             if s["start"] <= i < s["stop"]:
-                return np.asarray(load_npy(self.dir / s["file"], mmap=True)[i - s["start"]])
+                maps = load_npy(self.dir / s["file"], mmap=True)
+                one = np.asarray(maps[i - s["start"]], np.float32)
+                if "scale_file" in s:
+                    one = one * load_npy(self.dir / s["scale_file"])[i - s["start"]]
+                return one
         raise IndexError(f"heatmap {i} is not in this store ({len(self)} heatmaps)")
 
-    def for_clustering(self, whole_below: int):
+    def for_clustering(self, whole_below: int, normalized: bool = False):
         """What the clusterer reads: one array below `whole_below` heatmaps (the exact path, unchanged),
-        else the memory-mapped shards themselves, which the scalable path streams without a copy."""
-        return self.load() if len(self) < whole_below else list(self.shards())
+        else the memory-mapped shards themselves, which the scalable path streams without a copy.
+
+        `normalized`: the clusterer divides each row by its max |value| itself, so a float16 store's
+        shards are handed over as stored (already so divided), memory-mapped, without the scale."""
+        if len(self) < whole_below:
+            return self.load()
+        return [self._shard(s, scaled=not normalized) for s in self.index["shards"]]
 
     def load(self) -> np.ndarray:
-        return np.concatenate([np.asarray(a) for a in self.shards()]) if self.index["shards"] else np.zeros(self.shape, np.float32)
+        return np.concatenate([np.asarray(a, np.float32) for a in self.shards()]) if self.index["shards"] else np.zeros(self.shape, np.float32)
 
     def preds(self) -> np.ndarray:
         return np.concatenate([load_npy(self.dir / s["pred_file"]) for s in self.index["shards"]])
 
 
-def write_shard(folder, shard_id: int, start: int, stop: int, maps: np.ndarray, preds: np.ndarray) -> dict:
-    """Write one shard (maps, then predictions) under `folder` (a Loc or a local path)."""
+STORE_DTYPES = ("float32", "float16")
+
+
+def write_shard(folder, shard_id: int, start: int, stop: int, maps: np.ndarray, preds: np.ndarray,
+                dtype: str = "float32") -> dict:
+    """Write one shard (maps, then predictions) under `folder` (a Loc or a local path).
+
+    float16: each heatmap is divided by its max |value| first (so none overflows float16's 65504 or
+    sinks below its 6e-8), and the divisors are written as float32 beside it."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"heatmap store dtype '{dtype}': expected one of {', '.join(STORE_DTYPES)}")
     folder = Loc.parse(folder)
     name = f"shard-{shard_id:05d}.npy"
-    save_npy(folder / name, maps.astype(np.float32, copy=False))
-    save_npy(folder / f"pred-{shard_id:05d}.npy", preds)
-    return {"id": shard_id, "start": start, "stop": stop, "file": name, "pred_file": f"pred-{shard_id:05d}.npy",
-            "item_shape": list(maps.shape[1:]), "bytes": int(maps.nbytes + preds.nbytes)}
+    entry = {"id": shard_id, "start": start, "stop": stop, "file": name, "pred_file": f"pred-{shard_id:05d}.npy",
+             "item_shape": list(maps.shape[1:])}
+    maps = maps.astype(np.float32, copy=False)
+    if dtype == "float16":
+        scale = np.abs(maps.reshape(len(maps), -1)).max(axis=1) if maps.size else np.zeros(0, np.float32)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        maps = (maps / scale.reshape((-1,) + (1,) * (maps.ndim - 1))).astype(np.float16)
+        entry["scale_file"] = f"scale-{shard_id:05d}.npy"
+        save_npy(folder / entry["scale_file"], scale)
+    save_npy(folder / name, maps)
+    save_npy(folder / entry["pred_file"], preds)
+    entry["bytes"] = int(maps.nbytes + preds.nbytes + (len(maps) * 4 if dtype == "float16" else 0))
+    return entry
 
 
-def write_index(folder, n: int, entries: list[dict]) -> None:
+def write_index(folder, n: int, entries: list[dict], dtype: str = "float32") -> None:
     entries = sorted(entries, key=lambda e: e["start"])
     covered = sum(e["stop"] - e["start"] for e in entries)
     if covered != n:
         raise RuntimeError(f"heatmap shards cover {covered} of {n} images; refusing to write an incomplete index")
     item_shape = entries[0]["item_shape"] if entries else []
     write_json(Loc.parse(folder) / "index.json",
-               {"n": n, "item_shape": item_shape, "dtype": "float32", "shards": entries})
+               {"n": n, "item_shape": item_shape, "dtype": dtype, "shards": entries})
 
 
 # ----------------------------------------------------------------------------- Ray wiring
@@ -152,7 +193,7 @@ class HeatmapWorker:
     def run(self, shard_id: int, start: int, stop: int) -> dict:
         maps, preds = extract(self.method, Subset(self.images, range(start, stop)), self.hspec.batch_size,
                               self.hspec.downsize, self.device, loader_kwargs=self.loader_kwargs)
-        return write_shard(self.out, shard_id, start, stop, maps, preds)
+        return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype)
 
 
 def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
@@ -234,7 +275,7 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
     finally:  # done or failed: the actors go, which also withdraws the requests of those never started
         for a in actors:
             ray.kill(a)
-    write_index(out, n_images, entries)
+    write_index(out, n_images, entries, spec.heatmaps.store_dtype)
     return {"n": n_images, "shards": len(entries), "actors": n_actors, "actors_lost": lost,
             "actors_started": len(actors) - len(starting),
             "device": "cuda" if spec.resources.gpu is True else "cpu",
