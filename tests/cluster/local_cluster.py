@@ -196,7 +196,9 @@ class LocalCluster:
             if seen >= n:
                 return
             time.sleep(1)
-        raise RuntimeError(f"only {seen} of {n} Ray nodes came up within {timeout:g} s; logs in {self.logs}")
+        tails = "".join(f"\n--- {f.name} (last lines)\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:])
+                        for f in sorted(self.logs.glob("*.log")) if f.name.startswith(("head", "worker")))
+        raise RuntimeError(f"only {seen} of {n} Ray nodes came up within {timeout:g} s; logs in {self.logs}{tails}")
 
     def submit(self, entrypoint: str, *, wait: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir .` of the repository, as a user's laptop would."""
