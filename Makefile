@@ -5,8 +5,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# two test processes, each given whole files (a module's fixtures stay in one process); XDIST= runs serially
-XDIST ?= -n 2 --dist loadfile
 
 .PHONY: demo test install clean
 
@@ -23,7 +21,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no tests: that must fail, not pass quietly.
 test: $(STAMP)
-	@RAY_AUTH_MODE=disabled $(PY) -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \
+	@RAY_AUTH_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing" >&2; exit 1; fi; exit $$rc
 
 clean:
