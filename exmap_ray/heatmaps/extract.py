@@ -133,16 +133,17 @@ def write_shard(folder, shard_id: int, start: int, stop: int, maps: np.ndarray, 
     name = f"shard-{shard_id:05d}.npy"
     entry = {"id": shard_id, "start": start, "stop": stop, "file": name, "pred_file": f"pred-{shard_id:05d}.npy",
              "item_shape": list(maps.shape[1:])}
-    maps = maps.astype(np.float32, copy=False)
+    maps, scale_bytes = maps.astype(np.float32, copy=False), 0
     if dtype == "float16":
         scale = np.abs(maps.reshape(len(maps), -1)).max(axis=1) if maps.size else np.zeros(0, np.float32)
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         maps = (maps / scale.reshape((-1,) + (1,) * (maps.ndim - 1))).astype(np.float16)
         entry["scale_file"] = f"scale-{shard_id:05d}.npy"
         save_npy(folder / entry["scale_file"], scale)
+        scale_bytes = scale.nbytes
     save_npy(folder / name, maps)
     save_npy(folder / entry["pred_file"], preds)
-    entry["bytes"] = int(maps.nbytes + preds.nbytes + (len(maps) * 4 if dtype == "float16" else 0))
+    entry["bytes"] = int(maps.nbytes + preds.nbytes + scale_bytes)
     return entry
 
 
