@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -26,6 +25,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
 
 
 def create_model(backbone: str, n_classes: int, pretrained: str | None = None) -> nn.Module:
+    import timm  # here, not at the top: timm imports torchvision (seconds), which a process that builds no model
+                 # (a sweep's trial on cached stages, the clustering task) never needs
+
     if not timm.is_model(backbone):
         near = near_names(backbone, timm.list_models(), n=3)
         hint = f" Close names: {', '.join(near)}." if near else ""

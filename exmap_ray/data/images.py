@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 
 from ..errors import DataError, SpecError
 from ..store import atomic_path
@@ -75,6 +74,7 @@ def eval_resize(size: int) -> int:
 
 
 def train_transform(size: int, mean, std):
+    from torchvision import transforms  # imported here: processes that build no images skip its import
     return transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3)),
         transforms.RandomHorizontalFlip(),
@@ -84,16 +84,19 @@ def train_transform(size: int, mean, std):
 
 def eval_transform_uint8(size: int):
     """Resize + centre crop to a uint8 (3, S, S) tensor: what the decode cache stores."""
+    from torchvision import transforms  # imported here: processes that build no images skip its import
     r = eval_resize(size)
     return transforms.Compose([transforms.Resize((r, r)), transforms.CenterCrop(size), transforms.PILToTensor()])
 
 
 def resize_transform(size: int, mean, std):
     """`folder`'s transform for every split: a plain resize to S x S, no crop and no augmentation."""
+    from torchvision import transforms  # imported here: processes that build no images skip its import
     return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def resize_transform_uint8(size: int):
+    from torchvision import transforms  # imported here: processes that build no images skip its import
     return transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()])
 
 
