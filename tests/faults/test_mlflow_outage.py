@@ -60,8 +60,10 @@ class MlflowServer:
                "--artifacts-destination", str(self.root / "server-artifacts"),
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         log = open(self.root / f"server-{time.time():.0f}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=ENV,
-                                     start_new_session=True)
+        # no job-execution workers: MLflow 3 starts seven huey consumers for its GenAI jobs by default,
+        # a few % of a core each while idle, which exmap-ray never uses
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                     env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
         t0 = time.time()
         while time.time() - t0 < timeout:
             assert self.proc.poll() is None, f"mlflow server exited: {Path(log.name).read_text()[-2000:]}"
