@@ -37,7 +37,8 @@ def ray_local():
 
     if not ray.is_initialized():
         local_ray_defaults()  # as `exmap-ray run` does for the Ray it starts
-        ray.init(num_cpus=2, logging_level=logging.WARNING)
+        # no dashboard: nothing here reads it, and its processes cost a few % of a core all session long
+        ray.init(num_cpus=2, logging_level=logging.WARNING, include_dashboard=False)
     yield ray
     ray.shutdown()
 
@@ -63,7 +64,9 @@ def tiny_spec_dict(**over) -> dict:
         "dataset": {"name": "cmnist", "rho": 0.95, "n_train": 400, "n_val": 300, "n_test": 300},
         "model": {"backbone": "test_resnet"},
         "erm": {"epochs": 1, "batch_size": 64},
-        "heatmaps": {"method": "lrp", "downsize": 7, "shard_size": 100, "num_actors": 2, "batch_size": 64},
+        # one extraction actor: each actor is a process importing torch, far longer than its 300 images take
+        # (num_actors is not hashed: the stage keys are those of any actor count)
+        "heatmaps": {"method": "lrp", "downsize": 7, "shard_size": 100, "num_actors": 1, "batch_size": 64},
         "clustering": {"method": "spectral", "k": "auto", "scope": "global"},
         "dfr": {"c_grid": [1.0, 0.1], "n_select_repeats": 2, "n_final_fits": 3},
         # one thread per ERM worker and heatmap actor: the same numbers on any machine or cluster shape

@@ -10,12 +10,12 @@ from typing import Callable
 
 
 def alive_actor_pids(class_name: str) -> list[int]:
-    import ray
-    from ray.util.state import list_actors
+    """Process ids of this test's Ray's live actors of `class_name`, from the GCS's actor table (the
+    session's Ray runs without a dashboard, which Ray's state API would need)."""
+    from ray._private.state import actors
 
-    address = ray.get_runtime_context().gcs_address  # this test's Ray, even if others run on the machine
-    return [a.pid for a in list_actors(address=address, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
-            if a.pid]
+    return [a["Pid"] for a in actors().values()
+            if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a.get("Pid")]
 
 
 class KillWhen(threading.Thread):
