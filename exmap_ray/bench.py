@@ -40,7 +40,7 @@ ROWS = [
     ("ExMap + GroupDRO", "exmap", None, "groupdro"),
     ("ExMap + JTT", "exmap", None, "jtt"),
 ]
-# with --end-to-end: the ExMap groups of the spec's clustering, fine-tuning the whole network (retrain.e2e_*)
+# with --end-to-end: the ExMap groups of the spec's clustering, fine-tuning the whole network (retrain.end_to_end.*)
 E2E_ROWS = [
     ("ExMap + GroupDRO (end to end)", "exmap", None, "groupdro"),
     ("ExMap + JTT (end to end)", "exmap", None, "jtt"),

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--seeds", type=int, default=3, help="number of seeds, from the spec's seed upwards (default 3)")
     bn.add_argument("--end-to-end", action="store_true",
                     help="add rows ExMap + GroupDRO / JTT (end to end): fine-tune the whole ERM network on val "
-                         "with the ExMap groups (retrain.e2e_* keys); slower than the last-layer rows")
+                         "with the ExMap groups (retrain.end_to_end keys); slower than the last-layer rows")
     _add_job_args(bn, "output folder (default runs/<spec name>-bench)")
 
     sp = sub.add_parser("spec", help="print the built-in defaults with their reasons, or a resolved spec",
