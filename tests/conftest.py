@@ -65,7 +65,7 @@ def tiny_spec_dict(**over) -> dict:
         "erm": {"epochs": 1, "batch_size": 64},
         "heatmaps": {"method": "lrp", "downsize": 7, "shard_size": 100, "num_actors": 2, "batch_size": 64},
         "clustering": {"method": "spectral", "k": "auto", "scope": "global"},
-        "dfr": {"c_grid": [1.0, 0.1], "n_select_repeats": 2, "n_final_fits": 3},
+        "retrain": {"n_select_repeats": 2, "dfr": {"c_grid": [1.0, 0.1], "n_final_fits": 3}},
         # one thread per ERM worker and heatmap actor: the same numbers on any machine or cluster shape
         # (tests/cluster/tiny.yaml is this spec, and its cluster run must equal `tiny_run` exactly)
         "resources": {"worker_cpus": 1},

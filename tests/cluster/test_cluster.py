@@ -47,7 +47,7 @@ def single_node(tiny_run):
     from ..conftest import tiny_spec_dict
 
     mine, theirs = load_spec(REPO / SPEC).to_dict(), from_dict(tiny_spec_dict()).to_dict()
-    for section in ("seed", "dataset", "model", "erm", "heatmaps", "clustering", "dfr", "groups", "retrain"):
+    for section in ("seed", "dataset", "model", "erm", "heatmaps", "clustering", "groups", "retrain"):
         assert mine[section] == theirs[section], f"tests/cluster/tiny.yaml differs from the tiny spec in {section}"
     assert mine["resources"]["worker_cpus"] == theirs["resources"]["worker_cpus"]
     return tiny_run
