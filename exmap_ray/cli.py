@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(sp)
 
     ds = sub.add_parser("datasets", help="list the registered datasets, or check one on disk",
-                        description="Without arguments: list the dataset names usable as dataset.name. "
+                        description="Without arguments: list the dataset names usable as dataset.name, each with its own "
+                                    "keys (valid only when dataset.name names it; `exmap-ray spec` gives reasons). "
                                     "`datasets check NAME --root PATH` verifies an on-disk dataset before a run: "
                                     "the folder layout, the index files, the count of images per split and "
                                     "true group, and every missing or unreadable file; it ends with the fix. "
@@ -361,9 +362,13 @@ def cmd_datasets(args) -> int:
         print(report.format())
         return 0 if report.ok else 2
 
+    import dataclasses
+
     width = max(10, *(len(n) for n in DATASETS.names()))
     for name in DATASETS.names():
-        print(f"{name:<{width}} {DATASETS.get(name).summary}")
+        keys = DATASETS.get(name).keys
+        own = ", ".join(f"dataset.{f.name}" for f in dataclasses.fields(keys)) if keys else "none of its own"
+        print(f"{name:<{width}} {DATASETS.get(name).summary} [keys: {own}]")
     return 0
 
 

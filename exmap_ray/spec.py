@@ -7,6 +7,15 @@ Precedence (as in timm's train.py): dataclass default < YAML file < `--set`.
 The resolved spec is saved next to every run.  Unknown keys, wrong types and
 bad values raise `SpecError` naming the dotted key path and what is allowed,
 before any work starts.
+
+Each plugin owns its section, declared beside its code with `options.opt`:
+a retrainer's keys are `retrain.<name>` (its registered `keys` dataclass;
+`retrain_class` adds one field per retrainer to `RetrainSpec`, which keeps the
+keys all share), and a dataset's own keys join `DatasetSpec`'s common ones in
+`dataset:` when `dataset.name` names it (`dataset_class`); a key of another
+dataset is refused naming who takes it. Keys that moved stop with their new
+place (`MOVED`). Building these sections needs the plugins: `registry.require`
+imports them by name, so the spec module itself imports none.
 """
 from __future__ import annotations
 
