@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "experiment tagged exmap_ray.synced_from. Needs DIR/results.json; does "
                                     "nothing (exit 0) unless DIR/mlflow_pending.json says logging failed. For a "
                                     "sweep's folder (`exmap-ray tune --out`): the parent run with the summary, then "
-                                    "every trial whose logging failed, nested under the parent.")
-    sy.add_argument("dir", metavar="DIR", help="the run's or sweep's output folder or storage URI (its --out)")
+                                    "every trial whose logging failed, nested under the parent. For a bench's folder (`exmap-ray bench "
+                                    "--out`, it holds bench.json): its run, with the spec and seeds as params, "
+                                    "every row's mean and std and the bench files.")
+    sy.add_argument("dir", metavar="DIR", help="the run's, sweep's or bench's output folder or storage URI (its --out)")
     sy.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run used, from "
                                            "DIR/tracking.json)")
     sy.add_argument("--quiet", action="store_true", help="only warnings and the final line")
@@ -205,8 +207,8 @@ def cmd_bench(args) -> int:
     print(f"\ntable: {redact(str(out / 'bench.md'))} (also .csv, .json; plot {redact(str(out / 'bench_wga.png'))})")
     if summary["mlflow_pending"]:  # the tracker warned when it lost the server; every result is on disk
         print(f"MLflow: NOT fully logged (the server became unreachable; {redact(str(out / 'mlflow_pending.json'))} "
-              f"says what failed). Every result is in {redact(str(out))}; to log it, rerun the same command once the "
-              f"server is back (with --cache {redact(str(cache or out / 'cache'))}: every stage is reused)")
+              f"says what failed). Every result is in {redact(str(out))}; when the server is back: "
+              f"exmap-ray sync-mlflow {out}")
     return 0
 
 
@@ -326,7 +328,7 @@ def cmd_sync(args) -> int:
               f"did not fail (or was synced already)")
         return 0
     how = "completed the original run" if done["resumed"] else "created a new run (the original is not there)"
-    what = "sweep parent run" if done.get("kind") == "sweep" else "run"
+    what = {"sweep": "sweep parent run", "bench": "bench run"}.get(done.get("kind"), "run")
     print(f"synced {args.dir} to MLflow at {done['uri']}: {how} ({what}) {done['run_id']}, {done['params']} params, "
           f"{done['metrics']} metric values, artifacts {', '.join(done['artifacts']) or 'none'}")
     for t in done.get("trials", []):
