@@ -271,13 +271,19 @@ def _storage(args, default_name: str):
 
 def _check_resume(spec, out) -> None:
     """`run --resume` continues the run in OUT only with the spec that run had."""
-    from .spec import flatten
+    from .spec import MOVED, flatten
     from .store import read_json
 
     saved = out / "spec.resolved.json"
     if not saved.is_file():
         raise UserError(f"--resume: no run to resume in '{out}' (no {saved.name}); drop --resume to start one")
     old, new = flatten(read_json(saved)), flatten(spec.to_dict())
+    moved = sorted(k for k in old if k in MOVED)  # the saved spec is flat JSON: its leaves
+    if moved:
+        raise UserError(f"--resume: the run in '{out}' was started before spec keys moved ({', '.join(moved[:4])}"
+                        f"{', ...' if len(moved) > 4 else ''}; `exmap-ray spec` shows where they are now), so its saved "
+                        f"spec cannot be compared; drop --resume and run again with the same --cache: every "
+                        f"finished stage is reused (stage keys did not change)")
     if new.get("resources.gpu") == "auto":  # the saved spec holds what auto resolved to; it resolves again
         new["resources.gpu"] = old.get("resources.gpu")
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))

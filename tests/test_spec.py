@@ -171,3 +171,25 @@ def test_spec_command_shows_every_plugin_section_with_its_reasons():
         for f in dataclasses.fields(keys) if keys else ():
             line = next(ln for ln in text.splitlines() if ln.startswith(f"  dataset.{f.name} = "))
             assert name in line.split("#", 1)[1] and f.metadata["why"] in line
+
+
+def test_resuming_a_run_or_sweep_started_before_keys_moved_says_what_to_do(tmp_path, capsys):
+    """A run or sweep folder whose saved spec has old keys: --resume stops, naming them and the way on."""
+    import json
+
+    from exmap_ray import cli
+    from exmap_ray.errors import UserError
+    from exmap_ray.storage import Loc
+    from exmap_ray.tune import _check_searched_keys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.resolved.json").write_text(json.dumps({"name": "cmnist", "dfr": {"c_grid": [1.0]}}))
+    assert cli.main(["run", "cmnist", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was started before spec keys moved (dfr.c_grid" in err and "drop --resume" in err
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "spec.resolved.json").write_text(json.dumps({"search": {"space": {"dfr.c_grid": {"grid": [[1.0]]}}}}))
+    with pytest.raises(UserError, match=r"searched dfr.c_grid, which moved \(dfr.c_grid -> retrain.dfr.c_grid\)"):
+        _check_searched_keys(Loc.parse(sweep), [])
