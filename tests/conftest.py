@@ -71,7 +71,10 @@ def tiny_spec_dict(**over) -> dict:
         "resources": {"worker_cpus": 1},
     }
     for k, v in over.items():
-        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+        if k == "dataset" and v.get("name", d["dataset"]["name"]) != d["dataset"]["name"]:
+            d[k] = v  # another dataset: the tiny C-MNIST's own keys (rho, n_train, ...) are not its keys
+        else:
+            d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     return d
 
 
