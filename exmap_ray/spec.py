@@ -30,9 +30,8 @@ import yaml
 
 from . import registry
 from .errors import SpecError, did_you_mean
-from .options import default_of, fraction as _fraction, non_negative as _non_negative, opt  # noqa: F401
-from .options import non_negative_list as _non_negative_list, positive as _positive  # noqa: F401
-from .options import positive_list as _positive_list  # noqa: F401
+from .options import default_of, opt  # noqa: F401  (opt re-exported: spec.opt, as before)
+from .options import fraction as _fraction, non_negative as _non_negative, positive as _positive
 from .hashing import stable_hash, stage_seed  # noqa: F401  (re-exported: spec.stage_seed, spec.stable_hash)
 
 
