@@ -19,7 +19,7 @@ import numpy as np
 
 from exmap_ray.pipeline import preflight
 from exmap_ray.resources import resolve_resources
-from exmap_ray.retrain import fit_dfr
+from exmap_ray.retrain import RETRAINERS, fit_dfr
 from exmap_ray.spec import load_spec
 from exmap_ray.stages import compute_upstream, stage_keys
 from exmap_ray.store import StageCache
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         holders = len(np.unique(pseudo[minority]))
         wga = []
         for r in range(args.repeats):
-            m = fit_dfr(up.val_features, data.val.y, pseudo, s_k.dfr, 1000 + r)
+            m = fit_dfr(up.val_features, data.val.y, pseudo, RETRAINERS.get("dfr").config(s_k), 1000 + r)
             pred = m.predict(up.test_features)
             wga.append(min(float((pred[t.group == g] == t.y[t.group == g]).mean()) for g in np.unique(t.group)))
         print(f"{k:>5} {len(sizes):>6} {sizes.min():>8} {sizes.min() * len(sizes):>8} {holders:>8} grp "

@@ -65,10 +65,11 @@ def pick(by_se: dict[str, list[dict]], resolved: dict, rule: str) -> dict:
 
 def label(r: dict) -> str:
     cfg = {k.removeprefix("config."): v for k, v in r.items() if k.startswith("config.")}
-    short = {"clustering.k": "k", "clustering.scope": "", "dfr.c_grid": "C"}
+    # dfr.c_grid: the key's name in sweeps run before DFR's keys moved to retrain.dfr
+    short = {"clustering.k": "k", "clustering.scope": "", "retrain.dfr.c_grid": "C", "dfr.c_grid": "C"}
     parts = []
     for k, v in cfg.items():
-        if k == "dfr.c_grid":
+        if k in ("retrain.dfr.c_grid", "dfr.c_grid"):
             v = f"{v[0]}..{v[-1]}" if isinstance(v, list) else v
         parts.append(f"{short.get(k, k)}={v}" if short.get(k, k) else str(v))
     return " ".join(parts)

@@ -40,7 +40,7 @@ ROWS = [
     ("ExMap + GroupDRO", "exmap", None, "groupdro"),
     ("ExMap + JTT", "exmap", None, "jtt"),
 ]
-# with --end-to-end: the ExMap groups of the spec's clustering, fine-tuning the whole network (retrain.e2e_*)
+# with --end-to-end: the ExMap groups of the spec's clustering, fine-tuning the whole network (retrain.end_to_end.*)
 E2E_ROWS = [
     ("ExMap + GroupDRO (end to end)", "exmap", None, "groupdro"),
     ("ExMap + JTT (end to end)", "exmap", None, "jtt"),
@@ -116,13 +116,14 @@ def format_table(rows: list[dict], spec: Spec, seeds: list[int]) -> str:
 def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = None,
               tracking_uri: str | None = None, end_to_end: bool = False) -> dict:
     """Every row over `seeds`, to OUT/bench.{md,csv,json}, bench_wga.png and one MLflow run. A tracking
-    server lost mid-bench stops the logging, not the bench (OUT/mlflow_pending.json says what was lost;
-    a rerun with the same cache logs it, refitting only the last-layer rows)."""
-    job = start_job(spec, out, cache_dir, tracking_uri, later="rerun")  # sync-mlflow reads run and sweep folders
+    server lost mid-bench stops the logging, not the bench: OUT/mlflow_pending.json says what was lost,
+    and `exmap-ray sync-mlflow OUT` logs it later (from bench.json and spec.resolved.json)."""
+    job = start_job(spec, out, cache_dir, tracking_uri)
     spec, out, tracker, timer = job.spec, job.out, job.tracker, job.timer
     per_seed: list[dict] = []
     with tracker.run(experiment_id=job.exp_id, run_name=f"{spec.name} bench"):
-        tracker.call("log_params", tracking.log_flat_params, {**spec.flat(), "bench.seeds": seeds})
+        write_json(out / "spec.resolved.json", spec.to_dict())  # what sync-mlflow logs as params
+        tracker.call("log_params", tracking.log_flat_params, tracking.bench_params(spec.to_dict(), seeds))
         for seed in seeds:
             with timer(f"seed {seed}"):
                 per_seed += bench_seed(from_dict({**spec.to_dict(), "seed": seed}), job.cache, timer, end_to_end)
@@ -145,7 +146,7 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
                    "mlflow_run_id": tracker.run_id}
         write_json(out / "bench.json", summary)
         plots.bench_bars(rows, out / "bench_wga.png", f"{spec.name}: test WGA over {len(seeds)} seed(s)")
-        tracker.call("log_metrics", tracking.log_metrics, bench_metrics(rows))
+        tracker.call("log_metrics", tracking.log_metrics, tracking.bench_metrics(rows))
         for name in BENCH_ARTIFACTS:
             tracker.call("log_artifact", tracking.log_artifact, out / name)
     summary["table"] = table
@@ -153,10 +154,4 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
     return summary
 
 
-BENCH_ARTIFACTS = ("bench.md", "bench.csv", "bench.json", "bench_wga.png")
-
-
-def bench_metrics(rows: list[dict]) -> dict:
-    """The bench run's MLflow metrics: every row's mean and std, under the row's name."""
-    return {tracking.metric_name(r["row"]).replace(" ", "_"): {k: v for k, v in r.items() if isinstance(v, float)}
-            for r in rows}
+BENCH_ARTIFACTS = tracking.BENCH_ARTIFACTS  # (the names sync-mlflow logs too)

@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "experiment tagged exmap_ray.synced_from. Needs DIR/results.json; does "
                                     "nothing (exit 0) unless DIR/mlflow_pending.json says logging failed. For a "
                                     "sweep's folder (`exmap-ray tune --out`): the parent run with the summary, then "
-                                    "every trial whose logging failed, nested under the parent.")
-    sy.add_argument("dir", metavar="DIR", help="the run's or sweep's output folder or storage URI (its --out)")
+                                    "every trial whose logging failed, nested under the parent. For a bench's folder (`exmap-ray bench "
+                                    "--out`, it holds bench.json): its run, with the spec and seeds as params, "
+                                    "every row's mean and std and the bench files.")
+    sy.add_argument("dir", metavar="DIR", help="the run's, sweep's or bench's output folder or storage URI (its --out)")
     sy.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run used, from "
                                            "DIR/tracking.json)")
     sy.add_argument("--quiet", action="store_true", help="only warnings and the final line")
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--seeds", type=int, default=3, help="number of seeds, from the spec's seed upwards (default 3)")
     bn.add_argument("--end-to-end", action="store_true",
                     help="add rows ExMap + GroupDRO / JTT (end to end): fine-tune the whole ERM network on val "
-                         "with the ExMap groups (retrain.e2e_* keys); slower than the last-layer rows")
+                         "with the ExMap groups (retrain.end_to_end keys); slower than the last-layer rows")
     _add_job_args(bn, "output folder (default runs/<spec name>-bench)")
 
     sp = sub.add_parser("spec", help="print the built-in defaults with their reasons, or a resolved spec",
@@ -111,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(sp)
 
     ds = sub.add_parser("datasets", help="list the registered datasets, or check one on disk",
-                        description="Without arguments: list the dataset names usable as dataset.name. "
+                        description="Without arguments: list the dataset names usable as dataset.name, each with its own "
+                                    "keys (valid only when dataset.name names it; `exmap-ray spec` gives reasons). "
                                     "`datasets check NAME --root PATH` verifies an on-disk dataset before a run: "
                                     "the folder layout, the index files, the count of images per split and "
                                     "true group, and every missing or unreadable file; it ends with the fix. "
@@ -204,8 +207,8 @@ def cmd_bench(args) -> int:
     print(f"\ntable: {redact(str(out / 'bench.md'))} (also .csv, .json; plot {redact(str(out / 'bench_wga.png'))})")
     if summary["mlflow_pending"]:  # the tracker warned when it lost the server; every result is on disk
         print(f"MLflow: NOT fully logged (the server became unreachable; {redact(str(out / 'mlflow_pending.json'))} "
-              f"says what failed). Every result is in {redact(str(out))}; to log it, rerun the same command once the "
-              f"server is back (with --cache {redact(str(cache or out / 'cache'))}: every stage is reused)")
+              f"says what failed). Every result is in {redact(str(out))}; when the server is back: "
+              f"exmap-ray sync-mlflow {out}")
     return 0
 
 
@@ -268,13 +271,19 @@ def _storage(args, default_name: str):
 
 def _check_resume(spec, out) -> None:
     """`run --resume` continues the run in OUT only with the spec that run had."""
-    from .spec import flatten
+    from .spec import MOVED, flatten
     from .store import read_json
 
     saved = out / "spec.resolved.json"
     if not saved.is_file():
         raise UserError(f"--resume: no run to resume in '{out}' (no {saved.name}); drop --resume to start one")
     old, new = flatten(read_json(saved)), flatten(spec.to_dict())
+    moved = sorted(k for k in old if k in MOVED)  # the saved spec is flat JSON: its leaves
+    if moved:
+        raise UserError(f"--resume: the run in '{out}' was started before spec keys moved ({', '.join(moved[:4])}"
+                        f"{', ...' if len(moved) > 4 else ''}; `exmap-ray spec` shows where they are now), so its saved "
+                        f"spec cannot be compared; drop --resume and run again with the same --cache: every "
+                        f"finished stage is reused (stage keys did not change)")
     if new.get("resources.gpu") == "auto":  # the saved spec holds what auto resolved to; it resolves again
         new["resources.gpu"] = old.get("resources.gpu")
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -325,7 +334,7 @@ def cmd_sync(args) -> int:
               f"did not fail (or was synced already)")
         return 0
     how = "completed the original run" if done["resumed"] else "created a new run (the original is not there)"
-    what = "sweep parent run" if done.get("kind") == "sweep" else "run"
+    what = {"sweep": "sweep parent run", "bench": "bench run"}.get(done.get("kind"), "run")
     print(f"synced {args.dir} to MLflow at {done['uri']}: {how} ({what}) {done['run_id']}, {done['params']} params, "
           f"{done['metrics']} metric values, artifacts {', '.join(done['artifacts']) or 'none'}")
     for t in done.get("trials", []):
@@ -361,9 +370,13 @@ def cmd_datasets(args) -> int:
         print(report.format())
         return 0 if report.ok else 2
 
+    import dataclasses
+
     width = max(10, *(len(n) for n in DATASETS.names()))
     for name in DATASETS.names():
-        print(f"{name:<{width}} {DATASETS.get(name).summary}")
+        keys = DATASETS.get(name).keys
+        own = ", ".join(f"dataset.{f.name}" for f in dataclasses.fields(keys)) if keys else "none of its own"
+        print(f"{name:<{width}} {DATASETS.get(name).summary} [keys: {own}]")
     return 0
 
 

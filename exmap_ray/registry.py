@@ -5,9 +5,14 @@ with the spec key that names its entries; `for_key` finds it by that key. This i
 a name without importing any plugin (imports point down): `spec.from_dict` asks `for_key(path)` for each
 key it reads, so a registry that has been imported checks its key. `exmap_ray.plugins` imports them all
 (the CLI does, before it reads a spec).
+
+A registry whose entries also declare spec keys (a retrainer's `retrain.<name>` section, a dataset's
+own `dataset.*` keys) is needed before the spec can be built at all: `require` imports the plugins
+then, by module name (`importlib`), so `spec` still imports no plugin module itself.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Generic, Optional, TypeVar
 
 from .errors import SpecError, did_you_mean
@@ -49,3 +54,15 @@ class Registry(Generic[T]):
 def for_key(spec_key: str) -> Optional[Registry]:
     """The registry whose entries the dotted spec key names (e.g. 'clustering.method'), if imported."""
     return _BY_KEY.get(spec_key)
+
+
+PLUGINS = "exmap_ray.plugins"  # the module that imports every module that registers something
+
+
+def require(spec_key: str) -> Registry:
+    """The registry for `spec_key`, importing the plugins first when it has not been imported yet."""
+    if spec_key not in _BY_KEY:
+        importlib.import_module(PLUGINS)
+    if spec_key not in _BY_KEY:
+        raise KeyError(f"no registry for spec key '{spec_key}' after importing {PLUGINS}")
+    return _BY_KEY[spec_key]

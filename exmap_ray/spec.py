@@ -7,6 +7,15 @@ Precedence (as in timm's train.py): dataclass default < YAML file < `--set`.
 The resolved spec is saved next to every run.  Unknown keys, wrong types and
 bad values raise `SpecError` naming the dotted key path and what is allowed,
 before any work starts.
+
+Each plugin owns its section, declared beside its code with `options.opt`:
+a retrainer's keys are `retrain.<name>` (its registered `keys` dataclass;
+`retrain_class` adds one field per retrainer to `RetrainSpec`, which keeps the
+keys all share), and a dataset's own keys join `DatasetSpec`'s common ones in
+`dataset:` when `dataset.name` names it (`dataset_class`); a key of another
+dataset is refused naming who takes it. Keys that moved stop with their new
+place (`MOVED`). Building these sections needs the plugins: `registry.require`
+imports them by name, so the spec module itself imports none.
 """
 from __future__ import annotations
 
@@ -21,65 +30,22 @@ import yaml
 
 from . import registry
 from .errors import SpecError, did_you_mean
+from .options import default_of, opt  # noqa: F401  (opt re-exported: spec.opt, as before)
+from .options import fraction as _fraction, non_negative as _non_negative, positive as _positive
 from .hashing import stable_hash, stage_seed  # noqa: F401  (re-exported: spec.stage_seed, spec.stable_hash)
-
-
-def opt(default, why: str, check=None):
-    """A spec field with its reason (`why`) and an optional value check.
-
-    `check(value)` returns None when the value is fine, or a phrase saying what is allowed.
-    """
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"why": why, "check": check})
-    return field(default=default, metadata={"why": why, "check": check})
-
-
-def _positive(v):
-    return None if v > 0 else "a number > 0"
-
-
-def _non_negative(v):
-    return None if v >= 0 else "a number >= 0"
-
-
-def _fraction(v):
-    return None if 0.0 <= v <= 1.0 else "a number in [0, 1]"
 
 
 def _k_check(v):
     return None if v == "auto" or v >= 2 else "an integer >= 2, or 'auto' (eigengap)"
 
 
-def _positive_list(v):
-    return None if v and all(x > 0 for x in v) else "a non-empty list of numbers > 0"
-
-
-def _non_negative_list(v):
-    return None if v and all(x >= 0 for x in v) else "a non-empty list of numbers >= 0"
-
-
 @dataclass
 class DatasetSpec:
-    name: str = opt("cmnist", "registry name; `exmap-ray datasets` lists them")
-    rho: float = opt(0.99, "cmnist: P(colour agrees with y) on train and val; 0.99 as the reference, "
-                           "weaker shortcuts (0.95) leave ERM's worst group unreliable at this size", _fraction)
-    rho_patch: float = opt(0.9, "cmnist_multi: P(corner patch position agrees with y) on train and val, the "
-                                "second shortcut; drawn independently of the colour", _fraction)
-    n_train: int = opt(5000, "cmnist: training images", _positive)
-    n_val: int = opt(3000, "cmnist: validation images; ExMap clusters these, so the minority needs "
-                           "enough members (about 15 per class at rho 0.99)", _positive)
-    n_test: int = opt(2000, "cmnist: test images (colour independent of y)", _positive)
-    mnist_root: Optional[str] = opt(None, "cmnist: a folder with the full MNIST in torchvision's raw "
-                                          "layout; None uses the 10k test digits shipped with exmap-ray")
-    root: Optional[str] = opt(None, "folder, waterbirds, celeba, metashift, urbancars: the dataset folder; "
-                                    "`exmap-ray datasets check NAME --root PATH` verifies it")
-    target: Optional[str] = opt(None, "celeba: the attribute to predict; None = Blond_Hair. Any of the 40 names "
-                                      "in list_attr_celeba.txt")
-    spurious: Optional[str] = opt(None, "celeba: the attribute that defines the true groups with the target "
-                                        "(evaluation only); None = Male")
-    group_by: Literal["both", "bg", "co_occur_obj"] = opt(
-        "both", "urbancars: the shortcut(s) that define the true groups: both (8 groups), bg or co_occur_obj "
-                "(4 each). Changes the oracle DFR row and the true-group WGA; the shortcut gaps use both always")
+    """The keys every dataset takes. A dataset's own keys (cmnist's rho, n_train, ...; an on-disk one's
+    root) are declared beside its code (`DatasetEntry.keys`) and sit in the same `dataset:` mapping:
+    `spec.dataset` is this class extended by the chosen dataset's keys (`dataset_class`)."""
+
+    name: str = opt("cmnist", "registry name; `exmap-ray datasets` lists them and the keys each takes")
     image_size: Optional[int] = opt(None, "square input size; None = the dataset's own (cmnist 28, folder and "
                                           "the on-disk benchmarks 224)",
                                     lambda v: None if v is None or v >= 8 else "an integer >= 8")
@@ -94,6 +60,9 @@ class DatasetSpec:
                                               "once into a uint8 .npy memmap reused by ERM validation, features, "
                                               "heatmaps and plots. 'auto' = $EXMAP_RAY_DECODE_CACHE or "
                                               "~/.cache/exmap_ray/decoded; a path; null = decode on every access")
+
+    def __reduce__(self):  # rebuilt through the registry: the class of a dataset's keys is made at run time
+        return _rebuild, ("dataset", dataclasses.asdict(self))
 
 
 @dataclass
@@ -180,14 +149,6 @@ class ClusteringSpec:
 
 
 @dataclass
-class DfrSpec:
-    c_grid: list[float] = opt([1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01],
-                              "inverse L1 strengths tried (DFR paper grid)", _positive_list)
-    n_select_repeats: int = opt(5, "random val halves used to choose C", _positive)
-    n_final_fits: int = opt(20, "group-balanced fits on all of val whose weights are averaged", _positive)
-
-
-@dataclass
 class GroupsSpec:
     source: str = opt("exmap", "registry name of the val grouping retraining uses: exmap (heatmap clusters, the "
                                "paper), features (GEORGE-style feature clusters per class), jtt_error_set (ERM's "
@@ -198,32 +159,36 @@ class GroupsSpec:
 
 
 @dataclass
+class EndToEndSpec:
+    """`retrain.mode: end_to_end`: the fine-tune of the whole network (retrain/finetune.py), the same loop
+    for every retrainer with an end-to-end mode (groupdro, jtt); each reads its own objective's keys from
+    its section (retrain.groupdro.eta, retrain.jtt.upweight)."""
+
+    lr: float = opt(1e-4, "SGD step size (momentum 0.9) for the whole network", _positive,
+                    search={"grid": [1e-4, 1e-3, 1e-2]})
+    weight_decay: float = opt(1e-4, "SGD weight decay", _non_negative)
+    epochs: int = opt(1, "passes over val", _positive, search={"grid": [1, 4]})
+    batch_size: int = opt(128, "minibatch of the fine-tune (GroupDRO and JTT)", _positive)
+
+
+@dataclass
 class RetrainSpec:
-    method: str = opt("dfr", "registry name: dfr (the paper; its keys are under dfr:), groupdro (Sagawa et al. "
-                             "online GroupDRO), jtt (Liu et al. error-set upweighting)")
+    """The keys every retrainer shares. Each retrainer's own keys sit in its section, `retrain.<name>`,
+    declared beside its code (`Retrainer.keys`, e.g. retrain/dfr.py's DfrKeys): `spec.retrain` is this
+    class with one such section per registered retrainer (`retrain_class`)."""
+
+    method: str = opt("dfr", "registry name: dfr (the paper), groupdro (Sagawa et al. online GroupDRO), jtt (Liu "
+                             "et al. error-set upweighting); each reads its own section retrain.<method>")
     mode: Literal["last_layer", "end_to_end"] = opt(
         "last_layer", "last_layer = a linear head on frozen standardised val features (as DFR); end_to_end = "
-                      "fine-tune the whole ERM model on val images (groupdro, jtt only)")
-    groupdro_eta: float = opt(0.01, "GroupDRO step size of the group weights, q_g <- q_g exp(eta l_g) per batch "
-                                    "(Sagawa et al.'s 0.01); larger reacts faster to the worst group but lets q "
-                                    "swing between groups", _positive)
-    groupdro_epochs: int = opt(30, "GroupDRO last layer: passes over val (group-balanced minibatch SGD)", _positive)
-    jtt_upweight: float = opt(20.0, "JTT lambda_up: weight of the error set (a class's points outside its "
-                                    "largest group); the JTT paper uses 20 to 100",
-                              lambda v: None if v >= 1 else "a number >= 1")
-    weight_decay_grid: list[float] = opt([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "L2 strengths tried for the groupdro / "
-                                                                         "jtt head, chosen by held-out worst "
-                                                                         "pseudo-group accuracy (label-free); "
-                                                                         "GroupDRO needs strong L2 (Sagawa et al.)",
-                                         _non_negative_list)
-    lr: float = opt(0.02, "GroupDRO last layer: initial SGD step size (momentum 0.9, cosine decay) on "
-                          "standardised features", _positive)
-    batch_size: int = opt(128, "GroupDRO minibatch (last layer and end to end; JTT end to end)", _positive)
-    n_select_repeats: int = opt(5, "random val halves used to choose the weight decay (the same halves as DFR's "
-                                   "with the same seed)", _positive)
-    e2e_lr: float = opt(1e-4, "end_to_end: SGD step size (momentum 0.9) for the whole network", _positive)
-    e2e_weight_decay: float = opt(1e-4, "end_to_end: SGD weight decay", _non_negative)
-    e2e_epochs: int = opt(1, "end_to_end: passes over val", _positive)
+                      "fine-tune the whole ERM model on val images (groupdro, jtt only; retrain.end_to_end)")
+    n_select_repeats: int = opt(5, "random val halves on which every retrainer chooses its hyperparameter (DFR's "
+                                   "C, the groupdro / jtt weight decay); one seed gives every retrainer the same "
+                                   "halves", _positive)
+    # then, made by retrain_class: one section per registered retrainer (retrain.dfr, ...), and end_to_end
+
+    def __reduce__(self):  # rebuilt through the registry: the class with the retrainers' sections is made at run time
+        return _rebuild, ("retrain", dataclasses.asdict(self))
 
     def __post_init__(self):
         retrainers = registry.for_key("retrain.method")  # a retrainer entry says its modes
@@ -294,14 +259,13 @@ class ResourcesSpec:
 class Spec:
     name: str = opt("exmap", "names the MLflow experiment and the run")
     seed: int = opt(0, "root seed; each stage derives its own by hashing (stage_seed)", _non_negative)
-    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    dataset: DatasetSpec = field(default_factory=lambda: dataset_class(DatasetSpec.name)())
     model: ModelSpec = field(default_factory=ModelSpec)
     erm: ErmSpec = field(default_factory=ErmSpec)
     heatmaps: HeatmapSpec = field(default_factory=HeatmapSpec)
     clustering: ClusteringSpec = field(default_factory=ClusteringSpec)
-    dfr: DfrSpec = field(default_factory=DfrSpec)
     groups: GroupsSpec = field(default_factory=GroupsSpec)
-    retrain: RetrainSpec = field(default_factory=RetrainSpec)
+    retrain: RetrainSpec = field(default_factory=lambda: retrain_class()())
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
@@ -370,14 +334,21 @@ def _coerce(value, tp, path: str):
 def _build(cls, data: dict, path: str):
     if not isinstance(data, dict):
         raise SpecError(f"spec key '{path or '<top>'}': expected a mapping of keys, got {data!r}")
+    if cls is DatasetSpec:  # the chosen dataset's keys join the common ones
+        return _build_dataset(data, path)
+    if cls is RetrainSpec:  # one section per registered retrainer
+        cls = retrain_class()
+    return _build_fields(cls, data, path)
+
+
+def _build_fields(cls, data: dict, path: str):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
         where = f"{path}.{key}" if path else str(key)
-        if where in MOVED:
-            raise SpecError(f"spec key '{where}' has moved: use '{MOVED[where]}' instead")
+        _raise_if_moved(where, data[key])
         raise SpecError(f"unknown spec key '{where}'.{did_you_mean(key, fields)} Valid keys here: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
@@ -397,7 +368,113 @@ def _build(cls, data: dict, path: str):
     return cls(**kwargs)
 
 
-MOVED = {"erm.use_gpu": "resources.gpu"}  # old key -> its new place: an error that names the new key
+# --------------------------------------------------------------------------- the plugins' sections
+
+_CLASSES: dict = {}  # made once per set of declared keys, so that equal specs compare equal
+
+
+def _key_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)] if cls is not None else []
+
+
+def _made(cls: type) -> type:
+    cls.__module__ = __name__  # pickled by value never: __reduce__ rebuilds them (`_rebuild`)
+    return cls
+
+
+def dataset_class(name: str) -> type:
+    """`DatasetSpec` extended by the keys dataset `name` declares (`DatasetEntry.keys`): the class of
+    `spec.dataset` when `dataset.name` is `name`."""
+    keys = getattr(registry.require("dataset.name").get(name), "keys", None)
+    if keys is None:
+        return DatasetSpec
+    if ("dataset", keys) not in _CLASSES:
+        _CLASSES["dataset", keys] = _made(dataclasses.make_dataclass(
+            f"{keys.__name__}DatasetSpec", [], bases=(keys, DatasetSpec)))
+    return _CLASSES["dataset", keys]
+
+
+def retrainer_sections() -> dict[str, type]:
+    """retrainer name -> the dataclass of its keys (its section `retrain.<name>`), for every registered one."""
+    entries = registry.require("retrain.method")
+    return {name: entries.get(name).keys for name in entries.names() if getattr(entries.get(name), "keys", None)}
+
+
+def retrain_class() -> type:
+    """`RetrainSpec` with one field per registered retrainer, its section `retrain.<name>`, and the
+    end-to-end fine-tune's section `retrain.end_to_end`."""
+    own = retrainer_sections()
+    sections = {**own, "end_to_end": EndToEndSpec}
+    marker = ("retrain", tuple(sections.items()))
+    if marker not in _CLASSES:
+        taken = {f.name for f in dataclasses.fields(RetrainSpec)} | {"end_to_end"}
+        if taken & set(own):
+            raise ValueError(f"retrainer '{sorted(taken & set(own))[0]}': its section would be named like the "
+                             f"shared retrain key of that name ({', '.join(sorted(taken))}); rename it")
+        _CLASSES[marker] = _made(dataclasses.make_dataclass(
+            "RetrainSpec", [(name, keys, field(default_factory=keys)) for name, keys in sections.items()],
+            bases=(RetrainSpec,)))
+    return _CLASSES[marker]
+
+
+def _build_dataset(data: dict, path: str):
+    """The dataset section: the common keys, and those of the dataset `data['name']` names. A key that
+    belongs to another dataset is an error naming the datasets that take it and what this one takes."""
+    name = _coerce(data.get("name", DatasetSpec.name), str, f"{path}.name")
+    entries = registry.require("dataset.name")
+    entries.get(name)  # an unknown name: the registry's error, with a near name
+    cls = dataset_class(name)
+    own = set(_key_names(cls))
+    for key in data:
+        if key in own:
+            continue
+        takers = [n for n in entries.names() if key in _key_names(dataset_class(n))]
+        if takers:
+            mine = [k for k in _key_names(cls) if k not in _key_names(DatasetSpec)]
+            raise SpecError(f"spec key '{path}.{key}' is not a key of dataset '{name}': dataset(s) "
+                            f"{', '.join(takers)} take it. Dataset '{name}' takes "
+                            f"{', '.join(mine) if mine else 'no keys of its own'}, besides the keys every "
+                            f"dataset takes: {', '.join(_key_names(DatasetSpec))}")
+    return _build_fields(cls, data, path)
+
+
+def _rebuild(section: str, data: dict):
+    """Unpickling (Ray tasks, deep copies): a dataset or retrain section, built again through the registry."""
+    return _build(DatasetSpec if section == "dataset" else RetrainSpec, data, section)
+
+
+# old key -> its new place: an error that names the new key (in a spec, a --set and a search space)
+MOVED = {
+    "erm.use_gpu": "resources.gpu",
+    "dfr": "retrain.dfr",
+    "dfr.c_grid": "retrain.dfr.c_grid",
+    "dfr.n_final_fits": "retrain.dfr.n_final_fits",
+    "dfr.n_select_repeats": "retrain.n_select_repeats",
+    "retrain.groupdro_eta": "retrain.groupdro.eta",
+    "retrain.groupdro_epochs": "retrain.groupdro.epochs",
+    "retrain.lr": "retrain.groupdro.lr",
+    "retrain.jtt_upweight": "retrain.jtt.upweight",
+    "retrain.weight_decay_grid": "retrain.groupdro.weight_decay_grid' and 'retrain.jtt.weight_decay_grid",
+    "retrain.batch_size": "retrain.groupdro.batch_size' (last layer) and 'retrain.end_to_end.batch_size",
+    "retrain.e2e_lr": "retrain.end_to_end.lr",
+    "retrain.e2e_weight_decay": "retrain.end_to_end.weight_decay",
+    "retrain.e2e_epochs": "retrain.end_to_end.epochs",
+}
+
+
+def moved_message(key: str) -> Optional[str]:
+    """"'dfr.c_grid' has moved: use 'retrain.dfr.c_grid' instead" for a key that moved, else None."""
+    if key in MOVED:
+        return f"'{key}' has moved: use '{MOVED[key]}' instead"
+    return None
+
+
+def _raise_if_moved(where: str, value) -> None:
+    """An unknown key that is an old one: name its new place (the leaves' own, for a moved section)."""
+    leaves = [f"{where}.{k}" for k in flatten(value)] if isinstance(value, dict) else []
+    moved = [k for k in leaves if k in MOVED] or ([where] if where in MOVED else [])
+    if moved:
+        raise SpecError("; ".join(f"spec key {moved_message(k)}" for k in moved))
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -514,18 +591,34 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def describe_defaults() -> str:
-    """Every key with its default and reason, for `exmap-ray spec`."""
+    """Every key with its default and reason, for `exmap-ray spec`: the spec's own sections, each
+    retrainer's section (retrain.<name>) and each dataset's own keys, wherever they are declared."""
     lines = []
 
+    def key_line(prefix: str, f, who: str = "") -> None:
+        search = f.metadata.get("search")
+        tail = f"  [search default: {json.dumps(search)}]" if search else ""
+        lines.append(f"  {prefix}{f.name} = {json.dumps(default_of(f))}    # {who}{f.metadata.get('why', '')}{tail}")
+
     def walk(cls, prefix):
+        cls = retrain_class() if cls is RetrainSpec else cls
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
-                lines.append(f"\n{f.name}:")
+                lines.append(f"\n{prefix}{f.name}:")
                 walk(hints[f.name], prefix + f.name + ".")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {prefix}{f.name} = {json.dumps(default)}    # {f.metadata.get('why', '')}")
+            key_line(prefix, f)
+        if cls is DatasetSpec:  # then each dataset's own keys, with the datasets that take them
+            lines.append("  # the keys of each dataset; only those of the chosen dataset.name are valid:")
+            common, takers = set(_key_names(DatasetSpec)), {}
+            entries = registry.require("dataset.name")
+            for name in entries.names():
+                for f in dataclasses.fields(dataset_class(name)):
+                    if f.name not in common:
+                        takers.setdefault((f.name, f.metadata.get("why")), (f, []))[1].append(name)
+            for f, names in takers.values():
+                key_line(prefix, f, f"{', '.join(names)}: ")
 
     walk(Spec, "")
     return "\n".join(lines)

@@ -47,6 +47,19 @@ EXECUTION_ONLY = {"heatmaps": {"batch_size", "shard_size", "num_actors"},
 # keys added after caches existed: hashed only when set away from this default, so every stage key
 # (and every cache) made before the key was added stays valid
 HASHED_UNLESS = {"heatmaps": {"store_dtype": "float32"}}
+# Before each dataset declared its own keys, one DatasetSpec held every dataset's, and the erm key hashed
+# them all. It still does, the keys the chosen dataset does not take at these (their old defaults), so
+# every key made before stays valid; a dataset's own value replaces its entry here.
+LEGACY_DATASET_KEYS = {"rho": 0.99, "rho_patch": 0.9, "n_train": 5000, "n_val": 3000, "n_test": 2000,
+                       "mnist_root": None, "root": None, "target": None, "spurious": None, "group_by": "both"}
+# Before each retrainer owned its section, `retrain` was flat and the end_to_end key hashed it so; the
+# hashed form keeps those names (old name <- section, key). DFR's section is hashed by no stage (it has
+# no end-to-end mode), nor groupdro.batch_size (the last layer's; the fine-tune's is end_to_end.batch_size).
+LEGACY_RETRAIN_KEYS = {"groupdro_eta": ("groupdro", "eta"), "groupdro_epochs": ("groupdro", "epochs"),
+                       "jtt_upweight": ("jtt", "upweight"), "lr": ("groupdro", "lr"),
+                       "batch_size": ("end_to_end", "batch_size"), "e2e_lr": ("end_to_end", "lr"),
+                       "e2e_weight_decay": ("end_to_end", "weight_decay"), "e2e_epochs": ("end_to_end", "epochs")}
+UNHASHED_RETRAIN = {"dfr", "groupdro.batch_size"}  # (see above; `changes` reads it)
 
 
 class Timer:
@@ -95,9 +108,25 @@ def section_config(spec: Spec, section: str):
     value = getattr(spec, section)
     if not dataclasses.is_dataclass(value):
         return value
+    if section == "retrain":
+        return retrain_config(value)
     unless = HASHED_UNLESS.get(section, {})
-    return {k: v for k, v in value.__dict__.items()
-            if k not in EXECUTION_ONLY.get(section, ()) and not (k in unless and v == unless[k])}
+    config = {k: v for k, v in value.__dict__.items()
+              if k not in EXECUTION_ONLY.get(section, ()) and not (k in unless and v == unless[k])}
+    return {**LEGACY_DATASET_KEYS, **config} if section == "dataset" else config
+
+
+def retrain_config(r) -> dict:
+    """The retrain section as the end_to_end key hashes it: the flat form it had before each retrainer
+    owned its section (LEGACY_RETRAIN_KEYS), so existing caches stay valid. The weight-decay grid was one
+    key for groupdro and jtt: it is the method's own now. A retrainer registered since adds its section,
+    under its name, when it is the method."""
+    config = {"method": r.method, "mode": r.mode, "n_select_repeats": r.n_select_repeats,
+              "weight_decay_grid": (r.jtt if r.method == "jtt" else r.groupdro).weight_decay_grid}
+    config.update({old: getattr(getattr(r, section), key) for old, (section, key) in LEGACY_RETRAIN_KEYS.items()})
+    if r.method not in ("dfr", "groupdro", "jtt"):
+        config[r.method] = dataclasses.asdict(getattr(r, r.method))
+    return config
 
 
 def stage_config(sd: StageDef, spec: Spec) -> dict:
@@ -236,6 +265,8 @@ def sections_of(name: str) -> set[str]:
 def changes(name: str, key: str) -> bool:
     """Whether a value of spec key `key` (dotted) enters stage `name`'s key."""
     section, _, field = key.partition(".")
+    if section == "retrain" and (field in UNHASHED_RETRAIN or field.partition(".")[0] in UNHASHED_RETRAIN):
+        return False
     return section in sections_of(name) and field not in EXECUTION_ONLY.get(section, ())
 
 

@@ -2,6 +2,7 @@
 
     exmap-ray sync-mlflow runs/demo                       # the URI the run used (OUT/tracking.json)
     exmap-ray sync-mlflow runs/demo --tracking-uri http://host:5000
+    exmap-ray sync-mlflow runs/bench                      # a bench's folder (bench.json), or a sweep's
 
 `run_pipeline` writes OUT/mlflow_pending.json when MLflow fails mid-run. This reads OUT
 (spec.resolved.json, results.json, the ERM history in the cached ERM stage, the plots) and logs
@@ -9,6 +10,8 @@ what the run logs: the flattened spec as params, per-epoch ERM metrics, test met
 timings, and the artifacts. If the run the pipeline started exists on the server it is completed,
 else a new run is made in the same experiment, tagged `exmap_ray.synced_from`. The run ends
 FINISHED and the marker is removed. Params and metrics the server already has are not logged twice.
+A sweep's folder (sweep.json) syncs its parent run and then each trial's; a bench's folder
+(bench.json) syncs its one run: the spec and seeds as params, every row's mean and std, its files.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ def sync(out: Path, tracking_uri: str | None = None, parent_run_id: str | None =
     out = Loc.parse(out)  # a local folder or a storage URI
     if (out / "sweep.json").is_file():
         return sync_sweep(out, tracking_uri)
+    if (out / "bench.json").is_file():
+        return sync_bench(out, tracking_uri)
     results = _read(out / "results.json", "results.json is written when the pipeline finishes")
     spec = _read(out / "spec.resolved.json", "spec.resolved.json is written when the pipeline starts")
     pending_path = out / tracking.PENDING
@@ -230,3 +235,58 @@ def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
     for d in trials:  # each trial: its original child run completed, or a new one nested under the parent
         done["trials"].append(sync(d, uri, parent_run_id=parent_id))
     return done
+
+
+def sync_bench(out: Path, tracking_uri: str | None = None) -> dict:
+    """Complete (or recreate) a bench's run from OUT/bench.json: what `bench.run_bench` logs."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    summary = _read(out / "bench.json", "bench.json is written when a bench finishes")
+    pending_path = out / tracking.PENDING
+    if not pending_path.is_file():
+        return {"status": "nothing pending", "out": str(out)}
+    pending = _read(pending_path, "the bench's marker")
+    # written by bench since it logs through sync-mlflow; an older bench folder syncs without params
+    spec = _read(out / "spec.resolved.json", "") if (out / "spec.resolved.json").is_file() else {}
+    uri, experiment = _target(out, pending, spec, tracking_uri)
+    tracking.http_defaults()
+    tracking.probe(uri, out)
+    exp_id = tracking.setup(uri, experiment, out)
+    client = MlflowClient(uri)
+    try:
+        existing = _existing_run(client, pending.get("run_id") or summary.get("mlflow_run_id"))
+        have_params = dict(existing.data.params) if existing else {}
+        have_metrics = set(existing.data.metrics) if existing else set()
+        active = (mlflow.start_run(run_id=existing.info.run_id) if existing else
+                  mlflow.start_run(experiment_id=exp_id, run_name=f"{spec.get('name', out.name)} bench"))
+        rid = active.info.run_id
+        try:
+            mlflow.set_tags({"exmap_ray.synced_from": redact(str(out)),
+                             "exmap_ray.sync_reason": f"MLflow failed mid-bench: {pending.get('failed', {}).get('call')}"})
+            params = tracking.bench_params(spec, summary.get("seeds")) if spec else {}
+            params = {k: v for k, v in params.items() if k not in have_params}
+            tracking.log_flat_params(params)
+            metrics = tracking.flat_metrics(tracking.bench_metrics(summary.get("rows") or []))
+            metrics = {k: v for k, v in metrics.items() if k not in have_metrics}
+            if metrics:
+                mlflow.log_metrics(metrics)
+            if summary.get("mlflow_run_id") != rid:  # bench.json names the run that holds it (before it is logged)
+                write_json(out / "bench.json", {**summary, "mlflow_run_id": rid})
+            artifacts = [name for name in tracking.BENCH_ARTIFACTS if (out / name).is_file()]
+            for name in artifacts:
+                tracking.log_artifact(out / name)
+        except BaseException:
+            mlflow.end_run("FAILED")
+            raise
+        mlflow.end_run("FINISHED")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the server failed part-way: keep the marker, say so
+        raise UserError(f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}). {pending_path} is kept; run sync-mlflow again "
+                        f"when the server answers") from None
+    pending_path.unlink(missing_ok=True)
+    tracking.write_info(out, uri=uri, experiment=experiment, run_id=rid)
+    return {"status": "synced", "out": str(out), "uri": uri, "kind": "bench", "run_id": rid,
+            "resumed": existing is not None, "params": len(params), "metrics": len(metrics), "artifacts": artifacts}

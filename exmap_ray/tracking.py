@@ -25,6 +25,8 @@ INFO = "tracking.json"            # OUT/<this>: the URI, experiment and run id a
 ARTIFACTS = ("results.json", "spec.resolved.json", "group_accuracy.png", "heatmaps_by_pseudo_group.png")
 # files in a sweep's OUT logged to its parent run, by run_sweep or later by sync-mlflow
 SUMMARY_ARTIFACTS = ("summary.json", "summary.csv", "summary.md", "wga_vs_selection_metric.png", "wga_vs_k.png")
+# files in a bench's OUT logged to its run, by run_bench or later by sync-mlflow
+BENCH_ARTIFACTS = ("bench.md", "bench.csv", "bench.json", "bench_wga.png", "spec.resolved.json")
 
 # MLflow's own defaults (7 retries with exponential backoff, 120 s timeout) stall a run for
 # minutes on a dead server; these are set only where the user has not set them.
@@ -164,6 +166,19 @@ def sweep_metrics(summary: dict) -> dict:
     return m
 
 
+def bench_metrics(rows: list[dict]) -> dict:
+    """A bench run's metrics (run_bench, sync-mlflow): every row's mean and std, under the row's name."""
+    return {metric_name(r["row"]).replace(" ", "_"): {k: v for k, v in r.items() if isinstance(v, float)}
+            for r in rows}
+
+
+def bench_params(spec: dict, seeds: list) -> dict:
+    """A bench run's params (run_bench, sync-mlflow): the flattened spec and the seeds."""
+    from .spec import flatten
+
+    return {**flatten(spec), "bench.seeds": seeds}
+
+
 def write_info(out: Path, **info) -> None:
     """Merge `info` into OUT/tracking.json (the URI, experiment and run id a run used)."""
     from .storage import Loc
@@ -190,7 +205,7 @@ class Tracker:
         from .storage import Loc
 
         self.uri, self.out, self.experiment = uri, Loc.parse(out), experiment
-        self.later = later  # how the lost logging is made up: "sync-mlflow", or "rerun" (bench: no sync yet)
+        self.later = later  # how the lost logging is made up: "sync-mlflow" (run, sweep, bench), or "rerun"
         self.run_id: str | None = None
         self.failure: dict | None = None
         write_info(self.out, uri=uri, experiment=experiment, run_id=None)

@@ -129,6 +129,8 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
         raise UserError(f"--resume: no sweep to resume in '{out}' (no sweep.json); drop --resume to start one")
     if not resume and state_path.exists():
         raise UserError(f"'{out}' already holds a sweep; add --resume to continue it, or pick another --out")
+    if resume:
+        _check_searched_keys(out, domains)
     job = start_job(spec, out, cache_dir, tracking_uri)
     uri, tracker, timer = job.uri, job.tracker, job.timer
     storage = Loc.parse(spec.search.storage_path or out / "tune")  # Tune's own state, under the root too
@@ -339,3 +341,21 @@ def format_summary(summary: dict) -> str:
         lines.append(f"FAILED {r['trial']}: {r.get('error')}")
     return "\n".join(lines)
 
+
+
+def _check_searched_keys(out: Loc, domains: list[Domain]) -> None:
+    """--resume: Tune restores its trials with the keys the sweep started with; a sweep started before
+    keys moved (e.g. dfr.c_grid, now retrain.dfr.c_grid) would hand its trials keys nobody reads."""
+    from .search import flatten_space
+    from .spec import MOVED
+
+    saved = out / "spec.resolved.json"
+    if not saved.is_file():
+        return
+    old = flatten_space((read_json(saved).get("search") or {}).get("space") or {})
+    moved = sorted(k for k in old if k in MOVED)
+    if moved:
+        raise UserError(f"--resume: the sweep in '{out}' searched {', '.join(moved)}, which moved "
+                        f"({'; '.join(f'{k} -> {MOVED[k]}' for k in moved)}); Tune would restore its trials "
+                        f"under the old names. Start it again under another --out with the same --cache: every "
+                        f"cached stage is reused")

@@ -68,13 +68,16 @@ def tiny_spec_dict(**over) -> dict:
         # (num_actors is not hashed: the stage keys are those of any actor count)
         "heatmaps": {"method": "lrp", "downsize": 7, "shard_size": 100, "num_actors": 1, "batch_size": 64},
         "clustering": {"method": "spectral", "k": "auto", "scope": "global"},
-        "dfr": {"c_grid": [1.0, 0.1], "n_select_repeats": 2, "n_final_fits": 3},
+        "retrain": {"n_select_repeats": 2, "dfr": {"c_grid": [1.0, 0.1], "n_final_fits": 3}},
         # one thread per ERM worker and heatmap actor: the same numbers on any machine or cluster shape
         # (tests/cluster/tiny.yaml is this spec, and its cluster run must equal `tiny_run` exactly)
         "resources": {"worker_cpus": 1},
     }
     for k, v in over.items():
-        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+        if k == "dataset" and v.get("name", d["dataset"]["name"]) != d["dataset"]["name"]:
+            d[k] = v  # another dataset: the tiny C-MNIST's own keys (rho, n_train, ...) are not its keys
+        else:
+            d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
     return d
 
 

@@ -43,14 +43,16 @@ def test_shortcut_gaps_by_hand():
     assert g["id_acc"] == 1.0 and g["bg_gap"] == -1.0 and g["obj_gap"] == -1.0 and g["bg+obj_gap"] == 0.0
 
 
-E2E = {"groupdro_epochs": 5, "n_select_repeats": 2, "e2e_lr": 0.05, "e2e_epochs": 2, "batch_size": 32}
+E2E = {"n_select_repeats": 2, "groupdro": {"epochs": 5, "batch_size": 32},
+       "end_to_end": {"lr": 0.05, "epochs": 2, "batch_size": 32}}
 
 
 def test_run_with_end_to_end_groupdro(tiny_run, tmp_path):
     """retrain.mode end_to_end through `run`: a cached stage that fine-tunes a copy of the ERM network."""
     cache = tiny_run[0] / "cache"
     before = len(StageCache(cache).records())
-    spec = from_dict(tiny_spec_dict(retrain={**E2E, "method": "groupdro", "mode": "end_to_end", "groupdro_eta": 1.0}))
+    spec = from_dict(tiny_spec_dict(retrain={**E2E, "method": "groupdro", "mode": "end_to_end",
+                                                       "groupdro": {**E2E["groupdro"], "eta": 1.0}}))
     res = run_pipeline(spec, tmp_path / "run", cache)
     e = res["exmap"]
     assert e["retrain"] == "groupdro" and e["retrain_mode"] == "end_to_end"
@@ -92,7 +94,7 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     new = [(r["stage"], r["event"]) for r in StageCache(cache).records()[before:]]
     assert ("erm", "reused") in new and ("erm", "computed") not in new  # ERM once per seed, shared by rows
     assert ("heatmaps", "computed") not in new
-    # with the run test's retrain keys (its groupdro_eta aside) both rows fine-tune here, once each
+    # with the run test's retrain keys (its groupdro.eta aside) both rows fine-tune here, once each
     assert new.count(("end_to_end", "computed")) == 2
     with open(out / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == len(ROWS) + len(E2E_ROWS)
@@ -105,7 +107,7 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
 
 def test_run_with_feature_groups_and_groupdro(tiny_run, tmp_path):
     spec = from_dict(tiny_spec_dict(groups={"source": "features"}, clustering={"k": 2},
-                                    retrain={"method": "groupdro", "groupdro_epochs": 5, "n_select_repeats": 2}))
+                                    retrain={"method": "groupdro", "groupdro": {"epochs": 5}, "n_select_repeats": 2}))
     res = run_pipeline(spec, tmp_path / "run", tiny_run[0] / "cache")
     e = res["exmap"]
     assert e["groups_source"] == "features" and e["retrain"] == "groupdro" and "weight_decay" in e["retrain_chosen"]

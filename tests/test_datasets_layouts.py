@@ -507,7 +507,7 @@ def test_shipped_spec_runs_end_to_end(ray_local, tmp_path, name):
         f"dataset.decode_cache={tmp_path / 'decoded'}", "model.backbone=test_resnet", "model.pretrained=null",
         "erm.epochs=1", "erm.batch_size=16", "heatmaps.downsize=4", "heatmaps.batch_size=64",
         "heatmaps.shard_size=256", "heatmaps.num_actors=1", "clustering.min_group_size=2",
-        "dfr.c_grid=[1.0]", "dfr.n_select_repeats=1", "dfr.n_final_fits=2"]
+        "retrain.dfr.c_grid=[1.0]", "retrain.n_select_repeats=1", "retrain.dfr.n_final_fits=2"]
         + (["clustering.k=2"] if name == "celeba" else []))
     res = run_pipeline(spec, tmp_path / "out")
     true_groups = {"waterbirds": 4, "celeba": 4, "metashift": 4, "urbancars": 8}[name]

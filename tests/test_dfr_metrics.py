@@ -5,7 +5,7 @@ from sklearn.linear_model import LogisticRegression
 from exmap_ray.errors import UserError
 from exmap_ray.metrics import agreement, evaluate, recovery
 from exmap_ray.retrain.dfr import balanced_subsample, fit_dfr
-from exmap_ray.spec import DfrSpec
+from exmap_ray.retrain import DfrKeys, RetrainConfig
 
 
 def shortcut_features(n, rho, seed):
@@ -24,11 +24,11 @@ def test_dfr_with_groups_beats_plain_logistic_regression_on_the_worst_group():
     Xt, yt, gt = shortcut_features(4000, 0.5, 1)
     names = ["0/0", "0/1", "1/0", "1/1"]
     plain = LogisticRegression().fit(Xv, yv).predict(Xt)
-    model = fit_dfr(Xv, yv, gv, DfrSpec(n_select_repeats=3, n_final_fits=10), seed=0)
+    model = fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(n_final_fits=10), n_select_repeats=3), seed=0)
     wga_plain = evaluate(plain, yt, gt, names, gv)["worst_group_acc"]
     wga_dfr = evaluate(model.predict(Xt), yt, gt, names, gv)["worst_group_acc"]
     assert wga_dfr > wga_plain + 0.3 and wga_dfr > 0.75
-    assert model.C in DfrSpec().c_grid and set(model.selection) == set(DfrSpec().c_grid)
+    assert model.C in DfrKeys().c_grid and set(model.selection) == set(DfrKeys().c_grid)
 
 
 def test_balanced_subsample_equalises_groups():
@@ -40,10 +40,10 @@ def test_balanced_subsample_equalises_groups():
 def test_dfr_rejects_bad_groups():
     X = np.random.rand(20, 3)
     with pytest.raises(UserError, match="at least two classes"):
-        fit_dfr(X, np.zeros(20, int), np.zeros(20, int), DfrSpec(), 0)
+        fit_dfr(X, np.zeros(20, int), np.zeros(20, int), RetrainConfig(DfrKeys()), 0)
     y = np.array([0, 1] * 10)
     with pytest.raises(UserError, match="mixes classes"):
-        fit_dfr(X, y, np.zeros(20, int), DfrSpec(), 0)
+        fit_dfr(X, y, np.zeros(20, int), RetrainConfig(DfrKeys()), 0)
 
 
 def test_evaluate_reports_both_means_and_worst_group():
@@ -85,14 +85,15 @@ def test_worst_over_groupings_penalises_a_missed_minority():
 
 
 def test_dfr_handles_more_than_two_classes():
-    from exmap_ray.retrain import fit_dfr
+    from exmap_ray.retrain import RETRAINERS, fit_dfr
     from exmap_ray.spec import from_dict
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 60)
     X = rng.normal(size=(180, 5)) + np.eye(5)[y] * 3
     groups = y * 2 + (rng.random(180) < 0.3)
-    model = fit_dfr(X, y, groups, from_dict({"dfr": {"c_grid": [1.0], "n_select_repeats": 2, "n_final_fits": 2}}).dfr, 0)
+    spec = from_dict({"retrain": {"n_select_repeats": 2, "dfr": {"c_grid": [1.0], "n_final_fits": 2}}})
+    model = fit_dfr(X, y, groups, RETRAINERS.get("dfr").config(spec), 0)
     assert (model.predict(X) == y).mean() > 0.9
 
 

@@ -6,6 +6,8 @@ case runs on tiny arrays, the 370k-parameter `test_resnet` or a few dozen small 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
@@ -75,15 +77,58 @@ def test_retrainer_contract(name):
     """fit(feats, y, groups, config(spec), seed) -> a head whose predict gives class labels; modes name
     the retrain.mode values it takes, and an end-to-end mode comes with a finetune."""
     X, y, sub = blobs(n_per=40)
-    spec = from_dict({"dfr": {"c_grid": [1.0], "n_select_repeats": 1, "n_final_fits": 2},
-                      "retrain": {"weight_decay_grid": [1e-2], "groupdro_epochs": 2, "n_select_repeats": 1}})
+    spec = from_dict({"retrain": {"n_select_repeats": 1, "dfr": {"c_grid": [1.0], "n_final_fits": 2},
+                                  "groupdro": {"weight_decay_grid": [1e-2], "epochs": 2},
+                                  "jtt": {"weight_decay_grid": [1e-2]}}})
     r = RETRAINERS.get(name)
-    assert isinstance(r, Retrainer) and r.config(spec) is getattr(spec, r.section)
+    assert isinstance(r, Retrainer) and r.config(spec).own is getattr(spec.retrain, name)
     model = r.fit(X, y, sub, r.config(spec), 0)
     pred = np.asarray(model.predict(X))
     assert pred.shape == (len(y),) and set(np.unique(pred)) <= {0, 1}
     assert (pred == y).mean() > 0.9  # two separated blobs: any retrainer gets the classes
     assert "last_layer" in r.modes and (("end_to_end" in r.modes) == (r.finetune is not None))
+
+
+def _declared(keys) -> list:
+    return dataclasses.fields(keys) if keys is not None else []
+
+
+@pytest.mark.parametrize("name", RETRAINERS.names())
+def test_retrainer_owns_a_section_whose_every_key_has_a_reason(name):
+    """Its `keys` dataclass is the spec section retrain.<name>: every key has a default, a reason and a
+    type the spec checks; a declared search range is a valid domain of the key; config(spec) hands over
+    that section with the shared keys."""
+    from exmap_ray.search import parse_space
+
+    r = RETRAINERS.get(name)
+    assert r.section == f"retrain.{name}" and dataclasses.is_dataclass(r.keys)
+    defaults = from_dict({})
+    assert getattr(defaults.retrain, name) == r.keys()
+    for f in _declared(r.keys):
+        assert len(f.metadata.get("why") or "") > 10, f"retrain.{name}.{f.name} has no reason"
+        if f.metadata.get("search"):
+            (d,) = parse_space(from_dict({"search": {"space": {f"retrain.{name}.{f.name}": "default"}}}))
+            assert d.key == f"retrain.{name}.{f.name}"
+    cfg = r.config(defaults)
+    for f in _declared(r.keys):
+        assert getattr(cfg, f.name) == getattr(r.keys(), f.name)
+    assert cfg.n_select_repeats == defaults.retrain.n_select_repeats
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_dataset_declares_its_keys_each_with_a_reason_valid_for_it_alone(name):
+    """A dataset's own keys (DatasetEntry.keys) join the common ones when dataset.name names it, each with
+    a reason; a key only other datasets take is refused, naming them."""
+    entry = DATASETS.get(name)
+    spec = from_dict({"dataset": {"name": name}})
+    own = [f.name for f in _declared(entry.keys)]
+    for f in _declared(entry.keys):
+        assert len(f.metadata.get("why") or "") > 10, f"dataset {name}: key {f.name} has no reason"
+        assert getattr(spec.dataset, f.name) == getattr(entry.keys(), f.name)
+    others = {f.name: n for n in DATASETS.names() for f in _declared(DATASETS.get(n).keys) if f.name not in own}
+    for key, other in others.items():
+        with pytest.raises(SpecError, match=rf"'dataset.{key}' is not a key of dataset '{name}': dataset.s. .*{other}"):
+            from_dict({"dataset": {"name": name, key: getattr(DATASETS.get(other).keys(), key)}})
 
 
 # --------------------------------------------------------------------------- heatmap methods

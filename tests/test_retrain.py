@@ -49,7 +49,7 @@ def test_true_groups_beat_plain_erm_on_the_worst_group(problem, method):
     model = fit(method, Xv, yv, gv, small_spec(), seed=0)
     wga = evaluate(model.predict(Xt), yt, gt, NAMES, gv)["worst_group_acc"]
     assert wga_plain < 0.55 and wga > wga_plain + 0.25 and wga > 0.75
-    assert model.chosen["weight_decay"] in small_spec().retrain.weight_decay_grid
+    assert model.chosen["weight_decay"] in getattr(small_spec().retrain, method).weight_decay_grid
     assert set(model.heldout) >= {"pseudo", "class"} and model.heldout_pred.shape == model.heldout_idx.shape
 
 
@@ -62,14 +62,14 @@ def test_jtt_from_erm_errors_beats_erm(problem):
     groups, info = infer_groups("jtt_error_set", ctx)
     assert 0 < info["error_rate"] < 0.2
     assert np.array_equal(error_set_from_groups(yv, groups), erm.predict(Xv) != yv)
-    model = fit("jtt", Xv, yv, groups, small_spec(jtt_upweight=20.0), seed=0)
+    model = fit("jtt", Xv, yv, groups, small_spec(jtt={"upweight": 20.0}), seed=0)
     wga = evaluate(model.predict(Xt), yt, gt, NAMES, gv)["worst_group_acc"]
     assert wga > wga_plain + 0.15
 
 
 def test_selection_is_label_free_and_shares_dfrs_halves(problem):
     Xv, yv, gv, *_ = problem
-    spec = from_dict({"retrain": {"n_select_repeats": 3}, "dfr": {"n_select_repeats": 3, "n_final_fits": 2}})
+    spec = from_dict({"retrain": {"n_select_repeats": 3, "dfr": {"n_final_fits": 2}}})
     noise = np.random.default_rng(5).integers(0, 4, len(yv))
     a = fit("groupdro", Xv, yv, gv, spec, seed=3)
     b = fit("groupdro", Xv, yv, gv, spec, seed=3, score_groups={"true": noise})
@@ -80,13 +80,15 @@ def test_selection_is_label_free_and_shares_dfrs_halves(problem):
 
 @pytest.mark.parametrize("method", RETRAINERS.names())
 def test_every_retrainer_keeps_the_typed_contract(problem, method):
-    """Each registered retrainer is a `Retrainer` reading one spec section; its head, with the features
+    """Each registered retrainer is a `Retrainer` owning one spec section, retrain.<name>, handed to it with
+    the shared keys; its head, with the features
     of each split, is a `RetrainedModel` that predicts every point of that split."""
     Xv, yv, gv, Xt, *_ = problem
     r = RETRAINERS.get(method)
-    spec = from_dict({"retrain": {"n_select_repeats": 2}, "dfr": {"n_select_repeats": 2, "n_final_fits": 2}})
-    assert isinstance(r, Retrainer) and r.config(spec) is getattr(spec, r.section)
-    assert r.section == ("dfr" if method == "dfr" else "retrain")
+    spec = from_dict({"retrain": {"n_select_repeats": 2, "dfr": {"n_final_fits": 2}}})
+    cfg = r.config(spec)
+    assert isinstance(r, Retrainer) and r.section == f"retrain.{method}" and cfg.own is getattr(spec.retrain, method)
+    assert cfg.n_select_repeats == 2 and cfg.end_to_end is spec.retrain.end_to_end
     head = r.fit(Xv, yv, gv, r.config(spec), seed=0)
     assert isinstance(head, Head)
     model = LastLayerResult(head, {"val": Xv, "test": Xt})
@@ -128,13 +130,13 @@ def test_registry_modes_and_spec_validation():
     assert RETRAINERS.get("dfr").modes == ("last_layer",)
     assert RETRAINERS.get("groupdro").modes == RETRAINERS.get("jtt").modes == ("last_layer", "end_to_end")
     r = from_dict({}).retrain
-    assert (r.method, r.mode, r.groupdro_eta, r.jtt_upweight) == ("dfr", "last_layer", 0.01, 20.0)
+    assert (r.method, r.mode, r.groupdro.eta, r.jtt.upweight) == ("dfr", "last_layer", 0.01, 20.0)
     with pytest.raises(SpecError, match="'end_to_end' is not available for retrain.method 'dfr'"):
         from_dict({"retrain": {"mode": "end_to_end"}})
     with pytest.raises(SpecError, match=r"retrain.method': unknown retrainer 'dro'. Registered: dfr, groupdro, jtt"):
         from_dict({"retrain": {"method": "dro"}})
-    with pytest.raises(SpecError, match=r"retrain.groupdro_eta"):
-        from_dict({"retrain": {"groupdro_eta": 0}})
+    with pytest.raises(SpecError, match=r"spec key 'retrain.groupdro.eta': got 0"):
+        from_dict({"retrain": {"groupdro": {"eta": 0}}})
 
 
 @pytest.mark.parametrize("method", ["groupdro", "jtt"])
@@ -145,8 +147,9 @@ def test_end_to_end_fine_tunes_a_copy_of_test_resnet(method):
     images = torch.rand(24, 3, 28, 28)
     y = np.array([0, 1] * 12)
     groups = np.array([0, 1] * 10 + [2, 3] * 2)  # 2 small groups: the DRO weights must favour someone
-    spec = from_dict({"retrain": {"method": method, "mode": "end_to_end", "e2e_lr": 0.05, "batch_size": 8}})
-    res = RETRAINERS.get(method).finetune(model, images, y, groups, spec.retrain, seed=0, max_steps=3)
+    spec = from_dict({"retrain": {"method": method, "mode": "end_to_end", "end_to_end": {"lr": 0.05, "batch_size": 8}}})
+    r = RETRAINERS.get(method)
+    res = r.finetune(model, images, y, groups, r.config(spec), seed=0, max_steps=3)
     assert res.steps == 3 and len(res.losses) == 3 and all(np.isfinite(res.losses))
     changed = [k for k, v in res.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any("fc" in k for k in changed) and any("conv" in k for k in changed)  # head and body both moved

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from exmap_ray.errors import SpecError
@@ -22,7 +24,9 @@ def test_defaults_and_reasons():
     ({"clustering": {"scope": "galaxy"}}, "spec key 'clustering.scope': got 'galaxy', expected 'local' | 'global'"),
     ({"resources": {"gpu": "maybe"}}, "spec key 'resources.gpu'"),
     ({"erm": {"use_gpu": True}}, "use 'resources.gpu' instead"),
-    ({"dfr": {"c_grid": []}}, "spec key 'dfr.c_grid'"),
+    ({"retrain": {"dfr": {"c_grid": []}}}, "spec key 'retrain.dfr.c_grid': got [], expected a non-empty list"),
+    ({"retrain": {"jtt": {"upweight": 0.5}}}, "spec key 'retrain.jtt.upweight': got 0.5, expected a number >= 1"),
+    ({"dataset": {"name": "celeba", "target": 3}}, "spec key 'dataset.target': got 3, expected a string or null"),
     ({"erm": 3}, "spec key 'erm': expected a mapping"),
 ])
 def test_bad_spec_names_the_key(data, fragment):
@@ -34,8 +38,8 @@ def test_bad_spec_names_the_key(data, fragment):
 def test_yaml_then_set_precedence(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("seed: 3\nclustering:\n  k: 4\n")
-    spec = load_spec(p, ["clustering.k=6", "dfr.c_grid=[1, 0.5]", "model.pretrained=null"])
-    assert spec.seed == 3 and spec.clustering.k == 6 and spec.dfr.c_grid == [1.0, 0.5]
+    spec = load_spec(p, ["clustering.k=6", "retrain.dfr.c_grid=[1, 0.5]", "model.pretrained=null"])
+    assert spec.seed == 3 and spec.clustering.k == 6 and spec.retrain.dfr.c_grid == [1.0, 0.5]
     assert parse_overrides(["a.b.c=x"]) == {"a": {"b": {"c": "x"}}}
 
 
@@ -87,3 +91,105 @@ def test_spec_command_without_a_spec_shows_the_built_in_defaults(capsys):
     assert '  clustering.scope = "local"    # local = cluster each class apart' in out
     assert cli.main(["spec", "--set", "seed=3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == from_dict({"seed": 3}).to_dict()
+
+
+@pytest.mark.parametrize("old, value, new", [
+    ("dfr.c_grid", [1.0], "retrain.dfr.c_grid"),
+    ("dfr.n_final_fits", 3, "retrain.dfr.n_final_fits"),
+    ("dfr.n_select_repeats", 3, "retrain.n_select_repeats"),
+    ("retrain.groupdro_eta", 0.1, "retrain.groupdro.eta"),
+    ("retrain.groupdro_epochs", 3, "retrain.groupdro.epochs"),
+    ("retrain.lr", 0.1, "retrain.groupdro.lr"),
+    ("retrain.jtt_upweight", 50.0, "retrain.jtt.upweight"),
+    ("retrain.weight_decay_grid", [0.1], "retrain.groupdro.weight_decay_grid' and 'retrain.jtt.weight_decay_grid"),
+    ("retrain.batch_size", 32, "retrain.groupdro.batch_size' (last layer) and 'retrain.end_to_end.batch_size"),
+    ("retrain.e2e_lr", 0.1, "retrain.end_to_end.lr"),
+    ("retrain.e2e_weight_decay", 0.1, "retrain.end_to_end.weight_decay"),
+    ("retrain.e2e_epochs", 2, "retrain.end_to_end.epochs"),
+])
+def test_an_old_key_names_its_new_place_in_a_file_and_in_set(tmp_path, old, value, new):
+    """Each key that moved when the plugins took their sections stops with the new key, however given."""
+    import yaml
+
+    from exmap_ray.search import unflatten
+
+    want = f"spec key '{old}' has moved: use '{new}' instead"
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump(unflatten({old: value})))
+    for args in ((p, None), (None, [f"{old}={value}"])):
+        with pytest.raises(SpecError) as e:
+            load_spec(*args)
+        assert want in str(e.value)
+    first = new.split("'")[0]  # the new key (the first, where there are two) takes the value
+    assert load_spec(None, [f"{first}={value}"]).flat()[first] == pytest.approx(value)
+
+
+def test_a_key_of_another_dataset_names_who_takes_it_and_what_this_one_takes():
+    with pytest.raises(SpecError) as e:
+        from_dict({"dataset": {"name": "celeba", "rho": 0.9}})
+    msg = str(e.value)
+    assert "spec key 'dataset.rho' is not a key of dataset 'celeba': dataset(s) cmnist, cmnist_multi take it" in msg
+    assert "Dataset 'celeba' takes root, target, spurious, besides the keys every dataset takes: name," in msg
+    with pytest.raises(SpecError, match="'dataset.rho_patch' is not a key of dataset 'cmnist': dataset.s. "
+                                        "cmnist_multi take it"):
+        from_dict({"dataset": {"rho_patch": 0.8}})  # the default dataset, cmnist
+    assert from_dict({"dataset": {"name": "cmnist_multi", "rho_patch": 0.8}}).dataset.rho_patch == 0.8
+
+
+def test_a_dataset_section_holds_the_common_keys_and_the_chosen_datasets_own():
+    cm, cb = from_dict({}).dataset, from_dict({"dataset": {"name": "celeba", "root": "/d"}}).dataset
+    assert {"rho", "n_val", "image_size"} <= set(dataclasses.asdict(cm)) and not hasattr(cm, "root")
+    assert {"root", "target", "image_size"} <= set(dataclasses.asdict(cb)) and not hasattr(cb, "rho")
+    assert cb.root == "/d" and cb.target is None
+
+
+def test_plugin_sections_survive_pickling_copying_and_replace():
+    """Ray ships specs to tasks and trials: the made-at-run-time section classes travel through the registry."""
+    import copy
+    import pickle
+
+    spec = load_spec("celeba", ["retrain.jtt.upweight=50", "dataset.target=Smiling"])
+    for again in (pickle.loads(pickle.dumps(spec)), copy.deepcopy(spec)):
+        assert again == spec and again.retrain.jtt.upweight == 50.0 and again.dataset.target == "Smiling"
+    r = dataclasses.replace(spec.retrain, method="jtt", mode="end_to_end")
+    assert type(r) is type(spec.retrain) and r.jtt == spec.retrain.jtt
+
+
+def test_spec_command_shows_every_plugin_section_with_its_reasons():
+    """`exmap-ray spec`: each retrainer's section and each dataset's own keys, every key with a reason."""
+    from exmap_ray.data import DATASETS
+    from exmap_ray.retrain import RETRAINERS
+
+    text = describe_defaults()
+    for name in RETRAINERS.names():
+        keys = RETRAINERS.get(name).keys
+        for f in dataclasses.fields(keys):
+            line = next(ln for ln in text.splitlines() if ln.startswith(f"  retrain.{name}.{f.name} = "))
+            assert f.metadata["why"] in line
+    for name in DATASETS.names():
+        keys = DATASETS.get(name).keys
+        for f in dataclasses.fields(keys) if keys else ():
+            line = next(ln for ln in text.splitlines() if ln.startswith(f"  dataset.{f.name} = "))
+            assert name in line.split("#", 1)[1] and f.metadata["why"] in line
+
+
+def test_resuming_a_run_or_sweep_started_before_keys_moved_says_what_to_do(tmp_path, capsys):
+    """A run or sweep folder whose saved spec has old keys: --resume stops, naming them and the way on."""
+    import json
+
+    from exmap_ray import cli
+    from exmap_ray.errors import UserError
+    from exmap_ray.storage import Loc
+    from exmap_ray.tune import _check_searched_keys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.resolved.json").write_text(json.dumps({"name": "cmnist", "dfr": {"c_grid": [1.0]}}))
+    assert cli.main(["run", "cmnist", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was started before spec keys moved (dfr.c_grid" in err and "drop --resume" in err
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "spec.resolved.json").write_text(json.dumps({"search": {"space": {"dfr.c_grid": {"grid": [[1.0]]}}}}))
+    with pytest.raises(UserError, match=r"searched dfr.c_grid, which moved \(dfr.c_grid -> retrain.dfr.c_grid\)"):
+        _check_searched_keys(Loc.parse(sweep), [])

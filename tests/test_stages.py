@@ -65,7 +65,8 @@ def test_graph_is_declared_in_order_and_sections_are_spec_sections():
     (["heatmaps.downsize"], ["erm", "features"]),
     (["heatmaps.batch_size"], ["erm", "features", "heatmaps", "clusters"]),  # execution-only: no key changes
     (["erm.lr"], []),
-    (["dfr.c_grid"], ["erm", "features", "heatmaps", "clusters"]),
+    (["retrain.dfr.c_grid"], ["erm", "features", "heatmaps", "clusters"]),
+    (["dataset.rho"], []),
 ])
 def test_a_sweeps_shared_upstream_follows_the_graph(searched, shared):
     assert shared_stages(load_spec("cmnist", ["resources.gpu=false"]), searched) == shared
@@ -73,5 +74,7 @@ def test_a_sweeps_shared_upstream_follows_the_graph(searched, shared):
 
 def test_end_to_end_is_shared_only_when_it_runs():
     e2e = load_spec("cmnist", ["resources.gpu=false", "retrain.method=jtt", "retrain.mode=end_to_end"])
-    assert shared_stages(e2e, ["dfr.c_grid"])[-1] == "end_to_end"
-    assert "end_to_end" not in shared_stages(e2e, ["retrain.e2e_lr"])
+    assert shared_stages(e2e, ["retrain.dfr.c_grid"])[-1] == "end_to_end"
+    assert shared_stages(e2e, ["retrain.groupdro.batch_size"])[-1] == "end_to_end"  # the last layer's, not the fine-tune's
+    for key in ("retrain.end_to_end.lr", "retrain.end_to_end.batch_size", "retrain.jtt.upweight", "retrain.method"):
+        assert "end_to_end" not in shared_stages(e2e, [key]), key

@@ -35,17 +35,36 @@ def _children(client, parent_id):
 
 
 def test_search_space_validation():
-    spec = from_dict({"search": {"space": {"clustering": {"k": {"grid": [2, 3]}}, "dfr.n_final_fits": {"randint": [2, 9]}}}})
-    assert flatten_space(spec.search.space) == {"clustering.k": {"grid": [2, 3]}, "dfr.n_final_fits": {"randint": [2, 9]}}
+    spec = from_dict({"search": {"space": {"clustering": {"k": {"grid": [2, 3]}},
+                                           "retrain.dfr.n_final_fits": {"randint": [2, 9]}}}})
+    assert flatten_space(spec.search.space) == {"clustering.k": {"grid": [2, 3]},
+                                                "retrain.dfr.n_final_fits": {"randint": [2, 9]}}
     domains = parse_space(spec)
-    assert [d.key for d in domains] == ["clustering.k", "dfr.n_final_fits"] and n_trials(domains, 3) == 6
+    assert [d.key for d in domains] == ["clustering.k", "retrain.dfr.n_final_fits"] and n_trials(domains, 3) == 6
     for space, msg in [({}, "search.space' is empty"),
                        ({"clustering.kk": {"grid": [2]}}, "Did you mean 'clustering.k'"),
                        ({"clustering.k": {"grid": [1]}}, "value 1 is not valid"),
                        ({"clustering.k": {"among": [2]}}, "expected one of"),
-                       ({"erm.lr": {"uniform": [1.0, 0.1]}}, "lo < hi")]:
+                       ({"erm.lr": {"uniform": [1.0, 0.1]}}, "lo < hi"),
+                       ({"dfr.c_grid": {"grid": [[1.0]]}}, "'dfr.c_grid' has moved: use 'retrain.dfr.c_grid'"),
+                       ({"dfr": {"n_final_fits": {"grid": [2]}}}, "'dfr.n_final_fits' has moved: use 'retrain.dfr"),
+                       ({"retrain.e2e_lr": {"grid": [0.1]}}, "'retrain.e2e_lr' has moved: use 'retrain.end_to_end.lr'"),
+                       ({"dataset.root": {"grid": ["/data"]}}, "'dataset.root' is not a key of dataset 'cmnist'"),
+                       ({"retrain.groupdro.lr": "default"}, "declares none")]:
         with pytest.raises(SpecError, match=msg):
             parse_space(from_dict({"search": {"space": space}}))
+
+
+def test_default_takes_the_range_declared_with_the_key():
+    """`search.space: {KEY: default}`: the domain the key's declaration carries (beside its code)."""
+    import dataclasses
+
+    from exmap_ray.retrain import GroupDROKeys
+
+    declared = {f.name: f.metadata["search"] for f in dataclasses.fields(GroupDROKeys)}["eta"]
+    (d,) = parse_space(from_dict({"search": {"space": {"retrain.groupdro.eta": "default"}}}))
+    kind, values = next(iter(declared.items()))
+    assert (d.key, d.kind, list(d.values)) == ("retrain.groupdro.eta", kind, values)
 
 
 def test_one_se_rule_prefers_fewer_groups_within_the_noise():

@@ -1,9 +1,15 @@
 """The dataset contract shared by every loader, and the one dataset registry.
 
-Each dataset is one `DatasetEntry` in `DATASETS`: its builder and, for a dataset on disk, its layout
-scanner. Register a generated dataset with `@register_dataset(NAME)` on its builder, and an on-disk
-one with `@register_layout(NAME)` on its scanner (layout.py): its builder is then the shared image
-path over the scanned table (images.image_group_data, with the val/test decode cache).
+Each dataset is one `DatasetEntry` in `DATASETS`: its builder, its own spec keys and, for a dataset on
+disk, its layout scanner. Register a generated dataset with `@register_dataset(NAME, keys=...)` on its
+builder, and an on-disk one with `@register_layout(NAME, keys=...)` on its scanner (layout.py): its
+builder is then the shared image path over the scanned table (images.image_group_data, with the
+val/test decode cache).
+
+`keys` is a dataclass of the dataset's own keys, each made with `options.opt` (default, reason,
+check): cmnist's rho and split sizes, an on-disk dataset's root (`layout.RootKeys`). They sit in the
+spec's `dataset:` mapping beside the keys every dataset takes (spec.DatasetSpec), and are valid only
+when `dataset.name` names this dataset.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ class DatasetEntry:
     build: Callable[..., "GroupData"]                      # (dspec, seed) -> GroupData
     scan: Optional[Callable[..., "Scan"]] = None           # (dspec) -> Scan: the on-disk index, no image decoded
     summary: str = ""                                      # one line for `exmap-ray datasets`
+    keys: Optional[type] = None                            # a dataclass of its own spec keys (dataset.*)
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset", "dataset.name")
@@ -37,10 +44,11 @@ def _summary(fn: Callable) -> str:
     return ((sys.modules[fn.__module__].__doc__ or "").strip().splitlines() or [""])[0]
 
 
-def register_dataset(name: str) -> Callable:
-    """`@register_dataset("cmnist")` on a builder (dspec, seed) -> GroupData: a dataset made in memory."""
+def register_dataset(name: str, keys: Optional[type] = None) -> Callable:
+    """`@register_dataset("cmnist", keys=CmnistKeys)` on a builder (dspec, seed) -> GroupData: a dataset
+    made in memory, with the dataclass of its own spec keys."""
     def deco(build: Callable) -> Callable:
-        DATASETS.register(name)(DatasetEntry(name, build, summary=_summary(build)))
+        DATASETS.register(name)(DatasetEntry(name, build, summary=_summary(build), keys=keys))
         return build
     return deco
 

@@ -20,13 +20,16 @@ y = target, true group = 2 * y + spurious (evaluation only).
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from ..errors import SpecError, near_name
+from ..options import opt
 from .folder import scan_metadata_csv
-from .layout import MAX_LISTED, Scan, find_below, missing_files, register_layout, require_root
+from .layout import MAX_LISTED, RootKeys, Scan, find_below, missing_files, register_layout, require_root
 
 DEFAULT_TARGET, DEFAULT_SPURIOUS = "Blond_Hair", "Male"
 IMAGES = "img_align_celeba"
@@ -154,7 +157,17 @@ def group_names(target: str, spurious: str) -> list[str]:
     return [f"{target}={y} {spurious}={s}" for y in (0, 1) for s in (0, 1)]
 
 
-@register_layout("celeba")
+@dataclass
+class CelebaKeys(RootKeys):
+    """CelebA's own spec keys (dataset.*): the folder and the attribute pair."""
+
+    target: Optional[str] = opt(None, "the attribute to predict; None = Blond_Hair. Any of the 40 names in "
+                                      "list_attr_celeba.txt")
+    spurious: Optional[str] = opt(None, "the attribute that defines the true groups with the target "
+                                        "(evaluation only); None = Male")
+
+
+@register_layout("celeba", keys=CelebaKeys)
 def scan_celeba(dspec) -> Scan:
     root = require_root(dspec, "celeba", "the folder with img_align_celeba/ and the attribute files")
     target, spurious = _pair(dspec)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,11 +30,26 @@ import torch.nn.functional as F
 
 from ..errors import DataError, SpecError
 from ..hashing import stage_seed
+from ..options import fraction, opt, positive
 from .base import GroupData, Split, TensorImages, register_dataset
 
 log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).parent / "mnist"
+
+
+@dataclass
+class CmnistKeys:
+    """cmnist's own spec keys (dataset.*); cmnist_multi adds its patch's."""
+
+    rho: float = opt(0.99, "P(colour agrees with y) on train and val; 0.99 as the reference, weaker shortcuts "
+                           "(0.95) leave ERM's worst group unreliable at this size", fraction)
+    n_train: int = opt(5000, "training images", positive)
+    n_val: int = opt(3000, "validation images; ExMap clusters these, so the minority needs enough members "
+                           "(about 15 per class at rho 0.99)", positive)
+    n_test: int = opt(2000, "test images (colour independent of y)", positive)
+    mnist_root: Optional[str] = opt(None, "a folder with the full MNIST in torchvision's raw layout; None uses "
+                                          "the 10k test digits shipped with exmap-ray")
 RAW_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -159,7 +176,7 @@ def digit_splits(dspec, seed: int, tag: str):
         yield name, digits[idx], (labels[idx] >= 5).astype(np.int64), rng
 
 
-@register_dataset("cmnist")
+@register_dataset("cmnist", keys=CmnistKeys)
 def build_cmnist(dspec, seed: int) -> GroupData:
     splits = {}
     for name, digits, y, rng in digit_splits(dspec, seed, "cmnist"):

@@ -17,14 +17,25 @@ accuracy where both agree.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from ..metrics import shortcut_gaps
+from ..options import fraction, opt
 from .base import GroupData, Split, TensorImages, register_dataset
-from .cmnist import assign_colours, colorize, digit_splits, to_input
+from .cmnist import CmnistKeys, assign_colours, colorize, digit_splits, to_input
 
 PATCH = 4
+
+
+@dataclass
+class CmnistMultiKeys(CmnistKeys):
+    """cmnist's keys and the patch's."""
+
+    rho_patch: float = opt(0.9, "P(corner patch position agrees with y) on train and val, the second "
+                                "shortcut; drawn independently of the colour", fraction)
 
 
 def add_patch(x: torch.Tensor, patch: np.ndarray) -> torch.Tensor:
@@ -60,7 +71,7 @@ def gaps(pred: np.ndarray, y: np.ndarray, attrs: dict) -> dict:
     return shortcut_gaps(pred, y, {"colour": attrs["colour"] == y, "patch": attrs["patch"] == y})
 
 
-@register_dataset("cmnist_multi")
+@register_dataset("cmnist_multi", keys=CmnistMultiKeys)
 def build_cmnist_multi(dspec, seed: int) -> GroupData:
     splits = {}
     for name, digits, y, rng in digit_splits(dspec, seed, "cmnist_multi"):

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError, SpecError, near_name
+from ..options import opt
 from .base import DATASETS, DatasetEntry, GroupData, _summary
 from .images import PAPER, Transforms, _files_key, decode_cache_dir, image_group_data
 
@@ -73,18 +74,25 @@ def scan_or_raise(name: str, dspec) -> Scan:
     return scan
 
 
-def register_layout(name: str, transforms: Transforms = PAPER) -> Callable:
+@dataclass
+class RootKeys:
+    """The key every dataset on disk takes; a dataset with more declares a subclass (celeba, urbancars)."""
+
+    root: Optional[str] = opt(None, "the dataset folder; `exmap-ray datasets check NAME --root PATH` verifies it")
+
+
+def register_layout(name: str, transforms: Transforms = PAPER, keys: type = RootKeys) -> Callable:
     """`@register_layout("waterbirds")` on a scanner (dspec) -> Scan registers an on-disk dataset: its
     builder reads the scanned table through the shared image path (`transforms`: the paper's, or
-    images.RESIZE). A scanner may put a `shortcut_metrics` function (pred, y, attrs) -> dict in
-    `scan.extras` (UrbanCars' gaps)."""
+    images.RESIZE). `keys`: the dataclass of its own spec keys (`RootKeys` or a subclass). A scanner
+    may put a `shortcut_metrics` function (pred, y, attrs) -> dict in `scan.extras` (UrbanCars' gaps)."""
     def deco(scan_fn: Callable) -> Callable:
         def build(dspec, seed: int) -> GroupData:
             scan = scan_or_raise(name, dspec)
             return image_group_data(scan.table, dspec, name, shortcut_metrics=scan.extras.get("shortcut_metrics"),
                                     how=transforms)
 
-        DATASETS.register(name)(DatasetEntry(name, build, scan_fn, summary=_summary(scan_fn)))
+        DATASETS.register(name)(DatasetEntry(name, build, scan_fn, summary=_summary(scan_fn), keys=keys))
         return scan_fn
     return deco
 

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from ..errors import near_name
-from .layout import Scan, find_below, register_layout, require_root
+from ..options import opt
+from .layout import RootKeys, Scan, find_below, register_layout, require_root
 
 NAMES = ["urban", "country"]  # index = label, for obj, bg and co_occur_obj alike
 RATIO_RE = re.compile(r"^bg-([0-9.]+)_co_occur_obj-([0-9.]+)$")
@@ -109,7 +112,16 @@ def _split_dir(scan: Scan, root, dirs: list, split: str):
     return None
 
 
-@register_layout("urbancars")
+@dataclass
+class UrbanCarsKeys(RootKeys):
+    """UrbanCars' own spec keys (dataset.*): the folder and which shortcuts define the true groups."""
+
+    group_by: Literal["both", "bg", "co_occur_obj"] = opt(
+        "both", "the shortcut(s) that define the true groups: both (8 groups), bg or co_occur_obj (4 each). "
+                "Changes the oracle DFR row and the true-group WGA; the shortcut gaps use both always")
+
+
+@register_layout("urbancars", keys=UrbanCarsKeys)
 def scan_urbancars(dspec) -> Scan:
     root = require_root(dspec, "urbancars", "the folder holding bg-0.95_co_occur_obj-0.95/ and bg-0.5_co_occur_obj-0.5/")
     scan = Scan(root)

@@ -8,9 +8,11 @@
     res = r.finetune(net, val_images, y_val, groups, r.config(spec), seed)   # retrain.mode: end_to_end
     pred = res.predict(test_images)
 
-The contract is `Retrainer` (a typing.Protocol). Each retrainer reads one spec section, named by
-`section` and handed to it by `config(spec)`: DFR's keys sit under `dfr:`, GroupDRO's and JTT's
-under `retrain:`. `fit` returns a `Head`: a linear head on penultimate features with the label-free
+The contract is `Retrainer` (a typing.Protocol). Each retrainer owns one spec section,
+`retrain.<name>` (its `section`): the dataclass `keys` declares its keys beside its code (defaults,
+reasons, checks, default search ranges), and the spec makes the section from it. `config(spec)` hands
+it that section with the keys every retrainer shares (`retrain.n_select_repeats`, and
+`retrain.end_to_end` for a fine-tune) as one `RetrainConfig`. `fit` returns a `Head`: a linear head on penultimate features with the label-free
 selection surface (`chosen`, `heldout`, `heldout_idx`, `heldout_pred`). Evaluation reads any result,
 last-layer or end-to-end, as a `RetrainedModel`: that surface plus `predictions(split)`, the labels
 of every point of a split (`LastLayerResult` for a head, `end_to_end.EndToEndModel` for the cached
@@ -26,9 +28,10 @@ import numpy as np
 
 from ..registry import Registry
 from .common import LastLayerModel
-from .dfr import DFRModel, fit_dfr
-from .groupdro import fit_groupdro
-from .jtt import error_set_from_groups, fit_jtt
+from .config import RetrainConfig
+from .dfr import DFRModel, DfrKeys, fit_dfr
+from .groupdro import GroupDROKeys, fit_groupdro
+from .jtt import JttKeys, error_set_from_groups, fit_jtt
 
 
 @runtime_checkable
@@ -57,10 +60,12 @@ class RetrainedModel(Protocol):
 
 @runtime_checkable
 class Retrainer(Protocol):
-    section: str                 # the spec section holding its hyperparameters (`config` hands it over)
+    name: str                    # its retrain.method name
+    keys: type                   # the dataclass of its section retrain.<name>: every key with default and reason
+    section: str                 # "retrain.<name>": where its keys sit in the spec
     modes: tuple[str, ...]       # "last_layer", and "end_to_end" where it can fine-tune the whole network
 
-    def config(self, spec) -> Any: ...
+    def config(self, spec) -> RetrainConfig: ...
 
     def fit(self, feats: np.ndarray, y: np.ndarray, groups: np.ndarray, config, seed: int,
             score_groups: Optional[dict[str, np.ndarray]] = None) -> Head: ...
@@ -100,16 +105,22 @@ class LastLayerResult:
 class FunctionRetrainer:
     """A `Retrainer` made of functions: `fit`, and `finetune` where the method has an end-to-end mode."""
 
+    name: str
     fit: Callable
-    section: str
+    keys: type
     finetune: Optional[Callable] = None
+
+    @property
+    def section(self) -> str:
+        return f"retrain.{self.name}"
 
     @property
     def modes(self) -> tuple[str, ...]:
         return ("last_layer", "end_to_end") if self.finetune else ("last_layer",)
 
-    def config(self, spec) -> Any:
-        return getattr(spec, self.section)
+    def config(self, spec) -> RetrainConfig:
+        r = spec.retrain
+        return RetrainConfig(getattr(r, self.name), r.n_select_repeats, r.end_to_end)
 
 
 def _end_to_end(method: str) -> Callable:
@@ -121,9 +132,17 @@ def _end_to_end(method: str) -> Callable:
 
 
 RETRAINERS: Registry = Registry("retrainer", "retrain.method")
-RETRAINERS.register("dfr")(FunctionRetrainer(fit_dfr, "dfr"))
-RETRAINERS.register("groupdro")(FunctionRetrainer(fit_groupdro, "retrain", _end_to_end("groupdro")))
-RETRAINERS.register("jtt")(FunctionRetrainer(fit_jtt, "retrain", _end_to_end("jtt")))
+
+
+def register_retrainer(retrainer: FunctionRetrainer) -> FunctionRetrainer:
+    """Register a retrainer under its name; the spec then has its section retrain.<name>."""
+    return RETRAINERS.register(retrainer.name)(retrainer)
+
+
+register_retrainer(FunctionRetrainer("dfr", fit_dfr, DfrKeys))
+register_retrainer(FunctionRetrainer("groupdro", fit_groupdro, GroupDROKeys, _end_to_end("groupdro")))
+register_retrainer(FunctionRetrainer("jtt", fit_jtt, JttKeys, _end_to_end("jtt")))
 
 __all__ = ["RETRAINERS", "Retrainer", "RetrainedModel", "Head", "LastLayerResult", "FunctionRetrainer", "DFRModel",
+           "RetrainConfig", "DfrKeys", "GroupDROKeys", "JttKeys", "register_retrainer",
            "LastLayerModel", "fit_dfr", "fit_groupdro", "fit_jtt", "error_set_from_groups"]

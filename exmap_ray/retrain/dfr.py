@@ -1,10 +1,12 @@
 """Deep feature reweighting (Kirichenko et al.) on the val split, with any group labels.
 
-    model = fit_dfr(val_features, y_val, pseudo_groups, spec.dfr, seed=0)
+    model = fit_dfr(val_features, y_val, pseudo_groups, RETRAINERS.get("dfr").config(spec), seed=0)
     pred = model.predict(test_features)
 
+Its keys are the section `retrain.dfr` (`DfrKeys`); the halves are `retrain.n_select_repeats`.
+
 1. Standardise the frozen model's penultimate features (fit on val).
-2. Choose C from the grid: over `n_select_repeats` random halves of val, fit an
+2. Choose C from `c_grid`: over `n_select_repeats` random halves of val, fit an
    L1 logistic regression on a group-balanced subsample of one half and score the
    *worst group* accuracy on the other half, using the given groups (pseudo
    groups for ExMap: no true group is ever seen here).
@@ -22,10 +24,20 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from ..errors import UserError
+from ..options import opt, positive, positive_list
 from ..selection import worst_group_acc
 
 log = logging.getLogger(__name__)
 MIN_GROUP_SIZE = 2  # a 1-member group makes every balanced fit reuse that one point
+
+
+@dataclass
+class DfrKeys:
+    """DFR's section of the spec, `retrain.dfr`."""
+
+    c_grid: list[float] = opt([1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01], "inverse L1 strengths tried (DFR paper grid)",
+                              positive_list, search={"choice": [[1.0, 0.7, 0.3, 0.1], [0.07, 0.03, 0.01]]})
+    n_final_fits: int = opt(20, "group-balanced fits on all of val whose weights are averaged", positive)
 
 
 class LinearHead:
@@ -100,7 +112,7 @@ def _check_groups(y: np.ndarray, groups: np.ndarray) -> None:
 
 def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: int,
             score_groups: dict[str, np.ndarray] | None = None) -> DFRModel:
-    """`score_groups` are extra groupings scored on the same held-out halves for analysis only
+    """`dspec`: DFR's keys and retrain.n_select_repeats (a `RetrainConfig`). `score_groups` are extra groupings scored on the same held-out halves for analysis only
     (e.g. the true groups); they never influence the choice of C."""
     _check_groups(y, groups)
     sizes = {int(g): int((groups == g).sum()) for g in np.unique(groups)}

@@ -9,7 +9,7 @@ Two fine-tunes of copies of the ERM model, both with the (pseudo) groups only:
 2. on all of val: the final model, whose test predictions are saved.
 
 There is no hyperparameter choice inside (a fine-tune is costly); the held-out metrics let a sweep
-choose `retrain.e2e_lr`, `e2e_epochs` and the rest without true groups. Writes `test_pred.npy`,
+choose `retrain.end_to_end.lr`, `epochs` and the rest without true groups. Writes `test_pred.npy`,
 `heldout_idx.npy` and `heldout_pred.npy` (shape (1, n/2), like DFR's selection surface) to
 `out_dir`, and returns the info the stage cache records.
 """

@@ -8,7 +8,7 @@ The given model is copied, never changed in place. Objectives: "groupdro" is Sag
 online GroupDRO (per batch: q_g <- q_g exp(eta l_g), normalise, descend sum_g q_g l_g); "upweight"
 is JTT's second stage, a per-sample weighted cross-entropy (weights, e.g. lambda_up on the error set,
 are passed in). SGD with momentum 0.9 and weight decay, as in both papers; BatchNorm in train mode.
-`finetune_with` reads the `retrain.*` keys. Images are a torch Dataset of (C, H, W) tensors or
+`finetune_with` reads the spec's `retrain.end_to_end` keys and the method's own (eta, upweight). Images are a torch Dataset of (C, H, W) tensors or
 an (N, C, H, W) tensor; labels and groups are numpy arrays. There is no hyperparameter selection
 here: end-to-end runs are costly, so it is left to a sweep on the label-free held-out metrics.
 """
@@ -101,14 +101,16 @@ def finetune(model: nn.Module, images, y: np.ndarray, groups: np.ndarray, *, obj
 
 def finetune_with(method: str, model: nn.Module, images, y: np.ndarray, groups: np.ndarray, r, seed: int,
                        max_steps: int | None = None, device: str = "cpu") -> FinetuneResult:
-    """`method` groupdro or jtt, with the keys of the spec's `retrain` section `r`."""
-    common = dict(lr=r.e2e_lr, weight_decay=r.e2e_weight_decay, epochs=r.e2e_epochs, batch_size=r.batch_size,
+    """`method` groupdro or jtt; `r` its `RetrainConfig`: its own keys (retrain.groupdro.eta,
+    retrain.jtt.upweight) and the fine-tune's, `r.end_to_end` (retrain.end_to_end)."""
+    e2e = r.end_to_end
+    common = dict(lr=e2e.lr, weight_decay=e2e.weight_decay, epochs=e2e.epochs, batch_size=e2e.batch_size,
                   seed=seed, max_steps=max_steps, device=device)
     if method == "groupdro":
-        return finetune(model, images, y, groups, objective="groupdro", eta=r.groupdro_eta, **common)
+        return finetune(model, images, y, groups, objective="groupdro", eta=r.eta, **common)
     if method == "jtt":
         from .jtt import error_set_from_groups
 
-        weights = np.where(error_set_from_groups(y, groups), r.jtt_upweight, 1.0)
+        weights = np.where(error_set_from_groups(y, groups), r.upweight, 1.0)
         return finetune(model, images, y, groups, objective="upweight", weights=weights, **common)
     raise ValueError(f"no end-to-end mode for retrain.method '{method}'")

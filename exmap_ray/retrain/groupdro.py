@@ -1,27 +1,47 @@
 """Online GroupDRO (Sagawa et al., ICLR 2020) on the last layer, with any group labels.
 
-    model = fit_groupdro(val_features, y_val, groups, spec.retrain, seed=0)
+    model = fit_groupdro(val_features, y_val, groups, RETRAINERS.get("groupdro").config(spec), seed=0)
     pred = model.predict(test_features)
 
 A softmax linear head is trained on the frozen, standardised penultimate features of val by
 minibatch SGD (momentum 0.9, cosine-decayed step size, group-balanced batches). At every step the per-group mean losses l_g of the groups in the
 batch raise their weights, q_g <- q_g * exp(eta * l_g), q is renormalised, and the step descends
-sum_g q_g l_g (+ weight decay / 2 * ||W||^2), so the worst group drives training. eta is
-`retrain.groupdro_eta`, the number of passes `retrain.groupdro_epochs`, the step size `retrain.lr`;
-the weight decay is chosen from `retrain.weight_decay_grid` by the worst *given*-group accuracy
+sum_g q_g l_g (+ weight decay / 2 * ||W||^2), so the worst group drives training. Its keys are the
+section `retrain.groupdro` (`GroupDROKeys`): eta, the number of passes `epochs`, the step size `lr`;
+the weight decay is chosen from `weight_decay_grid` by the worst *given*-group accuracy
 on held-out val halves (label-free for pseudo groups; see `common.select_on_halves`). Sagawa et
 al.'s generalisation adjustment (C / sqrt(n_g)) is not used. `groupdro_step` is the numpy core.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..options import non_negative_list, opt, positive
 from .common import LastLayerModel, check_inputs, select_on_halves, standardise
 
 log = logging.getLogger(__name__)
 MOMENTUM = 0.9
+
+
+@dataclass
+class GroupDROKeys:
+    """GroupDRO's section of the spec, `retrain.groupdro` (eta and batch_size serve its end-to-end mode too)."""
+
+    eta: float = opt(0.01, "step size of the group weights, q_g <- q_g exp(eta l_g) per batch (Sagawa et al.'s "
+                           "0.01); larger reacts faster to the worst group but lets q swing between groups", positive,
+                     search={"loguniform": [0.001, 0.1]})
+    epochs: int = opt(30, "last layer: passes over val (group-balanced minibatch SGD)", positive)
+    lr: float = opt(0.02, "last layer: initial SGD step size (momentum 0.9, cosine decay) on standardised "
+                          "features", positive)
+    batch_size: int = opt(128, "last layer: the minibatch (retrain.end_to_end.batch_size is the fine-tune's)",
+                          positive)
+    weight_decay_grid: list[float] = opt([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "last layer: L2 strengths tried, chosen "
+                                                                         "by held-out worst pseudo-group accuracy "
+                                                                         "(label-free); GroupDRO needs strong L2 "
+                                                                         "(Sagawa et al.)", non_negative_list)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -81,7 +101,8 @@ def train_groupdro_head(X, yi, gi, n_classes: int, n_groups: int, *, eta: float,
 
 def fit_groupdro(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
                  score_groups: dict[str, np.ndarray] | None = None) -> LastLayerModel:
-    """Last-layer GroupDRO on val with `groups` (any ids); `r` is the spec's `retrain` section.
+    """Last-layer GroupDRO on val with `groups` (any ids); `r`: its keys and retrain.n_select_repeats
+    (a `RetrainConfig`).
 
     `score_groups` are extra groupings scored on the held-out halves for analysis only."""
     check_inputs("GroupDRO", feats, y, groups)
@@ -90,8 +111,8 @@ def fit_groupdro(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: 
     gids, gi = np.unique(groups, return_inverse=True)
 
     def train(idx, wd, fit_seed):
-        return train_groupdro_head(X[idx], yi[idx], gi[idx], len(classes), len(gids), eta=r.groupdro_eta,
-                                   weight_decay=wd, lr=r.lr, epochs=r.groupdro_epochs, batch_size=r.batch_size,
+        return train_groupdro_head(X[idx], yi[idx], gi[idx], len(classes), len(gids), eta=r.eta,
+                                   weight_decay=wd, lr=r.lr, epochs=r.epochs, batch_size=r.batch_size,
                                    seed=fit_seed)
 
     def fit_predict(a, b_idx, wd, fit_seed):

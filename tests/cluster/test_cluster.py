@@ -49,7 +49,7 @@ def single_node(tiny_run):
     from exmap_ray.stages import EXECUTION_ONLY
 
     mine, theirs = load_spec(REPO / SPEC).to_dict(), from_dict(tiny_spec_dict()).to_dict()
-    for section in ("seed", "dataset", "model", "erm", "heatmaps", "clustering", "dfr", "groups", "retrain"):
+    for section in ("seed", "dataset", "model", "erm", "heatmaps", "clustering", "groups", "retrain"):
         if isinstance(mine[section], dict):  # how a stage runs may differ (tiny.yaml: 2 heatmap actors, one a node)
             for key in EXECUTION_ONLY.get(section, ()):
                 mine[section].pop(key, None), theirs[section].pop(key, None)

@@ -20,7 +20,8 @@ from exmap_ray.clustering import pseudo_groups
 from exmap_ray.errors import DataError, SpecError, UserError
 from exmap_ray.pipeline import preflight
 from exmap_ray.retrain.dfr import MIN_GROUP_SIZE, fit_dfr
-from exmap_ray.spec import ClusteringSpec, DfrSpec, load_spec
+from exmap_ray.retrain import DfrKeys, RetrainConfig
+from exmap_ray.spec import ClusteringSpec, load_spec
 
 from ..conftest import make_folder_dataset, tiny_spec_dict
 
@@ -263,7 +264,7 @@ def test_small_pseudo_groups_merge_before_dfr_as_documented():
     assert info["merged"] == [{"class": 0, "cluster": info["merged"][0]["cluster"], "size": 1,
                                "into": info["merged"][0]["into"]}]
     assert min(info["sizes"]) >= cs.min_group_size and sorted(info["sizes"]) == [20, 20, 21]
-    model = fit_dfr(X, y, groups, DfrSpec(c_grid=[1.0], n_select_repeats=2, n_final_fits=2), seed=0)
+    model = fit_dfr(X, y, groups, RetrainConfig(DfrKeys(c_grid=[1.0], n_final_fits=2), n_select_repeats=2), seed=0)
     assert set(model.classes) == {0, 1}
 
 
@@ -275,7 +276,7 @@ def test_dfr_refuses_a_group_smaller_than_its_balanced_fits_need():
     assert info["merged"] == [] and 1 in info["sizes"]
     lonely = int(np.argmin(info["sizes"]))
     with pytest.raises(UserError) as e:
-        fit_dfr(X, y, groups, DfrSpec(), seed=0)
+        fit_dfr(X, y, groups, RetrainConfig(DfrKeys()), seed=0)
     msg = str(e.value)
     assert f"DFR: group {lonely} has 1 val member(s)" in msg
     assert f"need at least {MIN_GROUP_SIZE} per group" in msg and "clustering.min_group_size" in msg
@@ -287,7 +288,7 @@ def test_dfr_minimum_group_size_boundary(size, ok):
     y = np.array([0] * 30 + [1] * (30 + size))
     groups = np.array([0] * 30 + [1] * 30 + [2] * size)
     X = rng.normal(size=(len(y), 5)) + y[:, None]
-    dspec = DfrSpec(c_grid=[1.0, 0.1], n_select_repeats=2, n_final_fits=2)
+    dspec = RetrainConfig(DfrKeys(c_grid=[1.0, 0.1], n_final_fits=2), n_select_repeats=2)
     if ok:
         assert MIN_GROUP_SIZE == 2
         model = fit_dfr(X, y, groups, dspec, seed=0)

@@ -269,9 +269,13 @@ def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path, capsys):
         server.kill()
 
 
-def test_server_killed_mid_bench_keeps_every_result(tiny_run, tmp_path):
+def test_server_killed_mid_bench_keeps_every_result_then_sync(tiny_run, tmp_path, capsys):
     """bench logs through the tracker too: the server dies once its MLflow run exists, and bench still
-    finishes every row and file, with the marker naming the run (the tiny run's cache: no stage recomputed)."""
+    finishes every row and file, with the marker naming the run (the tiny run's cache: no stage recomputed).
+    Back on the same db, sync-mlflow completes that run from bench.json, and a second sync does nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from exmap_ray import tracking
     import threading
 
     from exmap_ray.bench import ROWS, run_bench
@@ -303,6 +307,23 @@ def test_server_killed_mid_bench_keeps_every_result(tiny_run, tmp_path):
             assert (out / f).stat().st_size > 0
         pending = json.loads((out / "mlflow_pending.json").read_text())
         assert pending["uri"] == server.uri and pending["run_id"] == summary["mlflow_run_id"] is not None
+
+        server.start()  # back on the same db; the URI comes from OUT/tracking.json
+        rc, stdout, _ = _sync_cli(capsys, str(out))
+        assert rc == 0 and f"completed the original run (bench run) {pending['run_id']}" in stdout, stdout
+        run = MlflowClient(server.uri).get_run(pending["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["exmap_ray.synced_from"] == str(out.resolve())
+        saved = json.loads((out / "bench.json").read_text())
+        want = tracking.flat_metrics(tracking.bench_metrics(saved["rows"]))
+        assert want and all(run.data.metrics[k] == pytest.approx(v) for k, v in want.items())
+        spec = json.loads((out / "spec.resolved.json").read_text())
+        assert run.data.params["retrain.dfr.c_grid"] == str(spec["retrain"]["dfr"]["c_grid"])
+        assert run.data.params["bench.seeds"] == "[0]"
+        logged = {a.path for a in MlflowClient(server.uri).list_artifacts(run.info.run_id)}
+        assert set(tracking.BENCH_ARTIFACTS) <= logged
+        assert not (out / "mlflow_pending.json").exists()
+        rc, stdout, _ = _sync_cli(capsys, str(out))
+        assert rc == 0 and "nothing to sync" in stdout
     finally:
         killed.set()
         server.kill()
