@@ -25,6 +25,12 @@ os.environ["EXMAP_RAY_FAULTS"] = str(FAULT_DIR / "plan.json")
 # a dead MLflow server (the outage tests) is noticed at the first refused connection, not after
 # retries with backoff; set before Ray starts, so trial processes see it too
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+# Ray's per-node background work, made lighter for a suite that starts many Ray nodes on 2 cores (set
+# before any Ray starts; its nodes, the CLI's and the cluster test's inherit it): the dashboard agent
+# samples every process's stats every 5 s by default (a minute here), and the log monitor looks for
+# new log files every 0.1 s (every 0.5 s here)
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # `dataset.decode_cache: auto` decodes on-disk val/test images into this session's folder, not under ~/.cache
 os.environ.setdefault("EXMAP_RAY_DECODE_CACHE", tempfile.mkdtemp(prefix="exmap-decoded-"))
 
@@ -37,8 +43,9 @@ def ray_local():
 
     if not ray.is_initialized():
         local_ray_defaults()  # as `exmap-ray run` does for the Ray it starts
-        # no dashboard: nothing here reads it, and its processes cost a few % of a core all session long
-        ray.init(num_cpus=2, logging_level=logging.WARNING, include_dashboard=False)
+        # with its dashboard, though nothing here reads it: Ray Train's PlacementGroupCleaner queries the
+        # controller's state through it, and without it logs a failure every few seconds
+        ray.init(num_cpus=2, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
