@@ -58,6 +58,9 @@ def extract(method, images: Dataset, batch_size: int, downsize: int | None,
         x = x.to(device, non_blocking=True)
         if features:
             rel, pred, f, out = method.explain(x)
+            if f is None:
+                raise UserError(f"heatmaps: the model gives no penultimate features (not a timm model with "
+                                f"forward_features, forward_head and get_classifier): {type(method).__name__}")
             feats.append(f.float().cpu())
             logits.append(out.float().cpu())
         else:

@@ -69,7 +69,7 @@ from torch.nn.grad import conv2d_input
 
 from ..errors import UserError
 from ..models import autocast
-from .method import Explained, HeatmapMethod, classifier_name
+from .method import Explained, HeatmapMethod, _fp32, classifier_name, is_timm
 
 PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
 EPS_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
@@ -300,26 +300,29 @@ class LRP(HeatmapMethod):
                for p in model.parameters()):  # a channels_last model: its folded, stacked weights too
             self.net.to(memory_format=torch.channels_last)
         # the penultimate features: what the (wrapped) classifier receives in the forward
+        # (a model that is not timm's, as in the property tests, has no penultimate layer to name: no features)
         self._features: list[torch.Tensor] = []
-        name = classifier_name(model)
-        try:
-            clf = self.net.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"heatmaps.method 'lrp': the traced copy of '{type(model).__name__}' has no classifier "
-                            f"'{name}' (its features could not be kept); use heatmaps.method input_x_gradient") from None
-        clf.register_forward_pre_hook(lambda _module, args: self._features.append(args[0].detach()))
+        if is_timm(model):
+            name = classifier_name(model)
+            try:
+                clf = self.net.get_submodule(name)
+            except AttributeError:
+                raise UserError(f"heatmaps.method 'lrp': the traced copy of '{type(model).__name__}' has no classifier "
+                                f"'{name}' (its features could not be kept); use heatmaps.method "
+                                f"input_x_gradient") from None
+            clf.register_forward_pre_hook(lambda _module, args: self._features.append(args[0].detach()))
 
     def explain(self, x: torch.Tensor) -> Explained:
         x = x.detach().requires_grad_(True)
         self._features.clear()
         with autocast(x.device.type, self.precision):
             logits = self.net(x)
-        (feats,) = self._features
+        feats = self._features[0] if self._features else None
         self._features.clear()
         pred = logits.argmax(1)
         seed = torch.zeros_like(logits).scatter_(1, pred[:, None], 1.0)  # one-hot; no range check (a GPU sync)
         (rel,) = torch.autograd.grad(logits, x, seed)
-        return Explained(rel.detach(), pred.detach(), feats.float(), logits.detach().float())
+        return Explained(rel.detach(), pred.detach(), _fp32(feats), logits.detach().float())
 
 
 def _nonneg_nodes(gm: torch.fx.GraphModule) -> set:

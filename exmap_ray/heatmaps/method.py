@@ -17,7 +17,7 @@ forward, cast to fp32: about 3 significant digits, like the features stage's own
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from ..models import autocast, penultimate
 class Explained(NamedTuple):
     relevance: torch.Tensor  # (B, C', H, W): the explanation of `pred`
     pred: torch.Tensor       # (B,): the explained (predicted) class
-    features: torch.Tensor   # (B, d) fp32: penultimate features from the same forward
+    features: Optional[torch.Tensor]  # (B, d) fp32: penultimate features of the same forward (None: not a timm model)
     logits: torch.Tensor     # (B, n_classes) fp32: the classifier's output on them
 
 
@@ -43,14 +43,22 @@ class HeatmapMethod:
         return e.relevance, e.pred
 
 
-def forward_split(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate features, logits) as `models.embed` computes them; gradients flow through both."""
+def is_timm(model: nn.Module) -> bool:
+    """A model with timm's split into features, head and classifier (every model the pipeline builds)."""
+    return all(callable(getattr(model, a, None)) for a in ("forward_features", "forward_head", "get_classifier"))
+
+
+def forward_split(model: nn.Module, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(penultimate features, logits) as `models.embed` computes them; gradients flow through both.
+    Any other model (the property tests' small nets): (None, model(x))."""
+    if not is_timm(model):
+        return None, model(x)
     f = penultimate(model, x)
     return f, model.get_classifier()(f)
 
 
 def classifier_name(model: nn.Module) -> str:
-    """The qualified name of the model's classifier module (timm's `get_classifier()`), e.g. 'fc'."""
+    """The qualified name of a timm model's classifier module (`get_classifier()`), e.g. 'fc'."""
     clf = model.get_classifier()
     for name, m in model.named_modules():
         if m is clf and name:
@@ -71,7 +79,11 @@ class _PlainForward:
         rel, pred = self.method(x)
         with torch.no_grad(), autocast(x.device.type, self.precision):
             f, logits = forward_split(self.model, x)
-        return Explained(rel, pred, f.float(), logits.float())
+        return Explained(rel, pred, _fp32(f), logits.float())
+
+
+def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().float()
 
 
 def with_features(method, model: nn.Module, precision: str = "auto"):
