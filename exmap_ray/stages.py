@@ -38,7 +38,7 @@ from .errors import DataError
 from .groups import GroupContext, infer_groups
 from .heatmaps.extract import HeatmapStore, extract_with_actors
 from .models import embed, load_checkpoint
-from .resources import resolve_resources, run_task
+from .resources import cpus_per_worker, resolve_resources, run_task, where_am_i
 from .spec import Spec, stage_seed
 from .storage import Loc
 from .store import Stage, StageCache, load_npy, save_npy
@@ -189,14 +189,36 @@ def _clusters(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -
                     data.val.group)
 
 
-def _end_to_end(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
-    """Fine-tune the ERM network with the clusters stage's groups; a resumed run or a bench row never
-    fine-tunes twice."""
-    from .retrain.end_to_end import run_end_to_end
+def end_to_end_task(spec_dict: dict, model_uri: str, groups_uri: str, out_uri: str, threads: int) -> dict:
+    """Fine-tune the ERM network (read at `model_uri`) with the pseudo groups at `groups_uri`, writing
+    under `out_uri` (a Ray task: 1 GPU when resources.gpu, else `threads` CPU threads)."""
+    import torch
 
-    model = load_checkpoint(spec.model.backbone, data.n_classes, inputs["erm"].dir / "model.pt")
-    return run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(inputs["clusters"].dir / "pseudo_groups.npy"),
-                          data.test.images, stage_seed(spec.seed, "dfr"), out)
+    from .retrain.end_to_end import run_end_to_end
+    from .spec import from_dict
+
+    spec = from_dict(spec_dict)
+    here = where_am_i()
+    if here["ray_worker"]:  # a task (or a trial that holds these CPUs): its share, not every core
+        torch.set_num_threads(max(1, threads))
+    data = build_dataset(spec.dataset, spec.seed)
+    model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
+    info = run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(Loc.parse(groups_uri)),
+                          data.test.images, stage_seed(spec.seed, "dfr"), Loc.parse(out_uri), device=device(spec))
+    return {**info, "process": here}
+
+
+def _end_to_end(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
+    """Fine-tune the ERM network with the clusters stage's groups, as a Ray task; a resumed run or a bench
+    row never fine-tunes twice. A task even on a one-node Ray: a fine-tune is long beside a worker's
+    start, and a GPU task's worker exits after it (Ray's max_calls for GPU tasks), so the driver never
+    holds a CUDA context and its cached memory through the rest of the run or sweep."""
+    import ray
+
+    threads = 1 if spec.resources.gpu is True or not ray.is_initialized() else cpus_per_worker(1, spec)
+    return run_task(spec, end_to_end_task, spec.to_dict(), str(inputs["erm"].dir / "model.pt"),
+                    str(inputs["clusters"].dir / "pseudo_groups.npy"), str(out), threads,
+                    cpus=spec.resources.task_cpus if spec.resources.gpu is True else threads, inline_on_one_node=False)
 
 
 STAGES: tuple[StageDef, ...] = (
@@ -213,7 +235,8 @@ STAGES: tuple[StageDef, ...] = (
              "a Ray task: resources.task_cpus, 1 GPU when resources.gpu"),
     # no device in its own key: its inputs' keys carry it
     StageDef("end_to_end", ("erm", "clusters"), ("retrain", "seed"), _end_to_end,
-             "the driver's process (or the trial's): the GPU when there is one", device=False,
+             "a Ray task: 1 GPU when resources.gpu (and resources.task_cpus), else resources.worker_cpus CPUs",
+             device=False,
              when=lambda spec: spec.retrain.mode == "end_to_end"),
 )
 BY_NAME = {sd.name: sd for sd in STAGES}
@@ -264,7 +287,7 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer | No
 
     Stages already in `have` under the same key are taken from it as they are. Every stage reads and
     writes under the cache's storage root; ERM runs on Ray Train, the heatmaps on an actor pool,
-    features and clusters as Ray tasks, so none of them depends on the driver's disk."""
+    features, clusters and end_to_end as Ray tasks, so none of them depends on the driver's disk."""
     spec = resolve_resources(spec)  # a no-op when run_pipeline or a sweep resolved it already
     timer = timer or Timer()
     stages = stage_keys(spec, cache, targets)

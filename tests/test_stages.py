@@ -80,3 +80,13 @@ def test_end_to_end_is_shared_only_when_it_runs():
     e2e = load_spec("cmnist", ["resources.gpu=false", "retrain.method=jtt", "retrain.mode=end_to_end"])
     assert shared_stages(e2e, ["dfr.c_grid"])[-1] == "end_to_end"
     assert "end_to_end" not in shared_stages(e2e, ["retrain.e2e_lr"])
+
+
+def test_stage_tasks_ask_for_a_gpu_when_the_spec_has_one():
+    """The options the features, clusters and end_to_end tasks go to Ray with (resources.task_options)."""
+    from exmap_ray.resources import task_options
+
+    gpu, cpu = load_spec("cmnist", ["resources.gpu=true"]), load_spec("cmnist", ["resources.gpu=false"])
+    assert task_options(gpu)["num_gpus"] == 1 and task_options(cpu)["num_gpus"] == 0
+    assert task_options(gpu, gpu_capable=False)["num_gpus"] == 0
+    assert task_options(cpu)["num_cpus"] == cpu.resources.task_cpus and task_options(cpu, cpus=3)["num_cpus"] == 3

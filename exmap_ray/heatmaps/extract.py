@@ -247,9 +247,9 @@ class HeatmapWorker:
 
     def run(self, shard_id: int, start: int, stop: int) -> dict:
         """One shard: heatmaps, and the val features and logits of the same forward."""
-        maps, preds, feats, logits = extract(self.method, Subset(self.images, range(start, stop)), self.hspec.batch_size,
-                                             self.hspec.downsize, self.device, loader_kwargs=self.loader_kwargs,
-                                             features=True)
+        maps, preds, feats, logits = extract(self.method, Subset(self.images, range(start, stop)),
+                                             self.hspec.batch_size, self.hspec.downsize, self.device,
+                                             loader_kwargs=self.loader_kwargs, features=True)
         return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype, feats, logits)
 
 
