@@ -198,20 +198,23 @@ def end_to_end_task(spec_dict: dict, model_uri: str, groups_uri: str, out_uri: s
     from .spec import from_dict
 
     spec = from_dict(spec_dict)
-    here = where_am_i()
+    here, before = where_am_i(), torch.get_num_threads()
     if here["ray_worker"]:  # a task (or a trial that holds these CPUs): its share, not every core
         torch.set_num_threads(max(1, threads))
-    data = build_dataset(spec.dataset, spec.seed)
-    model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
-    info = run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(Loc.parse(groups_uri)),
-                          data.test.images, stage_seed(spec.seed, "dfr"), Loc.parse(out_uri), device=device(spec))
+    try:
+        data = build_dataset(spec.dataset, spec.seed)
+        model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
+        info = run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(Loc.parse(groups_uri)),
+                              data.test.images, stage_seed(spec.seed, "dfr"), Loc.parse(out_uri), device=device(spec))
+    finally:
+        torch.set_num_threads(before)  # a trial that ran it in its own process goes on as it was
     return {**info, "process": here}
 
 
 def _end_to_end(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
     """Fine-tune the ERM network with the clusters stage's groups, as a Ray task; a resumed run or a bench
     row never fine-tunes twice. A task even on a one-node Ray: a fine-tune is long beside a worker's
-    start, and a GPU task's worker exits after it (Ray's max_calls for GPU tasks), so the driver never
+    start, and a GPU task's worker exits after it (Ray's max_calls=1 for GPU tasks), so the driver never
     holds a CUDA context and its cached memory through the rest of the run or sweep."""
     import ray
 
