@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import autocast
-from .method import Explained, HeatmapMethod, _fp32, forward_split
+from .method import Explained, HeatmapMethod, as_fp32, forward_split
 
 IG_IMAGES_PER_PASS = 256  # integrated gradients batches path points up to this many images per forward
 
@@ -45,7 +45,7 @@ class InputXGradient(HeatmapMethod):
             feats, logits = forward_split(self.model, x)
         pred, seed = _predicted_seed(logits)
         (g,) = torch.autograd.grad(logits, x, seed)
-        return Explained((x * g).detach().float(), pred.detach(), _fp32(feats), logits.detach().float())
+        return Explained((x * g).detach().float(), pred.detach(), as_fp32(feats), logits.detach().float())
 
 
 class GradCAM(HeatmapMethod):
@@ -109,4 +109,4 @@ class IntegratedGradients(HeatmapMethod):
             xi = (baseline + a * (x - baseline)).reshape(-1, *x.shape[1:]).requires_grad_(True)
             (g,) = torch.autograd.grad(self.model(xi), xi, seed.repeat(len(chunk), 1))
             total += g.float().view(len(chunk), *x.shape).sum(0)
-        return Explained(((x - baseline) * total / self.steps).detach(), pred.detach(), _fp32(feats), logits.float())
+        return Explained(((x - baseline) * total / self.steps).detach(), pred.detach(), as_fp32(feats), logits.float())

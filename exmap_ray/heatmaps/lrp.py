@@ -69,7 +69,7 @@ from torch.nn.grad import conv2d_input
 
 from ..errors import UserError
 from ..models import autocast
-from .method import Explained, HeatmapMethod, _fp32, classifier_name, is_timm
+from .method import Explained, HeatmapMethod, as_fp32, classifier_name, is_timm
 
 PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
 EPS_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
@@ -322,7 +322,7 @@ class LRP(HeatmapMethod):
         pred = logits.argmax(1)
         seed = torch.zeros_like(logits).scatter_(1, pred[:, None], 1.0)  # one-hot; no range check (a GPU sync)
         (rel,) = torch.autograd.grad(logits, x, seed)
-        return Explained(rel.detach(), pred.detach(), _fp32(feats), logits.detach().float())
+        return Explained(rel.detach(), pred.detach(), as_fp32(feats), logits.detach().float())
 
 
 def _nonneg_nodes(gm: torch.fx.GraphModule) -> set:

@@ -79,10 +79,10 @@ class _PlainForward:
         rel, pred = self.method(x)
         with torch.no_grad(), autocast(x.device.type, self.precision):
             f, logits = forward_split(self.model, x)
-        return Explained(rel, pred, _fp32(f), logits.float())
+        return Explained(rel, pred, as_fp32(f), logits.float())
 
 
-def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def as_fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().float()
 
 
