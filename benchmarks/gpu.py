@@ -7,6 +7,8 @@ Sections, each a measured figure against a bound taken on the same model, batch 
 - heatmaps: LRP (alpha2beta1, gamma) and the gradient methods against one forward plus a backward
   pass to the input (no rules, no weight gradients): what any gradient heatmap costs at least.
   Also LRP under bf16 autocast against fp32 maps (per-image cosine, relevance totals);
+- features: the penultimate features and logits every method keeps from its forward (the heatmaps
+  stage stores them for val) under bf16 autocast, against a plain fp32 forward (`models.embed`);
 - ERM: images/s of an epoch inside Ray Train (`exmap_ray.erm.train_erm`, epochs after the first)
   against a bare training-step loop of the same model, batch, optimizer and precision on batches
   already in memory; Ray Train's fixed start-up (wall time minus the epochs) is reported apart;
@@ -148,6 +150,39 @@ def lrp_bf16_agreement(device) -> None:
                   f"(max |diff| {(tot16 - tot32).abs().max():.4f}); same prediction {int(same.sum())}/16")
 
 
+def features_bf16_agreement(cfg, device, repeats: int) -> None:
+    """The features and logits each method's forward gives (what the heatmaps stage keeps for val) under
+    bf16 autocast and fp32, against a plain fp32 forward: max |difference| over the largest |value|,
+    and the per-image cosine. Not timed (`repeats` unused)."""
+    import timm
+
+    from exmap_ray.heatmaps import HEATMAP_METHODS
+    from exmap_ray.models import embed
+    from exmap_ray.spec import HeatmapSpec
+
+    print("\nfeatures kept from each method's forward vs a plain fp32 forward (models.embed), 16 signed 64 px "
+          "images; 'max err' = max |diff| / max |value|:")
+    for backbone in ("test_resnet", "resnet10t", "resnet18"):
+        torch.manual_seed(0)
+        m = timm.create_model(backbone, num_classes=2).eval()
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):  # non-trivial statistics: LRP's folding matters
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.data.uniform_(0.5, 1.5)
+        m = m.to(device)
+        x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(device)
+        f_ref, l_ref = (torch.from_numpy(a).to(device) for a in embed(m, x, device=str(device), precision="fp32"))
+        for name in HEATMAP_METHODS.names():
+            for precision in ("fp32", "bf16"):
+                e = HEATMAP_METHODS.get(name)(m, HeatmapSpec(precision=precision, ig_steps=4)).explain(x)
+                f_err = ((e.features - f_ref).abs().max() / f_ref.abs().max()).item()
+                l_err = ((e.logits - l_ref).abs().max() / l_ref.abs().max()).item()
+                cos = F.cosine_similarity(e.features, f_ref, dim=1).min().item()
+                print(f"  {backbone:<12} {name:<21} {precision:<5} features max err {f_err:.1e}, cosine min "
+                      f"{cos:.5f}; logits max err {l_err:.1e}")
+
+
 # ----------------------------------------------------------------------------- ERM
 
 
@@ -246,7 +281,8 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="the CPU settings (also the default without CUDA)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (--cpu)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", nargs="*", choices=["heatmaps", "erm", "kmeans"], default=["heatmaps", "erm", "kmeans"])
+    ap.add_argument("--only", nargs="*", choices=["heatmaps", "features", "erm", "kmeans"],
+                    default=["heatmaps", "features", "erm", "kmeans"])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override a setting, e.g. --set kmeans_n=100000 erm_images=1024 batch=64")
     args = ap.parse_args()
@@ -264,7 +300,8 @@ def main() -> int:
         print(f"device: CPU, {args.threads} thread(s)")
     t0 = time.perf_counter()
     for section in args.only:
-        {"heatmaps": bench_heatmaps, "erm": bench_erm, "kmeans": bench_kmeans}[section](cfg, device, args.repeats)
+        {"heatmaps": bench_heatmaps, "features": features_bf16_agreement, "erm": bench_erm,
+         "kmeans": bench_kmeans}[section](cfg, device, args.repeats)
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     return 0
 

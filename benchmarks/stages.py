@@ -2,15 +2,23 @@
 
     python benchmarks/stages.py tune_specs/cmnist.yaml               # full run, fresh cache
     python benchmarks/stages.py tune_specs/cmnist.yaml --core-only   # heatmap methods and clustering only
+    python benchmarks/stages.py exmap_ray/specs/cmnist.yaml --stages features,heatmaps \
+        --erm-cache /tmp/erm-cache --repeats 3                       # those stages alone, ERM trained once
 
 Figures are measured, never asserted. The pipeline part runs `exmap-ray run` with a new
 stage cache, so every stage is computed; Ray start-up and MLflow set-up are reported apart.
+
+`--stages` times the named stages alone, each repeat in a fresh cache holding only a copy of the
+ERM stage (trained once into --erm-cache, reused after). It uses nothing but `stage_keys` and
+`run_stages`, so the same script times an older checkout too (PYTHONPATH=that checkout): that is how
+the features + heatmaps figure before and after val's one pass (docs/gpu.md) was taken.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +60,33 @@ def pipeline_figures(spec) -> None:
     emit(stage="dfr", seconds=t["dfr"], fits=2 * (spec.retrain.n_select_repeats * len(spec.retrain.dfr.c_grid)
                                                  + spec.retrain.dfr.n_final_fits))
     emit(stage="total", seconds=round(sum(t.values()), 2))
+
+
+def stage_figures(spec, names: list[str], erm_cache: Path, repeats: int) -> None:
+    """Seconds of the stages `names` (and their sum), each repeat computed afresh on the one cached ERM model."""
+    import ray
+
+    import exmap_ray
+    from exmap_ray.pipeline import preflight
+    from exmap_ray.resources import resolve_resources
+    from exmap_ray.stages import Timer, run_stages, stage_keys
+    from exmap_ray.store import StageCache
+
+    ray.init(logging_level=logging.WARNING)
+    spec = resolve_resources(spec)
+    data = preflight(spec)
+    erm = run_stages(spec, data, StageCache(erm_cache), targets=["erm"])[0]["erm"]  # trained once, then reused
+    for r in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = StageCache(Path(tmp) / "cache")
+            shutil.copytree(str(erm.dir), str(stage_keys(spec, cache, ["erm"])["erm"].dir))
+            timer = Timer()
+            run_stages(spec, data, cache, timer, targets=names)
+            t = {n: timer.seconds[n] for n in names}
+            emit(figure="stage_seconds", code=str(Path(exmap_ray.__file__).parent.parent), repeat=r,
+                 method=spec.heatmaps.method, n_val=len(data.val), n_test=len(data.test), **t,
+                 total=round(sum(t.values()), 2))
+    ray.shutdown()
 
 
 def core_figures(spec) -> None:
@@ -98,9 +133,18 @@ def main() -> None:
     ap.add_argument("spec")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--core-only", action="store_true", help="skip the full pipeline run")
+    ap.add_argument("--stages", help="comma-separated stages to time alone (e.g. features,heatmaps); "
+                                     "needs --erm-cache")
+    ap.add_argument("--erm-cache", type=Path, help="--stages: where ERM is trained once and reused")
+    ap.add_argument("--repeats", type=int, default=3, help="--stages: fresh computations of those stages")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     spec = load_spec(args.spec, args.sets)
+    if args.stages:
+        if args.erm_cache is None:
+            ap.error("--stages needs --erm-cache (a folder: ERM is trained there once, then reused)")
+        stage_figures(spec, args.stages.split(","), args.erm_cache, args.repeats)
+        return
     core_figures(spec)
     if not args.core_only:
         pipeline_figures(spec)

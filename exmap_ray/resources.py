@@ -98,24 +98,45 @@ def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> No
                         f"start a local Ray") from None
 
 
-def run_task(spec, fn, *args, gpu_capable: bool = True):
-    """`fn(*args)` as a Ray task with the spec's resources, on whichever node has them.
+def task_options(spec, gpu_capable: bool = True, cpus: float | None = None) -> dict:
+    """The Ray options of a stage's task: `cpus` (default resources.task_cpus) CPUs, and 1 GPU when the
+    spec resolved resources.gpu to true (and the task can use one)."""
+    return {"num_cpus": spec.resources.task_cpus if cpus is None else cpus, "scheduling_strategy": "DEFAULT",
+            "max_retries": 2, "num_gpus": 1 if (gpu_capable and spec.resources.gpu is True) else 0}
+
+
+def run_task(spec, fn, *args, gpu_capable: bool = True, cpus: float | None = None, inline_on_one_node: bool = True):
+    """`fn(*args)` as a Ray task with the spec's resources (`task_options`), on whichever node has them.
 
     It runs in this process instead when a task would buy nothing but a fresh worker process (which
     spends 10 s or more importing torch, timm and scikit-learn before its first line of work):
-    without Ray, on a one-node Ray (a laptop, the tests), and inside a task or actor that already
-    holds what the task would ask for (a Tune trial on a worker node). A driver on a cluster's head
-    always hands the work to the cluster. scheduling_strategy DEFAULT keeps the task out of a Tune
-    trial's placement group: it takes the cluster's free resources, like the heatmap actors do.
+    without Ray, on a one-node Ray (a laptop, the tests; unless `inline_on_one_node` is False, for
+    long work such as the end-to-end fine-tune), and inside a task or actor that already holds what
+    the task would ask for (a Tune trial on a worker node). A driver on a cluster's head always hands
+    the work to the cluster. scheduling_strategy DEFAULT keeps the task out of a Tune trial's
+    placement group: it takes the cluster's free resources, like the heatmap actors do. The options
+    go to `ray.remote` itself, not `.options()`, so that a GPU task gets Ray's max_calls=1 for GPU
+    functions: its worker exits afterwards and its CUDA memory goes back.
     """
     import ray
 
-    gpus = 1 if (gpu_capable and spec.resources.gpu is True) else 0
-    if not ray.is_initialized() or _one_node_here() or _holds(spec.resources.task_cpus, gpus):
+    opts = task_options(spec, gpu_capable, cpus)
+    if not ray.is_initialized() or (inline_on_one_node and _one_node_here()) or \
+            _holds(opts["num_cpus"], opts["num_gpus"]):
         return fn(*args)
-    opts = {"num_cpus": spec.resources.task_cpus, "scheduling_strategy": "DEFAULT", "max_retries": 2,
-            "num_gpus": gpus}
-    return ray.get(ray.remote(fn).options(**opts).remote(*args))
+    return ray.get(ray.remote(**opts)(fn).remote(*args))
+
+
+def where_am_i() -> dict:
+    """This process, for a stage's record: its pid, its Ray node and whether it is a Ray worker (task, actor)."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        return {"pid": os.getpid(), "node_id": None, "ray_worker": False}
+    ctx = ray.get_runtime_context()
+    return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "ray_worker": ctx.worker.mode == ray.WORKER_MODE}
 
 
 def _one_node_here() -> bool:

@@ -238,21 +238,23 @@ class SearchSpec:
 @dataclass
 class ResourcesSpec:
     gpu: Union[bool, Literal["auto"]] = opt(
-        "auto", "GPUs for ERM workers, heatmap actors and the features and clustering tasks: true, false, or "
-                "'auto' = yes when the Ray cluster has GPUs (after asking the autoscaler, see autoscale_wait_s). "
-                "Decided once per run, before any stage, and part of every stage's cache key")
+        "auto", "GPUs for ERM workers, heatmap actors and the features, clustering and end-to-end tasks: true, "
+                "false, or 'auto' = yes when the Ray cluster has GPUs (after asking the autoscaler, see "
+                "autoscale_wait_s). Decided once per run, before any stage, and part of every stage's cache key")
     autoscale_wait_s: float = opt(0.0, "gpu auto on a cluster that shows no GPU yet: ask the autoscaler for "
                                        "erm.num_workers GPUs (ray.autoscaler.sdk.request_resources) and wait at "
                                        "most this long for them; 0 = do not ask (a laptop). cluster.yaml's "
                                        "commands use 600", _non_negative)
-    task_cpus: float = opt(1.0, "CPUs the features and clustering tasks each reserve (they run as Ray tasks, "
-                                "on whichever node has room, reading and writing the storage root; in the "
-                                "caller's process instead on a one-node Ray, or in a Tune trial that holds "
-                                "at least this many CPUs, see search.trial_cpus)", _positive)
+    task_cpus: float = opt(1.0, "CPUs the features and clustering tasks each reserve, and the end-to-end task "
+                                "beside its GPU (they run as Ray tasks, on whichever node has room, reading and "
+                                "writing the storage root; features and clustering in the caller's process "
+                                "instead on a one-node Ray; any of them in a Tune trial that holds at least this "
+                                "many CPUs, see search.trial_cpus)", _positive)
     worker_cpus: Union[int, Literal["auto"]] = opt(
-        "auto", "CPU threads of each ERM worker and heatmap actor when on CPU; auto = an equal share of the free "
-                "CPUs, at most one node's. Fix it (e.g. 1) to get bit-identical results on clusters of another "
-                "shape", lambda v: None if v == "auto" or v >= 1 else "an integer >= 1, or 'auto'")
+        "auto", "CPU threads of each ERM worker and heatmap actor when on CPU, and of the end-to-end fine-tune "
+                "task; auto = an equal share of the free CPUs, at most one node's. Fix it (e.g. 1) to get "
+                "bit-identical results on clusters of another shape",
+        lambda v: None if v == "auto" or v >= 1 else "an integer >= 1, or 'auto'")
 
 
 @dataclass

@@ -5,9 +5,12 @@
     up = compute_upstream(spec, data, cache)  # computes (or reuses) them all; needs ray.init() first
     up.val_features, up.pseudo, up.stages["heatmaps"].dir
 
-    erm ──> features ──────────────┐
-     │ └──> heatmaps ──> clusters <┘
-     └──────────────────────┴──> end_to_end      (retrain.mode end_to_end only)
+    erm ──> features (test: features, logits)
+     │ └──> heatmaps (val: heatmaps, features, logits) ──> clusters
+     └────────────────────────────────────────────────────────┴──> end_to_end  (retrain.mode end_to_end only)
+
+Val is read and forwarded once: the heatmap actors keep the penultimate features and logits of
+the forward their heatmaps come from (heatmaps/method.py), and the features stage embeds test only.
 
 Each `StageDef` in `STAGES` names its inputs, the spec sections its key hashes, its compute
 function and where it runs. A stage's key is the hash of its name, those sections (less the
@@ -35,7 +38,7 @@ from .errors import DataError
 from .groups import GroupContext, infer_groups
 from .heatmaps.extract import HeatmapStore, extract_with_actors
 from .models import embed, load_checkpoint
-from .resources import resolve_resources, run_task
+from .resources import cpus_per_worker, resolve_resources, run_task, where_am_i
 from .spec import Spec, stage_seed
 from .storage import Loc
 from .store import Stage, StageCache, load_npy, save_npy
@@ -91,6 +94,8 @@ class StageDef:
     flat: bool = False             # the key holds its one section's keys at the top level (heatmaps' first
                                    # layout, kept so existing caches stay valid)
     when: Optional[Callable[[Spec], bool]] = None  # the stage runs only for specs where this holds
+    layout: int = 1                # bumped when the stage's files change, so a cache of the old files is never
+                                   # read as the new; hashed only above 1 (the stages never bumped keep their keys)
 
     def applies(self, spec: Spec) -> bool:
         return self.when is None or self.when(spec)
@@ -138,6 +143,8 @@ def stage_config(sd: StageDef, spec: Spec) -> dict:
         config = {s: section_config(spec, s) for s in sd.sections}
     if sd.device:
         config["device"] = device(spec)
+    if sd.layout != 1:
+        config["layout"] = sd.layout
     return config
 
 
@@ -150,19 +157,19 @@ def _erm(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dic
 
 
 def features_task(spec_dict: dict, model_uri: str, out_uri: str) -> dict:
-    """Penultimate features and logits of val and test, written under `out_uri` (a Ray task)."""
+    """Penultimate features and logits of test, written under `out_uri` (a Ray task). Val's come from
+    the heatmaps stage, out of the forward its heatmaps come from."""
     from .spec import from_dict
 
     spec = from_dict(spec_dict)
     data = build_dataset(spec.dataset, spec.seed)
     out = Loc.parse(out_uri)
     model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
-    for split in ("val", "test"):
-        f, logits = embed(model, data.split(split).images, device=device(spec),
-                          loader_kwargs=loader_options(spec.dataset, persistent=False))
-        save_npy(out / f"{split}_features.npy", f)
-        save_npy(out / f"{split}_logits.npy", logits)
-    return {"dim": int(f.shape[1])}
+    f, logits = embed(model, data.test.images, device=device(spec),
+                      loader_kwargs=loader_options(spec.dataset, persistent=False))
+    save_npy(out / "test_features.npy", f)
+    save_npy(out / "test_logits.npy", logits)
+    return {"dim": int(f.shape[1]), "splits": ["test"]}
 
 
 def _features(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
@@ -182,55 +189,86 @@ def group_context(spec: Spec, y_val: np.ndarray, true_groups: np.ndarray, val_fe
                         true_groups=true_groups, random_k=spec.groups.random_k)
 
 
-def clusters_task(spec_dict: dict, hm_uri: str, feats_uri: str, out_uri: str, y_val: np.ndarray,
+def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
                   true_groups: np.ndarray) -> dict:
-    """The val grouping retraining uses (ExMap's heatmap clusters, or a baseline), as a Ray task."""
+    """The val grouping retraining uses (ExMap's heatmap clusters, or a baseline), as a Ray task. The val
+    features and logits (feature clusters, JTT's error set) are the heatmaps stage's."""
     from .clustering_scale import SCALE_MIN_N
     from .spec import from_dict
 
     spec = from_dict(spec_dict)
-    hm, feats = Loc.parse(hm_uri), Loc.parse(feats_uri)
+    hm = Loc.parse(hm_uri)
+    store = HeatmapStore(hm)
     # millions: shards, memory-mapped (a float16 store's as stored, when the clusterer normalises anyway)
-    H = HeatmapStore(hm).for_clustering(whole_below=SCALE_MIN_N, normalized=spec.clustering.normalize)
+    H = store.for_clustering(whole_below=SCALE_MIN_N, normalized=spec.clustering.normalize)
     if spec.groups.source == "exmap" and spec.clustering.input == "heatmaps":
         try:
             check_heatmaps(H)
         except DataError as e:  # name the culprit stage: which method, which files
             raise DataError(f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone "
                             f"'{spec.model.backbone}', heatmaps in '{hm}']") from None
-    ctx = group_context(spec, y_val, true_groups, load_npy(feats / "val_features.npy"),
-                        load_npy(feats / "val_logits.npy"), H)
+    ctx = group_context(spec, y_val, true_groups, store.features(), store.logits(), H)
     groups, info = infer_groups(spec.groups.source, ctx)  # only the `true` source sees true groups
     save_npy(Loc.parse(out_uri) / "pseudo_groups.npy", groups)
     return info
 
 
 def _clusters(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
-    return run_task(spec, clusters_task, spec.to_dict(), str(inputs["heatmaps"].dir), str(inputs["features"].dir),
-                    str(out), data.val.y, data.val.group)
+    return run_task(spec, clusters_task, spec.to_dict(), str(inputs["heatmaps"].dir), str(out), data.val.y,
+                    data.val.group)
+
+
+def end_to_end_task(spec_dict: dict, model_uri: str, groups_uri: str, out_uri: str, threads: int) -> dict:
+    """Fine-tune the ERM network (read at `model_uri`) with the pseudo groups at `groups_uri`, writing
+    under `out_uri` (a Ray task: 1 GPU when resources.gpu, else `threads` CPU threads)."""
+    import torch
+
+    from .retrain.end_to_end import run_end_to_end
+    from .spec import from_dict
+
+    spec = from_dict(spec_dict)
+    here, before = where_am_i(), torch.get_num_threads()
+    if here["ray_worker"]:  # a task (or a trial that holds these CPUs): its share, not every core
+        torch.set_num_threads(max(1, threads))
+    try:
+        data = build_dataset(spec.dataset, spec.seed)
+        model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
+        info = run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(Loc.parse(groups_uri)),
+                              data.test.images, stage_seed(spec.seed, "dfr"), Loc.parse(out_uri), device=device(spec))
+    finally:
+        torch.set_num_threads(before)  # a trial that ran it in its own process goes on as it was
+    return {**info, "process": here}
 
 
 def _end_to_end(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
-    """Fine-tune the ERM network with the clusters stage's groups; a resumed run or a bench row never
-    fine-tunes twice."""
-    from .retrain.end_to_end import run_end_to_end
+    """Fine-tune the ERM network with the clusters stage's groups, as a Ray task; a resumed run or a bench
+    row never fine-tunes twice. A task even on a one-node Ray: a fine-tune is long beside a worker's
+    start, and a GPU task's worker exits after it (Ray's max_calls=1 for GPU tasks), so the driver never
+    holds a CUDA context and its cached memory through the rest of the run or sweep."""
+    import ray
 
-    model = load_checkpoint(spec.model.backbone, data.n_classes, inputs["erm"].dir / "model.pt")
-    return run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(inputs["clusters"].dir / "pseudo_groups.npy"),
-                          data.test.images, stage_seed(spec.seed, "dfr"), out)
+    threads = 1 if spec.resources.gpu is True or not ray.is_initialized() else cpus_per_worker(1, spec)
+    return run_task(spec, end_to_end_task, spec.to_dict(), str(inputs["erm"].dir / "model.pt"),
+                    str(inputs["clusters"].dir / "pseudo_groups.npy"), str(out), threads,
+                    cpus=spec.resources.task_cpus if spec.resources.gpu is True else threads, inline_on_one_node=False)
 
 
 STAGES: tuple[StageDef, ...] = (
     StageDef("erm", (), ("seed", "dataset", "model", "erm"), _erm,
              "Ray Train: erm.num_workers workers, 1 GPU or resources.worker_cpus CPUs each"),
-    StageDef("features", ("erm",), (), _features, "a Ray task: resources.task_cpus, 1 GPU when resources.gpu"),
+    # layout 2: test only (val's features and logits moved to the heatmaps stage)
+    StageDef("features", ("erm",), (), _features, "a Ray task: resources.task_cpus, 1 GPU when resources.gpu",
+             layout=2),
+    # layout 2: each shard also holds the val features and logits of its forward
     StageDef("heatmaps", ("erm",), ("heatmaps",), _heatmaps,
-             "a Ray actor pool: heatmaps.num_actors actors, 1 GPU each or CPU threads", flat=True),
-    StageDef("clusters", ("heatmaps", "features"), ("clustering", "groups", "seed"), _clusters,
+             "a Ray actor pool: heatmaps.num_actors actors, 1 GPU each or CPU threads", flat=True, layout=2),
+    # reads the heatmaps stage alone (val's features and logits are there since layout 2)
+    StageDef("clusters", ("heatmaps",), ("clustering", "groups", "seed"), _clusters,
              "a Ray task: resources.task_cpus, 1 GPU when resources.gpu"),
     # no device in its own key: its inputs' keys carry it
     StageDef("end_to_end", ("erm", "clusters"), ("retrain", "seed"), _end_to_end,
-             "the driver's process (or the trial's): the GPU when there is one", device=False,
+             "a Ray task: 1 GPU when resources.gpu (and resources.task_cpus), else resources.worker_cpus CPUs",
+             device=False,
              when=lambda spec: spec.retrain.mode == "end_to_end"),
 )
 BY_NAME = {sd.name: sd for sd in STAGES}
@@ -283,7 +321,7 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer | No
 
     Stages already in `have` under the same key are taken from it as they are. Every stage reads and
     writes under the cache's storage root; ERM runs on Ray Train, the heatmaps on an actor pool,
-    features and clusters as Ray tasks, so none of them depends on the driver's disk."""
+    features, clusters and end_to_end as Ray tasks, so none of them depends on the driver's disk."""
     spec = resolve_resources(spec)  # a no-op when run_pipeline or a sweep resolved it already
     timer = timer or Timer()
     stages = stage_keys(spec, cache, targets)
@@ -305,8 +343,8 @@ class Upstream:
 
     stages: dict[str, Stage]     # by stage name: key and folder
     info: dict[str, dict]        # by stage name: its `done` record (ERM history, cluster sizes, ...)
-    val_features: np.ndarray     # (N_val, d) penultimate features of the ERM model
-    test_features: np.ndarray
+    val_features: np.ndarray     # (N_val, d) penultimate features of the ERM model (the heatmaps stage's)
+    test_features: np.ndarray    # (the features stage's)
     val_logits: np.ndarray       # (N_val, n_classes)
     test_logits: np.ndarray
     pseudo: np.ndarray           # (N_val,) the clusters stage's groups (groups.source)
@@ -322,7 +360,7 @@ def compute_upstream(spec: Spec, data: GroupData, cache: StageCache, timer: Time
     """Every stage of `spec`, computed or reused (those in `have` taken as they are), with the arrays
     evaluation reads loaded."""
     stages, infos = run_stages(spec, data, cache, timer, have=have)
-    feats = stages["features"].dir
-    return Upstream(stages, infos, load_npy(feats / "val_features.npy"), load_npy(feats / "test_features.npy"),
-                    load_npy(feats / "val_logits.npy"), load_npy(feats / "test_logits.npy"),
+    feats, val = stages["features"].dir, HeatmapStore(stages["heatmaps"].dir)
+    return Upstream(stages, infos, val.features(), load_npy(feats / "test_features.npy"),
+                    val.logits(), load_npy(feats / "test_logits.npy"),
                     load_npy(stages["clusters"].dir / "pseudo_groups.npy"))

@@ -1,5 +1,6 @@
 """The method zoo end to end: cmnist_multi, per-shortcut gaps, `bench`, and baselines through `run`."""
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,10 @@ def test_run_with_end_to_end_groupdro(tiny_run, tmp_path):
     assert (stage_dir / "test_pred.npy").exists() and np.load(stage_dir / "heldout_idx.npy").shape == (1, 150)
     info = e["end_to_end"]
     assert info["steps"]["full"] == 2 * (300 // 32) and info["steps"]["half"] == 2 * (150 // 32)
+    # fine-tuned in a Ray task (a worker process of this Ray node), not in this driver
+    import ray
+    assert info["process"]["ray_worker"] and info["process"]["pid"] != os.getpid()
+    assert info["process"]["node_id"] == ray.get_runtime_context().get_node_id() and info["device"] == "cpu"
     q = np.array(info["q"])  # GroupDRO's group weights moved off uniform, toward the hardest pseudo group
     assert q.sum() == pytest.approx(1.0, abs=1e-5) and q.max() > 1.5 / len(q)
     # the fine-tune moved the network: its test predictions differ from ERM's somewhere

@@ -1,11 +1,17 @@
-"""Sharded extraction over real Ray actors equals a single process, and reloads identically from disk."""
+"""Sharded extraction over real Ray actors equals a single process, and reloads identically from disk;
+the val features and logits the actors keep from the same forward equal `models.embed`'s."""
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
+from torch import nn
 
 from exmap_ray.data import build_dataset
+from exmap_ray.errors import DataError
 from exmap_ray.heatmaps import HEATMAP_METHODS
 from exmap_ray.heatmaps.extract import HeatmapStore, extract, extract_with_actors, shard_ranges
-from exmap_ray.models import create_model, save_checkpoint
+from exmap_ray.models import create_model, embed, load_checkpoint, save_checkpoint
 from exmap_ray.spec import from_dict
 
 from .conftest import tiny_spec_dict
@@ -33,6 +39,78 @@ def test_actor_shards_equal_single_process_and_reload(ray_local, tmp_path):
     np.testing.assert_array_equal(store.preds(), preds)
     assert all(isinstance(a, np.memmap) for a in store.shards())
     assert not list((tmp_path / "hm").glob(".*tmp*"))  # no temp files left behind
+    assert store.has_features and store.features().shape == (300, model.num_features)
+
+
+def _folding_matters(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics away from (0, 1), so that LRP's folded copy really differs from the model."""
+    g = torch.Generator().manual_seed(1)
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            n = bn.num_features
+            bn.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            bn.running_var.copy_(0.2 + 1.8 * torch.rand(n, generator=g))
+            bn.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            bn.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", HEATMAP_METHODS.names())
+def test_one_pass_features_and_logits_equal_embed(ray_local, tmp_path, method):
+    """Every method: the val features and logits the actors write beside their heatmaps equal a plain
+    forward's (models.embed, what the features stage computed for val before) to fp32 rounding."""
+    spec = from_dict(tiny_spec_dict(heatmaps={"method": method, "shard_size": 120, "num_actors": 1,
+                                              "precision": "fp32", "ig_steps": 4}))
+    data = build_dataset(spec.dataset, spec.seed)
+    torch.manual_seed(0)
+    save_checkpoint(_folding_matters(create_model(spec.model.backbone, data.n_classes)), tmp_path / "model.pt")
+    info = extract_with_actors(spec, tmp_path / "model.pt", len(data.val), tmp_path / "hm")
+    store = HeatmapStore(tmp_path / "hm")
+    model = load_checkpoint(spec.model.backbone, data.n_classes, tmp_path / "model.pt")  # as the actors read it
+    want_f, want_l = embed(model, data.val.images, precision="fp32")
+    f, logits = store.features(), store.logits()
+    assert f.dtype == logits.dtype == np.float32 and f.shape == want_f.shape and logits.shape == want_l.shape
+    # LRP's forward runs BatchNorm folded into the convolutions, and P + N apart: rounding, nothing more
+    np.testing.assert_allclose(f, want_f, rtol=0, atol=1e-5 * np.abs(want_f).max())
+    np.testing.assert_allclose(logits, want_l, rtol=0, atol=1e-5 * np.abs(want_l).max())
+    np.testing.assert_array_equal(store.preds(), logits.argmax(1))  # the explained class is that forward's
+    assert info["bytes_written"] == sum(np.load(p).nbytes for p in (tmp_path / "hm").glob("*-*.npy"))
+
+
+def test_a_store_without_features_is_refused_by_name(tmp_path):
+    """A heatmap folder of the old layout (no features beside the shards) is never read as half a stage."""
+    from exmap_ray.heatmaps.extract import write_index, write_shard
+
+    H = np.random.default_rng(0).normal(size=(10, 1, 2, 2)).astype(np.float32)
+    write_index(tmp_path, 10, [write_shard(tmp_path, 0, 0, 10, H, np.zeros(10, np.int64))])
+    store = HeatmapStore(tmp_path)
+    assert not store.has_features and store.load().shape == H.shape
+    with pytest.raises(DataError, match="holds no val features: it was written before"):
+        store.features()
+    with pytest.raises(ValueError, match="features and logits must both be given"):
+        write_shard(tmp_path / "x", 0, 0, 10, H, np.zeros(10, np.int64), features=np.zeros((10, 3)))
+
+
+def test_the_pipeline_result_is_that_of_embeds_val_features(tiny_run):
+    """The tiny run (val features from the LRP actors' forward) gives the same table as with the val
+    features and logits of a plain forward (models.embed, as the features stage computed them before)."""
+    from exmap_ray.pipeline import evaluate_all
+    from exmap_ray.resources import resolve_resources
+    from exmap_ray.stages import Timer, compute_upstream
+    from exmap_ray.store import StageCache
+
+    out, res = tiny_run
+    spec = resolve_resources(from_dict(tiny_spec_dict()))
+    data = build_dataset(spec.dataset, spec.seed)
+    up = compute_upstream(spec, data, StageCache(out / "cache"))  # every stage reused
+    model = load_checkpoint(spec.model.backbone, data.n_classes, up.stages["erm"].dir / "model.pt")
+    f, logits = embed(model, data.val.images, precision="fp32")
+    np.testing.assert_allclose(up.val_features, f, rtol=0, atol=1e-5 * np.abs(f).max())
+    np.testing.assert_allclose(up.val_logits, logits, rtol=0, atol=1e-5 * np.abs(logits).max())
+    again, _ = evaluate_all(spec, data, dataclasses.replace(up, val_features=f, val_logits=logits), Timer())
+    for row in ("erm", "exmap", "oracle_dfr"):
+        assert again[row]["test"] == res[row]["test"], row
+    assert again["erm"]["val_acc"] == res["erm"]["val_acc"] and again["exmap"]["val"] == res["exmap"]["val"]
 
 
 def _write_store(folder, H, preds, dtype, shard_size=700):

@@ -140,3 +140,41 @@ def test_gradient_methods_under_bf16_autocast(method):
     same = p32 == p16
     cos = F.cosine_similarity(half.flatten(1)[same], full.flatten(1)[same], dim=1)
     assert same.sum() >= 3 and cos.min() > 0.95, cos
+
+
+@pytest.mark.parametrize("method", HEATMAP_METHODS.names())
+def test_features_of_a_bf16_forward_are_close_not_exact(method):
+    """heatmaps.precision bf16: the features and logits `explain` keeps are the bf16 forward's, in fp32
+    (what the heatmaps stage stores for val under bf16): within a few percent of the fp32 ones."""
+    model = _nonlinear_resnet()
+    x = torch.randn(8, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    full = HEATMAP_METHODS.get(method)(model, HeatmapSpec(precision="fp32", ig_steps=4)).explain(x)
+    half = HEATMAP_METHODS.get(method)(model, HeatmapSpec(precision="bf16", ig_steps=4)).explain(x)
+    assert half.features.dtype == half.logits.dtype == torch.float32
+    err = (half.features - full.features).abs().max() / full.features.abs().max()
+    assert 0 < err < 0.05, err  # bf16 keeps 8 bits of mantissa: not exact, but close
+    cos = F.cosine_similarity(half.features, full.features, dim=1)
+    assert cos.min() > 0.999, cos
+
+
+def test_a_method_without_explain_gets_a_plain_forward_beside_it():
+    """A plugin method that only maps images to (relevance, pred): the actors still get features and logits."""
+    from exmap_ray.heatmaps.method import with_features
+    from exmap_ray.models import embed
+
+    class OnlyMaps:
+        def __init__(self, model, hspec):
+            self.model = model
+
+        def __call__(self, x):
+            return x.abs(), self.model(x).argmax(1)
+
+    model = _nonlinear_resnet()
+    x = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    e = with_features(OnlyMaps(model, HeatmapSpec()), model, "fp32").explain(x)
+    f, logits = embed(model, x, precision="fp32")
+    torch.testing.assert_close(e.features, torch.from_numpy(f))
+    torch.testing.assert_close(e.logits, torch.from_numpy(logits))
+    assert torch.equal(e.relevance, x.abs())
+    lrp = HEATMAP_METHODS.get("lrp")(model, HeatmapSpec())
+    assert with_features(lrp, model) is lrp  # a registered method explains itself: one forward

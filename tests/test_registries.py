@@ -142,13 +142,22 @@ def tiny_model():
 
 @pytest.mark.parametrize("name", HEATMAP_METHODS.names())
 def test_heatmap_method_contract(name, tiny_model):
-    """Method(model, hspec)(x) -> (relevance (B, C', H', W') finite, the predicted class (B,))."""
+    """Method(model, hspec)(x) -> (relevance (B, C', H', W') finite, the predicted class (B,)); its
+    explain(x) adds the penultimate features and logits of that forward (the heatmaps stage keeps them)."""
+    from exmap_ray.models import embed
+
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    rel, pred = HEATMAP_METHODS.get(name)(tiny_model, HeatmapSpec(precision="fp32", ig_steps=4))(x)
+    method = HEATMAP_METHODS.get(name)(tiny_model, HeatmapSpec(precision="fp32", ig_steps=4))
+    rel, pred = method(x)
     with torch.no_grad():
         want = tiny_model(x).argmax(1)
     assert rel.ndim == 4 and rel.shape[0] == 2 and torch.isfinite(rel).all() and rel.abs().sum() > 0
     assert torch.equal(pred.cpu(), want)
+    e = method.explain(x)
+    f, logits = embed(tiny_model, x, precision="fp32")
+    torch.testing.assert_close(e.features, torch.from_numpy(f), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e.logits, torch.from_numpy(logits), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e.relevance, rel)
 
 
 # --------------------------------------------------------------------------- group sources

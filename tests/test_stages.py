@@ -5,26 +5,31 @@ from exmap_ray.spec import load_spec
 from exmap_ray.stages import STAGES, sections_of, shared_stages, stage_keys
 from exmap_ray.store import StageCache
 
-# Stage keys of the demo spec as the hand-written keys computed them before the stage graph
-# (commit cbcb6c1): an existing cache must keep working, so these never change by accident.
+# Stage keys of the demo spec. ERM's are those the hand-written keys computed before the stage graph
+# (commit cbcb6c1): an existing cache must keep working, so these never change by accident. The others
+# changed once, on purpose, when val came to be forwarded once (layout 2): the heatmaps stage holds val's
+# features and logits since, the features stage test's only, and clusters reads the heatmaps stage alone;
+# before that they were (cpu) features 5287d38d6807, heatmaps ec45ff761a82, clusters 892fa0ef4d22,
+# end_to_end a1f7d39bdc78.
 DEMO_KEYS = {
-    "cpu": {"erm": "220fd1ade0e4", "features": "5287d38d6807", "heatmaps": "ec45ff761a82",
-            "clusters": "892fa0ef4d22", "end_to_end": "a1f7d39bdc78"},
-    "gpu": {"erm": "577d9c7f2361", "features": "f5055dc4e291", "heatmaps": "027d2a1cb88d",
-            "clusters": "e8b3c9a932ec", "end_to_end": "af4b08af5d57"},
+    "cpu": {"erm": "220fd1ade0e4", "features": "14ccdd6c4f74", "heatmaps": "d41c821c82e3",
+            "clusters": "0ea83ba421b1", "end_to_end": "fd77991018fc"},
+    "gpu": {"erm": "577d9c7f2361", "features": "5df524cde760", "heatmaps": "b6723139bfb6",
+            "clusters": "eb4b71acf106", "end_to_end": "74270f5d50b9"},
 }
 # seed 1, k 4, GroupDRO end to end, and two execution-only keys changed (they stay out of every key)
 VARIANT = ["resources.gpu=false", "seed=1", "clustering.k=4", "retrain.method=groupdro", "retrain.mode=end_to_end",
            "heatmaps.batch_size=7", "dataset.loader_workers=1"]
-VARIANT_KEYS = {"erm": "10a476b90ce1", "features": "1e84445c4d5b", "heatmaps": "4d7613b9d304",
-                "clusters": "d2dc958bc4d6", "end_to_end": "3bae16952d30"}
+VARIANT_KEYS = {"erm": "10a476b90ce1", "features": "a269a48e11e5", "heatmaps": "f73cb48e6b53",
+                "clusters": "f2e24f363595", "end_to_end": "58da8fb6fe4c"}
 
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])
 def test_demo_stage_keys_are_pinned(tmp_path, device):
     spec = load_spec("cmnist", [f"resources.gpu={device == 'gpu'}"])
-    stages = stage_keys(spec, StageCache(tmp_path), ["clusters", "end_to_end"])
+    stages = stage_keys(spec, StageCache(tmp_path), ["features", "clusters", "end_to_end"])
     assert {n: s.key for n, s in stages.items()} == DEMO_KEYS[device]
+    assert list(stage_keys(spec, StageCache(tmp_path), ["clusters"])) == ["erm", "heatmaps", "clusters"]
     assert stages["heatmaps"].dir == StageCache(tmp_path).root / f"heatmaps-{DEMO_KEYS[device]['heatmaps']}"
     # without targets: the stages this spec runs (last-layer retraining: no end_to_end stage)
     assert list(stage_keys(spec, StageCache(tmp_path))) == ["erm", "features", "heatmaps", "clusters"]
@@ -78,3 +83,13 @@ def test_end_to_end_is_shared_only_when_it_runs():
     assert shared_stages(e2e, ["retrain.groupdro.batch_size"])[-1] == "end_to_end"  # the last layer's, not the fine-tune's
     for key in ("retrain.end_to_end.lr", "retrain.end_to_end.batch_size", "retrain.jtt.upweight", "retrain.method"):
         assert "end_to_end" not in shared_stages(e2e, [key]), key
+
+
+def test_stage_tasks_ask_for_a_gpu_when_the_spec_has_one():
+    """The options the features, clusters and end_to_end tasks go to Ray with (resources.task_options)."""
+    from exmap_ray.resources import task_options
+
+    gpu, cpu = load_spec("cmnist", ["resources.gpu=true"]), load_spec("cmnist", ["resources.gpu=false"])
+    assert task_options(gpu)["num_gpus"] == 1 and task_options(cpu)["num_gpus"] == 0
+    assert task_options(gpu, gpu_capable=False)["num_gpus"] == 0
+    assert task_options(cpu)["num_cpus"] == cpu.resources.task_cpus and task_options(cpu, cpus=3)["num_cpus"] == 3

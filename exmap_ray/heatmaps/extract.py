@@ -3,6 +3,8 @@
 Layout of a heatmap stage folder:
     shard-00000.npy   heatmaps of images [0, shard_size), float32 (n, C', d, d)
     pred-00000.npy    the predicted class explained for each of them
+    feat-00000.npy    their penultimate features, float32 (n, d), from the forward the heatmaps came from
+    logit-00000.npy   their logits, float32 (n, n_classes), from that forward too
     ...
     index.json        shard list with ranges, shape and dtype (written after every shard)
     done              the stage marker (written by the stage cache, last)
@@ -10,7 +12,10 @@ Layout of a heatmap stage folder:
 Each shard is written atomically by the actor that computed it, straight to the
 storage root (a local folder or a URI), so neither the driver's memory nor its
 disk is in the path; `HeatmapStore` memory-maps shards back (remote shards via
-the node-local derived cache).
+the node-local derived cache). The val features and logits are the stage's too
+(`HeatmapStore.features()`, `.logits()`): val is read and forwarded once, by the
+actors, and the features stage does test only (heatmaps/method.py says what the
+features are under bf16).
 """
 from __future__ import annotations
 
@@ -25,10 +30,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from ..errors import DataError, UserError
 from ..storage import Loc
 from ..store import load_npy, read_json, save_npy, write_json
 from . import HEATMAP_METHODS
+from .method import with_features
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +44,33 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def extract(method, images: Dataset, batch_size: int, downsize: int | None,
-            device: str = "cpu", loader_kwargs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Heatmaps of `images` by a built method: (N, C', d, d) float32 and predictions (N,).
+            device: str = "cpu", loader_kwargs: dict | None = None, features: bool = False) -> tuple[np.ndarray, ...]:
+    """Heatmaps of `images` by a built method: (N, C', d, d) float32 and predictions (N,); with
+    `features`, also the penultimate features (N, d) and logits (N, n_classes) of the same forward
+    (float32; the method's `explain`, see method.py).
 
     Downsizing (bilinear, as the paper) happens on the device, before the copy to the host.
     `loader_kwargs` (workers, pinned memory) come from `data.base.loader_options(spec.dataset,
     persistent=False)`: decoding on-disk images in loader workers keeps a GPU busy.
     """
-    maps, preds = [], []
+    maps, preds, feats, logits = [], [], [], []
     for x in DataLoader(images, batch_size=batch_size, shuffle=False, **(loader_kwargs or {})):
-        rel, pred = method(x.to(device, non_blocking=True))
+        x = x.to(device, non_blocking=True)
+        if features:
+            rel, pred, f, out = method.explain(x)
+            if f is None:
+                raise UserError(f"heatmaps: the model gives no penultimate features (not a timm model with "
+                                f"forward_features, forward_head and get_classifier): {type(method).__name__}")
+            feats.append(f.float().cpu())
+            logits.append(out.float().cpu())
+        else:
+            rel, pred = method(x)
         if downsize and rel.shape[-1] != downsize:
             rel = F.interpolate(rel, size=(downsize, downsize), mode="bilinear", align_corners=False)
         maps.append(rel.float().cpu())
         preds.append(pred.cpu())
-    return torch.cat(maps).numpy(), torch.cat(preds).numpy().astype(np.int64)
+    out = (torch.cat(maps).numpy(), torch.cat(preds).numpy().astype(np.int64))
+    return out + (torch.cat(feats).numpy(), torch.cat(logits).numpy()) if features else out
 
 
 class HeatmapStore:
@@ -117,16 +135,40 @@ class HeatmapStore:
     def preds(self) -> np.ndarray:
         return np.concatenate([load_npy(self.dir / s["pred_file"]) for s in self.index["shards"]])
 
+    @property
+    def has_features(self) -> bool:
+        """Whether the actors kept the features and logits of their forward (every store made since they do)."""
+        return all("features_file" in s for s in self.index["shards"])
+
+    def _concat(self, key: str, what: str) -> np.ndarray:
+        if not self.has_features:
+            raise DataError(f"heatmap store '{self.dir}' holds no val {what}: it was written before the heatmaps "
+                            f"stage kept the features and logits of its forward. Its stage key predates them, so "
+                            f"a run never reads it; delete the folder, or run again to compute the current stage")
+        if not self.index["shards"]:
+            return np.zeros((0, 0), np.float32)
+        return np.concatenate([load_npy(self.dir / s[key]) for s in self.index["shards"]])
+
+    def features(self) -> np.ndarray:
+        """(N, d) float32: the val penultimate features of the forward the heatmaps came from."""
+        return self._concat("features_file", "features")
+
+    def logits(self) -> np.ndarray:
+        """(N, n_classes) float32: the val logits of that forward."""
+        return self._concat("logits_file", "logits")
+
 
 STORE_DTYPES = ("float32", "float16")
 
 
 def write_shard(folder, shard_id: int, start: int, stop: int, maps: np.ndarray, preds: np.ndarray,
-                dtype: str = "float32") -> dict:
-    """Write one shard (maps, then predictions) under `folder` (a Loc or a local path).
+                dtype: str = "float32", features: np.ndarray | None = None, logits: np.ndarray | None = None) -> dict:
+    """Write one shard (maps, predictions, then features and logits when given) under `folder` (a Loc
+    or a local path).
 
     float16: each heatmap is divided by its max |value| first (so none overflows float16's 65504 or
-    sinks below its 6e-8), and the divisors are written as float32 beside it."""
+    sinks below its 6e-8), and the divisors are written as float32 beside it. Features and logits
+    are always float32."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"heatmap store dtype '{dtype}': expected one of {', '.join(STORE_DTYPES)}")
     folder = Loc.parse(folder)
@@ -143,7 +185,18 @@ def write_shard(folder, shard_id: int, start: int, stop: int, maps: np.ndarray, 
         scale_bytes = scale.nbytes
     save_npy(folder / name, maps)
     save_npy(folder / entry["pred_file"], preds)
-    entry["bytes"] = int(maps.nbytes + preds.nbytes + scale_bytes)
+    extra = 0
+    if features is not None:
+        if logits is None or not len(features) == len(logits) == len(maps):
+            raise ValueError(f"shard {shard_id}: features and logits must both be given, one row per heatmap "
+                             f"({len(maps)}); got {None if features is None else len(features)} and "
+                             f"{None if logits is None else len(logits)}")
+        features, logits = features.astype(np.float32, copy=False), logits.astype(np.float32, copy=False)
+        entry["features_file"], entry["logits_file"] = f"feat-{shard_id:05d}.npy", f"logit-{shard_id:05d}.npy"
+        save_npy(folder / entry["features_file"], features)
+        save_npy(folder / entry["logits_file"], logits)
+        extra = features.nbytes + logits.nbytes
+    entry["bytes"] = int(maps.nbytes + preds.nbytes + scale_bytes + extra)
     return entry
 
 
@@ -186,15 +239,18 @@ class HeatmapWorker:
         self.loader_kwargs = loader_options(spec.dataset, persistent=False)
         self.device = "cuda" if spec.resources.gpu is True else "cpu"
         model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri)).to(self.device)
-        self.method = HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec)
+        self.method = with_features(HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec), model,
+                                    self.hspec.precision)
 
     def ready(self) -> bool:
         return True
 
     def run(self, shard_id: int, start: int, stop: int) -> dict:
-        maps, preds = extract(self.method, Subset(self.images, range(start, stop)), self.hspec.batch_size,
-                              self.hspec.downsize, self.device, loader_kwargs=self.loader_kwargs)
-        return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype)
+        """One shard: heatmaps, and the val features and logits of the same forward."""
+        maps, preds, feats, logits = extract(self.method, Subset(self.images, range(start, stop)),
+                                             self.hspec.batch_size, self.hspec.downsize, self.device,
+                                             loader_kwargs=self.loader_kwargs, features=True)
+        return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype, feats, logits)
 
 
 def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:

@@ -32,6 +32,12 @@ ReLU (every convolution but the stem's, found from the traced graph) x- = 0
 and that is all; a signed input needs the pair twice. So LRP costs about two
 input x gradient passes, not four or eight.
 
+Features: `explain(x)` also returns the penultimate features (the input of the
+classifier in the folded, wrapped copy, caught by a forward pre-hook) and the
+logits of the same forward. A wrapped convolution's output is P + N, and a folded
+convolution is conv and BatchNorm in one, so both equal the plain model's to fp32
+rounding (checked in tests/test_heatmap_extraction.py).
+
 Mixed precision (`heatmaps.precision`): under bf16 autocast the convolutions
 and their transposes run in bf16, while every division by P, N or z and the
 relevance handed from layer to layer stay in fp32.
@@ -63,6 +69,7 @@ from torch.nn.grad import conv2d_input
 
 from ..errors import UserError
 from ..models import autocast
+from .method import Explained, HeatmapMethod, as_fp32, classifier_name, is_timm
 
 PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
 EPS_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
@@ -271,8 +278,9 @@ def relevance_sum(a, b, eps):
 torch.fx.wrap("relevance_sum")
 
 
-class LRP:
-    """`LRP(model, hspec)(x) -> (relevance (B, C, H, W), predicted class (B,))`.
+class LRP(HeatmapMethod):
+    """`LRP(model, hspec)(x) -> (relevance (B, C, H, W), predicted class (B,))`; `explain(x)` adds the
+    features and logits of the same forward.
 
     The canonized, rule-wrapped copy of the model is built once here, not per batch.
     """
@@ -291,15 +299,30 @@ class LRP:
         if any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
                for p in model.parameters()):  # a channels_last model: its folded, stacked weights too
             self.net.to(memory_format=torch.channels_last)
+        # the penultimate features: what the (wrapped) classifier receives in the forward
+        # (a model that is not timm's, as in the property tests, has no penultimate layer to name: no features)
+        self._features: list[torch.Tensor] = []
+        if is_timm(model):
+            name = classifier_name(model)
+            try:
+                clf = self.net.get_submodule(name)
+            except AttributeError:
+                raise UserError(f"heatmaps.method 'lrp': the traced copy of '{type(model).__name__}' has no classifier "
+                                f"'{name}' (its features could not be kept); use heatmaps.method "
+                                f"input_x_gradient") from None
+            clf.register_forward_pre_hook(lambda _module, args: self._features.append(args[0].detach()))
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def explain(self, x: torch.Tensor) -> Explained:
         x = x.detach().requires_grad_(True)
+        self._features.clear()
         with autocast(x.device.type, self.precision):
             logits = self.net(x)
+        feats = self._features[0] if self._features else None
+        self._features.clear()
         pred = logits.argmax(1)
         seed = torch.zeros_like(logits).scatter_(1, pred[:, None], 1.0)  # one-hot; no range check (a GPU sync)
         (rel,) = torch.autograd.grad(logits, x, seed)
-        return rel.detach(), pred.detach()
+        return Explained(rel.detach(), pred.detach(), as_fp32(feats), logits.detach().float())
 
 
 def _nonneg_nodes(gm: torch.fx.GraphModule) -> set:
