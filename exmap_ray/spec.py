@@ -175,7 +175,8 @@ class ClusteringSpec:
     nredo: int = opt(3, "k-means restarts; the best inertia wins", _positive)
     normalize: bool = opt(True, "divide each heatmap by its max |value| (paper)")
     min_group_size: int = opt(5, "pseudo groups smaller than this merge into the nearest group of their class; "
-                                 "DFR subsamples every group to the smallest, so tiny fragments starve it",
+                                 "DFR subsamples every group to the smallest, so tiny fragments starve it. "
+                                 "1 keeps every group, as the released ExMap does (with dfr.whole_group_max: 5)",
                               _positive)
 
 
@@ -185,6 +186,11 @@ class DfrSpec:
                               "inverse L1 strengths tried (DFR paper grid)", _positive_list)
     n_select_repeats: int = opt(5, "random val halves used to choose C", _positive)
     n_final_fits: int = opt(20, "group-balanced fits on all of val whose weights are averaged", _positive)
+    whole_group_max: int = opt(0, "groups with at most this many val members enter every group-balanced fit "
+                                  "whole, and the others are cut down to the smallest group above it; 0 = cut "
+                                  "every group down to the smallest (the DFR paper); 5 = the released ExMap's "
+                                  "DFR, which keeps small pseudo groups (use it with clustering.min_group_size: 1)",
+                               _non_negative)
 
 
 @dataclass

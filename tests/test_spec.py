@@ -23,6 +23,7 @@ def test_defaults_and_reasons():
     ({"resources": {"gpu": "maybe"}}, "spec key 'resources.gpu'"),
     ({"erm": {"use_gpu": True}}, "use 'resources.gpu' instead"),
     ({"dfr": {"c_grid": []}}, "spec key 'dfr.c_grid'"),
+    ({"dfr": {"whole_group_max": -1}}, "spec key 'dfr.whole_group_max': got -1, expected a number >= 0"),
     ({"erm": 3}, "spec key 'erm': expected a mapping"),
 ])
 def test_bad_spec_names_the_key(data, fragment):

@@ -5,11 +5,16 @@
 
 1. Standardise the frozen model's penultimate features (fit on val).
 2. Choose C from the grid: over `n_select_repeats` random halves of val, fit an
-   L1 logistic regression on a group-balanced subsample of one half and score the
+   L1 logistic regression on a group-balanced subsample of one half (see below) and score the
    *worst group* accuracy on the other half, using the given groups (pseudo
    groups for ExMap: no true group is ever seen here).
 3. Final model: average the weights of `n_final_fits` fits on group-balanced
    subsamples of all of val, at the chosen C.
+
+Group-balanced subsample: every group is cut down to the smallest group's size (the DFR paper).
+With `dfr.whole_group_max: m` > 0, groups of at most m members enter every fit whole and the rest are
+cut down to the smallest group above m, as the released ExMap's DFR does with m = 5: it keeps
+small pseudo groups (there `clustering.min_group_size: 1`) without starving every other group.
 """
 from __future__ import annotations
 
@@ -69,11 +74,23 @@ class DFRModel(LinearHead):
         return {"C": self.C}
 
 
-def balanced_subsample(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Indices with every present group subsampled to the smallest group's size."""
+def balance_size(sizes, whole_max: int = 0) -> int | None:
+    """The size every group above `whole_max` members is cut down to: the smallest of them.
+    None when every group has at most `whole_max` members (they all enter whole)."""
+    above = [int(n) for n in sizes if n > whole_max]
+    return min(above) if above else None
+
+
+def balanced_subsample(groups: np.ndarray, rng: np.random.Generator, whole_max: int = 0) -> np.ndarray:
+    """Indices with every present group subsampled to the smallest group's size.
+
+    Groups of at most `whole_max` members enter whole (in index order, drawing nothing from `rng`); the
+    others are subsampled to the smallest group above `whole_max`. whole_max 0 is plain DFR balancing.
+    """
     present = np.unique(groups)
-    m = min(int((groups == g).sum()) for g in present)
-    return np.concatenate([rng.choice(np.flatnonzero(groups == g), m, replace=False) for g in present])
+    members = [np.flatnonzero(groups == g) for g in present]
+    m = balance_size([len(i) for i in members], whole_max)
+    return np.concatenate([i if len(i) <= whole_max else rng.choice(i, m, replace=False) for i in members])
 
 
 def _fit(X, y, C, seed) -> LogisticRegression:
@@ -103,14 +120,21 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
     """`score_groups` are extra groupings scored on the same held-out halves for analysis only
     (e.g. the true groups); they never influence the choice of C."""
     _check_groups(y, groups)
+    whole_max = getattr(dspec, "whole_group_max", 0)
     sizes = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
-    small = min(sizes, key=sizes.get)
-    if sizes[small] < MIN_GROUP_SIZE:
+    balanced = {g: n for g, n in sizes.items() if n > whole_max}  # the groups cut down in balanced fits
+    small = min(balanced, key=balanced.get) if balanced else None
+    if small is not None and sizes[small] < MIN_GROUP_SIZE:
         raise UserError(f"DFR: group {small} has {sizes[small]} val member(s), but DFR's group-balanced fits "
                         f"subsample every group to the smallest and need at least {MIN_GROUP_SIZE} per group "
                         f"(group sizes {sizes}). For pseudo groups raise clustering.min_group_size (fragments "
-                        f"below it merge into their class's nearest group); otherwise enlarge the val split")
-    if sizes[small] < 5:
+                        f"below it merge into their class's nearest group), or set dfr.whole_group_max (groups "
+                        f"that small then enter every fit whole); otherwise enlarge the val split")
+    if whole_max:
+        log.info("DFR: groups of at most %d members enter every balanced fit whole (%s); the others are cut "
+                 "down to %s", whole_max, {g: n for g, n in sizes.items() if n <= whole_max},
+                 sizes[small] if small is not None else "nothing (all enter whole)")
+    elif sizes[small] < 5:
         log.warning("DFR: smallest group %d has %d members (%s); balanced fits will be tiny",
                     small, sizes[small], sizes)
     # halves come from their own stream, so runs with the same seed and val split val identically
@@ -127,7 +151,7 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
         if len(np.unique(y[a])) < 2:
             continue
         halves.append(b)
-        sub = a[balanced_subsample(groups[a], rng)]
+        sub = a[balanced_subsample(groups[a], rng, whole_max)]
         for C in dspec.c_grid:
             clf = _fit(X[sub], y[sub], C, int(rng.integers(2**31 - 1)))
             pred = clf.predict(X[b])
@@ -139,7 +163,7 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
     best_C = max(dspec.c_grid, key=lambda C: (np.nan_to_num(selection[C]["pseudo"], nan=-1.0), C))
     coefs, intercepts = [], []
     for _ in range(dspec.n_final_fits):
-        sub = balanced_subsample(groups, rng)
+        sub = balanced_subsample(groups, rng, whole_max)
         clf = _fit(X[sub], y[sub], best_C, int(rng.integers(2**31 - 1)))
         coefs.append(clf.coef_)
         intercepts.append(clf.intercept_)
