@@ -197,7 +197,8 @@ class DfrSpec:
 class GroupsSpec:
     source: str = opt("exmap", "registry name of the val grouping retraining uses: exmap (heatmap clusters, the "
                                "paper), features (GEORGE-style feature clusters per class), jtt_error_set (ERM's "
-                               "val errors), random (a floor), true (the oracle: reads the true val groups)")
+                               "val errors), random (a floor), true (the oracle: reads the true val groups); with "
+                               "pip install 'exmap-ray[peers]', SpuCo's spuco_george, spuco_spare, spuco_eiil")
     random_k: Optional[int] = opt(None, "random source: groups per class; null = clustering.k when it is an "
                                         "integer, else 2", lambda v: None if v is None or v >= 1 else
                                   "an integer >= 1, or null")
