@@ -67,20 +67,23 @@ def _spuco():
 @contextlib.contextmanager
 def _seeded(seed: int):
     """SpuCo seeds the process-wide numpy, torch and random states from its own global seed: set that seed,
-    and put every global state back afterwards (SpuCo's prints go to the debug log)."""
+    and put every global state back afterwards, torch's thread count too (SpuCo's prints go to the debug log)."""
     import torch
 
     _, set_seed = _spuco()
     states = np.random.get_state(), random.getstate(), torch.get_rng_state()
+    threads = torch.get_num_threads()
     out = io.StringIO()
     try:
         set_seed(int(seed))
+        torch.set_num_threads(1)  # EIIL's 10,000 steps on one vector: threads only add overhead (and contention)
         with contextlib.redirect_stdout(out):
             yield
     finally:
         np.random.set_state(states[0])
         random.setstate(states[1])
         torch.set_rng_state(states[2])
+        torch.set_num_threads(threads)
         if out.getvalue().strip():
             log.debug("spuco: %s", out.getvalue().strip())
 
@@ -118,17 +121,30 @@ def george(features: np.ndarray, y: np.ndarray, k_max: int, seed: int) -> np.nda
 
 
 def spare(logits: np.ndarray, y: np.ndarray, k_max: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """SpuCo's SPARE on the softmax of the logits: (cluster id per point, the softmax it clustered)."""
+    """SpuCo's SPARE on the softmax of the logits: (cluster id per point, the softmax it clustered).
+
+    SpuCo is called one class at a time (what its class-wise mode does; its k-means seed is fixed, so the
+    result is the same). A class whose softmax rows are all alike (fewer than 2 distinct rows, e.g. a
+    saturated model) stays one cluster: SpuCo's silhouette search raises on it.
+    """
     import torch
 
     gi, _ = _spuco()
     z = np.asarray(logits, np.float64)
     probs = np.exp(z - z.max(1, keepdims=True))
     probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
-    with _seeded(seed):
-        inf = gi.SpareInference(logits=torch.as_tensor(probs), class_labels=y.tolist(), max_clusters=k_max)
-        partition = inf.infer_groups()
-    return partition_to_clusters(partition, len(y)), probs
+    cluster_of = np.zeros(len(y), np.int64)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        distinct = len(np.unique(probs[idx], axis=0))
+        if distinct < 3:  # a silhouette needs 2 to n-1 labels among distinct points
+            log.info("spuco_spare: class %d has %d distinct softmax row(s); it stays one group", int(c), distinct)
+            continue
+        with _seeded(seed):
+            inf = gi.SpareInference(logits=torch.as_tensor(probs[idx]), max_clusters=min(k_max, distinct - 1))
+            partition = inf.infer_groups()
+        cluster_of[idx] = partition_to_clusters(partition, len(idx))
+    return cluster_of, probs
 
 
 def eiil(logits: np.ndarray, y: np.ndarray, seed: int, steps: int = EIIL_STEPS, lr: float = EIIL_LR) -> np.ndarray:
