@@ -6,7 +6,8 @@ For each seed, the upstream (ERM, features, heatmaps) is computed once through t
 and shared by every row. Each row is a group source (exmap_ray.groups) plus a retrainer
 (exmap_ray.retrain) fitted on val; its groups are compared with the true val groups (ARI, the
 worst true group's recovery) and its predictions are scored on test. True groups enter only the
-oracle row and the evaluation. Writes OUT/bench.{md,csv,json} and a bar plot, and logs them with
+oracle row and the evaluation. With the `peers` extra, SpuCo's GEORGE, SPARE and EIIL find the groups
+of three more rows (PEER_ROWS), fed to the same DFR. Writes OUT/bench.{md,csv,json} and a bar plot, and logs them with
 every row's mean metrics to one MLflow run.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, tracking
+from .groups import GROUP_SOURCES
 from .pipeline import evaluate_row, preflight, start_job
 from .spec import Spec, from_dict
 from .stages import Timer, compute_upstream
@@ -40,12 +42,23 @@ ROWS = [
     ("ExMap + GroupDRO", "exmap", None, "groupdro"),
     ("ExMap + JTT", "exmap", None, "jtt"),
 ]
+# SpuCo's group inference (exmap_ray/peers.py) feeding the same DFR: rows only when the peers extra is installed
+PEER_ROWS = [
+    ("SpuCo GEORGE + DFR", "spuco_george", None, "dfr"),
+    ("SpuCo SPARE + DFR", "spuco_spare", None, "dfr"),
+    ("SpuCo EIIL + DFR", "spuco_eiil", None, "dfr"),
+]
 # with --end-to-end: the ExMap groups of the spec's clustering, fine-tuning the whole network (retrain.end_to_end.*)
 E2E_ROWS = [
     ("ExMap + GroupDRO (end to end)", "exmap", None, "groupdro"),
     ("ExMap + JTT (end to end)", "exmap", None, "jtt"),
 ]
 METRICS = ["test_wga", "test_mean_acc", "ari", "worst_recovery"]
+
+
+def peer_rows() -> list[tuple]:
+    """PEER_ROWS whose group source is registered (all with `pip install 'exmap-ray[peers]'`, else none)."""
+    return [r for r in PEER_ROWS if r[1] in GROUP_SOURCES]
 
 
 def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = False) -> list[dict]:
@@ -58,7 +71,10 @@ def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = F
     data = preflight(spec)
     up = compute_upstream(spec, data, cache, timer)
     rows = []
-    for name, source, scope, retrainer in ROWS + (E2E_ROWS if end_to_end else []):
+    peers = peer_rows()
+    if not peers:
+        log.info("bench: no SpuCo peer rows (pip install 'exmap-ray[peers]' adds GEORGE, SPARE and EIIL)")
+    for name, source, scope, retrainer in ROWS + peers + (E2E_ROWS if end_to_end else []):
         row = {"row": name, "seed": spec.seed, "groups": source or "", "retrain": retrainer or ""}
         if (name, source, scope, retrainer) in E2E_ROWS:
             e2e = dataclasses.replace(spec, retrain=dataclasses.replace(spec.retrain, method=retrainer,

@@ -9,7 +9,8 @@ one per val point, and a JSON-able dict (always with `source`, `n_groups` and `s
 `exmap` (cluster the heatmaps, the paper; `clustering.input: features` clusters features instead),
 `features` (GEORGE-style: the same clusterer on penultimate features, each class apart),
 `jtt_error_set` (group = 2 y + [ERM is wrong], JTT's error set), `random` (random groups per class:
-a sanity floor) and `true` (the oracle). The true val groups reach the oracle only: `infer_groups`
+a sanity floor) and `true` (the oracle); with the `peers` extra, SpuCo's GEORGE, SPARE and EIIL
+(`spuco_george`, `spuco_spare`, `spuco_eiil`: exmap_ray/peers.py). The true val groups reach the oracle only: `infer_groups`
 hands every other source a context with `true_groups` removed, so no baseline can peek at them.
 """
 from __future__ import annotations
@@ -137,5 +138,7 @@ def true_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """The oracle: the true val groups (for the upper-bound row; never used for selection elsewhere)."""
     return np.asarray(ctx.true_groups, np.int64), {}
 
+
+from . import peers  # noqa: E402,F401  (registers the SpuCo sources when spuco is installed; imports groups)
 
 __all__ = ["GROUP_SOURCES", "GroupContext", "GroupSource", "infer_groups", "class_by_cluster"]

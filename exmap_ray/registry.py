@@ -27,6 +27,7 @@ class Registry(Generic[T]):
             raise ValueError(f"two registries for spec key '{spec_key}'")
         self.kind, self.spec_key = kind, spec_key
         self._items: dict[str, T] = {}
+        self._unavailable: dict[str, str] = {}  # name -> why it is not registered here (e.g. a missing extra)
         _BY_KEY[spec_key] = self
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -38,7 +39,14 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unavailable(self, name: str, why: str) -> None:
+        """Know `name` without registering it: asking for it raises a SpecError saying `why` (e.g. which
+        optional extra installs it) instead of 'unknown'."""
+        self._unavailable[name] = why
+
     def get(self, name: str) -> T:
+        if name not in self._items and name in self._unavailable:
+            raise SpecError(f"spec key '{self.spec_key}': {self.kind} '{name}' {self._unavailable[name]}")
         if name not in self._items:
             raise SpecError(f"spec key '{self.spec_key}': unknown {self.kind} '{name}'. "
                             f"Registered: {', '.join(sorted(self._items))}.{did_you_mean(name, self._items)}")

@@ -144,7 +144,8 @@ class ClusteringSpec:
     nredo: int = opt(3, "k-means restarts; the best inertia wins", _positive)
     normalize: bool = opt(True, "divide each heatmap by its max |value| (paper)")
     min_group_size: int = opt(5, "pseudo groups smaller than this merge into the nearest group of their class; "
-                                 "DFR subsamples every group to the smallest, so tiny fragments starve it",
+                                 "DFR subsamples every group to the smallest, so tiny fragments starve it. "
+                                 "1 keeps every group, as the released ExMap does (with retrain.dfr.whole_group_max: 5)",
                               _positive)
 
 
@@ -152,7 +153,8 @@ class ClusteringSpec:
 class GroupsSpec:
     source: str = opt("exmap", "registry name of the val grouping retraining uses: exmap (heatmap clusters, the "
                                "paper), features (GEORGE-style feature clusters per class), jtt_error_set (ERM's "
-                               "val errors), random (a floor), true (the oracle: reads the true val groups)")
+                               "val errors), random (a floor), true (the oracle: reads the true val groups); with "
+                               "pip install 'exmap-ray[peers]', SpuCo's spuco_george, spuco_spare, spuco_eiil")
     random_k: Optional[int] = opt(None, "random source: groups per class; null = clustering.k when it is an "
                                         "integer, else 2", lambda v: None if v is None or v >= 1 else
                                   "an integer >= 1, or null")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from exmap_ray.bench import E2E_ROWS, ROWS, run_bench
+from exmap_ray.bench import E2E_ROWS, ROWS, peer_rows, run_bench
 from exmap_ray.data import build_dataset
 from exmap_ray.metrics import shortcut_gaps
 from exmap_ray.pipeline import format_table, run_pipeline
@@ -91,7 +91,7 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     out = tmp_path / "bench"
     summary = run_bench(spec, [0], out, cache, end_to_end=True)
     rows = {r["row"]: r for r in summary["rows"]}
-    assert list(rows) == [name for name, *_ in ROWS + E2E_ROWS]
+    assert list(rows) == [name for name, *_ in ROWS + peer_rows() + E2E_ROWS]  # peers: with SpuCo installed
     assert rows["oracle DFR (true groups)"]["ari"] == 1.0
     for r in rows.values():
         assert 0 <= r["test_wga"] <= r["test_mean_acc"] <= 1
@@ -102,7 +102,7 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     # with the run test's retrain keys (its groupdro.eta aside) both rows fine-tune here, once each
     assert new.count(("end_to_end", "computed")) == 2
     with open(out / "bench.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(ROWS) + len(E2E_ROWS)
+        assert len(list(csv.DictReader(f))) == len(ROWS) + len(peer_rows()) + len(E2E_ROWS)
     assert "ExMap global + DFR" in (out / "bench.md").read_text()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])

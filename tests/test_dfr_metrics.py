@@ -4,7 +4,7 @@ from sklearn.linear_model import LogisticRegression
 
 from exmap_ray.errors import UserError
 from exmap_ray.metrics import agreement, evaluate, recovery
-from exmap_ray.retrain.dfr import balanced_subsample, fit_dfr
+from exmap_ray.retrain.dfr import balance_size, balanced_subsample, fit_dfr
 from exmap_ray.retrain import DfrKeys, RetrainConfig
 
 
@@ -35,6 +35,49 @@ def test_balanced_subsample_equalises_groups():
     g = np.array([0] * 50 + [1] * 5 + [2] * 9)
     idx = balanced_subsample(g, np.random.default_rng(0))
     assert np.bincount(g[idx]).tolist() == [5, 5, 5] and len(set(idx)) == 15
+
+
+def test_default_balancing_draws_what_plain_dfr_draws():
+    """whole_group_max 0 (the default) is the DFR paper's balancing, draw for draw: every group is cut
+    down to the smallest, by the same rng calls in the same order, so existing results stay identical."""
+    g = np.random.default_rng(3).integers(0, 5, 400)
+    for seed in range(5):
+        rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)
+        m = np.bincount(g).min()
+        plain = np.concatenate([rng_b.choice(np.flatnonzero(g == k), m, replace=False) for k in np.unique(g)])
+        assert np.array_equal(balanced_subsample(g, rng_a), plain)
+        assert np.array_equal(balanced_subsample(g, rng_a, whole_max=0), balanced_subsample(g, rng_b, 0))
+
+
+def test_whole_group_max_keeps_small_groups_whole_and_balances_to_the_smallest_above():
+    """The released ExMap's DFR (whole_group_max 5): a group of 4 (and one of 5) enters every balanced
+    fit whole; every other group is cut down to the smallest group above 5 (here 9)."""
+    g = np.array([0] * 50 + [1] * 4 + [2] * 9 + [3] * 30 + [4] * 5)
+    assert balance_size(np.bincount(g), 5) == 9 and balance_size(np.bincount(g), 0) == 4
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = balanced_subsample(g, rng, whole_max=5)
+        assert np.bincount(g[idx]).tolist() == [9, 4, 9, 9, 5] and len(set(idx)) == len(idx)
+        assert set(np.flatnonzero(g == 1)) <= set(idx) and set(np.flatnonzero(g == 4)) <= set(idx)
+    # every group at or below the threshold: all enter whole, nothing is cut down
+    small = np.array([0] * 3 + [1] * 5)
+    assert balance_size(np.bincount(small), 5) is None
+    assert sorted(balanced_subsample(small, rng, whole_max=5)) == list(range(8))
+
+
+def test_dfr_fits_with_a_tiny_group_when_it_enters_whole():
+    """A 1-member group is refused by plain DFR balancing (it would cut every group to 1); with
+    dfr.whole_group_max it enters whole and DFR fits, and the refusal names the option."""
+    Xv, yv, gv = shortcut_features(600, 0.9, 0)
+    lone = np.flatnonzero(gv == 1)[0]
+    gv = gv.copy()
+    gv[gv == 1] = 0          # class 0's minority folds into its majority ...
+    gv[lone] = 1             # ... but for one point, which stays a group of 1
+    with pytest.raises(UserError, match=r"group 1 has 1 val member\(s\).*dfr.whole_group_max"):
+        fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(c_grid=[1.0], n_final_fits=2), n_select_repeats=2), seed=0)
+    model = fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(c_grid=[1.0, 0.1], n_final_fits=3, whole_group_max=5),
+                                              n_select_repeats=2), seed=0)
+    assert model.predict(Xv).shape == yv.shape and model.C in (1.0, 0.1)
 
 
 def test_dfr_rejects_bad_groups():

@@ -27,6 +27,7 @@ def test_defaults_and_reasons():
     ({"retrain": {"dfr": {"c_grid": []}}}, "spec key 'retrain.dfr.c_grid': got [], expected a non-empty list"),
     ({"retrain": {"jtt": {"upweight": 0.5}}}, "spec key 'retrain.jtt.upweight': got 0.5, expected a number >= 1"),
     ({"dataset": {"name": "celeba", "target": 3}}, "spec key 'dataset.target': got 3, expected a string or null"),
+    ({"retrain": {"dfr": {"whole_group_max": -1}}}, "spec key 'retrain.dfr.whole_group_max': got -1, expected a number >= 0"),
     ({"erm": 3}, "spec key 'erm': expected a mapping"),
 ])
 def test_bad_spec_names_the_key(data, fragment):

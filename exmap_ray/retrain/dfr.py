@@ -7,11 +7,16 @@ Its keys are the section `retrain.dfr` (`DfrKeys`); the halves are `retrain.n_se
 
 1. Standardise the frozen model's penultimate features (fit on val).
 2. Choose C from `c_grid`: over `n_select_repeats` random halves of val, fit an
-   L1 logistic regression on a group-balanced subsample of one half and score the
+   L1 logistic regression on a group-balanced subsample of one half (see below) and score the
    *worst group* accuracy on the other half, using the given groups (pseudo
    groups for ExMap: no true group is ever seen here).
 3. Final model: average the weights of `n_final_fits` fits on group-balanced
    subsamples of all of val, at the chosen C.
+
+Group-balanced subsample: every group is cut down to the smallest group's size (the DFR paper).
+With `retrain.dfr.whole_group_max: m` > 0, groups of at most m members enter every fit whole and the rest are
+cut down to the smallest group above m, as the released ExMap's DFR does with m = 5: it keeps
+small pseudo groups (there `clustering.min_group_size: 1`) without starving every other group.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from ..errors import UserError
-from ..options import opt, positive, positive_list
+from ..options import non_negative, opt, positive, positive_list
 from ..selection import worst_group_acc
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,11 @@ class DfrKeys:
     c_grid: list[float] = opt([1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01], "inverse L1 strengths tried (DFR paper grid)",
                               positive_list, search={"choice": [[1.0, 0.7, 0.3, 0.1], [0.07, 0.03, 0.01]]})
     n_final_fits: int = opt(20, "group-balanced fits on all of val whose weights are averaged", positive)
+    whole_group_max: int = opt(0, "groups with at most this many val members enter every group-balanced fit "
+                                  "whole, and the others are cut down to the smallest group above it; 0 = cut "
+                                  "every group down to the smallest (the DFR paper); 5 = the released ExMap's "
+                                  "DFR, which keeps small pseudo groups (use it with clustering.min_group_size: 1)",
+                               non_negative)
 
 
 class LinearHead:
@@ -81,11 +91,23 @@ class DFRModel(LinearHead):
         return {"C": self.C}
 
 
-def balanced_subsample(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Indices with every present group subsampled to the smallest group's size."""
+def balance_size(sizes, whole_max: int = 0) -> int | None:
+    """The size every group above `whole_max` members is cut down to: the smallest of them.
+    None when every group has at most `whole_max` members (they all enter whole)."""
+    above = [int(n) for n in sizes if n > whole_max]
+    return min(above) if above else None
+
+
+def balanced_subsample(groups: np.ndarray, rng: np.random.Generator, whole_max: int = 0) -> np.ndarray:
+    """Indices with every present group subsampled to the smallest group's size.
+
+    Groups of at most `whole_max` members enter whole (in index order, drawing nothing from `rng`); the
+    others are subsampled to the smallest group above `whole_max`. whole_max 0 is plain DFR balancing.
+    """
     present = np.unique(groups)
-    m = min(int((groups == g).sum()) for g in present)
-    return np.concatenate([rng.choice(np.flatnonzero(groups == g), m, replace=False) for g in present])
+    members = [np.flatnonzero(groups == g) for g in present]
+    m = balance_size([len(i) for i in members], whole_max)
+    return np.concatenate([i if len(i) <= whole_max else rng.choice(i, m, replace=False) for i in members])
 
 
 def _fit(X, y, C, seed) -> LogisticRegression:
@@ -115,14 +137,21 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
     """`dspec`: DFR's keys and retrain.n_select_repeats (a `RetrainConfig`). `score_groups` are extra groupings scored on the same held-out halves for analysis only
     (e.g. the true groups); they never influence the choice of C."""
     _check_groups(y, groups)
+    whole_max = getattr(dspec, "whole_group_max", 0)
     sizes = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
-    small = min(sizes, key=sizes.get)
-    if sizes[small] < MIN_GROUP_SIZE:
+    balanced = {g: n for g, n in sizes.items() if n > whole_max}  # the groups cut down in balanced fits
+    small = min(balanced, key=balanced.get) if balanced else None
+    if small is not None and sizes[small] < MIN_GROUP_SIZE:
         raise UserError(f"DFR: group {small} has {sizes[small]} val member(s), but DFR's group-balanced fits "
                         f"subsample every group to the smallest and need at least {MIN_GROUP_SIZE} per group "
                         f"(group sizes {sizes}). For pseudo groups raise clustering.min_group_size (fragments "
-                        f"below it merge into their class's nearest group); otherwise enlarge the val split")
-    if sizes[small] < 5:
+                        f"below it merge into their class's nearest group), or set retrain.dfr.whole_group_max (groups "
+                        f"that small then enter every fit whole); otherwise enlarge the val split")
+    if whole_max:
+        log.info("DFR: groups of at most %d members enter every balanced fit whole (%s); the others are cut "
+                 "down to %s", whole_max, {g: n for g, n in sizes.items() if n <= whole_max},
+                 sizes[small] if small is not None else "nothing (all enter whole)")
+    elif sizes[small] < 5:
         log.warning("DFR: smallest group %d has %d members (%s); balanced fits will be tiny",
                     small, sizes[small], sizes)
     # halves come from their own stream, so runs with the same seed and val split val identically
@@ -139,7 +168,7 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
         if len(np.unique(y[a])) < 2:
             continue
         halves.append(b)
-        sub = a[balanced_subsample(groups[a], rng)]
+        sub = a[balanced_subsample(groups[a], rng, whole_max)]
         for C in dspec.c_grid:
             clf = _fit(X[sub], y[sub], C, int(rng.integers(2**31 - 1)))
             pred = clf.predict(X[b])
@@ -151,7 +180,7 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
     best_C = max(dspec.c_grid, key=lambda C: (np.nan_to_num(selection[C]["pseudo"], nan=-1.0), C))
     coefs, intercepts = [], []
     for _ in range(dspec.n_final_fits):
-        sub = balanced_subsample(groups, rng)
+        sub = balanced_subsample(groups, rng, whole_max)
         clf = _fit(X[sub], y[sub], best_C, int(rng.integers(2**31 - 1)))
         coefs.append(clf.coef_)
         intercepts.append(clf.intercept_)
