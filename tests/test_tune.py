@@ -189,16 +189,16 @@ def test_sweep_over_erm_runs_ray_train_inside_trials(tiny_run, tmp_path):
 def test_model_based_searcher_samples_choices_and_names_trials(tiny_run, tmp_path, algorithm):
     """search.algorithm optuna / hyperopt: real searchers proposing trials, a choice among DFR C grids
     (lists, which Optuna's categoricals cannot hold) decoded back into spec values, trials named as in MLflow."""
-    space = {"clustering.k": {"choice": [2, "auto"]}, "dfr.c_grid": {"choice": [[1.0, 0.1], [0.3]]},
-             "dfr.n_final_fits": {"randint": [2, 5]}}
+    space = {"clustering.k": {"choice": [2, "auto"]}, "retrain.dfr.c_grid": {"choice": [[1.0, 0.1], [0.3]]},
+             "retrain.dfr.n_final_fits": {"randint": [2, 5]}}
     p = _sweep_spec(tmp_path, space=space, algorithm=algorithm, num_samples=3)
     out, cache = tmp_path / "sweep", tiny_run[0] / "cache"
     assert main(["tune", str(p), "--out", str(out), "--cache", str(cache), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_trials"] == 3 and summary["n_failed"] == 0
     for r in summary["rows"]:
-        assert r["config.clustering.k"] in (2, "auto") and r["config.dfr.c_grid"] in ([1.0, 0.1], [0.3])
-        assert 2 <= r["config.dfr.n_final_fits"] < 5
+        assert r["config.clustering.k"] in (2, "auto") and r["config.retrain.dfr.c_grid"] in ([1.0, 0.1], [0.3])
+        assert 2 <= r["config.retrain.dfr.n_final_fits"] < 5
         assert r["trial"].startswith("run_trial_") and "/" not in r["trial"]
     results = [json.loads(f.read_text()) for f in out.glob("trial_results/*.json")]
     assert results and all(res["exmap"]["dfr_C"] in (1.0, 0.1, 0.3) for res in results)  # the grid reached DFR
@@ -209,7 +209,7 @@ def test_model_based_searcher_samples_choices_and_names_trials(tiny_run, tmp_pat
     assert {k.info.run_name for k in kids} == {res["trial"] for res in results}
     assert {k.info.run_name for k in kids} <= {r["trial"] for r in summary["rows"]}
     for k in kids:
-        assert k.data.params["dfr.c_grid"] in ("[1.0, 0.1]", "[0.3]")
+        assert k.data.params["retrain.dfr.c_grid"] in ("[1.0, 0.1]", "[0.3]")
 
 
 def test_searchers_refuse_grids_by_key():
