@@ -81,9 +81,14 @@ def sync(out: Path, tracking_uri: str | None = None, parent_run_id: str | None =
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - the server failed part-way: keep the marker, say so
-        raise UserError(f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:300]}). {pending_path} is kept; run sync-mlflow again "
-                        f"when the server answers") from None
+        raise _failed_midway(uri, e, pending_path) from None
+
+
+def _failed_midway(uri: str, e: Exception, pending_path) -> UserError:
+    """The error when the server fails during a sync: the marker stays, so the sync can be run again."""
+    return UserError(f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]}). {pending_path} is kept; run sync-mlflow again "
+                     f"when the server answers")
 
 
 def _target(out: Path, pending: dict, spec: dict, tracking_uri: str | None) -> tuple[str, str]:
@@ -283,9 +288,7 @@ def sync_bench(out: Path, tracking_uri: str | None = None) -> dict:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - the server failed part-way: keep the marker, say so
-        raise UserError(f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:300]}). {pending_path} is kept; run sync-mlflow again "
-                        f"when the server answers") from None
+        raise _failed_midway(uri, e, pending_path) from None
     pending_path.unlink(missing_ok=True)
     tracking.write_info(out, uri=uri, experiment=experiment, run_id=rid)
     return {"status": "synced", "out": str(out), "uri": uri, "kind": "bench", "run_id": rid,
