@@ -261,9 +261,12 @@ def cmd_run(args) -> int:
 
 
 def _storage(args, default_name: str):
-    """--out and --cache as storage Locs, each proven writable in seconds (before Ray or torch start)."""
+    """--out and --cache as storage Locs, each proven writable in seconds (before Ray or torch start);
+    a Ray address that does not answer is named here too, before the data and the model are built."""
+    from .resources import check_address
     from .storage import check_root
 
+    check_address(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))
     out = check_root(args.out or Path("runs") / default_name, "--out")
     cache = check_root(args.cache, "--cache") if args.cache else None
     return out, cache

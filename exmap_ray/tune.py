@@ -173,7 +173,10 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
                 param_space={d.tune_key: d.tune() for d in domains},
                 tune_config=tune.TuneConfig(metric="selection_metric", mode="max", num_samples=spec.search.num_samples,
                                             max_concurrent_trials=spec.search.max_concurrent_trials,
-                                            search_alg=_search_alg(spec)),
+                                            search_alg=_search_alg(spec),
+                                            # a finished trial's process runs the next trial: torch, MLflow's
+                                            # store and the data are set up once per process, not per trial
+                                            reuse_actors=True),
                 run_config=tune.RunConfig(name="sweep", storage_path=storage.fs_path, storage_filesystem=storage.fs,
                                           failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)))
         # quiet: Tune prints its tables and experiment box to stdout whatever `verbose` says (and a restored

@@ -58,13 +58,26 @@ def _folding_matters(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("method", HEATMAP_METHODS.names())
 def test_one_pass_features_and_logits_equal_embed(ray_local, tmp_path, method):
     """Every method: the val features and logits the actors write beside their heatmaps equal a plain
-    forward's (models.embed, what the features stage computed for val before) to fp32 rounding."""
+    forward's (models.embed, what the features stage computed for val before) to fp32 rounding.
+
+    LRP goes through the actor pool; the other methods run the same actor class in this process (each
+    actor is a process importing torch and timm, far longer than its 300 images take; the pool itself
+    is tested above and in tests/faults/test_kill_workers.py)."""
+    from exmap_ray.heatmaps.extract import HeatmapWorker, write_index
+
     spec = from_dict(tiny_spec_dict(heatmaps={"method": method, "shard_size": 120, "num_actors": 1,
                                               "precision": "fp32", "ig_steps": 4}))
     data = build_dataset(spec.dataset, spec.seed)
     torch.manual_seed(0)
     save_checkpoint(_folding_matters(create_model(spec.model.backbone, data.n_classes)), tmp_path / "model.pt")
-    info = extract_with_actors(spec, tmp_path / "model.pt", len(data.val), tmp_path / "hm")
+    if method == "lrp":
+        info = extract_with_actors(spec, tmp_path / "model.pt", len(data.val), tmp_path / "hm")
+    else:
+        (tmp_path / "hm").mkdir()
+        worker = HeatmapWorker(spec.to_dict(), str(tmp_path / "model.pt"), str(tmp_path / "hm"), threads=1)
+        entries = [worker.run(i, a, b) for i, (a, b) in enumerate(shard_ranges(len(data.val), 120))]
+        write_index(tmp_path / "hm", len(data.val), entries)
+        info = {"bytes_written": sum(e["bytes"] for e in entries)}
     store = HeatmapStore(tmp_path / "hm")
     model = load_checkpoint(spec.model.backbone, data.n_classes, tmp_path / "model.pt")  # as the actors read it
     want_f, want_l = embed(model, data.val.images, precision="fp32")
