@@ -493,9 +493,11 @@ def test_shipped_specs_carry_the_paper_settings():
     assert (wb.erm.epochs, wb.erm.batch_size, ca.erm.epochs, ca.erm.batch_size) == (100, 32, 20, 100)
 
 
-# waterbirds (the group_DRO layout) runs in every suite; celeba, metashift and urbancars, whose loaders
-# the layout tests above cover, are heavier variants run on demand (-m slow)
-@pytest.mark.parametrize("name", ["waterbirds", pytest.param("celeba", marks=pytest.mark.slow),
+# The shipped specs end to end are heavier variants, run on demand (-m slow): their loaders are covered by
+# the layout tests above, and the group_DRO layout's scan, image decoding and decode cache run end to end in
+# every suite through the `folder` dataset (tests/test_e2e.py::test_run_folder_dataset_of_real_images)
+@pytest.mark.parametrize("name", [pytest.param("waterbirds", marks=pytest.mark.slow),
+                                  pytest.param("celeba", marks=pytest.mark.slow),
                                   pytest.param("metashift", marks=pytest.mark.slow),
                                   pytest.param("urbancars", marks=pytest.mark.slow)])
 def test_shipped_spec_runs_end_to_end(ray_local, tmp_path, name):

@@ -68,7 +68,8 @@ def test_run_cmnist_end_to_end(tiny_run, tmp_path, capsys):
 
 
 def test_run_folder_dataset_of_real_images(ray_local, tmp_path, folder_dataset):
-    spec = _write_spec(tmp_path, dataset={"name": "folder", "root": str(folder_dataset), "image_size": 32},
+    spec = _write_spec(tmp_path, dataset={"name": "folder", "root": str(folder_dataset), "image_size": 32,
+                                          "decode_cache": str(tmp_path / "decoded")},
                        heatmaps={"method": "input_x_gradient", "shard_size": 8, "downsize": 8},
                        clustering={"method": "kmeans", "k": 2, "scope": "local", "min_group_size": 2},
                        erm={"epochs": 2, "batch_size": 8})
@@ -79,6 +80,7 @@ def test_run_folder_dataset_of_real_images(ray_local, tmp_path, folder_dataset):
     assert res["exmap"]["n_groups"] == 4
     H = np.load(next((out / "cache").glob("heatmaps-*/shard-00000.npy")))
     assert H.shape[1:] == (3, 8, 8)
+    assert len(list((tmp_path / "decoded").glob("*.npy"))) == 2  # val and test decoded once, shared by all stages
 
 
 @pytest.mark.parametrize("args, message", [

@@ -271,13 +271,14 @@ class LocalCluster:
     # ------------------------------------------------------------------ stop
 
     def stop(self) -> None:
-        """Only what this object started, by process id: servers, worker nodes, then the head."""
-        for p in reversed(list(self.procs.values())):
-            _terminate([p.pid, *descendants(p.pid)])
+        """Only what this object started, by process id: servers, worker nodes and the head, all at once
+        (SIGTERM to all, one grace period, then SIGKILL to what is left)."""
+        pids = [q for p in self.procs.values() for q in (p.pid, *descendants(p.pid))]
         if getattr(self, "head_started", False):
             # the head's processes are those whose command line names this cluster's own temp folder or GCS
             marks = (str(self.base / "head"), f"--gcs-address=127.0.0.1:{self.gcs_port}")
-            _terminate([pid for pid, cmd in _cmdlines().items() if pid != os.getpid() and any(m in cmd for m in marks)])
+            pids += [pid for pid, cmd in _cmdlines().items() if pid != os.getpid() and any(m in cmd for m in marks)]
+        _terminate(list(dict.fromkeys(pids)))
 
 
 def _comm(pid: int) -> str:

@@ -140,8 +140,12 @@ def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, clu
     got = json.loads(s3_read(c, "run/results.json"))
     local_out, want = single_node
     assert_same_results(got, want)
+    # from scratch (its own cache, in the bucket) on three nodes, the same as on one: this is also the suite's
+    # reproducibility check (tests/faults/test_reproducible.py runs it on one node where no cluster can)
     with np.load(io.BytesIO(s3_read(c, "run/selection.npz"))) as z, np.load(local_out / "selection.npz") as w:
         np.testing.assert_array_equal(z["pseudo_groups"], w["pseudo_groups"])  # the same pseudo groups
+        np.testing.assert_array_equal(z["heldout_pred"], w["heldout_pred"])
+    assert got["exmap"]["dfr_C"] == want["exmap"]["dfr_C"] and got["exmap"]["ari"] == want["exmap"]["ari"]
     # every stage folder, its done marker, the shards the actors wrote and the plots are in the bucket
     files = s3_list(c, "")
     for stage in ("erm", "features", "heatmaps", "clusters"):
