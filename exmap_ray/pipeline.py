@@ -46,18 +46,20 @@ def retrain_label(method: str, mode: str = "last_layer") -> str:
     return f"{name} (end to end)" if mode == "end_to_end" else name
 
 
-def preflight(spec: Spec) -> GroupData:
+def preflight(spec: Spec, check_model: bool = True) -> GroupData:
     """Everything checkable before Ray work starts: the data, the backbone, the method names.
 
     Building the heatmap method on an untrained model makes LRP refuse an unsupported
-    architecture now rather than inside an actor after ERM.
+    architecture now rather than inside an actor after ERM. `check_model` False leaves that out
+    (a sweep's trial whose model and heatmap keys the sweep's driver checked already).
     """
     if spec.model.pretrained is not None:  # missing weights fail at once, not after the data checks
         find_weights(spec.model.pretrained, spec.model.backbone)
     check_before_run(spec.dataset)  # on disk: as `exmap-ray datasets check` (layout, every unreadable image)
     data = build_dataset(spec.dataset, spec.seed)
-    model = create_model(spec.model.backbone, data.n_classes, spec.model.pretrained)
-    HEATMAP_METHODS.get(spec.heatmaps.method)(model, spec.heatmaps)
+    if check_model:
+        model = create_model(spec.model.backbone, data.n_classes, spec.model.pretrained)
+        HEATMAP_METHODS.get(spec.heatmaps.method)(model, spec.heatmaps)
     k = spec.clustering.k
     if k != "auto":
         counts = np.bincount(data.val.y)

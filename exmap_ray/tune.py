@@ -84,7 +84,11 @@ def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, par
         log.info("trial %s: finished before as %s; reporting its results without rerunning", name, res["trial"])
     else:
         inject("trial", spec.flat())  # no-op unless an EXMAP_RAY_FAULTS plan is set (fault tests)
-        res = run_pipeline(spec, Loc.parse(root) / "trials" / name, Loc.parse(cache_dir), uri,
+        # the driver built the base spec's model and heatmap method; a trial builds them again only when
+        # it searches their keys (an untrained model just for that check costs a process seconds of imports)
+        searched = {d.key.partition(".")[0] for d in domains}
+        data = preflight(spec, check_model=bool(searched & {"model", "heatmaps"}))
+        res = run_pipeline(spec, Loc.parse(root) / "trials" / name, Loc.parse(cache_dir), uri, data=data,
                            parent_run_id=parent_run_id, run_name=name)
         res["trial"] = name
         write_json(done, res)  # after the MLflow run has ended: the trial counts as done only now
