@@ -17,13 +17,14 @@ groups are used for this scoring only. Ways:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from exmap_ray.clustering import Rows, eigengap_k, kmeans, knn_affinity, laplacian_spectrum, merge_small
+from exmap_ray.clustering import Rows, merge_small, spectral_clusters
 from exmap_ray.data import build_dataset
 from exmap_ray.heatmaps.extract import HeatmapStore
 from exmap_ray.metrics import agreement
@@ -33,27 +34,24 @@ from exmap_ray.stages import stage_keys
 from exmap_ray.store import StageCache
 
 
-def spectral(X: np.ndarray, k: int | None = None, k_max: int = 10, seed: int = 0):
-    w, V = laplacian_spectrum(knn_affinity(X))
-    k = k or eigengap_k(w, k_max)
-    if k > V.shape[1]:
-        w, V = laplacian_spectrum(knn_affinity(X), n_eig=k + 1)
-    e = V[:, :k] / np.maximum(np.linalg.norm(V[:, :k], axis=1, keepdims=True), 1e-12)
-    return kmeans(e.astype(np.float32), k, 25, 3, seed), w, k
+def spectral(X: np.ndarray, cspec, k: int | None = None, seed: int = 0):
+    """The pipeline's spectral clusterer (eigengap k unless `k`): labels, eigenvalues, k."""
+    lab, info = spectral_clusters(X, dataclasses.replace(cspec, k=k or "auto"), seed)
+    return lab, np.asarray(info["eigenvalues"]), info["k"]
 
 
-def recursive(X, idx, depth, seed, parts, min_size, thresh, max_depth):
+def recursive(X, cspec, idx, depth, seed, parts, min_size, thresh, max_depth):
     """Split `idx` by its own eigengap while the gap is clear; leaves go to `parts`."""
     if depth >= max_depth or len(idx) < 2 * min_size:
         parts.append(idx)
         return
-    lab, w, k = spectral(X[idx], seed=seed)
+    lab, w, k = spectral(X[idx], cspec, seed=seed)
     gap = (w[k] - w[k - 1]) / max(w[k], 1e-12)
     if gap < thresh or np.bincount(lab).min() < min_size // 2:
         parts.append(idx)
         return
     for c in range(k):
-        recursive(X, idx[lab == c], depth + 1, seed + 7 * c + 1, parts, min_size, thresh, max_depth)
+        recursive(X, cspec, idx[lab == c], depth + 1, seed + 7 * c + 1, parts, min_size, thresh, max_depth)
 
 
 def main(argv=None) -> int:
@@ -73,7 +71,7 @@ def main(argv=None) -> int:
     y, g, names = data.val.y, data.val.group, data.group_names
     reps = {"heatmaps": Rows(store.load(), True).materialize(), "features": Rows(store.features(), True).materialize()}
     reps["heatmaps+features"] = np.hstack([reps["heatmaps"], reps["features"]])
-    min_size = spec.clustering.min_group_size
+    cspec, min_size = spec.clustering, spec.clustering.min_group_size
     print(f"{spec.name} seed {spec.seed}: {len(y)} val images; true group sizes "
           + ", ".join(f"{n} {c}" for n, c in zip(names, np.bincount(g, minlength=len(names)))))
     print(f"{'representation / clustering':<52}{'groups':>7}{'ARI':>7}{'worst':>7}  recovery per true group")
@@ -87,18 +85,18 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     for rep, X in reps.items():
-        lab, _, k = spectral(X)
+        lab, _, k = spectral(X, cspec)
         show(f"{rep}: spectral global, eigengap k={k}", lab)
-        show(f"{rep}: spectral global, k=8", spectral(X, k=8)[0])
+        show(f"{rep}: spectral global, k=8", spectral(X, cspec, k=8)[0])
         local = np.zeros(len(y), np.int64)
         for c in np.unique(y):
             i = np.flatnonzero(y == c)
-            local[i] = spectral(X[i], seed=int(c))[0]
+            local[i] = spectral(X[i], cspec, seed=int(c))[0]
         show(f"{rep}: spectral local, eigengap k", local)
         if rep == "heatmaps":
             for thresh, depth in ((0.1, 2), (0.3, 2), (0.3, 3)):
                 parts: list = []
-                recursive(X, np.arange(len(y)), 0, 0, parts, 15, thresh, depth)
+                recursive(X, cspec, np.arange(len(y)), 0, 0, parts, 15, thresh, depth)
                 lab = np.zeros(len(y), np.int64)
                 for j, p in enumerate(parts):
                     lab[p] = j
