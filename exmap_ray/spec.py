@@ -130,9 +130,11 @@ class HeatmapSpec:
 class ClusteringSpec:
     method: str = opt("spectral", "registry name: spectral (the paper), kmeans, kmeans_silhouette, gmm; "
                                   "k-means prefers to split the big group on imbalanced data")
-    input: Literal["heatmaps", "features"] = opt("heatmaps", "what is clustered: the ERM model's heatmaps "
-                                                             "(ExMap) or its penultimate val features "
-                                                             "(GEORGE-style); the same clusterer either way")
+    input: Literal["heatmaps", "features", "both"] = opt("heatmaps", "what is clustered: the ERM model's heatmaps "
+                                                                     "(ExMap), its penultimate val features "
+                                                                     "(GEORGE-style), or both side by side (each "
+                                                                     "block scaled by its own max |value|); the "
+                                                                     "same clusterer either way")
     k: Union[int, Literal["auto"]] = opt("auto", "clusters per scope; 'auto' = eigengap over 2..k_max "
                                                  "(spectral, kmeans), best silhouette (kmeans_silhouette), "
                                                  "lowest BIC (gmm)", _k_check)

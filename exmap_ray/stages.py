@@ -201,7 +201,7 @@ def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
     store = HeatmapStore(hm)
     # millions: shards, memory-mapped (a float16 store's as stored, when the clusterer normalises anyway)
     H = store.for_clustering(whole_below=SCALE_MIN_N, normalized=spec.clustering.normalize)
-    if spec.groups.source == "exmap" and spec.clustering.input == "heatmaps":
+    if spec.groups.source == "exmap" and spec.clustering.input in ("heatmaps", "both"):
         try:
             check_heatmaps(H)
         except DataError as e:  # name the culprit stage: which method, which files

@@ -1,4 +1,6 @@
 """Group sources for val: ExMap, GEORGE-style features, JTT error set, random floor, oracle."""
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
@@ -55,6 +57,28 @@ def test_clustering_input_switches_exmap_to_features():
     assert adjusted_rand_score(c.true_groups, groups) == pytest.approx(1.0)
     with pytest.raises(UserError, match="group source 'exmap' needs heatmaps"):
         infer_groups("exmap", ctx(heatmaps=None))
+
+
+def test_clustering_input_both_finds_what_each_input_alone_misses():
+    """clustering.input: both. Two shortcuts: the heatmaps show one (colour), the features the other
+    (position), on a scale 1000 times larger. Each input alone cannot tell all four subgroups of a class
+    apart; side by side, each block scaled by its own max |value|, the same clusterer recovers them all."""
+    rng = np.random.default_rng(0)
+    sub = np.repeat(np.arange(8), [40, 12, 12, 40] * 2)  # class x colour x position
+    y, colour, position = sub // 4, (sub // 2) % 2, sub % 2
+    H = 0.05 * rng.normal(size=(len(y), 2, 3, 3))
+    H[np.arange(len(y)), colour] += 1.0
+    F = 1000 * (np.eye(6)[position + 2 * y] + 0.05 * rng.normal(size=(len(y), 6)))
+    cspec = ClusteringSpec(method="kmeans", k=4, scope="local", min_group_size=3)
+    c = GroupContext(y_val=y, clustering=cspec, seed=0, val_features=F, heatmaps=H)
+    ari = {}
+    for what in ("heatmaps", "features", "both"):
+        groups, info = infer_groups("exmap", dataclasses.replace(c, clustering=dataclasses.replace(cspec, input=what)))
+        ari[what] = adjusted_rand_score(sub, groups)
+    assert ari["both"] == pytest.approx(1.0) and max(ari["heatmaps"], ari["features"]) < 0.9, ari
+    with pytest.raises(UserError, match="group source 'exmap' needs val_features"):
+        infer_groups("exmap", dataclasses.replace(c, clustering=dataclasses.replace(cspec, input="both"),
+                                                  val_features=None))
 
 
 def test_features_source_clusters_each_class_apart():
