@@ -213,7 +213,8 @@ def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tup
         oracle = evaluate_row(spec, data, up, "true", "dfr", groups=data.val.group)
     m = ex.model
     res["exmap"] = {"test": ex.test, "n_groups": int(cluster_info["n_groups"]), **ex.agreement,
-                    "pseudo_group_sizes": cluster_info["sizes"],
+                    # int group ids, computed or reused (a reused stage's info comes back from JSON)
+                    "pseudo_group_sizes": {int(g): int(n) for g, n in cluster_info["sizes"].items()},
                     "k_chosen": {sc: v["k"] for sc, v in cluster_info.get("scopes", {}).items()},
                     "groups_source": spec.groups.source, "retrain": spec.retrain.method,
                     "retrain_mode": spec.retrain.mode,

@@ -61,6 +61,10 @@ def test_run_cmnist_end_to_end(tiny_run, tmp_path, capsys):
     # the same spec again: every stage comes from the cache, and the result is identical
     assert main(["run", str(_write_spec(tmp_path)), "--out", str(out), "--cache", str(cache), "--quiet"]) == 0
     again = json.loads((out / "results.json").read_text())
+    # a reused clusters stage (both runs here) prints its pseudo groups as a computed one does: int ids,
+    # not the strings its JSON record gives back
+    lines = [l for l in (printed + capsys.readouterr().out).splitlines() if l.startswith("pseudo groups:")]
+    assert len(lines) == 2 and lines[0] == lines[1] and all("sizes {0: " in l for l in lines), lines
     events = [(r["stage"], r["event"]) for r in StageCache(cache).records()[before:]]
     assert events.count(("erm", "reused")) == 2 and ("erm", "computed") not in events
     assert ("heatmaps", "computed") not in events and ("clusters", "reused") in events
