@@ -9,7 +9,7 @@ as the pipeline merges them), the ARI and each true group's recovery (metrics.re
 groups are used for this scoring only. Ways:
 
 - spectral clustering, eigengap k (the paper's), global and local, on the heatmaps, the features,
-  and both (each row L2-normalised, then side by side);
+  and both (`clustering.input: both`: each row divided by its max |value|, then side by side);
 - spectral clustering with a fixed larger k;
 - a recursive split: a cluster is split again (eigengap k on its own kNN graph) while its gap,
   relative to the eigenvalue above it, is at least THRESH, up to DEPTH levels.
@@ -26,6 +26,7 @@ import numpy as np
 
 from exmap_ray.clustering import Rows, merge_small, spectral_clusters
 from exmap_ray.data import build_dataset
+from exmap_ray.groups import side_by_side
 from exmap_ray.heatmaps.extract import HeatmapStore
 from exmap_ray.metrics import agreement
 from exmap_ray.resources import resolve_resources
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     data = build_dataset(spec.dataset, spec.seed)
     y, g, names = data.val.y, data.val.group, data.group_names
     reps = {"heatmaps": Rows(store.load(), True).materialize(), "features": Rows(store.features(), True).materialize()}
-    reps["heatmaps+features"] = np.hstack([reps["heatmaps"], reps["features"]])
+    reps["heatmaps+features"] = side_by_side(store.load(), store.features())  # the pipeline's input `both`
     cspec, min_size = spec.clustering, spec.clustering.min_group_size
     print(f"{spec.name} seed {spec.seed}: {len(y)} val images; true group sizes "
           + ", ".join(f"{n} {c}" for n, c in zip(names, np.bincount(g, minlength=len(names)))))
