@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The suite runs in two pytest processes (pytest-xdist), each taking whole test files: on 2 cores it
+# takes about half the time of one process (docs/benchmarks.md). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test install clean
 
@@ -21,7 +24,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no tests: that must fail, not pass quietly.
 test: $(STAMP)
-	@RAY_AUTH_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@RAY_AUTH_MODE=disabled $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing" >&2; exit 1; fi; exit $$rc
 
 clean:
