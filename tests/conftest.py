@@ -5,6 +5,7 @@ through tiny data and the 370k-parameter `test_resnet`, not through fakes.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -136,6 +137,59 @@ def make_folder_dataset(root: Path, per_group: int = 6, size: int = 32, seed: in
 @pytest.fixture
 def folder_dataset(tmp_path) -> Path:
     return make_folder_dataset(tmp_path / "waterbirds_like")
+
+
+# ---------------------------------------------------------------- two pytest processes (`make test`)
+# Under pytest-xdist, the multi-node cluster tests run alone: their worker nodes' raylets must register
+# and answer health checks every second, which a 2-core machine busy with the other process's tests can
+# starve. The cluster fixture holds an exclusive lock (`machine_to_itself`) while its nodes and jobs run;
+# every other test holds it shared. A second lock, held exclusively while the cluster waits, stops new
+# tests from starting meanwhile. flock locks go with their process, so a crash leaves nothing held.
+def _xdist_locks() -> tuple[Path, Path] | None:
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not run:
+        return None
+    base = Path(tempfile.gettempdir()) / f"exmap-ray-pytest-{run}"
+    base.mkdir(exist_ok=True)
+    return base / "intent.lock", base / "machine.lock"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    locks = _xdist_locks()
+    if locks is None or item.get_closest_marker("cluster"):
+        yield
+        return
+    import fcntl
+
+    with open(locks[0], "a") as intent, open(locks[1], "a") as machine:
+        fcntl.flock(intent, fcntl.LOCK_SH)   # waits while the cluster tests want the machine
+        fcntl.flock(machine, fcntl.LOCK_SH)
+        fcntl.flock(intent, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def machine_to_itself():
+    """No other test runs meanwhile (under pytest-xdist; a no-op in one process). Waits for the test the
+    other process is running to end."""
+    locks = _xdist_locks()
+    if locks is None:
+        yield
+        return
+    import fcntl
+
+    with open(locks[0], "a") as intent, open(locks[1], "a") as machine:
+        fcntl.flock(intent, fcntl.LOCK_EX)
+        fcntl.flock(machine, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)
+            fcntl.flock(intent, fcntl.LOCK_UN)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,9 +19,11 @@ import time
 import numpy as np
 import pytest
 
+from ..conftest import machine_to_itself
 from .local_cluster import REPO, LocalCluster, can_run
 
-pytestmark = pytest.mark.skipif(can_run() is not None, reason=f"multi-node cluster test: {can_run()}")
+pytestmark = [pytest.mark.skipif(can_run() is not None, reason=f"multi-node cluster test: {can_run()}"),
+              pytest.mark.cluster]
 SPEC = "tests/cluster/tiny.yaml"
 SWEEP = "tests/cluster/tiny_sweep.yaml"
 
@@ -30,12 +32,13 @@ SWEEP = "tests/cluster/tiny_sweep.yaml"
 def cluster(tmp_path_factory):
     # the whole test temp tree (and the cluster's own folder) is invisible to the worker nodes
     c = LocalCluster([tmp_path_factory.getbasetemp()])
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
-        shutil.rmtree(c.base, ignore_errors=True)
+    with machine_to_itself():  # under `make test`'s two processes, the other one waits meanwhile
+        try:
+            c.start()
+            yield c
+        finally:
+            c.stop()
+            shutil.rmtree(c.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
