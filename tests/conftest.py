@@ -140,11 +140,12 @@ def folder_dataset(tmp_path) -> Path:
 
 
 # ---------------------------------------------------------------- two pytest processes (`make test`)
-# Under pytest-xdist, the multi-node cluster tests run alone: their worker nodes' raylets must register
-# and answer health checks every second, which a 2-core machine busy with the other process's tests can
-# starve. The cluster fixture holds an exclusive lock (`machine_to_itself`) while its nodes and jobs run;
-# every other test holds it shared. A second lock, held exclusively while the cluster waits, stops new
-# tests from starting meanwhile. flock locks go with their process, so a crash leaves nothing held.
+# Under pytest-xdist, the multi-node cluster starts alone: a starting worker raylet has a fixed window to
+# register with the head, which a 2-core machine busy with the other process's tests can make it miss
+# (seen: "only 1 of 2 Ray nodes came up within 300 s"). The cluster fixture holds an exclusive lock
+# (`machine_to_itself`) while its nodes start; every other test holds it shared. A second lock, held
+# exclusively while the cluster waits, stops new tests from starting meanwhile. The jobs on the cluster
+# then run beside the other process's tests. flock locks go with their process: a crash leaves none held.
 def _xdist_locks() -> tuple[Path, Path] | None:
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if not os.environ.get("PYTEST_XDIST_WORKER") or not run:

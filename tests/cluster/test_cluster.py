@@ -32,13 +32,13 @@ SWEEP = "tests/cluster/tiny_sweep.yaml"
 def cluster(tmp_path_factory):
     # the whole test temp tree (and the cluster's own folder) is invisible to the worker nodes
     c = LocalCluster([tmp_path_factory.getbasetemp()])
-    with machine_to_itself():  # under `make test`'s two processes, the other one waits meanwhile
-        try:
+    try:
+        with machine_to_itself():  # under `make test`'s two processes, the nodes register alone
             c.start()
-            yield c
-        finally:
-            c.stop()
-            shutil.rmtree(c.base, ignore_errors=True)
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(c.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
