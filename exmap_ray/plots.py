@@ -53,8 +53,11 @@ def heatmap_grid(images, heatmaps: np.ndarray, pseudo: np.ndarray, captions: lis
     """
     rng = np.random.default_rng(seed)
     groups = np.unique(pseudo)
-    fig, axes = plt.subplots(2 * len(groups), per_group, figsize=(1.1 * per_group, 2.3 * len(groups)),
-                             squeeze=False)
+    height = 2.3 * len(groups)
+    fig, axes = plt.subplots(2 * len(groups), per_group, figsize=(1.1 * per_group, height), squeeze=False)
+    # fixed spacing, not tight_layout: each caption spans its row from the first column, which
+    # tight_layout reads as column 0 needing that width (it shrinks every image, or gives up and warns)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.5 / height, wspace=0.08, hspace=0.3)
     for r, g in enumerate(groups):
         members = np.flatnonzero(pseudo == g)
         pick = rng.choice(members, min(per_group, len(members)), replace=False)
@@ -74,8 +77,8 @@ def heatmap_grid(images, heatmaps: np.ndarray, pseudo: np.ndarray, captions: lis
             else:
                 a_map.imshow(h.sum(0), cmap="bwr", vmin=-lim, vmax=lim)
         axes[2 * r, 0].set_title(captions[r], fontsize=7, loc="left")
-    fig.suptitle("val images per pseudo group; below each, its heatmap as clustered", fontsize=9, y=1.0)
-    fig.tight_layout()
+    fig.suptitle("val images per pseudo group; below each, its heatmap as clustered", fontsize=9,
+                 y=1 - 0.1 / height, va="top")
     _save(fig, path)
 
 
