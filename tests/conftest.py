@@ -155,17 +155,18 @@ def _xdist_locks() -> tuple[Path, Path] | None:
     return base / "intent.lock", base / "machine.lock"
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
+@contextlib.contextmanager
+def _machine_lock(exclusive: bool):
     locks = _xdist_locks()
-    if locks is None or item.get_closest_marker("cluster"):
+    if locks is None:
         yield
         return
     import fcntl
 
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     with open(locks[0], "a") as intent, open(locks[1], "a") as machine:
-        fcntl.flock(intent, fcntl.LOCK_SH)   # waits while the cluster tests want the machine
-        fcntl.flock(machine, fcntl.LOCK_SH)
+        fcntl.flock(intent, mode)    # shared: waits while the cluster is in line for the machine
+        fcntl.flock(machine, mode)
         fcntl.flock(intent, fcntl.LOCK_UN)
         try:
             yield
@@ -173,24 +174,19 @@ def pytest_runtest_protocol(item, nextitem):
             fcntl.flock(machine, fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def machine_to_itself():
-    """No other test runs meanwhile (under pytest-xdist; a no-op in one process). Waits for the test the
-    other process is running to end."""
-    locks = _xdist_locks()
-    if locks is None:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("cluster"):
         yield
         return
-    import fcntl
+    with _machine_lock(exclusive=False):
+        yield
 
-    with open(locks[0], "a") as intent, open(locks[1], "a") as machine:
-        fcntl.flock(intent, fcntl.LOCK_EX)
-        fcntl.flock(machine, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(machine, fcntl.LOCK_UN)
-            fcntl.flock(intent, fcntl.LOCK_UN)
+
+def machine_to_itself():
+    """A context in which no other test runs (under pytest-xdist; nothing in one process). It waits for
+    the test the other process is running to end."""
+    return _machine_lock(exclusive=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -86,6 +87,27 @@ class MlflowServer:
             self.proc.wait(timeout=30)
 
 
+def _kill_when(server: MlflowServer, ready, poll: float = 0.05, timeout: float = 300):
+    """A thread that SIGKILLs the server as soon as ready() is true (an OSError or ValueError from it, a
+    file not yet there or half written, counts as not yet); returns the thread and its `killed` event."""
+    killed = threading.Event()
+
+    def watch():
+        t0 = time.time()
+        while time.time() - t0 < timeout and not killed.is_set():
+            try:
+                if ready():
+                    server.kill()
+                    killed.set()
+            except (OSError, ValueError):
+                pass
+            time.sleep(poll)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed
+
+
 @pytest.mark.parametrize("command", ["run", "tune"])
 def test_unreachable_server_at_start_stops_at_once(tmp_path, command):
     port = _free_port()
@@ -120,7 +142,6 @@ def _sync_cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_server_killed_mid_run_then_sync(tiny_run, tmp_path, capfd, caplog):
     """`exmap-ray run` in this process, on the session's Ray (a fresh local Ray in a subprocess costs
     about 20 s more and tests nothing else here); its output is read at the file-descriptor level."""
-    import threading
 
     from mlflow.tracking import MlflowClient
 
@@ -128,20 +149,9 @@ def test_server_killed_mid_run_then_sync(tiny_run, tmp_path, capfd, caplog):
     erm = Path(tiny_run[1]["cache"]["erm"]["dir"])  # the tiny ERM, trained once per session: the run reuses it
     shutil.copytree(erm, out / "cache" / erm.name)
     server = MlflowServer(tmp_path, _free_port()).start()
-    killed = threading.Event()
-
-    def kill_once_erm_is_done():
-        """once the MLflow run exists with its params logged and ERM is done (reused; the heatmaps are still
-        to compute), the server is SIGKILLed"""
-        t0 = time.time()
-        while time.time() - t0 < 300 and not killed.is_set():
-            if any(r["stage"] == "erm" for r in StageCache(out / "cache").records()):
-                server.kill()
-                killed.set()
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_once_erm_is_done, daemon=True)
-    killer.start()
+    # once the MLflow run exists with its params logged and ERM is done (reused; the heatmaps are still
+    # to compute), the server is SIGKILLed
+    killer, killed = _kill_when(server, lambda: any(r["stage"] == "erm" for r in StageCache(out / "cache").records()))
     try:
         capfd.readouterr()
         caplog.set_level(logging.WARNING, logger="exmap_ray")
@@ -220,7 +230,6 @@ def test_server_killed_mid_run_then_sync(tiny_run, tmp_path, capfd, caplog):
 @pytest.mark.slow  # a heavier variant of the mid-run fault above (about 55 s): run on demand, -m slow
 def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path, capsys):
     """The server dies after the first of three trials: the sweep finishes, then sync-mlflow nests it all."""
-    import threading
 
     from mlflow.tracking import MlflowClient
 
@@ -232,18 +241,8 @@ def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path, capsys):
     d["search"] = {"space": {"clustering.k": {"grid": [2, 3, 4]}}, "max_concurrent_trials": 2}
     out = tmp_path / "sweep"
     server = MlflowServer(tmp_path, _free_port()).start()
-    killed = threading.Event()
-
-    def kill_after_first_trial():
-        t0 = time.time()
-        while time.time() - t0 < 300 and not killed.is_set():
-            if list((out / "trial_results").glob("*.json")):  # written after the trial's MLflow run ended
-                server.kill()
-                killed.set()
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_after_first_trial, daemon=True)
-    killer.start()
+    # a trial's result file is written after its MLflow run ended
+    killer, killed = _kill_when(server, lambda: any((out / "trial_results").glob("*.json")))
     try:
         summary = run_sweep(from_dict(d), out, tiny_run[0] / "cache", server.uri)
         killer.join(timeout=5)
@@ -287,28 +286,14 @@ def test_server_killed_mid_bench_keeps_every_result_then_sync(tiny_run, tmp_path
     from mlflow.tracking import MlflowClient
 
     from exmap_ray import tracking
-    import threading
 
     from exmap_ray.bench import ROWS, peer_rows, run_bench
     from exmap_ray.spec import from_dict
 
     out = tmp_path / "bench"
     server = MlflowServer(tmp_path, _free_port()).start()
-    killed = threading.Event()
-
-    def kill_once_the_run_exists():
-        t0 = time.time()
-        while time.time() - t0 < 300 and not killed.is_set():
-            try:
-                if json.loads((out / "tracking.json").read_text()).get("run_id"):
-                    server.kill()
-                    killed.set()
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_once_the_run_exists, daemon=True)
-    killer.start()
+    killer, killed = _kill_when(server, lambda: json.loads((out / "tracking.json").read_text()).get("run_id"),
+                                poll=0.02)
     try:
         summary = run_bench(from_dict(tiny_spec_dict()), [0], out, tiny_run[0] / "cache", server.uri)
         killer.join(timeout=5)
