@@ -10,7 +10,10 @@ import csv
 import logging
 import os
 import json
+import signal
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +190,39 @@ def machine_to_itself():
     """A context in which no other test runs (under pytest-xdist; nothing in one process). It waits for
     the test the other process is running to end."""
     return _machine_lock(exclusive=True)
+
+
+def kill_session(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL a subprocess started with `start_new_session=True` and every live process of its session,
+    and wait until none is left. `os.killpg` alone misses Ray's actors: each runs in its own process
+    group (in the same session) and lives on for seconds after its raylet is gone, still able to write
+    (an MLflow run started after a resume had already marked the dead trials KILLED, seen under load)."""
+    sid = proc.pid
+    os.killpg(sid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + timeout
+    while True:
+        left = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid and fields[0] != "Z":
+                left.append(int(d))
+        if not left:
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"processes of the killed session {sid} still alive after {timeout} s: {left}")
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,6 @@
 """Ray Tune sweeps on a real local Ray into a real SQLite MLflow: nesting, reuse, resume."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from exmap_ray.search import flatten_space, n_trials, parse_space
 from exmap_ray.spec import from_dict
 from exmap_ray.store import StageCache
 
-from .conftest import tiny_spec_dict
+from .conftest import kill_session, tiny_spec_dict
 
 SPACE = {"clustering.k": {"grid": [2, "auto"]}, "clustering.scope": {"grid": ["local", "global"]}}
 
@@ -140,8 +139,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_run, t
             assert proc.poll() is None, "the sweep ended before it could be interrupted"
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_session(proc)  # the driver, its Ray and every trial process
         log.close()
     finished = {json.loads(p.read_text())["trial"] for p in out.glob("trial_results/*.json")}
     assert 1 <= len(finished) < 4, finished

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from exmap_ray.cli import main
 from exmap_ray.store import StageCache
 
-from ..conftest import tiny_spec_dict
+from ..conftest import kill_session, tiny_spec_dict
 
 
 def test_run_killed_mid_stage_resumes(tiny_run, tmp_path, capsys, caplog):
@@ -39,8 +38,7 @@ def test_run_killed_mid_stage_resumes(tiny_run, tmp_path, capsys, caplog):
             hm = [d for d in cache.glob("heatmaps-*") if list(d.glob("shard-*.npy"))] if cache.exists() else []
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray, its actors: everything at once
-        proc.wait()
+        kill_session(proc)  # the driver, its Ray, its actors: everything at once
     assert hm, "heatmap extraction never started"
     assert not (hm[0] / "done").exists()  # killed mid-stage: shards on disk, the stage not done
     before = [(r["stage"], r["event"]) for r in StageCache(cache).records()]
