@@ -197,22 +197,14 @@ def kill_session(proc: subprocess.Popen, timeout: float = 60) -> None:
     and wait until none is left. `os.killpg` alone misses Ray's actors: each runs in its own process
     group (in the same session) and lives on for seconds after its raylet is gone, still able to write
     (an MLflow run started after a resume had already marked the dead trials KILLED, seen under load)."""
+    from .cluster.local_cluster import proc_stats
+
     sid = proc.pid
     os.killpg(sid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + timeout
     while True:
-        left = []
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
-            if int(fields[3]) == sid and fields[0] != "Z":
-                left.append(int(d))
+        left = [pid for pid, (state, _, _, session) in proc_stats().items() if session == sid and state != "Z"]
         if not left:
             return
         if time.time() > deadline:

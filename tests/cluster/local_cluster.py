@@ -299,14 +299,21 @@ def _cmdlines() -> dict[int, str]:
     return out
 
 
-def descendants(root: int) -> list[int]:
-    parent = {}
+def proc_stats() -> dict[int, tuple[str, int, int, int]]:
+    """Every process on the machine: pid -> (state, parent pid, process group, session), from /proc."""
+    out = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                out[int(d.name)] = (f[0], int(f[1]), int(f[2]), int(f[3]))
             except (OSError, IndexError, ValueError):
                 pass
+    return out
+
+
+def descendants(root: int) -> list[int]:
+    parent = {pid: st[1] for pid, st in proc_stats().items()}
     found, frontier = [], [root]
     while frontier:
         kids = [p for p, pp in parent.items() if pp in frontier]
