@@ -12,7 +12,8 @@ groups are used for this scoring only. Ways:
   and both (`clustering.input: both`: each row divided by its max |value|, then side by side);
 - spectral clustering with a fixed larger k;
 - a recursive split: a cluster is split again (eigengap k on its own kNN graph) while its gap,
-  relative to the eigenvalue above it, is at least THRESH, up to DEPTH levels.
+  relative to the eigenvalue above it, is at least THRESH, up to DEPTH levels (on the heatmaps;
+  with --recursive-all on every representation).
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("spec")
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--recursive-all", action="store_true",
+                    help="run the recursive split on every representation, not only the heatmaps")
     args = ap.parse_args(argv)
     spec = resolve_resources(load_spec(args.spec, args.sets))
     hm = stage_keys(spec, StageCache(args.cache), ["heatmaps"])["heatmaps"]
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
             i = np.flatnonzero(y == c)
             local[i] = spectral(X[i], cspec, seed=int(c))[0]
         show(f"{rep}: spectral local, eigengap k", local)
-        if rep == "heatmaps":
+        if rep == "heatmaps" or args.recursive_all:
             for thresh, depth in ((0.1, 2), (0.3, 2), (0.3, 3)):
                 parts: list = []
                 recursive(X, cspec, np.arange(len(y)), 0, 0, parts, 15, thresh, depth)
