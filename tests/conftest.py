@@ -186,6 +186,24 @@ def pytest_runtest_protocol(item, nextitem):
         yield
 
 
+_XDIST_RUNS: set[str] = set()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist, in the controller: note the run's id, whose lock folder the workers will make."""
+    _XDIST_RUNS.add(node.workerinput["testrunuid"])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """In the controller, once every worker has finished: remove this run's lock folder (and only it)."""
+    import shutil
+
+    for run in _XDIST_RUNS:
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"exmap-ray-pytest-{run}", ignore_errors=True)
+
+
 def machine_to_itself():
     """A context in which no other test runs (under pytest-xdist; nothing in one process). It waits for
     the test the other process is running to end."""
