@@ -120,8 +120,10 @@ def start_job(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None, 
 
 
 def run_pipeline(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
-                 data: GroupData | None = None, parent_run_id: str | None = None, run_name: str | None = None) -> dict:
-    """The whole pipeline once. `out` and `cache_dir` are local paths or storage URIs (storage.Loc)."""
+                 data: GroupData | None = None, parent_run_id: str | None = None, run_name: str | None = None,
+                 run_tags: dict | None = None) -> dict:
+    """The whole pipeline once. `out` and `cache_dir` are local paths or storage URIs (storage.Loc).
+    `run_tags`: more MLflow tags for the run (a sweep's trial tags its sweep attempt)."""
     timer = Timer()
     with timer("dataset"):
         data = data or preflight(spec)
@@ -131,7 +133,7 @@ def run_pipeline(spec: Spec, out, cache_dir=None, tracking_uri: str | None = Non
     # goes on when the server went away after the sweep started
     job = start_job(spec, out, cache_dir, tracking_uri, lost_ok=parent_run_id is not None, timer=timer)
     spec, out, tracker = job.spec, job.out, job.tracker
-    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None  # nests a sweep's trials
+    tags = {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(run_tags or {})} or None
     with tracker.run(experiment_id=job.exp_id, run_name=run_name or spec.name, tags=tags):
         tracker.call("log_params", tracking.log_flat_params, spec.flat())
         write_json(out / "spec.resolved.json", spec.to_dict())

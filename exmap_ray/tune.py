@@ -23,6 +23,7 @@ import math
 import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from .store import load_npz, read_json, write_json
 log = logging.getLogger(__name__)
 ORACLE_METRIC = "oracle_val_worst_group_acc"
 SWEEP_METRIC = "sweep_worst_pseudo_group_acc"  # needs every trial: computed in the summary
+ATTEMPT_TAG = "exmap_ray.sweep_attempt"  # on a trial's MLflow run: which driver process started the trial
 COLUMNS = ["trial", "status", "selection_metric", "selection_se", SWEEP_METRIC, "val_worst_pseudo_group_acc", "val_worst_class_acc",
            ORACLE_METRIC, "test_worst_group_acc", "test_mean_acc", "n_groups", "ari", "worst_recovery", "k_chosen"]
 
@@ -63,10 +65,11 @@ def trial_metrics(res: dict, metric: str) -> dict:
 
 
 def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, parent_run_id: str,
-              domains: tuple[Domain, ...] = ()) -> None:
+              domains: tuple[Domain, ...] = (), attempt: str = "") -> None:
     """One Tune trial: the base spec plus this trial's values, run through the pipeline.
 
-    `root` and `cache_dir` are storage-root strings (local path or URI): the trial may run on any node."""
+    `root` and `cache_dir` are storage-root strings (local path or URI): the trial may run on any node.
+    `attempt` names the driver process that started it (a new one per `--resume`), as an MLflow tag."""
     import torch
     from ray import tune
 
@@ -89,7 +92,8 @@ def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, par
         searched = {d.key.partition(".")[0] for d in domains}
         data = preflight(spec, check_model=bool(searched & {"model", "heatmaps"}))
         res = run_pipeline(spec, Loc.parse(root) / "trials" / name, Loc.parse(cache_dir), uri, data=data,
-                           parent_run_id=parent_run_id, run_name=name)
+                           parent_run_id=parent_run_id, run_name=name,
+                           run_tags={ATTEMPT_TAG: attempt} if attempt else None)
         res["trial"] = name
         write_json(done, res)  # after the MLflow run has ended: the trial counts as done only now
     metrics = trial_metrics(res, spec.search.metric)
@@ -147,6 +151,8 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
                      run_name=None if resume else f"{spec.name} sweep"):
         parent_id = tracker.run_id or state.get("parent_run_id")
         write_json(out / "spec.resolved.json", spec.to_dict())
+        # one id per driver process: the trials it starts tag their MLflow runs with it
+        attempt = uuid.uuid4().hex
         if resume:
             tracker.call("search_runs", _mark_killed_children, parent_id)
         else:
@@ -165,7 +171,7 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
         base = spec.to_dict()
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, root=str(out), cache_dir=str(job.cache.root), uri=uri,
-                                 parent_run_id=parent_id, domains=tuple(domains)),
+                                 parent_run_id=parent_id, domains=tuple(domains), attempt=attempt),
             {"cpu": spec.search.trial_cpus, "gpu": spec.search.trial_gpus})
         experiment = storage / "sweep"
         if resume and tune.Tuner.can_restore(experiment.fs_path, storage_filesystem=storage.fs):
@@ -188,6 +194,11 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
         with timer("trials"), open(os.devnull, "w") as devnull, \
                 contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext():
             grid = tuner.fit()
+        if resume:
+            # a trial process of the interrupted sweep can outlive its driver by seconds and start its MLflow
+            # run after the KILLED marking above; every trial of this attempt has ended now, so a child
+            # run still RUNNING from another attempt is one of those
+            tracker.call("search_runs", _mark_killed_children, parent_id, attempt)
         rows = collect_rows(grid, domains)
         summary = summarize(rows, domains, spec, out)
         summary.update(timings_s=timer.seconds, mlflow_parent_run_id=parent_id, planned_trials=planned,
@@ -216,13 +227,16 @@ def log_sweep_summary(tracker, out, summary: dict) -> None:
     tracker.call("log_metrics", tracking.log_metrics, tracking.sweep_metrics(summary))
 
 
-def _mark_killed_children(parent_id: str) -> None:
-    """Child runs still RUNNING belong to trials the interruption killed; say so in MLflow."""
+def _mark_killed_children(parent_id: str, keep_attempt: str | None = None) -> None:
+    """Child runs still RUNNING belong to trials the interruption killed; say so in MLflow. Runs tagged
+    with `keep_attempt` (this driver's trials) are left alone."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     exp = client.get_run(parent_id).info.experiment_id
     for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+        if keep_attempt is not None and run.data.tags.get(ATTEMPT_TAG) == keep_attempt:
+            continue
         client.set_terminated(run.info.run_id, status="KILLED")
         log.info("sweep: marked interrupted trial run %s (%s) as KILLED", run.info.run_name, run.info.run_id)
 

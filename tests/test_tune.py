@@ -14,6 +14,7 @@ from exmap_ray.errors import SpecError
 from exmap_ray.search import flatten_space, n_trials, parse_space
 from exmap_ray.spec import from_dict
 from exmap_ray.store import StageCache
+from exmap_ray.tune import ATTEMPT_TAG, _mark_killed_children
 
 from .conftest import kill_session, tiny_spec_dict
 
@@ -163,9 +164,37 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tiny_run, t
         assert names.count(name) == 1, (name, names)
     assert set(names) == {r["trial"] for r in summary["rows"]}
     assert all(k.info.status in ("FINISHED", "KILLED") for k in kids)  # no run left dangling as RUNNING
+    # each driver tags the runs of the trials it started: the killed one's and the resumed one's
+    assert len({k.data.tags.get(ATTEMPT_TAG) for k in kids}) == 2 and all(k.data.tags.get(ATTEMPT_TAG) for k in kids)
     events = [(r["stage"], r["event"]) for r in StageCache(cache).records()[before:]]
     assert ("erm", "computed") not in events  # neither the killed nor the resumed driver retrained ERM
     assert events.count(("erm", "reused")) >= 2
+
+
+def test_resume_marks_only_other_attempts_runs_killed(tmp_path, monkeypatch):
+    """After a resumed sweep's trials end, a child run still RUNNING was started by a process of the
+    interrupted sweep (which can outlive its driver by seconds): it is marked KILLED. The resumed
+    driver's own runs, and ended runs, are left alone."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.create_experiment("sweep")
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+
+    def child(name, attempt, status=None):
+        run = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent, ATTEMPT_TAG: attempt})
+        if status:
+            client.set_terminated(run.info.run_id, status=status)
+        return run.info.run_id
+
+    orphan, mine, done = child("t1", "old"), child("t2", "new"), child("t3", "old", "FINISHED")
+    _mark_killed_children(parent, keep_attempt="new")
+    status = {r: client.get_run(r).info.status for r in (orphan, mine, done)}
+    assert status == {orphan: "KILLED", mine: "RUNNING", done: "FINISHED"}
+    _mark_killed_children(parent)  # at the start of a resume: every RUNNING child
+    assert client.get_run(mine).info.status == "KILLED"
+    assert mlflow.active_run() is None
 
 
 def test_sweep_over_erm_runs_ray_train_inside_trials(tiny_run, tmp_path):
