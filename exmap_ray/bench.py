@@ -129,6 +129,25 @@ def format_table(rows: list[dict], spec: Spec, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def format_per_seed(per_seed: list[dict]) -> str:
+    """Each seed's test WGA per row, with the row's pseudo-group count and worst recovery where it has groups."""
+    seeds = sorted({r["seed"] for r in per_seed})
+    by_row: dict[str, dict[int, dict]] = {}
+    for r in per_seed:
+        by_row.setdefault(r["row"], {})[r["seed"]] = r
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for name, rs in by_row.items():
+        cells = []
+        for s in seeds:
+            r = rs.get(s)
+            cell = "" if r is None else f"{r['test_wga']:.3f}"
+            if r is not None and r.get("n_groups") is not None:
+                cell += f" ({r['n_groups']} groups, recovery {r['worst_recovery']:.2f})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = None,
               tracking_uri: str | None = None, end_to_end: bool = False) -> dict:
     """Every row over `seeds`, to OUT/bench.{md,csv,json}, bench_wga.png and one MLflow run. A tracking
@@ -150,7 +169,9 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
               f"Test worst-group accuracy (WGA), mean test accuracy, and the agreement of each method's val groups "
               f"with the true val groups (ARI; the worst true group's recovery = the share of its members in "
               f"groups it dominates), mean ± std over {len(seeds)} seed(s). True groups are used only by the "
-              f"oracle row and for scoring.", "", table, ""]
+              f"oracle row and for scoring.", "", table, "",
+              "Per seed: test WGA (the row's number of val pseudo groups, the worst true group's recovery).", "",
+              format_per_seed(per_seed), ""]
         (out / "bench.md").write_text("\n".join(md))
         cols = ["row", "n_seeds"] + [k for k in rows[0] if k not in ("row", "n_seeds")]
         buf = io.StringIO(newline="")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from exmap_ray.bench import E2E_ROWS, ROWS, peer_rows, run_bench
+from exmap_ray.bench import E2E_ROWS, ROWS, format_per_seed, peer_rows, run_bench
 from exmap_ray.data import build_dataset
 from exmap_ray.metrics import shortcut_gaps
 from exmap_ray.pipeline import format_table, run_pipeline
@@ -84,6 +84,18 @@ def test_run_with_end_to_end_groupdro(tiny_run, tmp_path):
     assert again["exmap"]["test"] == res["exmap"]["test"]
 
 
+def test_per_seed_table_lists_each_seed_and_leaves_gaps_blank():
+    per_seed = [
+        {"row": "ERM", "seed": 0, "test_wga": 0.1, "n_groups": None},
+        {"row": "ERM", "seed": 1, "test_wga": 0.2, "n_groups": None},
+        {"row": "ExMap global + DFR", "seed": 0, "test_wga": 0.75, "n_groups": 4, "worst_recovery": 1.0},
+    ]
+    lines = format_per_seed(per_seed).splitlines()
+    assert lines[0] == "| method | seed 0 | seed 1 |"
+    assert lines[2] == "| ERM | 0.100 | 0.200 |"
+    assert lines[3] == "| ExMap global + DFR | 0.750 (4 groups, recovery 1.00) |  |"  # seed 1 missing: blank
+
+
 def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     cache = tiny_run[0] / "cache"
     before = len(StageCache(cache).records())
@@ -103,7 +115,9 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     assert new.count(("end_to_end", "computed")) == 2
     with open(out / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == len(ROWS) + len(peer_rows()) + len(E2E_ROWS)
-    assert "ExMap global + DFR" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    exmap = next(r for r in summary["per_seed"] if r["row"] == "ExMap global + DFR")
+    assert f"| ExMap global + DFR | {exmap['test_wga']:.3f} ({exmap['n_groups']} groups, recovery " in md  # per seed
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
     assert {"bench.md", "bench.csv", "bench_wga.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
