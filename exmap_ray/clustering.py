@@ -26,6 +26,7 @@ unchanged (docs/cluster_scale.md has the measured agreement and times).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -218,6 +219,46 @@ def spectral_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict
     emb = V[:, :k]
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     return kmeans(emb.astype(np.float32), k, cspec.niter, cspec.nredo, seed), info
+
+
+@CLUSTERERS.register("spectral_split")
+def spectral_split_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+    """`spectral`, then each of its clusters is clustered again by its own eigengap k, while the gap is clear.
+
+    The first level is `spectral` as configured (`clustering.k`). Below it, a part is split when fewer
+    than `split_depth` levels are used, it holds at least 2 x `split_min_size` points, its relative
+    eigengap (lambda_k+1 - lambda_k) / lambda_k+1 is at least `split_gap`, and no child would hold
+    fewer than half of `split_min_size`; otherwise it is a final cluster. A second shortcut whose
+    minority the first eigengap merged into a larger cluster can then still get clusters of its own.
+    """
+    if len(X) >= SCALE_MIN_N:
+        raise UserError(f"clustering.method spectral_split builds the exact kNN graph at every level and takes "
+                        f"scopes of under {SCALE_MIN_N:,} points; this one has {len(X):,}. Use "
+                        f"clustering.method: spectral (its anchor-graph route scales), or clustering.scope: local")
+    auto = dataclasses.replace(cspec, k="auto")
+    parts: list[np.ndarray] = []
+    splits: list[dict] = []
+
+    def split(idx: np.ndarray, depth: int, s: int) -> None:
+        if depth >= cspec.split_depth or (depth > 0 and len(idx) < 2 * cspec.split_min_size):
+            parts.append(idx)
+            return
+        labels, sub = spectral_clusters(X[idx], cspec if depth == 0 else auto, s)
+        w, k = sub["eigenvalues"], sub["k"]
+        gap = (w[k] - w[k - 1]) / max(w[k], 1e-12) if k < len(w) else None  # (a set k beyond the spectrum)
+        if depth > 0 and (gap is None or gap < cspec.split_gap or np.bincount(labels, minlength=k).min() < cspec.split_min_size // 2):
+            parts.append(idx)
+            return
+        splits.append({"depth": depth, "n": int(len(idx)), "k": int(k), "gap": None if gap is None else round(gap, 6)})
+        for c in range(k):
+            split(idx[labels == c], depth + 1, s + 7 * c + 1)
+
+    split(np.arange(len(X)), 0, seed)
+    labels = np.zeros(len(X), np.int64)
+    for j, idx in enumerate(parts):
+        labels[idx] = j
+    # k: the final clusters; k_first: the first level's (clustering.k, or its eigengap)
+    return labels, {"k": len(parts), "k_first": splits[0]["k"], "splits": splits}
 
 
 @CLUSTERERS.register("kmeans")

@@ -128,8 +128,10 @@ class HeatmapSpec:
 
 @dataclass
 class ClusteringSpec:
-    method: str = opt("spectral", "registry name: spectral (the paper), kmeans, kmeans_silhouette, gmm; "
-                                  "k-means prefers to split the big group on imbalanced data")
+    method: str = opt("spectral", "registry name: spectral (the paper), spectral_split (spectral, then each "
+                                  "cluster split again by its own eigengap while the gap is clear: split_* keys; "
+                                  "for more than one shortcut), kmeans, kmeans_silhouette, gmm; k-means prefers "
+                                  "to split the big group on imbalanced data")
     input: Literal["heatmaps", "features", "both"] = opt("heatmaps", "what is clustered: the ERM model's heatmaps "
                                                                      "(ExMap), its penultimate val features "
                                                                      "(GEORGE-style), or both side by side (each "
@@ -145,6 +147,12 @@ class ClusteringSpec:
     niter: int = opt(25, "k-means iterations", _positive)
     nredo: int = opt(3, "k-means restarts; the best inertia wins", _positive)
     normalize: bool = opt(True, "divide each heatmap by its max |value| (paper)")
+    split_gap: float = opt(0.1, "spectral_split: split a cluster again only while its relative eigengap "
+                                "(lambda_k+1 - lambda_k) / lambda_k+1 is at least this", _positive)
+    split_depth: int = opt(2, "spectral_split: levels of clustering, the first included (1 = spectral alone, "
+                              "2 = each of its clusters may be split once more)", _positive)
+    split_min_size: int = opt(15, "spectral_split: a part under twice this is not split, nor split into a "
+                                  "child under half of it", _positive)
     min_group_size: int = opt(5, "pseudo groups smaller than this merge into the nearest group of their class; "
                                  "DFR subsamples every group to the smallest, so tiny fragments starve it. "
                                  "1 keeps every group, as the released ExMap does (with retrain.dfr.whole_group_max: 5)",

@@ -68,3 +68,39 @@ def test_bad_feature_rows_are_reported_as_features():
     X[3, 1] = np.inf
     with pytest.raises(DataError, match="rows of features contain NaN or inf"):
         pseudo_groups(X, np.array([0, 1] * 5), ClusteringSpec(method="gmm"), 0, what="features")
+
+
+def three_separate_blobs(seed):
+    """Blobs of 300, 300 and 60 points in 8-D, far apart: three connected components in the kNN graph."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((3, 8))
+    centres[1, 0] = centres[2, 1] = 30
+    sizes = (300, 300, 60)
+    X = np.concatenate([rng.normal(size=(n, 8)) + c for n, c in zip(sizes, centres)]).astype(np.float32)
+    return X, np.repeat(np.arange(3), sizes)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spectral_split_separates_what_the_first_k_merged(seed):
+    """k = 2 at the first level puts two of three blobs in one cluster; the split finds them by that
+    cluster's own eigengap. A gap threshold above what Gaussian blobs show (about 0.1-0.2) stops the
+    split inside a blob."""
+    X, truth = three_separate_blobs(seed)
+    plain, _ = cluster(X, ClusteringSpec(method="spectral", k=2), seed=0)
+    assert adjusted_rand_score(truth, plain) < 0.9  # two blobs share a cluster
+    labels, info = cluster(X, ClusteringSpec(method="spectral_split", k=2, split_gap=0.5), seed=0)
+    assert info["k"] == 3 and adjusted_rand_score(truth, labels) == pytest.approx(1.0)
+    assert [(s["depth"], s["k"]) for s in info["splits"]] == [(0, 2), (1, 2)]
+    assert info["splits"][1]["n"] in (360, 600) and info["splits"][1]["gap"] >= 0.5  # the merged pair, split
+
+
+def test_spectral_split_stops_by_depth_gap_and_size():
+    X, _ = three_separate_blobs(0)
+    plain, _ = cluster(X, ClusteringSpec(method="spectral", k=2), seed=0)
+    for stop in ({"split_depth": 1}, {"split_gap": 2.0}, {"split_min_size": 400}):
+        labels, info = cluster(X, ClusteringSpec(method="spectral_split", k=2, **stop), seed=0)
+        np.testing.assert_array_equal(labels, plain)  # the first level only: spectral's own labels
+        assert info["k"] == 2, stop
+    # split_depth 1 is spectral itself, k = auto included
+    auto, _ = cluster(X, ClusteringSpec(method="spectral"), seed=3)
+    np.testing.assert_array_equal(cluster(X, ClusteringSpec(method="spectral_split", split_depth=1), seed=3)[0], auto)
