@@ -283,7 +283,9 @@ def test_lrp_under_bf16_autocast_keeps_fp32_relevance(conv_rule):
     assert same.sum() >= 6
     cos = torch.nn.functional.cosine_similarity(half.flatten(1), full.flatten(1), dim=1)[same]
     assert cos.min() > 0.98, cos
-    # totals (the seed is 1; biases absorb the rest) within 3% of the seed
-    torch.testing.assert_close(half.flatten(1).sum(1)[same], full.flatten(1).sum(1)[same], rtol=0, atol=0.03)
+    # totals (the seed is 1; biases absorb the rest) within 5% of the seed. α2β1 takes twice the positive
+    # part less the negative one, which magnifies bf16's rounding: 0.030 here for α2β1 and 0.021 for γ
+    # (torch 2.14.1, timm's test_resnet; 1 or 2 threads alike), so 3% was too tight a bound
+    torch.testing.assert_close(half.flatten(1).sum(1)[same], full.flatten(1).sum(1)[same], rtol=0, atol=0.05)
     assert LRP(model, HeatmapSpec(precision="auto")).precision == "auto"  # auto = fp32 on this CPU
     torch.testing.assert_close(LRP(model, HeatmapSpec(conv_rule=conv_rule, precision="auto"))(x)[0], full)
