@@ -73,9 +73,9 @@ def test_run_with_end_to_end_groupdro(tiny_run, tmp_path):
     assert info["process"]["node_id"] == ray.get_runtime_context().get_node_id() and info["device"] == "cpu"
     q = np.array(info["q"])  # GroupDRO's group weights moved off uniform, toward the hardest pseudo group
     assert q.sum() == pytest.approx(1.0, abs=1e-5) and q.max() > 1.5 / len(q)
-    # the fine-tune moved the network: its test predictions differ from ERM's somewhere
-    erm_pred = np.load(Path(res["cache"]["features"]["dir"]) / "test_logits.npy").argmax(1)
-    assert (np.load(stage_dir / "test_pred.npy") != erm_pred).any()
+    # the fine-tune moved the network. Not asserted on its test predictions: the tiny ERM can predict one
+    # class for every test image, and so can the fine-tuned copy (seen in CI), though its weights moved
+    assert 1e-4 < info["weight_change"] < 1.0
     assert "GroupDRO (end to end)" in format_table(res)
     with np.load(tmp_path / "run" / "selection.npz") as sel:
         assert sel["heldout_idx"].shape == sel["heldout_pred"].shape == (1, 150)

@@ -38,6 +38,16 @@ def heldout_half(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return perm[: n // 2], perm[n // 2:]
 
 
+@torch.no_grad()
+def weight_change(before: torch.nn.Module, after: torch.nn.Module) -> float:
+    """How far a fine-tune moved the network: ||theta_after - theta_before|| / ||theta_before|| over all
+    parameters (a tiny or saturated model can move without any test prediction changing)."""
+    pa = dict(after.named_parameters())
+    diff = sum(float((pa[k].detach().cpu() - p.detach().cpu()).pow(2).sum()) for k, p in before.named_parameters())
+    norm = sum(float(p.detach().cpu().pow(2).sum()) for p in before.parameters())
+    return (diff / max(norm, 1e-30)) ** 0.5
+
+
 def run_end_to_end(spec, model: torch.nn.Module, val_images, y_val: np.ndarray, groups: np.ndarray,
                    test_images, seed: int, out_dir: Path, device: str | None = None) -> dict:
     from . import RETRAINERS
@@ -56,7 +66,10 @@ def run_end_to_end(spec, model: torch.nn.Module, val_images, y_val: np.ndarray, 
     save_npy(out_dir / "test_pred.npy", test_pred)
     save_npy(out_dir / "heldout_idx.npy", b[None])
     save_npy(out_dir / "heldout_pred.npy", heldout_pred[None])
+    moved = weight_change(model, full.model)
+    log.info("end-to-end %s: the final fine-tune moved the weights by %.2g of their norm", spec.retrain.method, moved)
     return {"steps": {"half": half.steps, "full": full.steps},
+            "weight_change": moved,
             "last_loss": full.losses[-1] if full.losses else None,
             "q": full.q.tolist() if full.q is not None else None,
             "heldout_worst_pseudo_group_acc": worst_group_acc(heldout_pred, y_val[b], groups[b]),
