@@ -4,7 +4,7 @@ from sklearn.linear_model import LogisticRegression
 
 from exmap_ray.errors import UserError
 from exmap_ray.metrics import agreement, evaluate, recovery
-from exmap_ray.retrain.dfr import balance_size, balanced_subsample, fit_dfr
+from exmap_ray.retrain.dfr import balance_size, balanced_subsample, fit_dfr, group_weights
 from exmap_ray.retrain import DfrKeys, RetrainConfig
 
 
@@ -78,6 +78,36 @@ def test_dfr_fits_with_a_tiny_group_when_it_enters_whole():
     model = fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(c_grid=[1.0, 0.1], n_final_fits=3, whole_group_max=5),
                                               n_select_repeats=2), seed=0)
     assert model.predict(Xv).shape == yv.shape and model.C in (1.0, 0.1)
+
+
+def test_group_weights_give_every_group_the_same_total():
+    g = np.array([4] * 50 + [0] * 3 + [9] * 17)
+    w = group_weights(g)
+    assert w.mean() == pytest.approx(1.0)
+    totals = [w[g == k].sum() for k in (0, 4, 9)]
+    assert np.allclose(totals, totals[0]) and w[g == 0].min() > w[g == 4].max()
+
+
+def test_reweight_fits_every_point_weighted_by_its_group():
+    """retrain.dfr.balance reweight: the final model is one fit on all of val, each point weighted by
+    1 / its group's size, at the C chosen on the held-out halves (sklearn's weighted fit, up to the
+    solver's tolerance: its random_state only orders liblinear's coordinate steps); it
+    takes a 1-member group (nothing is cut down to it) and refuses whole_group_max, which it ignores."""
+    Xv, yv, gv = shortcut_features(800, 0.9, 0)
+    gv = gv.copy()
+    gv[np.flatnonzero(gv == 1)[0]] = 7   # a group of 1 (class 0), refused by subsampling
+    cfg = RetrainConfig(DfrKeys(c_grid=[1.0, 0.1], balance="reweight"), n_select_repeats=3)
+    model = fit_dfr(Xv, yv, gv, cfg, seed=0)
+    X = (Xv - model.mean) / model.std
+    ref = LogisticRegression(penalty="l1", C=model.C, solver="liblinear", random_state=0)
+    ref.fit(X, yv, sample_weight=group_weights(gv))
+    assert np.allclose(model.coef, ref.coef_, atol=1e-3) and np.allclose(model.intercept, ref.intercept_, atol=1e-3)
+    assert not np.allclose(model.coef, LogisticRegression(penalty="l1", C=model.C, solver="liblinear").fit(X, yv).coef_, atol=1e-2)
+    assert model.heldout_idx.shape == (3, 400)  # the same held-out halves as subsampling's
+    with pytest.raises(UserError, match=r"group 7 has 1 val member"):
+        fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(c_grid=[1.0]), n_select_repeats=2), seed=0)
+    with pytest.raises(UserError, match=r"whole_group_max \(5\) applies to retrain.dfr.balance: subsample only"):
+        fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(balance="reweight", whole_group_max=5)), seed=0)
 
 
 def test_dfr_rejects_bad_groups():

@@ -28,6 +28,8 @@ def test_defaults_and_reasons():
     ({"retrain": {"jtt": {"upweight": 0.5}}}, "spec key 'retrain.jtt.upweight': got 0.5, expected a number >= 1"),
     ({"dataset": {"name": "celeba", "target": 3}}, "spec key 'dataset.target': got 3, expected a string or null"),
     ({"retrain": {"dfr": {"whole_group_max": -1}}}, "spec key 'retrain.dfr.whole_group_max': got -1, expected a number >= 0"),
+    ({"retrain": {"dfr": {"balance": "upsample"}}},
+     "spec key 'retrain.dfr.balance': got 'upsample', expected 'subsample' | 'reweight'"),
     ({"erm": 3}, "spec key 'erm': expected a mapping"),
 ])
 def test_bad_spec_names_the_key(data, fragment):

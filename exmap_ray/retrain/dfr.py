@@ -14,6 +14,8 @@ Its keys are the section `retrain.dfr` (`DfrKeys`); the halves are `retrain.n_se
    subsamples of all of val, at the chosen C.
 
 Group-balanced subsample: every group is cut down to the smallest group's size (the DFR paper).
+With `retrain.dfr.balance: reweight` nothing is cut: every fit uses all its points, each weighted by
+1 / its group's size (scaled to mean 1), and the final model is one such fit on all of val.
 With `retrain.dfr.whole_group_max: m` > 0, groups of at most m members enter every fit whole and the rest are
 cut down to the smallest group above m, as the released ExMap's DFR does with m = 5: it keeps
 small pseudo groups (there `clustering.min_group_size: 1`) without starving every other group.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -48,6 +51,11 @@ class DfrKeys:
                                   "every group down to the smallest (the DFR paper); 5 = the released ExMap's "
                                   "DFR, which keeps small pseudo groups (use it with clustering.min_group_size: 1)",
                                non_negative)
+    balance: Literal["subsample", "reweight"] = opt(
+        "subsample", "subsample = every fit on a group-balanced subsample, every group cut down to the "
+                     "smallest (the DFR paper); reweight = every fit on all its points, each weighted by 1 / its "
+                     "group's size, so the groups weigh the same and no point is dropped (for many small "
+                     "pseudo groups, e.g. clustering.method spectral_split); one final fit, not n_final_fits")
 
 
 class LinearHead:
@@ -110,7 +118,14 @@ def balanced_subsample(groups: np.ndarray, rng: np.random.Generator, whole_max: 
     return np.concatenate([i if len(i) <= whole_max else rng.choice(i, m, replace=False) for i in members])
 
 
-def _fit(X, y, C, seed) -> LogisticRegression:
+def group_weights(groups: np.ndarray) -> np.ndarray:
+    """Per-point weights 1 / (the point's group size), scaled to mean 1: every group weighs the same in a fit."""
+    _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    w = 1.0 / counts[inv]
+    return w * (len(w) / w.sum())
+
+
+def _fit(X, y, C, seed, sample_weight=None) -> LogisticRegression:
     # liblinear is the reference's L1 solver but is binary-only in current scikit-learn; saga does L1 multiclass
     binary = len(np.unique(y)) <= 2
     clf = LogisticRegression(penalty="l1", C=C, solver="liblinear" if binary else "saga", random_state=seed,
@@ -119,7 +134,7 @@ def _fit(X, y, C, seed) -> LogisticRegression:
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)  # sklearn >= 1.8 deprecates `penalty`; older lack l1_ratio
         warnings.filterwarnings("ignore", message="Inconsistent values: penalty=l1")
-        return clf.fit(X, y)
+        return clf.fit(X, y, sample_weight=sample_weight)
 
 
 def _check_groups(y: np.ndarray, groups: np.ndarray) -> None:
@@ -138,10 +153,17 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
     (e.g. the true groups); they never influence the choice of C."""
     _check_groups(y, groups)
     whole_max = getattr(dspec, "whole_group_max", 0)
+    reweight = getattr(dspec, "balance", "subsample") == "reweight"
+    if reweight and whole_max:
+        raise UserError(f"retrain.dfr.whole_group_max ({whole_max}) applies to retrain.dfr.balance: subsample only; "
+                        f"with balance: reweight every point enters every fit, so set whole_group_max to 0")
     sizes = {int(g): int((groups == g).sum()) for g in np.unique(groups)}
     balanced = {g: n for g, n in sizes.items() if n > whole_max}  # the groups cut down in balanced fits
     small = min(balanced, key=balanced.get) if balanced else None
-    if small is not None and sizes[small] < MIN_GROUP_SIZE:
+    if reweight:
+        log.info("DFR: every fit on all its points, weighted by 1 / group size (%d groups, smallest %d)",
+                 len(sizes), min(sizes.values()))
+    elif small is not None and sizes[small] < MIN_GROUP_SIZE:
         raise UserError(f"DFR: group {small} has {sizes[small]} val member(s), but DFR's group-balanced fits "
                         f"subsample every group to the smallest and need at least {MIN_GROUP_SIZE} per group "
                         f"(group sizes {sizes}). For pseudo groups raise clustering.min_group_size (fragments "
@@ -151,7 +173,7 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
         log.info("DFR: groups of at most %d members enter every balanced fit whole (%s); the others are cut "
                  "down to %s", whole_max, {g: n for g, n in sizes.items() if n <= whole_max},
                  sizes[small] if small is not None else "nothing (all enter whole)")
-    elif sizes[small] < 5:
+    elif not reweight and sizes[small] < 5:
         log.warning("DFR: smallest group %d has %d members (%s); balanced fits will be tiny",
                     small, sizes[small], sizes)
     # halves come from their own stream, so runs with the same seed and val split val identically
@@ -168,9 +190,10 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
         if len(np.unique(y[a])) < 2:
             continue
         halves.append(b)
-        sub = a[balanced_subsample(groups[a], rng, whole_max)]
+        sub = a if reweight else a[balanced_subsample(groups[a], rng, whole_max)]
+        w = group_weights(groups[sub]) if reweight else None
         for C in dspec.c_grid:
-            clf = _fit(X[sub], y[sub], C, int(rng.integers(2**31 - 1)))
+            clf = _fit(X[sub], y[sub], C, int(rng.integers(2**31 - 1)), w)
             pred = clf.predict(X[b])
             preds[C].append(pred)
             for name, g in scorers.items():
@@ -179,9 +202,9 @@ def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: i
                  for C, per in scores.items()}
     best_C = max(dspec.c_grid, key=lambda C: (np.nan_to_num(selection[C]["pseudo"], nan=-1.0), C))
     coefs, intercepts = [], []
-    for _ in range(dspec.n_final_fits):
-        sub = balanced_subsample(groups, rng, whole_max)
-        clf = _fit(X[sub], y[sub], best_C, int(rng.integers(2**31 - 1)))
+    for _ in range(1 if reweight else dspec.n_final_fits):  # a weighted fit on all of val has nothing to average
+        sub = np.arange(len(y)) if reweight else balanced_subsample(groups, rng, whole_max)
+        clf = _fit(X[sub], y[sub], best_C, int(rng.integers(2**31 - 1)), group_weights(groups) if reweight else None)
         coefs.append(clf.coef_)
         intercepts.append(clf.intercept_)
     log.info("DFR: C=%g (held-out worst-group acc %.3f), %d groups %s", best_C, selection[best_C]["pseudo"],
