@@ -24,6 +24,7 @@ import numpy as np
 from . import plots, tracking
 from .groups import GROUP_SOURCES
 from .pipeline import evaluate_row, preflight, start_job
+from .resources import describe_environment, environment
 from .spec import Spec, from_dict
 from .stages import Timer, compute_upstream
 from .store import StageCache, write_json
@@ -61,15 +62,19 @@ def peer_rows() -> list[tuple]:
     return [r for r in PEER_ROWS if r[1] in GROUP_SOURCES]
 
 
-def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = False) -> list[dict]:
+def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = False,
+               erm_envs: dict | None = None) -> list[dict]:
     """Every row for one seed (spec.seed), sharing one ERM model and one heatmap store.
 
     `end_to_end` adds E2E_ROWS: GroupDRO and JTT fine-tuning the whole ERM network on the ExMap groups.
+    `erm_envs`, when given, gets the environment the seed's ERM was trained in, under the seed.
     """
     # the rows choose their own retrainers; the spec's retrain.mode only matters for the E2E rows
     spec = dataclasses.replace(spec, retrain=dataclasses.replace(spec.retrain, mode="last_layer"))
     data = preflight(spec)
     up = compute_upstream(spec, data, cache, timer)
+    if erm_envs is not None:
+        erm_envs[spec.seed] = up.info["erm"].get("environment")
     rows = []
     peers = peer_rows()
     if not peers:
@@ -156,12 +161,14 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
     job = start_job(spec, out, cache_dir, tracking_uri)
     spec, out, tracker, timer = job.spec, job.out, job.tracker, job.timer
     per_seed: list[dict] = []
+    erm_envs: dict = {}  # seed -> the environment its ERM was trained in
     with tracker.run(experiment_id=job.exp_id, run_name=f"{spec.name} bench"):
         write_json(out / "spec.resolved.json", spec.to_dict())  # what sync-mlflow logs as params
         tracker.call("log_params", tracking.log_flat_params, tracking.bench_params(spec.to_dict(), seeds))
         for seed in seeds:
             with timer(f"seed {seed}"):
-                per_seed += bench_seed(from_dict({**spec.to_dict(), "seed": seed}), job.cache, timer, end_to_end)
+                per_seed += bench_seed(from_dict({**spec.to_dict(), "seed": seed}), job.cache, timer, end_to_end,
+                                       erm_envs)
             write_json(out / "bench_per_seed.json", per_seed)  # a crash keeps the seeds already done
         rows = aggregate(per_seed)
         table = format_table(rows, spec, seeds)
@@ -171,7 +178,10 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
               f"groups it dominates), mean ± std over {len(seeds)} seed(s). True groups are used only by the "
               f"oracle row and for scoring.", "", table, "",
               "Per seed: test WGA (the row's number of val pseudo groups, the worst true group's recovery).", "",
-              format_per_seed(per_seed), ""]
+              format_per_seed(per_seed), "",
+              "ERM trained with: " + "; ".join(f"seed {sd}: {describe_environment(e)}" for sd, e in erm_envs.items())
+              if len({describe_environment(e) for e in erm_envs.values()}) > 1
+              else "ERM trained with: " + describe_environment(next(iter(erm_envs.values()), None)), ""]
         (out / "bench.md").write_text("\n".join(md))
         cols = ["row", "n_seeds"] + [k for k in rows[0] if k not in ("row", "n_seeds")]
         buf = io.StringIO(newline="")
@@ -180,7 +190,7 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
         w.writerows(rows)
         (out / "bench.csv").write_text(buf.getvalue())
         summary = {"rows": rows, "per_seed": per_seed, "seeds": seeds, "timings_s": timer.seconds,
-                   "mlflow_run_id": tracker.run_id}
+                   "mlflow_run_id": tracker.run_id, "environment": {"driver": environment(), "erm": erm_envs}}
         write_json(out / "bench.json", summary)
         plots.bench_bars(rows, out / "bench_wga.png", f"{spec.name}: test WGA over {len(seeds)} seed(s)")
         tracker.call("log_metrics", tracking.log_metrics, tracking.bench_metrics(rows))

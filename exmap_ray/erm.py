@@ -106,6 +106,7 @@ def train_loop(config: dict) -> None:
     from . import quiet_worker_logs
     from .data import build_dataset
     from .data.base import Labeled, loader_options
+    from .resources import environment
     from .spec import from_dict
 
     quiet_worker_logs()
@@ -139,6 +140,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     amp = {"precision": e.precision, "channels_last": e.channels_last}
     start, history = 0, []
+    env = environment() if rank == 0 else None  # what the weights were computed with (results.json)
     best = {"val_acc": -1.0, "epoch": -1, "model": None}  # erm.keep best_val_acc: the best weights so far
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resumed after a failure: continue where the last report left off
@@ -165,7 +167,8 @@ def train_loop(config: dict) -> None:
                      epoch + 1, e.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_acc"],
                      metrics["images_per_s"])
             with tempfile.TemporaryDirectory() as d:
-                state = {"model": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch}
+                state = {"model": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+                         "environment": env}
                 if e.keep == "best_val_acc":
                     state["best"] = best
                 torch.save(state, Path(d) / "state.pt")
@@ -222,4 +225,4 @@ def train_erm(spec, out, n_classes: int) -> dict:
     write_json(out / "history.json", history)
     train_dir.rmtree()  # model.pt is the stage's artifact
     return {"epochs": len(history), "history": history, "workers": e.num_workers, "use_gpu": use_gpu,
-            "kept_epoch": kept["epoch"] + 1}
+            "kept_epoch": kept["epoch"] + 1, "environment": state.get("environment")}

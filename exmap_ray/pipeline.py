@@ -33,7 +33,7 @@ from .retrain import RETRAINERS, LastLayerResult, RetrainedModel
 from .retrain.dfr import MIN_GROUP_SIZE as DFR_MIN_GROUP_SIZE
 from .spec import Spec, stage_seed
 from .stages import Timer, Upstream, compute_upstream, group_context
-from .resources import resolve_resources
+from .resources import environment, resolve_resources
 from .storage import Loc
 from .store import StageCache, save_npz, write_json
 
@@ -142,6 +142,7 @@ def run_pipeline(spec: Spec, out, cache_dir=None, tracking_uri: str | None = Non
             tracker.call("log_metrics", tracking.log_metrics, h, "erm.", step=h["epoch"])
         results, heldout = evaluate_all(spec, data, up, timer)
         results.update(timings_s=timer.seconds, config=spec.to_dict(), mlflow_run_id=tracker.run_id,
+                       environment={"driver": environment(), "erm": up.info["erm"].get("environment")},
                        cache={k: {"key": v.key, "dir": str(v.dir)} for k, v in up.stages.items()})
         tracker.call("log_metrics", tracking.log_metrics, {k: results[k] for k in ("erm", "exmap", "oracle_dfr")})
         tracker.call("log_metrics", tracking.log_metrics, {"timings_s": timer.seconds})

@@ -156,3 +156,56 @@ def _holds(cpus: float, gpus: int) -> bool:
         return False
     have = ctx.get_assigned_resources()
     return have.get("CPU", 0) >= cpus and have.get("GPU", 0) >= gpus
+
+
+# distributions whose versions change what a run computes (faiss ships under several names)
+_VERSIONED = ("torch", "torchvision", "timm", "numpy", "scikit-learn", "ray", "faiss-cpu", "faiss-gpu-cu12",
+              "faiss-gpu-cu13-cuvs", "faiss-gpu")
+
+
+_CPU_FLAGS = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_tile", "fma"}
+
+
+def environment() -> dict:
+    """What this process computes with: package versions, the CPU (and the kernels torch picked for it),
+    torch's threads and any GPU. ERM trained on a CPU gives other weights on another CPU or torch build,
+    so results record it (results.json "environment"; the ERM stage records its rank-0 worker's)."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for dist in _VERSIONED:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    versions["torch"] = str(torch.__version__)  # with its build tag (+cu130, +cpu), which the metadata lacks
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    flags: list[str] = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+        flags = sorted(set(line.split(":", 1)[-1].split()) & _CPU_FLAGS)
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "packages": versions, "cpu": cpu, "cpu_flags": flags,
+            "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "host": platform.node()}
+
+
+def describe_environment(env: dict | None) -> str:
+    """One line for a table's footer: packages, then where (GPU, or CPU with torch's kernels and threads)."""
+    if not env:
+        return "not recorded (computed by an older exmap-ray)"
+    pk = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items())
+    where = env.get("gpu") or (f"{env.get('cpu')} ({env.get('torch_cpu_kernels')} kernels, "
+                               f"{env.get('torch_threads')} thread(s))")
+    return f"{pk}; on {where}"

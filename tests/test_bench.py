@@ -1,5 +1,6 @@
 """The method zoo end to end: cmnist_multi, per-shortcut gaps, `bench`, and baselines through `run`."""
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -103,6 +104,11 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     out = tmp_path / "bench"
     summary = run_bench(spec, [0], out, cache, end_to_end=True)
     rows = {r["row"]: r for r in summary["rows"]}
+    # what computed it: the driver's packages, and those of the process that trained seed 0's ERM
+    import torch
+    env = json.loads((out / "bench.json").read_text())["environment"]
+    assert env["driver"]["packages"]["torch"] == torch.__version__ == env["erm"]["0"]["packages"]["torch"]
+    assert f"ERM trained with: torch {torch.__version__}, " in (out / "bench.md").read_text()
     assert list(rows) == [name for name, *_ in ROWS + peer_rows() + E2E_ROWS]  # peers: with SpuCo installed
     assert rows["oracle DFR (true groups)"]["ari"] == 1.0
     for r in rows.values():

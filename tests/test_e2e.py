@@ -46,6 +46,11 @@ def test_run_cmnist_end_to_end(tiny_run, tmp_path, capsys):
     assert all(0 <= v[k] <= 1 for k in ("worst_pseudo_group_acc", "worst_class_acc", "oracle_worst_group_acc"))
     assert set(res["timings_s"]) >= {"erm", "heatmaps", "clusters", "dfr"}
     assert res["config"]["model"]["backbone"] == "test_resnet"
+    # what computed it: this driver, and the Ray Train worker that trained the (cached) ERM, with its threads
+    import timm
+    env = res["environment"]
+    assert env["driver"]["packages"]["timm"] == timm.__version__ == env["erm"]["packages"]["timm"]
+    assert env["erm"]["torch_threads"] == 1 and env["erm"]["torch_cpu_kernels"] and env["erm"]["gpu"] is None
     printed = capsys.readouterr().out
     assert "test WGA" in printed and "oracle DFR" in printed
 
