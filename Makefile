@@ -9,13 +9,24 @@ PYTEST_ARGS ?=
 # takes about half the time of one process (docs/benchmarks.md). PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test install clean
+.PHONY: demo test install lock clean
 
-$(STAMP): pyproject.toml
+# On Python 3.11 the install takes the versions in constraints.txt (what the suite last passed with);
+# on another Python, the newest that pyproject.toml's ranges allow.
+PINS = $$($(PY) -c 'import sys; print("-c constraints.txt" if sys.version_info[:2] == (3, 11) else "")')
+
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' $(PINS)
 	touch $(STAMP)
+
+# Re-pin constraints.txt: a fresh venv with the newest versions pyproject.toml allows, frozen (run the
+# suite after it, and commit constraints.txt with the figures it gives).
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv && .lock-venv/bin/python -m pip install -q -e '.[dev]'
+	{ grep '^#' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt && rm -rf .lock-venv
 
 install: $(STAMP)
 
