@@ -40,6 +40,7 @@ class GroupContext:
     heatmaps: Optional[np.ndarray] = None      # (N, ...) heatmaps of the predicted class
     true_groups: Optional[np.ndarray] = None   # (N,) true groups: the `true` source (oracle) only
     random_k: Optional[int] = None             # `random`: groups per class; None = clustering.k if an int, else 2
+    merge_easy: bool = False                   # groups.merge_easy: merge_easy_groups after a label-free source
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,34 @@ def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
     groups = np.asarray(groups, np.int64)
     if groups.shape != (len(ctx.y_val),):
         raise ValueError(f"group source '{name}' returned shape {groups.shape}, expected ({len(ctx.y_val)},)")
+    if ctx.merge_easy and not src.oracle:
+        if ctx.val_logits is None:
+            raise UserError("groups.merge_easy needs ERM's val logits, which the caller did not provide")
+        before = int(len(np.unique(groups)))
+        groups, merged = merge_easy_groups(groups, ctx.y_val, ctx.val_logits)
+        info = {**info, "merged_easy": merged, "n_groups_before_merge": before}
     ids, counts = np.unique(groups, return_counts=True)
     return groups, {"source": name, **info, "n_groups": int(len(ids)),
                     "sizes": {int(g): int(c) for g, c in zip(ids, counts)}}
+
+
+def merge_easy_groups(groups: np.ndarray, y: np.ndarray, val_logits: np.ndarray) -> tuple[np.ndarray, dict]:
+    """`groups.merge_easy`: within each class, the groups on which ERM's val accuracy is at least its
+    accuracy on the whole class become one group; the harder ones stay. Uses the class labels and ERM's
+    predictions only, as DFR does. Returns dense ids (in the old ids' order) and, per class, the old ids
+    merged (classes with fewer than two easy groups are left alone)."""
+    groups, y = np.asarray(groups), np.asarray(y)
+    correct = np.asarray(val_logits).argmax(1) == y
+    out, merged = groups.copy(), {}
+    for c in np.unique(y):
+        in_c = y == c
+        class_acc = correct[in_c].mean()
+        easy = [int(g) for g in np.unique(groups[in_c]) if correct[in_c & (groups == g)].mean() >= class_acc]
+        if len(easy) > 1:
+            out[in_c & np.isin(groups, easy)] = min(easy)
+            merged[int(c)] = easy
+    _, dense = np.unique(out, return_inverse=True)
+    return dense.ravel().astype(np.int64), merged
 
 
 def class_by_cluster(y: np.ndarray, cluster_of: np.ndarray) -> np.ndarray:

@@ -168,6 +168,10 @@ class GroupsSpec:
     random_k: Optional[int] = opt(None, "random source: groups per class; null = clustering.k when it is an "
                                         "integer, else 2", lambda v: None if v is None or v >= 1 else
                                   "an integer >= 1, or null")
+    merge_easy: bool = opt(False, "after a label-free source: within each class, merge the pseudo groups on which "
+                                  "ERM's val accuracy is at least its accuracy on the whole class into one group "
+                                  "(undoes splitting the groups ERM already gets right, e.g. with clustering.method "
+                                  "spectral_split); never the oracle's true groups")
 
 
 @dataclass

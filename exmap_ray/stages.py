@@ -50,7 +50,8 @@ EXECUTION_ONLY = {"heatmaps": {"batch_size", "shard_size", "num_actors"},
 # keys added after caches existed: hashed only when set away from this default, so every stage key
 # (and every cache) made before the key was added stays valid
 HASHED_UNLESS = {"heatmaps": {"store_dtype": "float32"},
-                 "clustering": {"split_gap": 0.1, "split_depth": 2, "split_min_size": 15}}
+                 "clustering": {"split_gap": 0.1, "split_depth": 2, "split_min_size": 15},
+                 "groups": {"merge_easy": False}}
 # Before each dataset declared its own keys, one DatasetSpec held every dataset's, and the erm key hashed
 # them all. It still does, the keys the chosen dataset does not take at these (their old defaults), so
 # every key made before stays valid; a dataset's own value replaces its entry here.
@@ -187,7 +188,8 @@ def group_context(spec: Spec, y_val: np.ndarray, true_groups: np.ndarray, val_fe
     clustering = spec.clustering if scope is None else dataclasses.replace(spec.clustering, scope=scope)
     return GroupContext(y_val=y_val, clustering=clustering, seed=stage_seed(spec.seed, "clusters"),
                         val_features=val_features, val_logits=val_logits, heatmaps=heatmaps,
-                        true_groups=true_groups, random_k=spec.groups.random_k)
+                        true_groups=true_groups, random_k=spec.groups.random_k,
+                        merge_easy=getattr(spec.groups, "merge_easy", False))
 
 
 def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,

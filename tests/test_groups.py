@@ -134,3 +134,26 @@ def test_only_the_oracle_sees_the_true_groups(monkeypatch):
     # and no non-oracle source changes its answer when the truth is (or is not) in the context
     for name in ("exmap", "features", "jtt_error_set", "random"):
         assert np.array_equal(infer_groups(name, c)[0], infer_groups(name, ctx(true_groups=None))[0])
+
+
+def test_merge_easy_joins_the_groups_erm_gets_right_and_keeps_the_hard_ones(monkeypatch):
+    """groups.merge_easy: the toy ERM follows the colour, so each class's majority is right and its
+    minority wrong (class accuracy 0.8). A source that cuts each majority into pieces (3 and 2) gets
+    them joined again; the minorities stay apart, and the oracle's groups are never touched."""
+    from exmap_ray.groups import merge_easy_groups
+
+    y, sub, _, _, logits = toy()
+    rng = np.random.default_rng(0)
+    pieces = np.where(sub == 0, rng.integers(0, 3, len(y)), 0)          # class 0's majority in 3 pieces
+    pieces = np.where(sub == 2, 10 + rng.integers(0, 2, len(y)), pieces)  # class 1's in 2
+    fragments = np.where(sub == 1, 5, np.where(sub == 3, 20, pieces))    # the minorities whole
+    merged, info = merge_easy_groups(fragments, y, logits)
+    assert np.array_equal(merged, sub)  # dense ids, in the old ids' order
+    assert info == {0: [0, 1, 2], 1: [10, 11]}
+    monkeypatch.setitem(GROUP_SOURCES._items, "pieces", GroupSource(lambda c: (fragments, {}), ()))
+    groups, info = infer_groups("pieces", ctx(merge_easy=True))
+    assert np.array_equal(groups, sub) and info["n_groups"] == 4 and info["n_groups_before_merge"] == 7
+    assert infer_groups("pieces", ctx())[1]["n_groups"] == 7  # off by default
+    assert np.array_equal(infer_groups("true", ctx(merge_easy=True))[0], sub)
+    with pytest.raises(UserError, match="merge_easy needs ERM's val logits"):
+        infer_groups("pieces", ctx(merge_easy=True, val_logits=None))

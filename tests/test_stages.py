@@ -51,6 +51,11 @@ def test_a_key_added_later_enters_the_hash_only_away_from_its_default(tmp_path):
     keys = {n: s.key for n, s in stages.items()}
     assert {n: keys[n] == DEMO_KEYS["cpu"][n] for n in keys} == {
         "erm": True, "features": True, "heatmaps": False, "clusters": False}
+    # groups.merge_easy (added later too) changes the clusters stage alone
+    keys = {n: s.key for n, s in stage_keys(load_spec("cmnist", [*PAPER, "resources.gpu=false",
+                                                                "groups.merge_easy=true"]), StageCache(tmp_path)).items()}
+    assert {n: keys[n] == DEMO_KEYS["cpu"][n] for n in keys} == {
+        "erm": True, "features": True, "heatmaps": True, "clusters": False}
 
 
 def test_unresolved_device_is_refused(tmp_path):
