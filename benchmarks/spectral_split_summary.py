@@ -1,11 +1,14 @@
-"""Summarise runs/split/*/results.json (spectral vs spectral_split, seeds 0-2)."""
-import json, glob, statistics as st
+"""Summarise runs/split/*/results.json (spectral vs spectral_split); argv: the seeds to take (default all)."""
+import json, glob, statistics as st, sys
+want = {int(a) for a in sys.argv[1:]}
 rows = {}
 for p in sorted(glob.glob('runs/split/*/results.json')):
     name = p.split('/')[-2]
     tag, method, seed = name.split('-', 2)
     seed, _, suffix = seed.partition('-')
     method += f"-{suffix}" if suffix else ""
+    if want and int(seed[1:]) not in want:
+        continue
     r = json.load(open(p))
     e, o = r['exmap'], r['oracle_dfr']
     rows.setdefault((tag, method), []).append((int(seed[1:]), e['test']['worst_group_acc'], o['test']['worst_group_acc'],
