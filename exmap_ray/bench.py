@@ -101,6 +101,14 @@ def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = F
     return rows
 
 
+def erm_environments(erm_envs: dict) -> str:
+    """The seeds' ERM environments in one line: one description when they agree, else one per seed."""
+    described = {seed: describe_environment(env) for seed, env in erm_envs.items()}
+    if len(set(described.values())) > 1:
+        return "; ".join(f"seed {seed}: {d}" for seed, d in described.items())
+    return next(iter(described.values()), describe_environment(None))
+
+
 def aggregate(per_seed: list[dict]) -> list[dict]:
     """Mean and std over seeds for every numeric column, per row, in ROWS order."""
     out = []
@@ -178,10 +186,7 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
               f"groups it dominates), mean ± std over {len(seeds)} seed(s). True groups are used only by the "
               f"oracle row and for scoring.", "", table, "",
               "Per seed: test WGA (the row's number of val pseudo groups, the worst true group's recovery).", "",
-              format_per_seed(per_seed), "",
-              "ERM trained with: " + "; ".join(f"seed {sd}: {describe_environment(e)}" for sd, e in erm_envs.items())
-              if len({describe_environment(e) for e in erm_envs.values()}) > 1
-              else "ERM trained with: " + describe_environment(next(iter(erm_envs.values()), None)), ""]
+              format_per_seed(per_seed), "", "ERM trained with: " + erm_environments(erm_envs), ""]
         (out / "bench.md").write_text("\n".join(md))
         cols = ["row", "n_seeds"] + [k for k in rows[0] if k not in ("row", "n_seeds")]
         buf = io.StringIO(newline="")

@@ -182,19 +182,14 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             pass
     versions["torch"] = str(torch.__version__)  # with its build tag (+cu130, +cpu), which the metadata lacks
-    cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        with open("/proc/cpuinfo") as f:  # Linux: the first processor's model name and flags
+            info = dict(ln.split(":", 1) for ln in f.read().split("\n\n", 1)[0].splitlines() if ":" in ln)
     except OSError:
-        pass
-    flags: list[str] = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-        flags = sorted(set(line.split(":", 1)[-1].split()) & _CPU_FLAGS)
-    except OSError:
-        pass
+        info = {}
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    flags = sorted(set(info.get("flags", "").split()) & _CPU_FLAGS)
     return {"python": platform.python_version(), "packages": versions, "cpu": cpu, "cpu_flags": flags,
             "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -189,7 +189,7 @@ def group_context(spec: Spec, y_val: np.ndarray, true_groups: np.ndarray, val_fe
     return GroupContext(y_val=y_val, clustering=clustering, seed=stage_seed(spec.seed, "clusters"),
                         val_features=val_features, val_logits=val_logits, heatmaps=heatmaps,
                         true_groups=true_groups, random_k=spec.groups.random_k,
-                        merge_easy=getattr(spec.groups, "merge_easy", False))
+                        merge_easy=spec.groups.merge_easy)
 
 
 def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
