@@ -1,8 +1,14 @@
-"""Summarise runs/split/*/results.json (spectral vs spectral_split); argv: the seeds to take (default all)."""
+"""Summarise runs/split/*/results.json (spectral vs spectral_split); argv: the seeds to take (default all).
+
+`--root runs/inputs` reads the run folders of benchmarks/inputs_e2e.sh instead (TAG-INPUT-sSEED)."""
 import json, glob, statistics as st, sys
-want = {int(a) for a in sys.argv[1:]}
+args = sys.argv[1:]
+root = 'runs/split'
+if args[:1] == ['--root']:
+    root, args = args[1], args[2:]
+want = {int(a) for a in args}
 rows = {}
-for p in sorted(glob.glob('runs/split/*/results.json')):
+for p in sorted(glob.glob(f'{root}/*/results.json')):
     name = p.split('/')[-2]
     tag, method, seed = name.split('-', 2)
     seed, _, suffix = seed.partition('-')
