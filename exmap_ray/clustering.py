@@ -415,29 +415,73 @@ def check_rows(X: np.ndarray, what: str) -> None:
                         f"clustered (did ERM diverge? check the ERM loss/accuracy)")
 
 
-def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int, what: str = "heatmaps") -> tuple[np.ndarray, dict]:
+def channel_sums(H) -> np.ndarray:
+    """`clustering.cross_spatial`'s rows: each (C, h, w) heatmap summed over its channels, (N, h * w) float32.
+
+    Where the relevance lies, whichever channel carries it (the usual way an LRP map is shown). `H` is an
+    (N, C, h, w) array, memmap or list of such shards, read in chunks: the result is one N x h*w copy
+    (a million 14x14 maps: 0.8 GB)."""
+    shards = [H] if isinstance(H, np.ndarray) else list(H)
+    if not shards or any(np.ndim(s) != 4 for s in shards):
+        shapes = sorted({tuple(np.shape(s)[1:]) for s in shards})
+        raise UserError(f"clustering.cross_spatial sums each heatmap over its channels, so it needs heatmaps of "
+                        f"shape (N, channels, height, width); these are {shapes or 'empty'} per point. Set "
+                        f"clustering.cross_spatial: false, or use a heatmap method that keeps the channels "
+                        f"(heatmaps.method lrp or input_x_gradient)")
+    h, w = shards[0].shape[2:]
+    out = np.empty((sum(len(s) for s in shards), h * w), np.float32)
+    at = 0
+    for s in shards:
+        for lo in range(0, len(s), 8192):
+            part = np.asarray(s[lo:lo + 8192], np.float32)
+            out[at:at + len(part)] = part.sum(1).reshape(len(part), -1)
+            at += len(part)
+    return out
+
+
+def _cluster_scopes(X, y: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
+    """Cluster ids per point (each scope numbered from 0) and each scope's info: per class (local) or global."""
+    if cspec.scope != "local":
+        labels, info = cluster(X, cspec, seed)
+        return labels, {"global": info}
+    cluster_of, scopes = np.zeros(len(X), np.int64), {}
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        labels, info = cluster(X[idx] if isinstance(X, np.ndarray) else X.subset(idx), cspec, seed + int(c))
+        cluster_of[idx] = labels
+        scopes[f"class {int(c)}"] = info
+    return cluster_of, scopes
+
+
+def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int, what: str = "heatmaps",
+                  cross=None, correct: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Pseudo group per point = (class, cluster), numbered densely 0..G-1.
 
     `H` is any (N, ...) array, flattened per row: heatmaps by default, or penultimate features
     (pass `what="features"`: the input checks then speak of features, not heatmaps). It may be an
     np.memmap or a list of shards: from SCALE_MIN_N rows on it is read in chunks, never copied whole
     (except by clusterers without a scalable route).
+    `cross`: other (N, d) rows of the same points (`clustering.cross_spatial`: the heatmaps' channel
+    sums), clustered the same way; a point's cluster is then the pair (its cluster, its cluster in
+    `cross`), so a second structure the first clustering left inside its clusters splits them.
+    `correct` (N,) bool, with `cross` (`cross_spatial: hard`): whether ERM got each point right; within
+    each (class, cluster) the parts `cross` cuts it into stay apart only where ERM's accuracy on them is
+    below its accuracy on the whole (class, cluster); the others stay together.
     Returns the labels and a dict with each scope's chosen k and the (class, cluster) of each group.
     """
     check_heatmaps(H) if what == "heatmaps" else check_rows(H, what)
     y = np.asarray(y)
     rows = Rows(H, cspec.normalize)
     X = rows.materialize() if len(rows) < SCALE_MIN_N else rows  # below SCALE_MIN_N: the exact path, as ever
-    cluster_of = np.zeros(len(X), np.int64)
-    scopes = {}
-    if cspec.scope == "local":
-        for c in np.unique(y):
-            idx = np.flatnonzero(y == c)
-            labels, info = cluster(X[idx] if isinstance(X, np.ndarray) else X.subset(idx), cspec, seed + int(c))
-            cluster_of[idx] = labels
-            scopes[f"class {int(c)}"] = info
-    else:
-        cluster_of, scopes["global"] = cluster(X, cspec, seed)
+    cluster_of, scopes = _cluster_scopes(X, y, cspec, seed)
+    crossed = None
+    if cross is not None:
+        C = Rows(cross, cspec.normalize)
+        other, crossed = _cluster_scopes(C.materialize() if len(C) < SCALE_MIN_N else C, y, cspec, seed)
+        if correct is not None:
+            other, crossed["kept_apart"] = keep_hard_parts(y, cluster_of, other, np.asarray(correct, bool))
+        _, cluster_of = np.unique(cluster_of * (int(other.max()) + 1) + other, return_inverse=True)
+        cluster_of = cluster_of.ravel().astype(np.int64)
     cluster_of, merges = merge_small(X, y, cluster_of, cspec.min_group_size)
     classes, ycode = np.unique(y, return_inverse=True)  # (class, cluster) pairs in sorted order, numbered densely
     base = int(cluster_of.max()) + 1
@@ -447,8 +491,30 @@ def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int, what: str = "h
     sizes = np.bincount(groups, minlength=len(pairs))
     log.info("clustering: %s/%s -> %d pseudo groups, sizes %s%s", cspec.method, cspec.scope, len(pairs),
              sizes.tolist(), f" ({len(merges)} small fragment(s) merged)" if merges else "")
-    return groups, {"scopes": scopes, "n_groups": len(pairs), "group_class_cluster": pairs,
-                    "sizes": sizes.tolist(), "merged": merges}
+    info = {"scopes": scopes, "n_groups": len(pairs), "group_class_cluster": pairs,
+            "sizes": sizes.tolist(), "merged": merges}
+    if crossed is not None:
+        info["cross_scopes"] = crossed
+    return groups, info
+
+
+def keep_hard_parts(y: np.ndarray, cluster_of: np.ndarray, part: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, int]:
+    """`cross_spatial: hard`: within each (class, cluster), the parts (ids in `part`) on which ERM's
+    accuracy is at least its accuracy on the whole (class, cluster) become one part, id 0; the harder
+    parts keep their own ids (shifted by 1). Returns the new part ids and how many parts were kept apart."""
+    out = part.astype(np.int64) + 1
+    kept = 0
+    parent = np.unique(np.stack([y, cluster_of], 1), axis=0, return_inverse=True)[1].ravel()
+    for p in np.unique(parent):
+        m = parent == p
+        acc = correct[m].mean()
+        for q in np.unique(part[m]):
+            mm = m & (part == q)
+            if correct[mm].mean() >= acc:
+                out[mm] = 0
+            else:
+                kept += 1
+    return out, kept
 
 
 def merge_small(X: np.ndarray | Rows, y: np.ndarray, cluster_of: np.ndarray, min_size: int) -> tuple[np.ndarray, list]:

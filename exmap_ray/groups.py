@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .clustering import check_heatmaps, check_rows, pseudo_groups
+from .clustering import channel_sums, check_heatmaps, check_rows, pseudo_groups
 from .clustering_scale import Rows
 from .errors import UserError
 from .registry import Registry
@@ -117,15 +117,28 @@ def class_by_cluster(y: np.ndarray, cluster_of: np.ndarray) -> np.ndarray:
 def exmap_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """ExMap: cluster the heatmaps with `clustering.*` (scope, method, k); group = class x cluster."""
     what = getattr(ctx.clustering, "input", "heatmaps")
+    cross = correct = None
+    mode = getattr(ctx.clustering, "cross_spatial", "none")
+    if mode != "none":
+        if what == "features":
+            raise UserError("clustering.cross_spatial splits clusters by the heatmaps' channel sums, and "
+                            "clustering.input: features clusters no heatmaps; use clustering.input heatmaps or "
+                            "both, or set clustering.cross_spatial: none")
+        if mode == "hard":
+            if ctx.val_logits is None:
+                raise UserError("clustering.cross_spatial: hard needs ERM's val logits, which the caller did not "
+                                "provide; use cross_spatial: all, or pass them")
+            correct = np.asarray(ctx.val_logits).argmax(1) == np.asarray(ctx.y_val)
+        cross = channel_sums(ctx.heatmaps)
     if what == "features":
         return pseudo_groups(ctx.val_features, ctx.y_val, ctx.clustering, ctx.seed, what="features")
     if what == "both":
         return pseudo_groups(side_by_side(ctx.heatmaps, ctx.val_features), ctx.y_val, ctx.clustering, ctx.seed,
-                             what="heatmaps and features")
+                             what="heatmaps and features", cross=cross, correct=correct)
     H = ctx.heatmaps  # an array, a memmap or a list of memory-mapped shards (millions): never stacked here
     if isinstance(H, np.ndarray):
         H = H.reshape(len(H), -1)  # a view, for a memmap too
-    return pseudo_groups(H, ctx.y_val, ctx.clustering, ctx.seed)
+    return pseudo_groups(H, ctx.y_val, ctx.clustering, ctx.seed, cross=cross, correct=correct)
 
 
 def side_by_side(H, F) -> np.ndarray:

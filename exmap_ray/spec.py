@@ -153,6 +153,12 @@ class ClusteringSpec:
                               "2 = each of its clusters may be split once more)", _positive)
     split_min_size: int = opt(15, "spectral_split: a part under twice this is not split, nor split into a "
                                   "child under half of it", _positive)
+    cross_spatial: Literal["none", "all", "hard"] = opt(
+        "none", "also cluster each heatmap summed over its channels (where the relevance lies, whichever channel "
+                "carries it), the same way, and split every (class, cluster) by those clusters: all = keep every "
+                "part; hard = keep apart only the parts on which ERM's val accuracy is below its accuracy on the "
+                "whole (class, cluster), the rest stays one group. For a shortcut the channels hide, e.g. a "
+                "patch's place beside a colour; needs (N, C, h, w) heatmaps and clustering.input heatmaps or both")
     min_group_size: int = opt(5, "pseudo groups smaller than this merge into the nearest group of their class; "
                                  "DFR subsamples every group to the smallest, so tiny fragments starve it. "
                                  "1 keeps every group, as the released ExMap does (with retrain.dfr.whole_group_max: 5)",

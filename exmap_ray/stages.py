@@ -50,7 +50,7 @@ EXECUTION_ONLY = {"heatmaps": {"batch_size", "shard_size", "num_actors"},
 # keys added after caches existed: hashed only when set away from this default, so every stage key
 # (and every cache) made before the key was added stays valid
 HASHED_UNLESS = {"heatmaps": {"store_dtype": "float32"},
-                 "clustering": {"split_gap": 0.1, "split_depth": 2, "split_min_size": 15},
+                 "clustering": {"split_gap": 0.1, "split_depth": 2, "split_min_size": 15, "cross_spatial": "none"},
                  "groups": {"merge_easy": False}}
 # Before each dataset declared its own keys, one DatasetSpec held every dataset's, and the erm key hashed
 # them all. It still does, the keys the chosen dataset does not take at these (their old defaults), so

@@ -157,3 +157,85 @@ def test_merge_easy_joins_the_groups_erm_gets_right_and_keeps_the_hard_ones(monk
     assert np.array_equal(infer_groups("true", ctx(merge_easy=True))[0], sub)
     with pytest.raises(UserError, match="merge_easy needs ERM's val logits"):
         infer_groups("pieces", ctx(merge_easy=True, val_logits=None))
+
+
+def colour_and_place(seed=1):
+    """2 classes x colour (which of 2 channels holds the relevance) x place (a faint spot top left or
+    bottom right): 8 true groups, 120 / 20 / 20 / 8 per class. The channel decides most of the distance
+    between two maps; the spot is a few pixels, present in both channels alike, under noise."""
+    rng = np.random.default_rng(seed)
+    sizes = [120, 20, 20, 8]
+    y = np.repeat([0, 1], sum(sizes))
+    colour = np.concatenate([np.repeat([c, c, 1 - c, 1 - c], sizes) for c in (0, 1)])
+    place = np.concatenate([np.repeat([p, 1 - p, p, 1 - p], sizes) for p in (0, 1)])
+    H = 0.2 * rng.normal(size=(len(y), 2, 8, 8))
+    H[np.arange(len(y)), colour] += 1.0                       # the colour: a whole channel
+    spot = np.where(place == 0, 0, 6)
+    for i in range(len(y)):
+        H[i, :, spot[i]:spot[i] + 2, spot[i]:spot[i] + 2] += 0.3  # the place: 2 x 2 pixels, both channels
+    true = y * 4 + colour * 2 + place
+    return y, true, H
+
+
+def test_cross_spatial_finds_the_place_the_channels_hide():
+    """clustering.cross_spatial: the full maps cluster by channel and leave the spot's place inside
+    each cluster; crossed with the clusters of the channel sums, every true group has pseudo groups of
+    its own. Label-free: the true groups only score."""
+    from exmap_ray.metrics import recovery
+
+    y, true, H = colour_and_place()
+    cspec = ClusteringSpec(method="spectral", scope="global", min_group_size=3)
+    c = ctx(y_val=y, heatmaps=H, true_groups=true, val_features=None, val_logits=None, clustering=cspec)
+    plain, info = infer_groups("exmap", c)
+    assert info["scopes"]["global"]["k"] == 2 and "cross_scopes" not in info
+    assert min(recovery(plain, true).values()) == 0.0          # the place is lost
+    crossed, info = infer_groups("exmap", c.__class__(**{**c.__dict__, "clustering":
+                                                         dataclasses.replace(cspec, cross_spatial="all")}))
+    assert info["cross_scopes"]["global"]["k"] == 2
+    assert min(recovery(crossed, true).values()) >= 0.95
+    assert adjusted_rand_score(true, crossed) > 0.95
+    # a point's pseudo group refines its plain one: crossing only splits
+    assert all(len(np.unique(plain[crossed == g])) == 1 for g in np.unique(crossed))
+
+
+def test_cross_spatial_refuses_what_it_cannot_sum():
+    cspec = ClusteringSpec(method="kmeans", k=2, scope="global", min_group_size=3, cross_spatial="all")
+    with pytest.raises(UserError, match="clustering.input: features clusters no heatmaps"):
+        infer_groups("exmap", ctx(clustering=dataclasses.replace(cspec, input="features")))
+    flat = ctx().heatmaps.reshape(len(ctx().y_val), -1)
+    with pytest.raises(UserError, match=r"needs heatmaps of shape \(N, channels, height, width\); these are \[\(32,\)\]"):
+        infer_groups("exmap", ctx(clustering=cspec, heatmaps=flat))
+
+
+def test_cross_spatial_hard_keeps_apart_only_the_parts_erm_finds_harder():
+    """cross_spatial: hard. Where ERM errs more on the rare place than on its (class, cluster), the place's
+    parts stay apart as with `all`; where its errors follow the colour alone, every part is as easy as its
+    (class, cluster), and the grouping is the plain one."""
+    from exmap_ray.clustering import keep_hard_parts
+    from exmap_ray.metrics import recovery
+
+    y, true, H = colour_and_place()
+    colour_minority, place_minority = (true % 4) >= 2, (true % 2) != y
+    half = np.arange(len(y)) % 2 == 0
+
+    def logits(wrong):
+        out = np.zeros((len(y), 2))
+        out[np.arange(len(y)), np.where(wrong, 1 - y, y)] = 1.0
+        return out
+    cspec = ClusteringSpec(method="spectral", scope="global", min_group_size=3)
+    c = ctx(y_val=y, heatmaps=H, true_groups=true, val_features=None, clustering=cspec,
+            val_logits=logits(colour_minority))
+    plain, _ = infer_groups("exmap", c)
+    hard = dataclasses.replace(c, clustering=dataclasses.replace(cspec, cross_spatial="hard"))
+    same, info = infer_groups("exmap", hard)                  # errors follow the colour only
+    assert adjusted_rand_score(plain, same) == pytest.approx(1.0) and info["cross_scopes"]["kept_apart"] == 0
+    # ERM errs on the rare place too, and on half the rest of the rare colour
+    harder = dataclasses.replace(hard, val_logits=logits(place_minority | (colour_minority & half)))
+    split, info = infer_groups("exmap", harder)
+    assert info["cross_scopes"]["kept_apart"] > 0 and min(recovery(split, true).values()) >= 0.9
+    with pytest.raises(UserError, match="cross_spatial: hard needs ERM's val logits"):
+        infer_groups("exmap", dataclasses.replace(hard, val_logits=None))
+    # the rule itself: per (class, cluster), parts at least as accurate as the whole become one part (0)
+    parts, kept = keep_hard_parts(np.zeros(6, int), np.zeros(6, int), np.array([0, 0, 1, 1, 2, 2]),
+                                  np.array([1, 1, 1, 0, 1, 1], bool))
+    assert parts.tolist() == [0, 0, 2, 2, 0, 0] and kept == 1

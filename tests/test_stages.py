@@ -56,6 +56,13 @@ def test_a_key_added_later_enters_the_hash_only_away_from_its_default(tmp_path):
                                                                 "groups.merge_easy=true"]), StageCache(tmp_path)).items()}
     assert {n: keys[n] == DEMO_KEYS["cpu"][n] for n in keys} == {
         "erm": True, "features": True, "heatmaps": True, "clusters": False}
+    # so does clustering.cross_spatial; none (its default) leaves every key as pinned
+    for value, changed in (("none", False), ("all", True), ("hard", True)):
+        keys = {n: s.key for n, s in stage_keys(load_spec("cmnist", [*PAPER, "resources.gpu=false",
+                                                                    f"clustering.cross_spatial={value}"]),
+                                                StageCache(tmp_path)).items()}
+        assert {n: keys[n] == DEMO_KEYS["cpu"][n] for n in keys} == {
+            "erm": True, "features": True, "heatmaps": True, "clusters": not changed}
 
 
 def test_unresolved_device_is_refused(tmp_path):
