@@ -164,6 +164,12 @@ class ClusteringSpec:
                                  "1 keeps every group, as the released ExMap does (with retrain.dfr.whole_group_max: 5)",
                               _positive)
 
+    def __post_init__(self):
+        if self.cross_spatial != "none" and self.input == "features":
+            raise SpecError(f"spec key 'clustering.cross_spatial': '{self.cross_spatial}' splits clusters by the "
+                            f"heatmaps' channel sums, and clustering.input 'features' clusters no heatmaps; use "
+                            f"clustering.input heatmaps or both, or clustering.cross_spatial none")
+
 
 @dataclass
 class GroupsSpec:

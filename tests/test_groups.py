@@ -200,8 +200,9 @@ def test_cross_spatial_finds_the_place_the_channels_hide():
 
 def test_cross_spatial_refuses_what_it_cannot_sum():
     cspec = ClusteringSpec(method="kmeans", k=2, scope="global", min_group_size=3, cross_spatial="all")
-    with pytest.raises(UserError, match="clustering.input: features clusters no heatmaps"):
-        infer_groups("exmap", ctx(clustering=dataclasses.replace(cspec, input="features")))
+    with pytest.raises(SpecError, match="spec key 'clustering.cross_spatial': 'all' splits clusters by the heatmaps'"):
+        dataclasses.replace(cspec, input="features")                      # refused with the spec, before ERM
+    assert from_dict({"clustering": {"cross_spatial": "hard", "input": "both"}}).clustering.cross_spatial == "hard"
     flat = ctx().heatmaps.reshape(len(ctx().y_val), -1)
     with pytest.raises(UserError, match=r"needs heatmaps of shape \(N, channels, height, width\); these are \[\(32,\)\]"):
         infer_groups("exmap", ctx(clustering=cspec, heatmaps=flat))
