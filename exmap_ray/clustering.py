@@ -426,8 +426,8 @@ def channel_sums(H) -> np.ndarray:
         shapes = sorted({tuple(np.shape(s)[1:]) for s in shards})
         raise UserError(f"clustering.cross_spatial sums each heatmap over its channels, so it needs heatmaps of "
                         f"shape (N, channels, height, width); these are {shapes or 'empty'} per point. Set "
-                        f"clustering.cross_spatial: false, or use a heatmap method that keeps the channels "
-                        f"(heatmaps.method lrp or input_x_gradient)")
+                        f"clustering.cross_spatial: none (every shipped heatmaps.method gives that shape; with "
+                        f"gradcam's single channel the crossing changes nothing)")
     h, w = shards[0].shape[2:]
     out = np.empty((sum(len(s) for s in shards), h * w), np.float32)
     at = 0

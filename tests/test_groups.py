@@ -203,6 +203,14 @@ def test_cross_spatial_refuses_what_it_cannot_sum():
     with pytest.raises(SpecError, match="spec key 'clustering.cross_spatial': 'all' splits clusters by the heatmaps'"):
         dataclasses.replace(cspec, input="features")                      # refused with the spec, before ERM
     assert from_dict({"clustering": {"cross_spatial": "hard", "input": "both"}}).clustering.cross_spatial == "hard"
+    # one channel (gradcam's maps): the channel sums are the maps, and the crossing changes nothing
+    y, true, H = colour_and_place()
+    one = ctx(y_val=y, heatmaps=H.sum(1, keepdims=True), true_groups=true,
+              clustering=ClusteringSpec(method="spectral", scope="global", min_group_size=3))
+    plain, _ = infer_groups("exmap", one)
+    crossed, _ = infer_groups("exmap", dataclasses.replace(one, clustering=dataclasses.replace(one.clustering,
+                                                                                              cross_spatial="all")))
+    assert adjusted_rand_score(plain, crossed) == pytest.approx(1.0)
     flat = ctx().heatmaps.reshape(len(ctx().y_val), -1)
     with pytest.raises(UserError, match=r"needs heatmaps of shape \(N, channels, height, width\); these are \[\(32,\)\]"):
         infer_groups("exmap", ctx(clustering=cspec, heatmaps=flat))
