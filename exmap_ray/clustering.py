@@ -428,15 +428,18 @@ def channel_sums(H) -> np.ndarray:
                         f"shape (N, channels, height, width); these are {shapes or 'empty'} per point. Set "
                         f"clustering.cross_spatial: none (every shipped heatmaps.method gives that shape; with "
                         f"gradcam's single channel the crossing changes nothing)")
-    h, w = shards[0].shape[2:]
-    out = np.empty((sum(len(s) for s in shards), h * w), np.float32)
-    at = 0
-    for s in shards:
-        for lo in range(0, len(s), 8192):
-            part = np.asarray(s[lo:lo + 8192], np.float32)
-            out[at:at + len(part)] = part.sum(1).reshape(len(part), -1)
-            at += len(part)
+    rows = Rows(shards, normalize=False)
+    c = shards[0].shape[1]
+    out = np.empty((len(rows), rows.d // c), np.float32)
+    for lo, X in rows.chunks():
+        out[lo:lo + len(X)] = X.reshape(len(X), c, -1).sum(1)
     return out
+
+
+def _scope_rows(H, normalize: bool):
+    """What the clusterer reads: one in-memory copy below SCALE_MIN_N rows (the exact path), else `Rows`."""
+    rows = Rows(H, normalize)
+    return rows.materialize() if len(rows) < SCALE_MIN_N else rows
 
 
 def _cluster_scopes(X, y: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
@@ -471,13 +474,11 @@ def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int, what: str = "h
     """
     check_heatmaps(H) if what == "heatmaps" else check_rows(H, what)
     y = np.asarray(y)
-    rows = Rows(H, cspec.normalize)
-    X = rows.materialize() if len(rows) < SCALE_MIN_N else rows  # below SCALE_MIN_N: the exact path, as ever
+    X = _scope_rows(H, cspec.normalize)  # below SCALE_MIN_N: the exact path, as ever
     cluster_of, scopes = _cluster_scopes(X, y, cspec, seed)
     crossed = None
     if cross is not None:
-        C = Rows(cross, cspec.normalize)
-        other, crossed = _cluster_scopes(C.materialize() if len(C) < SCALE_MIN_N else C, y, cspec, seed)
+        other, crossed = _cluster_scopes(_scope_rows(cross, cspec.normalize), y, cspec, seed)
         if correct is not None:
             other, crossed["kept_apart"] = keep_hard_parts(y, cluster_of, other, np.asarray(correct, bool))
         _, cluster_of = np.unique(cluster_of * (int(other.max()) + 1) + other, return_inverse=True)

@@ -119,11 +119,7 @@ def exmap_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     what = getattr(ctx.clustering, "input", "heatmaps")
     cross = correct = None
     mode = getattr(ctx.clustering, "cross_spatial", "none")
-    if mode != "none":
-        if what == "features":
-            raise UserError("clustering.cross_spatial splits clusters by the heatmaps' channel sums, and "
-                            "clustering.input: features clusters no heatmaps; use clustering.input heatmaps or "
-                            "both, or set clustering.cross_spatial: none")
+    if mode != "none":  # (ClusteringSpec refuses it with input features)
         if mode == "hard":
             if ctx.val_logits is None:
                 raise UserError("clustering.cross_spatial: hard needs ERM's val logits, which the caller did not "
