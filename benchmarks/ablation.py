@@ -51,7 +51,7 @@ def run_all(out: Path, cache_dir: Path, seeds: list[int]) -> None:
     from exmap_ray.resources import resolve_resources
     from exmap_ray.spec import load_spec
     from exmap_ray.stages import Timer, compute_upstream
-    from exmap_ray.store import StageCache
+    from exmap_ray.cache import StageCache
 
     done = {tuple(json.loads(l)["cell"]) for l in out.read_text().splitlines()} if out.exists() else set()
     cache = StageCache(cache_dir)

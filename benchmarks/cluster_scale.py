@@ -116,7 +116,8 @@ def knn_ivf(X: np.ndarray, seed: int) -> dict:
 def run_case(case: str, path: str, n: int, out: str) -> dict:
     """One case in this process: cluster the memmap at `path`, save labels to `out`, return figures."""
     from exmap_ray import clustering
-    from exmap_ray.clustering_scale import float16_roundtrip, normalize_rows
+    from exmap_ray.groups import pseudo_groups
+    from exmap_ray.clustering.scale import float16_roundtrip, normalize_rows
     from exmap_ray.spec import ClusteringSpec
 
     H = np.load(path, mmap_mode="r")
@@ -126,16 +127,16 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_SELF)
     with AnonPeak() as mem:
         if case in ("spectral", "exact", "anchor"):
-            clustering.SCALE_MIN_N = {"spectral": clustering.SCALE_MIN_N, "exact": 1 << 62, "anchor": 2}[case]
-            labels, gi = clustering.pseudo_groups(H, y, cs, seed=0)
+            clustering.scale.SCALE_MIN_N = {"spectral": clustering.scale.SCALE_MIN_N, "exact": 1 << 62, "anchor": 2}[case]
+            labels, gi = pseudo_groups(H, y, cs, seed=0)
             info = {"k": gi["scopes"]["global"]["k"], "route": gi["scopes"]["global"].get("route", "exact")}
         elif case == "float16":
-            labels, gi = clustering.pseudo_groups(float16_roundtrip(H), y, cs, seed=0)
+            labels, gi = pseudo_groups(float16_roundtrip(H), y, cs, seed=0)
             info = {"k": gi["scopes"]["global"]["k"], "route": gi["scopes"]["global"].get("route", "exact")}
         elif case == "kmeans8":
             X = normalize_rows(H)
             labels = clustering.kmeans(X, 8, niter=25, nredo=3, seed=0)
-            info = {"k": 8, "route": "joint" if n >= clustering.SCALE_MIN_N and not clustering._faiss_gpu() else "faiss"}
+            info = {"k": 8, "route": "joint" if n >= clustering.scale.SCALE_MIN_N and not clustering.scale._faiss_gpu() else "faiss"}
         elif case == "knn_ivf":
             info = knn_ivf(normalize_rows(H), seed=0)
             labels = None
@@ -173,7 +174,7 @@ def main():
 
     from sklearn.metrics import adjusted_rand_score
 
-    from exmap_ray.clustering_scale import planted_heatmaps
+    from exmap_ray.clustering.scale import planted_heatmaps
 
     tmp = tempfile.TemporaryDirectory(dir=a.dir)
     rows = []

@@ -22,7 +22,7 @@ from exmap_ray.resources import resolve_resources
 from exmap_ray.retrain import RETRAINERS, fit_dfr
 from exmap_ray.spec import load_spec
 from exmap_ray.stages import compute_upstream, stage_keys
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 
 
 def main(argv=None) -> int:

@@ -25,15 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from exmap_ray.clustering import Rows, merge_small, spectral_clusters
+from exmap_ray.clustering import Rows
+from exmap_ray.clustering.clusterers import spectral_clusters
+from exmap_ray.groups.formation import merge_small
 from exmap_ray.data import build_dataset
-from exmap_ray.groups import side_by_side
+from exmap_ray.groups.sources import side_by_side
 from exmap_ray.heatmaps.extract import HeatmapStore
 from exmap_ray.metrics import agreement
 from exmap_ray.resources import resolve_resources
 from exmap_ray.spec import load_spec
 from exmap_ray.stages import stage_keys
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 
 
 def spectral(X: np.ndarray, cspec, k: int | None = None, seed: int = 0):

@@ -21,7 +21,7 @@ from exmap_ray.heatmaps.extract import HeatmapStore
 from exmap_ray.resources import resolve_resources
 from exmap_ray.spec import load_spec
 from exmap_ray.stages import stage_keys
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 
 
 def main(argv=None) -> int:

@@ -76,8 +76,9 @@ def main() -> None:
     from sklearn.metrics import adjusted_rand_score as ari
 
     from exmap_ray import clustering
-    from exmap_ray import clustering_scale
-    from exmap_ray.clustering_scale import float16_roundtrip
+    from exmap_ray.groups import pseudo_groups
+    from exmap_ray.clustering import scale as clustering_scale
+    from exmap_ray.clustering.scale import float16_roundtrip
     from exmap_ray.data import build_dataset
     from exmap_ray.heatmaps.extract import HeatmapStore
     from exmap_ray.spec import from_dict
@@ -92,7 +93,7 @@ def main() -> None:
         H = HeatmapStore(hm_dir).load()
         H16 = float16_roundtrip(H)
         print(f"{name}: {H.shape[0]} real heatmaps of {H.shape[1:]} from {hm_dir}", flush=True)
-        default_min = clustering.SCALE_MIN_N
+        default_min = clustering.scale.SCALE_MIN_N
         for scope in a.scopes.split(","):
             cs = dataclasses.replace(spec.clustering, method="spectral", k="auto", scope=scope)
             ref = None
@@ -101,15 +102,15 @@ def main() -> None:
             if a.anchor_sweep:
                 cases += [(f"anchor share {share} r {r}", H, 2, (share, r)) for share in (20, 10, 5) for r in (5, 10)]
             for case, X, min_n, density in cases:
-                clustering.SCALE_MIN_N = min_n
+                clustering.scale.SCALE_MIN_N = min_n
                 defaults = (clustering_scale.ANCHOR_MIN_SHARE, clustering_scale.anchor_spectrum.__defaults__)
                 if density:  # anchor_spectrum binds r as a default argument
                     clustering_scale.ANCHOR_MIN_SHARE = density[0]
                     clustering_scale.anchor_spectrum.__defaults__ = (*defaults[1][:-1], density[1])
                 t0 = time.perf_counter()
-                labels, info = clustering.pseudo_groups(X, y, cs, seed=spec.seed)
+                labels, info = pseudo_groups(X, y, cs, seed=spec.seed)
                 secs = time.perf_counter() - t0
-                clustering.SCALE_MIN_N = default_min
+                clustering.scale.SCALE_MIN_N = default_min
                 clustering_scale.ANCHOR_MIN_SHARE, clustering_scale.anchor_spectrum.__defaults__ = defaults
                 ref = labels if ref is None else ref
                 ks = {s: v["k"] for s, v in info["scopes"].items()}

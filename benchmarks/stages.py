@@ -70,7 +70,7 @@ def stage_figures(spec, names: list[str], erm_cache: Path, repeats: int) -> None
     from exmap_ray.pipeline import preflight
     from exmap_ray.resources import resolve_resources
     from exmap_ray.stages import Timer, run_stages, stage_keys
-    from exmap_ray.store import StageCache
+    from exmap_ray.cache import StageCache
 
     ray.init(logging_level=logging.WARNING)
     spec = resolve_resources(spec)

@@ -27,7 +27,8 @@ from .pipeline import evaluate_row, preflight, start_job
 from .resources import describe_environment, environment
 from .spec import Spec, from_dict
 from .stages import Timer, compute_upstream
-from .store import StageCache, write_json
+from .cache import StageCache
+from .storage import write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ ROWS = [
     ("ExMap + GroupDRO", "exmap", None, "groupdro"),
     ("ExMap + JTT", "exmap", None, "jtt"),
 ]
-# SpuCo's group inference (exmap_ray/peers.py) feeding the same DFR: rows only when the peers extra is installed
+# SpuCo's group inference (exmap_ray/groups/peers.py) feeding the same DFR: rows only when the peers extra is installed
 PEER_ROWS = [
     ("SpuCo GEORGE + DFR", "spuco_george", None, "dfr"),
     ("SpuCo SPARE + DFR", "spuco_spare", None, "dfr"),

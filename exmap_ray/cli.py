@@ -249,7 +249,7 @@ def cmd_run(args) -> int:
         results = run_pipeline(spec, out, cache, args.tracking_uri, data)
     print("\n" + format_table(results))
     print(f"\nresults: {redact(str(out / 'results.json'))}   plots: {redact(str(out / '*.png'))}")
-    from .store import read_json
+    from .storage import read_json
     from .tracking import PENDING
     if (out / PENDING).is_file():  # the tracker logged the failure when it happened; this is the how-to
         print(f"MLflow run {results['mlflow_run_id']}: NOT fully logged, MLflow at {read_json(out / PENDING)['uri']} "
@@ -275,7 +275,7 @@ def _storage(args, default_name: str):
 def _check_resume(spec, out) -> None:
     """`run --resume` continues the run in OUT only with the spec that run had."""
     from .spec import MOVED, flatten
-    from .store import read_json
+    from .storage import read_json
 
     saved = out / "spec.resolved.json"
     if not saved.is_file():
@@ -299,7 +299,7 @@ def _check_resume(spec, out) -> None:
 def _mark_interrupted_run(out, uri: str | None) -> None:
     """The interrupted run's MLflow run was left RUNNING: mark it KILLED (best effort)."""
     from . import tracking
-    from .store import read_json
+    from .storage import read_json
 
     info = read_json(out / tracking.INFO) if (out / tracking.INFO).is_file() else {}
     run_id = info.get("run_id")

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .models import autocast, create_model, save_checkpoint
 from .hashing import stage_seed
 from .storage import Loc
-from .store import read_json, write_json
+from .storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 CHECKPOINTS_KEPT = 2  # the last two: a worker lost while one is being written still leaves a whole one

@@ -35,7 +35,8 @@ from .spec import Spec, stage_seed
 from .stages import Timer, Upstream, compute_upstream, group_context
 from .resources import environment, resolve_resources
 from .storage import Loc
-from .store import StageCache, save_npz, write_json
+from .cache import StageCache
+from .storage import save_npz, write_json
 
 log = logging.getLogger(__name__)
 RETRAIN_NAMES = {"dfr": "DFR", "groupdro": "GroupDRO", "jtt": "JTT"}  # for tables and plots

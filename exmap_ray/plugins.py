@@ -4,5 +4,6 @@ retrain.method) checked against what is registered (registry.for_key). The CLI i
 reads a spec; a new plugin module is added here once.
 """
 from . import clustering, data, groups, heatmaps, retrain  # noqa: F401  (register)
+from .groups import peers  # noqa: F401  (SpuCo's sources, registered when spuco is installed)
 
-__all__ = ["clustering", "data", "groups", "heatmaps", "retrain"]
+__all__ = ["clustering", "data", "groups", "heatmaps", "peers", "retrain"]

@@ -31,17 +31,18 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .clustering import check_heatmaps
 from .data import GroupData, build_dataset
 from .data.base import loader_options
 from .errors import DataError
 from .groups import GroupContext, infer_groups
+from .groups.formation import check_heatmaps
 from .heatmaps.extract import HeatmapStore, extract_with_actors
 from .models import embed, load_checkpoint
 from .resources import cpus_per_worker, resolve_resources, run_task, where_am_i
 from .spec import Spec, stage_seed
 from .storage import Loc
-from .store import Stage, StageCache, load_npy, save_npy
+from .cache import Stage, StageCache
+from .storage import load_npy, save_npy
 
 log = logging.getLogger(__name__)
 # keys that change how a stage runs but not what it computes: kept out of the cache hash
@@ -196,7 +197,7 @@ def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
                   true_groups: np.ndarray) -> dict:
     """The val grouping retraining uses (ExMap's heatmap clusters, or a baseline), as a Ray task. The val
     features and logits (feature clusters, JTT's error set) are the heatmaps stage's."""
-    from .clustering_scale import SCALE_MIN_N
+    from .clustering import SCALE_MIN_N
     from .spec import from_dict
 
     spec = from_dict(spec_dict)

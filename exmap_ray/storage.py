@@ -18,19 +18,28 @@ URI string (`str(loc)`), never as a driver-local path.
 `local_copy()` gives a local file for memory-mapped reads. For a remote root that file lives in
 the **node-local derived cache** ($EXMAP_RAY_NODE_CACHE, default ~/.cache/exmap_ray/storage): a
 copy any node can rebuild from the root, keyed by the object's URI, size and modification time.
+
+The IO helpers every module writes through live here too (the bottom of this file): `atomic_path`
+(temp file + rename, a full disk named as `DiskFullError`), `write_json` / `read_json`, `save_npy` /
+`load_npy`, `save_npz` / `load_npz`, each taking a local path or a `Loc`.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import io
+import json
 import os
+import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from .errors import UserError
 
@@ -206,8 +215,6 @@ class Loc:
 
     def write_bytes(self, data: bytes) -> None:
         if self.is_local:
-            from .store import atomic_path
-
             with atomic_path(Path(self.path)) as tmp:
                 tmp.write_bytes(data)
             return
@@ -221,8 +228,6 @@ class Loc:
     def writer(self) -> Iterator[io.BufferedIOBase]:
         """A binary stream for large writes; the file appears whole when the block exits cleanly."""
         if self.is_local:
-            from .store import atomic_path
-
             with atomic_path(Path(self.path)) as tmp, open(tmp, "wb") as f:
                 yield f
             return
@@ -323,3 +328,97 @@ def check_root(where: str | os.PathLike, what: str = "--out", timeout: float = P
     if not result.get("ok"):
         raise UserError(f"{what} '{shown}': a probe file written there did not read back; the store is not usable")
     return loc
+
+
+# ── IO helpers: atomic writes and the json/npy formats, to a local path or a Loc ──────────────────
+
+class DiskFullError(UserError):
+    """The filesystem ran out of space (or quota) while an artifact was being written."""
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it over `path`, else remove it.
+
+    A full disk becomes a `DiskFullError` naming the file; the temp file is removed, so no
+    partial artifact is ever left under its final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        free = _free_bytes(path.parent)
+        # numpy's tofile reports a short write without an errno ("N requested and M written")
+        short_write = e.errno is None and "requested and" in str(e) and free is not None and free < 2**20
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not short_write:
+            raise
+        raise DiskFullError(
+            f"disk full while writing '{path}' ({os.strerror(e.errno or errno.ENOSPC)}; "
+            f"{'unknown' if free is None else f'{free / 2**20:.1f} MiB'} free on its filesystem). Free some space "
+            f"or point --out/--cache at a bigger disk, then run again: the partial file was removed and its "
+            f"stage was not marked done, so nothing partial will be reused") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _to_loc(path) -> "Loc":
+    return Loc.parse(path)
+
+
+def write_json(path: "Path | Loc", obj: Any) -> None:
+    """Atomically, to a local path or a storage location."""
+    _to_loc(path).write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: "Path | Loc") -> Any:
+    loc = _to_loc(path)
+    text = loc.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{redact(str(loc))} is not valid JSON ({e}); it starts {text[:80]!r}") from e
+
+
+def save_npy(path: "Path | Loc", arr: np.ndarray) -> None:
+    with _to_loc(path).writer() as f:
+        np.save(f, arr)
+
+
+def save_npz(path: "Path | Loc", **arrays: np.ndarray) -> None:
+    with _to_loc(path).writer() as f:
+        np.savez(f, **arrays)
+
+
+def load_npy(path: "Path | Loc", mmap: bool = False) -> np.ndarray:
+    """A .npy from a local path or the storage root (remote files go through the node-local cache)."""
+    return np.load(_to_loc(path).local_copy(), mmap_mode="r" if mmap else None)
+
+
+def load_npz(path: "Path | Loc") -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(_to_loc(path).read_bytes())) as z:
+        return dict(z)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -23,7 +23,7 @@ from . import tracking
 from .errors import UserError
 from .spec import flatten
 from .storage import Loc, redact
-from .store import write_json
+from .storage import write_json
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
-from .store import write_json
+from .storage import write_json
 
 log = logging.getLogger(__name__)
 PENDING = "mlflow_pending.json"   # OUT/<this>: what a run could not log; removed by sync-mlflow
@@ -182,7 +182,7 @@ def bench_params(spec: dict, seeds: list) -> dict:
 def write_info(out: Path, **info) -> None:
     """Merge `info` into OUT/tracking.json (the URI, experiment and run id a run used)."""
     from .storage import Loc
-    from .store import read_json
+    from .storage import read_json
 
     path = Loc.parse(out) / INFO
     old = read_json(path) if path.exists() else {}

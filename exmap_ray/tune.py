@@ -38,7 +38,7 @@ from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
 from .resources import resolve_resources
 from .stages import run_stages, shared_stages
 from .storage import Loc
-from .store import load_npz, read_json, write_json
+from .storage import load_npz, read_json, write_json
 
 log = logging.getLogger(__name__)
 ORACLE_METRIC = "oracle_val_worst_group_acc"

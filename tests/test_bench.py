@@ -13,7 +13,7 @@ from exmap_ray.data import build_dataset
 from exmap_ray.metrics import shortcut_gaps
 from exmap_ray.pipeline import format_table, run_pipeline
 from exmap_ray.spec import from_dict
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 
 from .conftest import tiny_spec_dict
 

@@ -5,8 +5,9 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from exmap_ray import clustering
-from exmap_ray.clustering import kmeanspp_init, pseudo_groups
-from exmap_ray.clustering_scale import (NearestAnchors, Rows, anchor_spectrum, float16_roundtrip, normalize_rows,
+from exmap_ray.clustering import kmeanspp_init
+from exmap_ray.groups import pseudo_groups
+from exmap_ray.clustering.scale import (NearestAnchors, Rows, anchor_spectrum, float16_roundtrip, normalize_rows,
                                         planted_heatmaps)
 from exmap_ray.selection import prepare_groupings, worst_over_groupings_halves
 from exmap_ray.spec import ClusteringSpec
@@ -21,7 +22,7 @@ def planted():
 
 
 def _route(monkeypatch, route):
-    monkeypatch.setattr(clustering, "SCALE_MIN_N", {"anchor": 2, "exact": 1 << 62}[route])
+    monkeypatch.setattr(clustering.scale, "SCALE_MIN_N", {"anchor": 2, "exact": 1 << 62}[route])
 
 
 def test_anchor_route_matches_the_exact_path(planted, monkeypatch):
@@ -39,7 +40,7 @@ def test_anchor_route_matches_the_exact_path(planted, monkeypatch):
 
 def test_below_the_threshold_the_exact_path_runs(planted):
     H, truth = planted
-    assert len(H) < clustering.SCALE_MIN_N
+    assert len(H) < clustering.scale.SCALE_MIN_N
     _, info = pseudo_groups(H, truth // 2, SPECTRAL, seed=0)
     assert "route" not in info["scopes"]["global"]
 
@@ -227,9 +228,9 @@ def test_joint_restarts_match_faiss_kmeans(monkeypatch):
 
     def inertia(labels):
         return sum(float(((X[labels == j] - X[labels == j].mean(0)) ** 2).sum()) for j in np.unique(labels))
-    monkeypatch.setattr(clustering, "SCALE_MIN_N", 1 << 62)
+    monkeypatch.setattr(clustering.scale, "SCALE_MIN_N", 1 << 62)
     ref = clustering.kmeans(X, 3, niter=25, nredo=3, seed=0)
-    monkeypatch.setattr(clustering, "SCALE_MIN_N", 2)
+    monkeypatch.setattr(clustering.scale, "SCALE_MIN_N", 2)
     joint = clustering.kmeans(X, 3, niter=25, nredo=3, seed=0)
     assert adjusted_rand_score(ref, joint) == pytest.approx(1.0)
     assert inertia(joint) <= inertia(ref) * (1 + 1e-4)

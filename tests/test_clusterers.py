@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from exmap_ray.clustering import cluster, pseudo_groups
+from exmap_ray.clustering import cluster
+from exmap_ray.groups import pseudo_groups
 from exmap_ray.errors import DataError, SpecError
 from exmap_ray.spec import ClusteringSpec, from_dict
 

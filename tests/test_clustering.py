@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from exmap_ray.clustering import (eigengap_k, kmeans, knn_affinity, laplacian_spectrum, merge_small,
-                                  normalize_rows, pseudo_groups)
+from exmap_ray.clustering import eigengap_k, kmeans, knn_affinity, laplacian_spectrum, normalize_rows
+from exmap_ray.groups.formation import merge_small, pseudo_groups
 from exmap_ray.errors import UserError
 from exmap_ray.spec import ClusteringSpec
 

@@ -9,7 +9,7 @@ from exmap_ray.data.base import Labeled
 from exmap_ray.erm import accuracy, make_optimizer, train_epoch, train_erm
 from exmap_ray.models import create_model, load_checkpoint
 from exmap_ray.spec import from_dict
-from exmap_ray.store import read_json
+from exmap_ray.storage import read_json
 
 from .conftest import tiny_spec_dict
 

@@ -44,7 +44,7 @@ def test_erm_one_epoch_on_nccl(ray_local, tmp_path, workers):
     from exmap_ray.erm import train_erm
     from exmap_ray.models import load_checkpoint
     from exmap_ray.spec import from_dict
-    from exmap_ray.store import read_json
+    from exmap_ray.storage import read_json
 
     if torch.cuda.device_count() < workers:
         pytest.skip(f"needs {workers} GPUs, torch sees {torch.cuda.device_count()}")

@@ -220,7 +220,7 @@ def test_cross_spatial_hard_keeps_apart_only_the_parts_erm_finds_harder():
     """cross_spatial: hard. Where ERM errs more on the rare place than on its (class, cluster), the place's
     parts stay apart as with `all`; where its errors follow the colour alone, every part is as easy as its
     (class, cluster), and the grouping is the plain one."""
-    from exmap_ray.clustering import keep_hard_parts
+    from exmap_ray.groups.formation import keep_hard_parts
     from exmap_ray.metrics import recovery
 
     y, true, H = colour_and_place()
@@ -258,7 +258,7 @@ def test_cross_spatial_on_shards_through_the_scalable_route(monkeypatch):
     y, true, H = colour_and_place()
     cspec = ClusteringSpec(method="spectral", scope="global", min_group_size=3, cross_spatial="all")
     exact, _ = infer_groups("exmap", ctx(y_val=y, heatmaps=H, true_groups=true, clustering=cspec))
-    monkeypatch.setattr(clustering, "SCALE_MIN_N", 2)
+    monkeypatch.setattr(clustering.scale, "SCALE_MIN_N", 2)
     shards = [H[:150].astype(np.float32), H[150:].astype(np.float32)]
     scaled, info = infer_groups("exmap", ctx(y_val=y, heatmaps=shards, true_groups=true, clustering=cspec))
     assert info["cross_scopes"]["global"]["route"] == "anchor" and info["scopes"]["global"]["route"] == "anchor"

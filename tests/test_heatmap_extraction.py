@@ -32,7 +32,7 @@ def test_actor_shards_equal_single_process_and_reload(ray_local, tmp_path):
     assert info["shards"] == 5 and info["actors"] == 2
 
     method = HEATMAP_METHODS.get("lrp")(model, spec.heatmaps)
-    maps, preds = extract(method, data.val.images, 64, 7)
+    maps, preds, _, _ = extract(method, data.val.images, 64, 7)
     store = HeatmapStore(tmp_path / "hm")
     assert store.shape == (300, 3, 7, 7) == maps.shape
     np.testing.assert_allclose(store.load(), maps, rtol=1e-4, atol=1e-7)  # same maps, same order
@@ -110,7 +110,7 @@ def test_the_pipeline_result_is_that_of_embeds_val_features(tiny_run):
     from exmap_ray.pipeline import evaluate_all
     from exmap_ray.resources import resolve_resources
     from exmap_ray.stages import Timer, compute_upstream
-    from exmap_ray.store import StageCache
+    from exmap_ray.cache import StageCache
 
     out, res = tiny_run
     spec = resolve_resources(from_dict(tiny_spec_dict()))
@@ -138,8 +138,8 @@ def _write_store(folder, H, preds, dtype, shard_size=700):
 def test_float16_store_keeps_heatmaps_of_any_scale_and_the_pseudo_groups(tmp_path):
     """A float16 store halves the bytes; per-heatmap scales keep huge and tiny relevances in range, and
     the clusterer gets the same groups as from float32 (exact path, and the streamed shards)."""
-    from exmap_ray import clustering
-    from exmap_ray.clustering_scale import planted_heatmaps
+    from exmap_ray.groups import pseudo_groups
+    from exmap_ray.clustering.scale import planted_heatmaps
 
     H, planted = planted_heatmaps(2000, seed=3)
     H[:500] *= 1e6   # beyond float16's largest value (65504) unless scaled
@@ -161,9 +161,9 @@ def test_float16_store_keeps_heatmaps_of_any_scale_and_the_pseudo_groups(tmp_pat
     np.testing.assert_array_equal(s16.preds(), preds)
 
     cs = from_dict({"clustering": {"method": "spectral", "k": "auto", "scope": "global"}}).clustering
-    ref, info = clustering.pseudo_groups(s32.load(), preds, cs, seed=0)
+    ref, info = pseudo_groups(s32.load(), preds, cs, seed=0)
     for given in (s16.for_clustering(whole_below=10**9), s16.for_clustering(whole_below=0, normalized=True)):
-        labels, info16 = clustering.pseudo_groups(given, preds, cs, seed=0)
+        labels, info16 = pseudo_groups(given, preds, cs, seed=0)
         np.testing.assert_array_equal(labels, ref)
         assert info16["scopes"]["global"]["k"] == info["scopes"]["global"]["k"]
     # the streamed shards are the stored float16 rows, memory-mapped, each already divided by its max |value|

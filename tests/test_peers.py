@@ -1,4 +1,4 @@
-"""SpuCo's GEORGE, SPARE and EIIL as group sources (exmap_ray/peers.py), run for real on tiny planted data.
+"""SpuCo's GEORGE, SPARE and EIIL as group sources (exmap_ray/groups/peers.py), run for real on tiny planted data.
 
 Skipped where spuco is not installed (pip install 'exmap-ray[peers]'); the registry test below runs
 either way. Importing SpuCo takes about 20 s (UMAP, numba), and GEORGE's first UMAP compiles with numba.
@@ -14,7 +14,7 @@ from exmap_ray import plugins, registry
 from exmap_ray.errors import SpecError
 from exmap_ray.groups import GROUP_SOURCES, GroupContext, infer_groups
 from exmap_ray.metrics import agreement
-from exmap_ray.peers import PEER_SOURCES, eiil, finish_groups, partition_to_clusters, spuco_installed
+from exmap_ray.groups.peers import PEER_SOURCES, eiil, finish_groups, partition_to_clusters, spuco_installed
 from exmap_ray.spec import ClusteringSpec, from_dict
 
 assert plugins

@@ -3,7 +3,7 @@ import pytest
 
 from exmap_ray.spec import load_spec
 from exmap_ray.stages import STAGES, sections_of, shared_stages, stage_keys
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 
 # Stage keys of the demo spec. ERM's are those the hand-written keys computed before the stage graph
 # (commit cbcb6c1): an existing cache must keep working, so these never change by accident. The others

@@ -10,7 +10,8 @@ import pytest
 
 from exmap_ray.errors import UserError
 from exmap_ray.storage import Loc, check_root
-from exmap_ray.store import StageCache, load_npy, read_json, save_npy, write_json
+from exmap_ray.cache import StageCache
+from exmap_ray.storage import load_npy, read_json, save_npy, write_json
 
 from .cluster.local_cluster import BIN, free_port, wait_port
 
@@ -131,7 +132,7 @@ def _claimant(root: str, marker_root: str, i: int, gate) -> str:
     import ray as _ray
 
     from exmap_ray.claims import RayClaims
-    from exmap_ray.store import StageCache as _SC
+    from exmap_ray.cache import StageCache as _SC
 
     class Arriving:
         def __init__(self, inner):
@@ -189,7 +190,7 @@ def test_concurrent_claimants_on_s3_compute_a_stage_once(s3, ray_local):
 
 
 def _dies_holding_claim(root: str) -> None:
-    from exmap_ray.store import StageCache as _SC
+    from exmap_ray.cache import StageCache as _SC
 
     cache = _SC(root)
 

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from exmap_ray.store import StageCache, atomic_path, save_npy, write_json
+from exmap_ray.cache import StageCache
+from exmap_ray.storage import atomic_path, save_npy, write_json
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -61,7 +62,7 @@ def _claimant(root, marker_dir, arrived):
     then waiting on the lock, not merely racing it."""
     from exmap_ray.claims import FileClaims
     from exmap_ray.storage import Loc
-    from exmap_ray.store import StageCache as _SC
+    from exmap_ray.cache import StageCache as _SC
 
     class Arriving:
         def __init__(self, inner):

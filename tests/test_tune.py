@@ -13,7 +13,7 @@ from exmap_ray.cli import main
 from exmap_ray.errors import SpecError
 from exmap_ray.search import flatten_space, n_trials, parse_space
 from exmap_ray.spec import from_dict
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 from exmap_ray.tune import ATTEMPT_TAG, _mark_killed_children
 
 from .conftest import kill_session, tiny_spec_dict

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, SpecError
-from ..store import atomic_path
+from ..storage import atomic_path
 from .base import GroupData, Split
 
 log = logging.getLogger(__name__)

@@ -240,15 +240,6 @@ def _counts(table: dict, ok_rows: np.ndarray | None = None) -> dict:
     return out
 
 
-def empty_groups(scan: Scan, counts: dict, fix: str) -> None:
-    """A true group with no images in a split cannot be scored there: name it."""
-    for s in SPLIT_NAMES:
-        empty = [g for g, n in counts[s].items() if n == 0]
-        if empty:
-            scan.add("empty group", f"the {s} split has no images of group(s) {', '.join(repr(g) for g in empty)}",
-                     fix)
-
-
 def _verified_marker(dspec, files: list[Path]) -> Optional[Path]:
     """A marker beside the decode cache saying these exact files (paths, sizes, mtimes) all opened:
     later checks (every run's preflight, sweeps) skip re-opening hundreds of thousands of images."""

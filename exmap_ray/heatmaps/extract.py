@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, UserError
 from ..storage import Loc
-from ..store import load_npy, read_json, save_npy, write_json
+from ..storage import load_npy, read_json, save_npy, write_json
 from . import HEATMAP_METHODS
 from .method import with_features
 
@@ -44,10 +44,10 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def extract(method, images: Dataset, batch_size: int, downsize: int | None,
-            device: str = "cpu", loader_kwargs: dict | None = None, features: bool = False) -> tuple[np.ndarray, ...]:
-    """Heatmaps of `images` by a built method: (N, C', d, d) float32 and predictions (N,); with
-    `features`, also the penultimate features (N, d) and logits (N, n_classes) of the same forward
-    (float32; the method's `explain`, see method.py).
+            device: str = "cpu", loader_kwargs: dict | None = None) -> tuple[np.ndarray, ...]:
+    """Heatmaps of `images` by a built method: (N, C', d, d) float32, predictions (N,), and the
+    penultimate features (N, d) and logits (N, n_classes) of the same forward (float32; the method's
+    `explain`, see method.py).
 
     Downsizing (bilinear, as the paper) happens on the device, before the copy to the host.
     `loader_kwargs` (workers, pinned memory) come from `data.base.loader_options(spec.dataset,
@@ -56,21 +56,18 @@ def extract(method, images: Dataset, batch_size: int, downsize: int | None,
     maps, preds, feats, logits = [], [], [], []
     for x in DataLoader(images, batch_size=batch_size, shuffle=False, **(loader_kwargs or {})):
         x = x.to(device, non_blocking=True)
-        if features:
-            rel, pred, f, out = method.explain(x)
-            if f is None:
-                raise UserError(f"heatmaps: the model gives no penultimate features (not a timm model with "
-                                f"forward_features, forward_head and get_classifier): {type(method).__name__}")
-            feats.append(f.float().cpu())
-            logits.append(out.float().cpu())
-        else:
-            rel, pred = method(x)
+        rel, pred, f, out = method.explain(x)
+        if f is None:
+            raise UserError(f"heatmaps: the model gives no penultimate features (not a timm model with "
+                            f"forward_features, forward_head and get_classifier): {type(method).__name__}")
+        feats.append(f.float().cpu())
+        logits.append(out.float().cpu())
         if downsize and rel.shape[-1] != downsize:
             rel = F.interpolate(rel, size=(downsize, downsize), mode="bilinear", align_corners=False)
         maps.append(rel.float().cpu())
         preds.append(pred.cpu())
-    out = (torch.cat(maps).numpy(), torch.cat(preds).numpy().astype(np.int64))
-    return out + (torch.cat(feats).numpy(), torch.cat(logits).numpy()) if features else out
+    return (torch.cat(maps).numpy(), torch.cat(preds).numpy().astype(np.int64), torch.cat(feats).numpy(),
+            torch.cat(logits).numpy())
 
 
 class HeatmapStore:
@@ -249,7 +246,7 @@ class HeatmapWorker:
         """One shard: heatmaps, and the val features and logits of the same forward."""
         maps, preds, feats, logits = extract(self.method, Subset(self.images, range(start, stop)),
                                              self.hspec.batch_size, self.hspec.downsize, self.device,
-                                             loader_kwargs=self.loader_kwargs, features=True)
+                                             loader_kwargs=self.loader_kwargs)
         return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype, feats, logits)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..selection import worst_group_acc
-from .dfr import LinearHead
+from .head import LinearHead
 
 
 @dataclass

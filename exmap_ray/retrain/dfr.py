@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 
 from ..errors import UserError
 from ..options import non_negative, opt, positive, positive_list
+from .head import LinearHead
 from ..selection import worst_group_acc
 
 log = logging.getLogger(__name__)
@@ -56,24 +57,6 @@ class DfrKeys:
                      "smallest (the DFR paper); reweight = every fit on all its points, each weighted by 1 / its "
                      "group's size, so the groups weigh the same and no point is dropped (for many small "
                      "pseudo groups, e.g. clustering.method spectral_split); one final fit, not n_final_fits")
-
-
-class LinearHead:
-    """A linear classifier on standardised features: `mean`, `std`, `coef`, `intercept`, `classes`."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    coef: np.ndarray
-    intercept: np.ndarray
-    classes: np.ndarray
-
-    def decision(self, feats: np.ndarray) -> np.ndarray:
-        return ((feats - self.mean) / self.std) @ self.coef.T + self.intercept
-
-    def predict(self, feats: np.ndarray) -> np.ndarray:
-        d = self.decision(feats)
-        idx = (d[:, 0] > 0).astype(int) if d.shape[1] == 1 else d.argmax(1)
-        return self.classes[idx]
 
 
 @dataclass

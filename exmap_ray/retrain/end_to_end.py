@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from ..store import load_npy, save_npy
+from ..storage import load_npy, save_npy
 from ..selection import worst_group_acc
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from exmap_ray.errors import UserError
 from exmap_ray.heatmaps.extract import HeatmapStore, extract_with_actors
 from exmap_ray.models import create_model, save_checkpoint
 from exmap_ray.spec import from_dict
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 
 from tests.conftest import tiny_spec_dict
 

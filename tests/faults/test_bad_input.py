@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from exmap_ray import cli
-from exmap_ray.clustering import pseudo_groups
+from exmap_ray.groups import pseudo_groups
 from exmap_ray.errors import DataError, SpecError, UserError
 from exmap_ray.pipeline import preflight
 from exmap_ray.retrain.dfr import MIN_GROUP_SIZE, fit_dfr

@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from exmap_ray.cli import main
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 
 from ..conftest import kill_session, tiny_spec_dict
 

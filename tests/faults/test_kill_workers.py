@@ -13,7 +13,7 @@ from exmap_ray.heatmaps import HEATMAP_METHODS
 from exmap_ray.heatmaps.extract import HeatmapStore, extract, extract_with_actors
 from exmap_ray.models import create_model, save_checkpoint
 from exmap_ray.spec import from_dict
-from exmap_ray.store import read_json
+from exmap_ray.storage import read_json
 
 from ..conftest import tiny_spec_dict
 from .helpers import KillWhen, files
@@ -81,6 +81,6 @@ def test_heatmap_actor_killed_shards_redone(ray_local, tmp_path):
     assert starts == list(range(0, 1200, 30))  # every shard exactly once: no gap, no duplicate
     assert len(store) == 1200 == sum(s["stop"] - s["start"] for s in store.index["shards"])
     method = HEATMAP_METHODS.get("lrp")(model, spec.heatmaps)
-    maps, preds = extract(method, data.val.images, 10, spec.heatmaps.downsize)
+    maps, preds, _, _ = extract(method, data.val.images, 10, spec.heatmaps.downsize)
     np.testing.assert_allclose(store.load(), maps, rtol=1e-4, atol=1e-7)  # equal to an undisturbed run
     np.testing.assert_array_equal(store.preds(), preds)

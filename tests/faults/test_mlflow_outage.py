@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from exmap_ray.cli import main
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 
 from ..conftest import tiny_spec_dict
 

@@ -7,7 +7,7 @@ import pytest
 from exmap_ray.pipeline import run_pipeline
 from exmap_ray.hashing import stage_seed
 from exmap_ray.spec import from_dict
-from exmap_ray.store import StageCache
+from exmap_ray.cache import StageCache
 
 from ..cluster.local_cluster import can_run
 from ..conftest import tiny_spec_dict

@@ -11,7 +11,7 @@ one per val point, and a JSON-able dict (always with `source`, `n_groups` and `s
 `features` (GEORGE-style: the same clusterer on penultimate features, each class apart),
 `jtt_error_set` (group = 2 y + [ERM is wrong], JTT's error set), `random` (random groups per class:
 a sanity floor) and `true` (the oracle); with the `peers` extra, SpuCo's GEORGE, SPARE and EIIL
-(`spuco_george`, `spuco_spare`, `spuco_eiil`: exmap_ray/peers.py). The true val groups reach the oracle only: `infer_groups`
+(`spuco_george`, `spuco_spare`, `spuco_eiil`: groups/peers.py, registered by plugins.py). The true val groups reach the oracle only: `infer_groups`
 hands every other source a context with `true_groups` removed, so no baseline can peek at them.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .clustering import channel_sums, check_heatmaps, check_rows, pseudo_groups
-from .clustering_scale import Rows
-from .errors import UserError
-from .registry import Registry
+from ..clustering import Rows
+from ..errors import UserError
+from ..registry import Registry
+from .formation import channel_sums, check_heatmaps, check_rows, class_by_cluster, merge_easy_groups, pseudo_groups
 
 
 @dataclass(frozen=True)
@@ -85,32 +85,6 @@ def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
     ids, counts = np.unique(groups, return_counts=True)
     return groups, {"source": name, **info, "n_groups": int(len(ids)),
                     "sizes": {int(g): int(c) for g, c in zip(ids, counts)}}
-
-
-def merge_easy_groups(groups: np.ndarray, y: np.ndarray, val_logits: np.ndarray) -> tuple[np.ndarray, dict]:
-    """`groups.merge_easy`: within each class, the groups on which ERM's val accuracy is at least its
-    accuracy on the whole class become one group; the harder ones stay. Uses the class labels and ERM's
-    predictions only, as DFR does. Returns dense ids (in the old ids' order) and, per class, the old ids
-    merged (classes with fewer than two easy groups are left alone)."""
-    groups, y = np.asarray(groups), np.asarray(y)
-    correct = np.asarray(val_logits).argmax(1) == y
-    out, merged = groups.copy(), {}
-    for c in np.unique(y):
-        in_c = y == c
-        class_acc = correct[in_c].mean()
-        easy = [int(g) for g in np.unique(groups[in_c]) if correct[in_c & (groups == g)].mean() >= class_acc]
-        if len(easy) > 1:
-            out[in_c & np.isin(groups, easy)] = min(easy)
-            merged[int(c)] = easy
-    _, dense = np.unique(out, return_inverse=True)
-    return dense.ravel().astype(np.int64), merged
-
-
-def class_by_cluster(y: np.ndarray, cluster_of: np.ndarray) -> np.ndarray:
-    """Dense ids 0..G-1 for the (class, cluster) pairs, ordered by class then cluster."""
-    pairs = np.stack([y, cluster_of], 1)
-    _, ids = np.unique(pairs, axis=0, return_inverse=True)
-    return ids.ravel().astype(np.int64)
 
 
 @source("exmap", needs=("heatmaps",))
@@ -188,8 +162,3 @@ def random_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
 def true_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """The oracle: the true val groups (for the upper-bound row; never used for selection elsewhere)."""
     return np.asarray(ctx.true_groups, np.int64), {}
-
-
-from . import peers  # noqa: E402,F401  (registers the SpuCo sources when spuco is installed; imports groups)
-
-__all__ = ["GROUP_SOURCES", "GroupContext", "GroupSource", "infer_groups", "class_by_cluster"]

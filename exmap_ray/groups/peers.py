@@ -32,9 +32,9 @@ from typing import Callable
 
 import numpy as np
 
-from .clustering import merge_small
-from .errors import UserError
-from .groups import GROUP_SOURCES, GroupContext, class_by_cluster, source
+from ..errors import UserError
+from .formation import class_by_cluster, merge_small
+from .sources import GROUP_SOURCES, GroupContext, source
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Clustering millions of heatmaps: chunked rows (memmaps, shards) and an anchor-graph spectrum.
 
-    from exmap_ray.clustering_scale import Rows, anchor_spectrum, planted_heatmaps
+    from exmap_ray.clustering.scale import Rows, anchor_spectrum, planted_heatmaps
     H, truth = planted_heatmaps(1_000_000, minority=0.001, seed=0)   # or np.load(path, mmap_mode="r")
     spec = anchor_spectrum(Rows(H, normalize=True), seed=0)          # 13 eigenvalues + an embedder
     emb = spec.embed(k)                                              # (N, k) rows for k-means
