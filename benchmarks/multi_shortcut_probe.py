@@ -30,7 +30,7 @@ from exmap_ray.clustering.clusterers import spectral_clusters
 from exmap_ray.groups.formation import merge_small
 from exmap_ray.data import build_dataset
 from exmap_ray.groups.sources import side_by_side
-from exmap_ray.heatmaps.extract import HeatmapStore
+from exmap_ray.heatmaps.extract import HeatmapShards
 from exmap_ray.metrics import agreement
 from exmap_ray.resources import resolve_resources
 from exmap_ray.spec import load_spec
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         print(f"no finished heatmaps for this spec in {args.cache} (looked for {hm.dir}); run "
               f"`exmap-ray run {args.spec} --cache {args.cache}` with the same --set values first", file=sys.stderr)
         return 2
-    store = HeatmapStore(hm.dir)
+    store = HeatmapShards(hm.dir)
     data = build_dataset(spec.dataset, spec.seed)
     y, g, names = data.val.y, data.val.group, data.group_names
     reps = {"heatmaps": Rows(store.load(), True).materialize(), "features": Rows(store.features(), True).materialize()}

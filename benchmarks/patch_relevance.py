@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from exmap_ray.data import build_dataset
-from exmap_ray.heatmaps.extract import HeatmapStore
+from exmap_ray.heatmaps.extract import HeatmapShards
 from exmap_ray.resources import resolve_resources
 from exmap_ray.spec import load_spec
 from exmap_ray.stages import stage_keys
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         print(f"no finished heatmaps for this spec and seed in {args.cache} (looked for {hm.dir}); run "
               f"`exmap-ray run {args.spec} --cache {args.cache} --set seed={args.seed}` first", file=sys.stderr)
         return 2
-    H = np.abs(HeatmapStore(hm.dir).load().astype(np.float64))  # (N, 3, s, s)
+    H = np.abs(HeatmapShards(hm.dir).load().astype(np.float64))  # (N, 3, s, s)
     val = build_dataset(spec.dataset, spec.seed).val
     s = H.shape[-1]
     total = H.sum((1, 2, 3)) + 1e-12

@@ -80,7 +80,7 @@ def main() -> None:
     from exmap_ray.clustering import scale as clustering_scale
     from exmap_ray.clustering.scale import float16_roundtrip
     from exmap_ray.data import build_dataset
-    from exmap_ray.heatmaps.extract import HeatmapStore
+    from exmap_ray.heatmaps.extract import HeatmapShards
     from exmap_ray.spec import from_dict
 
     rows = []
@@ -90,7 +90,7 @@ def main() -> None:
         spec = from_dict(json.loads((out / "spec.resolved.json").read_text()))
         data = build_dataset(spec.dataset, spec.seed)
         y, true = np.asarray(data.val.y), np.asarray(data.val.group)
-        H = HeatmapStore(hm_dir).load()
+        H = HeatmapShards(hm_dir).load()
         H16 = float16_roundtrip(H)
         print(f"{name}: {H.shape[0]} real heatmaps of {H.shape[1:]} from {hm_dir}", flush=True)
         default_min = clustering.scale.SCALE_MIN_N

@@ -57,7 +57,7 @@ def pipeline_figures(spec) -> None:
          images_per_s_incl_actor_startup=round(n_val / t["heatmaps"], 1))
     emit(stage="clusters", method=spec.clustering.method, scope=spec.clustering.scope, seconds=t["clusters"],
          points_per_s=round(n_val / max(t["clusters"], 1e-9), 1))
-    emit(stage="dfr", seconds=t["dfr"], fits=2 * (spec.retrain.n_select_repeats * len(spec.retrain.dfr.c_grid)
+    emit(stage="dfr", seconds=t["retrain"], fits=2 * (spec.retrain.n_select_repeats * len(spec.retrain.dfr.c_grid)
                                                  + spec.retrain.dfr.n_final_fits))
     emit(stage="total", seconds=round(sum(t.values()), 2))
 

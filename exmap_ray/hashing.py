@@ -18,3 +18,8 @@ def stable_hash(obj: Any, n: int = 12) -> str:
 def stage_seed(seed: int, stage: str) -> int:
     """A per-stage seed derived by hashing, so stages do not share random streams."""
     return int(hashlib.sha256(f"{seed}:{stage}".encode()).hexdigest()[:8], 16) % (2**31 - 1)
+
+
+# The retrain step's seed name, for every retrainer: "dfr" because DFR was the first; renaming it would
+# change every retrained head, so the name stays and the constant says what it is.
+RETRAIN_SEED = "dfr"

@@ -23,14 +23,16 @@ import numpy as np
 from . import plots, tracking
 from .data import GroupData, build_dataset
 from .data.layout import check_before_run
-from .heatmaps.extract import HeatmapStore
+from .heatmaps.extract import HeatmapShards
 from .metrics import agreement, evaluate
-from .errors import DataError, SpecError, UserError
+from .errors import DataError, UserError
 from .heatmaps import HEATMAP_METHODS
 from .models import create_model, find_weights
+from .clustering.clusterers import check_k
 from .groups import infer_groups
 from .retrain import RETRAINERS, LastLayerResult, RetrainedModel
 from .retrain.dfr import MIN_GROUP_SIZE as DFR_MIN_GROUP_SIZE
+from .hashing import RETRAIN_SEED
 from .spec import Spec, stage_seed
 from .stages import Timer, Upstream, compute_upstream, group_context
 from .resources import environment, resolve_resources
@@ -65,11 +67,9 @@ def preflight(spec: Spec, check_model: bool = True) -> GroupData:
     if k != "auto":
         counts = np.bincount(data.val.y)
         c = int(np.argmin(np.where(counts > 0, counts, len(data.val) + 1)))
-        smallest, where = ((int(counts[c]), f"local scope (class {c})") if spec.clustering.scope == "local"
-                           else (len(data.val), "global scope"))
-        if k > smallest:
-            raise SpecError(f"spec key 'clustering.k': {k} clusters but the {where} has only {smallest} val "
-                            f"points; use an integer in 2..{smallest}, or 'auto'")
+        smallest, where = ((int(counts[c]), f"the local scope (class {c})") if spec.clustering.scope == "local"
+                           else (len(data.val), "the global scope"))
+        check_k(k, smallest, where)
     sizes = np.bincount(data.val.group, minlength=data.n_groups)
     tiny = [g for g in range(len(sizes)) if 0 < sizes[g] < DFR_MIN_GROUP_SIZE]
     if tiny:
@@ -194,7 +194,7 @@ def evaluate_row(spec: Spec, data: GroupData, up: Upstream, source: str | None, 
             model: RetrainedModel = EndToEndModel(up.stages["end_to_end"].dir, val.y, groups, score_groups=score_groups)
         else:
             r = RETRAINERS.get(retrainer)
-            head = r.fit(up.val_features, val.y, groups, r.config(spec), stage_seed(spec.seed, "dfr"),
+            head = r.fit(up.val_features, val.y, groups, r.config(spec), stage_seed(spec.seed, RETRAIN_SEED),
                          score_groups=score_groups)
             model = LastLayerResult(head, {"val": up.val_features, "test": up.test_features})
         row = Row({}, groups, group_info, agreement(groups, val.group, names), model)
@@ -210,7 +210,7 @@ def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tup
     erm = evaluate_row(spec, data, up, None, None)
     res = {"erm": {"test": erm.test, "val_acc": float((up.val_logits.argmax(1) == data.val.y).mean())}}
     cluster_info = up.info["clusters"]
-    with timer("dfr"):
+    with timer("retrain"):
         ex = evaluate_row(spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo,
                           group_info=cluster_info, mode=spec.retrain.mode,
                           score_groups={"true": data.val.group})  # scored for analysis, never used to choose
@@ -240,7 +240,7 @@ def make_figures(data: GroupData, up: Upstream, results: dict, out: Path, spec: 
             "oracle DFR": results["oracle_dfr"]["test"]["per_group"]}
     plots.group_accuracy_bars(rows, out / "group_accuracy.png", f"{spec.name}: per-group test accuracy")
     pseudo = up.pseudo
-    H = HeatmapStore(up.stages["heatmaps"].dir)  # read per heatmap shown (remote: via the node-local cache)
+    H = HeatmapShards(up.stages["heatmaps"].dir)  # read per heatmap shown (remote: via the node-local cache)
     pairs = up.info["clusters"].get("group_class_cluster")
     captions = []
     for g in range(int(pseudo.max()) + 1):

@@ -22,22 +22,51 @@ _BY_KEY: dict[str, "Registry"] = {}
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, spec_key: str):
+    """Entries by name. Every plugin registers the same way, with a decorator beside its code:
+
+        @CLUSTERERS.register("spectral_split", keys=SpectralSplitKeys)
+        def spectral_split_clusters(X, cspec, seed): ...
+
+    `entry(name, obj, **meta)`, when the registry has one, makes what is stored from the decorated object
+    and the decorator's keywords (a dataset's `DatasetEntry`, a retrainer's `FunctionRetrainer`); without
+    it the object itself is stored. `keys`, where given, is the dataclass of the plugin's own spec keys
+    (made with `options.opt`): the spec builds its section from them (spec.py), and the stage keys hash
+    them (stages.py), so adding a plugin, or a key to one, touches that plugin's module alone."""
+
+    def __init__(self, kind: str, spec_key: str, entry: Optional[Callable[..., T]] = None):
         if spec_key in _BY_KEY:
             raise ValueError(f"two registries for spec key '{spec_key}'")
-        self.kind, self.spec_key = kind, spec_key
+        self.kind, self.spec_key, self._entry = kind, spec_key, entry
         self._items: dict[str, T] = {}
+        self._keys: dict[str, type] = {}  # name -> the dataclass of its own spec keys
         self._unavailable: dict[str, str] = {}  # name -> why it is not registered here (e.g. a missing extra)
         _BY_KEY[spec_key] = self
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def deco(obj: T) -> T:
+    def register(self, name: str, keys: Optional[type] = None, unavailable: Optional[str] = None,
+                 **meta) -> Callable:
+        """The one registration idiom: `@REGISTRY.register(NAME, keys=KeysDataclass, **meta)`; returns the
+        decorated object unchanged. `unavailable="why"` (e.g. an optional extra is missing) keeps the name
+        known without registering it: asking for it says why (see `unavailable`)."""
+        if meta and self._entry is None:
+            raise TypeError(f"{self.kind} registry takes no keywords besides keys; got {sorted(meta)}")
+
+        def deco(obj):
+            if unavailable is not None:
+                self.unavailable(name, unavailable)
+                return obj
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' registered twice")
-            self._items[name] = obj
+            self._items[name] = self._entry(name, obj, keys=keys, **meta) if self._entry else obj
+            declared = keys if keys is not None else getattr(self._items[name], "keys", None)  # an entry's default
+            if isinstance(declared, type):
+                self._keys[name] = declared
             return obj
 
         return deco
+
+    def keys_of(self, name: str) -> Optional[type]:
+        """The dataclass of entry `name`'s own spec keys, or None."""
+        return self._keys.get(name)
 
     def unavailable(self, name: str, why: str) -> None:
         """Know `name` without registering it: asking for it raises a SpecError saying `why` (e.g. which

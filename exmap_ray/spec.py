@@ -33,6 +33,7 @@ from .errors import SpecError, did_you_mean
 from .options import default_of, opt  # noqa: F401  (opt re-exported: spec.opt, as before)
 from .options import fraction as _fraction, non_negative as _non_negative, positive as _positive
 from .hashing import stable_hash, stage_seed  # noqa: F401  (re-exported: spec.stage_seed, spec.stable_hash)
+from .legacy import FIELD_ORDER, MOVED, moved_message  # noqa: F401  (MOVED, moved_message re-exported)
 
 
 def _k_check(v):
@@ -52,14 +53,17 @@ class DatasetSpec:
     mean: Optional[list[float]] = opt(None, "per-channel normalisation mean; None = the dataset's own "
                                             "(cmnist none, folder ImageNet)")
     std: Optional[list[float]] = opt(None, "per-channel normalisation std; None = the dataset's own")
-    loader_workers: int = opt(0, "DataLoader worker processes per Ray worker; 0 suits in-memory data", _non_negative)
+    loader_workers: int = opt(0, "DataLoader worker processes per Ray worker; 0 suits in-memory data", _non_negative,
+                              execution=True)
     pin_memory: Union[bool, Literal["auto"]] = opt("auto", "page-locked host batches for faster copies to the GPU; "
-                                                           "'auto' = when CUDA is available")
-    persistent_workers: bool = opt(True, "keep DataLoader workers alive between epochs (with loader_workers > 0)")
+                                                           "'auto' = when CUDA is available", execution=True)
+    persistent_workers: bool = opt(True, "keep DataLoader workers alive between epochs (with loader_workers > 0)",
+                                   execution=True)
     decode_cache: Optional[str] = opt("auto", "on-disk datasets: val/test images are decoded and eval-transformed "
                                               "once into a uint8 .npy memmap reused by ERM validation, features, "
                                               "heatmaps and plots. 'auto' = $EXMAP_RAY_DECODE_CACHE or "
-                                              "~/.cache/exmap_ray/decoded; a path; null = decode on every access")
+                                              "~/.cache/exmap_ray/decoded; a path; null = decode on every access",
+                                      execution=True)
 
     def __reduce__(self):  # rebuilt through the registry: the class of a dataset's keys is made at run time
         return _rebuild, ("dataset", dataclasses.asdict(self))
@@ -97,41 +101,37 @@ class ErmSpec:
 
 
 @dataclass
-class HeatmapSpec:
-    method: str = opt("lrp", "registry name: lrp (the paper), input_x_gradient, integrated_gradients, gradcam")
-    conv_rule: Literal["alpha_beta", "gamma"] = opt("alpha_beta", "LRP rule on convolutions (paper: alpha2-beta1)")
-    alpha: float = opt(2.0, "LRP alpha-beta: alpha (alpha - beta = 1 conserves relevance)", _positive)
-    beta: float = opt(1.0, "LRP alpha-beta: beta", _non_negative)
-    gamma: float = opt(0.25, "LRP gamma rule: extra weight on the contributions of the output's own sign "
-                             "(zennit's Gamma); the released ExMap code uses 4", _non_negative)
-    epsilon: float = opt(1e-6, "LRP epsilon on linear layers and pools; stabilises division", _positive)
-    canonize: bool = opt(True, "LRP: fold BatchNorm into the convolution before it (canonization), so the conv "
-                               "rule sees the effective weights; false keeps BatchNorm as a layer under epsilon")
+class HeatmapsCommon:
+    """The keys every heatmap method takes. A method's own keys (LRP's rule, integrated gradients' steps)
+    are declared beside its code and join these in `heatmaps:` (`section_class`)."""
+
+    method: str = opt("lrp", "registry name: lrp (the paper); `exmap-ray spec` lists every registered method")
     precision: Literal["auto", "bf16", "fp32"] = opt("auto", "bf16 autocast for the forward passes (LRP keeps its "
                                                              "divisions and relevance in fp32); 'auto' = bf16 on "
                                                              "CUDA, fp32 on CPU")
-    ig_steps: int = opt(32, "integrated gradients: gradient evaluations along the path from the all-zero "
-                            "baseline (midpoint rule); the completeness error shrinks as 1/steps", _positive)
     downsize: Optional[int] = opt(7, "bilinear resize of each heatmap before clustering; the paper's "
                                      "sizes are Waterbirds 112, CelebA 20; on C-MNIST 7 keeps the colour "
                                      "channel and removes per-digit stroke detail", 
                                   lambda v: None if v is None or v >= 1 else "an integer >= 1, or null")
-    batch_size: int = opt(256, "images per forward/backward in an actor", _positive)
-    shard_size: int = opt(1024, "images per shard file; one shard is one unit of actor work", _positive)
+    batch_size: int = opt(256, "images per forward/backward in an actor", _positive, execution=True)
+    shard_size: int = opt(1024, "images per shard file; one shard is one unit of actor work", _positive,
+                          execution=True)
     num_actors: Optional[int] = opt(None, "extraction actors; None = one per GPU, else 2 on CPU",
-                                    lambda v: None if v is None or v >= 1 else "an integer >= 1, or null")
+                                    lambda v: None if v is None or v >= 1 else "an integer >= 1, or null",
+                                    execution=True)
     store_dtype: Literal["float32", "float16"] = opt("float32", "how the heatmap shards are stored; float16 "
                                                             "halves the store and what clustering streams "
                                                             "(each heatmap kept relative to its max |value|); "
-                                                            "measured: the same pseudo groups")
+                                                            "measured: the same pseudo groups", neutral="float32")
 
 
 @dataclass
-class ClusteringSpec:
-    method: str = opt("spectral", "registry name: spectral (the paper), spectral_split (spectral, then each "
-                                  "cluster split again by its own eigengap while the gap is clear: split_* keys; "
-                                  "for more than one shortcut), kmeans, kmeans_silhouette, gmm; k-means prefers "
-                                  "to split the big group on imbalanced data")
+class ClusteringCommon:
+    """The keys every clusterer takes; a clusterer's own keys (spectral_split's split_*) are declared
+    beside its code and join these in `clustering:` (`section_class`)."""
+
+    method: str = opt("spectral", "registry name: spectral (the paper); `exmap-ray spec` lists every registered "
+                                  "clusterer (k-means prefers to split the big group on imbalanced data)")
     input: Literal["heatmaps", "features", "both"] = opt("heatmaps", "what is clustered: the ERM model's heatmaps "
                                                                      "(ExMap), its penultimate val features "
                                                                      "(GEORGE-style), or both side by side (each "
@@ -147,18 +147,13 @@ class ClusteringSpec:
     niter: int = opt(25, "k-means iterations", _positive)
     nredo: int = opt(3, "k-means restarts; the best inertia wins", _positive)
     normalize: bool = opt(True, "divide each heatmap by its max |value| (paper)")
-    split_gap: float = opt(0.1, "spectral_split: split a cluster again only while its relative eigengap "
-                                "(lambda_k+1 - lambda_k) / lambda_k+1 is at least this", _positive)
-    split_depth: int = opt(2, "spectral_split: levels of clustering, the first included (1 = spectral alone, "
-                              "2 = each of its clusters may be split once more)", _positive)
-    split_min_size: int = opt(15, "spectral_split: a part under twice this is not split, nor split into a "
-                                  "child under half of it", _positive)
     cross_spatial: Literal["none", "all", "hard"] = opt(
         "none", "also cluster each heatmap summed over its channels (where the relevance lies, whichever channel "
                 "carries it), the same way, and split every (class, cluster) by those clusters: all = keep every "
                 "part; hard = keep apart only the parts on which ERM's val accuracy is below its accuracy on the "
                 "whole (class, cluster), the rest stays one group. For a shortcut the channels hide, e.g. a "
-                "patch's place beside a colour; needs (N, C, h, w) heatmaps and clustering.input heatmaps or both")
+                "patch's place beside a colour; needs (N, C, h, w) heatmaps and clustering.input heatmaps or both",
+        neutral="none")
     min_group_size: int = opt(5, "pseudo groups smaller than this merge into the nearest group of their class; "
                                  "DFR subsamples every group to the smallest, so tiny fragments starve it. "
                                  "1 keeps every group, as the released ExMap does (with retrain.dfr.whole_group_max: 5)",
@@ -172,18 +167,17 @@ class ClusteringSpec:
 
 
 @dataclass
-class GroupsSpec:
+class GroupsCommon:
+    """The keys every group source takes; a source's own keys (random's random_k) are declared beside
+    its code and join these in `groups:` (`section_class`)."""
+
     source: str = opt("exmap", "registry name of the val grouping retraining uses: exmap (heatmap clusters, the "
-                               "paper), features (GEORGE-style feature clusters per class), jtt_error_set (ERM's "
-                               "val errors), random (a floor), true (the oracle: reads the true val groups); with "
-                               "pip install 'exmap-ray[peers]', SpuCo's spuco_george, spuco_spare, spuco_eiil")
-    random_k: Optional[int] = opt(None, "random source: groups per class; null = clustering.k when it is an "
-                                        "integer, else 2", lambda v: None if v is None or v >= 1 else
-                                  "an integer >= 1, or null")
+                               "paper); `exmap-ray spec` lists every registered source (SpuCo's with pip install "
+                               "'exmap-ray[peers]')")
     merge_easy: bool = opt(False, "after a label-free source: within each class, merge the pseudo groups on which "
                                   "ERM's val accuracy is at least its accuracy on the whole class into one group "
                                   "(undoes splitting the groups ERM already gets right, e.g. with clustering.method "
-                                  "spectral_split); never the oracle's true groups")
+                                  "spectral_split); never the oracle's true groups", neutral=False)
 
 
 @dataclass
@@ -292,9 +286,9 @@ class Spec:
     dataset: DatasetSpec = field(default_factory=lambda: dataset_class(DatasetSpec.name)())
     model: ModelSpec = field(default_factory=ModelSpec)
     erm: ErmSpec = field(default_factory=ErmSpec)
-    heatmaps: HeatmapSpec = field(default_factory=HeatmapSpec)
-    clustering: ClusteringSpec = field(default_factory=ClusteringSpec)
-    groups: GroupsSpec = field(default_factory=GroupsSpec)
+    heatmaps: HeatmapsCommon = field(default_factory=lambda: section_class("heatmaps")())
+    clustering: ClusteringCommon = field(default_factory=lambda: section_class("clustering")())
+    groups: GroupsCommon = field(default_factory=lambda: section_class("groups")())
     retrain: RetrainSpec = field(default_factory=lambda: retrain_class()())
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
@@ -368,6 +362,9 @@ def _build(cls, data: dict, path: str):
         return _build_dataset(data, path)
     if cls is RetrainSpec:  # one section per registered retrainer
         cls = retrain_class()
+    for section, (common, _) in SECTIONS.items():  # the common keys and those every plugin declares
+        if cls is common:
+            cls = section_class(section)
     return _build_fields(cls, data, path)
 
 
@@ -412,10 +409,63 @@ def _made(cls: type) -> type:
     return cls
 
 
+# the sections whose plugins' keys sit beside the common ones, flat: section -> (common keys, registry key)
+SECTIONS = {"heatmaps": (HeatmapsCommon, "heatmaps.method"), "clustering": (ClusteringCommon, "clustering.method"),
+            "groups": (GroupsCommon, "groups.source")}
+PUBLIC = {"HeatmapSpec": "heatmaps", "ClusteringSpec": "clustering", "GroupsSpec": "groups"}
+
+
+def _copy_field(f, tp) -> tuple:
+    kw = {"metadata": f.metadata}
+    if f.default is not dataclasses.MISSING:
+        kw["default"] = f.default
+    if f.default_factory is not dataclasses.MISSING:
+        kw["default_factory"] = f.default_factory
+    return f.name, tp, field(**kw)
+
+
+def section_class(section: str) -> type:
+    """The class of `spec.<section>` for a section plugins share ("heatmaps", "clustering", "groups"): its
+    common keys and the keys every registered plugin of it declares (`@REGISTRY.register(NAME, keys=...)`),
+    flat, in `legacy.FIELD_ORDER` (new keys after). `spec.HeatmapSpec` etc. name these classes."""
+    common, registry_key = SECTIONS[section]
+    entries = registry.require(registry_key)
+    plugin_keys = [(n, entries.keys_of(n)) for n in entries.names() if entries.keys_of(n) is not None]
+    marker = (section, tuple(k for _, k in plugin_keys))
+    if marker in _CLASSES:
+        return _CLASSES[marker]
+    fields, owner = {}, {}
+    for who, cls in [("", common)] + plugin_keys:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in fields and fields[f.name][2].metadata is not f.metadata:
+                raise ValueError(f"spec key '{section}.{f.name}' is declared by {owner[f.name] or 'the common keys'} "
+                                 f"and by {entries.kind} '{who}'; rename one")
+            fields.setdefault(f.name, _copy_field(f, hints[f.name]))
+            owner.setdefault(f.name, who)
+    order = {k: i for i, k in enumerate(FIELD_ORDER.get(section, ()))}
+    ranked = sorted(fields.values(), key=lambda t: order.get(t[0], len(order)))  # stable: new keys keep theirs
+    namespace = {"__reduce__": lambda self, _s=section: (_rebuild, (_s, dataclasses.asdict(self))),
+                 "__doc__": common.__doc__}
+    if "__post_init__" in common.__dict__:
+        namespace["__post_init__"] = common.__dict__["__post_init__"]
+    name = {v: k for k, v in PUBLIC.items()}[section]
+    _CLASSES[marker] = _made(dataclasses.make_dataclass(name, ranked, namespace=namespace))
+    return _CLASSES[marker]
+
+
+def __getattr__(name: str):  # spec.HeatmapSpec, spec.ClusteringSpec, spec.GroupsSpec: made once the plugins load
+    if name in PUBLIC:
+        return section_class(PUBLIC[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def dataset_class(name: str) -> type:
     """`DatasetSpec` extended by the keys dataset `name` declares (`DatasetEntry.keys`): the class of
     `spec.dataset` when `dataset.name` is `name`."""
-    keys = getattr(registry.require("dataset.name").get(name), "keys", None)
+    entries = registry.require("dataset.name")
+    entries.get(name)
+    keys = entries.keys_of(name)
     if keys is None:
         return DatasetSpec
     if ("dataset", keys) not in _CLASSES:
@@ -427,7 +477,7 @@ def dataset_class(name: str) -> type:
 def retrainer_sections() -> dict[str, type]:
     """retrainer name -> the dataclass of its keys (its section `retrain.<name>`), for every registered one."""
     entries = registry.require("retrain.method")
-    return {name: entries.get(name).keys for name in entries.names() if getattr(entries.get(name), "keys", None)}
+    return {name: entries.keys_of(name) for name in entries.names() if entries.keys_of(name) is not None}
 
 
 def retrain_class() -> type:
@@ -469,34 +519,10 @@ def _build_dataset(data: dict, path: str):
 
 
 def _rebuild(section: str, data: dict):
-    """Unpickling (Ray tasks, deep copies): a dataset or retrain section, built again through the registry."""
-    return _build(DatasetSpec if section == "dataset" else RetrainSpec, data, section)
-
-
-# old key -> its new place: an error that names the new key (in a spec, a --set and a search space)
-MOVED = {
-    "erm.use_gpu": "resources.gpu",
-    "dfr": "retrain.dfr",
-    "dfr.c_grid": "retrain.dfr.c_grid",
-    "dfr.n_final_fits": "retrain.dfr.n_final_fits",
-    "dfr.n_select_repeats": "retrain.n_select_repeats",
-    "retrain.groupdro_eta": "retrain.groupdro.eta",
-    "retrain.groupdro_epochs": "retrain.groupdro.epochs",
-    "retrain.lr": "retrain.groupdro.lr",
-    "retrain.jtt_upweight": "retrain.jtt.upweight",
-    "retrain.weight_decay_grid": "retrain.groupdro.weight_decay_grid' and 'retrain.jtt.weight_decay_grid",
-    "retrain.batch_size": "retrain.groupdro.batch_size' (last layer) and 'retrain.end_to_end.batch_size",
-    "retrain.e2e_lr": "retrain.end_to_end.lr",
-    "retrain.e2e_weight_decay": "retrain.end_to_end.weight_decay",
-    "retrain.e2e_epochs": "retrain.end_to_end.epochs",
-}
-
-
-def moved_message(key: str) -> Optional[str]:
-    """"'dfr.c_grid' has moved: use 'retrain.dfr.c_grid' instead" for a key that moved, else None."""
-    if key in MOVED:
-        return f"'{key}' has moved: use '{MOVED[key]}' instead"
-    return None
+    """Unpickling (Ray tasks, deep copies): a section made from what plugins declare, built again through
+    the registry."""
+    cls = {"dataset": DatasetSpec, "retrain": RetrainSpec}.get(section) or SECTIONS[section][0]
+    return _build(cls, data, section)
 
 
 def _raise_if_moved(where: str, value) -> None:
@@ -620,6 +646,17 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _summary_of(entry) -> str:
+    """One line saying what a registry entry is: its summary, or its (fit function's) docstring's first line."""
+    if getattr(entry, "summary", ""):
+        return entry.summary
+    import sys
+
+    fit = getattr(entry, "fit", None)  # a retrainer: its module says what it is
+    obj = sys.modules[fit.__module__] if fit is not None else getattr(entry, "fn", None) or entry
+    return ((getattr(obj, "__doc__", None) or "").strip().splitlines() or [""])[0]
+
+
 def describe_defaults() -> str:
     """Every key with its default and reason, for `exmap-ray spec`: the spec's own sections, each
     retrainer's section (retrain.<name>) and each dataset's own keys, wherever they are declared."""
@@ -632,6 +669,7 @@ def describe_defaults() -> str:
 
     def walk(cls, prefix):
         cls = retrain_class() if cls is RetrainSpec else cls
+        cls = next((section_class(n) for n, (common, _) in SECTIONS.items() if cls is common), cls)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
@@ -639,6 +677,10 @@ def describe_defaults() -> str:
                 walk(hints[f.name], prefix + f.name + ".")
                 continue
             key_line(prefix, f)
+            named = registry.for_key(prefix + f.name)
+            if named is not None:  # what the registry holds, each with its first docstring line
+                for name in named.names():
+                    lines.append(f"      - {name}: {_summary_of(named.get(name))}")
         if cls is DatasetSpec:  # then each dataset's own keys, with the datasets that take them
             lines.append("  # the keys of each dataset; only those of the chosen dataset.name are valid:")
             common, takers = set(_key_names(DatasetSpec)), {}

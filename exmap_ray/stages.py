@@ -33,39 +33,21 @@ import numpy as np
 
 from .data import GroupData, build_dataset
 from .data.base import loader_options
+from . import legacy
 from .errors import DataError
 from .groups import GroupContext, infer_groups
 from .groups.formation import check_heatmaps
-from .heatmaps.extract import HeatmapStore, extract_with_actors
+from .heatmaps.extract import HeatmapShards, extract_with_actors
 from .models import embed, load_checkpoint
 from .resources import cpus_per_worker, resolve_resources, run_task, where_am_i
+from .options import hashed
+from .hashing import RETRAIN_SEED
 from .spec import Spec, stage_seed
 from .storage import Loc
 from .cache import Stage, StageCache
 from .storage import load_npy, save_npy
 
 log = logging.getLogger(__name__)
-# keys that change how a stage runs but not what it computes: kept out of the cache hash
-EXECUTION_ONLY = {"heatmaps": {"batch_size", "shard_size", "num_actors"},
-                  "dataset": {"loader_workers", "pin_memory", "persistent_workers", "decode_cache"}}
-# keys added after caches existed: hashed only when set away from this default, so every stage key
-# (and every cache) made before the key was added stays valid
-HASHED_UNLESS = {"heatmaps": {"store_dtype": "float32"},
-                 "clustering": {"split_gap": 0.1, "split_depth": 2, "split_min_size": 15, "cross_spatial": "none"},
-                 "groups": {"merge_easy": False}}
-# Before each dataset declared its own keys, one DatasetSpec held every dataset's, and the erm key hashed
-# them all. It still does, the keys the chosen dataset does not take at these (their old defaults), so
-# every key made before stays valid; a dataset's own value replaces its entry here.
-LEGACY_DATASET_KEYS = {"rho": 0.99, "rho_patch": 0.9, "n_train": 5000, "n_val": 3000, "n_test": 2000,
-                       "mnist_root": None, "root": None, "target": None, "spurious": None, "group_by": "both"}
-# Before each retrainer owned its section, `retrain` was flat and the end_to_end key hashed it so; the
-# hashed form keeps those names (old name <- section, key). DFR's section is hashed by no stage (it has
-# no end-to-end mode), nor groupdro.batch_size (the last layer's; the fine-tune's is end_to_end.batch_size).
-LEGACY_RETRAIN_KEYS = {"groupdro_eta": ("groupdro", "eta"), "groupdro_epochs": ("groupdro", "epochs"),
-                       "jtt_upweight": ("jtt", "upweight"), "lr": ("groupdro", "lr"),
-                       "batch_size": ("end_to_end", "batch_size"), "e2e_lr": ("end_to_end", "lr"),
-                       "e2e_weight_decay": ("end_to_end", "weight_decay"), "e2e_epochs": ("end_to_end", "epochs")}
-UNHASHED_RETRAIN = {"dfr", "groupdro.batch_size"}  # (see above; `changes` reads it)
 
 
 class Timer:
@@ -94,11 +76,7 @@ class StageDef:
     compute: Compute
     resources: str                 # where it runs, and the spec keys that size it (docs, logs)
     device: bool = True            # the key also hashes the resolved device (resources.gpu)
-    flat: bool = False             # the key holds its one section's keys at the top level (heatmaps' first
-                                   # layout, kept so existing caches stay valid)
     when: Optional[Callable[[Spec], bool]] = None  # the stage runs only for specs where this holds
-    layout: int = 1                # bumped when the stage's files change, so a cache of the old files is never
-                                   # read as the new; hashed only above 1 (the stages never bumped keep their keys)
 
     def applies(self, spec: Spec) -> bool:
         return self.when is None or self.when(spec)
@@ -112,43 +90,31 @@ def device(spec: Spec) -> str:
 
 
 def section_config(spec: Spec, section: str):
-    """A spec section as a stage key hashes it: its keys less the execution-only ones (or a top-level value)."""
+    """A spec section as a stage key hashes it (or a top-level value): each key where `options.hashed`
+    says so (never an execution-only key; a key with a neutral value only away from it), whether the
+    spec declares it or a plugin beside its code. The old forms some keys keep are legacy.py's."""
     value = getattr(spec, section)
     if not dataclasses.is_dataclass(value):
         return value
     if section == "retrain":
-        return retrain_config(value)
-    unless = HASHED_UNLESS.get(section, {})
-    config = {k: v for k, v in value.__dict__.items()
-              if k not in EXECUTION_ONLY.get(section, ()) and not (k in unless and v == unless[k])}
-    return {**LEGACY_DATASET_KEYS, **config} if section == "dataset" else config
+        return legacy.retrain_config(value)
+    config = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if hashed(f, getattr(value, f.name))}
+    return {**legacy.LEGACY_DATASET_KEYS, **config} if section == "dataset" else config
 
 
-def retrain_config(r) -> dict:
-    """The retrain section as the end_to_end key hashes it: the flat form it had before each retrainer
-    owned its section (LEGACY_RETRAIN_KEYS), so existing caches stay valid. The weight-decay grid was one
-    key for groupdro and jtt: it is the method's own now. A retrainer registered since adds its section,
-    under its name, when it is the method."""
-    config = {"method": r.method, "mode": r.mode, "n_select_repeats": r.n_select_repeats,
-              "weight_decay_grid": (r.jtt if r.method == "jtt" else r.groupdro).weight_decay_grid}
-    config.update({old: getattr(getattr(r, section), key) for old, (section, key) in LEGACY_RETRAIN_KEYS.items()})
-    if r.method not in ("dfr", "groupdro", "jtt"):
-        config[r.method] = dataclasses.asdict(getattr(r, r.method))
-    return config
+def execution_only(section: str) -> set[str]:
+    """The keys of `section` that change how a stage runs, not what it computes (`opt(execution=True)`)."""
+    value = getattr(Spec(), section)
+    return {f.name for f in dataclasses.fields(value) if f.metadata.get("execution")} \
+        if dataclasses.is_dataclass(value) else set()
 
 
 def stage_config(sd: StageDef, spec: Spec) -> dict:
-    """What stage `sd`'s key hashes of `spec` (besides its inputs' keys)."""
-    if sd.flat:
-        (section,) = sd.sections
-        config = dict(section_config(spec, section))
-    else:
-        config = {s: section_config(spec, s) for s in sd.sections}
+    """What stage `sd`'s key hashes of `spec` (besides its inputs' keys), in the form its key has always had."""
+    config = {s: section_config(spec, s) for s in sd.sections}
     if sd.device:
         config["device"] = device(spec)
-    if sd.layout != 1:
-        config["layout"] = sd.layout
-    return config
+    return legacy.key_form(sd.name, config)
 
 
 # ── compute functions ────────────────────────────────────────────────────────────────────────────
@@ -202,7 +168,7 @@ def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
 
     spec = from_dict(spec_dict)
     hm = Loc.parse(hm_uri)
-    store = HeatmapStore(hm)
+    store = HeatmapShards(hm)
     # millions: shards, memory-mapped (a float16 store's as stored, when the clusterer normalises anyway)
     H = store.for_clustering(whole_below=SCALE_MIN_N, normalized=spec.clustering.normalize)
     if spec.groups.source == "exmap" and spec.clustering.input in ("heatmaps", "both"):
@@ -238,7 +204,7 @@ def end_to_end_task(spec_dict: dict, model_uri: str, groups_uri: str, out_uri: s
         data = build_dataset(spec.dataset, spec.seed)
         model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
         info = run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(Loc.parse(groups_uri)),
-                              data.test.images, stage_seed(spec.seed, "dfr"), Loc.parse(out_uri), device=device(spec))
+                              data.test.images, stage_seed(spec.seed, RETRAIN_SEED), Loc.parse(out_uri), device=device(spec))
     finally:
         torch.set_num_threads(before)  # a trial that ran it in its own process goes on as it was
     return {**info, "process": here}
@@ -261,11 +227,10 @@ STAGES: tuple[StageDef, ...] = (
     StageDef("erm", (), ("seed", "dataset", "model", "erm"), _erm,
              "Ray Train: erm.num_workers workers, 1 GPU or resources.worker_cpus CPUs each"),
     # layout 2: test only (val's features and logits moved to the heatmaps stage)
-    StageDef("features", ("erm",), (), _features, "a Ray task: resources.task_cpus, 1 GPU when resources.gpu",
-             layout=2),
+    StageDef("features", ("erm",), (), _features, "a Ray task: resources.task_cpus, 1 GPU when resources.gpu"),
     # layout 2: each shard also holds the val features and logits of its forward
     StageDef("heatmaps", ("erm",), ("heatmaps",), _heatmaps,
-             "a Ray actor pool: heatmaps.num_actors actors, 1 GPU each or CPU threads", flat=True, layout=2),
+             "a Ray actor pool: heatmaps.num_actors actors, 1 GPU each or CPU threads"),
     # reads the heatmaps stage alone (val's features and logits are there since layout 2)
     StageDef("clusters", ("heatmaps",), ("clustering", "groups", "seed"), _clusters,
              "a Ray task: resources.task_cpus, 1 GPU when resources.gpu"),
@@ -307,9 +272,9 @@ def sections_of(name: str) -> set[str]:
 def changes(name: str, key: str) -> bool:
     """Whether a value of spec key `key` (dotted) enters stage `name`'s key."""
     section, _, field = key.partition(".")
-    if section == "retrain" and (field in UNHASHED_RETRAIN or field.partition(".")[0] in UNHASHED_RETRAIN):
+    if section == "retrain" and not legacy.retrain_key_hashed(field):
         return False
-    return section in sections_of(name) and field not in EXECUTION_ONLY.get(section, ())
+    return section in sections_of(name) and field not in execution_only(section)
 
 
 def shared_stages(spec: Spec, searched: Iterable[str]) -> list[str]:
@@ -356,7 +321,7 @@ class Upstream:
     @cached_property
     def heatmaps(self) -> np.ndarray:
         """The val heatmaps, loaded whole on first use (group sources run in this process: bench)."""
-        return HeatmapStore(self.stages["heatmaps"].dir).load()
+        return HeatmapShards(self.stages["heatmaps"].dir).load()
 
 
 def compute_upstream(spec: Spec, data: GroupData, cache: StageCache, timer: Timer | None = None,
@@ -364,7 +329,7 @@ def compute_upstream(spec: Spec, data: GroupData, cache: StageCache, timer: Time
     """Every stage of `spec`, computed or reused (those in `have` taken as they are), with the arrays
     evaluation reads loaded."""
     stages, infos = run_stages(spec, data, cache, timer, have=have)
-    feats, val = stages["features"].dir, HeatmapStore(stages["heatmaps"].dir)
+    feats, val = stages["features"].dir, HeatmapShards(stages["heatmaps"].dir)
     return Upstream(stages, infos, val.features(), load_npy(feats / "test_features.npy"),
                     val.logits(), load_npy(feats / "test_logits.npy"),
                     load_npy(stages["clusters"].dir / "pseudo_groups.npy"))

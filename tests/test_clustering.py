@@ -70,5 +70,5 @@ def test_bad_heatmaps_and_k_are_reported():
         pseudo_groups(np.full((6, 4), np.nan), y, ClusteringSpec(), 0)
     with pytest.raises(UserError, match="all zero"):
         pseudo_groups(np.zeros((6, 4)), y, ClusteringSpec(), 0)
-    with pytest.raises(UserError, match="clustering.k = 5 is larger than a scope's 3 val points"):
+    with pytest.raises(UserError, match="spec key 'clustering.k': 5 clusters but a scope has only 3 val points"):
         pseudo_groups(np.random.rand(6, 4), y, ClusteringSpec(method="kmeans", k=5, scope="local"), 0)

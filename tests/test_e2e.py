@@ -44,7 +44,7 @@ def test_run_cmnist_end_to_end(tiny_run, tmp_path, capsys):
     assert -1 <= res["exmap"]["ari"] <= 1 and res["exmap"]["n_groups"] >= 2
     v = res["exmap"]["val"]  # label-free (pseudo groups, classes) and oracle, on held-out val halves
     assert all(0 <= v[k] <= 1 for k in ("worst_pseudo_group_acc", "worst_class_acc", "oracle_worst_group_acc"))
-    assert set(res["timings_s"]) >= {"erm", "heatmaps", "clusters", "dfr"}
+    assert set(res["timings_s"]) >= {"erm", "heatmaps", "clusters", "retrain"}
     assert res["config"]["model"]["backbone"] == "test_resnet"
     # what computed it: this driver, and the Ray Train worker that trained the (cached) ERM, with its threads
     import timm

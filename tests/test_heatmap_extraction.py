@@ -10,7 +10,7 @@ from torch import nn
 from exmap_ray.data import build_dataset
 from exmap_ray.errors import DataError
 from exmap_ray.heatmaps import HEATMAP_METHODS
-from exmap_ray.heatmaps.extract import HeatmapStore, extract, extract_with_actors, shard_ranges
+from exmap_ray.heatmaps.extract import HeatmapShards, extract, extract_with_actors, shard_ranges
 from exmap_ray.models import create_model, embed, load_checkpoint, save_checkpoint
 from exmap_ray.spec import from_dict
 
@@ -33,7 +33,7 @@ def test_actor_shards_equal_single_process_and_reload(ray_local, tmp_path):
 
     method = HEATMAP_METHODS.get("lrp")(model, spec.heatmaps)
     maps, preds, _, _ = extract(method, data.val.images, 64, 7)
-    store = HeatmapStore(tmp_path / "hm")
+    store = HeatmapShards(tmp_path / "hm")
     assert store.shape == (300, 3, 7, 7) == maps.shape
     np.testing.assert_allclose(store.load(), maps, rtol=1e-4, atol=1e-7)  # same maps, same order
     np.testing.assert_array_equal(store.preds(), preds)
@@ -78,7 +78,7 @@ def test_one_pass_features_and_logits_equal_embed(ray_local, tmp_path, method):
         entries = [worker.run(i, a, b) for i, (a, b) in enumerate(shard_ranges(len(data.val), 120))]
         write_index(tmp_path / "hm", len(data.val), entries)
         info = {"bytes_written": sum(e["bytes"] for e in entries)}
-    store = HeatmapStore(tmp_path / "hm")
+    store = HeatmapShards(tmp_path / "hm")
     model = load_checkpoint(spec.model.backbone, data.n_classes, tmp_path / "model.pt")  # as the actors read it
     want_f, want_l = embed(model, data.val.images, precision="fp32")
     f, logits = store.features(), store.logits()
@@ -96,7 +96,7 @@ def test_a_store_without_features_is_refused_by_name(tmp_path):
 
     H = np.random.default_rng(0).normal(size=(10, 1, 2, 2)).astype(np.float32)
     write_index(tmp_path, 10, [write_shard(tmp_path, 0, 0, 10, H, np.zeros(10, np.int64))])
-    store = HeatmapStore(tmp_path)
+    store = HeatmapShards(tmp_path)
     assert not store.has_features and store.load().shape == H.shape
     with pytest.raises(DataError, match="holds no val features: it was written before"):
         store.features()
@@ -132,7 +132,7 @@ def _write_store(folder, H, preds, dtype, shard_size=700):
     entries = [write_shard(folder, i, a, b, H[a:b], preds[a:b], dtype)
                for i, (a, b) in enumerate(shard_ranges(len(H), shard_size))]
     write_index(folder, len(H), entries, dtype)
-    return HeatmapStore(folder)
+    return HeatmapShards(folder)
 
 
 def test_float16_store_keeps_heatmaps_of_any_scale_and_the_pseudo_groups(tmp_path):

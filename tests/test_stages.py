@@ -108,3 +108,79 @@ def test_stage_tasks_ask_for_a_gpu_when_the_spec_has_one():
     assert task_options(gpu)["num_gpus"] == 1 and task_options(cpu)["num_gpus"] == 0
     assert task_options(gpu, gpu_capable=False)["num_gpus"] == 0
     assert task_options(cpu)["num_cpus"] == cpu.resources.task_cpus and task_options(cpu, cpus=3)["num_cpus"] == 3
+
+
+def test_every_key_added_since_stage_keys_existed_declares_its_neutral_value():
+    """Adding a key never changes an existing stage key, by construction: every key not hashed from the
+    start (legacy.ALWAYS_HASHED, frozen) is execution-only or declares the value under which it changes
+    nothing (`opt(neutral=...)`), wherever it is declared: spec.py or beside a plugin's code."""
+    import dataclasses
+
+    from exmap_ray import legacy, plugins  # noqa: F401
+    from exmap_ray.data import DATASETS
+    from exmap_ray.spec import Spec, dataset_class, retrainer_sections, section_class
+
+    def unmarked(where, cls):
+        listed = legacy.ALWAYS_HASHED[where]
+        return [f"{where}.{f.name}" for f in dataclasses.fields(cls) if f.name not in listed
+                and not f.metadata.get("execution") and "neutral" not in f.metadata]
+
+    problems = []
+    for section in ("heatmaps", "clustering", "groups"):  # every plugin's keys enter every spec's section
+        problems += unmarked(section, section_class(section))
+    for section in ("model", "erm"):
+        problems += unmarked(section, type(getattr(Spec(), section)))
+    for name in DATASETS.names():  # a dataset's keys enter only its own specs' keys: new datasets are free
+        if f"dataset.{name}" in legacy.ALWAYS_HASHED:
+            problems += unmarked(f"dataset.{name}", dataset_class(name))
+    for name, keys in retrainer_sections().items():
+        if f"retrain.{name}" in legacy.ALWAYS_HASHED:
+            problems += unmarked(f"retrain.{name}", keys)
+    assert not problems, f"declare neutral=... (or execution=True) in opt() for: {problems}"
+
+
+def test_a_new_plugin_with_its_own_keys_touches_its_module_alone(tmp_path):
+    """A clusterer registered with a key of its own: the key joins `clustering:` (and `exmap-ray spec`),
+    a spec can set it, and every existing stage key stays as it was. In a child process, so that the
+    extra clusterer stays out of this one's registry."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent('''
+        import json, sys
+        from dataclasses import dataclass
+        from exmap_ray import plugins
+        from exmap_ray.cache import StageCache
+        from exmap_ray.clustering import CLUSTERERS
+        from exmap_ray.options import opt
+        from exmap_ray.spec import describe_defaults, load_spec
+        from exmap_ray.stages import stage_keys
+
+        def keys(sets):
+            spec = load_spec("cmnist", ["resources.gpu=false"] + sets)
+            return {n: s.key for n, s in stage_keys(spec, StageCache(sys.argv[1])).items()}
+
+        before = keys([])
+
+        @dataclass
+        class TwoMeansKeys:
+            two_means_iters: int = opt(3, "iterations of the toy clusterer", neutral=3)
+
+        @CLUSTERERS.register("two_means", keys=TwoMeansKeys)
+        def two_means(X, cspec, seed):
+            """A toy clusterer: halves by the first coordinate."""
+            return (X[:, 0] > X[:, 0].mean()).astype("int64"), {"k": 2}
+
+        after = keys([])
+        other = keys(["clustering.method=two_means", "clustering.two_means_iters=5"])
+        print(json.dumps({"same": before == after, "clusters_changed": other["clusters"] != before["clusters"],
+                          "erm_same": other["erm"] == before["erm"],
+                          "listed": "two_means_iters" in describe_defaults() and "two_means:" in describe_defaults()}))
+    ''')
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"same": True, "clusters_changed": True,
+                                                                 "erm_same": True, "listed": True}

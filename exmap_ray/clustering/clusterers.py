@@ -24,10 +24,12 @@ unchanged (docs/cluster_scale.md has the measured agreement and times).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import SpecError, UserError
+from ..options import opt, positive
 from ..registry import Registry
 from .kmeans import kmeans
 from . import scale
@@ -46,10 +48,12 @@ CLUSTERERS: Registry = Registry("clusterer", "clustering.method")
 k), `cspec.k_max` bounds the search. X may be heatmaps or features: clusterers only see rows."""
 
 
-def _check_k(k: int, n: int) -> None:
+def check_k(k: int, n: int, where: str = "a scope") -> None:
+    """The one check of an integer clustering.k against the points it clusters: `pipeline.preflight` calls
+    it before any Ray work (with the data's smallest scope), each clusterer again on what it is given."""
     if k > n:
-        raise UserError(f"clustering.k = {k} is larger than a scope's {n} val points; lower clustering.k "
-                        f"or use clustering.k: auto")
+        raise SpecError(f"spec key 'clustering.k': {k} clusters but {where} has only {n} val points; use an "
+                        f"integer in 2..{n}, or 'auto'")
 
 
 def _eigengap(X: np.ndarray, cspec, info: dict):
@@ -63,7 +67,7 @@ def spectral_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict
     """The paper: kNN graph, normalised Laplacian, k by eigengap (k=auto), k-means on the row-normalised eigenvectors."""
     info: dict = {}
     k, V = _eigengap(X, cspec, info)
-    _check_k(k, len(X))
+    check_k(k, len(X))
     info["k"] = int(k)
     if k > V.shape[1]:
         _, V = laplacian_spectrum(knn_affinity(X), n_eig=k + 1)
@@ -72,7 +76,20 @@ def spectral_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict
     return kmeans(emb.astype(np.float32), k, cspec.niter, cspec.nredo, seed), info
 
 
-@CLUSTERERS.register("spectral_split")
+@dataclass
+class SpectralSplitKeys:
+    """spectral_split's own keys, in `clustering:` beside the keys every clusterer takes (each neutral at
+    the value the code used before the key existed, so stage keys made before stay valid)."""
+
+    split_gap: float = opt(0.1, "spectral_split: split a cluster again only while its relative eigengap "
+                                "(lambda_k+1 - lambda_k) / lambda_k+1 is at least this", positive, neutral=0.1)
+    split_depth: int = opt(2, "spectral_split: levels of clustering, the first included (1 = spectral alone, "
+                              "2 = each of its clusters may be split once more)", positive, neutral=2)
+    split_min_size: int = opt(15, "spectral_split: a part under twice this is not split, nor split into a "
+                                  "child under half of it", positive, neutral=15)
+
+
+@CLUSTERERS.register("spectral_split", keys=SpectralSplitKeys)
 def spectral_split_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
     """`spectral`, then each of its clusters is clustered again by its own eigengap k, while the gap is clear.
 
@@ -117,7 +134,7 @@ def kmeans_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
     """FAISS k-means on the rows; k=auto takes the eigengap estimate (kept so that earlier runs reproduce)."""
     info: dict = {}
     k = _eigengap(X, cspec, info)[0] if cspec.k == "auto" else cspec.k
-    _check_k(k, len(X))
+    check_k(k, len(X))
     info["k"] = int(k)
     return kmeans(X, k, cspec.niter, cspec.nredo, seed), info
 
@@ -128,7 +145,7 @@ def _anchor_k(rows: Rows, cspec, seed: int, info: dict):
     spec = anchor_spectrum(rows, seed, n_eig=n_eig)
     info.update(route="anchor", anchors=spec.anchors, eigenvalues=[round(float(v), 6) for v in spec.eigenvalues])
     k = eigengap_k(spec.eigenvalues, cspec.k_max) if cspec.k == "auto" else cspec.k
-    _check_k(k, len(rows))
+    check_k(k, len(rows))
     info["k"] = int(k)
     return k, spec
 
@@ -146,7 +163,7 @@ def _kmeans_large(rows: Rows, cspec, seed: int) -> tuple[np.ndarray, dict]:
     """`kmeans` above SCALE_MIN_N: k = auto from the anchor spectrum; FAISS k-means on one copy of the rows."""
     info: dict = {}
     k = _anchor_k(rows, cspec, seed, info)[0] if cspec.k == "auto" else cspec.k
-    _check_k(k, len(rows))
+    check_k(k, len(rows))
     info["k"] = int(k)
     return kmeans(rows.materialize(), k, cspec.niter, cspec.nredo, seed), info
 
@@ -158,7 +175,7 @@ SCALABLE = {"spectral": _spectral_anchor, "kmeans": _kmeans_large}
 def candidate_ks(cspec, n: int) -> list[int]:
     """k = auto searches 2..min(k_max, n - 1); an integer k is the only candidate."""
     if cspec.k != "auto":
-        _check_k(cspec.k, n)
+        check_k(cspec.k, n)
         return [int(cspec.k)]
     return list(range(2, max(2, min(cspec.k_max, n - 1)) + 1))
 

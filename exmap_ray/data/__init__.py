@@ -7,10 +7,9 @@ scanner). `build_dataset(spec.dataset, seed)` returns a `GroupData`.
 Group labels are carried for evaluation only: training, heatmaps, clustering
 and model selection in ExMap see `images` and `y`, never `group`.
 """
-from .base import DATASETS, DatasetEntry, GroupData, Split, build_dataset, register_dataset
+from .base import DATASETS, DatasetEntry, GroupData, Split
 from . import cmnist, cmnist_multi, folder  # noqa: F401  (register)
 from . import celeba, metashift, urbancars, waterbirds  # noqa: F401  (register: on-disk benchmarks)
-from .layout import check_before_run, check_dataset, register_layout  # noqa: F401
+from .layout import build_dataset, check_before_run, check_dataset
 
-__all__ = ["DATASETS", "DatasetEntry", "GroupData", "Split", "build_dataset", "check_before_run", "check_dataset",
-           "register_dataset", "register_layout"]
+__all__ = ["DATASETS", "DatasetEntry", "GroupData", "Split", "build_dataset", "check_before_run", "check_dataset"]

@@ -1,25 +1,26 @@
 """The dataset contract shared by every loader, and the one dataset registry.
 
 Each dataset is one `DatasetEntry` in `DATASETS`: its builder, its own spec keys and, for a dataset on
-disk, its layout scanner. Register a generated dataset with `@register_dataset(NAME, keys=...)` on its
-builder, and an on-disk one with `@register_layout(NAME, keys=...)` on its scanner (layout.py): its
-builder is then the shared image path over the scanned table (images.image_group_data, with the
-val/test decode cache).
+disk, its layout scanner. Register a generated dataset with `@DATASETS.register(NAME, keys=...)` on its
+builder, and an on-disk one with `@DATASETS.register(NAME, keys=..., on_disk=True)` on its scanner
+(layout.py): its builder is then the shared image path over the scanned table (images.image_group_data,
+with the val/test decode cache).
 
 `keys` is a dataclass of the dataset's own keys, each made with `options.opt` (default, reason,
-check): cmnist's rho and split sizes, an on-disk dataset's root (`layout.RootKeys`). They sit in the
+check): cmnist's rho and split sizes, an on-disk dataset's root (`RootKeys`). They sit in the
 spec's `dataset:` mapping beside the keys every dataset takes (spec.DatasetSpec), and are valid only
 when `dataset.name` names this dataset.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..options import opt
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -29,13 +30,18 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class DatasetEntry:
     name: str
-    build: Callable[..., "GroupData"]                      # (dspec, seed) -> GroupData
-    scan: Optional[Callable[..., "Scan"]] = None           # (dspec) -> Scan: the on-disk index, no image decoded
+    build: Optional[Callable[..., "GroupData"]] = None     # (dspec, seed) -> GroupData: a dataset made in memory
+    scan: Optional[Callable[..., "Scan"]] = None           # (dspec) -> Scan: an on-disk index, no image decoded
     summary: str = ""                                      # one line for `exmap-ray datasets`
     keys: Optional[type] = None                            # a dataclass of its own spec keys (dataset.*)
+    transforms: Any = None                                 # on disk: images.PAPER (None) or images.RESIZE
 
 
-DATASETS: Registry[DatasetEntry] = Registry("dataset", "dataset.name")
+@dataclass
+class RootKeys:
+    """The key every dataset on disk takes; a dataset with more declares a subclass (celeba, urbancars)."""
+
+    root: Optional[str] = opt(None, "the dataset folder; `exmap-ray datasets check NAME --root PATH` verifies it")
 
 
 def _summary(fn: Callable) -> str:
@@ -44,13 +50,17 @@ def _summary(fn: Callable) -> str:
     return ((sys.modules[fn.__module__].__doc__ or "").strip().splitlines() or [""])[0]
 
 
-def register_dataset(name: str, keys: Optional[type] = None) -> Callable:
-    """`@register_dataset("cmnist", keys=CmnistKeys)` on a builder (dspec, seed) -> GroupData: a dataset
-    made in memory, with the dataclass of its own spec keys."""
-    def deco(build: Callable) -> Callable:
-        DATASETS.register(name)(DatasetEntry(name, build, summary=_summary(build), keys=keys))
-        return build
-    return deco
+def _entry(name: str, fn: Callable, keys: Optional[type] = None, on_disk: bool = False,
+           transforms: Any = None) -> DatasetEntry:
+    if on_disk:
+        return DatasetEntry(name, scan=fn, summary=_summary(fn), keys=keys or RootKeys, transforms=transforms)
+    return DatasetEntry(name, build=fn, summary=_summary(fn), keys=keys)
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset", "dataset.name", entry=_entry)
+"""Made in memory: `@DATASETS.register(NAME, keys=...)` on a builder (dspec, seed) -> GroupData. On disk:
+`@DATASETS.register(NAME, keys=..., on_disk=True)` on a scanner (dspec) -> Scan (layout.py); its builder
+is the shared image path over the scanned table (`transforms`: images.PAPER by default, or images.RESIZE)."""
 
 
 @dataclass
@@ -116,7 +126,3 @@ def loader_options(dspec, persistent: bool = True) -> dict:
     if workers > 0:
         opts["persistent_workers"] = bool(persistent and dspec.persistent_workers)
     return opts
-
-
-def build_dataset(dspec, seed: int) -> GroupData:
-    return DATASETS.get(dspec.name).build(dspec, seed)

@@ -29,7 +29,8 @@ import numpy as np
 from ..errors import SpecError, near_name
 from ..options import opt
 from .folder import scan_metadata_csv
-from .layout import MAX_LISTED, RootKeys, Scan, find_below, missing_files, register_layout, require_root
+from .base import DATASETS
+from .layout import MAX_LISTED, RootKeys, Scan, find_below, missing_files, require_root
 
 DEFAULT_TARGET, DEFAULT_SPURIOUS = "Blond_Hair", "Male"
 IMAGES = "img_align_celeba"
@@ -167,7 +168,7 @@ class CelebaKeys(RootKeys):
                                         "(evaluation only); None = Male")
 
 
-@register_layout("celeba", keys=CelebaKeys)
+@DATASETS.register("celeba", keys=CelebaKeys, on_disk=True)
 def scan_celeba(dspec) -> Scan:
     root = require_root(dspec, "celeba", "the folder with img_align_celeba/ and the attribute files")
     target, spurious = _pair(dspec)

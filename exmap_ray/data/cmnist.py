@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import DataError, SpecError
 from ..hashing import stage_seed
 from ..options import fraction, opt, positive
-from .base import GroupData, Split, TensorImages, register_dataset
+from .base import DATASETS, GroupData, Split, TensorImages
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def digit_splits(dspec, seed: int, tag: str):
         yield name, digits[idx], (labels[idx] >= 5).astype(np.int64), rng
 
 
-@register_dataset("cmnist", keys=CmnistKeys)
+@DATASETS.register("cmnist", keys=CmnistKeys)
 def build_cmnist(dspec, seed: int) -> GroupData:
     splits = {}
     for name, digits, y, rng in digit_splits(dspec, seed, "cmnist"):

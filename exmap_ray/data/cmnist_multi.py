@@ -24,7 +24,7 @@ import torch
 
 from ..metrics import shortcut_gaps
 from ..options import fraction, opt
-from .base import GroupData, Split, TensorImages, register_dataset
+from .base import DATASETS, GroupData, Split, TensorImages
 from .cmnist import CmnistKeys, assign_colours, colorize, digit_splits, to_input
 
 PATCH = 4
@@ -71,7 +71,7 @@ def gaps(pred: np.ndarray, y: np.ndarray, attrs: dict) -> dict:
     return shortcut_gaps(pred, y, {"colour": attrs["colour"] == y, "patch": attrs["patch"] == y})
 
 
-@register_dataset("cmnist_multi", keys=CmnistMultiKeys)
+@DATASETS.register("cmnist_multi", keys=CmnistMultiKeys)
 def build_cmnist_multi(dspec, seed: int) -> GroupData:
     splits = {}
     for name, digits, y, rng in digit_splits(dspec, seed, "cmnist_multi"):

@@ -27,7 +27,8 @@ import numpy as np
 
 from ..errors import near_name
 from .images import RESIZE
-from .layout import MAX_LISTED, SPLIT_NAMES, Scan, missing_files, register_layout, require_root, root_problem
+from .base import DATASETS
+from .layout import MAX_LISTED, SPLIT_NAMES, Scan, missing_files, require_root, root_problem
 
 SPURIOUS = ("place", "spurious")
 SOURCE = "the dataset's original index"
@@ -115,7 +116,7 @@ def scan_metadata_csv(scan: Scan, root: Path, source: str = SOURCE, values: dict
             "n_classes": int(y.max()) + 1, "spurious": s}
 
 
-@register_layout("folder", transforms=RESIZE)  # a plain resize for every split, as before (docs/datasets.md)
+@DATASETS.register("folder", on_disk=True, transforms=RESIZE)  # a plain resize for every split, as before (docs/datasets.md)
 def scan_folder(dspec) -> Scan:
     """Any dataset in the group_DRO / Waterbirds layout: ROOT/metadata.csv and the images it lists."""
     root = require_root(dspec, "folder", "a folder with metadata.csv and the images")

@@ -1,6 +1,6 @@
 """Dataset layout checks: `exmap-ray datasets check NAME --root PATH`, and the same check in preflight.
 
-A dataset on disk registers its *scanner* with `@register_layout(NAME)`: one `DatasetEntry` in
+A dataset on disk registers its *scanner* with `@DATASETS.register(NAME, on_disk=True)`: one `DatasetEntry` in
 `DATASETS` holds the scanner and the builder, which is the shared image path over the scanned table
 (`images.image_group_data`: the paper's transforms, the val/test decode cache). A scanner reads the
 dataset's index (metadata files, folder names) without decoding images and returns a `Scan`: the
@@ -23,8 +23,8 @@ from PIL import Image
 
 from ..errors import DataError, SpecError, near_name
 from ..options import opt
-from .base import DATASETS, DatasetEntry, GroupData, _summary
-from .images import PAPER, Transforms, _files_key, decode_cache_dir, image_group_data
+from .base import DATASETS, DatasetEntry, GroupData, RootKeys  # noqa: F401  (RootKeys: data modules import it here)
+from .images import PAPER, _files_key, decode_cache_dir, image_group_data
 
 SPLIT_NAMES = ("train", "val", "test")
 MAX_LISTED = 5  # files named per finding; the count says how many there are
@@ -74,27 +74,15 @@ def scan_or_raise(name: str, dspec) -> Scan:
     return scan
 
 
-@dataclass
-class RootKeys:
-    """The key every dataset on disk takes; a dataset with more declares a subclass (celeba, urbancars)."""
-
-    root: Optional[str] = opt(None, "the dataset folder; `exmap-ray datasets check NAME --root PATH` verifies it")
-
-
-def register_layout(name: str, transforms: Transforms = PAPER, keys: type = RootKeys) -> Callable:
-    """`@register_layout("waterbirds")` on a scanner (dspec) -> Scan registers an on-disk dataset: its
-    builder reads the scanned table through the shared image path (`transforms`: the paper's, or
-    images.RESIZE). `keys`: the dataclass of its own spec keys (`RootKeys` or a subclass). A scanner
-    may put a `shortcut_metrics` function (pred, y, attrs) -> dict in `scan.extras` (UrbanCars' gaps)."""
-    def deco(scan_fn: Callable) -> Callable:
-        def build(dspec, seed: int) -> GroupData:
-            scan = scan_or_raise(name, dspec)
-            return image_group_data(scan.table, dspec, name, shortcut_metrics=scan.extras.get("shortcut_metrics"),
-                                    how=transforms)
-
-        DATASETS.register(name)(DatasetEntry(name, build, scan_fn, summary=_summary(scan_fn), keys=keys))
-        return scan_fn
-    return deco
+def build_dataset(dspec, seed: int) -> GroupData:
+    """The dataset `dspec` names, as a `GroupData`: its builder, or for one on disk the shared image path
+    over its scanned table (any finding stops here, naming the file and the fix)."""
+    entry = DATASETS.get(dspec.name)
+    if entry.build is not None:
+        return entry.build(dspec, seed)
+    scan = scan_or_raise(entry.name, dspec)
+    return image_group_data(scan.table, dspec, entry.name, shortcut_metrics=scan.extras.get("shortcut_metrics"),
+                            how=entry.transforms or PAPER)
 
 
 def require_root(dspec, name: str, expected: str) -> Path:

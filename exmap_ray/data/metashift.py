@@ -25,7 +25,8 @@ import numpy as np
 
 from ..errors import near_name
 from .folder import scan_metadata_csv
-from .layout import Scan, find_below, register_layout, require_root, root_problem
+from .base import DATASETS
+from .layout import Scan, find_below, require_root, root_problem
 
 FOLDER = "MetaShift-Cat-Dog-indoor-outdoor"
 # folder -> (y, place), as in the public generate_metadata_metashift
@@ -67,7 +68,7 @@ def stratified_split(group: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
     return split
 
 
-@register_layout("metashift")
+@DATASETS.register("metashift", on_disk=True)
 def scan_metashift(dspec) -> Scan:
     root = require_root(dspec, "metashift", f"the {FOLDER} folder")
     scan = Scan(root)

@@ -28,7 +28,8 @@ import numpy as np
 
 from ..errors import near_name
 from ..options import opt
-from .layout import RootKeys, Scan, find_below, register_layout, require_root
+from .base import DATASETS
+from .layout import RootKeys, Scan, find_below, require_root
 
 NAMES = ["urban", "country"]  # index = label, for obj, bg and co_occur_obj alike
 RATIO_RE = re.compile(r"^bg-([0-9.]+)_co_occur_obj-([0-9.]+)$")
@@ -121,7 +122,7 @@ class UrbanCarsKeys(RootKeys):
                 "Changes the oracle DFR row and the true-group WGA; the shortcut gaps use both always")
 
 
-@register_layout("urbancars", keys=UrbanCarsKeys)
+@DATASETS.register("urbancars", keys=UrbanCarsKeys, on_disk=True)
 def scan_urbancars(dspec) -> Scan:
     root = require_root(dspec, "urbancars", "the folder holding bg-0.95_co_occur_obj-0.95/ and bg-0.5_co_occur_obj-0.5/")
     scan = Scan(root)

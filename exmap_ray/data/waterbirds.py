@@ -12,14 +12,15 @@ names; the images take the shared path (images.py). True group = 2 * y + place (
 from __future__ import annotations
 
 from .folder import scan_metadata_csv
-from .layout import Scan, register_layout, require_root, root_problem
+from .base import DATASETS
+from .layout import Scan, require_root, root_problem
 
 FOLDER = "waterbird_complete95_forest2water2"
 GROUP_NAMES = ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"]
 SOURCE = "the group_DRO Waterbirds tarball (waterbird_complete95_forest2water2.tar.gz)"
 
 
-@register_layout("waterbirds")
+@DATASETS.register("waterbirds", on_disk=True)
 def scan_waterbirds(dspec) -> Scan:
     root = require_root(dspec, "waterbirds", f"the {FOLDER} folder")
     scan = Scan(root)

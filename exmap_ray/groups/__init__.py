@@ -9,7 +9,7 @@ formation.py  pseudo_groups (class x cluster), the input checks, cross_spatial, 
 peers.py      SpuCo's GEORGE, SPARE and EIIL (the `peers` extra), registered by plugins.py
 """
 from .formation import class_by_cluster, merge_easy_groups, pseudo_groups
-from .sources import GROUP_SOURCES, GroupContext, GroupSource, infer_groups, source
+from .sources import GROUP_SOURCES, GroupContext, GroupSource, infer_groups
 
 __all__ = ["GROUP_SOURCES", "GroupContext", "GroupSource", "class_by_cluster", "infer_groups", "merge_easy_groups",
-           "pseudo_groups", "source"]
+           "pseudo_groups"]

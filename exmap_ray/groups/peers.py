@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import UserError
 from .formation import class_by_cluster, merge_small
-from .sources import GROUP_SOURCES, GroupContext, source
+from .sources import GROUP_SOURCES, GroupContext
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,13 @@ def eiil(logits: np.ndarray, y: np.ndarray, seed: int, steps: int = EIIL_STEPS, 
     return env
 
 
+def _missing(name: str) -> str | None:
+    """Why peer `name` cannot run here (spuco absent), or None: its registration keeps the name known."""
+    return None if spuco_installed() else (f"runs SpuCo's {PEER_SOURCES[name]} (spuco {SPUCO_VERSION}), which is "
+                                           f"not installed: {INSTALL}")
+
+
+@GROUP_SOURCES.register("spuco_george", needs=("val_features",), unavailable=_missing("spuco_george"))
 def george_source(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """GEORGE (SpuCo) on the ERM model's penultimate val features, per class."""
     y = np.asarray(ctx.y_val, np.int64)
@@ -169,6 +176,7 @@ def george_source(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     return finish_groups(ctx.val_features, y, cluster_of, ctx.clustering.min_group_size, {"spuco": SPUCO_VERSION})
 
 
+@GROUP_SOURCES.register("spuco_spare", needs=("val_logits",), unavailable=_missing("spuco_spare"))
 def spare_source(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """SPARE (SpuCo) on the softmax of the ERM model's val logits, per class."""
     y = np.asarray(ctx.y_val, np.int64)
@@ -176,32 +184,18 @@ def spare_source(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     return finish_groups(probs, y, cluster_of, ctx.clustering.min_group_size, {"spuco": SPUCO_VERSION})
 
 
+@GROUP_SOURCES.register("spuco_eiil", needs=("val_logits",), unavailable=_missing("spuco_eiil"))
 def eiil_source(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """EIIL (SpuCo) on the ERM model's val logits: group = class x environment."""
     y = np.asarray(ctx.y_val, np.int64)
     env = eiil(ctx.val_logits, y, ctx.seed)
     return finish_groups(ctx.val_logits, y, env, ctx.clustering.min_group_size,
-                   {"spuco": SPUCO_VERSION, "eiil_steps": EIIL_STEPS, "eiil_lr": EIIL_LR})
-
-
-_SOURCES: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "spuco_george": (george_source, ("val_features",)),
-    "spuco_spare": (spare_source, ("val_logits",)),
-    "spuco_eiil": (eiil_source, ("val_logits",)),
-}
-
-if spuco_installed():
-    for _name, (_fn, _needs) in _SOURCES.items():
-        source(_name, needs=_needs)(_fn)
-else:
-    for _name in _SOURCES:
-        GROUP_SOURCES.unavailable(_name, f"runs SpuCo's {PEER_SOURCES[_name]} (spuco {SPUCO_VERSION}), which is "
-                                         f"not installed: {INSTALL}")
+                         {"spuco": SPUCO_VERSION, "eiil_steps": EIIL_STEPS, "eiil_lr": EIIL_LR})
 
 
 def available() -> list[str]:
     """The peer sources registered here (all of them when SpuCo is installed, else none)."""
-    return [n for n in _SOURCES if n in GROUP_SOURCES]
+    return [n for n in PEER_SOURCES if n in GROUP_SOURCES]
 
 
 __all__ = ["PEER_SOURCES", "available", "spuco_installed", "george", "spare", "eiil", "partition_to_clusters"]

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..clustering import Rows
 from ..errors import UserError
+from ..options import opt
 from ..registry import Registry
 from .formation import channel_sums, check_heatmaps, check_rows, class_by_cluster, merge_easy_groups, pseudo_groups
 
@@ -50,14 +51,14 @@ class GroupSource:
     oracle: bool = False     # only an oracle source is shown `true_groups`
 
 
-GROUP_SOURCES: Registry = Registry("group source", "groups.source")
+def _entry(name: str, fn: Callable, keys: Optional[type] = None, needs: tuple[str, ...] = (),
+           oracle: bool = False) -> GroupSource:
+    return GroupSource(fn, tuple(needs), oracle)
 
 
-def source(name: str, needs: tuple[str, ...] = (), oracle: bool = False):
-    def deco(fn):
-        GROUP_SOURCES.register(name)(GroupSource(fn, needs, oracle))
-        return fn
-    return deco
+GROUP_SOURCES: Registry = Registry("group source", "groups.source", entry=_entry)
+"""`@GROUP_SOURCES.register(NAME, needs=(GroupContext fields), oracle=False, keys=...)` on fn(ctx) ->
+(groups, info)."""
 
 
 def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
@@ -66,7 +67,7 @@ def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
     needs = src.needs
     if name == "exmap":
         needs = {"features": ("val_features",), "both": ("heatmaps", "val_features")}.get(
-            getattr(ctx.clustering, "input", "heatmaps"), needs)
+            ctx.clustering.input, needs)
     missing = [f for f in needs if getattr(ctx, f) is None]
     if missing:
         raise UserError(f"group source '{name}' needs {', '.join(missing)}, which the caller did not provide")
@@ -87,12 +88,12 @@ def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
                     "sizes": {int(g): int(c) for g, c in zip(ids, counts)}}
 
 
-@source("exmap", needs=("heatmaps",))
+@GROUP_SOURCES.register("exmap", needs=("heatmaps",))
 def exmap_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """ExMap: cluster the heatmaps with `clustering.*` (scope, method, k); group = class x cluster."""
-    what = getattr(ctx.clustering, "input", "heatmaps")
+    what = ctx.clustering.input
     cross = correct = None
-    mode = getattr(ctx.clustering, "cross_spatial", "none")
+    mode = ctx.clustering.cross_spatial
     if mode != "none":  # (ClusteringSpec refuses it with input features)
         if mode == "hard":
             if ctx.val_logits is None:
@@ -120,14 +121,14 @@ def side_by_side(H, F) -> np.ndarray:
     return np.hstack([Rows(H, True).materialize(), Rows(F, True).materialize()])
 
 
-@source("features", needs=("val_features",))
+@GROUP_SOURCES.register("features", needs=("val_features",))
 def feature_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """GEORGE-style: the same clusterer on penultimate features, each class clustered apart (local scope)."""
     cspec = dataclasses.replace(ctx.clustering, scope="local")
     return pseudo_groups(ctx.val_features, ctx.y_val, cspec, ctx.seed, what="features")
 
 
-@source("jtt_error_set", needs=("val_logits",))
+@GROUP_SOURCES.register("jtt_error_set", needs=("val_logits",))
 def error_set_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """JTT's error set as groups: 2 y + 1 where ERM misclassifies, 2 y where it is right.
 
@@ -146,7 +147,16 @@ def error_set_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
                            "merged": merged}
 
 
-@source("random")
+@dataclass
+class RandomKeys:
+    """The random source's own key, in `groups:`."""
+
+    random_k: Optional[int] = opt(None, "random source: groups per class; null = clustering.k when it is an "
+                                        "integer, else 2", lambda v: None if v is None or v >= 1 else
+                                  "an integer >= 1, or null")
+
+
+@GROUP_SOURCES.register("random", keys=RandomKeys)
 def random_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """Each class split at random into k equal-sized parts: class x random part. A floor any method must beat."""
     k = ctx.random_k or (ctx.clustering.k if isinstance(ctx.clustering.k, int) else 2)
@@ -158,7 +168,7 @@ def random_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     return class_by_cluster(np.asarray(ctx.y_val), cluster_of), {"k_per_class": int(k)}
 
 
-@source("true", needs=("true_groups",), oracle=True)
+@GROUP_SOURCES.register("true", needs=("true_groups",), oracle=True)
 def true_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """The oracle: the true val groups (for the upper-bound row; never used for selection elsewhere)."""
     return np.asarray(ctx.true_groups, np.int64), {}

@@ -1,19 +1,13 @@
-"""Heatmap methods (a registry) and their sharded extraction.
+"""Heatmap methods (the registry `HEATMAP_METHODS`) and their sharded extraction.
 
-A method is a class `Method(model, hspec)` whose instances map a batch of
-images to `(relevance (B, C', H, W), predicted class (B,))`, explaining the
-predicted class. Build it once per model; call it per batch. `hspec` is a
-`spec.HeatmapSpec`; each method reads only its own keys (LRP: conv_rule, alpha,
-beta, gamma, epsilon, canonize; integrated gradients: ig_steps).
+A method is a class `Method(model, hspec)` whose instances map a batch of images to
+`(relevance (B, C', H, W), predicted class (B,))`, explaining the predicted class (`explain` also gives
+the features and logits of the same forward: method.py). Build it once per model; call it per batch.
+`hspec` is the `heatmaps:` section; each method reads the keys every method takes and its own, declared
+beside it (lrp.py's `LrpKeys`, gradients.py's `IntegratedGradientsKeys`). A new method is a class in its
+module with `@HEATMAP_METHODS.register(NAME, keys=...)`, and that module's import here.
 """
-from ..registry import Registry
-from .gradients import GradCAM, InputXGradient, IntegratedGradients
-from .lrp import LRP
-
-HEATMAP_METHODS: Registry = Registry("heatmap method", "heatmaps.method")
-HEATMAP_METHODS.register("lrp")(LRP)
-HEATMAP_METHODS.register("input_x_gradient")(InputXGradient)
-HEATMAP_METHODS.register("integrated_gradients")(IntegratedGradients)
-HEATMAP_METHODS.register("gradcam")(GradCAM)
+from . import gradients, lrp  # noqa: F401  (register)
+from .method import HEATMAP_METHODS
 
 __all__ = ["HEATMAP_METHODS"]

@@ -11,9 +11,9 @@ Layout of a heatmap stage folder:
 
 Each shard is written atomically by the actor that computed it, straight to the
 storage root (a local folder or a URI), so neither the driver's memory nor its
-disk is in the path; `HeatmapStore` memory-maps shards back (remote shards via
+disk is in the path; `HeatmapShards` memory-maps shards back (remote shards via
 the node-local derived cache). The val features and logits are the stage's too
-(`HeatmapStore.features()`, `.logits()`): val is read and forwarded once, by the
+(`HeatmapShards.features()`, `.logits()`): val is read and forwarded once, by the
 actors, and the features stage does test only (heatmaps/method.py says what the
 features are under bf16).
 """
@@ -70,7 +70,7 @@ def extract(method, images: Dataset, batch_size: int, downsize: int | None,
             torch.cat(logits).numpy())
 
 
-class HeatmapStore:
+class HeatmapShards:
     """Read side of a heatmap stage folder (a local folder or a prefix under a storage URI).
 
     Shards of a remote store are read through the node-local derived cache, then memory-mapped.

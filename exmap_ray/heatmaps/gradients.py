@@ -17,12 +17,21 @@ forward (method.py): the heatmaps stage keeps them, so val is forwarded once.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models import autocast
-from .method import Explained, HeatmapMethod, as_fp32, forward_split
+from ..options import opt, positive
+from .method import HEATMAP_METHODS, Explained, HeatmapMethod, as_fp32, forward_split
+
+
+@dataclass
+class IntegratedGradientsKeys:
+    ig_steps: int = opt(32, "integrated gradients: gradient evaluations along the path from the all-zero "
+                            "baseline (midpoint rule); the completeness error shrinks as 1/steps", positive)
 
 IG_IMAGES_PER_PASS = 256  # integrated gradients batches path points up to this many images per forward
 
@@ -32,6 +41,7 @@ def _predicted_seed(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pred, torch.zeros_like(logits).scatter_(1, pred[:, None], 1.0)  # one-hot, no range check (a GPU sync)
 
 
+@HEATMAP_METHODS.register("input_x_gradient")
 class InputXGradient(HeatmapMethod):
     """x * d logit_pred / dx: signed, one map per input channel."""
 
@@ -48,6 +58,7 @@ class InputXGradient(HeatmapMethod):
         return Explained((x * g).detach().float(), pred.detach(), as_fp32(feats), logits.detach().float())
 
 
+@HEATMAP_METHODS.register("gradcam")
 class GradCAM(HeatmapMethod):
     """ReLU(sum_c mean_hw(dlogit/dA_c) * A_c) on the last feature map, upsampled: one channel, >= 0."""
 
@@ -75,6 +86,7 @@ class GradCAM(HeatmapMethod):
         return Explained(cam.detach(), pred.detach(), pooled.detach().float(), logits.detach().float())
 
 
+@HEATMAP_METHODS.register("integrated_gradients", keys=IntegratedGradientsKeys)
 class IntegratedGradients(HeatmapMethod):
     """(x - x0) * mean over the straight path x0 -> x of d logit_pred / dx (Sundararajan et al. 2017).
 

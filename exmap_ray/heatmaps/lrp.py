@@ -59,6 +59,8 @@ from __future__ import annotations
 
 import copy
 import operator
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx
@@ -69,7 +71,22 @@ from torch.nn.grad import conv2d_input
 
 from ..errors import UserError
 from ..models import autocast
-from .method import Explained, HeatmapMethod, as_fp32, classifier_name, is_timm
+from ..options import non_negative, opt, positive
+from .method import HEATMAP_METHODS, Explained, HeatmapMethod, as_fp32, classifier_name, is_timm
+
+
+@dataclass
+class LrpKeys:
+    """LRP's own keys, in `heatmaps:` beside the keys every method takes."""
+
+    conv_rule: Literal["alpha_beta", "gamma"] = opt("alpha_beta", "LRP rule on convolutions (paper: alpha2-beta1)")
+    alpha: float = opt(2.0, "LRP alpha-beta: alpha (alpha - beta = 1 conserves relevance)", positive)
+    beta: float = opt(1.0, "LRP alpha-beta: beta", non_negative)
+    gamma: float = opt(0.25, "LRP gamma rule: extra weight on the contributions of the output's own sign "
+                             "(zennit's Gamma); the released ExMap code uses 4", non_negative)
+    epsilon: float = opt(1e-6, "LRP epsilon on linear layers and pools; stabilises division", positive)
+    canonize: bool = opt(True, "LRP: fold BatchNorm into the convolution before it (canonization), so the conv "
+                               "rule sees the effective weights; false keeps BatchNorm as a layer under epsilon")
 
 PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
 EPS_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
@@ -278,8 +295,11 @@ def relevance_sum(a, b, eps):
 torch.fx.wrap("relevance_sum")
 
 
+@HEATMAP_METHODS.register("lrp", keys=LrpKeys)
 class LRP(HeatmapMethod):
-    """`LRP(model, hspec)(x) -> (relevance (B, C, H, W), predicted class (B,))`; `explain(x)` adds the
+    """Layer-wise relevance propagation (the paper): alpha-beta or gamma on convolutions, epsilon elsewhere.
+
+    `LRP(model, hspec)(x) -> (relevance (B, C, H, W), predicted class (B,))`; `explain(x)` adds the
     features and logits of the same forward.
 
     The canonized, rule-wrapped copy of the model is built once here, not per batch.

@@ -1,7 +1,7 @@
 """What a heatmap method gives besides its maps: the features and logits of the same forward pass.
 
     e = method.explain(x)     # Explained(relevance, pred, features, logits), all from one forward
-    rel, pred = method(x)     # the maps and the explained class only (the older call, kept)
+    rel, pred = method(x)     # the maps and the explained class only
 
 The heatmaps stage keeps the penultimate features and logits of val from the forward that its
 heatmaps come from, so val is read and forwarded once (the features stage does test only).
@@ -23,6 +23,11 @@ import torch
 from torch import nn
 
 from ..models import autocast, penultimate
+from ..registry import Registry
+
+HEATMAP_METHODS: Registry = Registry("heatmap method", "heatmaps.method")
+"""name -> a `HeatmapMethod` class, `Method(model, hspec)`; registered with
+`@HEATMAP_METHODS.register(NAME, keys=...)` beside the class, its own keys in that dataclass."""
 
 
 class Explained(NamedTuple):

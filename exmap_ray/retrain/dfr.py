@@ -32,6 +32,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from ..errors import UserError
+from .base import RETRAINERS
 from ..options import non_negative, opt, positive, positive_list
 from .head import LinearHead
 from ..selection import worst_group_acc
@@ -130,6 +131,7 @@ def _check_groups(y: np.ndarray, groups: np.ndarray) -> None:
                         f"group {mixed[0]} mixes classes")
 
 
+@RETRAINERS.register("dfr", keys=DfrKeys)
 def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: int,
             score_groups: dict[str, np.ndarray] | None = None) -> DFRModel:
     """`dspec`: DFR's keys and retrain.n_select_repeats (a `RetrainConfig`). `score_groups` are extra groupings scored on the same held-out halves for analysis only

@@ -50,7 +50,7 @@ def weight_change(before: torch.nn.Module, after: torch.nn.Module) -> float:
 
 def run_end_to_end(spec, model: torch.nn.Module, val_images, y_val: np.ndarray, groups: np.ndarray,
                    test_images, seed: int, out_dir: Path, device: str | None = None) -> dict:
-    from . import RETRAINERS
+    from .base import RETRAINERS
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     retrainer = RETRAINERS.get(spec.retrain.method)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .base import RETRAINERS
 from ..options import non_negative_list, opt, positive
 from .common import LastLayerModel, check_inputs, select_on_halves, standardise
 
@@ -99,6 +100,7 @@ def train_groupdro_head(X, yi, gi, n_classes: int, n_groups: int, *, eta: float,
     return W, b, q
 
 
+@RETRAINERS.register("groupdro", keys=GroupDROKeys, end_to_end=True)
 def fit_groupdro(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
                  score_groups: dict[str, np.ndarray] | None = None) -> LastLayerModel:
     """Last-layer GroupDRO on val with `groups` (any ids); `r`: its keys and retrain.n_select_repeats

@@ -22,6 +22,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from .base import RETRAINERS
 from ..options import non_negative_list, opt
 from .common import LastLayerModel, check_inputs, select_on_halves, standardise
 
@@ -61,6 +62,7 @@ def fit_weighted_logreg(X, y, weights, weight_decay: float, seed: int) -> Logist
         return clf.fit(X, y, sample_weight=weights)
 
 
+@RETRAINERS.register("jtt", keys=JttKeys, end_to_end=True)
 def fit_jtt(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
             score_groups: dict[str, np.ndarray] | None = None) -> LastLayerModel:
     """Last-layer JTT on val; `r`: its keys and retrain.n_select_repeats (a `RetrainConfig`).

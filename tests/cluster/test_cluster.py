@@ -49,12 +49,12 @@ def single_node(tiny_run):
 
     from ..conftest import tiny_spec_dict
 
-    from exmap_ray.stages import EXECUTION_ONLY
+    from exmap_ray.stages import execution_only
 
     mine, theirs = load_spec(REPO / SPEC).to_dict(), from_dict(tiny_spec_dict()).to_dict()
     for section in ("seed", "dataset", "model", "erm", "heatmaps", "clustering", "groups", "retrain"):
         if isinstance(mine[section], dict):  # how a stage runs may differ (tiny.yaml: 2 heatmap actors, one a node)
-            for key in EXECUTION_ONLY.get(section, ()):
+            for key in execution_only(section):
                 mine[section].pop(key, None), theirs[section].pop(key, None)
         assert mine[section] == theirs[section], f"tests/cluster/tiny.yaml differs from the tiny spec in {section}"
     assert mine["resources"]["worker_cpus"] == theirs["resources"]["worker_cpus"]

@@ -16,7 +16,7 @@ import torch
 
 from exmap_ray.data import build_dataset
 from exmap_ray.errors import UserError
-from exmap_ray.heatmaps.extract import HeatmapStore, extract_with_actors
+from exmap_ray.heatmaps.extract import HeatmapShards, extract_with_actors
 from exmap_ray.models import create_model, save_checkpoint
 from exmap_ray.spec import from_dict
 from exmap_ray.cache import StageCache
@@ -49,8 +49,8 @@ seen["done_after_fail"] = stage.done
 ballast.unlink()
 info = cache.run(stage, lambda d: extract_with_actors(spec, ckpt, len(data.val), d))
 seen["second_shards"] = info["shards"]
-seen["second_n"] = len(HeatmapStore(stage.dir))
-seen["second_finite"] = bool(np.isfinite(HeatmapStore(stage.dir).load()).all())
+seen["second_n"] = len(HeatmapShards(stage.dir))
+seen["second_finite"] = bool(np.isfinite(HeatmapShards(stage.dir).load()).all())
 seen["records"] = [(r["stage"], r["event"]) for r in cache.records()]
 ray.shutdown()
 print("RESULT " + json.dumps(seen))

@@ -10,7 +10,7 @@ import torch
 from exmap_ray.data import build_dataset
 from exmap_ray.erm import train_erm
 from exmap_ray.heatmaps import HEATMAP_METHODS
-from exmap_ray.heatmaps.extract import HeatmapStore, extract, extract_with_actors
+from exmap_ray.heatmaps.extract import HeatmapShards, extract, extract_with_actors
 from exmap_ray.models import create_model, save_checkpoint
 from exmap_ray.spec import from_dict
 from exmap_ray.storage import read_json
@@ -76,7 +76,7 @@ def test_heatmap_actor_killed_shards_redone(ray_local, tmp_path):
     killer.stop.set()
     assert killer.killed and info["actors_lost"] >= 1, ("no actor died mid-extraction", info)
 
-    store = HeatmapStore(out)
+    store = HeatmapShards(out)
     starts = sorted(s["start"] for s in store.index["shards"])
     assert starts == list(range(0, 1200, 30))  # every shard exactly once: no gap, no duplicate
     assert len(store) == 1200 == sum(s["stop"] - s["start"] for s in store.index["shards"])
