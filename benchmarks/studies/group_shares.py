@@ -1,6 +1,6 @@
 """Where each true val group's members land among a run's pseudo groups.
 
-    python benchmarks/group_shares.py SPEC RUN_DIR [RUN_DIR ...] [--set KEY=VALUE ...]
+    python benchmarks/studies/group_shares.py SPEC RUN_DIR [RUN_DIR ...] [--set KEY=VALUE ...]
 
 For each finished `exmap-ray run SPEC --out RUN_DIR` (all made with the same --set options but
 seed), reads the run's pseudo groups (`selection.npz`) and seed (`spec.resolved.json`), rebuilds the
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exmap_ray.data.base import build_dataset
+from exmap_ray.data import build_dataset
 from exmap_ray.metrics import recovery
 from exmap_ray.spec import load_spec
 

@@ -1,8 +1,8 @@
 #!/bin/bash
 # issue 15: clustering.cross_spatial end to end against the shipped spectral clustering, rho 0.9 cmnist_multi
 # and C-MNIST, each seed's upstream (ERM, heatmaps) shared by its ways. SEEDS: default "10 11 12 13 14";
-# WAYS: default "shipped all hard" (cross_spatial none, all, hard); run folders: runs/cross/TAG-WAY-sSEED. Summary: python benchmarks/spectral_split_summary.py --root runs/cross [SEEDS]
-cd "$(dirname "$0")/.." && EXMAP=${EXMAP:-.venv/bin/exmap-ray}
+# WAYS: default "shipped all hard" (cross_spatial none, all, hard); run folders: runs/cross/TAG-WAY-sSEED. Summary: python benchmarks/studies/spectral_split_summary.py --root runs/cross [SEEDS]
+cd "$(dirname "$0")/../.." && EXMAP=${EXMAP:-.venv/bin/exmap-ray}
 for seed in ${SEEDS:-10 11 12 13 14}; do
   for v in "cmnist_multi rho09 --set dataset.rho=0.9" "cmnist c"; do
     set -- $v; spec=$1; tag=$2; shift 2

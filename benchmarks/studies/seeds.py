@@ -1,7 +1,7 @@
 """Run one spec over several seeds and print per-seed rows plus mean +- std (the README's figures).
 
-    python benchmarks/seeds.py tune_specs/cmnist.yaml --seeds 0 1 2 --out runs/seeds
-    python benchmarks/seeds.py tune_specs/cmnist.yaml --seeds 0 1 2 --set clustering.scope=local
+    python benchmarks/studies/seeds.py tune_specs/cmnist.yaml --seeds 0 1 2 --out runs/seeds
+    python benchmarks/studies/seeds.py tune_specs/cmnist.yaml --seeds 0 1 2 --set clustering.scope=local
 
 Each seed is a full `exmap-ray run` (its own ERM, heatmaps, clusters, DFR) in OUT/seed<N>.
 Nothing here looks at test results to choose anything; it only reports them.

@@ -1,6 +1,6 @@
 """How close does each label-free selection rule come to the oracle choice, over finished sweeps?
 
-    python benchmarks/selection_rules.py runs/sweep-seed{0..9}
+    python benchmarks/studies/selection_rules.py runs/sweep-seed{0..9}
 
 Reads each sweep folder's summary.json and the trials' held-out predictions (selection.npz); trains
 nothing. For each rule it prints the test WGA of the trial it picks and the gap to the oracle choice

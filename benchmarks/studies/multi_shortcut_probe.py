@@ -1,6 +1,6 @@
 """Which representation and clustering find every true group of a multi-shortcut set? (A probe for issue 15.)
 
-    python benchmarks/multi_shortcut_probe.py cmnist_multi --cache DIR [--set KEY=VALUE ...]
+    python benchmarks/studies/multi_shortcut_probe.py cmnist_multi --cache DIR [--set KEY=VALUE ...]
 
 Reads the val heatmaps and the val penultimate features (one pass, the heatmaps stage) that
 `exmap-ray run SPEC --cache DIR` left in the cache (nothing is trained here), clusters them in

@@ -1,6 +1,6 @@
 """Is the test-WGA spread between a sweep's k values the DFR fit's randomness, or the groupings?
 
-    python benchmarks/dfr_spread.py tune_specs/cmnist_sweep.yaml --cache runs/bench-cache --seed 2
+    python benchmarks/studies/dfr_spread.py tune_specs/cmnist_sweep.yaml --cache runs/bench-cache --seed 2
 
 For each k (global scope, the spec's other settings) this refits ExMap's DFR on the cached pseudo groups
 with R different DFR seeds and prints the test WGA's mean, SD and range, beside what the grouping makes

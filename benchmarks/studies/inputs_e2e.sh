@@ -2,8 +2,8 @@
 # issue 15: clustering.input heatmaps / features / both end to end, rho 0.9 cmnist_multi and C-MNIST,
 # each seed's upstream (ERM, heatmaps) shared by its three inputs. SEEDS: default "5 6 7 8 9";
 # EXTRA: more --set flags for every run; run folders: runs/inputs/TAG-INPUT-sSEED.
-# Summary: python benchmarks/spectral_split_summary.py --root runs/inputs [SEEDS]
-cd "$(dirname "$0")/.." && EXMAP=${EXMAP:-.venv/bin/exmap-ray}
+# Summary: python benchmarks/studies/spectral_split_summary.py --root runs/inputs [SEEDS]
+cd "$(dirname "$0")/../.." && EXMAP=${EXMAP:-.venv/bin/exmap-ray}
 for seed in ${SEEDS:-5 6 7 8 9}; do
   for v in "cmnist_multi rho09 --set dataset.rho=0.9" "cmnist c"; do
     set -- $v; spec=$1; tag=$2; shift 2

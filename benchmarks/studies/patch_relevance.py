@@ -1,6 +1,6 @@
 """Does the ERM model's LRP relevance see the corner patch of cmnist_multi? (A diagnostic for the bench.)
 
-    python benchmarks/patch_relevance.py tune_specs/cmnist_multi.yaml --cache runs/bench-cache [--seed 0]
+    python benchmarks/studies/patch_relevance.py tune_specs/cmnist_multi.yaml --cache runs/bench-cache [--seed 0]
 
 Reads the cached heatmaps of the spec's ERM model (run `exmap-ray run SPEC --cache DIR` or `bench` first;
 nothing is computed here) and prints, per val image group, the share of |relevance| that falls in the

@@ -1,6 +1,6 @@
 """Ablation for issue 15: conv rule, small-group handling, heatmap size, ERM checkpoint, clustering input.
 
-    python benchmarks/ablation.py --out runs/ablation.jsonl --cache runs/ablation-cache [--seeds 0 1 2]
+    python benchmarks/studies/ablation.py --out runs/ablation.jsonl --cache runs/ablation-cache [--seeds 0 1 2]
 
 The design and the decision rule are in benchmarks/results/ablation.md (written before the runs).
 Every cell is the shipped spec (cmnist or cmnist_multi) with a few `--set` values, run through the

@@ -1,6 +1,6 @@
 """Summarise runs/split/*/results.json (spectral vs spectral_split); argv: the seeds to take (default all).
 
-`--root runs/inputs` reads the run folders of benchmarks/inputs_e2e.sh instead (TAG-INPUT-sSEED)."""
+`--root runs/inputs` reads the run folders of benchmarks/studies/inputs_e2e.sh instead (TAG-INPUT-sSEED)."""
 import json, glob, statistics as st, sys
 args = sys.argv[1:]
 root = 'runs/split'
