@@ -21,7 +21,7 @@ from exmap_ray.spec import from_dict
 NAMES = [n for n in DATASETS.names() if n.startswith("zoo_")]
 SIZES = {"n_train": 400, "n_val": 1000, "n_test": 400}
 TINY = {"n_train": 100, "n_val": 300, "n_test": 100}
-SIZES_10 = {"n_train": 2000, "n_val": 2000, "n_test": 1000}  # ten classes: minorities above the 2-per-group floor
+SIZES_10 = {"n_train": 2000, "n_val": 2000, "n_test": 1000}  # ten classes: minorities above the floors
 
 
 def test_every_family_is_registered_and_every_painter_is_used():
@@ -32,7 +32,7 @@ def test_every_family_is_registered_and_every_painter_is_used():
 
 @lru_cache(maxsize=None)
 def build(name: str, seed: int = 0, **keys):
-    keys = {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items()}  # tuples: hashable for the cache
+    keys = {k: list(v) if isinstance(v, tuple) else v for k, v in keys.items()}  # tuples: hashable, cached
     dspec = from_dict({"dataset": {"name": name, **{**SIZES, **keys}}}).dataset
     return dspec, build_dataset(dspec, seed)
 
@@ -106,7 +106,8 @@ def test_a_build_is_a_function_of_seed_and_keys(name):
 def test_splits_use_distinct_digits():
     """The three splits draw on disjoint digits: no val or test image is a train digit."""
     _, data = build("zoo_blur")  # blur off on half: compare the digit coverage of sharp images only
-    sharp = {s: data.split(s).images.x[data.split(s).attrs["blur"] == 0].flatten(1) for s in ("train", "val", "test")}
+    sharp = {s: data.split(s).images.x[data.split(s).attrs["blur"] == 0].flatten(1)
+             for s in ("train", "val", "test")}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         assert torch.cdist(sharp[a], sharp[b]).min() > 0
 
@@ -146,7 +147,8 @@ def test_the_photos_ship_inside_the_installed_scikit_image():
 @pytest.mark.parametrize("keys, match", [
     ({"rho": 1.5}, r"'dataset.rho': got 1.5, expected a number in \[0, 1\]"),
     ({"classes": 3}, r"'dataset.classes': got 3, expected 2 \(y = digit >= 5\) or 10"),
-    ({"n_train": 6000, "n_val": 4000, "n_test": 1}, r"= 10001, but dataset 'zoo_patch' draws from the 10,000 "),
+    ({"n_train": 6000, "n_val": 4000, "n_test": 1},
+     r"= 10001, but dataset 'zoo_patch' draws from the 10,000 "),
     ({"n_val": 0}, r"'dataset.n_val': got 0, expected a number > 0"),
     ({"rho_object": 0.9}, r"'dataset.rho_object' is not a key of dataset 'zoo_patch'.*zoo_texture_object"),
 ])

@@ -63,7 +63,12 @@ FAMILIES = {
     "zoo_colour_blur": Family(("colour", "blur"), (0.97, 0.9)),
 }
 
-RHO_WHY = ("P({name} agrees with the class) on train and val; independent of the class on test. {more}")
+RHO_WHY = {  # one reason per form, so `exmap-ray spec` lists the families that share it on one line
+    1: "P(the family's shortcut agrees with the class) on train and val; independent of the class on test. "
+       "0.98: 40 minority images per class in val at the default sizes",
+    2: "P(the pair's first shortcut agrees with the class) on train and val; independent of the class on test. "
+       "0.97 as cmnist_multi's colour: weaker than 0.98 so the groups where both disagree have members",
+}
 
 
 def _classes(v):
@@ -73,19 +78,19 @@ def _classes(v):
 def family_keys(name: str, family: Family) -> type:
     """The family's own spec keys (dataset.*): rho for its first painter, rho_<painter> for a second one,
     the class form and the split sizes."""
-    first = PAINTERS[family.painters[0]].name
-    more = ("0.98: 40 minority images per class in val at the default sizes" if len(family.painters) == 1 else
-            "0.97 as cmnist_multi's colour: weaker than 0.98 so the group where both disagree has members")
-    fields = [("rho", float, opt(family.rho[0], RHO_WHY.format(name=first, more=more), fraction))]
+    first = family.painters[0]
+    fields = [("rho", float, opt(family.rho[0], RHO_WHY[len(family.painters)], fraction))]
     for p, rho in zip(family.painters[1:], family.rho[1:]):
-        fields.append((f"rho_{p}", float, opt(rho, RHO_WHY.format(
-            name=p, more=f"drawn within each (class, {first}) cell, independently of the {first}"), fraction)))
+        why = (f"P(the {p} agrees with the class) within each (class, {first}) cell of train and val, so "
+               f"independently of the {first}; independent of the class on test")
+        fields.append((f"rho_{p}", float, opt(rho, why, fraction)))
     fields += [
-        ("classes", int, opt(2, "2: y = digit >= 5; 10: y = digit (each attribute then agrees with the digit's "
-                                "parity)", _classes)),
-        ("n_train", int, opt(4000, "training images (n_train + n_val + n_test <= 10,000 shipped digits)", positive)),
-        ("n_val", int, opt(4000, "validation images; ExMap clusters these and DFR fits on them, so minority groups "
-                                 "need members", positive)),
+        ("classes", int, opt(2, "2: y = digit >= 5; 10: y = digit (each attribute then agrees with the "
+                                "digit's parity)", _classes)),
+        ("n_train", int, opt(4000, "training images (n_train + n_val + n_test <= 10,000 shipped digits)",
+                             positive)),
+        ("n_val", int, opt(4000, "validation images; ExMap clusters these and DFR fits on them, so minority "
+                                 "groups need members", positive)),
         ("n_test", int, opt(2000, "test images (every attribute independent of the class)", positive)),
     ]
     cls = dataclasses.make_dataclass("".join(w.title() for w in name.split("_")) + "Keys", fields,
@@ -95,7 +100,8 @@ def family_keys(name: str, family: Family) -> type:
     return cls
 
 
-def assign_attrs(y: np.ndarray, rhos: list[float], ks: list[int], rng: np.random.Generator) -> list[np.ndarray]:
+def assign_attrs(y: np.ndarray, rhos: list[float], ks: list[int],
+                 rng: np.random.Generator) -> list[np.ndarray]:
     """One attribute per painter; attribute i agrees with the class (= y mod k_i) on an exact share rho_i of
     each cell of (class, attributes before it). A minority cell keeps at least 2 members for every group
     the later attributes split it into, and so does the majority, when the cell is large enough."""
@@ -149,7 +155,8 @@ def class_names(classes: int) -> list[str]:
 
 def group_names(painters: list[Painter], classes: int) -> list[str]:
     """Index = true group: y, then each attribute's value, the last varying fastest."""
-    return [" ".join([c, *vals]) for c in class_names(classes) for vals in product(*(p.values for p in painters))]
+    return [" ".join([c, *vals]) for c in class_names(classes)
+            for vals in product(*(p.values for p in painters))]
 
 
 def group_of(y: np.ndarray, attrs: list[np.ndarray], ks: list[int]) -> np.ndarray:
@@ -167,10 +174,11 @@ def gaps(pred: np.ndarray, y: np.ndarray, attrs: dict, names: tuple) -> dict:
 def split_sizes(dspec, name: str) -> dict[str, int]:
     """The split sizes, refused (when the spec is read, too) if they need more than the shipped digits."""
     sizes = {"train": dspec.n_train, "val": dspec.n_val, "test": dspec.n_test}
-    if sum(sizes.values()) > N_DIGITS:
-        raise SpecError(f"spec keys 'dataset.n_train' + 'dataset.n_val' + 'dataset.n_test' = {sum(sizes.values())}, "
-                        f"but dataset '{name}' draws from the {N_DIGITS:,} MNIST digits shipped with "
-                        f"exmap-ray, each used once; lower them to a total of at most {N_DIGITS:,}")
+    total = sum(sizes.values())
+    if total > N_DIGITS:
+        raise SpecError(f"spec keys 'dataset.n_train' + 'dataset.n_val' + 'dataset.n_test' = {total}, but "
+                        f"dataset '{name}' draws from the {N_DIGITS:,} MNIST digits shipped with exmap-ray, "
+                        f"each used once; lower them to a total of at most {N_DIGITS:,}")
     return sizes
 
 

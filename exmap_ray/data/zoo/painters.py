@@ -117,7 +117,7 @@ def probe_frame(x: torch.Tensor) -> np.ndarray:
     return (x.mean(1)[:, _ring(x.shape[-1])].mean(1) > 0.5).long().numpy()
 
 
-# --------------------------------------------------------------------------- texture (Waterbirds' backgrounds)
+# ------------------------------------------------------------------- texture (Waterbirds' backgrounds)
 
 TINT = torch.tensor([1.0, 0.9, 0.75]).view(1, 3, 1, 1)  # one warm tint for both: texture, not colour
 
@@ -152,7 +152,8 @@ def probe_texture(x: torch.Tensor) -> np.ndarray:
 # colour at once. The sha256 prefixes are those of scikit-image 0.25.0 and 0.26.0 (identical files).
 PHOTOS = {
     0: {"grass.png": "b6b6022426b38936", "gravel.png": "c48615b451bf1e60", "brick.png": "7966caf324f6ba84"},
-    1: {"coffee.png": "cc02f8ca188b167c", "chelsea.png": "596aa1e7cb875eb7", "astronaut.png": "88431cd9653ccd53",
+    1: {"coffee.png": "cc02f8ca188b167c", "chelsea.png": "596aa1e7cb875eb7",
+        "astronaut.png": "88431cd9653ccd53",
         "rocket.jpg": "c2dd0de7c538df8d", "motorcycle_left.png": "db18e9c415761740"},
 }
 
@@ -177,11 +178,11 @@ def load_photos(size: int) -> dict[int, list[torch.Tensor]]:
         for name, want in files.items():
             path = folder / name
             if not path.is_file():
-                raise DataError(f"zoo photo '{path}' is missing from the installed scikit-image; reinstall it "
-                                f"(pip install --force-reinstall scikit-image)")
+                raise DataError(f"zoo photo '{path}' is missing from the installed scikit-image; "
+                                f"reinstall it (pip install --force-reinstall scikit-image)")
             if want and not hashlib.sha256(path.read_bytes()).hexdigest().startswith(want):
-                log.warning("zoo photo %s differs from scikit-image 0.25-0.26's: zoo_photo images will differ "
-                            "from those made with it", path)
+                log.warning("zoo photo %s differs from scikit-image 0.25-0.26's: zoo_photo images will "
+                            "differ from those made with it", path)
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 k = 2 * size / min(im.size)
@@ -219,7 +220,7 @@ def probe_photo(x: torch.Tensor) -> np.ndarray:
     return ((x.amax(1) - x.amin(1)).mean((1, 2)) > 0.01).long().numpy()
 
 
-# --------------------------------------------------------------------------- object (UrbanCars' co-occurring objects)
+# ------------------------------------------------------------------- object (UrbanCars' co-occurring objects)
 
 YELLOW = torch.tensor([1.0, 0.85, 0.0])
 
@@ -316,7 +317,8 @@ def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = k / k.sum()
     B = torch.zeros(s, s)
     rows = torch.arange(s).view(-1, 1)
-    B.index_put_((rows.expand(-1, len(t)), (rows + t.long()).clamp(0, s - 1)), k.expand(s, -1), accumulate=True)
+    cols = (rows + t.long()).clamp(0, s - 1)   # replicated edges: weight past an edge lands on it
+    B.index_put_((rows.expand(-1, len(t)), cols), k.expand(s, -1), accumulate=True)
     return B @ x @ B.T
 
 
@@ -333,7 +335,8 @@ def paint_blur(L: Layers, attr, rng) -> None:
 
 def _max_step(x: torch.Tensor) -> torch.Tensor:
     g = x.amax(1)
-    return torch.maximum((g[:, :, 1:] - g[:, :, :-1]).abs().amax((1, 2)), (g[:, 1:] - g[:, :-1]).abs().amax((1, 2)))
+    return torch.maximum((g[:, :, 1:] - g[:, :, :-1]).abs().amax((1, 2)),
+                         (g[:, 1:] - g[:, :-1]).abs().amax((1, 2)))
 
 
 def probe_blur(x: torch.Tensor) -> np.ndarray:
@@ -356,13 +359,14 @@ PAINTERS = {p.name: p for p in [
                                           "frequency and phase"),
     Painter("photo", "natural background (Waterbirds, MetaShift)", ("ground", "scene"), BACKGROUND,
             paint_photo, probe_photo, "a random crop of a photograph from scikit-image's data, at reduced "
-                                      "contrast, behind the digit: grass, gravel or brick (grey, 0) or coffee, "
-                                      "chelsea, astronaut, rocket or motorcycle (colour, 1)"),
+                                      "contrast, behind the digit: grass, gravel or brick (grey, 0) or "
+                                      "coffee, chelsea, astronaut, rocket or motorcycle (colour, 1)"),
     Painter("object", "co-occurring object (UrbanCars)", ("ring", "plus"), OVERLAY,
             paint_object, probe_object, "a small yellow ring (0) or plus (1) in a random corner"),
     Painter("watermark", "overlay (ImageNet-W's watermark)", ("no-mark", "mark"), OVERLAY,
             paint_watermark, probe_watermark, "the word STOCK in translucent pale blue at a random height "
                                               "across the middle (1), or none (0)"),
     Painter("blur", "acquisition shift (blur)", ("sharp", "blurred"), POST,
-            paint_blur, probe_blur, "the whole image is sharp (0) or Gaussian-blurred (1), sigma 1 pixel at 32"),
+            paint_blur, probe_blur, "the whole image is sharp (0) or Gaussian-blurred (1), sigma 1 pixel "
+                                    "at 32"),
 ]}
