@@ -99,7 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "local/global + DFR, ExMap + GroupDRO, ExMap + JTT) and score it on test. "
                                     "Writes OUT/bench.{md,csv,json} and bench_wga.png, and one MLflow run.")
     _add_spec_args(bn)
-    bn.add_argument("--seeds", type=int, default=3, help="number of seeds, from the spec's seed upwards (default 3)")
+    bn.add_argument("--seeds", default=None,
+                    help="number of seeds, from the spec's seed upwards (default 3); with --zoo: 'dev', 'judge' "
+                         "(the protocol's, exmap_ray/zoo_protocol.yaml) or integers such as 0,1 (default: dev)")
+    bn.add_argument("--zoo", action="store_true",
+                    help="the shortcut zoo: every family x seed, every row, one table per family and a summary "
+                         "(OUT/zoo.md, zoo.json, zoo_wga.png); SPEC is not given")
+    bn.add_argument("--quick", action="store_true", help="with --zoo: the protocol's quick subset (<= 15 min on 2 cores)")
+    bn.add_argument("--families", default=None, help="with --zoo: comma-separated families (default: the protocol's)")
     bn.add_argument("--end-to-end", action="store_true",
                     help="add rows ExMap + GroupDRO / JTT (end to end): fine-tune the whole ERM network on val "
                          "with the ExMap groups (retrain.end_to_end keys); slower than the last-layer rows")
@@ -188,7 +195,16 @@ def job_spec(args):
 
 
 def cmd_bench(args) -> int:
+    if args.zoo:
+        return cmd_bench_zoo(args)
+    if args.quick or args.families:
+        raise UserError("--quick and --families go with --zoo")
     spec = job_spec(args)
+    try:
+        args.seeds = 3 if args.seeds is None else int(args.seeds)
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r}: give a number of seeds, e.g. --seeds 3 ('dev' and 'judge' go "
+                        f"with --zoo)") from None
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
     if args.end_to_end and spec.groups.source != "exmap":
@@ -209,6 +225,27 @@ def cmd_bench(args) -> int:
         print(f"MLflow: NOT fully logged (the server became unreachable; {redact(str(out / 'mlflow_pending.json'))} "
               f"says what failed). Every result is in {redact(str(out))}; when the server is back: "
               f"exmap-ray sync-mlflow {out}")
+    return 0
+
+
+def cmd_bench_zoo(args) -> int:
+    from .bench_zoo import choose_families, choose_seeds, protocol, run_zoo
+
+    if args.spec:
+        raise UserError(f"bench --zoo takes no SPEC (got '{args.spec}'): it runs the protocol's families; "
+                        f"choose some with --families")
+    proto = protocol()
+    families, seeds = choose_families(args.families, proto, args.quick), choose_seeds(args.seeds, proto, args.quick)
+    sets = list(proto["quick"].get("sets", [])) if args.quick else []
+    sets += list(args.sets or [])
+    args.out = args.out or ("runs/zoo-quick" if args.quick else "runs/zoo")
+    out, cache = _storage(args, "zoo")
+    _check_tracking(args.tracking_uri, out)
+    with ray_session(args.address, args.quiet):
+        summary = run_zoo(families, seeds, out, cache, args.tracking_uri, sets)
+    print("\n" + summary["report"].split("## Test WGA by family")[0].rstrip())
+    print(f"\nreport: {redact(str(out / 'zoo.md'))} (also zoo.json; plot {redact(str(out / 'zoo_wga.png'))}); "
+          f"{summary['seconds'] / 60:.1f} min")
     return 0
 
 

@@ -139,3 +139,25 @@ def bench_bars(rows: list[dict], path: Path, title: str = "") -> None:
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def zoo_grid(by_family: dict, rows: list[str], path: Path, title: str = "") -> None:
+    """Families x rows of test WGA (mean over seeds), coloured and written in each cell: which method holds
+    on which shortcut, at a glance."""
+    fams = list(by_family)
+    grid = np.full((len(fams), len(rows)), np.nan)
+    for i, f in enumerate(fams):
+        for r in by_family[f]:
+            if r["row"] in rows:
+                grid[i, rows.index(r["row"])] = r["test_wga"]
+    fig, ax = plt.subplots(figsize=(1.0 * len(rows) + 2.5, 0.45 * len(fams) + 2.2))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i, j in np.ndindex(grid.shape):
+        if np.isfinite(grid[i, j]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if grid[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(rows)), rows, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(fams)), fams, fontsize=8)
+    fig.colorbar(im, ax=ax, label="test WGA", fraction=0.03)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

@@ -154,12 +154,23 @@ class ClusteringCommon:
                 "whole (class, cluster), the rest stays one group. For a shortcut the channels hide, e.g. a "
                 "patch's place beside a colour; needs (N, C, h, w) heatmaps and clustering.input heatmaps or both",
         neutral="none")
+    cross_features: Literal["none", "all", "hard"] = opt(
+        "none", "also cluster the penultimate val features, the same way, and split every (class, cluster) of the "
+                "heatmaps by those clusters (the product of the two groupings: a minority either one separates "
+                "gets groups of its own): all = keep every part; hard = keep apart only the parts on which ERM's "
+                "val accuracy is below its accuracy on the whole (class, cluster). Needs clustering.input heatmaps; "
+                "one crossing at a time (not with cross_spatial)", neutral="none")
     min_group_size: int = opt(5, "pseudo groups smaller than this merge into the nearest group of their class; "
                                  "DFR subsamples every group to the smallest, so tiny fragments starve it. "
                                  "1 keeps every group, as the released ExMap does (with retrain.dfr.whole_group_max: 5)",
                               _positive)
 
     def __post_init__(self):
+        if self.cross_features != "none" and (self.input != "heatmaps" or self.cross_spatial != "none"):
+            raise SpecError(f"spec key 'clustering.cross_features': '{self.cross_features}' splits the heatmaps' "
+                            f"clusters by the features' clusters, so it needs clustering.input heatmaps (got "
+                            f"'{self.input}') and clustering.cross_spatial none (got '{self.cross_spatial}'): one "
+                            f"crossing at a time")
         if self.cross_spatial != "none" and self.input == "features":
             raise SpecError(f"spec key 'clustering.cross_spatial': '{self.cross_spatial}' splits clusters by the "
                             f"heatmaps' channel sums, and clustering.input 'features' clusters no heatmaps; use "

@@ -284,11 +284,17 @@ def choose(rows: list[dict], select: str) -> dict | None:
 def add_sweep_metric(rows: list[dict], metric: str, se: str = "binomial") -> None:
     """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only),
     and the standard error of each trial's selection metric (`se`: binomial or halves)."""
-    import hashlib
-
     ok = [r for r in rows if r["status"] == "OK" and r.get("selection_file")
           and Loc.parse(r["selection_file"]).exists()]  # a path or a URI under the storage root
-    loaded = {r["trial"]: load_npz(r["selection_file"]) for r in ok}
+    score_trials(ok, {r["trial"]: load_npz(r["selection_file"]) for r in ok}, metric, se)
+
+
+def score_trials(ok: list[dict], loaded: dict, metric: str, se: str = "binomial") -> None:
+    """`add_sweep_metric` on trials whose held-out predictions are in memory: `loaded[trial]` holds
+    heldout_idx, heldout_pred, pseudo_groups and y (what a trial's selection.npz holds). `exmap-ray bench
+    --zoo` scores its in-process sweep with this, so its pick is the one `exmap-ray tune` would make."""
+    import hashlib
+
     buckets: dict[str, list[dict]] = {}
     for r in ok:  # trials that vary dataset or seed have another val: compare within a bucket
         d = loaded[r["trial"]]  # (each trial is scored on its own held-out halves: end-to-end trials have one)

@@ -263,3 +263,38 @@ def test_cross_spatial_on_shards_through_the_scalable_route(monkeypatch):
     scaled, info = infer_groups("exmap", ctx(y_val=y, heatmaps=shards, true_groups=true, clustering=cspec))
     assert info["cross_scopes"]["global"]["route"] == "anchor" and info["scopes"]["global"]["route"] == "anchor"
     assert adjusted_rand_score(exact, scaled) >= 0.95
+
+
+def test_cross_features_splits_the_heatmap_clusters_by_the_feature_clusters():
+    """clustering.cross_features: the heatmaps carry one shortcut (which channel), the features another
+    (a direction of their own) that the heatmaps do not show; crossed, every true group gets pseudo groups
+    of its own, and `hard` keeps apart only the parts ERM gets wrong more often. Label-free: true groups
+    only score."""
+    from exmap_ray.metrics import recovery
+
+    rng = np.random.default_rng(3)
+    y, true, H = colour_and_place()
+    place = true % 2
+    F = rng.normal(scale=0.2, size=(len(y), 16)) + np.outer(place * 2 - 1, np.eye(16)[0])  # place: features only
+    H = H.copy()
+    H[:, :, 6:8, 6:8] = H[:, :, 0:2, 0:2] = 0.0  # the heatmaps no longer show the place
+    plain = ClusteringSpec(method="spectral", scope="global", min_group_size=3)
+    groups, _ = infer_groups("exmap", ctx(y_val=y, heatmaps=H, val_features=F, true_groups=true, clustering=plain))
+    assert min(recovery(groups, true).values()) < 0.5  # the heatmaps alone lose the place
+    crossed = dataclasses.replace(plain, cross_features="all")
+    groups, info = infer_groups("exmap", ctx(y_val=y, heatmaps=H, val_features=F, true_groups=true,
+                                             clustering=crossed))
+    assert min(recovery(groups, true).values()) >= 0.95 and "cross_scopes" in info
+    # hard: ERM wrong exactly on the cells where both shortcuts disagree with the class (8 per class): in
+    # each class's minority-colour cluster that place part stays apart; every easy part merges back
+    colour = (true // 2) % 2
+    wrong = (colour != y) & (place != y)
+    logits = np.stack([y == 0, y == 1], 1).astype(float)
+    logits[wrong] = logits[wrong][:, ::-1]
+    hard = dataclasses.replace(plain, cross_features="hard")
+    groups, _ = infer_groups("exmap", ctx(y_val=y, heatmaps=H, val_features=F, val_logits=logits, true_groups=true,
+                                          clustering=hard))
+    assert len(np.unique(groups)) == 6  # per class: the majority colour whole, the other colour in two
+    assert all(recovery(groups, true)[g] >= 0.95 for g in np.unique(true[wrong]))
+    with pytest.raises(SpecError, match="one crossing at a time"):
+        dataclasses.replace(plain, cross_features="all", cross_spatial="all")

@@ -16,6 +16,7 @@ import torch
 from exmap_ray import plugins, registry
 from exmap_ray.clustering import CLUSTERERS
 from exmap_ray.data import DATASETS, build_dataset, check_dataset
+from exmap_ray.data.zoo import FAMILIES as ZOO_FAMILIES
 from exmap_ray.errors import SpecError
 from exmap_ray.groups import GROUP_SOURCES, GroupContext, infer_groups
 from exmap_ray.heatmaps import HEATMAP_METHODS
@@ -195,6 +196,7 @@ def _on_disk(maker):
 
 DATASET_FIXTURES = {  # name -> (tmp_path, name) -> the dataset section of a tiny spec
     "cmnist": _cmnist, "cmnist_multi": _cmnist,
+    **{name: _cmnist for name in ZOO_FAMILIES},  # the shortcut zoo takes cmnist's rho and split sizes too
     "folder": _on_disk(lambda t: make_folder_dataset(t / "ds", per_group=2)),
     **{name: _on_disk(maker) for name, maker in MAKERS.items()},
 }

@@ -8,7 +8,7 @@ Group labels are carried for evaluation only: training, heatmaps, clustering
 and model selection in ExMap see `images` and `y`, never `group`.
 """
 from .base import DATASETS, DatasetEntry, GroupData, Split
-from . import cmnist, cmnist_multi, folder  # noqa: F401  (register)
+from . import cmnist, cmnist_multi, folder, zoo  # noqa: F401  (register)
 from . import celeba, metashift, urbancars, waterbirds  # noqa: F401  (register: on-disk benchmarks)
 from .layout import build_dataset, check_before_run, check_dataset
 

@@ -51,10 +51,11 @@ def _summary(fn: Callable) -> str:
 
 
 def _entry(name: str, fn: Callable, keys: Optional[type] = None, on_disk: bool = False,
-           transforms: Any = None) -> DatasetEntry:
+           transforms: Any = None, summary: Optional[str] = None) -> DatasetEntry:
+    summary = summary or _summary(fn)  # default: the first line of the module's docstring
     if on_disk:
-        return DatasetEntry(name, scan=fn, summary=_summary(fn), keys=keys or RootKeys, transforms=transforms)
-    return DatasetEntry(name, build=fn, summary=_summary(fn), keys=keys)
+        return DatasetEntry(name, scan=fn, summary=summary, keys=keys or RootKeys, transforms=transforms)
+    return DatasetEntry(name, build=fn, summary=summary, keys=keys)
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset", "dataset.name", entry=_entry)

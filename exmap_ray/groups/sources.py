@@ -93,14 +93,18 @@ def exmap_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """ExMap: cluster the heatmaps with `clustering.*` (scope, method, k); group = class x cluster."""
     what = ctx.clustering.input
     cross = correct = None
-    mode = ctx.clustering.cross_spatial
-    if mode != "none":  # (ClusteringSpec refuses it with input features)
+    crossing = [(k, v) for k, v in (("cross_spatial", ctx.clustering.cross_spatial),
+                                     ("cross_features", ctx.clustering.cross_features)) if v != "none"]
+    if crossing:  # (the spec allows one at a time, and neither with input features)
+        key, mode = crossing[0]
         if mode == "hard":
             if ctx.val_logits is None:
-                raise UserError("clustering.cross_spatial: hard needs ERM's val logits, which the caller did not "
-                                "provide; use cross_spatial: all, or pass them")
+                raise UserError(f"clustering.{key}: hard needs ERM's val logits, which the caller did not "
+                                f"provide; use {key}: all, or pass them")
             correct = np.asarray(ctx.val_logits).argmax(1) == np.asarray(ctx.y_val)
-        cross = channel_sums(ctx.heatmaps)
+        if key == "cross_features" and ctx.val_features is None:
+            raise UserError("clustering.cross_features needs the val features, which the caller did not provide")
+        cross = channel_sums(ctx.heatmaps) if key == "cross_spatial" else ctx.val_features
     if what == "features":
         return pseudo_groups(ctx.val_features, ctx.y_val, ctx.clustering, ctx.seed, what="features")
     if what == "both":

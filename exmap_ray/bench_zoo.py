@@ -1,0 +1,248 @@
+"""`exmap-ray bench --zoo`: every family of the shortcut zoo x seeds, every group-source row.
+
+    exmap-ray bench --zoo --quick --out runs/zoo-quick           # the protocol's quick subset (dev seeds)
+    exmap-ray bench --zoo --seeds judge --out runs/zoo-judge     # the judge seeds: what decides a default
+    exmap-ray bench --zoo --families zoo_patch,zoo_frame --seeds 0,1
+
+The families and seeds come from the protocol file (`zoo_protocol.yaml` beside this module): dev seeds
+to develop on, judge seeds fixed before any run, and the quick subset. For each family and seed, ERM and
+the heatmaps are computed once through the stage cache and shared by every row:
+
+- ERM; oracle DFR (true val groups: the bound);
+- ExMap as shipped (the family's spec: what `exmap-ray run FAMILY` gives);
+- ExMap, the shipped sweep's label-free pick: every trial of `FAMILY_sweep` run here, in this process,
+  and chosen the way `exmap-ray tune` chooses (tune.score_trials + tune.choose), with the sweep's best
+  trial by test WGA beside it (for the gap between the pick and the best);
+- feature clustering, JTT's error set and random groups, each + its retrainer; SpuCo's GEORGE, SPARE and
+  EIIL where the `peers` extra is installed; any other row bench.extra_rows() offers.
+
+Writes OUT/zoo.md (one table per family, then the summary: mean WGA, the gap to the oracle, the worst
+recovery and the mean rank per row), zoo.json, zoo_per_seed.json (written after every family and seed,
+so a crash keeps what was done) and zoo_wga.png (families x rows, at a glance).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import plots
+from .bench import aggregate, peer_rows
+from .errors import UserError, did_you_mean
+from .pipeline import evaluate_row, preflight, start_job
+from .resources import resolve_resources
+from .search import parse_space, unflatten
+from .spec import SHIPPED, Spec, load_spec, shipped_specs
+from .stages import Timer, compute_upstream
+from .storage import write_json
+
+log = logging.getLogger(__name__)
+PROTOCOL = Path(__file__).with_name("zoo_protocol.yaml")
+ORACLE, SHIPPED_ROW, PICK_ROW = "oracle DFR (true groups)", "ExMap (shipped)", "ExMap (sweep pick)"
+# (row, group source, retrainer) besides the ExMap rows; the label-free rows are every row but the oracle
+BASE_ROWS = [("ERM", None, None), (ORACLE, "true", "dfr"), ("feature clustering + DFR", "features", "dfr"),
+             ("JTT (ERM error set)", "jtt_error_set", "jtt"), ("random groups + DFR", "random", "dfr")]
+
+
+def protocol(path: Path = PROTOCOL) -> dict:
+    """The protocol file: families, dev and judge seeds, the quick subset."""
+    p = yaml.safe_load(Path(path).read_text())
+    for key in ("families", "dev_seeds", "judge_seeds", "quick"):
+        if key not in p:
+            raise UserError(f"zoo protocol '{path}': key '{key}' is missing")
+    return p
+
+
+def choose_seeds(arg: str | None, proto: dict, quick: bool) -> list[int]:
+    """--seeds: 'dev', 'judge', or comma-separated integers; default: quick's seeds or the dev seeds."""
+    if arg is None:
+        return list(proto["quick"]["seeds"] if quick else proto["dev_seeds"])
+    if arg in ("dev", "judge"):
+        return list(proto[f"{arg}_seeds"])
+    try:
+        return [int(s) for s in arg.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {arg!r}: give 'dev', 'judge' (the protocol's) or integers such as 0,1,2") from None
+
+
+def choose_families(arg: str | None, proto: dict, quick: bool) -> list[str]:
+    fams = list(proto["quick"].get("families") or proto["families"]) if quick else list(proto["families"])
+    if arg:
+        fams = [f.strip() for f in arg.split(",") if f.strip()]
+    known = shipped_specs()
+    for f in fams:
+        if f not in known:
+            raise UserError(f"zoo family '{f}' has no shipped spec.{did_you_mean(f, known)} Families: "
+                            f"{', '.join(proto['families'])}")
+    return fams
+
+
+def sweep_trials(family: str, seed: int, sets: list[str]) -> tuple[list[Spec], list[str]]:
+    """Every trial spec of the family's shipped sweep (grid domains), and each trial's config in words."""
+    name = f"{family}_sweep"
+    if name not in shipped_specs():
+        return [], []
+    base = load_spec(name, [*sets, f"seed={seed}"])
+    domains = parse_space(base)
+    if any(d.kind != "grid" for d in domains):
+        raise UserError(f"spec '{name}': bench --zoo runs grid domains only; "
+                        f"{[d.key for d in domains if d.kind != 'grid']} are sampled")
+    specs, words = [], []
+    for values in itertools.product(*(d.values for d in domains)):
+        config = {d.key: v for d, v in zip(domains, values)}
+        specs.append(load_spec(SHIPPED / f"{family}.yaml", [*sets, f"seed={seed}"], extra=unflatten(config)))
+        words.append(", ".join(f"{k}={v}" for k, v in config.items()))
+    return specs, words
+
+
+def _row(name: str, family: str, seed: int, r, source: str | None, extra: dict | None = None) -> dict:
+    row = {"row": name, "family": family, "seed": seed, "test_wga": r.test["worst_group_acc"],
+           "test_mean_acc": r.test["mean_acc"], **(extra or {})}
+    if source is not None:
+        row.update(n_groups=int(r.group_info["n_groups"]), ari=r.agreement["ari"],
+                   worst_recovery=r.agreement["worst_recovery"])
+    return row
+
+
+def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer) -> list[dict]:
+    """Every row of one family and seed, on one shared upstream."""
+    from .tune import choose, score_trials
+
+    spec = resolve_resources(load_spec(SHIPPED / f"{family}.yaml", [*sets, f"seed={seed}"]))
+    data = preflight(spec, check_model=False)
+    up = compute_upstream(spec, data, cache, timer)
+    rows = []
+    for name, source, retrainer in BASE_ROWS + [(n, s, r) for n, s, _, r in peer_rows()]:
+        r = evaluate_row(spec, data, up, source, retrainer)
+        rows.append(_row(name, family, seed, r, source))
+    shipped = evaluate_row(spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo,
+                           group_info=up.info["clusters"])
+    rows.insert(2, _row(SHIPPED_ROW, family, seed, shipped, spec.groups.source))
+    trials, words = sweep_trials(family, seed, sets)
+    if trials:  # the label-free pick of the shipped sweep, chosen as `exmap-ray tune` chooses
+        scored, loaded, results = [], {}, {}
+        for i, (t, w) in enumerate(zip(trials, words)):
+            t = dataclasses.replace(t, resources=spec.resources)
+            tup = compute_upstream(t, data, cache, timer, have=up)
+            tr = evaluate_row(t, data, tup, t.groups.source, t.retrain.method, groups=tup.pseudo,
+                              group_info=tup.info["clusters"])
+            m = tr.model
+            loaded[i] = {"heldout_idx": m.heldout_idx, "heldout_pred": m.heldout_pred, "pseudo_groups": tup.pseudo,
+                         "y": data.val.y}
+            scored.append({"trial": i, "status": "OK", "n_groups": int(tup.info["clusters"]["n_groups"]),
+                           "val_worst_pseudo_group_acc": m.heldout["pseudo"],
+                           "val_worst_class_acc": m.heldout["class"]})
+            results[i] = (tr, w)
+        metric = trials[0].search.metric
+        if metric != "sweep_worst_pseudo_group_acc":  # the trial's own metric, as tune reports it
+            for r in scored:
+                r["selection_metric"] = r[metric]
+        score_trials(scored, loaded, metric, trials[0].search.se)
+        pick = choose(scored, trials[0].search.select)
+        best = max(results.values(), key=lambda t: t[0].test["worst_group_acc"])
+        tr, w = results[pick["trial"]]
+        rows.insert(3, _row(PICK_ROW, family, seed, tr, "exmap",
+                            {"pick": w, "sweep_best_wga": best[0].test["worst_group_acc"], "sweep_best": best[1],
+                             "n_trials": len(trials)}))
+    for r in rows:
+        log.info("zoo %s seed %d: %-26s test WGA %.3f", family, seed, r["row"], r["test_wga"])
+    return rows
+
+
+def summarize(per_seed: list[dict], families: list[str]) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Per family: each row's mean and std over seeds. Over families: mean WGA, mean gap to the oracle,
+    the worst recovery anywhere, and the mean rank among the label-free rows (1 = best; ties share)."""
+    by_family = {f: aggregate([r for r in per_seed if r["family"] == f]) for f in families}
+    by_family = {f: rows for f, rows in by_family.items() if rows}
+    names = list(dict.fromkeys(r["row"] for rows in by_family.values() for r in rows))
+    summary = []
+    for name in names:
+        wgas, gaps, recs, ranks = [], [], [], []
+        for f, rows in by_family.items():
+            mine = next((r for r in rows if r["row"] == name), None)
+            oracle = next((r for r in rows if r["row"] == ORACLE), None)
+            if mine is None:
+                continue
+            wgas.append(mine["test_wga"])
+            if oracle is not None:
+                gaps.append(oracle["test_wga"] - mine["test_wga"])
+            recs += [r["worst_recovery"] for r in per_seed if r["family"] == f and r["row"] == name
+                     and r.get("worst_recovery") is not None]
+            if name != ORACLE:
+                field = sorted((r["test_wga"] for r in rows if r["row"] != ORACLE), reverse=True)
+                ranks.append(1 + sum(v > mine["test_wga"] + 1e-12 for v in field))
+        summary.append({"row": name, "families": len(wgas), "mean_wga": float(np.mean(wgas)),
+                        "mean_gap_to_oracle": float(np.mean(gaps)) if gaps else math.nan,
+                        "worst_recovery": float(min(recs)) if recs else math.nan,
+                        "mean_rank": float(np.mean(ranks)) if ranks else math.nan})
+    return by_family, summary
+
+
+def _f(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def format_report(by_family: dict, summary: list[dict], per_seed: list[dict], seeds: list[int], sets: list[str],
+                  seconds: float) -> str:
+    md = [f"# Shortcut zoo bench (seeds {', '.join(map(str, seeds))})", "",
+          f"Test worst-group accuracy (WGA) per family, mean ± std over seeds; wall time {seconds / 60:.1f} min."
+          + (f" Overrides: `{' '.join(sets)}`." if sets else ""), "",
+          "## Summary over families", "",
+          "| row | families | mean WGA | mean gap to oracle | worst recovery | mean rank (label-free rows) |",
+          "|---|---|---|---|---|---|"]
+    for s in sorted(summary, key=lambda s: (s["row"] != ORACLE, s["mean_rank"] if not math.isnan(s["mean_rank"])
+                                            else 0)):
+        md.append(f"| {s['row']} | {s['families']} | {_f(s['mean_wga'])} | {_f(s['mean_gap_to_oracle'])} | "
+                  f"{_f(s['worst_recovery'])} | {s['mean_rank']:.2f} |" if not math.isnan(s["mean_rank"]) else
+                  f"| {s['row']} | {s['families']} | {_f(s['mean_wga'])} | - | {_f(s['worst_recovery'])} | - |")
+    md += ["", "## Test WGA by family (mean over seeds)", ""]
+    rows = [s["row"] for s in summary]
+    md += ["| family | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for f, rs in by_family.items():
+        cells = {r["row"]: r for r in rs}
+        md.append(f"| {f} | " + " | ".join(_f(cells[n]["test_wga"]) if n in cells else "-" for n in rows) + " |")
+    for f, rs in by_family.items():
+        md += ["", f"## {f}", "", "| row | test WGA | mean acc | worst recovery | pseudo groups |", "|---|---|---|---|---|"]
+        for r in rs:
+            md.append(f"| {r['row']} | {_f(r['test_wga'])} ± {_f(r.get('test_wga_std'))} | {_f(r['test_mean_acc'])} | "
+                      f"{_f(r.get('worst_recovery'))} | {_f(r.get('n_groups')) if r.get('n_groups') else '-'} |")
+        picks = [r for r in per_seed if r["family"] == f and r["row"] == PICK_ROW]
+        for p in picks:
+            md.append(f"\nseed {p['seed']}: the sweep picked `{p['pick']}` ({_f(p['test_wga'])}); its best trial by "
+                      f"test WGA was `{p['sweep_best']}` ({_f(p['sweep_best_wga'])}), of {p['n_trials']} trials.")
+    return "\n".join(md) + "\n"
+
+
+def run_zoo(families: list[str], seeds: list[int], out, cache_dir=None, tracking_uri: str | None = None,
+            sets: list[str] | None = None) -> dict:
+    import time
+
+    sets = list(sets or [])
+    t0 = time.perf_counter()
+    job = start_job(load_spec(SHIPPED / f"{families[0]}.yaml", sets), out, cache_dir, tracking_uri)
+    out, timer = job.out, job.timer
+    per_seed: list[dict] = []
+    done = 0
+    for family in families:
+        for seed in seeds:
+            with timer(f"{family} seed {seed}"):
+                per_seed += family_seed(family, seed, sets, job.cache, timer)
+            done += 1
+            log.info("zoo: %d of %d family-seeds done (%.1f min)", done, len(families) * len(seeds),
+                     (time.perf_counter() - t0) / 60)
+            write_json(out / "zoo_per_seed.json", per_seed)
+    by_family, summary = summarize(per_seed, families)
+    seconds = time.perf_counter() - t0
+    report = format_report(by_family, summary, per_seed, seeds, sets, seconds)
+    (out / "zoo.md").write_text(report)
+    write_json(out / "zoo.json", {"families": families, "seeds": seeds, "sets": sets, "summary": summary,
+                                  "by_family": by_family, "per_seed": per_seed, "seconds": seconds,
+                                  "timings_s": timer.seconds})
+    plots.zoo_grid(by_family, [s["row"] for s in summary], out / "zoo_wga.png",
+                   f"test WGA, seeds {', '.join(map(str, seeds))}")
+    return {"report": report, "summary": summary, "by_family": by_family, "seconds": seconds}
