@@ -14,7 +14,7 @@ the forward their heatmaps come from (heatmaps/method.py), and the features stag
 
 Each `StageDef` in `STAGES` names its inputs, the spec sections its key hashes, its compute
 function and where it runs. A stage's key is the hash of its name, those sections (less the
-execution-only keys, plus the resolved device) and its inputs' keys (`store.StageCache.stage`),
+execution-only keys, plus the resolved device) and its inputs' keys (`cache.StageCache.stage`),
 so a change to a section recomputes that stage and everything downstream of it, and nothing else.
 `run_pipeline`, `bench`, the sweep's shared upstream (`shared_stages`) and the benchmarks derive
 from this table; a new stage is one entry here and its compute function.

@@ -84,3 +84,14 @@ def select_on_halves(fit_predict: Callable[[np.ndarray, np.ndarray, object, int]
                  for v, per in scores.items()}
     best = max(grid, key=lambda v: (np.nan_to_num(selection[v]["pseudo"], nan=-1.0), -grid.index(v)))
     return best, selection, np.array(halves), np.array(preds[best])
+
+
+def error_set_from_groups(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Boolean mask: points outside the largest (class, group) cell of their class (ties: the lower group id)."""
+    y, groups = np.asarray(y), np.asarray(groups)
+    err = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        ids, counts = np.unique(groups[idx], return_counts=True)
+        err[idx] = groups[idx] != ids[np.argmax(counts)]
+    return err

@@ -109,7 +109,7 @@ def finetune_with(method: str, model: nn.Module, images, y: np.ndarray, groups: 
     if method == "groupdro":
         return finetune(model, images, y, groups, objective="groupdro", eta=r.eta, **common)
     if method == "jtt":
-        from .jtt import error_set_from_groups
+        from .common import error_set_from_groups
 
         weights = np.where(error_set_from_groups(y, groups), r.upweight, 1.0)
         return finetune(model, images, y, groups, objective="upweight", weights=weights, **common)

@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 
 from .base import RETRAINERS
 from ..options import non_negative_list, opt
-from .common import LastLayerModel, check_inputs, select_on_halves, standardise
+from .common import LastLayerModel, check_inputs, error_set_from_groups, select_on_halves, standardise
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,6 @@ class JttKeys:
                                                                          "upweighted head, chosen by held-out "
                                                                          "worst pseudo-group accuracy (label-free)",
                                          non_negative_list)
-
-
-def error_set_from_groups(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Boolean mask: points outside the largest (class, group) cell of their class (ties: the lower group id)."""
-    y, groups = np.asarray(y), np.asarray(groups)
-    err = np.zeros(len(y), bool)
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        ids, counts = np.unique(groups[idx], return_counts=True)
-        err[idx] = groups[idx] != ids[np.argmax(counts)]
-    return err
 
 
 def fit_weighted_logreg(X, y, weights, weight_decay: float, seed: int) -> LogisticRegression:
