@@ -109,8 +109,20 @@ def _row(name: str, family: str, seed: int, r, source: str | None, extra: dict |
     return row
 
 
-def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer) -> list[dict]:
-    """Every row of one family and seed, on one shared upstream."""
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """--variant 'NAME:key=value,key=value' -> (NAME, ['key=value', ...]): an extra ExMap row, the family's
+    spec with these keys set (e.g. 'both:clustering.input=both')."""
+    name, sep, rest = text.partition(":")
+    sets = [kv.strip() for kv in rest.split(",") if kv.strip()]
+    if not sep or not name.strip() or not sets or any("=" not in kv for kv in sets):
+        raise UserError(f"--variant {text!r}: expected NAME:key=value[,key=value...], e.g. "
+                        f"'both:clustering.input=both'")
+    return name.strip(), sets
+
+
+def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer,
+                variants: list[tuple[str, list[str]]] = (), sweep: bool = True) -> list[dict]:
+    """Every row of one family and seed, on one shared upstream; `variants` add ExMap rows with keys set."""
     from .tune import choose, score_trials
 
     spec = resolve_resources(load_spec(SHIPPED / f"{family}.yaml", [*sets, f"seed={seed}"]))
@@ -123,7 +135,14 @@ def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer) ->
     shipped = evaluate_row(spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo,
                            group_info=up.info["clusters"])
     rows.insert(2, _row(SHIPPED_ROW, family, seed, shipped, spec.groups.source))
-    trials, words = sweep_trials(family, seed, sets)
+    for k, (vname, vsets) in enumerate(variants):
+        v = dataclasses.replace(load_spec(SHIPPED / f"{family}.yaml", [*sets, *vsets, f"seed={seed}"]),
+                                resources=spec.resources)
+        vup = compute_upstream(v, data, cache, timer, have=up)
+        r = evaluate_row(v, data, vup, v.groups.source, v.retrain.method, groups=vup.pseudo,
+                         group_info=vup.info["clusters"])
+        rows.insert(3 + k, _row(f"ExMap ({vname})", family, seed, r, v.groups.source, {"variant": ",".join(vsets)}))
+    trials, words = sweep_trials(family, seed, sets) if sweep else ([], [])
     if trials:  # the label-free pick of the shipped sweep, chosen as `exmap-ray tune` chooses
         scored, loaded, results = [], {}, {}
         for i, (t, w) in enumerate(zip(trials, words)):
@@ -219,7 +238,7 @@ def format_report(by_family: dict, summary: list[dict], per_seed: list[dict], se
 
 
 def run_zoo(families: list[str], seeds: list[int], out, cache_dir=None, tracking_uri: str | None = None,
-            sets: list[str] | None = None) -> dict:
+            sets: list[str] | None = None, variants: list[tuple[str, list[str]]] = (), sweep: bool = True) -> dict:
     import time
 
     sets = list(sets or [])
@@ -231,7 +250,7 @@ def run_zoo(families: list[str], seeds: list[int], out, cache_dir=None, tracking
     for family in families:
         for seed in seeds:
             with timer(f"{family} seed {seed}"):
-                per_seed += family_seed(family, seed, sets, job.cache, timer)
+                per_seed += family_seed(family, seed, sets, job.cache, timer, variants, sweep)
             done += 1
             log.info("zoo: %d of %d family-seeds done (%.1f min)", done, len(families) * len(seeds),
                      (time.perf_counter() - t0) / 60)

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(OUT/zoo.md, zoo.json, zoo_wga.png); SPEC is not given")
     bn.add_argument("--quick", action="store_true", help="with --zoo: the protocol's quick subset (<= 15 min on 2 cores)")
     bn.add_argument("--families", default=None, help="with --zoo: comma-separated families (default: the protocol's)")
+    bn.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="with --zoo: one more ExMap row, each family's spec with these keys set (repeatable), "
+                         "e.g. --variant 'both:clustering.input=both'")
+    bn.add_argument("--no-sweep", action="store_true", help="with --zoo: leave out the sweep-pick row (faster)")
     bn.add_argument("--end-to-end", action="store_true",
                     help="add rows ExMap + GroupDRO / JTT (end to end): fine-tune the whole ERM network on val "
                          "with the ExMap groups (retrain.end_to_end keys); slower than the last-layer rows")
@@ -197,8 +201,8 @@ def job_spec(args):
 def cmd_bench(args) -> int:
     if args.zoo:
         return cmd_bench_zoo(args)
-    if args.quick or args.families:
-        raise UserError("--quick and --families go with --zoo")
+    if args.quick or args.families or args.variant or args.no_sweep:
+        raise UserError("--quick, --families, --variant and --no-sweep go with --zoo")
     spec = job_spec(args)
     try:
         args.seeds = 3 if args.seeds is None else int(args.seeds)
@@ -229,7 +233,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_zoo(args) -> int:
-    from .bench_zoo import choose_families, choose_seeds, protocol, run_zoo
+    from .bench_zoo import choose_families, choose_seeds, parse_variant, protocol, run_zoo
 
     if args.spec:
         raise UserError(f"bench --zoo takes no SPEC (got '{args.spec}'): it runs the protocol's families; "
@@ -242,7 +246,8 @@ def cmd_bench_zoo(args) -> int:
     out, cache = _storage(args, "zoo")
     _check_tracking(args.tracking_uri, out)
     with ray_session(args.address, args.quiet):
-        summary = run_zoo(families, seeds, out, cache, args.tracking_uri, sets)
+        summary = run_zoo(families, seeds, out, cache, args.tracking_uri, sets,
+                          [parse_variant(v) for v in args.variant], sweep=not args.no_sweep)
     print("\n" + summary["report"].split("## Test WGA by family")[0].rstrip())
     print(f"\nreport: {redact(str(out / 'zoo.md'))} (also zoo.json; plot {redact(str(out / 'zoo_wga.png'))}); "
           f"{summary['seconds'] / 60:.1f} min")
