@@ -66,8 +66,8 @@ FAMILIES = {
 RHO_WHY = {  # one reason per form, so `exmap-ray spec` lists the families that share it on one line
     1: "P(the family's shortcut agrees with the class) on train and val; independent of the class on test. "
        "0.98: 40 minority images per class in val at the default sizes",
-    2: "P(the pair's first shortcut agrees with the class) on train and val; independent of the class on test. "
-       "0.97 as cmnist_multi's colour: weaker than 0.98 so the groups where both disagree have members",
+    2: "P(the pair's first shortcut agrees with the class) on train and val; independent of the class on "
+       "test. 0.97 as cmnist_multi's colour: weaker than 0.98 so the groups where both disagree have members",
 }
 
 
