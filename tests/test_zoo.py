@@ -150,6 +150,8 @@ def test_the_photos_ship_inside_the_installed_scikit_image():
     ({"n_train": 6000, "n_val": 4000, "n_test": 1},
      r"= 10001, but dataset 'zoo_patch' draws from the 10,000 "),
     ({"n_val": 0}, r"'dataset.n_val': got 0, expected a number > 0"),
+    ({"image_size": 12},
+     r"'dataset.image_size': got 12, but dataset 'zoo_patch' draws .* at least 16 pixels"),
     ({"rho_object": 0.9}, r"'dataset.rho_object' is not a key of dataset 'zoo_patch'.*zoo_texture_object"),
 ])
 def test_bad_keys_are_refused_with_the_key_and_what_is_valid(keys, match):

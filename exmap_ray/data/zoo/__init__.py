@@ -40,6 +40,7 @@ from ..cmnist import load_digits, to_input
 from .painters import INK, OVERLAY, PAINTERS, Layers, Painter
 
 SIZE = 32         # the zoo's canvas when dataset.image_size is None: the 28-pixel digit and a 2-pixel margin
+MIN_SIZE = 16     # below it a texture's stripes alias and the probes cannot read the marks back
 N_DIGITS = 10_000
 
 
@@ -66,8 +67,8 @@ FAMILIES = {
 RHO_WHY = {  # one reason per form, so `exmap-ray spec` lists the families that share it on one line
     1: "P(the family's shortcut agrees with the class) on train and val; independent of the class on test. "
        "0.98: 40 minority images per class in val at the default sizes",
-    2: "P(the pair's first shortcut agrees with the class) on train and val; independent of the class on test. "
-       "0.97 as cmnist_multi's colour: weaker than 0.98 so the groups where both disagree have members",
+    2: "P(the pair's first shortcut agrees with the class) on train and val; independent of the class on "
+       "test. 0.97 as cmnist_multi's colour: weaker than 0.98 so the groups where both disagree have members",
 }
 
 
@@ -94,7 +95,7 @@ def family_keys(name: str, family: Family) -> type:
         ("n_test", int, opt(2000, "test images (every attribute independent of the class)", positive)),
     ]
     cls = dataclasses.make_dataclass("".join(w.title() for w in name.split("_")) + "Keys", fields,
-                                     namespace={"__post_init__": lambda self: split_sizes(self, name)})
+                                     namespace={"__post_init__": lambda self: check_keys(self, name)})
     cls.__module__ = __name__
     cls.__doc__ = f"{name}'s own keys: its shortcut strengths, class form and split sizes."
     return cls
@@ -169,6 +170,16 @@ def group_of(y: np.ndarray, attrs: list[np.ndarray], ks: list[int]) -> np.ndarra
 def gaps(pred: np.ndarray, y: np.ndarray, attrs: dict, names: tuple) -> dict:
     """Per-shortcut gaps (metrics.shortcut_gaps): an attribute agrees where it equals y mod 2."""
     return shortcut_gaps(pred, y, {n: attrs[n] == y % 2 for n in names})
+
+
+def check_keys(dspec, name: str) -> None:
+    """What one key's check cannot see, refused when the spec is read: the sizes together, the canvas."""
+    split_sizes(dspec, name)
+    size = getattr(dspec, "image_size", None)  # a common key: absent from the bare keys class
+    if size is not None and size < MIN_SIZE:
+        raise SpecError(f"spec key 'dataset.image_size': got {size}, but dataset '{name}' draws its marks "
+                        f"and textures on a canvas of at least {MIN_SIZE} pixels; use {MIN_SIZE} or more, or "
+                        f"null for the zoo's {SIZE}")
 
 
 def split_sizes(dspec, name: str) -> dict[str, int]:

@@ -198,7 +198,8 @@ def paint_photo(L: Layers, attr, rng) -> None:
     n, s = len(attr), L.size
     photos = load_photos(s)
     bg = torch.empty(n, 3, s, s)
-    which = np.array([rng.integers(len(photos[a])) for a in attr])
+    counts = np.array([len(photos[v]) for v in sorted(photos)])
+    which = (rng.random(n) * counts[attr]).astype(np.int64)   # a photo of the attribute's set, uniformly
     oy, ox, flip = rng.random(n), rng.random(n), rng.random(n) < 0.5
     ar = torch.arange(s)
     for value, group in photos.items():
