@@ -1,14 +1,16 @@
 """What a person reads while a job runs: log lines that name their stage or row, progress of the long
 stages, and Ray's own lines kept off the console unless asked for.
 
-    06:30:06 [erm] epoch 2/5: loss 0.2004, train acc 0.948, val acc 0.510, 1495 img/s
-    06:30:33 [heatmaps] shard 3/3: 300/300 images, 52 img/s
-    06:30:34 [retrain: ExMap] DFR: C=1 (held-out worst-group acc 0.250), 4 groups {...}
-    06:32:06 [sweep] trial 2/4 done: ...; best so far 0.630 (run_trial_dc917_00000)
+    07:04:16 [erm] epoch 2/5: loss 0.0470, train acc 0.990, val acc 0.990, 43 img/s
+    07:10:54 [heatmaps] shard 2/3: 2048/3000 images, 85 img/s
+    07:11:06 [retrain: ExMap] DFR: C=0.7 (held-out worst-group acc 0.628), 4 groups {...}
+    07:11:07 [retrain: oracle] DFR: C=0.7 (held-out worst-group acc 0.628), 4 groups {...}
+    06:38:11 [trials] trial 2/2 done: run_trial_b2ef3_00000 (clustering.k=2), selection metric 0.250;
+             best so far 0.250 (run_trial_b2ef3_00001)
 
 Levels (`configure`, from the CLI): QUIET (warnings and the final table), NORMAL (also our INFO lines
-and the progress), VERBOSE (also Ray's lines: its workers' output, Ray Train's per-report lines,
-Tune's tables, the logger names). Progress is a tqdm bar on stderr when stderr is a terminal, else
+and the progress; other packages' INFO lines stay off), VERBOSE (also Ray's lines: its workers'
+output, Ray Train's per-report lines, Tune's tables; every package's INFO lines; logger names). Progress is a tqdm bar on stderr when stderr is a terminal, else
 one plain log line per step, so `--quiet` drops it as any INFO line. Progress is printed by the
 driver: ERM's epochs come from rank 0 through a small mailbox actor (`Mailbox`), the heatmap
 shards and the sweep's trials are counted where the driver already waits for them.
