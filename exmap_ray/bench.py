@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, tracking
+from .console import tagged
 from .groups import GROUP_SOURCES
 from .pipeline import evaluate_row, preflight, start_job
 from .resources import describe_environment, environment
@@ -81,24 +82,26 @@ def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = F
     if not peers:
         log.info("bench: no SpuCo peer rows (pip install 'exmap-ray[peers]' adds GEORGE, SPARE and EIIL)")
     for name, source, scope, retrainer in ROWS + peers + (E2E_ROWS if end_to_end else []):
-        row = {"row": name, "seed": spec.seed, "groups": source or "", "retrain": retrainer or ""}
-        if (name, source, scope, retrainer) in E2E_ROWS:
-            e2e = dataclasses.replace(spec, retrain=dataclasses.replace(spec.retrain, method=retrainer,
-                                                                        mode="end_to_end"))
-            # the clusters stage holds the spec's own ExMap groups (cmd_bench checks groups.source)
-            e2e_up = compute_upstream(e2e, data, cache, timer, have=up)
-            r = evaluate_row(e2e, data, e2e_up, source, retrainer, groups=e2e_up.pseudo,
-                             group_info=e2e_up.info["clusters"], mode="end_to_end")
-        else:
-            r = evaluate_row(spec, data, up, source, retrainer, scope=scope)
-        if source is not None:
-            row.update(n_groups=int(r.group_info["n_groups"]), ari=r.agreement["ari"],
-                       worst_recovery=r.agreement["worst_recovery"])
-        row.update(test_wga=r.test["worst_group_acc"], test_mean_acc=r.test["mean_acc"], per_group=r.test["per_group"])
-        row.update({f"gap_{k}": v for k, v in r.test.get("shortcut_gaps", {}).items()})
-        rows.append(row)
-        log.info("bench seed %d: %-26s test WGA %.3f, mean acc %.3f", spec.seed, name, row["test_wga"],
-                 row["test_mean_acc"])
+        with tagged(f"retrain: {name}, seed {spec.seed}"):  # the row's DFR / JTT / GroupDRO lines name it
+            row = {"row": name, "seed": spec.seed, "groups": source or "", "retrain": retrainer or ""}
+            if (name, source, scope, retrainer) in E2E_ROWS:
+                e2e = dataclasses.replace(spec, retrain=dataclasses.replace(spec.retrain, method=retrainer,
+                                                                            mode="end_to_end"))
+                # the clusters stage holds the spec's own ExMap groups (cmd_bench checks groups.source)
+                e2e_up = compute_upstream(e2e, data, cache, timer, have=up)
+                r = evaluate_row(e2e, data, e2e_up, source, retrainer, groups=e2e_up.pseudo,
+                                 group_info=e2e_up.info["clusters"], mode="end_to_end")
+            else:
+                r = evaluate_row(spec, data, up, source, retrainer, scope=scope)
+            if source is not None:
+                row.update(n_groups=int(r.group_info["n_groups"]), ari=r.agreement["ari"],
+                           worst_recovery=r.agreement["worst_recovery"])
+            row.update(test_wga=r.test["worst_group_acc"], test_mean_acc=r.test["mean_acc"],
+                       per_group=r.test["per_group"])
+            row.update({f"gap_{k}": v for k, v in r.test.get("shortcut_gaps", {}).items()})
+            rows.append(row)
+            log.info("bench seed %d: %-26s test WGA %.3f, mean acc %.3f", spec.seed, name, row["test_wga"],
+                     row["test_mean_acc"])
     return rows
 
 

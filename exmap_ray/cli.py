@@ -47,7 +47,10 @@ def _add_job_args(p: argparse.ArgumentParser, out_help: str,
     p.add_argument("--cache", help="stage cache to share between runs, a path or a URI (default OUT/cache)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
-    p.add_argument("--quiet", action="store_true", help=quiet_help)
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("--quiet", action="store_true", help=quiet_help)
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also Ray's own lines: its workers' output, Ray Train's and Tune's reports")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,12 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow", "filelock", "urllib3", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _console_level(args) -> int:
+    from . import console
+
+    return console.QUIET if getattr(args, "quiet", False) else (
+        console.VERBOSE if getattr(args, "verbose", False) else console.NORMAL)
 
 
 def local_ray_defaults() -> None:
@@ -166,13 +168,16 @@ LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_P
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, quiet: bool = False):
+def ray_session(address: str | None):
     """Connect to `address` (or $RAY_ADDRESS, or a new local Ray); reuse one the caller started.
 
-    `quiet` reaches the workers as QUIET_ENV in the job's runtime env: they then log warnings only."""
+    The workers' output (their logs, Ray Train's per-report lines, Ray's own threads' tracebacks) reaches
+    this console only under `-v` (log_to_driver): the driver prints the progress itself (console.py),
+    errors come back as exceptions, and Ray's log files under /tmp/ray/session_*/logs keep the rest.
+    `--quiet` also reaches the workers as QUIET_ENV in the job's runtime env: they then log warnings only."""
     import ray
 
-    from . import QUIET_ENV
+    from . import QUIET_ENV, console
 
     from .resources import check_address
 
@@ -181,8 +186,9 @@ def ray_session(address: str | None, quiet: bool = False):
         check_address(address or os.environ.get("RAY_ADDRESS"))  # a dead address: an error in seconds, not a hang
         if not (address or os.environ.get("RAY_ADDRESS")):
             local_ray_defaults()
-        ray.init(address=address, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {QUIET_ENV: "1"}} if quiet else None)
+        loud = console.verbose()
+        ray.init(address=address, logging_level=logging.INFO if loud else logging.WARNING, log_to_driver=loud,
+                 runtime_env={"env_vars": {QUIET_ENV: "1"}} if console.level() == console.QUIET else None)
     try:
         yield
     finally:
@@ -221,7 +227,8 @@ def cmd_bench(args) -> int:
 
     preflight(spec)  # data / backbone / method errors before Ray starts
     seeds = [spec.seed + i for i in range(args.seeds)]
-    with ray_session(args.address, args.quiet):
+    from .console import tagged
+    with ray_session(args.address), tagged("bench"):  # lines outside a stage or row: the bench's own
         summary = run_bench(spec, seeds, out, cache, args.tracking_uri, end_to_end=args.end_to_end)
     print("\n" + summary["table"])
     print(f"\ntable: {redact(str(out / 'bench.md'))} (also .csv, .json; plot {redact(str(out / 'bench_wga.png'))})")
@@ -245,7 +252,7 @@ def cmd_bench_zoo(args) -> int:
     args.out = args.out or ("runs/zoo-quick" if args.quick else "runs/zoo")
     out, cache = _storage(args, "zoo")
     _check_tracking(args.tracking_uri, out)
-    with ray_session(args.address, args.quiet):
+    with ray_session(args.address), tagged("zoo"):
         summary = run_zoo(families, seeds, out, cache, args.tracking_uri, sets,
                           [parse_variant(v) for v in args.variant], sweep=not args.no_sweep)
     print("\n" + summary["report"].split("## Test WGA by family")[0].rstrip())
@@ -265,8 +272,9 @@ def cmd_tune(args) -> int:
         check_root(spec.search.storage_path, "spec key 'search.storage_path'")
     _check_tracking(args.tracking_uri or spec.tracking.uri, out)  # before torch and Ray load
     from .tune import format_summary, run_sweep
-    with ray_session(args.address, args.quiet):
-        summary = run_sweep(spec, out, cache, args.tracking_uri, resume=args.resume, quiet=args.quiet)
+    from .console import tagged
+    with ray_session(args.address), tagged("sweep"):  # lines outside a stage or trial: the sweep's own
+        summary = run_sweep(spec, out, cache, args.tracking_uri, resume=args.resume)
     print("\n" + format_summary(summary))
     print(f"\nsummary: {redact(str(out / 'summary.md'))} (also .csv, .json; plots {redact(str(out / '*.png'))})")
     if summary.get("mlflow_pending"):  # each tracker warned when it lost the server; this is the how-to
@@ -287,7 +295,7 @@ def cmd_run(args) -> int:
     data = preflight(spec)                  # and data / backbone / method errors here
     if args.resume:
         _mark_interrupted_run(out, uri)
-    with ray_session(args.address, args.quiet):
+    with ray_session(args.address):
         results = run_pipeline(spec, out, cache, args.tracking_uri, data)
     print("\n" + format_table(results))
     print(f"\nresults: {redact(str(out / 'results.json'))}   plots: {redact(str(out / '*.png'))}")
@@ -426,8 +434,10 @@ def cmd_datasets(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import console
+
     args = build_parser().parse_args(argv)
-    _setup_logging(getattr(args, "quiet", False))
+    console.configure(_console_level(args))
     try:
         return {"run": cmd_run, "tune": cmd_tune, "sync-mlflow": cmd_sync, "spec": cmd_spec,
                 "datasets": cmd_datasets, "bench": cmd_bench}[args.command](args)

@@ -104,6 +104,7 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     from . import quiet_worker_logs
+    from .console import post
     from .data import build_dataset
     from .data.base import Labeled, loader_options
     from .resources import environment
@@ -163,9 +164,7 @@ def train_loop(config: dict) -> None:
             best = {"val_acc": metrics["val_acc"], "epoch": epoch,
                     "model": {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}}
         if rank == 0:
-            log.info("ERM epoch %d/%d: loss %.4f, train acc %.3f, val acc %.3f (%.0f img/s per worker)",
-                     epoch + 1, e.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_acc"],
-                     metrics["images_per_s"])
+            post(config.get("progress"), metrics)  # the driver prints the epoch (console.py)
             with tempfile.TemporaryDirectory() as d:
                 state = {"model": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch,
                          "environment": env}
@@ -186,9 +185,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def train_erm(spec, out, n_classes: int) -> dict:
     """Run ERM on the connected Ray cluster; writes out/model.pt and out/history.json (`out`: a storage Loc)."""
-    import ray
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import Checkpoint
+
+    from . import console
 
     e = spec.erm
     from .resources import cpus_per_worker, resolve_resources
@@ -199,19 +198,9 @@ def train_erm(spec, out, n_classes: int) -> dict:
              "GPU (NCCL)" if use_gpu else f"CPU (gloo, {threads} thread(s) each)")
     out = Loc.parse(out)
     train_dir = out / "ray_train"
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec.to_dict(), "threads": threads},
-        scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": threads}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        # checkpoints go to the storage root, which every node can reach (a URI on a cluster)
-        run_config=RunConfig(name="erm", storage_path=train_dir.fs_path, storage_filesystem=train_dir.fs,
-                             failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                             logging_config=LoggingConfig(log_level="WARNING")),  # our epoch lines, not per-report INFO
-    )
-    result = trainer.fit()
+    with console.Progress("erm", e.epochs, "epoch") as bar, \
+            console.mailbox(_epoch_printer(bar, e.epochs, e.num_workers), wanted=bar.shown) as box:
+        result = _fit(spec, train_dir, use_gpu, threads, box)
     ckpt: Checkpoint | None = result.checkpoint
     if ckpt is None:
         raise RuntimeError(f"ERM finished without a checkpoint (error: {result.error})")
@@ -226,3 +215,45 @@ def train_erm(spec, out, n_classes: int) -> dict:
     train_dir.rmtree()  # model.pt is the stage's artifact
     return {"epochs": len(history), "history": history, "workers": e.num_workers, "use_gpu": use_gpu,
             "kept_epoch": kept["epoch"] + 1, "environment": state.get("environment")}
+
+
+def _fit(spec, train_dir: Loc, use_gpu: bool, threads: int, progress):
+    """Ray Train's fit; `progress` (a console.Mailbox or None) gets each epoch's metrics from rank 0."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .console import verbose
+
+    e = spec.erm
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.to_dict(), "threads": threads, "progress": progress},
+        scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": threads}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # checkpoints go to the storage root, which every node can reach (a URI on a cluster)
+        run_config=RunConfig(name="erm", storage_path=train_dir.fs_path, storage_filesystem=train_dir.fs,
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                             # Ray Train's per-report INFO lines under -v only: the driver prints the epochs
+                             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
+    )
+    return trainer.fit()
+
+
+def _epoch_printer(bar, epochs: int, workers: int):
+    """What the driver does with an epoch's metrics from rank 0: a line (or the bar's step) of its own."""
+    seen = {"epoch": 0, "resumed_from": 0}
+
+    def show(m: dict) -> None:
+        resumed = ""
+        if m.get("resumed_from", 0) != seen["resumed_from"]:  # a (re)started worker group, from a checkpoint
+            seen["resumed_from"] = m["resumed_from"]
+            resumed = f" (resumed from the checkpoint of epoch {m['resumed_from']})"
+        rate = f"{m['images_per_s']:.0f} img/s" + (" per worker" if workers > 1 else "")
+        numbers = (f"loss {m['train_loss']:.4f}, train acc {m['train_acc']:.3f}, val acc {m['val_acc']:.3f}, "
+                   f"{rate}")
+        line = f"epoch {m['epoch']}/{epochs}: {numbers}{resumed}"
+        bar.step(max(0, m["epoch"] - seen["epoch"]), line, numbers)
+        seen["epoch"] = max(seen["epoch"], m["epoch"])
+    return show

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots, tracking
+from .console import tagged
 from .data import GroupData, build_dataset
 from .data.layout import check_before_run
 from .heatmaps.extract import HeatmapShards
@@ -128,11 +129,13 @@ def run_pipeline(spec: Spec, out, cache_dir=None, tracking_uri: str | None = Non
     timer = Timer()
     with timer("dataset"):
         data = data or preflight(spec)
-    log.info("dataset %s: train %d, val %d, test %d, %d classes, %d true groups (evaluation only)",
-             spec.dataset.name, len(data.train), len(data.val), len(data.test), data.n_classes, data.n_groups)
+        log.info("dataset %s: train %d, val %d, test %d, %d classes, %d true groups (evaluation only)",
+                 spec.dataset.name, len(data.train), len(data.val), len(data.test), data.n_classes,
+                 data.n_groups)
     # a run on its own: the CLI probed the server, so a failure at set-up is a real fault; a sweep's trial
     # goes on when the server went away after the sweep started
-    job = start_job(spec, out, cache_dir, tracking_uri, lost_ok=parent_run_id is not None, timer=timer)
+    with tagged("setup"):
+        job = start_job(spec, out, cache_dir, tracking_uri, lost_ok=parent_run_id is not None, timer=timer)
     spec, out, tracker = job.spec, job.out, job.tracker
     tags = {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(run_tags or {})} or None
     with tracker.run(experiment_id=job.exp_id, run_name=run_name or spec.name, tags=tags):
@@ -210,11 +213,15 @@ def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tup
     erm = evaluate_row(spec, data, up, None, None)
     res = {"erm": {"test": erm.test, "val_acc": float((up.val_logits.argmax(1) == data.val.y).mean())}}
     cluster_info = up.info["clusters"]
+    label = "ExMap" if spec.groups.source == "exmap" else f"{spec.groups.source} groups"
     with timer("retrain"):
-        ex = evaluate_row(spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo,
-                          group_info=cluster_info, mode=spec.retrain.mode,
-                          score_groups={"true": data.val.group})  # scored for analysis, never used to choose
-        oracle = evaluate_row(spec, data, up, "true", "dfr", groups=data.val.group)
+        with tagged(f"retrain: {label}"):  # both rows log their DFR choice: each line names its row
+            # true groups scored for analysis, never used to choose
+            ex = evaluate_row(spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo,
+                              group_info=cluster_info, mode=spec.retrain.mode,
+                              score_groups={"true": data.val.group})
+        with tagged("retrain: oracle"):
+            oracle = evaluate_row(spec, data, up, "true", "dfr", groups=data.val.group)
     m = ex.model
     res["exmap"] = {"test": ex.test, "n_groups": int(cluster_info["n_groups"]), **ex.agreement,
                     # int group ids, computed or reused (a reused stage's info comes back from JSON)

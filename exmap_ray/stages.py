@@ -34,6 +34,7 @@ import numpy as np
 from .data import GroupData, build_dataset
 from .data.base import loader_options
 from . import legacy
+from .console import tagged
 from .errors import DataError
 from .groups import GroupContext, infer_groups
 from .groups.formation import check_heatmaps
@@ -56,11 +57,13 @@ class Timer:
 
     @contextmanager
     def __call__(self, name: str):
-        log.info("── stage %s ──", name)
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - t0, 3)
-        log.info("stage %s finished in %.1f s", name, self.seconds[name])
+        """Time stage `name`; every log line inside it says "[name]" (console.tagged)."""
+        with tagged(name):
+            log.info("stage started")
+            t0 = time.perf_counter()
+            yield
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+            log.info("stage done in %.1f s", self.seconds[name])
 
 
 # compute(spec, data, inputs, out): writes the stage's files under `out` (a storage Loc) and returns

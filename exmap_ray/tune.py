@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots, quiet_worker_logs, tracking
+from . import console, plots, quiet_worker_logs, tracking
+from .console import Progress
 from .errors import UserError
 from .faults import inject
 from .pipeline import preflight, run_pipeline, start_job
@@ -122,9 +123,65 @@ def _search_alg(spec: Spec):
                         f"(or pip install 'exmap-ray[search]'); {e}") from None
 
 
+def trial_printer(planned: int, domains):
+    """A Tune callback (Tune runs it in the driver) that prints each ended trial and the best score so far.
+
+    It counts the trials that had ended before it started (a resumed sweep) as done, and keeps no
+    console state when Tune pickles it with the tuner (a restored sweep brings it back)."""
+    from ray import tune
+
+    class TrialPrinter(tune.Callback):
+        def __init__(self):
+            self.bar, self.done, self.best = None, 0, None
+
+        def __getstate__(self):
+            return {**self.__dict__, "bar": None}
+
+        def _start(self, trials) -> None:
+            ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+            self.done = len(ended)
+            for t in ended:
+                self._score(t)
+            self.bar = Progress("trials", max(planned, len(trials)), "trial", initial=self.done)
+
+        def _score(self, trial):
+            m = trial.last_result or {}
+            score, name = m.get("selection_metric"), m.get("trial_name") or str(trial)
+            if trial.status != "ERROR" and score is not None and (self.best is None or score > self.best[0]):
+                self.best = (score, name)
+            return score, name
+
+        def on_step_begin(self, iteration, trials, **info):
+            if self.bar is None:
+                self._start(trials)
+
+        def _ended(self, trial, what: str) -> None:
+            if self.bar is None:
+                self._start([])
+            self.done += 1
+            score, name = self._score(trial)
+            cfg = ", ".join(f"{d.key}={d.decode(trial.config.get(d.tune_key))}" for d in domains)
+            best = f"best so far {self.best[0]:.3f} ({self.best[1]})" if self.best else "no score yet"
+            mine = f"selection metric {score:.3f}" if what == "done" and score is not None else what
+            self.bar.step(1, f"trial {self.done}/{planned} {what}: {name} ({cfg}), {mine}; {best}", best)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial, "failed")
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialPrinter()
+
+
 def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
-              resume: bool = False, quiet: bool = False) -> dict:
-    """`out`, `cache_dir`: local paths or storage URIs. `quiet` also silences Tune's own trial tables."""
+              resume: bool = False) -> dict:
+    """`out`, `cache_dir`: local paths or storage URIs. Tune's own tables reach the console only under
+    `-v` (console.py); its place, a line per ended trial."""
     import mlflow
     from ray import tune
 
@@ -188,11 +245,13 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
                                             # store and the data are set up once per process, not per trial
                                             reuse_actors=True),
                 run_config=tune.RunConfig(name="sweep", storage_path=storage.fs_path, storage_filesystem=storage.fs,
-                                          failure_config=tune.FailureConfig(max_failures=spec.search.max_failures)))
-        # quiet: Tune prints its tables and experiment box to stdout whatever `verbose` says (and a restored
-        # sweep keeps its first run's verbosity); warnings and errors go to stderr and still show
+                                          failure_config=tune.FailureConfig(
+                                              max_failures=spec.search.max_failures),
+                                          callbacks=[trial_printer(planned, domains)]))
+        # Tune prints its tables and experiment box to stdout whatever `verbose` says (and a restored sweep
+        # keeps its first run's verbosity): off unless -v; warnings and errors go to stderr and still show
         with timer("trials"), open(os.devnull, "w") as devnull, \
-                contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext():
+                contextlib.nullcontext() if console.verbose() else contextlib.redirect_stdout(devnull):
             grid = tuner.fit()
         if resume:
             # a trial process of the interrupted sweep can outlive its driver by seconds and start its MLflow

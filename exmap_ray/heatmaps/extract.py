@@ -20,6 +20,7 @@ features are under bf16).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from pathlib import Path
 from typing import Iterator
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
+from ..console import Progress
 from ..errors import DataError, UserError
 from ..storage import Loc
 from ..storage import load_npy, read_json, save_npy, write_json
@@ -280,6 +281,7 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
     idle, running, entries = [], {}, []
     work = deque((i, a, b) for i, (a, b) in enumerate(ranges))
     lost, max_lost = 0, max(3, 2 * n_actors)
+    t0 = None
 
     def replace(actor, err) -> None:
         """An actor died (node lost, OOM, killed): start another in its place, up to `max_lost` times."""
@@ -297,7 +299,7 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
     # Work goes only to actors that are up: an actor still waiting for resources (another trial holds
     # them) gets nothing, so extraction progresses as soon as one actor runs, never deadlocks.
     try:
-        with tqdm(total=n_images, desc=f"heatmaps ({hspec.method})", unit="img", disable=None) as bar:
+        with Progress("heatmaps", len(ranges), "shard") as bar:
             while work or running:
                 while idle and work:
                     actor, task = idle.pop(), work.popleft()
@@ -313,6 +315,7 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
                         replace(actor, e)
                         continue
                     idle.append(actor)
+                    t0 = t0 or time.perf_counter()  # the rate counts from the first actor up
                     continue
                 actor, task = running.pop(ref)
                 try:
@@ -325,7 +328,9 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
                     continue
                 idle.append(actor)
                 entries.append(entry)
-                bar.update(entry["stop"] - entry["start"])
+                done = sum(e["stop"] - e["start"] for e in entries)
+                numbers = f"{done}/{n_images} images, {done / max(time.perf_counter() - t0, 1e-9):.0f} img/s"
+                bar.step(1, f"shard {len(entries)}/{len(ranges)}: {numbers}", numbers)
     finally:  # done or failed: the actors go, which also withdraws the requests of those never started
         for a in actors:
             ray.kill(a)
