@@ -241,6 +241,7 @@ def cmd_bench(args) -> int:
 
 def cmd_bench_zoo(args) -> int:
     from .bench_zoo import choose_families, choose_seeds, parse_variant, protocol, run_zoo
+    from .console import tagged
 
     if args.spec:
         raise UserError(f"bench --zoo takes no SPEC (got '{args.spec}'): it runs the protocol's families; "
