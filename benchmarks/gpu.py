@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.lrp_speed import small_vgg  # noqa: E402
 
-# the pipeline's defaults on a GPU: precision auto = bf16, channels_last off (erm.channels_last); --set changes them
+# the pipeline's defaults on a GPU: precision auto = bf16, channels_last off (erm.channels_last); --set
 GPU = {"model": "resnet50", "size": 224, "batch": 128, "precision": "bf16", "channels_last": False,
        "erm_backbone": "resnet50", "erm_images": 4096, "erm_epochs": 3, "kmeans_n": 1_000_000, "kmeans_d": 784}
 CPU = {"model": "small_vgg", "size": 32, "batch": 128, "precision": "fp32", "channels_last": False,
@@ -146,7 +146,8 @@ def actor_path(cfg, device, model, t_method: float, repeats: int) -> None:
         print(f"  heatmap actor's shard path: skipped ({cfg['model']} is not a timm model)")
         return
     n = 4 * cfg["batch"]
-    images = TensorImages(torch.randn(n, 3, cfg["size"], cfg["size"], generator=torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(3)
+    images = TensorImages(torch.randn(n, 3, cfg["size"], cfg["size"], generator=g))
     sampler = ShardBatches(cfg["batch"])
     sampler.start, sampler.stop = 0, n
     loader = DataLoader(images, batch_sampler=sampler, pin_memory=device.type == "cuda")
@@ -312,7 +313,8 @@ def bench_kmeans(cfg, device, repeats: int) -> None:
     # as clusters_task runs it: the GPU route on the stage's device (resources.gpu true), else the CPU route
     with clustering_device(str(device) if device.type == "cuda" else None):
         route = ("FAISS GPU" if faiss_gpu() else "torch") if device.type == "cuda" else "CPU"
-        t = timed(lambda: kmeans(X, k, niter=niter, nredo=1, seed=0), torch.device("cpu"), max(1, repeats // 2))
+        t = timed(lambda: kmeans(X, k, niter=niter, nredo=1, seed=0), torch.device("cpu"),
+                  max(1, repeats // 2))
     print(f"\nk-means ({route} route): {n:,} x {d} fp32, k={k}, {niter} iterations, 1 restart ({where})")
     print(f"  bandwidth bound {bound:.2f} s; exmap_ray.clustering.kmeans {t:.2f} s: {bound / t:.0%} of the bound")
 
@@ -337,14 +339,14 @@ def main() -> int:
         from exmap_ray.resources import configure_cuda, driver_version
 
         configure_cuda("cuda:0", cfg["precision"])  # the flags every pipeline stage on a GPU runs with
-        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
-              f"driver {driver_version()}")
+        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__} "
+              f"(CUDA {torch.version.cuda}), driver {driver_version()}")
     else:
         torch.set_num_threads(args.threads)
         print(f"device: CPU, {args.threads} thread(s); torch {torch.__version__}")
-    print(f"flags: cudnn.benchmark={torch.backends.cudnn.benchmark}, cudnn.allow_tf32="
-          f"{torch.backends.cudnn.allow_tf32}, cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}; "
-          f"settings: {', '.join(f'{k}={v}' for k, v in cfg.items())}")
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    print(f"flags: cudnn.benchmark={torch.backends.cudnn.benchmark}, cudnn.allow_tf32={tf32[0]}, "
+          f"cuda.matmul.allow_tf32={tf32[1]}; settings: {', '.join(f'{k}={v}' for k, v in cfg.items())}")
     t0 = time.perf_counter()
     for section in args.only:
         {"heatmaps": bench_heatmaps, "features": features_bf16_agreement, "erm": bench_erm,

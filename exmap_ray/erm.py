@@ -150,7 +150,8 @@ def train_loop(config: dict) -> None:
     if rank == 0:  # what the weights were computed with, and where (results.json)
         from .resources import where_am_i
 
-        env = {**environment(str(device)), "placement": where_am_i(str(device)), "backend": config.get("backend")}
+        env = {**environment(str(device)), "placement": where_am_i(str(device)),
+               "backend": config.get("backend")}
     best = {"val_acc": -1.0, "epoch": -1, "model": None}  # erm.keep best_val_acc: the best weights so far
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resumed after a failure: continue where the last report left off
@@ -219,7 +220,8 @@ def train_erm(spec, out, n_classes: int) -> dict:
     threads = 1 if use_gpu else cpus_per_worker(e.num_workers, spec)
     backend = dist_backend(spec)
     log.info("ERM: %s, %d epoch(s), %d worker(s) on %s", spec.model.backbone, e.epochs, e.num_workers,
-             f"GPU ({e.worker_gpus:g} each, {backend})" if use_gpu else f"CPU (gloo, {threads} thread(s) each)")
+             f"GPU ({e.worker_gpus:g} each, {backend})" if use_gpu else
+             f"CPU (gloo, {threads} thread(s) each)")
     out = Loc.parse(out)
     train_dir = out / "ray_train"
     trainer = TorchTrainer(

@@ -99,11 +99,11 @@ def _ask_autoscaler(spec, n: int) -> bool:
     have = ray.cluster_resources().get("GPU", 0)
     if not have:
         release_autoscaler_request()
-        raise UserError(f"resources.gpu auto asked the autoscaler for {n} GPU(s) and none joined the cluster "
-                        f"within {wait:g} s (resources.autoscale_wait_s). Check `ray status` and the autoscaler's "
-                        f"log (instance quota, capacity in the region, the GPU node type in cluster.yaml), or "
-                        f"wait longer (--set resources.autoscale_wait_s=1200), or run on the CPU on purpose "
-                        f"(--set resources.gpu=false)")
+        raise UserError(f"resources.gpu auto asked the autoscaler for {n} GPU(s) and none joined the "
+                        f"cluster within {wait:g} s (resources.autoscale_wait_s). Check `ray status` and the "
+                        f"autoscaler's log (instance quota, capacity in the region, the GPU node type in "
+                        f"cluster.yaml), or wait longer (--set resources.autoscale_wait_s=1200), or run on "
+                        f"the CPU on purpose (--set resources.gpu=false)")
     log.warning("resources: %g of %d GPU(s) after %g s; running on those (the request stands until the job "
                 "ends, so more may join)", have, n, wait)
     return True
@@ -276,7 +276,8 @@ def stage_device(spec, precision: str | None = None) -> str:
     ids = gpu_ids()
     if ray.is_initialized() and not ids:
         raise RuntimeError(f"a GPU stage (resources.gpu true) is running in a process Ray assigned no GPU "
-                           f"({where_am_i()}); GPU stages go through resources.run_task or an actor with a GPU")
+                           f"({where_am_i()}); GPU stages go through resources.run_task or an actor with "
+                           f"a GPU")
     if fake_cuda():
         return "cpu"
     require_cuda()
@@ -318,14 +319,15 @@ def probe_here() -> dict:
     node = {"node_id": None, "ip": None}
     if ray.is_initialized():
         node = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
-    return {**node, "host": platform.node(), "torch": str(torch.__version__), "torch_cuda": torch.version.cuda,
-            "cuda_available": bool(torch.cuda.is_available()) or fake_cuda(), "fake_cuda": fake_cuda(),
+    return {**node, "host": platform.node(), "torch": str(torch.__version__),
+            "torch_cuda": torch.version.cuda, "fake_cuda": fake_cuda(),
+            "cuda_available": bool(torch.cuda.is_available()) or fake_cuda(),
             "devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
             "driver": driver_version(), "ray_gpu_ids": gpu_ids()}
 
 
 def mismatch_message(p: dict, ray_gpus: float | None = None) -> str:
-    """The error for a node whose GPUs torch cannot use: which node, torch's CUDA build, the driver, the fix."""
+    """The error for a node whose GPUs torch cannot use: the node, torch's CUDA build, the driver, the fix."""
     where = f"node {p.get('ip') or p.get('host')} ({p.get('host')}, Ray node {str(p.get('node_id'))[:12]})"
     listed = (f"Ray lists {ray_gpus:g} GPU(s) there" if ray_gpus is not None else
               f"Ray assigned GPU {','.join(p.get('ray_gpu_ids') or []) or '?'} there")
@@ -336,12 +338,13 @@ def mismatch_message(p: dict, ray_gpus: float | None = None) -> str:
         need = MIN_DRIVER.get(str(p["torch_cuda"]).split(".")[0])
         build = (f"torch {p['torch']} is built for CUDA {p['torch_cuda']}"
                  + (f", which needs an NVIDIA driver >= {need}" if need else ""))
-        fix = (f"give the node a driver >= {need or 'the one its CUDA needs'} (cluster.yaml: an ImageId whose "
-               f"driver is that new), or install a torch built for the CUDA this driver runs")
+        fix = (f"give the node a driver >= {need or 'the one its CUDA needs'} (cluster.yaml: an ImageId "
+               f"whose driver is that new), or install a torch built for the CUDA this driver runs")
     driver = f"the driver is {p['driver']}" if p.get("driver") else \
-        "no NVIDIA driver is readable (/proc/driver/nvidia/version is missing: none in this container or host?)"
-    return (f"GPU mismatch on {where}: {listed}, but torch sees no CUDA device. {build}; {driver}. Fix: {fix}; "
-            f"or run on the CPU with --set resources.gpu=false")
+        "no NVIDIA driver is readable (/proc/driver/nvidia/version is missing: none in this container or " \
+        "host?)"
+    return (f"GPU mismatch on {where}: {listed}, but torch sees no CUDA device. {build}; {driver}. "
+            f"Fix: {fix}; or run on the CPU with --set resources.gpu=false")
 
 
 def require_cuda() -> None:
@@ -367,15 +370,16 @@ def check_gpu_nodes(spec, force: bool = False) -> list[dict]:
         return []
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
     probe = ray.remote(num_cpus=0, max_calls=1)(probe_here)
-    refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(): n
-            for n in nodes}
+    pin = lambda n: NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)  # noqa: E731
+    refs = {probe.options(scheduling_strategy=pin(n)).remote(): n for n in nodes}
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
     probes, bad = [], []
     for ref in ready:
         p = ray.get(ref)
         probes.append(p)
-        log.info("resources: GPU node %s: torch %s (CUDA %s), driver %s, %d device(s)%s", p["ip"], p["torch"],
-                 p["torch_cuda"], p["driver"], p["devices"], " [EXMAP_RAY_FAKE_CUDA]" if p["fake_cuda"] else "")
+        log.info("resources: GPU node %s: torch %s (CUDA %s), driver %s, %d device(s)%s", p["ip"],
+                 p["torch"], p["torch_cuda"], p["driver"], p["devices"],
+                 " [EXMAP_RAY_FAKE_CUDA]" if p["fake_cuda"] else "")
         if not p["cuda_available"]:
             bad.append(mismatch_message(p, refs[ref]["Resources"]["GPU"]))
     for ref in late:
@@ -419,12 +423,13 @@ def environment(device: str | None = None) -> dict:
         info = {}
     info = {k.strip(): v.strip() for k, v in info.items()}
     cpu = info.get("model name") or platform.processor() or platform.machine()
+    on_cuda = str(device).startswith("cuda")
     flags = sorted(set(info.get("flags", "").split()) & _CPU_FLAGS)
     return {"python": platform.python_version(), "packages": versions, "cpu": cpu, "cpu_flags": flags,
             "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else None,
+            "gpu": torch.cuda.get_device_name(torch.device(device)) if on_cuda else None,
             "device": device or "cpu", "fake_cuda": fake_cuda() if device is not None else False,
-            "tf32": bool(torch.backends.cudnn.allow_tf32) if str(device).startswith("cuda") else None,
+            "tf32": bool(torch.backends.cudnn.allow_tf32) if on_cuda else None,
             "host": platform.node()}
 
 

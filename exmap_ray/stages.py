@@ -238,7 +238,8 @@ STAGES: tuple[StageDef, ...] = (
              "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu"),
     # layout 2: each shard also holds the val features and logits of its forward
     StageDef("heatmaps", ("erm",), ("heatmaps",), _heatmaps,
-             "a Ray actor pool: heatmaps.num_actors actors, 1/heatmaps.actors_per_gpu GPU each or CPU threads"),
+             "a Ray actor pool: heatmaps.num_actors actors, 1/heatmaps.actors_per_gpu GPU each or CPU "
+             "threads"),
     # reads the heatmaps stage alone (val's features and logits are there since layout 2)
     StageDef("clusters", ("heatmaps",), ("clustering", "groups", "seed"), _clusters,
              "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu"),

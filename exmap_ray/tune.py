@@ -228,14 +228,16 @@ def check_trial_gpus(spec: Spec, searched: list[str]) -> None:
         return
     if spec.resources.gpu is not True:
         raise SpecError(f"spec key 'search.trial_gpus': {share:g}, but resources.gpu resolved to false (the "
-                        f"cluster has no GPU): trials would wait for ever for GPUs. Use search.trial_gpus: 0, "
-                        f"or give the run GPUs (resources.gpu true, or auto with resources.autoscale_wait_s)")
+                        f"cluster has no GPU): trials would wait for ever for GPUs. Use search.trial_gpus: "
+                        f"0, or give the run GPUs (resources.gpu true, or auto with "
+                        f"resources.autoscale_wait_s)")
     if "erm" not in shared_stages(spec, searched):
         erm_keys = [k for k in searched if changes("erm", k)]
         raise SpecError(f"spec key 'search.trial_gpus': {share:g} with searched keys that change ERM "
                         f"({', '.join(erm_keys)}): each trial would train ERM on Ray Train workers that need "
                         f"GPUs of their own while the trials hold theirs, which can wait for ever. Use "
-                        f"search.trial_gpus: 0 for this sweep (its trials then ask Ray for each GPU stage's GPU)")
+                        f"search.trial_gpus: 0 for this sweep (its trials then ask Ray for each GPU "
+                        f"stage's GPU)")
 
 
 def pending_folders(out) -> list[str]:

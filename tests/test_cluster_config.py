@@ -10,7 +10,8 @@ CLUSTER = ROOT / "cluster.yaml"
 
 
 def pins(path: Path) -> dict:
-    return dict(ln.split("==", 1) for ln in path.read_text().splitlines() if "==" in ln and not ln.startswith("#"))
+    lines = path.read_text().splitlines()
+    return dict(ln.split("==", 1) for ln in lines if "==" in ln and not ln.startswith("#"))
 
 
 def test_cluster_yaml_validates_with_ray_schema():

@@ -137,8 +137,8 @@ def test_heatmap_actors_share_a_gpu_and_match_the_cpu(ray_local, tmp_path):
         on_cuda(p)
     got = HeatmapShards(tmp_path / "hm").load()
     want, _, _, _ = extract(HEATMAP_METHODS.get("lrp")(model, spec.heatmaps), data.val.images, 64, 7)
-    err = np.abs(got - want).reshape(len(want), -1).max(1) / np.maximum(np.abs(want).reshape(len(want), -1).max(1),
-                                                                        1e-12)
+    scale = np.maximum(np.abs(want).reshape(len(want), -1).max(1), 1e-12)
+    err = np.abs(got - want).reshape(len(want), -1).max(1) / scale
     assert err.max() <= 1e-3, f"actors on the GPU vs the CPU: relative error {err.max():.2e}"
 
 

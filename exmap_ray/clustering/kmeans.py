@@ -122,7 +122,7 @@ def kmeans(X: np.ndarray, k: int, niter: int = 25, nredo: int = 3, seed: int = 0
 
 
 
-TORCH_CHUNK = 1 << 18  # rows per distance block in kmeans_torch: (chunk, k) distances, (chunk, d) on the device
+TORCH_CHUNK = 1 << 18  # rows per distance block in kmeans_torch: (chunk, k) distances on the device
 
 
 def kmeans_torch(X: np.ndarray, k: int, niter: int, nredo: int, rng: np.random.Generator,

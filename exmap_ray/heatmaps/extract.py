@@ -257,7 +257,7 @@ class HeatmapWorker:
 
         quiet_worker_logs()
         self.error = None
-        try:  # a user's error (a GPU mismatch, bad data) comes back from ready() as itself: exit 2, its message
+        try:  # a user's error (a GPU mismatch, bad data) comes back from ready() as itself: exit 2
             torch.set_num_threads(max(1, threads))
             spec = from_dict(spec_dict)
             self.hspec = spec.heatmaps
@@ -277,7 +277,7 @@ class HeatmapWorker:
         self.lock = threading.Lock()
 
     def ready(self) -> dict:
-        """Where this actor computes (its placement: node, Ray's GPU ids, torch device); raises its set-up error."""
+        """Where this actor computes (node, Ray's GPU ids, torch device); raises its set-up error."""
         if self.error is not None:
             raise self.error
         return self.placement
@@ -317,14 +317,15 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
 
     hspec = spec.heatmaps
     ranges = shard_ranges(n_images, hspec.shard_size)
-    on_gpu = spec.resources.gpu is True  # from the spec (resolved once per run), not from the cluster's state now
+    on_gpu = spec.resources.gpu is True  # from the spec (resolved once per run), not the cluster's state now
     if on_gpu and holds_gpu():
         log.info("heatmaps: %s on %d images, %d shards in this process, on its own GPU share", hspec.method,
                  n_images, len(ranges))
         entries, placement = _extract_here(spec, checkpoint, ranges, out)
         write_index(out, n_images, entries, hspec.store_dtype)
         return {"n": n_images, "shards": len(entries), "actors": 0, "actors_lost": 0, "actors_started": 0,
-                "device": "cuda", "placements": [placement], "bytes_written": sum(e["bytes"] for e in entries)}
+                "device": "cuda", "placements": [placement],
+                "bytes_written": sum(e["bytes"] for e in entries)}
     if on_gpu:
         # the GPUs the run asked for (erm.num_workers, what resources.gpu auto requested), or more if present:
         # actors that find no GPU yet wait, and start as GPU nodes join
@@ -340,8 +341,8 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
         threads = cpus_per_worker(n_actors, spec)
         options = {"num_cpus": threads}
     n_actors = max(1, min(n_actors, len(ranges)))
-    log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images,
-             len(ranges), n_actors, f"{options['num_gpus']:g} GPU each" if on_gpu else f"{threads} CPU thread(s) each")
+    log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images, len(ranges),
+             n_actors, f"{options['num_gpus']:g} GPU each" if on_gpu else f"{threads} CPU thread(s) each")
     # "DEFAULT" keeps the actors out of a Tune trial's placement group: inside a trial, Ray would
     # otherwise try to fit them into the trial's small bundle and refuse
     Worker = ray.remote(HeatmapWorker).options(**options, scheduling_strategy="DEFAULT",
