@@ -230,11 +230,12 @@ def test_nothing_is_written_outside_the_bucket_but_node_caches(cluster, jobs):
     assert not list(c.base.rglob("s3:*"))
 
 
-def test_gpu_stages_run_on_the_gpu_node_never_on_the_head(cluster, jobs):
+def test_gpu_stages_run_on_the_gpu_node_never_on_the_head(cluster):
     """resources.gpu true on a cluster whose head has no GPU and one worker lists a logical GPU (its torch
     side on the CPU: EXMAP_RAY_FAKE_CUDA=1 in the job's runtime env): ERM's worker, the features and
     clusters tasks and both heatmap actors (sharing the GPU) run on the GPU node, none in the driver on
-    the head, and each holds Ray's GPU. Runs after the other jobs (worker node 1 was killed by then)."""
+    the head, and each holds Ray's GPU. Last in this module: after the other jobs (which kill worker node 1,
+    never the GPU node), or alone (-k gpu_stages)."""
     c = cluster
     common = f"--cache '{c.s3_uri('gpu-cache')}' --tracking-uri {c.tracking_uri}"
     r = c.submit(f"exmap-ray run {SPEC} --out '{c.s3_uri('gpu-run')}' {common} --set resources.gpu=true "
