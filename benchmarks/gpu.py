@@ -1,20 +1,27 @@
 """Throughput of heatmaps, ERM and k-means as ratios to bounds measured in the same run.
 
-    .venv/bin/python benchmarks/gpu.py                 # a GPU: ResNet-50 at 224 px, bf16, channels_last (< 8 min)
+    .venv/bin/python benchmarks/gpu.py                 # a GPU: ResNet-50 at 224 px, bf16 (< 8 min)
     nice -n 10 .venv/bin/python benchmarks/gpu.py --cpu   # this CPU: a small VGG-style CNN at 32 px, fp32
+
+Every GPU section runs with the flags a pipeline stage gets (`resources.configure_cuda`: cuDNN autotuning,
+TF32 off unless the precision is tf32) and prints them first; the batch, size, precision and layout are
+spec settings (`--set`), printed with each section.
 
 Sections, each a measured figure against a bound taken on the same model, batch and precision:
 - heatmaps: LRP (alpha2beta1, gamma) and the gradient methods against one forward plus a backward
-  pass to the input (no rules, no weight gradients): what any gradient heatmap costs at least.
+  pass to the input (no rules, no weight gradients): what any gradient heatmap costs at least. Then
+  what a heatmap actor runs per shard (`heatmaps.extract.extract_batches`: its DataLoader with pinned
+  batches, the copy to the GPU, the method, the downsizing and the copy back) against the method alone.
   Also LRP under bf16 autocast against fp32 maps (per-image cosine, relevance totals);
 - features: the penultimate features and logits every method keeps from its forward (the heatmaps
   stage stores them for val) under bf16 autocast, against a plain fp32 forward (`models.embed`);
 - ERM: images/s of an epoch inside Ray Train (`exmap_ray.erm.train_erm`, epochs after the first)
   against a bare training-step loop of the same model, batch, optimizer and precision on batches
   already in memory; Ray Train's fixed start-up (wall time minus the epochs) is reported apart;
-- k-means: `exmap_ray.clustering.kmeans` (FAISS; GPU where its GPU build is installed) against
-  memory bandwidth: every Lloyd iteration reads all points once, so niter * N * d * 4 bytes at the
-  copy bandwidth measured here (plus one host-to-device copy of the points on a GPU).
+- k-means: `exmap_ray.clustering.kmeans` as the clusters stage runs it (on a GPU: its GPU route on
+  that device, FAISS's GPU build where installed, else torch's k-means) against memory bandwidth:
+  every Lloyd iteration reads all points once, so niter * N * d * 4 bytes at the copy bandwidth
+  measured here (plus one host-to-device copy of the points on a GPU).
 Figures are printed, never asserted. Every timed figure is the median of --repeats rounds.
 """
 from __future__ import annotations
@@ -34,7 +41,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.lrp_speed import small_vgg  # noqa: E402
 
-GPU = {"model": "resnet50", "size": 224, "batch": 128, "precision": "bf16", "channels_last": True,
+# the pipeline's defaults on a GPU: precision auto = bf16, channels_last off (erm.channels_last); --set
+GPU = {"model": "resnet50", "size": 224, "batch": 128, "precision": "bf16", "channels_last": False,
        "erm_backbone": "resnet50", "erm_images": 4096, "erm_epochs": 3, "kmeans_n": 1_000_000, "kmeans_d": 784}
 CPU = {"model": "small_vgg", "size": 32, "batch": 128, "precision": "fp32", "channels_last": False,
        "erm_backbone": "resnet10t", "erm_images": 2048, "erm_epochs": 3, "kmeans_n": 200_000, "kmeans_d": 147}
@@ -118,7 +126,37 @@ def bench_heatmaps(cfg, device, repeats: int) -> None:
     for label, sec in t.items():
         print(f"  {label:<34} {cfg['batch'] / sec:>8.0f} {t_bound / sec:>13.0%} "
               f"{t['input_x_gradient'] / sec:>20.0%}")
+    actor_path(cfg, device, model, t["lrp alpha2beta1"], repeats)
     lrp_bf16_agreement(device)
+
+
+def actor_path(cfg, device, model, t_method: float, repeats: int) -> None:
+    """What a heatmap actor runs per shard (extract_batches over its DataLoader: host batches, pinned on a
+    GPU, copied non_blocking; LRP; downsizing to 7 px; the maps, features and logits back to the host),
+    in img/s against LRP alone on a batch already on the device (t_method, from the table above)."""
+    from torch.utils.data import DataLoader
+
+    from exmap_ray.data.base import TensorImages
+    from exmap_ray.heatmaps import HEATMAP_METHODS
+    from exmap_ray.heatmaps.extract import ShardBatches, extract_batches
+    from exmap_ray.heatmaps.method import is_timm, with_features
+    from exmap_ray.spec import HeatmapSpec
+
+    if not is_timm(model):  # the actors keep the penultimate features, which only a timm model splits off
+        print(f"  heatmap actor's shard path: skipped ({cfg['model']} is not a timm model)")
+        return
+    n = 4 * cfg["batch"]
+    g = torch.Generator().manual_seed(3)
+    images = TensorImages(torch.randn(n, 3, cfg["size"], cfg["size"], generator=g))
+    sampler = ShardBatches(cfg["batch"])
+    sampler.start, sampler.stop = 0, n
+    loader = DataLoader(images, batch_sampler=sampler, pin_memory=device.type == "cuda")
+    method = with_features(HEATMAP_METHODS.get("lrp")(model, HeatmapSpec(precision=cfg["precision"])), model,
+                           cfg["precision"])
+    sec = timed(lambda: extract_batches(method, loader, 7, str(device)), device, max(1, repeats // 2))
+    alone = cfg["batch"] / t_method
+    print(f"  heatmap actor's shard path (extract_batches, {n} images, pinned={device.type == 'cuda'}): "
+          f"{n / sec:.0f} img/s, {n / sec / alone:.0%} of LRP alone ({alone:.0f} img/s)")
 
 
 def lrp_bf16_agreement(device) -> None:
@@ -249,6 +287,7 @@ def bench_erm(cfg, device, repeats: int) -> None:
 
 def bench_kmeans(cfg, device, repeats: int) -> None:
     from exmap_ray.clustering import kmeans
+    from exmap_ray.clustering.device import clustering_device, faiss_gpu
 
     n, d, k, niter = cfg["kmeans_n"], cfg["kmeans_d"], 8, 25
     rng = np.random.default_rng(0)
@@ -271,8 +310,12 @@ def bench_kmeans(cfg, device, repeats: int) -> None:
         bound = niter * nbytes / bw
         where = f"memory copy {bw / 1e9:.1f} GB/s"
         del buf
-    t = timed(lambda: kmeans(X, k, niter=niter, nredo=1, seed=0), torch.device("cpu"), max(1, repeats // 2))
-    print(f"\nk-means: {n:,} x {d} fp32, k={k}, {niter} iterations, 1 restart ({where})")
+    # as clusters_task runs it: the GPU route on the stage's device (resources.gpu true), else the CPU route
+    with clustering_device(str(device) if device.type == "cuda" else None):
+        route = ("FAISS GPU" if faiss_gpu() else "torch") if device.type == "cuda" else "CPU"
+        t = timed(lambda: kmeans(X, k, niter=niter, nredo=1, seed=0), torch.device("cpu"),
+                  max(1, repeats // 2))
+    print(f"\nk-means ({route} route): {n:,} x {d} fp32, k={k}, {niter} iterations, 1 restart ({where})")
     print(f"  bandwidth bound {bound:.2f} s; exmap_ray.clustering.kmeans {t:.2f} s: {bound / t:.0%} of the bound")
 
 
@@ -293,11 +336,17 @@ def main() -> int:
         key, value = kv.split("=", 1)
         cfg[key] = type(cfg[key])(value) if not isinstance(cfg[key], bool) else value.lower() == "true"
     if on_gpu:
-        torch.backends.cudnn.benchmark = True
-        print(f"device: {torch.cuda.get_device_name()}")
+        from exmap_ray.resources import configure_cuda, driver_version
+
+        configure_cuda("cuda:0", cfg["precision"])  # the flags every pipeline stage on a GPU runs with
+        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__} "
+              f"(CUDA {torch.version.cuda}), driver {driver_version()}")
     else:
         torch.set_num_threads(args.threads)
-        print(f"device: CPU, {args.threads} thread(s)")
+        print(f"device: CPU, {args.threads} thread(s); torch {torch.__version__}")
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    print(f"flags: cudnn.benchmark={torch.backends.cudnn.benchmark}, cudnn.allow_tf32={tf32[0]}, "
+          f"cuda.matmul.allow_tf32={tf32[1]}; settings: {', '.join(f'{k}={v}' for k, v in cfg.items())}")
     t0 = time.perf_counter()
     for section in args.only:
         {"heatmaps": bench_heatmaps, "features": features_bf16_agreement, "erm": bench_erm,

@@ -192,6 +192,9 @@ def ray_session(address: str | None):
     try:
         yield
     finally:
+        from .resources import release_autoscaler_request
+
+        release_autoscaler_request()  # done or failed: no GPU node is kept up for a job that ended
         if own:
             ray.shutdown()
 

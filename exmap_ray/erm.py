@@ -2,8 +2,13 @@
 
     exmap-ray run cmnist --set erm.num_workers=2   # DDP over gloo on a CPU
 
-- One Ray Train worker per GPU (NCCL) where the cluster has GPUs, else CPU
-  workers over gloo, each given an equal share of the CPUs.
+- One Ray Train worker per GPU (NCCL; `erm.worker_gpus` below 1 shares a GPU
+  between workers, over gloo) where the spec resolved resources.gpu to true,
+  else CPU workers over gloo, each given an equal share of the CPUs. Each
+  worker's device is the GPU Ray assigned it (`resources.stage_device`).
+- Batches are copied to the GPU by `_batch` (pinned memory, non_blocking):
+  Ray's `prepare_data_loader` is told not to move them itself, which would
+  make a blocking copy of its own first.
 - Every epoch ends with `ray.train.report(metrics, checkpoint)`: the model,
   optimizer and history (and, with `erm.keep: best_val_acc`, the best-val-accuracy
   weights so far). A restarted worker group resumes from the last checkpoint
@@ -107,19 +112,20 @@ def train_loop(config: dict) -> None:
     from .console import post
     from .data import build_dataset
     from .data.base import Labeled, loader_options
-    from .resources import environment
+    from .resources import environment, stage_device
     from .spec import from_dict
 
     quiet_worker_logs()
     spec = from_dict(config["spec"])
     torch.set_num_threads(config["threads"])
+    device = torch.device(stage_device(spec, spec.erm.precision))  # Ray's GPU for this worker, or the CPU
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(stage_seed(spec.seed, "erm"))  # same init on every worker; DDP also broadcasts it
     data = build_dataset(spec.dataset, spec.seed)
     e = spec.erm
     g = torch.Generator().manual_seed(stage_seed(spec.seed, "erm-shuffle"))
-    opts = loader_options(spec.dataset)  # workers, pinned memory, persistent workers: from the spec
+    opts = loader_options(spec.dataset, device=str(device))  # workers, pinned memory, persistent workers
     world = ctx.get_world_size()
     # our own DistributedSampler: Ray's prepare_data_loader would rebuild the loader without persistent_workers
     sampler = DistributedSampler(Labeled(data.train), num_replicas=world, rank=rank, shuffle=True,
@@ -129,19 +135,24 @@ def train_loop(config: dict) -> None:
     # each rank scores every world-th val image; accuracy() all-reduces the counts
     val = DataLoader(Subset(Labeled(data.val), range(rank, len(data.val), world)), batch_size=512, shuffle=False,
                      **opts)
-    train = ray.train.torch.prepare_data_loader(train, add_dist_sampler=False)
-    val = ray.train.torch.prepare_data_loader(val, add_dist_sampler=False)
+    # move_to_device=False: _batch makes the pinned, non_blocking copy; Ray's own would block first
+    train = ray.train.torch.prepare_data_loader(train, add_dist_sampler=False, move_to_device=False)
+    val = ray.train.torch.prepare_data_loader(val, add_dist_sampler=False, move_to_device=False)
     net = create_model(spec.model.backbone, data.n_classes, spec.model.pretrained)
     if e.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(net)
+    model = ray.train.torch.prepare_model(net, move_to_device=device)
     opt = make_optimizer(model.parameters(), e)
     if e.compile:
         model = torch.compile(model)
-    device = ray.train.torch.get_device()
     amp = {"precision": e.precision, "channels_last": e.channels_last}
     start, history = 0, []
-    env = environment() if rank == 0 else None  # what the weights were computed with (results.json)
+    env = None
+    if rank == 0:  # what the weights were computed with, and where (results.json)
+        from .resources import where_am_i
+
+        env = {**environment(str(device)), "placement": where_am_i(str(device)),
+               "backend": config.get("backend")}
     best = {"val_acc": -1.0, "epoch": -1, "model": None}  # erm.keep best_val_acc: the best weights so far
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resumed after a failure: continue where the last report left off
@@ -177,6 +188,17 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics)
 
 
+def dist_backend(spec) -> str:
+    """The collective backend of ERM's workers: NCCL when each has a GPU of its own; gloo on CPUs, when
+    workers share a GPU (NCCL refuses two ranks on one device; gloo all-reduces their CUDA tensors through
+    the host) and under the test-only EXMAP_RAY_FAKE_CUDA (CPU tensors)."""
+    from .resources import fake_cuda
+
+    if spec.resources.gpu is not True or fake_cuda():
+        return "gloo"
+    return "gloo" if spec.erm.worker_gpus < 1 and spec.erm.num_workers > 1 else "nccl"
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside torch.compile's and DDP's wrappers."""
     model = getattr(model, "_orig_mod", model)
@@ -192,15 +214,25 @@ def train_erm(spec, out, n_classes: int) -> dict:
     e = spec.erm
     from .resources import cpus_per_worker, resolve_resources
 
-    use_gpu = resolve_resources(spec).resources.gpu is True  # from the spec, decided once per run
+    spec = resolve_resources(spec)
+    use_gpu = spec.resources.gpu is True  # from the spec, decided once per run
     threads = 1 if use_gpu else cpus_per_worker(e.num_workers, spec)
+    backend = dist_backend(spec)
     log.info("ERM: %s, %d epoch(s), %d worker(s) on %s", spec.model.backbone, e.epochs, e.num_workers,
-             "GPU (NCCL)" if use_gpu else f"CPU (gloo, {threads} thread(s) each)")
+             f"GPU ({e.worker_gpus:g} each, {backend})" if use_gpu else
+             f"CPU (gloo, {threads} thread(s) each)")
     out = Loc.parse(out)
     train_dir = out / "ray_train"
     with console.Progress("erm", e.epochs, "epoch") as bar, \
             console.mailbox(_epoch_printer(bar, e.epochs, e.num_workers), wanted=bar.shown) as box:
-        result = _fit(spec, train_dir, use_gpu, threads, box)
+        try:
+            result = _fit(spec, train_dir, use_gpu, threads, box, backend)
+        except Exception:
+            if use_gpu:  # a GPU node whose torch sees no CUDA fails inside Ray Train's set-up: say which, exit 2
+                from .resources import check_gpu_nodes
+
+                check_gpu_nodes(spec, force=True)
+            raise
     ckpt: Checkpoint | None = result.checkpoint
     if ckpt is None:
         raise RuntimeError(f"ERM finished without a checkpoint (error: {result.error})")
@@ -217,7 +249,7 @@ def train_erm(spec, out, n_classes: int) -> dict:
             "kept_epoch": kept["epoch"] + 1, "environment": state.get("environment")}
 
 
-def _fit(spec, train_dir: Loc, use_gpu: bool, threads: int, progress):
+def _fit(spec, train_dir: Loc, use_gpu: bool, threads: int, progress, backend: str):
     """Ray Train's fit; `progress` (a console.Mailbox or None) gets each epoch's metrics from rank 0."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -227,10 +259,11 @@ def _fit(spec, train_dir: Loc, use_gpu: bool, threads: int, progress):
     e = spec.erm
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.to_dict(), "threads": threads, "progress": progress},
+        train_loop_config={"spec": spec.to_dict(), "threads": threads, "progress": progress, "backend": backend},
         scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": threads}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                                     resources_per_worker={"CPU": 1, "GPU": e.worker_gpus} if use_gpu
+                                     else {"CPU": threads}),
+        torch_config=TorchConfig(backend=backend),
         # checkpoints go to the storage root, which every node can reach (a URI on a cluster)
         run_config=RunConfig(name="erm", storage_path=train_dir.fs_path, storage_filesystem=train_dir.fs,
                              failure_config=FailureConfig(max_failures=2),

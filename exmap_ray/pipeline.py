@@ -36,7 +36,7 @@ from .retrain.dfr import MIN_GROUP_SIZE as DFR_MIN_GROUP_SIZE
 from .hashing import RETRAIN_SEED
 from .spec import Spec, stage_seed
 from .stages import Timer, Upstream, compute_upstream, group_context
-from .resources import environment, resolve_resources
+from .resources import check_gpu_nodes, environment, resolve_resources
 from .storage import Loc
 from .cache import StageCache
 from .storage import save_npz, write_json
@@ -105,6 +105,7 @@ def start_job(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None, 
     out = Loc.parse(out)
     out.mkdir()
     spec = resolve_resources(spec)  # once, before any stage: part of every stage key
+    check_gpu_nodes(spec)  # a GPU node whose torch sees no CUDA: exit 2 now, naming it (drivers only)
     uri = tracking_uri or spec.tracking.uri or tracking.default_uri(out)
     experiment = spec.tracking.experiment or spec.name
     lost = None

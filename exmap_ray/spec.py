@@ -36,6 +36,14 @@ from .hashing import stable_hash, stage_seed  # noqa: F401  (re-exported: spec.s
 from .legacy import FIELD_ORDER, MOVED, moved_message  # noqa: F401  (MOVED, moved_message re-exported)
 
 
+def _gpu_share(v, zero: bool = False):
+    """A Ray GPU request: a fraction in (0, 1) or a whole number (Ray refuses 1.5); 0 where `zero`."""
+    if (zero and v == 0) or (0 < v < 1) or (v >= 1 and float(v).is_integer()):
+        return None
+    return "0, a fraction below 1 (0.5) or a whole number of GPUs" if zero else \
+        "a fraction below 1 (0.5) or a whole number of GPUs"
+
+
 def _k_check(v):
     return None if v == "auto" or v >= 2 else "an integer >= 2, or 'auto' (eigengap)"
 
@@ -94,10 +102,16 @@ class ErmSpec:
     keep: Literal["last", "best_val_acc"] = opt("last", "the checkpoint ERM hands on: the last epoch's, or the "
                                                         "epoch with the best val accuracy (class labels only; the "
                                                         "ExMap reference's choice)")
-    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "bf16 autocast for the forward and loss; 'auto' = bf16 "
-                                                             "on CUDA, fp32 on CPU (where bf16 is slower)")
+    precision: Literal["auto", "bf16", "fp32", "tf32"] = opt(
+        "auto", "bf16 autocast for the forward and loss; 'auto' = bf16 on CUDA, fp32 on CPU (where bf16 is "
+                "slower); fp32 is fp32 on every GPU (TF32 off); tf32 = fp32 with TF32 matmuls and convolutions "
+                "on Ampere and later")
     channels_last: bool = opt(False, "NHWC memory layout for model and batches; faster convolutions on recent GPUs")
     compile: bool = opt(False, "torch.compile the model: faster steps after a compile time of a minute or more")
+    worker_gpus: float = opt(1.0, "GPU share of each Ray Train worker (resources.gpu true): 1, or a fraction "
+                                  "such as 0.5 to put two workers on one GPU (they then all-reduce over gloo: "
+                                  "NCCL refuses two ranks on one device)", lambda v: _gpu_share(v),
+                             execution=True)
 
 
 @dataclass
@@ -106,9 +120,10 @@ class HeatmapsCommon:
     are declared beside its code and join these in `heatmaps:` (`section_class`)."""
 
     method: str = opt("lrp", "registry name: lrp (the paper); `exmap-ray spec` lists every registered method")
-    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "bf16 autocast for the forward passes (LRP keeps its "
-                                                             "divisions and relevance in fp32); 'auto' = bf16 on "
-                                                             "CUDA, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp32", "tf32"] = opt(
+        "auto", "bf16 autocast for the forward passes (LRP keeps its divisions and relevance in fp32); 'auto' = "
+                "bf16 on CUDA, fp32 on CPU; fp32 is fp32 on every GPU (TF32 off); tf32 = fp32 with TF32 on "
+                "Ampere and later")
     downsize: Optional[int] = opt(7, "bilinear resize of each heatmap before clustering; the paper's "
                                      "sizes are Waterbirds 112, CelebA 20; on C-MNIST 7 keeps the colour "
                                      "channel and removes per-digit stroke detail", 
@@ -116,9 +131,11 @@ class HeatmapsCommon:
     batch_size: int = opt(256, "images per forward/backward in an actor", _positive, execution=True)
     shard_size: int = opt(1024, "images per shard file; one shard is one unit of actor work", _positive,
                           execution=True)
-    num_actors: Optional[int] = opt(None, "extraction actors; None = one per GPU, else 2 on CPU",
+    num_actors: Optional[int] = opt(None, "extraction actors; None = actors_per_gpu per GPU, else 2 on CPU",
                                     lambda v: None if v is None or v >= 1 else "an integer >= 1, or null",
                                     execution=True)
+    actors_per_gpu: int = opt(1, "extraction actors sharing one GPU (each asks for 1/actors_per_gpu of it): a "
+                                 "small model leaves a GPU idle between its batches", _positive, execution=True)
     store_dtype: Literal["float32", "float16"] = opt("float32", "how the heatmap shards are stored; float16 "
                                                             "halves the store and what clustering streams "
                                                             "(each heatmap kept relative to its max |value|); "
@@ -262,7 +279,10 @@ class SearchSpec:
                                      _positive)
     trial_cpus: float = opt(0.25, "logical CPUs a trial reserves; small, so ERM workers and heatmap actors "
                                   "started inside trials still find CPUs", _positive)
-    trial_gpus: float = opt(0.0, "GPUs a trial reserves (clustering on the GPU); 0 on CPU machines", _non_negative)
+    trial_gpus: float = opt(0.0, "GPU share a trial reserves: its GPU stages (clusters, heatmaps, end-to-end) "
+                                 "then run on that share, in the trial's process; 0 = trials hold no GPU and their "
+                                 "GPU stages ask Ray for their own (resources.task_gpus, heatmaps.actors_per_gpu). "
+                                 "A fraction below 1 or a whole number", lambda v: _gpu_share(v, zero=True))
     max_failures: int = opt(1, "retries of a failing trial before it is reported as failed", _non_negative)
     storage_path: Optional[str] = opt(None, "Tune's own state: a local path or a URI (s3://, gs://, as Ray's "
                                             "storage_path); None = OUT/tune, under the storage root")
@@ -278,6 +298,9 @@ class ResourcesSpec:
                                        "erm.num_workers GPUs (ray.autoscaler.sdk.request_resources) and wait at "
                                        "most this long for them; 0 = do not ask (a laptop). cluster.yaml's "
                                        "commands use 600", _non_negative)
+    task_gpus: float = opt(1.0, "GPU share the features, clustering and end-to-end tasks each ask for (resources.gpu "
+                                "true); a fraction lets them share a GPU with heatmap actors or other tasks",
+                           lambda v: _gpu_share(v), execution=True)
     task_cpus: float = opt(1.0, "CPUs the features and clustering tasks each reserve, and the end-to-end task "
                                 "beside its GPU (they run as Ray tasks, on whichever node has room, reading and "
                                 "writing the storage root; features and clustering in the caller's process "

@@ -40,7 +40,8 @@ from .groups import GroupContext, infer_groups
 from .groups.formation import check_heatmaps
 from .heatmaps.extract import HeatmapShards, extract_with_actors
 from .models import embed, load_checkpoint
-from .resources import cpus_per_worker, resolve_resources, run_task, where_am_i
+from .clustering.device import clustering_device
+from .resources import cpus_per_worker, resolve_resources, run_task, stage_device, where_am_i
 from .options import hashed
 from .hashing import RETRAIN_SEED
 from .spec import Spec, stage_seed
@@ -134,14 +135,15 @@ def features_task(spec_dict: dict, model_uri: str, out_uri: str) -> dict:
     from .spec import from_dict
 
     spec = from_dict(spec_dict)
+    dev = stage_device(spec)  # first: a GPU mismatch stops the task before any work
     data = build_dataset(spec.dataset, spec.seed)
     out = Loc.parse(out_uri)
     model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
-    f, logits = embed(model, data.test.images, device=device(spec),
-                      loader_kwargs=loader_options(spec.dataset, persistent=False))
+    f, logits = embed(model, data.test.images, device=dev,
+                      loader_kwargs=loader_options(spec.dataset, persistent=False, device=dev))
     save_npy(out / "test_features.npy", f)
     save_npy(out / "test_logits.npy", logits)
-    return {"dim": int(f.shape[1]), "splits": ["test"]}
+    return {"dim": int(f.shape[1]), "splits": ["test"], "placement": where_am_i(dev)}
 
 
 def _features(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
@@ -170,6 +172,7 @@ def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
     from .spec import from_dict
 
     spec = from_dict(spec_dict)
+    dev = stage_device(spec)
     hm = Loc.parse(hm_uri)
     store = HeatmapShards(hm)
     # millions: shards, memory-mapped (a float16 store's as stored, when the clusterer normalises anyway)
@@ -181,9 +184,11 @@ def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
             raise DataError(f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone "
                             f"'{spec.model.backbone}', heatmaps in '{hm}']") from None
     ctx = group_context(spec, y_val, true_groups, store.features(), store.logits(), H)
-    groups, info = infer_groups(spec.groups.source, ctx)  # only the `true` source sees true groups
+    # the route from the key (resources.gpu), the device from Ray's assignment: never what FAISS sees here
+    with clustering_device(dev if spec.resources.gpu is True else None):
+        groups, info = infer_groups(spec.groups.source, ctx)  # only the `true` source sees true groups
     save_npy(Loc.parse(out_uri) / "pseudo_groups.npy", groups)
-    return info
+    return {**info, "placement": where_am_i(dev)}
 
 
 def _clusters(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
@@ -200,14 +205,16 @@ def end_to_end_task(spec_dict: dict, model_uri: str, groups_uri: str, out_uri: s
     from .spec import from_dict
 
     spec = from_dict(spec_dict)
-    here, before = where_am_i(), torch.get_num_threads()
+    dev = stage_device(spec)
+    here, before = where_am_i(dev), torch.get_num_threads()
     if here["ray_worker"]:  # a task (or a trial that holds these CPUs): its share, not every core
         torch.set_num_threads(max(1, threads))
     try:
         data = build_dataset(spec.dataset, spec.seed)
         model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
         info = run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(Loc.parse(groups_uri)),
-                              data.test.images, stage_seed(spec.seed, RETRAIN_SEED), Loc.parse(out_uri), device=device(spec))
+                              data.test.images, stage_seed(spec.seed, RETRAIN_SEED), Loc.parse(out_uri),
+                              device=dev)
     finally:
         torch.set_num_threads(before)  # a trial that ran it in its own process goes on as it was
     return {**info, "process": here}
@@ -230,16 +237,19 @@ STAGES: tuple[StageDef, ...] = (
     StageDef("erm", (), ("seed", "dataset", "model", "erm"), _erm,
              "Ray Train: erm.num_workers workers, 1 GPU or resources.worker_cpus CPUs each"),
     # layout 2: test only (val's features and logits moved to the heatmaps stage)
-    StageDef("features", ("erm",), (), _features, "a Ray task: resources.task_cpus, 1 GPU when resources.gpu"),
+    StageDef("features", ("erm",), (), _features,
+             "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu"),
     # layout 2: each shard also holds the val features and logits of its forward
     StageDef("heatmaps", ("erm",), ("heatmaps",), _heatmaps,
-             "a Ray actor pool: heatmaps.num_actors actors, 1 GPU each or CPU threads"),
+             "a Ray actor pool: heatmaps.num_actors actors, 1/heatmaps.actors_per_gpu GPU each or CPU "
+             "threads"),
     # reads the heatmaps stage alone (val's features and logits are there since layout 2)
     StageDef("clusters", ("heatmaps",), ("clustering", "groups", "seed"), _clusters,
-             "a Ray task: resources.task_cpus, 1 GPU when resources.gpu"),
+             "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu"),
     # no device in its own key: its inputs' keys carry it
     StageDef("end_to_end", ("erm", "clusters"), ("retrain", "seed"), _end_to_end,
-             "a Ray task: 1 GPU when resources.gpu (and resources.task_cpus), else resources.worker_cpus CPUs",
+             "a Ray task: resources.task_gpus when resources.gpu (and resources.task_cpus), else "
+             "resources.worker_cpus CPUs",
              device=False,
              when=lambda spec: spec.retrain.mode == "end_to_end"),
 )

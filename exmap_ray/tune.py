@@ -37,7 +37,7 @@ from .search import Domain, n_trials, parse_space, unflatten
 from .selection import prepare_groupings, score_se, worst_over_groupings_halves
 from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
 from .resources import resolve_resources
-from .stages import run_stages, shared_stages
+from .stages import changes, run_stages, shared_stages
 from .storage import Loc
 from .storage import load_npz, read_json, write_json
 
@@ -189,6 +189,7 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
     domains = parse_space(spec)
     data = preflight(spec)
     spec = resolve_resources(spec)  # once for the whole sweep: every trial gets the same devices
+    check_trial_gpus(spec, [d.key for d in domains])
     state_path = out / "sweep.json"
     if resume and not state_path.exists():
         raise UserError(f"--resume: no sweep to resume in '{out}' (no sweep.json); drop --resume to start one")
@@ -269,6 +270,33 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
         summary["mlflow_pending"] = pending_folders(out)
         write_json(out / "summary.json", summary)
     return summary
+
+
+def check_trial_gpus(spec: Spec, searched: list[str]) -> None:
+    """search.trial_gpus > 0 only where every trial can finish: on a GPU run, and with ERM shared.
+
+    A trial holding a GPU share runs its GPU stages (clusters, heatmaps, end-to-end) on that share, in
+    its own process. ERM cannot: Ray Train's workers need GPUs of their own, and with trials holding
+    every GPU (one GPU and trial_gpus > 0, or N trials x 1 GPU on a fixed cluster) they would wait for
+    ever. So a sweep that searches keys ERM depends on keeps trial_gpus at 0 (its trials then hand their
+    GPU stages to Ray tasks and actors, which take GPUs no trial holds)."""
+    from .errors import SpecError
+
+    share = spec.search.trial_gpus
+    if share <= 0:
+        return
+    if spec.resources.gpu is not True:
+        raise SpecError(f"spec key 'search.trial_gpus': {share:g}, but resources.gpu resolved to false (the "
+                        f"cluster has no GPU): trials would wait for ever for GPUs. Use search.trial_gpus: "
+                        f"0, or give the run GPUs (resources.gpu true, or auto with "
+                        f"resources.autoscale_wait_s)")
+    if "erm" not in shared_stages(spec, searched):
+        erm_keys = [k for k in searched if changes("erm", k)]
+        raise SpecError(f"spec key 'search.trial_gpus': {share:g} with searched keys that change ERM "
+                        f"({', '.join(erm_keys)}): each trial would train ERM on Ray Train workers that need "
+                        f"GPUs of their own while the trials hold theirs, which can wait for ever. Use "
+                        f"search.trial_gpus: 0 for this sweep (its trials then ask Ray for each GPU "
+                        f"stage's GPU)")
 
 
 def pending_folders(out) -> list[str]:

@@ -1,5 +1,6 @@
-"""k-means on all points, k-means++ seeded: FAISS (its GPU build when one is seen), or the joint-restart
-Lloyd in numpy for large inputs on the CPU (docs/cluster_scale.md).
+"""k-means on all points, k-means++ seeded: FAISS, or the joint-restart Lloyd in numpy for large inputs on
+the CPU (docs/cluster_scale.md); on the GPU route (clustering/device.py: the clusters stage with
+resources.gpu true) FAISS's GPU build on the task's GPU, or torch where that build is absent.
 
     from exmap_ray.clustering.kmeans import kmeans
     labels = kmeans(X, k=4, niter=25, nredo=3, seed=0)
@@ -12,8 +13,7 @@ import os
 import faiss
 import numpy as np
 
-from . import scale
-from .scale import _faiss_gpu
+from . import device, scale
 
 JOINT_ITERS = 5  # kmeans_joint: iterations all restarts run before only the best goes on
 LLOYD_CHUNK = 8192  # rows per step of kmeans_joint: its (chunk, d) block and products stay in cache
@@ -93,21 +93,25 @@ def kmeans_joint(X: np.ndarray, inits: list[np.ndarray], niter: int) -> np.ndarr
 def kmeans(X: np.ndarray, k: int, niter: int = 25, nredo: int = 3, seed: int = 0) -> np.ndarray:
     """Labels (N,) from k-means on all N points, k-means++ seeded; the best of `nredo` restarts.
 
-    FAISS k-means (on the GPU when a FAISS GPU build sees one). From SCALE_MIN_N points on the CPU,
-    `kmeans_joint` runs the restarts together instead, at about half the CPU time of FAISS's 3 restarts
-    with the same inertia (docs/cluster_scale.md); below SCALE_MIN_N nothing changed.
+    FAISS k-means. From SCALE_MIN_N points on the CPU, `kmeans_joint` runs the restarts together instead,
+    at about half the CPU time of FAISS's 3 restarts with the same inertia (docs/cluster_scale.md); below
+    SCALE_MIN_N nothing changed. On the GPU route (`device.clustering_device`): FAISS's GPU build on that
+    one device, or `kmeans_torch` where the build is absent.
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
     if k >= len(X):
         return np.arange(len(X)) % k
     rng = np.random.default_rng(seed)
-    if len(X) >= scale.SCALE_MIN_N and not _faiss_gpu():
+    if device.torch_route() is not None:
+        return kmeans_torch(X, k, niter, nredo, rng, device.torch_route())
+    if len(X) >= scale.SCALE_MIN_N and device.current() is None:
         return kmeans_joint(X, [kmeanspp_init(X, k, rng) for _ in range(nredo)], niter)
     best, best_obj = None, np.inf
     for _ in range(nredo):
-        km = faiss.Kmeans(X.shape[1], k, niter=niter, seed=int(rng.integers(2**31 - 1)), gpu=_faiss_gpu(),
+        km = faiss.Kmeans(X.shape[1], k, niter=niter, seed=int(rng.integers(2**31 - 1)), gpu=False,
                           max_points_per_centroid=math.ceil(len(X) / k) + 1, min_points_per_centroid=1,
                           verbose=False)
+        km.index = device.faiss_index(km.index)  # the task's GPU alone (GPU route), else as it was
         km.train(X, init_centroids=kmeanspp_init(X, k, rng))
         obj = float(km.obj[-1]) if len(km.obj) else np.inf
         if obj < best_obj or best is None:
@@ -116,3 +120,46 @@ def kmeans(X: np.ndarray, k: int, niter: int = 25, nredo: int = 3, seed: int = 0
     return labels.ravel().astype(np.int64)
 
 
+
+
+TORCH_CHUNK = 1 << 18  # rows per distance block in kmeans_torch: (chunk, k) distances on the device
+
+
+def kmeans_torch(X: np.ndarray, k: int, niter: int, nredo: int, rng: np.random.Generator,
+                 device: str) -> np.ndarray:
+    """Lloyd's k-means in torch on `device` (the GPU route where FAISS's GPU build is absent), k-means++
+    seeded like the FAISS path (`kmeanspp_init`, same draws), the best of `nredo` restarts by inertia.
+    The points go to the device once; each iteration is one pass of (chunk, k) distance blocks. An empty
+    cluster keeps its centroid, as FAISS's would be re-split instead (rare at these k)."""
+    import torch
+
+    T = torch.as_tensor(X, device=device)
+    tsq = (T * T).sum(1)
+    best, best_obj = None, float("inf")
+    for _ in range(nredo):
+        C = torch.as_tensor(kmeanspp_init(X, k, rng), device=device)
+        for it in range(niter + 1):
+            labels, obj = _assign_torch(T, tsq, C)
+            if it == niter:
+                break
+            sums = torch.zeros_like(C).index_add_(0, labels, T)
+            counts = torch.bincount(labels, minlength=k).to(T.dtype)
+            C = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], C)
+        if obj < best_obj or best is None:
+            best, best_obj = labels, obj
+    return best.cpu().numpy().astype(np.int64)
+
+
+def _assign_torch(T, tsq, C):
+    """Nearest centroid of every row (chunked) and the inertia, as a Python float (one sync)."""
+    import torch
+
+    csq = (C * C).sum(1)
+    labels = torch.empty(len(T), dtype=torch.int64, device=T.device)
+    obj = torch.zeros((), dtype=torch.float64, device=T.device)
+    for lo in range(0, len(T), TORCH_CHUNK):
+        D = csq[None] - 2 * T[lo:lo + TORCH_CHUNK] @ C.T  # |x - c|^2 - |x|^2
+        d, a = D.min(1)
+        labels[lo:lo + len(a)] = a
+        obj += (d + tsq[lo:lo + TORCH_CHUNK]).clamp(min=0).sum(dtype=torch.float64)
+    return labels, float(obj)

@@ -24,13 +24,13 @@ in chunks and never copied whole.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import faiss
 import numpy as np
+
+from . import device
 
 SCALE_MIN_N = 50_000  # at or above this many points a scope takes the anchor path (the exact kNN graph costs ~7 s at 50k, 25 s at 100k)
 N_ANCHORS = 1000      # anchors: the eigenproblem is m x m; 1000 keeps a 0.1% minority's few anchors and costs ~O(N m d) to link
@@ -160,18 +160,17 @@ def d2_seed(X: np.ndarray, m: int, rng: np.random.Generator, rounds: int = SEED_
 
 
 def _faiss_gpu() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    """FAISS's GPU build on the clusters stage's GPU (clustering/device.py decides, from the stage key)."""
+    return device.faiss_gpu()
 
 
 def _torch_cuda():
-    """torch, when it sees a CUDA device; importing torch takes seconds, so only where a driver exists."""
-    if "torch" not in sys.modules and not os.path.exists("/dev/nvidiactl"):
+    """torch on the GPU route where FAISS's GPU build is absent (clustering/device.py); else None."""
+    if device.torch_route() is None:
         return None
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch if torch.cuda.is_available() else None
+    import torch
+
+    return torch
 
 
 class NearestAnchors:
@@ -183,9 +182,9 @@ class NearestAnchors:
         index = faiss.IndexFlatL2(anchors.shape[1])
         index.add(np.ascontiguousarray(anchors, np.float32))
         if _faiss_gpu():
-            index = faiss.index_cpu_to_all_gpus(index)
+            index = device.faiss_index(index)  # the task's GPU alone
         elif (torch := _torch_cuda()) is not None:
-            self.torch, self.A = torch, torch.as_tensor(anchors, device="cuda")
+            self.torch, self.A = torch, torch.as_tensor(anchors, device=device.torch_route())
             self.asq = (self.A * self.A).sum(1)
         self.index = index
 
@@ -193,7 +192,7 @@ class NearestAnchors:
         """Squared distances (n, r) ascending and anchor ids (n, r) int64."""
         if self.torch is None:
             return self.index.search(np.ascontiguousarray(X, np.float32), self.r)
-        T = self.torch.as_tensor(X, device="cuda")
+        T = self.torch.as_tensor(X, device=self.A.device)
         d2 = ((T * T).sum(1, keepdim=True) + self.asq[None] - 2 * T @ self.A.T).clamp_min_(0)
         D, I = self.torch.topk(d2, self.r, dim=1, largest=False, sorted=True)
         return D.cpu().numpy(), I.cpu().numpy()
@@ -206,8 +205,8 @@ def pick_anchors(rows: Rows, m: int, seed: int) -> np.ndarray:
     sample = rows.take(np.sort(rng.choice(n, min(n, ANCHOR_SAMPLE * m), replace=False)))
     init = d2_seed(sample, m, rng)
     km = faiss.Kmeans(sample.shape[1], len(init), niter=ANCHOR_ITERS, seed=int(rng.integers(2**31 - 1)),
-                      max_points_per_centroid=len(sample), min_points_per_centroid=1, gpu=_faiss_gpu(),
-                      verbose=False)
+                      max_points_per_centroid=len(sample), min_points_per_centroid=1, verbose=False)
+    km.index = device.faiss_index(km.index)  # the task's GPU alone on the GPU route
     km.train(sample, init_centroids=init)
     _, owner = km.index.search(sample, 1)
     owned = np.bincount(owner.ravel(), minlength=len(init))

@@ -119,10 +119,16 @@ class Labeled(Dataset):
         return self.images[i], self.y[i]
 
 
-def loader_options(dspec, persistent: bool = True) -> dict:
-    """DataLoader keyword arguments from the dataset spec: workers, pinned memory, persistent workers."""
+def loader_options(dspec, persistent: bool = True, device: str | None = None) -> dict:
+    """DataLoader keyword arguments from the dataset spec: workers, pinned memory, persistent workers.
+
+    pin_memory 'auto' pins when the batches go to a CUDA `device` (the stage's, `resources.stage_device`);
+    without a device given, when this process sees CUDA (library use)."""
     workers = dspec.loader_workers
-    pin = torch.cuda.is_available() if dspec.pin_memory == "auto" else bool(dspec.pin_memory)
+    if dspec.pin_memory != "auto":
+        pin = bool(dspec.pin_memory)
+    else:
+        pin = str(device).startswith("cuda") if device is not None else torch.cuda.is_available()
     opts = {"num_workers": workers, "pin_memory": pin}
     if workers > 0:
         opts["persistent_workers"] = bool(persistent and dspec.persistent_workers)

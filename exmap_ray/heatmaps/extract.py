@@ -20,6 +20,7 @@ features are under bf16).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..console import Progress
 from ..errors import DataError, UserError
@@ -54,8 +55,14 @@ def extract(method, images: Dataset, batch_size: int, downsize: int | None,
     `loader_kwargs` (workers, pinned memory) come from `data.base.loader_options(spec.dataset,
     persistent=False)`: decoding on-disk images in loader workers keeps a GPU busy.
     """
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, **(loader_kwargs or {}))
+    return extract_batches(method, loader, downsize, device)
+
+
+def extract_batches(method, batches, downsize: int | None, device: str = "cpu") -> tuple[np.ndarray, ...]:
+    """`extract` over an iterable of image batches (an actor's one DataLoader, reused for every shard)."""
     maps, preds, feats, logits = [], [], [], []
-    for x in DataLoader(images, batch_size=batch_size, shuffle=False, **(loader_kwargs or {})):
+    for x in batches:
         x = x.to(device, non_blocking=True)
         rel, pred, f, out = method.explain(x)
         if f is None:
@@ -211,56 +218,121 @@ def write_index(folder, n: int, entries: list[dict], dtype: str = "float32") -> 
 # ----------------------------------------------------------------------------- Ray wiring
 
 
-class HeatmapWorker:
-    """One per GPU (or per CPU slot): builds the val split, the model and the method once.
+class ShardBatches(Sampler):
+    """The batches of one shard, [start, stop) in steps of `batch_size`: the one DataLoader of an actor
+    takes its indices from here, so its loader workers (heatmaps use `dataset.loader_workers`) start once
+    and serve every shard instead of being started again per shard."""
 
-    The model is read from the storage root and the shards are written there by the actor itself;
-    only the shard's small index entry travels back to the driver.
+    def __init__(self, batch_size: int):
+        self.batch_size, self.start, self.stop = batch_size, 0, 0
+
+    def __iter__(self):
+        for lo in range(self.start, self.stop, self.batch_size):
+            yield list(range(lo, min(lo + self.batch_size, self.stop)))
+
+    def __len__(self) -> int:
+        return -(-(self.stop - self.start) // self.batch_size)
+
+
+SHARDS_IN_FLIGHT = 2  # per actor: one computing, the one before it being written by the actor's second thread
+
+
+class HeatmapWorker:
+    """An extraction actor (1/heatmaps.actors_per_gpu of a GPU, or CPU threads): builds the val split, the
+    model, the method and one DataLoader once.
+
+    The model is read from the storage root and the shards are written there by the actor itself; only
+    the shard's small index entry travels back to the driver. Its Ray actor runs two calls at once
+    (max_concurrency=SHARDS_IN_FLIGHT): a lock lets one compute while the other writes its finished
+    shard, so the GPU is not idle during the write. A trial that holds a GPU share runs the same class in
+    its own process (`extract_with_actors`).
     """
 
     def __init__(self, spec_dict: dict, model_uri: str, out_uri: str, threads: int):
         from .. import quiet_worker_logs
         from ..data import build_dataset
+        from ..data.base import loader_options
         from ..models import load_checkpoint
+        from ..resources import stage_device, where_am_i
         from ..spec import from_dict
 
         quiet_worker_logs()
-        torch.set_num_threads(max(1, threads))
-        spec = from_dict(spec_dict)
-        self.hspec = spec.heatmaps
-        self.out = Loc.parse(out_uri)
-        data = build_dataset(spec.dataset, spec.seed)
-        self.images = data.val.images
-        from ..data.base import loader_options
+        self.error = None
+        try:  # a user's error (a GPU mismatch, bad data) comes back from ready() as itself: exit 2
+            torch.set_num_threads(max(1, threads))
+            spec = from_dict(spec_dict)
+            self.hspec = spec.heatmaps
+            self.device = stage_device(spec, self.hspec.precision)  # Ray's GPU for this actor, or the CPU
+            self.placement = where_am_i(self.device)
+            self.out = Loc.parse(out_uri)
+            data = build_dataset(spec.dataset, spec.seed)
+            self.sampler = ShardBatches(self.hspec.batch_size)
+            # workers and pinned memory from the spec; persistent: they serve every shard of this actor
+            self.loader = DataLoader(data.val.images, batch_sampler=self.sampler,
+                                     **loader_options(spec.dataset, persistent=True, device=self.device))
+            model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri)).to(self.device)
+            self.method = with_features(HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec), model,
+                                        self.hspec.precision)
+        except UserError as e:
+            self.error = e
+        self.lock = threading.Lock()
 
-        # DataLoader workers and pinned memory from the spec; not persistent: a shard is one short pass
-        self.loader_kwargs = loader_options(spec.dataset, persistent=False)
-        self.device = "cuda" if spec.resources.gpu is True else "cpu"
-        model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri)).to(self.device)
-        self.method = with_features(HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec), model,
-                                    self.hspec.precision)
-
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict:
+        """Where this actor computes (node, Ray's GPU ids, torch device); raises its set-up error."""
+        if self.error is not None:
+            raise self.error
+        return self.placement
 
     def run(self, shard_id: int, start: int, stop: int) -> dict:
-        """One shard: heatmaps, and the val features and logits of the same forward."""
-        maps, preds, feats, logits = extract(self.method, Subset(self.images, range(start, stop)),
-                                             self.hspec.batch_size, self.hspec.downsize, self.device,
-                                             loader_kwargs=self.loader_kwargs)
+        """One shard: heatmaps, and the val features and logits of the same forward; written after the lock
+        is released, while the next shard computes."""
+        with self.lock:
+            self.sampler.start, self.sampler.stop = start, stop
+            maps, preds, feats, logits = extract_batches(self.method, self.loader, self.hspec.downsize,
+                                                         self.device)
         return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype, feats, logits)
+
+
+def _extract_here(spec, checkpoint, ranges: list, out) -> tuple[list[dict], dict]:
+    """Every shard in this process, on the GPU share Ray gave it (a Tune trial holding search.trial_gpus):
+    asking for actors of their own could wait for ever on GPUs that trials hold. Two threads, as in an
+    actor: one computes while the other writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    worker = HeatmapWorker(spec.to_dict(), str(checkpoint), str(out), torch.get_num_threads())
+    placement = worker.ready()
+    with ThreadPoolExecutor(SHARDS_IN_FLIGHT) as pool:
+        entries = list(pool.map(lambda t: worker.run(*t), [(i, a, b) for i, (a, b) in enumerate(ranges)]))
+    return entries, placement
 
 
 def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
     """Shard the val split over a pool of Ray actors, which read the model at `checkpoint` and write
-    their shards under `out` (both storage locations); the driver writes the index last."""
+    their shards under `out` (both storage locations); the driver writes the index last.
+
+    On a GPU run each actor asks for 1/heatmaps.actors_per_gpu of a GPU; a caller that holds a GPU share
+    itself (a trial with search.trial_gpus) extracts in its own process on that share instead."""
     import ray
+
+    from ..resources import holds_gpu
 
     hspec = spec.heatmaps
     ranges = shard_ranges(n_images, hspec.shard_size)
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if spec.resources.gpu is True else 0
-    if spec.resources.gpu is True:  # from the spec (resolved once per run), not from the cluster's state now
-        n_actors, options = hspec.num_actors or max(1, gpus), {"num_gpus": 1, "num_cpus": 1}
+    on_gpu = spec.resources.gpu is True  # from the spec (resolved once per run), not the cluster's state now
+    if on_gpu and holds_gpu():
+        log.info("heatmaps: %s on %d images, %d shards in this process, on its own GPU share", hspec.method,
+                 n_images, len(ranges))
+        entries, placement = _extract_here(spec, checkpoint, ranges, out)
+        write_index(out, n_images, entries, hspec.store_dtype)
+        return {"n": n_images, "shards": len(entries), "actors": 0, "actors_lost": 0, "actors_started": 0,
+                "device": "cuda", "placements": [placement],
+                "bytes_written": sum(e["bytes"] for e in entries)}
+    if on_gpu:
+        # the GPUs the run asked for (erm.num_workers, what resources.gpu auto requested), or more if present:
+        # actors that find no GPU yet wait, and start as GPU nodes join
+        gpus = max(int(ray.cluster_resources().get("GPU", 0)), spec.erm.num_workers, 1)
+        n_actors = hspec.num_actors or gpus * hspec.actors_per_gpu
+        options = {"num_gpus": 1.0 / hspec.actors_per_gpu, "num_cpus": 1}
         threads = 1
     else:
         from ..resources import cpus_per_worker
@@ -270,51 +342,60 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
         threads = cpus_per_worker(n_actors, spec)
         options = {"num_cpus": threads}
     n_actors = max(1, min(n_actors, len(ranges)))
-    log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images,
-             len(ranges), n_actors, "1 GPU each" if spec.resources.gpu is True else f"{threads} CPU thread(s) each")
+    log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images, len(ranges),
+             n_actors, f"{options['num_gpus']:g} GPU each" if on_gpu else f"{threads} CPU thread(s) each")
     # "DEFAULT" keeps the actors out of a Tune trial's placement group: inside a trial, Ray would
     # otherwise try to fit them into the trial's small bundle and refuse
-    Worker = ray.remote(HeatmapWorker).options(**options, scheduling_strategy="DEFAULT")
+    Worker = ray.remote(HeatmapWorker).options(**options, scheduling_strategy="DEFAULT",
+                                               max_concurrency=SHARDS_IN_FLIGHT)
     make = lambda: Worker.remote(spec.to_dict(), str(checkpoint), str(out), threads)  # noqa: E731
     actors = [make() for _ in range(n_actors)]
     starting = {a.ready.remote(): a for a in actors}
-    idle, running, entries = [], {}, []
+    free, running, entries, placements = [], {}, [], []
     work = deque((i, a, b) for i, (a, b) in enumerate(ranges))
     lost, max_lost = 0, max(3, 2 * n_actors)
     t0 = None
 
     def replace(actor, err) -> None:
-        """An actor died (node lost, OOM, killed): start another in its place, up to `max_lost` times."""
+        """An actor died (node lost, OOM, killed): start another in its place, up to `max_lost` times; its
+        other shard in flight comes back with the same error and is requeued without a second replacement."""
         nonlocal lost
+        if actor not in actors:
+            return
         lost += 1
         actors.remove(actor)
+        free[:] = [a for a in free if a is not actor]
         if lost > max_lost:
             raise RuntimeError(f"heatmap extraction lost {lost} actors (last: {err}); giving up") from err
-        log.warning("heatmaps: an actor died (%s); its shard goes back in the queue and a new actor "
+        log.warning("heatmaps: an actor died (%s); its shards go back in the queue and a new actor "
                     "replaces it (%d/%d)", type(err).__name__, lost, max_lost)
         new = make()
         actors.append(new)
         starting[new.ready.remote()] = new
 
-    # Work goes only to actors that are up: an actor still waiting for resources (another trial holds
-    # them) gets nothing, so extraction progresses as soon as one actor runs, never deadlocks.
+    # Work goes only to actors that are up (two shards each at most: backpressure), so extraction goes on
+    # as soon as one actor runs. Every actor needs only its own resources and frees them when the stage
+    # ends; a trial holding a GPU share extracts in its own process (above). So a stage waits on GPUs that
+    # other stages' actors or tasks hold, which they free, never on a GPU that a waiting trial holds.
     try:
         with Progress("heatmaps", len(ranges), "shard") as bar:
             while work or running:
-                while idle and work:
-                    actor, task = idle.pop(), work.popleft()
+                while free and work:
+                    actor, task = free.pop(), work.popleft()
                     running[actor.run.remote(*task)] = (actor, task)
                 (ref,), _ = ray.wait(list(running) + list(starting), num_returns=1)
                 if ref in starting:
                     actor = starting.pop(ref)
                     try:
-                        ray.get(ref)
+                        placements.append(ray.get(ref))
+                    except ray.exceptions.RayTaskError as e:  # its set-up failed: a user's error, as is
+                        raise (e.cause if isinstance(e.cause, UserError) else e) from None
                     except ray.exceptions.RayActorError as e:
                         if getattr(e, "actor_init_failed", False):
-                            raise  # its __init__ raised: a bug or bad input, which a new actor would repeat
+                            raise  # its __init__ raised: a bug, which a new actor would repeat
                         replace(actor, e)
                         continue
-                    idle.append(actor)
+                    free.extend([actor] * SHARDS_IN_FLIGHT)
                     t0 = t0 or time.perf_counter()  # the rate counts from the first actor up
                     continue
                 actor, task = running.pop(ref)
@@ -323,10 +404,10 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
                 except ray.exceptions.RayTaskError as e:  # the actor's own error (a full disk, bad data): as is
                     raise (e.cause if isinstance(e.cause, UserError) else e) from None
                 except ray.exceptions.RayActorError as e:
-                    work.appendleft(task)  # redone by another actor; nothing of it was written
+                    work.appendleft(task)  # redone by another actor; its index entry was never returned
                     replace(actor, e)
                     continue
-                idle.append(actor)
+                free.append(actor)
                 entries.append(entry)
                 done = sum(e["stop"] - e["start"] for e in entries)
                 numbers = f"{done}/{n_images} images, {done / max(time.perf_counter() - t0, 1e-9):.0f} img/s"
@@ -336,7 +417,5 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
             ray.kill(a)
     write_index(out, n_images, entries, spec.heatmaps.store_dtype)
     return {"n": n_images, "shards": len(entries), "actors": n_actors, "actors_lost": lost,
-            "actors_started": len(actors) - len(starting),
-            "device": "cuda" if spec.resources.gpu is True else "cpu",
-            "bytes_written": sum(e["bytes"] for e in entries)}
-
+            "actors_started": len(actors) - len(starting), "device": "cuda" if on_gpu else "cpu",
+            "placements": placements, "bytes_written": sum(e["bytes"] for e in entries)}

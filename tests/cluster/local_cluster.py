@@ -62,14 +62,16 @@ def can_run() -> str | None:
 
 
 class LocalCluster:
-    def __init__(self, hide: list[Path], n_workers: int = 2, worker_cpus: int = 2):
+    def __init__(self, hide: list[Path], n_workers: int = 2, worker_cpus: int = 2,
+                 worker_gpus: dict | None = None):
         """`hide`: folders the worker nodes must not see (besides this cluster's own base folder, a short
-        path under /tmp: Ray's socket paths must stay under the 107-byte limit of Unix sockets)."""
+        path under /tmp: Ray's socket paths must stay under the 107-byte limit of Unix sockets).
+        `worker_gpus`: logical GPUs of some worker nodes, {worker index: count} (the head has none)."""
         import tempfile
 
         self.base = Path(tempfile.mkdtemp(prefix="xr-", dir="/tmp"))
         self.hide = [*hide, self.base]
-        self.n_workers, self.worker_cpus = n_workers, worker_cpus
+        self.n_workers, self.worker_cpus, self.worker_gpus = n_workers, worker_cpus, worker_gpus or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.token = secrets.token_hex(32)
         self.gcs_port, self.dash_port = free_port(), free_port()
@@ -167,6 +169,7 @@ class LocalCluster:
                   f"mkdir -p {node}/ray {node}/cache; "
                   # ahead of the machine's other processes: a starving node misses the registration window
                   f"exec nice -n -5 {BIN / 'ray'} start --address={self.address} --num-cpus={self.worker_cpus} "
+                  f"--num-gpus={self.worker_gpus.get(i, 0)} "
                   f"--node-ip-address=127.0.0.1 --temp-dir={node}/ray --block --disable-usage-stats "
                   + " ".join(self.node_ports()))
         self._spawn(f"worker{i}", ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script],
@@ -222,9 +225,13 @@ class LocalCluster:
                         for f in sorted(self.logs.glob("*.log")) if f.name.startswith(("head", "worker")))
         raise RuntimeError(f"only {seen} of {n} Ray nodes came up within {timeout:g} s; logs in {self.logs}{tails}")
 
-    def submit(self, entrypoint: str, *, wait: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir .` of the repository, as a user's laptop would."""
+    def submit(self, entrypoint: str, *, wait: bool = True, timeout: float = 600,
+               runtime_env: dict | None = None) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir .` of the repository, as a user's laptop would (`runtime_env`:
+        more of the job's runtime environment, e.g. env_vars for every process of the job)."""
         args = ["job", "submit", f"--address={self.dashboard}", f"--working-dir={REPO}"]
+        if runtime_env:
+            args.append(f"--runtime-env-json={json.dumps(runtime_env)}")
         if not wait:
             args.append("--no-wait")
         deadline = time.monotonic() + 60

@@ -31,7 +31,8 @@ SWEEP = "tests/cluster/tiny_sweep.yaml"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     # the whole test temp tree (and the cluster's own folder) is invisible to the worker nodes
-    c = LocalCluster([tmp_path_factory.getbasetemp()])
+    # worker node 0 lists a logical GPU (tiny.yaml sets resources.gpu false, so only the GPU test uses it)
+    c = LocalCluster([tmp_path_factory.getbasetemp()], worker_gpus={0: 1})
     try:
         with machine_to_itself():  # under `make test`'s two processes, the nodes register alone
             c.start()
@@ -227,3 +228,29 @@ def test_nothing_is_written_outside_the_bucket_but_node_caches(cluster, jobs):
             extra.append(str(rel))
     assert extra == []
     assert not list(c.base.rglob("s3:*"))
+
+
+def test_gpu_stages_run_on_the_gpu_node_never_on_the_head(cluster):
+    """resources.gpu true on a cluster whose head has no GPU and one worker lists a logical GPU (its torch
+    side on the CPU: EXMAP_RAY_FAKE_CUDA=1 in the job's runtime env): ERM's worker, the features and
+    clusters tasks and both heatmap actors (sharing the GPU) run on the GPU node, none in the driver on
+    the head, and each holds Ray's GPU. Last in this module: after the other jobs (which kill worker node 1,
+    never the GPU node), or alone (-k gpu_stages)."""
+    c = cluster
+    common = f"--cache '{c.s3_uri('gpu-cache')}' --tracking-uri {c.tracking_uri}"
+    r = c.submit(f"exmap-ray run {SPEC} --out '{c.s3_uri('gpu-run')}' {common} --set resources.gpu=true "
+                 f"--set heatmaps.actors_per_gpu=2", runtime_env={"env_vars": {"EXMAP_RAY_FAKE_CUDA": "1"}})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    nodes = c.nodes()
+    gpu_nodes = {n["node_id"] for n in nodes if n.get("resources_total", {}).get("GPU", 0) > 0}
+    head = {n["node_id"] for n in nodes if n.get("is_head_node")}
+    assert len(gpu_nodes) == 1 and head and not gpu_nodes & head, nodes
+    done = {p.split("/")[1].split("-")[0]: json.loads(s3_read(c, p)) for p in s3_list(c, "gpu-cache")
+            if p.endswith("/done")}
+    placements = [done["erm"]["environment"]["placement"], done["features"]["placement"],
+                  done["clusters"]["placement"], *done["heatmaps"]["placements"]]
+    assert len(done["heatmaps"]["placements"]) == 2
+    for p in placements:
+        assert p["node_id"] in gpu_nodes and p["ray_worker"] and p["gpu_ids"] == ["0"], p
+    results = json.loads(s3_read(c, "gpu-run/results.json"))
+    assert results["config"]["resources"]["gpu"] is True
