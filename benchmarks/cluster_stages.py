@@ -77,7 +77,7 @@ def main() -> None:
     same = all(remote[k]["test"] == local[k]["test"] for k in ("erm", "exmap", "oracle_dfr"))
     print(f"spec {args.spec}; cluster start {up:.1f} s; same test metrics on both: {same}")
     print(f"wall time of the command: single node {local_wall:.1f} s, cluster job {wall:.1f} s (job submit included)\n")
-    print(f"| stage | single node (s) | 3-node cluster, S3 (s) | bytes written to storage |")
+    print("| stage | single node (s) | 3-node cluster, S3 (s) | bytes written to storage |")
     print("|---|---|---|---|")
     for stage, t in local["timings_s"].items():
         b = cache_bytes.get(stage)

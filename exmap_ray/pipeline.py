@@ -1,4 +1,4 @@
-"""One ExMap run over the stage graph (stages.py): set-up, the evaluation every table shares, the results.
+r"""One ExMap run over the stage graph (stages.py): set-up, the evaluation every table shares, the results.
 
     from exmap_ray.pipeline import run_pipeline
     results = run_pipeline(spec, out=Path("runs/demo"))     # needs ray.init() first

@@ -126,7 +126,7 @@ class HeatmapsCommon:
                 "Ampere and later")
     downsize: Optional[int] = opt(7, "bilinear resize of each heatmap before clustering; the paper's "
                                      "sizes are Waterbirds 112, CelebA 20; on C-MNIST 7 keeps the colour "
-                                     "channel and removes per-digit stroke detail", 
+                                     "channel and removes per-digit stroke detail",
                                   lambda v: None if v is None or v >= 1 else "an integer >= 1, or null")
     batch_size: int = opt(256, "images per forward/backward in an actor", _positive, execution=True)
     shard_size: int = opt(1024, "images per shard file; one shard is one unit of actor work", _positive,

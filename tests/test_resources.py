@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from exmap_ray.errors import UserError
-from exmap_ray.resources import FAKE_CUDA_ENV, GpuMismatchError, mismatch_message, stage_device
+from exmap_ray.resources import FAKE_CUDA_ENV, mismatch_message, stage_device
 from exmap_ray.spec import from_dict
 
 from .conftest import tiny_spec_dict

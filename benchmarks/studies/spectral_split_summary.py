@@ -1,7 +1,10 @@
 """Summarise runs/split/*/results.json (spectral vs spectral_split); argv: the seeds to take (default all).
 
 `--root runs/inputs` reads the run folders of benchmarks/studies/inputs_e2e.sh instead (TAG-INPUT-sSEED)."""
-import json, glob, statistics as st, sys
+import json
+import glob
+import statistics as st
+import sys
 args = sys.argv[1:]
 root = 'runs/split'
 if args[:1] == ['--root']:

@@ -102,7 +102,7 @@ def scan_metadata_csv(scan: Scan, root: Path, source: str = SOURCE, values: dict
         if len(classes) == 1:
             scan.add("single class", f"'{meta}': the {SPLIT_NAMES[code]} split has a single class (column 'y' "
                      f"is {classes[0]} on every split == {code} row)",
-                     f"a classifier needs at least two: give that split rows of another class")
+                     "a classifier needs at least two: give that split rows of another class")
     if scan.findings:
         return None
     n_s = int(s.max()) + 1

@@ -22,7 +22,6 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError, SpecError, near_name
-from ..options import opt
 from .base import DATASETS, DatasetEntry, GroupData, RootKeys  # noqa: F401  (RootKeys: data modules import it here)
 from .images import PAPER, _files_key, decode_cache_dir, image_group_data
 

@@ -28,7 +28,6 @@ import importlib.util
 import io
 import logging
 import random
-from typing import Callable
 
 import numpy as np
 

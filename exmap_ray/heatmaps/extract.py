@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
