@@ -27,6 +27,7 @@ Cases:
 - knn_ivf: the alternative route: an approximate kNN graph (FAISS IVF) with its recall against
   exact search on 1,000 rows, then the exact path's sparse eigensolver on that graph.
 - float16: spectral on the rows cast to float16 and back (`float16_roundtrip`); ARI vs float32.
+`--anchor-mean Q` sets the rows averaged into each anchor (default 3) for the anchor route's cases.
 Figures are printed (one JSON line per case, then a markdown table), never asserted.
 """
 from __future__ import annotations
@@ -124,6 +125,10 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
     from exmap_ray.clustering_scale import float16_roundtrip, normalize_rows
     from exmap_ray.spec import ClusteringSpec
 
+    if os.environ.get("ANCHOR_MEAN"):  # --anchor-mean: the rows averaged into each anchor (the trade-off)
+        from exmap_ray import clustering_scale
+        clustering_scale.ANCHOR_MEAN = int(os.environ["ANCHOR_MEAN"])
+
     H = np.load(path, mmap_mode="r")
     y = np.load(path.replace(".npy", "_y.npy"))
     cs = ClusteringSpec(method="spectral", k="auto", scope="global")
@@ -173,6 +178,8 @@ def main():
     ap.add_argument("--exact-max", type=int, default=300_000, help="skip exact above this N (quadratic)")
     ap.add_argument("--dir", default=None, help="where the memmaps go (default: a temporary folder)")
     ap.add_argument("--table", default=None, help="append the markdown table to this file")
+    ap.add_argument("--anchor-mean", type=int, default=None,
+                    help="rows averaged into each anchor (clustering_scale.ANCHOR_MEAN) for this run")
     ap.add_argument("--case", nargs=4, metavar=("CASE", "PATH", "N", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
@@ -204,14 +211,16 @@ def main():
                 continue
             out = os.path.join(tmp.name, f"l{n}_{case}.npy")
             load0 = os.getloadavg()[0]
+            env = {**os.environ, **({"ANCHOR_MEAN": str(a.anchor_mean)} if a.anchor_mean else {})}
             r = subprocess.run([sys.executable, __file__, "--case", case, path, str(n), out], capture_output=True,
-                               text=True)
+                               text=True, env=env)
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
                 res = {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"}
             else:
                 res = json.loads(r.stdout.strip().splitlines()[-1])
             res = {"n": size, "data": a.data, "case": case, "minority": minority,
+                   **({"anchor_mean": a.anchor_mean} if a.anchor_mean else {}),
                    "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}", "budget_mb": round((2 * n * 147 * 4) / 2**20 + 300), **res}
             if os.path.exists(out) and case != "kmeans8":
                 labels[case] = np.load(out)
@@ -226,7 +235,8 @@ def main():
             rows.append(res)
         os.remove(path)
     cols = ["n", "data", "case", "route", "k", "wall_s", "cpu_s", "peak_mb", "budget_mb", "ari_planted",
-            "ari_vs_ref", "worst_recovery", "eig_3_5", "minority", "load", "recall", "graph_s", "eigsh_s", "error"]
+            "ari_vs_ref", "worst_recovery", "eig_3_5", "anchor_mean", "minority", "load", "recall", "graph_s",
+            "eigsh_s", "error"]
     cols = [c for c in cols if any(c in r for r in rows)]
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
