@@ -5,13 +5,17 @@
     python benchmarks/cluster_scale.py --sizes 100k,300k --cases spectral,exact  # the agreement check
     python benchmarks/cluster_scale.py --sizes 100k --cases knn_ivf,float16      # the alternatives
     python benchmarks/cluster_scale.py ... --table docs/cluster_scale.md         # also write the table there
+    python benchmarks/cluster_scale.py --data centres --sizes 1M,3M,10M --cases spectral  # issue 31: k vs N
 
-Data: `planted_heatmaps` (d = 147 = 3x7x7, two classes, a shortcut channel, four planted groups;
-the minority is 1% of the rows below 1M and 0.1% from 1M on), written once per N to a float32
+Data (`--data`): `heatmaps`: `planted_heatmaps` (d = 147 = 3x7x7, two classes, a shortcut channel,
+four planted groups; the minority is 1% of the rows below 1M and 0.1% from 1M on); `centres`:
+`planted_centres` (issue 31: two N(0, I) centres in 147-d picked by a pattern that equals the class
+except on 1% of the rows, noise 0.6; four planted groups, class x pattern). Written once per N to a float32
 memmap that every case reads (the store hands clustering memmaps). Each case runs in its own
 process; peak memory is the highest anonymous RSS (sampled every 10 ms) above the level before
 the stage, so the memmap's page cache is not counted. Wall and CPU seconds are both printed: the
-2 cores are shared, so wall time swings with load; CPU seconds do less.
+2 cores are shared, so wall time swings with load; CPU seconds do less. `load` is the 1-minute
+load average at the case's start and end.
 
 Cases:
 - spectral: `pseudo_groups(method=spectral, k=auto, scope=global)`: the exact path below
@@ -23,6 +27,7 @@ Cases:
 - knn_ivf: the alternative route: an approximate kNN graph (FAISS IVF) with its recall against
   exact search on 1,000 rows, then the exact path's sparse eigensolver on that graph.
 - float16: spectral on the rows cast to float16 and back (`float16_roundtrip`); ARI vs float32.
+`--anchor-mean Q` sets the rows averaged into each anchor (default 3) for the anchor route's cases.
 Figures are printed (one JSON line per case, then a markdown table), never asserted.
 """
 from __future__ import annotations
@@ -41,7 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-SIZES = {"10k": 10_000, "20k": 20_000, "100k": 100_000, "300k": 300_000, "1M": 1_000_000, "10M": 10_000_000}
+SIZES = {"10k": 10_000, "20k": 20_000, "60k": 60_000, "100k": 100_000, "240k": 240_000, "300k": 300_000,
+         "1M": 1_000_000, "3M": 3_000_000, "10M": 10_000_000}
 
 
 def minority_for(n: int) -> float:
@@ -120,6 +126,10 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
     from exmap_ray.clustering.scale import float16_roundtrip, normalize_rows
     from exmap_ray.spec import ClusteringSpec
 
+    if os.environ.get("ANCHOR_MEAN"):  # --anchor-mean: the rows averaged into each anchor (the trade-off)
+        from exmap_ray.clustering import scale as clustering_scale
+        clustering_scale.ANCHOR_MEAN = int(os.environ["ANCHOR_MEAN"])
+
     H = np.load(path, mmap_mode="r")
     y = np.load(path.replace(".npy", "_y.npy"))
     cs = ClusteringSpec(method="spectral", k="auto", scope="global")
@@ -129,7 +139,8 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
         if case in ("spectral", "exact", "anchor"):
             clustering.scale.SCALE_MIN_N = {"spectral": clustering.scale.SCALE_MIN_N, "exact": 1 << 62, "anchor": 2}[case]
             labels, gi = pseudo_groups(H, y, cs, seed=0)
-            info = {"k": gi["scopes"]["global"]["k"], "route": gi["scopes"]["global"].get("route", "exact")}
+            info = {"k": gi["scopes"]["global"]["k"], "route": gi["scopes"]["global"].get("route", "exact"),
+                    "eig_3_5": "/".join(f"{v:.3f}" for v in gi["scopes"]["global"]["eigenvalues"][2:5])}
         elif case == "float16":
             labels, gi = pseudo_groups(float16_roundtrip(H), y, cs, seed=0)
             info = {"k": gi["scopes"]["global"]["k"], "route": gi["scopes"]["global"].get("route", "exact")}
@@ -163,9 +174,13 @@ def main():
     ap.add_argument("--sizes", default="10k,100k,1M", help="comma list of " + ",".join(SIZES))
     ap.add_argument("--cases", default="spectral,exact,anchor,kmeans8",
                     help="comma list: spectral, exact, anchor, kmeans8, knn_ivf, float16")
+    ap.add_argument("--data", default="heatmaps", choices=["heatmaps", "centres"],
+                    help="planted_heatmaps (a 1%% / 0.1%% minority) or planted_centres (issue 31)")
     ap.add_argument("--exact-max", type=int, default=300_000, help="skip exact above this N (quadratic)")
     ap.add_argument("--dir", default=None, help="where the memmaps go (default: a temporary folder)")
     ap.add_argument("--table", default=None, help="append the markdown table to this file")
+    ap.add_argument("--anchor-mean", type=int, default=None,
+                    help="rows averaged into each anchor (clustering_scale.ANCHOR_MEAN) for this run")
     ap.add_argument("--case", nargs=4, metavar=("CASE", "PATH", "N", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
@@ -174,15 +189,20 @@ def main():
 
     from sklearn.metrics import adjusted_rand_score
 
-    from exmap_ray.clustering.scale import planted_heatmaps
+    from exmap_ray.clustering.scale import planted_centres, planted_heatmaps
 
     tmp = tempfile.TemporaryDirectory(dir=a.dir)
     rows = []
     for size in a.sizes.split(","):
         n = SIZES[size]
         path = os.path.join(tmp.name, f"h{n}.npy")
-        H = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, 3, 7, 7))
-        _, truth = planted_heatmaps(n, minority=minority_for(n), seed=0, out=H)
+        shape = (n, 3, 7, 7) if a.data == "heatmaps" else (n, 147)
+        H = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        if a.data == "heatmaps":
+            _, truth = planted_heatmaps(n, minority=minority_for(n), seed=0, out=H)
+        else:
+            _, truth = planted_centres(n, seed=0, out=H)
+        minority = minority_for(n) if a.data == "heatmaps" else 0.01
         H.flush()
         del H
         np.save(path.replace(".npy", "_y.npy"), truth // 2)
@@ -191,14 +211,18 @@ def main():
             if case in ("exact", "knn_ivf", "float16") and n > a.exact_max:
                 continue
             out = os.path.join(tmp.name, f"l{n}_{case}.npy")
+            load0 = os.getloadavg()[0]
+            env = {**os.environ, **({"ANCHOR_MEAN": str(a.anchor_mean)} if a.anchor_mean else {})}
             r = subprocess.run([sys.executable, __file__, "--case", case, path, str(n), out], capture_output=True,
-                               text=True)
+                               text=True, env=env)
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
                 res = {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"}
             else:
                 res = json.loads(r.stdout.strip().splitlines()[-1])
-            res = {"n": size, "case": case, "minority": minority_for(n), "budget_mb": round((2 * n * 147 * 4) / 2**20 + 300), **res}
+            res = {"n": size, "data": a.data, "case": case, "minority": minority,
+                   **({"anchor_mean": a.anchor_mean} if a.anchor_mean else {}),
+                   "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}", "budget_mb": round((2 * n * 147 * 4) / 2**20 + 300), **res}
             if os.path.exists(out) and case != "kmeans8":
                 labels[case] = np.load(out)
                 res["ari_planted"] = round(float(adjusted_rand_score(truth, labels[case])), 4)
@@ -211,8 +235,9 @@ def main():
             print(json.dumps(res), flush=True)
             rows.append(res)
         os.remove(path)
-    cols = ["n", "case", "route", "k", "wall_s", "cpu_s", "peak_mb", "budget_mb", "ari_planted", "ari_vs_ref",
-            "worst_recovery", "minority", "recall", "graph_s", "eigsh_s", "error"]
+    cols = ["n", "data", "case", "route", "k", "wall_s", "cpu_s", "peak_mb", "budget_mb", "ari_planted",
+            "ari_vs_ref", "worst_recovery", "eig_3_5", "anchor_mean", "minority", "load", "recall", "graph_s",
+            "eigsh_s", "error"]
     cols = [c for c in cols if any(c in r for r in rows)]
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]

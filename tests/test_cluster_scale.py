@@ -6,9 +6,10 @@ from sklearn.metrics import adjusted_rand_score
 
 from exmap_ray import clustering
 from exmap_ray.clustering import kmeanspp_init
+from exmap_ray.clustering import scale as clustering_scale
 from exmap_ray.groups import pseudo_groups
 from exmap_ray.clustering.scale import (NearestAnchors, Rows, anchor_spectrum, float16_roundtrip, normalize_rows,
-                                        planted_heatmaps)
+                                        planted_centres, planted_heatmaps)
 from exmap_ray.selection import prepare_groupings, worst_over_groupings_halves
 from exmap_ray.spec import ClusteringSpec
 
@@ -60,6 +61,35 @@ def test_memmaps_and_shards_give_the_in_memory_answer(planted, tmp_path, monkeyp
         np.testing.assert_allclose(a["eigenvalues"], b["eigenvalues"], atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_k_and_groups_do_not_move_with_n(monkeypatch, seed):
+    """Issue 31: the same data at 4x the rows gives the same spectrum, k and groups (the anchors come from a
+    sample of fixed size, and the rows averaged into them do not vote). A 200-anchor budget keeps it fast;
+    from 20 x 200 rows on the budget, not N, sets the anchors, as from SCALE_MIN_N rows with 1,000."""
+    _route(monkeypatch, "anchor")
+    monkeypatch.setattr(clustering_scale, "N_ANCHORS", 200)
+    seen = []
+    for n in (10_000, 40_000):
+        X, truth = planted_centres(n, seed=seed)
+        labels, info = pseudo_groups(X, truth // 2, SPECTRAL, seed=0)
+        s = info["scopes"]["global"]
+        assert s["route"] == "anchor" and s["anchors"] >= 190
+        assert s["k"] == 2 and adjusted_rand_score(truth, labels) >= 0.99  # class x pattern, not a cluster split
+        seen.append(np.array(s["eigenvalues"][:6]))
+    np.testing.assert_allclose(seen[0], seen[1], atol=0.05)
+
+
+def test_k_does_not_move_with_n_at_the_default_budget():
+    """The same at the shipped settings, on rows that take the anchor route by their number alone."""
+    ks = []
+    for n in (60_000, 240_000):
+        X, truth = planted_centres(n, seed=0)
+        labels, info = pseudo_groups(X, truth // 2, SPECTRAL, seed=0)
+        assert info["scopes"]["global"]["route"] == "anchor" and adjusted_rand_score(truth, labels) >= 0.99
+        ks.append(info["scopes"]["global"]["k"])
+    assert ks == [2, 2]
+
+
 def test_rows_stream_subsets_and_normalise_like_the_whole(planted):
     H, _ = planted
     X = normalize_rows(H)
@@ -68,6 +98,11 @@ def test_rows_stream_subsets_and_normalise_like_the_whole(planted):
     np.testing.assert_array_equal(rows.take(idx), X[idx])
     np.testing.assert_array_equal(rows.subset(idx).materialize(), X[idx])
     np.testing.assert_array_equal(np.concatenate([c for _, c in rows.chunks(size=700)]), X)
+    spans = rows.spans(size=700)  # none across the shard boundary at 1000, so each is one read
+    assert (700, 1000) in spans and (1000, 1700) in spans and spans[-1][1] == len(X)
+    np.testing.assert_array_equal(rows.read(700, 1000), X[700:1000])
+    sub = rows.subset(np.arange(500, 1500))
+    np.testing.assert_array_equal(np.concatenate([sub.read(a, b) for a, b in sub.spans(size=300)]), X[500:1500])
     np.testing.assert_allclose(rows.mean(idx), X[idx].mean(0), rtol=1e-5)
 
 
