@@ -137,7 +137,8 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_SELF)
     with AnonPeak() as mem:
         if case in ("spectral", "exact", "anchor"):
-            clustering.scale.SCALE_MIN_N = {"spectral": clustering.scale.SCALE_MIN_N, "exact": 1 << 62, "anchor": 2}[case]
+            clustering.scale.SCALE_MIN_N = {"spectral": clustering.scale.SCALE_MIN_N, "exact": 1 << 62,
+                                            "anchor": 2}[case]
             labels, gi = pseudo_groups(H, y, cs, seed=0)
             info = {"k": gi["scopes"]["global"]["k"], "route": gi["scopes"]["global"].get("route", "exact"),
                     "eig_3_5": "/".join(f"{v:.3f}" for v in gi["scopes"]["global"]["eigenvalues"][2:5])}
@@ -147,7 +148,8 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
         elif case == "kmeans8":
             X = normalize_rows(H)
             labels = clustering.kmeans(X, 8, niter=25, nredo=3, seed=0)
-            info = {"k": 8, "route": "joint" if n >= clustering.scale.SCALE_MIN_N and not clustering.scale._faiss_gpu() else "faiss"}
+            info = {"k": 8, "route": "joint" if n >= clustering.scale.SCALE_MIN_N
+                    and not clustering.scale._faiss_gpu() else "faiss"}
         elif case == "knn_ivf":
             info = knn_ivf(normalize_rows(H), seed=0)
             labels = None
@@ -156,7 +158,8 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
     c1 = resource.getrusage(resource.RUSAGE_SELF)
     if labels is not None:
         np.save(out, labels)
-    return {"wall_s": round(time.time() - t0, 1), "cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1),
+    return {"wall_s": round(time.time() - t0, 1),
+            "cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1),
             "peak_mb": round((mem.peak - mem.base) / 2**20), **info}
 
 
@@ -166,7 +169,8 @@ def worst_recovery(pseudo: np.ndarray, truth: np.ndarray) -> float:
     n_true = int(truth.max()) + 1
     table = np.bincount(p.ravel() * n_true + truth, minlength=(p.max() + 1) * n_true).reshape(-1, n_true)
     owner = table.argmax(1)
-    return float(min((table[owner == g, g].sum() / table[:, g].sum()) for g in range(table.shape[1]) if table[:, g].sum()))
+    return float(min((table[owner == g, g].sum() / table[:, g].sum())
+                     for g in range(table.shape[1]) if table[:, g].sum()))
 
 
 def main():
@@ -222,7 +226,8 @@ def main():
                 res = json.loads(r.stdout.strip().splitlines()[-1])
             res = {"n": size, "data": a.data, "case": case, "minority": minority,
                    **({"anchor_mean": a.anchor_mean} if a.anchor_mean else {}),
-                   "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}", "budget_mb": round((2 * n * 147 * 4) / 2**20 + 300), **res}
+                   "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}",
+                   "budget_mb": round((2 * n * 147 * 4) / 2**20 + 300), **res}
             if os.path.exists(out) and case != "kmeans8":
                 labels[case] = np.load(out)
                 res["ari_planted"] = round(float(adjusted_rand_score(truth, labels[case])), 4)
@@ -244,7 +249,8 @@ def main():
     print("\n".join(md))
     if a.table:
         with open(a.table, "a") as f:
-            f.write(f"\n`python benchmarks/cluster_scale.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d %H:%M')} UTC, "
+            f.write(f"\n`python benchmarks/cluster_scale.py {' '.join(sys.argv[1:])}` "
+                    f"({time.strftime('%Y-%m-%d %H:%M')} UTC, "
                     f"load average {os.getloadavg()[0]:.1f} at the end)\n\n" + "\n".join(md) + "\n")
 
 

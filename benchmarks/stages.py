@@ -111,7 +111,8 @@ def core_figures(spec) -> None:
     with torch.no_grad():
         for _ in range(reps):
             model(x)
-    emit(core="forward_bound", backbone=spec.model.backbone, images_per_s=round(reps * len(x) / (time.perf_counter() - t0), 1))
+    emit(core="forward_bound", backbone=spec.model.backbone,
+         images_per_s=round(reps * len(x) / (time.perf_counter() - t0), 1))
 
     rng = np.random.default_rng(0)
     for n, d in ((3000, 147), (30000, 147), (30000, 2352), (200000, 147)):

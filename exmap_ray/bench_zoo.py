@@ -226,7 +226,8 @@ def format_report(by_family: dict, summary: list[dict], per_seed: list[dict], se
         cells = {r["row"]: r for r in rs}
         md.append(f"| {f} | " + " | ".join(_f(cells[n]["test_wga"]) if n in cells else "-" for n in rows) + " |")
     for f, rs in by_family.items():
-        md += ["", f"## {f}", "", "| row | test WGA | mean acc | worst recovery | pseudo groups |", "|---|---|---|---|---|"]
+        md += ["", f"## {f}", "", "| row | test WGA | mean acc | worst recovery | pseudo groups |",
+               "|---|---|---|---|---|"]
         for r in rs:
             md.append(f"| {r['row']} | {_f(r['test_wga'])} ± {_f(r.get('test_wga_std'))} | {_f(r['test_mean_acc'])} | "
                       f"{_f(r.get('worst_recovery'))} | {_f(r.get('n_groups')) if r.get('n_groups') else '-'} |")

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "experiment tagged exmap_ray.synced_from. Needs DIR/results.json; does "
                                     "nothing (exit 0) unless DIR/mlflow_pending.json says logging failed. For a "
                                     "sweep's folder (`exmap-ray tune --out`): the parent run with the summary, then "
-                                    "every trial whose logging failed, nested under the parent. For a bench's folder (`exmap-ray bench "
+                                    "every trial whose logging failed, nested under the parent. For a bench's "
+                                    "folder (`exmap-ray bench "
                                     "--out`, it holds bench.json): its run, with the spec and seeds as params, "
                                     "every row's mean and std and the bench files.")
     sy.add_argument("dir", metavar="DIR", help="the run's, sweep's or bench's output folder or storage URI (its --out)")
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--zoo", action="store_true",
                     help="the shortcut zoo: every family x seed, every row, one table per family and a summary "
                          "(OUT/zoo.md, zoo.json, zoo_wga.png); SPEC is not given")
-    bn.add_argument("--quick", action="store_true", help="with --zoo: the protocol's quick subset (<= 15 min on 2 cores)")
+    bn.add_argument("--quick", action="store_true",
+                    help="with --zoo: the protocol's quick subset (<= 15 min on 2 cores)")
     bn.add_argument("--families", default=None, help="with --zoo: comma-separated families (default: the protocol's)")
     bn.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                     help="with --zoo: one more ExMap row, each family's spec with these keys set (repeatable), "
@@ -127,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(sp)
 
     ds = sub.add_parser("datasets", help="list the registered datasets, or check one on disk",
-                        description="Without arguments: list the dataset names usable as dataset.name, each with its own "
+                        description="Without arguments: list the dataset names usable as dataset.name, each with its "
+                                    "own "
                                     "keys (valid only when dataset.name names it; `exmap-ray spec` gives reasons). "
                                     "`datasets check NAME --root PATH` verifies an on-disk dataset before a run: "
                                     "the folder layout, the index files, the count of images per split and "
@@ -338,7 +341,8 @@ def _check_resume(spec, out) -> None:
     moved = sorted(k for k in old if k in MOVED)  # the saved spec is flat JSON: its leaves
     if moved:
         raise UserError(f"--resume: the run in '{out}' was started before spec keys moved ({', '.join(moved[:4])}"
-                        f"{', ...' if len(moved) > 4 else ''}; `exmap-ray spec` shows where they are now), so its saved "
+                        f"{', ...' if len(moved) > 4 else ''}; `exmap-ray spec` shows where they are now), "
+                        f"so its saved "
                         f"spec cannot be compared; drop --resume and run again with the same --cache: every "
                         f"finished stage is reused (stage keys did not change)")
     if new.get("resources.gpu") == "auto":  # the saved spec holds what auto resolved to; it resolves again

@@ -10,8 +10,9 @@ stages, and Ray's own lines kept off the console unless asked for.
 
 Levels (`configure`, from the CLI): QUIET (warnings and the final table), NORMAL (also our INFO lines
 and the progress; other packages' INFO lines stay off), VERBOSE (also Ray's lines: its workers'
-output, Ray Train's per-report lines, Tune's tables; every package's INFO lines; logger names). Progress is a tqdm bar on stderr when stderr is a terminal, else
-one plain log line per step, so `--quiet` drops it as any INFO line. Progress is printed by the
+output, Ray Train's per-report lines, Tune's tables; every package's INFO lines; logger names).
+Progress is a tqdm bar on stderr when stderr is a terminal, else one plain log line per step, so
+`--quiet` drops it as any INFO line. Progress is printed by the
 driver: ERM's epochs come from rank 0 through a small mailbox actor (`Mailbox`), the heatmap
 shards and the sweep's trials are counted where the driver already waits for them.
 """

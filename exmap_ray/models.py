@@ -96,7 +96,8 @@ def find_weights(where: str, backbone: str | None = None) -> Path:
             return hit
         if backbone:
             repos = sorted(d for d in path.iterdir() if d.is_dir() and d.name.startswith("models--")
-                           and (d.name.split("--")[-1] == backbone or d.name.split("--")[-1].startswith(backbone + ".")))
+                           and (d.name.split("--")[-1] == backbone
+                                or d.name.split("--")[-1].startswith(backbone + ".")))
             looked.append(str(path / f"models--*--{backbone}[.*]"))
             if len(repos) > 1:
                 raise UserError(f"model.pretrained: '{path}' holds several hub caches for '{backbone}': "
@@ -143,7 +144,8 @@ def load_pretrained(model: nn.Module, where: str, backbone: str | None = None) -
     head_skipped = [k for k in sd if is_head(k) and (k not in own or sd[k].shape != own[k].shape)]
     sd = {k: v for k, v in sd.items() if k not in head_skipped}
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"'{k}' {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    shapes = [f"'{k}' {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+              for k in sd if k in own and sd[k].shape != own[k].shape]
     missing = [k for k in own if k not in sd and not is_head(k) and not k.endswith("num_batches_tracked")]
     if unexpected or shapes or missing:
         parts = []
@@ -153,7 +155,8 @@ def load_pretrained(model: nn.Module, where: str, backbone: str | None = None) -
             parts.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
         if shapes:
             parts.append(f"{len(shapes)} of another shape: {', '.join(shapes[:8])}")
-        raise UserError(f"model.pretrained: '{path}' does not fit timm '{model.default_cfg.get('architecture', type(model).__name__)}' "
+        raise UserError(f"model.pretrained: '{path}' does not fit timm "
+                        f"'{model.default_cfg.get('architecture', type(model).__name__)}' "
                         f"({'; '.join(parts)}). Is it the weights of another architecture than model.backbone?")
     model.load_state_dict(sd, strict=False)
     log.info("loaded pretrained weights from %s (%d tensors%s)", path, len(sd),

@@ -194,7 +194,8 @@ def evaluate_row(spec: Spec, data: GroupData, up: Upstream, source: str | None, 
             from .retrain.end_to_end import EndToEndModel
 
             if retrainer != spec.retrain.method or groups is not up.pseudo:
-                raise ValueError("an end-to-end row reads its stage: spec.retrain.method on the clusters stage's groups")
+                raise ValueError("an end-to-end row reads its stage: spec.retrain.method on the clusters "
+                                 "stage's groups")
             model: RetrainedModel = EndToEndModel(up.stages["end_to_end"].dir, val.y, groups, score_groups=score_groups)
         else:
             r = RETRAINERS.get(retrainer)
@@ -273,7 +274,8 @@ def format_table(results: dict) -> str:
     lines = [f"{'method':<30} {'test WGA':>9} {'mean acc':>9} {'train-weighted':>15}", "-" * 66]
     for name, r in rows:
         t = r["test"]
-        lines.append(f"{name:<30} {t['worst_group_acc']:>9.3f} {t['mean_acc']:>9.3f} {t['mean_acc_train_weighted']:>15.3f}")
+        lines.append(f"{name:<30} {t['worst_group_acc']:>9.3f} {t['mean_acc']:>9.3f} "
+                     f"{t['mean_acc_train_weighted']:>15.3f}")
     e = results["exmap"]
     lines += ["", f"pseudo groups: {e['n_groups']} (k per scope {e['k_chosen']}), sizes {e['pseudo_group_sizes']}",
               f"agreement with true val groups: ARI {e['ari']:.3f}, NMI {e['nmi']:.3f}, "

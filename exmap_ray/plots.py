@@ -102,9 +102,11 @@ def scatter_selection(rows: list[dict], metric: str, path: Path) -> None:
 
 def wga_vs_k(rows: list[dict], path: Path) -> None:
     """Test WGA per searched k (auto last), one line per clustering scope/method."""
-    ks = sorted({str(r["config.clustering.k"]) for r in rows}, key=lambda k: (k == "auto", int(k) if k.isdigit() else 0))
+    ks = sorted({str(r["config.clustering.k"]) for r in rows},
+                key=lambda k: (k == "auto", int(k) if k.isdigit() else 0))
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    series = sorted({(str(r.get("config.clustering.scope", "")), str(r.get("config.clustering.method", ""))) for r in rows})
+    series = sorted({(str(r.get("config.clustering.scope", "")), str(r.get("config.clustering.method", "")))
+                     for r in rows})
     for scope, method in series:
         xs, ys = [], []
         for i, k in enumerate(ks):

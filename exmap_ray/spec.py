@@ -83,7 +83,8 @@ class ModelSpec:
     pretrained: Optional[str] = opt(None, "local weights: a timm/torchvision state dict (.pth/.pt/.bin), a "
                                           ".safetensors file, a HF hub cache folder (models--timm--NAME) or a folder "
                                           "holding one weights file; never downloaded. null = train from scratch",
-                                    lambda v: None if v is None or v.strip() else "a path, or null to train from scratch")
+                                    lambda v: None if v is None or v.strip()
+                                    else "a path, or null to train from scratch")
 
 
 @dataclass
@@ -179,7 +180,8 @@ class ClusteringCommon:
                 "one crossing at a time (not with cross_spatial)", neutral="none")
     min_group_size: int = opt(5, "pseudo groups smaller than this merge into the nearest group of their class; "
                                  "DFR subsamples every group to the smallest, so tiny fragments starve it. "
-                                 "1 keeps every group, as the released ExMap does (with retrain.dfr.whole_group_max: 5)",
+                                 "1 keeps every group, as the released ExMap does (with "
+                                 "retrain.dfr.whole_group_max: 5)",
                               _positive)
 
     def __post_init__(self):

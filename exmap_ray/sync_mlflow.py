@@ -268,7 +268,8 @@ def sync_bench(out: Path, tracking_uri: str | None = None) -> dict:
         rid = active.info.run_id
         try:
             mlflow.set_tags({"exmap_ray.synced_from": redact(str(out)),
-                             "exmap_ray.sync_reason": f"MLflow failed mid-bench: {pending.get('failed', {}).get('call')}"})
+                             "exmap_ray.sync_reason":
+                                 f"MLflow failed mid-bench: {pending.get('failed', {}).get('call')}"})
             params = tracking.bench_params(spec, summary.get("seeds")) if spec else {}
             params = {k: v for k, v in params.items() if k not in have_params}
             tracking.log_flat_params(params)

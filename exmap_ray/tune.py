@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 ORACLE_METRIC = "oracle_val_worst_group_acc"
 SWEEP_METRIC = "sweep_worst_pseudo_group_acc"  # needs every trial: computed in the summary
 ATTEMPT_TAG = "exmap_ray.sweep_attempt"  # on a trial's MLflow run: which driver process started the trial
-COLUMNS = ["trial", "status", "selection_metric", "selection_se", SWEEP_METRIC, "val_worst_pseudo_group_acc", "val_worst_class_acc",
-           ORACLE_METRIC, "test_worst_group_acc", "test_mean_acc", "n_groups", "ari", "worst_recovery", "k_chosen"]
+COLUMNS = ["trial", "status", "selection_metric", "selection_se", SWEEP_METRIC, "val_worst_pseudo_group_acc",
+           "val_worst_class_acc", ORACLE_METRIC, "test_worst_group_acc", "test_mean_acc", "n_groups", "ari",
+           "worst_recovery", "k_chosen"]
 
 
 def trial_metrics(res: dict, metric: str) -> dict:
@@ -439,7 +440,8 @@ def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
     return {"label_free_choice": chosen, "label_free_top": top, "select": spec.search.select, "se": spec.search.se,
             "oracle_choice": oracle, "n_trials": len(rows), "n_failed": len(failed),
             "failed": failed, "rows": rows,
-            "gap_to_oracle": (oracle["test_worst_group_acc"] - chosen["test_worst_group_acc"]) if chosen and oracle else None}
+            "gap_to_oracle": (oracle["test_worst_group_acc"] - chosen["test_worst_group_acc"])
+            if chosen and oracle else None}
 
 
 def format_summary(summary: dict) -> str:

@@ -22,7 +22,8 @@ def blobs(sizes, d=6, seed=0, scales=None):
 def test_the_spec_validates_clustering_keys():
     assert from_dict({"clustering": {"method": "gmm", "input": "features"}}).clustering.input == "features"
     assert from_dict({}).clustering.input == "heatmaps"
-    with pytest.raises(SpecError, match=r"clustering.method': unknown clusterer 'gmn'. Registered: gmm, kmeans.*Did you mean 'gmm'\?"):
+    with pytest.raises(SpecError, match=r"clustering.method': unknown clusterer 'gmn'. Registered: gmm, kmeans"
+                                        r".*Did you mean 'gmm'\?"):
         from_dict({"clustering": {"method": "gmn"}})
     with pytest.raises(SpecError, match=r"clustering.input"):
         from_dict({"clustering": {"input": "logits"}})
@@ -58,7 +59,8 @@ def test_any_rows_cluster_into_class_by_cluster_groups():
     X, sub = blobs([70, 12, 70, 12], d=10, seed=5)
     y = np.array([0] * 82 + [1] * 82)
     for method in ("gmm", "kmeans_silhouette"):
-        groups, info = pseudo_groups(X, y, ClusteringSpec(method=method, scope="local", min_group_size=3, normalize=False), 0,
+        groups, info = pseudo_groups(X, y,
+                                     ClusteringSpec(method=method, scope="local", min_group_size=3, normalize=False), 0,
                                      what="features")
         assert info["n_groups"] == 4 and adjusted_rand_score(sub, groups) == pytest.approx(1.0)
         assert all(len(np.unique(y[groups == g])) == 1 for g in np.unique(groups))

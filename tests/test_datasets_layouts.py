@@ -220,7 +220,8 @@ def test_celeba_official_files_any_attribute_pair(tmp_path):
     assert d2.group_names[3] == "Smiling=1 Blond_Hair=1" and counts(d2.val) == [4, 4, 4, 4]
     assert np.array_equal(d2.val.y, np.tile([0, 1], 8))
     # the official download's own folders: Anno/, Eval/, Img/img_align_celeba/
-    for sub, name in (("Anno", "list_attr_celeba.txt"), ("Eval", "list_eval_partition.txt"), ("Img", "img_align_celeba")):
+    for sub, name in (("Anno", "list_attr_celeba.txt"), ("Eval", "list_eval_partition.txt"),
+                      ("Img", "img_align_celeba")):
         (root / sub).mkdir()
         (root / name).rename(root / sub / name)
     assert counts(build_dataset(dspec("celeba", root), 0).test) == [4, 4, 4, 4]
@@ -403,7 +404,8 @@ def uc_wrong_group_folder(root):
     d = root / "bg-0.5_co_occur_obj-0.5/test"
     (d / "obj-country_bg-urban_co_occur_obj-urban").rename(d / "obj-country_bg-urban_co-occur-obj-urban")
     return root, ["wrong folder name", "obj-country_bg-urban_co_occur_obj-urban/' not found, but",
-                  f"rename '{d / 'obj-country_bg-urban_co-occur-obj-urban'}' to '{d / 'obj-country_bg-urban_co_occur_obj-urban'}'"]
+                  f"rename '{d / 'obj-country_bg-urban_co-occur-obj-urban'}' "
+                  f"to '{d / 'obj-country_bg-urban_co_occur_obj-urban'}'"]
 
 
 def uc_empty_group(root):
@@ -429,8 +431,8 @@ FAULTS = [("waterbirds", f) for f in (wb_missing_file, wb_unreadable, wb_missing
                                   ca_missing_image)] + \
          [("metashift", f) for f in (ms_wrong_folder_name, ms_unreadable, ms_metadata_missing_column,
                                      ms_metadata_missing_file)] + \
-         [("urbancars", f) for f in (uc_wrong_ratio_folder, uc_missing_split, uc_wrong_group_folder, uc_empty_group, uc_parent_root,
-                                     uc_unreadable)]
+         [("urbancars", f) for f in (uc_wrong_ratio_folder, uc_missing_split, uc_wrong_group_folder, uc_empty_group,
+                                     uc_parent_root, uc_unreadable)]
 
 
 @pytest.mark.parametrize("name, fault", FAULTS, ids=[f.__name__ for _, f in FAULTS])
@@ -554,7 +556,8 @@ def test_loader_options_and_erm_schedule_come_from_the_spec():
     assert loader_options(auto) == {"num_workers": 0, "pin_memory": torch.cuda.is_available()}
     e = from_dict({"erm": {"optimizer": "sgd", "lr": 0.003, "momentum": 0.9, "lr_schedule": "cosine",
                            "epochs": 10}}).erm
-    assert [round(epoch_lr(e, i), 6) for i in (0, 5, 9)] == [0.003, 0.0015, round(0.0015 * (1 + math.cos(0.9 * math.pi)), 6)]
+    assert [round(epoch_lr(e, i), 6) for i in (0, 5, 9)] == [0.003, 0.0015,
+                                                            round(0.0015 * (1 + math.cos(0.9 * math.pi)), 6)]
     opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], e)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
     assert epoch_lr(from_dict({}).erm, 3) == from_dict({}).erm.lr  # the default: constant AdamW, as before
@@ -566,8 +569,10 @@ def test_missing_weights_stop_a_run_before_the_data_is_read(tmp_path, capsys, mo
     monkeypatch.setattr(cli, "ray_session", lambda address: (_ for _ in ()).throw(AssertionError("reached Ray")))
     decoded = tmp_path / "decoded"
     rc = main(["run", str(SPECS / "waterbirds.yaml"), "--out", str(tmp_path / "out"),
-               "--set", f"dataset.root={make_waterbirds(tmp_path / 'data')}", "--set", f"dataset.decode_cache={decoded}",
+               "--set", f"dataset.root={make_waterbirds(tmp_path / 'data')}",
+               "--set", f"dataset.decode_cache={decoded}",
                "--set", f"model.pretrained={tmp_path / 'hub' / 'models--timm--resnet50.tv_in1k'}"])
     err = capsys.readouterr().err
-    assert rc == 2 and f"model.pretrained: '{tmp_path / 'hub' / 'models--timm--resnet50.tv_in1k'}' does not exist" in err
+    assert rc == 2 and (f"model.pretrained: '{tmp_path / 'hub' / 'models--timm--resnet50.tv_in1k'}' "
+                        f"does not exist") in err
     assert not decoded.exists()  # nothing was verified or decoded first

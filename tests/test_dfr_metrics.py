@@ -102,7 +102,8 @@ def test_reweight_fits_every_point_weighted_by_its_group():
     ref = LogisticRegression(penalty="l1", C=model.C, solver="liblinear", random_state=0)
     ref.fit(X, yv, sample_weight=group_weights(gv))
     assert np.allclose(model.coef, ref.coef_, atol=1e-3) and np.allclose(model.intercept, ref.intercept_, atol=1e-3)
-    assert not np.allclose(model.coef, LogisticRegression(penalty="l1", C=model.C, solver="liblinear").fit(X, yv).coef_, atol=1e-2)
+    assert not np.allclose(model.coef, LogisticRegression(penalty="l1", C=model.C, solver="liblinear").fit(X, yv).coef_,
+                           atol=1e-2)
     assert model.heldout_idx.shape == (3, 400)  # the same held-out halves as subsampling's
     with pytest.raises(UserError, match=r"group 7 has 1 val member"):
         fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(c_grid=[1.0]), n_select_repeats=2), seed=0)

@@ -94,7 +94,8 @@ def test_run_folder_dataset_of_real_images(ray_local, tmp_path, folder_dataset):
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "clustering.kk=2"], "unknown spec key 'clustering.kk'. Did you mean 'k'?"),
-    (["--set", "heatmaps.method=shap"], "unknown heatmap method 'shap'. Registered: gradcam, input_x_gradient, integrated_gradients, lrp"),
+    (["--set", "heatmaps.method=shap"],
+     "unknown heatmap method 'shap'. Registered: gradcam, input_x_gradient, integrated_gradients, lrp"),
     (["--set", "model.backbone=resnet_999"], "'resnet_999' is not a timm model"),
     # the tiny spec's C-MNIST keys do not go with another dataset (test_bad_input: a folder root that is not there)
     (["--set", "dataset.name=folder", "--set", "dataset.root=/nonexistent"],

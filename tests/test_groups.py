@@ -212,7 +212,8 @@ def test_cross_spatial_refuses_what_it_cannot_sum():
                                                                                               cross_spatial="all")))
     assert adjusted_rand_score(plain, crossed) == pytest.approx(1.0)
     flat = ctx().heatmaps.reshape(len(ctx().y_val), -1)
-    with pytest.raises(UserError, match=r"needs heatmaps of shape \(N, channels, height, width\); these are \[\(32,\)\]"):
+    with pytest.raises(UserError,
+                       match=r"needs heatmaps of shape \(N, channels, height, width\); these are \[\(32,\)\]"):
         infer_groups("exmap", ctx(clustering=cspec, heatmaps=flat))
 
 

@@ -34,7 +34,8 @@ def test_timm_state_dict_loads_and_head_is_fresh(tmp_path, fmt):
     sd = {k: v.contiguous() for k, v in src.state_dict().items()}
     path = tmp_path / f"weights.{fmt}"
     if fmt == "pt":
-        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, path)  # a DDP training checkpoint
+        # a DDP training checkpoint
+        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, path)
     else:
         save_file(sd, str(path))
     model = create_model("test_resnet", 2, str(path))
@@ -80,7 +81,8 @@ def test_hub_cache_layouts_and_single_file_folders(tmp_path):
     torch.save(src.state_dict(), one / "test_resnet-in1k.pth")
     assert _same_backbone(create_model("test_resnet", 3, str(one)), src)
     torch.save(src.state_dict(), one / "other.pt")
-    with pytest.raises(UserError, match="holds 2 weight files \\(other.pt, test_resnet-in1k.pth\\); set model.pretrained"):
+    with pytest.raises(UserError,
+                       match="holds 2 weight files \\(other.pt, test_resnet-in1k.pth\\); set model.pretrained"):
         find_weights(str(one))
 
 

@@ -226,6 +226,7 @@ def test_dataset_contract(tmp_path, name):
             assert len(np.unique(s.y)) >= 2
     if entry.scan is not None:
         scan = entry.scan(dspec)
-        assert not scan.findings and len(scan.table["paths"]) == sum(len(data.split(s)) for s in ("train", "val", "test"))
+        assert not scan.findings and len(scan.table["paths"]) == sum(len(data.split(s))
+                                                                     for s in ("train", "val", "test"))
         report = check_dataset(dspec)
         assert report.ok and report.verified and report.n_images == len(scan.table["paths"])

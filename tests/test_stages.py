@@ -21,8 +21,8 @@ DEMO_KEYS = {
 # ablation's rule since, gamma 4 at 14x14; spelt out here, the pinned keys stay what they were)
 PAPER = ["heatmaps.conv_rule=alpha_beta", "heatmaps.gamma=0.25", "heatmaps.downsize=7"]
 # seed 1, k 4, GroupDRO end to end, and two execution-only keys changed (they stay out of every key)
-VARIANT = [*PAPER, "resources.gpu=false", "seed=1", "clustering.k=4", "retrain.method=groupdro", "retrain.mode=end_to_end",
-           "heatmaps.batch_size=7", "dataset.loader_workers=1"]
+VARIANT = [*PAPER, "resources.gpu=false", "seed=1", "clustering.k=4", "retrain.method=groupdro",
+           "retrain.mode=end_to_end", "heatmaps.batch_size=7", "dataset.loader_workers=1"]
 VARIANT_KEYS = {"erm": "10a476b90ce1", "features": "a269a48e11e5", "heatmaps": "f73cb48e6b53",
                 "clusters": "f2e24f363595", "end_to_end": "58da8fb6fe4c"}
 
@@ -53,7 +53,8 @@ def test_a_key_added_later_enters_the_hash_only_away_from_its_default(tmp_path):
         "erm": True, "features": True, "heatmaps": False, "clusters": False}
     # groups.merge_easy (added later too) changes the clusters stage alone
     keys = {n: s.key for n, s in stage_keys(load_spec("cmnist", [*PAPER, "resources.gpu=false",
-                                                                "groups.merge_easy=true"]), StageCache(tmp_path)).items()}
+                                                                "groups.merge_easy=true"]),
+                                            StageCache(tmp_path)).items()}
     assert {n: keys[n] == DEMO_KEYS["cpu"][n] for n in keys} == {
         "erm": True, "features": True, "heatmaps": True, "clusters": False}
     # so does clustering.cross_spatial; none (its default) leaves every key as pinned
@@ -95,7 +96,8 @@ def test_a_sweeps_shared_upstream_follows_the_graph(searched, shared):
 def test_end_to_end_is_shared_only_when_it_runs():
     e2e = load_spec("cmnist", ["resources.gpu=false", "retrain.method=jtt", "retrain.mode=end_to_end"])
     assert shared_stages(e2e, ["retrain.dfr.c_grid"])[-1] == "end_to_end"
-    assert shared_stages(e2e, ["retrain.groupdro.batch_size"])[-1] == "end_to_end"  # the last layer's, not the fine-tune's
+    # the last layer's, not the fine-tune's
+    assert shared_stages(e2e, ["retrain.groupdro.batch_size"])[-1] == "end_to_end"
     for key in ("retrain.end_to_end.lr", "retrain.end_to_end.batch_size", "retrain.jtt.upweight", "retrain.method"):
         assert "end_to_end" not in shared_stages(e2e, [key]), key
 

@@ -91,7 +91,8 @@ def test_sweep_nests_trials_shares_upstream_and_summarizes(tiny_run, tmp_path, c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0
     chosen, oracle, top = summary["label_free_choice"], summary["oracle_choice"], summary["label_free_top"]
-    assert summary["select"] == "one_se" and top["selection_metric"] == max(r["selection_metric"] for r in summary["rows"])
+    assert summary["select"] == "one_se" and top["selection_metric"] == max(r["selection_metric"]
+                                                                             for r in summary["rows"])
     assert top["selection_se"] >= 0  # the one-SE rule: within the top score's noise, the fewest pseudo groups
     band = [r for r in summary["rows"] if r["selection_metric"] >= top["selection_metric"] - top["selection_se"]]
     assert chosen["trial"] in {r["trial"] for r in band}
@@ -112,7 +113,8 @@ def test_sweep_nests_trials_shares_upstream_and_summarizes(tiny_run, tmp_path, c
     parent = client.get_run(summary["mlflow_parent_run_id"])
     assert parent.data.params["model.backbone"] == "test_resnet"
     assert "label_free_choice.test_worst_group_acc" in parent.data.metrics
-    assert {"summary.csv", "summary.md", "wga_vs_selection_metric.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.md", "wga_vs_selection_metric.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
     kids = _children(client, parent.info.run_id)
     assert len(kids) == 4 and {k.info.run_name for k in kids} == {r["trial"] for r in summary["rows"]}
     for k in kids:

@@ -120,7 +120,8 @@ def report(rows: list[dict], seeds: list[int]) -> str:
     lines += ["\n### The rule (each level against the shipped one, the others shipped, input heatmaps)\n",
               "| factor level | cmnist_multi mean change | seeds better | cmnist mean change | change the default? |",
               "|---|---|---|---|---|"]
-    levels = [("conv rule gamma 4", "gamma4", "heatmaps", "shipped"), ("heatmap size 14", "size14", "heatmaps", "shipped"),
+    levels = [("conv rule gamma 4", "gamma4", "heatmaps", "shipped"),
+              ("heatmap size 14", "size14", "heatmaps", "shipped"),
               ("both of these together (confirmation, after the rule)", "gamma4_size14", "heatmaps", "shipped"),
               ("ERM best val acc", "best_ckpt", "heatmaps", "shipped"),
               ("released small-group handling", "default", "heatmaps", "released"),

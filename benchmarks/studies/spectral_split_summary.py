@@ -20,10 +20,12 @@ for p in sorted(glob.glob(f'{root}/*/results.json')):
         continue
     r = json.load(open(p))
     e, o = r['exmap'], r['oracle_dfr']
-    rows.setdefault((tag, method), []).append((int(seed[1:]), e['test']['worst_group_acc'], o['test']['worst_group_acc'],
+    rows.setdefault((tag, method), []).append((int(seed[1:]), e['test']['worst_group_acc'],
+                                              o['test']['worst_group_acc'],
                                               e['n_groups'], round(e['worst_recovery'], 2)))
 for (tag, method), v in sorted(rows.items()):
     v.sort()
-    print(f"{tag:6s} {method:24s} WGA " + " / ".join(f"{x[1]:.3f}" for x in v) + f"  mean {st.mean(x[1] for x in v):.3f}"
+    print(f"{tag:6s} {method:24s} WGA " + " / ".join(f"{x[1]:.3f}" for x in v)
+          + f"  mean {st.mean(x[1] for x in v):.3f}"
           f"  oracle " + " / ".join(f"{x[2]:.3f}" for x in v) + f" mean {st.mean(x[2] for x in v):.3f}"
           f"  groups {[x[3] for x in v]}  worst recovery {[x[4] for x in v]}")

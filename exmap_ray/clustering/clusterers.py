@@ -18,8 +18,8 @@ Nothing here is specific to heatmaps: the same call clusters penultimate
 features (`clustering.input: features`, or the `features` group source).
 
 A scope of `SCALE_MIN_N` points or more, given as `Rows`, takes the scalable route for `spectral`
-(and `kmeans`'s k = auto): the anchor-graph spectrum of scale.py, streamed in chunks, never a whole copy. Below it the exact path runs
-unchanged (docs/cluster_scale.md has the measured agreement and times).
+(and `kmeans`'s k = auto): the anchor-graph spectrum of scale.py, streamed in chunks, never a whole copy.
+Below it the exact path runs unchanged (docs/cluster_scale.md has the measured agreement and times).
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def _eigengap(X: np.ndarray, cspec, info: dict):
 
 @CLUSTERERS.register("spectral")
 def spectral_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
-    """The paper: kNN graph, normalised Laplacian, k by eigengap (k=auto), k-means on the row-normalised eigenvectors."""
+    ("""The paper: kNN graph, normalised Laplacian, k by eigengap (k=auto), k-means on the row-normalised """
+     """eigenvectors.""")  # one docstring line, kept whole: its first line is the clusterer's summary
     info: dict = {}
     k, V = _eigengap(X, cspec, info)
     check_k(k, len(X))
@@ -114,7 +115,8 @@ def spectral_split_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray
         labels, sub = spectral_clusters(X[idx], cspec if depth == 0 else auto, s)
         w, k = sub["eigenvalues"], sub["k"]
         gap = (w[k] - w[k - 1]) / max(w[k], 1e-12) if k < len(w) else None  # (a set k beyond the spectrum)
-        if depth > 0 and (gap is None or gap < cspec.split_gap or np.bincount(labels, minlength=k).min() < cspec.split_min_size // 2):
+        if depth > 0 and (gap is None or gap < cspec.split_gap
+                          or np.bincount(labels, minlength=k).min() < cspec.split_min_size // 2):
             parts.append(idx)
             return
         splits.append({"depth": depth, "n": int(len(idx)), "k": int(k), "gap": None if gap is None else round(gap, 6)})

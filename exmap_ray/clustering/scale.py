@@ -43,8 +43,10 @@ from threadpoolctl import threadpool_limits
 
 from . import device
 
-SCALE_MIN_N = 50_000  # at or above this many points a scope takes the anchor path (the exact kNN graph costs ~7 s at 50k, 25 s at 100k)
-N_ANCHORS = 1000      # anchors: the eigenproblem is m x m; 1000 keeps a 0.1% minority's few anchors and costs ~O(N m d) to link
+# at or above this many points a scope takes the anchor path (the exact kNN graph costs ~7 s at 50k, 25 s at 100k)
+SCALE_MIN_N = 50_000
+# anchors: the eigenproblem is m x m; 1000 keeps a 0.1% minority's few anchors and costs ~O(N m d) to link
+N_ANCHORS = 1000
 ANCHOR_NN = 5         # anchors each row links to (r); more blurs small groups into their neighbours
 ANCHOR_SAMPLE = 50    # rows sampled per anchor to pick the anchors from (50k for 1000 anchors)
 ANCHOR_MIN_ROWS = 5   # an anchor fewer sampled rows are nearest to is dropped (D^2 seeding also picks outliers)

@@ -69,7 +69,8 @@ class Split:
     images: Dataset          # item i -> float tensor (C, H, W); no labels, so nothing leaks
     y: np.ndarray            # class labels, int64
     group: np.ndarray        # true group, int64: evaluation only
-    attrs: dict = field(default_factory=dict)  # name -> per-sample attribute array (e.g. UrbanCars 'bg'): evaluation only
+    # name -> per-sample attribute array (e.g. UrbanCars 'bg'): evaluation only
+    attrs: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.y)

@@ -116,7 +116,8 @@ def read_attributes(path: Path, scan: Scan) -> tuple[list[str], list[str], np.nd
         files.append(row[0])
         vals.append(v)
     if bad:
-        shown = ", ".join(map(str, bad[:MAX_LISTED])) + (f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
+        shown = ", ".join(map(str, bad[:MAX_LISTED])) + (f" and {len(bad) - MAX_LISTED} more"
+                                                          if len(bad) > MAX_LISTED else "")
         scan.add("bad attribute line", f"'{path}': line(s) {shown} do not hold a file name and {len(names)} "
                  f"values of -1/1", f"restore {path.name} from {SOURCE}")
         return None

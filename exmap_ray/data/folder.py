@@ -46,7 +46,8 @@ def _columns(header: list[str], spurious: tuple, source: str, scan: Scan, meta: 
     """Each missing column is a finding (with the near name to rename, if any); returns the spurious column."""
     s_col = next((c for c in spurious if c in header), None)
     others = [h for h in header if h not in ("img_filename", "y", "split") + spurious]
-    for names in [(c,) for c in ("img_filename", "y", "split") if c not in header] + ([spurious] if s_col is None else []):
+    for names in [(c,) for c in ("img_filename", "y", "split") if c not in header] + (
+            [spurious] if s_col is None else []):
         label = " or ".join(f"'{n}'" for n in names)
         near = next(((n, x) for x in names if (n := near_name(x, others))), None)
         fix = (f"rename the column '{near[0]}' to '{near[1]}' in the first line of {meta}" if near else
@@ -116,7 +117,8 @@ def scan_metadata_csv(scan: Scan, root: Path, source: str = SOURCE, values: dict
             "n_classes": int(y.max()) + 1, "spurious": s}
 
 
-@DATASETS.register("folder", on_disk=True, transforms=RESIZE)  # a plain resize for every split, as before (docs/datasets.md)
+# a plain resize for every split, as before (docs/datasets.md)
+@DATASETS.register("folder", on_disk=True, transforms=RESIZE)
 def scan_folder(dspec) -> Scan:
     """Any dataset in the group_DRO / Waterbirds layout: ROOT/metadata.csv and the images it lists."""
     root = require_root(dspec, "folder", "a folder with metadata.csv and the images")

@@ -118,7 +118,8 @@ def root_problem(scan: Scan, root: Path, marker: str, folder_name: Optional[str]
         return True
     the_folder = f"the '{folder_name}' folder" if folder_name else "the folder"
     if not root.is_dir():
-        scan.add("missing folder", f"dataset.root '{root}' " + ("is not a folder" if root.exists() else "does not exist"),
+        scan.add("missing folder",
+                 f"dataset.root '{root}' " + ("is not a folder" if root.exists() else "does not exist"),
                  f"set dataset.root to {the_folder} that holds {marker}")
         return False
     inner = find_below(root, marker)

@@ -96,7 +96,8 @@ def scan_metashift(dspec) -> Scan:
         files = sorted(d.glob("*.jpg"))
         if not files:
             others = sorted(p.name for p in d.iterdir())[:3]
-            scan.add("empty folder", f"'{d}/' holds no .jpg files" + (f" (it has {', '.join(others)})" if others else ""),
+            scan.add("empty folder",
+                     f"'{d}/' holds no .jpg files" + (f" (it has {', '.join(others)})" if others else ""),
                      f"re-extract {SOURCE}; the images are .jpg")
         paths += files
         ys += [y] * len(files)

@@ -124,7 +124,8 @@ class UrbanCarsKeys(RootKeys):
 
 @DATASETS.register("urbancars", keys=UrbanCarsKeys, on_disk=True)
 def scan_urbancars(dspec) -> Scan:
-    root = require_root(dspec, "urbancars", "the folder holding bg-0.95_co_occur_obj-0.95/ and bg-0.5_co_occur_obj-0.5/")
+    root = require_root(dspec, "urbancars",
+                        "the folder holding bg-0.95_co_occur_obj-0.95/ and bg-0.5_co_occur_obj-0.5/")
     scan = Scan(root)
     if not root.is_dir():
         scan.add("missing folder", f"dataset.root '{root}' is not a folder",

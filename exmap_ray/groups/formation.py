@@ -141,7 +141,8 @@ def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int, what: str = "h
     return groups, info
 
 
-def keep_hard_parts(y: np.ndarray, cluster_of: np.ndarray, part: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, int]:
+def keep_hard_parts(y: np.ndarray, cluster_of: np.ndarray, part: np.ndarray,
+                    correct: np.ndarray) -> tuple[np.ndarray, int]:
     """`cross_spatial: hard`: within each (class, cluster), the parts (ids in `part`) on which ERM's
     accuracy is at least its accuracy on the whole (class, cluster) become one part, id 0; the harder
     parts keep their own ids (shifted by 1). Returns the new part ids and how many parts were kept apart."""

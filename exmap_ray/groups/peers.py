@@ -3,11 +3,13 @@ here wrote (pip install 'exmap-ray[peers]', which pins spuco 2.0.3).
 
     groups, info = infer_groups("spuco_spare", ctx)     # any GroupContext with val_features / val_logits
 
-| source | SpuCo class | input (ERM model, val split) | its groups |
-|---|---|---|---|
-| spuco_george | GeorgeInference (Sohoni et al. 2020) | penultimate features | per class: UMAP to 2-D, GMM with k by silhouette over 2..clustering.k_max, then GEORGE's over-clustering |
-| spuco_spare | SpareInference (Yang et al. 2023) | softmax of the logits (as SpuCo's examples) | per class: k-means with k by silhouette over 2..clustering.k_max |
-| spuco_eiil | EIIL (Creager et al. 2021) | logits | two environments by EIIL's IRM-penalty maximisation; group = class x environment |
+Each source: its SpuCo class; its input (ERM model, val split); its groups.
+- spuco_george: GeorgeInference (Sohoni et al. 2020); penultimate features; per class: UMAP to 2-D,
+  GMM with k by silhouette over 2..clustering.k_max, then GEORGE's over-clustering
+- spuco_spare: SpareInference (Yang et al. 2023); softmax of the logits (as SpuCo's examples); per class:
+  k-means with k by silhouette over 2..clustering.k_max
+- spuco_eiil: EIIL (Creager et al. 2021); logits; two environments by EIIL's IRM-penalty maximisation;
+  group = class x environment
 
 SpuCo's CNC inference is not offered (it crashes inside spuco 2.0.3). SPARE's sampling powers and
 GEORGE's and EIIL's own retraining are not used: every peer feeds the same retrainer (DFR in `bench`),
@@ -101,7 +103,8 @@ def partition_to_clusters(partition: dict, n: int) -> np.ndarray:
     return cluster_of
 
 
-def finish_groups(X: np.ndarray, y: np.ndarray, cluster_of: np.ndarray, min_size: int, extra: dict) -> tuple[np.ndarray, dict]:
+def finish_groups(X: np.ndarray, y: np.ndarray, cluster_of: np.ndarray, min_size: int,
+                  extra: dict) -> tuple[np.ndarray, dict]:
     """Merge small (class, cluster) pairs as every clustering source does; dense class x cluster ids."""
     cluster_of, merges = merge_small(np.asarray(X, np.float32), y, cluster_of, min_size)
     return class_by_cluster(y, cluster_of), {**extra, "merged": merges}

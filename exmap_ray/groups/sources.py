@@ -11,8 +11,9 @@ one per val point, and a JSON-able dict (always with `source`, `n_groups` and `s
 `features` (GEORGE-style: the same clusterer on penultimate features, each class apart),
 `jtt_error_set` (group = 2 y + [ERM is wrong], JTT's error set), `random` (random groups per class:
 a sanity floor) and `true` (the oracle); with the `peers` extra, SpuCo's GEORGE, SPARE and EIIL
-(`spuco_george`, `spuco_spare`, `spuco_eiil`: groups/peers.py, registered by plugins.py). The true val groups reach the oracle only: `infer_groups`
-hands every other source a context with `true_groups` removed, so no baseline can peek at them.
+(`spuco_george`, `spuco_spare`, `spuco_eiil`: groups/peers.py, registered by plugins.py). The true val
+groups reach the oracle only: `infer_groups` hands every other source a context with `true_groups`
+removed, so no baseline can peek at them.
 """
 from __future__ import annotations
 

@@ -134,7 +134,8 @@ class HeatmapShards:
         return [self._shard(s, scaled=not normalized) for s in self.index["shards"]]
 
     def load(self) -> np.ndarray:
-        return np.concatenate([np.asarray(a, np.float32) for a in self.shards()]) if self.index["shards"] else np.zeros(self.shape, np.float32)
+        return (np.concatenate([np.asarray(a, np.float32) for a in self.shards()]) if self.index["shards"]
+                else np.zeros(self.shape, np.float32))
 
     def preds(self) -> np.ndarray:
         return np.concatenate([load_npy(self.dir / s["pred_file"]) for s in self.index["shards"]])

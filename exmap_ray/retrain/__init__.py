@@ -12,8 +12,9 @@ The contract is `Retrainer` (a typing.Protocol). Each retrainer owns one spec se
 `retrain.<name>` (its `section`): the dataclass `keys` declares its keys beside its code (defaults,
 reasons, checks, default search ranges), and the spec makes the section from it. `config(spec)` hands
 it that section with the keys every retrainer shares (`retrain.n_select_repeats`, and
-`retrain.end_to_end` for a fine-tune) as one `RetrainConfig`. `fit` returns a `Head`: a linear head on penultimate features with the label-free
-selection surface (`chosen`, `heldout`, `heldout_idx`, `heldout_pred`). Evaluation reads any result,
+`retrain.end_to_end` for a fine-tune) as one `RetrainConfig`. `fit` returns a `Head`: a linear head on
+penultimate features with the label-free selection surface (`chosen`, `heldout`, `heldout_idx`,
+`heldout_pred`). Evaluation reads any result,
 last-layer or end-to-end, as a `RetrainedModel`: that surface plus `predictions(split)`, the labels
 of every point of a split (`LastLayerResult` for a head, `end_to_end.EndToEndModel` for the cached
 fine-tune). `groups` are any int ids; true groups are never needed, and every hyperparameter is

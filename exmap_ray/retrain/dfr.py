@@ -134,8 +134,9 @@ def _check_groups(y: np.ndarray, groups: np.ndarray) -> None:
 @RETRAINERS.register("dfr", keys=DfrKeys)
 def fit_dfr(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, dspec, seed: int,
             score_groups: dict[str, np.ndarray] | None = None) -> DFRModel:
-    """`dspec`: DFR's keys and retrain.n_select_repeats (a `RetrainConfig`). `score_groups` are extra groupings scored on the same held-out halves for analysis only
-    (e.g. the true groups); they never influence the choice of C."""
+    """`dspec`: DFR's keys and retrain.n_select_repeats (a `RetrainConfig`). `score_groups` are extra
+    groupings scored on the same held-out halves for analysis only (e.g. the true groups); they never
+    influence the choice of C."""
     _check_groups(y, groups)
     whole_max = getattr(dspec, "whole_group_max", 0)
     reweight = getattr(dspec, "balance", "subsample") == "reweight"

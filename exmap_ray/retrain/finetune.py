@@ -8,8 +8,9 @@ The given model is copied, never changed in place. Objectives: "groupdro" is Sag
 online GroupDRO (per batch: q_g <- q_g exp(eta l_g), normalise, descend sum_g q_g l_g); "upweight"
 is JTT's second stage, a per-sample weighted cross-entropy (weights, e.g. lambda_up on the error set,
 are passed in). SGD with momentum 0.9 and weight decay, as in both papers; BatchNorm in train mode.
-`finetune_with` reads the spec's `retrain.end_to_end` keys and the method's own (eta, upweight). Images are a torch Dataset of (C, H, W) tensors or
-an (N, C, H, W) tensor; labels and groups are numpy arrays. There is no hyperparameter selection
+`finetune_with` reads the spec's `retrain.end_to_end` keys and the method's own (eta, upweight).
+Images are a torch Dataset of (C, H, W) tensors or an (N, C, H, W) tensor; labels and groups are
+numpy arrays. There is no hyperparameter selection
 here: end-to-end runs are costly, so it is left to a sweep on the label-free held-out metrics.
 """
 from __future__ import annotations

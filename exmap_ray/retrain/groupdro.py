@@ -4,8 +4,9 @@
     pred = model.predict(test_features)
 
 A softmax linear head is trained on the frozen, standardised penultimate features of val by
-minibatch SGD (momentum 0.9, cosine-decayed step size, group-balanced batches). At every step the per-group mean losses l_g of the groups in the
-batch raise their weights, q_g <- q_g * exp(eta * l_g), q is renormalised, and the step descends
+minibatch SGD (momentum 0.9, cosine-decayed step size, group-balanced batches). At every step the
+per-group mean losses l_g of the groups in the batch raise their weights, q_g <- q_g * exp(eta * l_g),
+q is renormalised, and the step descends
 sum_g q_g l_g (+ weight decay / 2 * ||W||^2), so the worst group drives training. Its keys are the
 section `retrain.groupdro` (`GroupDROKeys`): eta, the number of passes `epochs`, the step size `lr`;
 the weight decay is chosen from `weight_decay_grid` by the worst *given*-group accuracy

@@ -44,7 +44,8 @@ try:
     seen["first"] = "no error"
 except UserError as e:
     seen["first"] = f"{type(e).__name__}: {e}"
-seen["after_fail"] = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".locks" not in str(p) and p != ballast)
+seen["after_fail"] = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                            if p.is_file() and ".locks" not in str(p) and p != ballast)
 seen["done_after_fail"] = stage.done
 ballast.unlink()
 info = cache.run(stage, lambda d: extract_with_actors(spec, ckpt, len(data.val), d))

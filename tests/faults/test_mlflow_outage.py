@@ -192,7 +192,8 @@ def test_server_killed_mid_run_then_sync(tiny_run, tmp_path, capfd, caplog):
         fresh = MlflowClient(other).get_run(new_id)
         assert fresh.info.status == "FINISHED" and fresh.data.tags["exmap_ray.synced_from"] == str(copy.resolve())
         assert MlflowClient(other).get_experiment(fresh.info.experiment_id).name == "tiny"
-        assert fresh.data.metrics["exmap.test.worst_group_acc"] == pytest.approx(results["exmap"]["test"]["worst_group_acc"])
+        assert fresh.data.metrics["exmap.test.worst_group_acc"] == pytest.approx(
+            results["exmap"]["test"]["worst_group_acc"])
 
         # the server comes back on the same db; sync needs no flags (the URI is in OUT/tracking.json)
         server.start()
@@ -298,7 +299,8 @@ def test_server_killed_mid_bench_keeps_every_result_then_sync(tiny_run, tmp_path
         summary = run_bench(from_dict(tiny_spec_dict()), [0], out, tiny_run[0] / "cache", server.uri)
         killer.join(timeout=5)
         assert killed.is_set() and summary["mlflow_pending"]
-        assert [r["row"] for r in summary["rows"]] == [name for name, *_ in ROWS + peer_rows()]  # peers: with SpuCo installed
+        # peers: with SpuCo installed
+        assert [r["row"] for r in summary["rows"]] == [name for name, *_ in ROWS + peer_rows()]
         for f in ("bench.md", "bench.csv", "bench.json", "bench_wga.png"):
             assert (out / f).stat().st_size > 0
         pending = json.loads((out / "mlflow_pending.json").read_text())
