@@ -14,8 +14,9 @@ the forward their heatmaps come from (heatmaps/method.py), and the features stag
 
 Each `StageDef` in `STAGES` names its inputs, the spec sections its key hashes, its compute
 function and where it runs. A stage's key is the hash of its name, those sections (less the
-execution-only keys, plus the resolved device) and its inputs' keys (`store.StageCache.stage`),
-so a change to a section recomputes that stage and everything downstream of it, and nothing else.
+execution-only keys, plus the resolved device and any values its `extra` computes from the spec)
+and its inputs' keys (`store.StageCache.stage`), so a change to a section recomputes that stage and
+everything downstream of it, and nothing else.
 `run_pipeline`, `bench`, the sweep's shared upstream (`shared_stages`) and the benchmarks derive
 from this table; a new stage is one entry here and its compute function.
 """
@@ -37,7 +38,7 @@ from .data.base import loader_options
 from .errors import DataError
 from .groups import GroupContext, infer_groups
 from .heatmaps.extract import HeatmapStore, extract_with_actors
-from .models import embed, load_checkpoint
+from .models import embed, load_checkpoint, resolved_precision
 from .resources import cpus_per_worker, resolve_resources, run_task, where_am_i
 from .spec import Spec, stage_seed
 from .storage import Loc
@@ -98,6 +99,8 @@ class StageDef:
     when: Optional[Callable[[Spec], bool]] = None  # the stage runs only for specs where this holds
     layout: int = 1                # bumped when the stage's files change, so a cache of the old files is never
                                    # read as the new; hashed only above 1 (the stages never bumped keep their keys)
+    extra: Optional[Callable[["Spec"], dict]] = None  # more of the spec its key hashes, as computed values
+    extra_keys: tuple[str, ...] = ()  # the dotted spec keys `extra` reads (`changes` answers for them)
 
     def applies(self, spec: Spec) -> bool:
         return self.when is None or self.when(spec)
@@ -147,6 +150,8 @@ def stage_config(sd: StageDef, spec: Spec) -> dict:
         config["device"] = device(spec)
     if sd.layout != 1:
         config["layout"] = sd.layout
+    if sd.extra is not None:
+        config.update(sd.extra(spec))
     return config
 
 
@@ -160,18 +165,28 @@ def _erm(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dic
 
 def features_task(spec_dict: dict, model_uri: str, out_uri: str) -> dict:
     """Penultimate features and logits of test, written under `out_uri` (a Ray task). Val's come from
-    the heatmaps stage, out of the forward its heatmaps come from."""
+    the heatmaps stage, out of the forward its heatmaps come from; test's from a forward in the same
+    precision (heatmaps.precision), so DFR fits on val and is scored on test features of one kind."""
     from .spec import from_dict
 
     spec = from_dict(spec_dict)
     data = build_dataset(spec.dataset, spec.seed)
     out = Loc.parse(out_uri)
     model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
-    f, logits = embed(model, data.test.images, device=device(spec),
+    f, logits = embed(model, data.test.images, device=device(spec), precision=spec.heatmaps.precision,
                       loader_kwargs=loader_options(spec.dataset, persistent=False))
     save_npy(out / "test_features.npy", f)
     save_npy(out / "test_logits.npy", logits)
     return {"dim": int(f.shape[1]), "splits": ["test"]}
+
+
+def features_precision_key(spec: Spec) -> dict:
+    """The features stage's precision, hashed only where it is not what 'auto' gives on this device:
+    the stage embedded test with 'auto' before it followed heatmaps.precision, so every key made then
+    (auto on either device, fp32 on the CPU, bf16 on a GPU) stays valid."""
+    dev = device(spec)
+    p = resolved_precision(dev, spec.heatmaps.precision)
+    return {} if p == resolved_precision(dev, "auto") else {"precision": p}
 
 
 def _features(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
@@ -261,7 +276,7 @@ STAGES: tuple[StageDef, ...] = (
              "Ray Train: erm.num_workers workers, 1 GPU or resources.worker_cpus CPUs each"),
     # layout 2: test only (val's features and logits moved to the heatmaps stage)
     StageDef("features", ("erm",), (), _features, "a Ray task: resources.task_cpus, 1 GPU when resources.gpu",
-             layout=2),
+             layout=2, extra=features_precision_key, extra_keys=("heatmaps.precision",)),
     # layout 2: each shard also holds the val features and logits of its forward
     StageDef("heatmaps", ("erm",), ("heatmaps",), _heatmaps,
              "a Ray actor pool: heatmaps.num_actors actors, 1 GPU each or CPU threads", flat=True, layout=2),
@@ -303,8 +318,15 @@ def sections_of(name: str) -> set[str]:
     return set(sd.sections).union(*(sections_of(i) for i in sd.inputs))
 
 
+def _inputs_of(name: str) -> set[str]:
+    """Every stage `name` reads, directly or through its inputs."""
+    return set(BY_NAME[name].inputs).union(*(_inputs_of(i) for i in BY_NAME[name].inputs))
+
+
 def changes(name: str, key: str) -> bool:
     """Whether a value of spec key `key` (dotted) enters stage `name`'s key."""
+    if key in BY_NAME[name].extra_keys or any(key in BY_NAME[i].extra_keys for i in _inputs_of(name)):
+        return True
     section, _, field = key.partition(".")
     if section == "retrain" and (field in UNHASHED_RETRAIN or field.partition(".")[0] in UNHASHED_RETRAIN):
         return False
