@@ -164,11 +164,16 @@ def load_pretrained(model: nn.Module, where: str, backbone: str | None = None) -
     return path
 
 
+def resolved_precision(device_type: str, precision: str) -> str:
+    """'bf16' or 'fp32': what a `precision` spec key means on a device ('auto': bf16 on CUDA only)."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device_type == "cuda") else "fp32"
+
+
 def autocast(device_type: str, precision: str = "fp32"):
     """The autocast context of a `precision` spec key: bf16 for 'bf16', and for 'auto' on CUDA; else none.
 
     'auto' keeps fp32 on the CPU, where bf16 is slower on most cores and the figures stay as they were."""
-    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+    if resolved_precision(device_type, precision) == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -14,8 +14,9 @@ the forward their heatmaps come from (heatmaps/method.py), and the features stag
 
 Each `StageDef` in `STAGES` names its inputs, the spec sections its key hashes, its compute
 function and where it runs. A stage's key is the hash of its name, those sections (less the
-execution-only keys, plus the resolved device) and its inputs' keys (`cache.StageCache.stage`),
-so a change to a section recomputes that stage and everything downstream of it, and nothing else.
+execution-only keys, plus the resolved device and any values its `extra` computes from the spec)
+and its inputs' keys (`cache.StageCache.stage`), so a change to a section recomputes that stage and
+everything downstream of it, and nothing else.
 `run_pipeline`, `bench`, the sweep's shared upstream (`shared_stages`) and the benchmarks derive
 from this table; a new stage is one entry here and its compute function.
 """
@@ -39,7 +40,7 @@ from .errors import DataError
 from .groups import GroupContext, infer_groups
 from .groups.formation import check_heatmaps
 from .heatmaps.extract import HeatmapShards, extract_with_actors
-from .models import embed, load_checkpoint
+from .models import embed, load_checkpoint, resolved_precision
 from .clustering.device import clustering_device
 from .resources import cpus_per_worker, resolve_resources, run_task, stage_device, where_am_i
 from .options import hashed
@@ -81,6 +82,8 @@ class StageDef:
     resources: str                 # where it runs, and the spec keys that size it (docs, logs)
     device: bool = True            # the key also hashes the resolved device (resources.gpu)
     when: Optional[Callable[[Spec], bool]] = None  # the stage runs only for specs where this holds
+    extra: Optional[Callable[["Spec"], dict]] = None  # more of the spec its key hashes, as computed values
+    extra_keys: tuple[str, ...] = ()  # the dotted spec keys `extra` reads (`changes` answers for them)
 
     def applies(self, spec: Spec) -> bool:
         return self.when is None or self.when(spec)
@@ -118,6 +121,8 @@ def stage_config(sd: StageDef, spec: Spec) -> dict:
     config = {s: section_config(spec, s) for s in sd.sections}
     if sd.device:
         config["device"] = device(spec)
+    if sd.extra is not None:
+        config.update(sd.extra(spec))
     return legacy.key_form(sd.name, config)
 
 
@@ -131,7 +136,8 @@ def _erm(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dic
 
 def features_task(spec_dict: dict, model_uri: str, out_uri: str) -> dict:
     """Penultimate features and logits of test, written under `out_uri` (a Ray task). Val's come from
-    the heatmaps stage, out of the forward its heatmaps come from."""
+    the heatmaps stage, out of the forward its heatmaps come from; test's from a forward in the same
+    precision (heatmaps.precision), so DFR fits on val and is scored on test features of one kind."""
     from .spec import from_dict
 
     spec = from_dict(spec_dict)
@@ -139,11 +145,20 @@ def features_task(spec_dict: dict, model_uri: str, out_uri: str) -> dict:
     data = build_dataset(spec.dataset, spec.seed)
     out = Loc.parse(out_uri)
     model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
-    f, logits = embed(model, data.test.images, device=dev,
+    f, logits = embed(model, data.test.images, device=dev, precision=spec.heatmaps.precision,
                       loader_kwargs=loader_options(spec.dataset, persistent=False, device=dev))
     save_npy(out / "test_features.npy", f)
     save_npy(out / "test_logits.npy", logits)
     return {"dim": int(f.shape[1]), "splits": ["test"], "placement": where_am_i(dev)}
+
+
+def features_precision_key(spec: Spec) -> dict:
+    """The features stage's precision, hashed only where it is not what 'auto' gives on this device:
+    the stage embedded test with 'auto' before it followed heatmaps.precision, so every key made then
+    (auto on either device, fp32 on the CPU, bf16 on a GPU) stays valid."""
+    dev = device(spec)
+    p = resolved_precision(dev, spec.heatmaps.precision)
+    return {} if p == resolved_precision(dev, "auto") else {"precision": p}
 
 
 def _features(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
@@ -238,7 +253,8 @@ STAGES: tuple[StageDef, ...] = (
              "Ray Train: erm.num_workers workers, 1 GPU or resources.worker_cpus CPUs each"),
     # layout 2: test only (val's features and logits moved to the heatmaps stage)
     StageDef("features", ("erm",), (), _features,
-             "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu"),
+             "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu",
+             extra=features_precision_key, extra_keys=("heatmaps.precision",)),
     # layout 2: each shard also holds the val features and logits of its forward
     StageDef("heatmaps", ("erm",), ("heatmaps",), _heatmaps,
              "a Ray actor pool: heatmaps.num_actors actors, 1/heatmaps.actors_per_gpu GPU each or CPU "
@@ -282,8 +298,15 @@ def sections_of(name: str) -> set[str]:
     return set(sd.sections).union(*(sections_of(i) for i in sd.inputs))
 
 
+def _inputs_of(name: str) -> set[str]:
+    """Every stage `name` reads, directly or through its inputs."""
+    return set(BY_NAME[name].inputs).union(*(_inputs_of(i) for i in BY_NAME[name].inputs))
+
+
 def changes(name: str, key: str) -> bool:
     """Whether a value of spec key `key` (dotted) enters stage `name`'s key."""
+    if key in BY_NAME[name].extra_keys or any(key in BY_NAME[i].extra_keys for i in _inputs_of(name)):
+        return True
     section, _, field = key.partition(".")
     if section == "retrain" and not legacy.retrain_key_hashed(field):
         return False

@@ -66,6 +66,45 @@ def test_a_key_added_later_enters_the_hash_only_away_from_its_default(tmp_path):
             "erm": True, "features": True, "heatmaps": True, "clusters": not changed}
 
 
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_features_follow_heatmaps_precision_and_hash_it_only_off_auto(tmp_path, device):
+    """Test's features are embedded in heatmaps.precision, as val's come from the heatmaps' forward. The
+    features key hashes it only where it is not what 'auto' gives on the device: the pinned keys stay."""
+    from exmap_ray.stages import changes
+
+    same = {"cpu": ("auto", "fp32"), "gpu": ("auto", "bf16")}[device]
+    other = {"cpu": "bf16", "gpu": "fp32"}[device]
+    for precision in (*same, other):
+        spec = load_spec("cmnist", [*PAPER, f"resources.gpu={device == 'gpu'}", f"heatmaps.precision={precision}"])
+        keys = {n: s.key for n, s in stage_keys(spec, StageCache(tmp_path), ["features"]).items()}
+        assert (keys["features"] == DEMO_KEYS[device]["features"]) == (precision in same), precision
+        assert keys["erm"] == DEMO_KEYS[device]["erm"]
+    assert changes("features", "heatmaps.precision") and changes("heatmaps", "heatmaps.precision")
+    assert not changes("erm", "heatmaps.precision")
+    assert "features" not in shared_stages(load_spec("cmnist"), ["heatmaps.precision"])
+
+
+def test_features_task_embeds_test_in_heatmaps_precision(tmp_path):
+    """heatmaps.precision bf16 on the CPU: the features stage's test features are a bf16 forward's."""
+    import numpy as np
+
+    from exmap_ray.data import build_dataset
+    from exmap_ray.models import create_model, embed, save_checkpoint
+    from exmap_ray.spec import from_dict
+    from exmap_ray.stages import features_task
+
+    from .conftest import tiny_spec_dict
+
+    model = create_model("test_resnet", 2).eval()
+    save_checkpoint(model, tmp_path / "model.pt")
+    spec = from_dict(tiny_spec_dict(heatmaps={"precision": "bf16"}, resources={"gpu": False}))
+    features_task(spec.to_dict(), str(tmp_path / "model.pt"), str(tmp_path / "out"))
+    got = np.load(tmp_path / "out" / "test_features.npy")
+    test = build_dataset(spec.dataset, spec.seed).test.images
+    np.testing.assert_array_equal(got, embed(model, test, precision="bf16")[0])
+    assert not np.array_equal(got, embed(model, test, precision="fp32")[0])
+
+
 def test_unresolved_device_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="resolve_resources"):
         stage_keys(load_spec("cmnist", ["resources.gpu=auto"]), StageCache(tmp_path))

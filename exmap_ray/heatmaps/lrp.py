@@ -40,7 +40,9 @@ rounding (checked in tests/test_heatmap_extraction.py).
 
 Mixed precision (`heatmaps.precision`): under bf16 autocast the convolutions
 and their transposes run in bf16, while every division by P, N or z and the
-relevance handed from layer to layer stay in fp32.
+relevance handed from layer to layer stay in fp32. Each convolution's output z
+then comes from the layer's own weight, stacked beside [w+, w-] (ConvRule), not
+from P + N rounded apart: measured on trained models in benchmarks/bf16_lrp.py.
 
 The composite is set by spec keys: `heatmaps.conv_rule` (alpha_beta | gamma),
 `heatmaps.alpha` / `heatmaps.beta` (alpha - beta must be 1, so relevance is
@@ -108,7 +110,8 @@ def _stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
 #   weights(a, b): the pair of weights that carries S back to an input of sign +, called with (w+, w-);
 #                  for the x- part the same function is called with (w-, w+),
 # and the input relevance is R_in = x+ * S (*)^T weights(w+, w-) + x- * S (*)^T weights(w-, w+).
-# Every division happens here, in fp32.
+# Every division happens here, in fp32. `z` is the layer's output, (B, groups, 1, C/groups, H, W): in fp32
+# P + N; under bf16 autocast a convolution of its own (see ConvRule), as P and N rounded apart lose it.
 
 
 def _pair_sign(device) -> torch.Tensor:
@@ -127,7 +130,7 @@ class AlphaBeta:
     def __init__(self, alpha: float, beta: float, eps: float):
         self.alpha, self.beta, self.eps = alpha, beta, eps
 
-    def coefficients(self, Rs, Zs):
+    def coefficients(self, Rs, Zs, z):
         # P >= 0 and N <= 0 always, so each is stabilised away from 0 by its own sign (N = 0 carries nothing)
         return Rs / (Zs + self.eps * _pair_sign(Zs.device))
 
@@ -146,9 +149,8 @@ class Gamma:
     def __init__(self, gamma: float, eps: float):
         self.gamma, self.eps = gamma, eps
 
-    def coefficients(self, Rs, Zs):
+    def coefficients(self, Rs, Zs, z):
         sign = _pair_sign(Zs.device)
-        z = Zs.sum(2, keepdim=True)
         S = Rs / (z + self.gamma * Zs + self.eps * sign)  # [R / (z + gamma P), R / (z + gamma N)]
         return torch.where(z * sign > 0, S, 0.0)  # the first where z > 0, the second where z < 0
 
@@ -160,7 +162,14 @@ class Gamma:
 class ConvRule(nn.Module):
     """A Conv2d whose backward pass is a conv rule; P and N come from one stacked convolution.
 
-    `nonneg_input`: the input comes out of a ReLU (x- = 0), so half of the work is skipped."""
+    `nonneg_input`: the input comes out of a ReLU (x- = 0), so half of the work is skipped.
+
+    Under bf16 autocast the output z is not P + N: P and N are rounded to bf16 apart, and where they
+    nearly cancel their sum keeps few correct digits (the features of a trained resnet10t came out 3.6%
+    off fp32, a plain bf16 forward's 1.4%). So the stacked convolution also carries the layer's own
+    weight, [w+, w-, w], and z comes out of it rounded once, as in a plain bf16 forward: 1.5 times the
+    forward convolution's work, none added to the backward (benchmarks/results/bf16_lrp.md). In fp32
+    nothing changes: z = P + N, as zennit computes it."""
 
     def __init__(self, conv: nn.Conv2d, rule, nonneg_input: bool):
         super().__init__()
@@ -178,10 +187,10 @@ class ConvRule(nn.Module):
             self.register_buffer("w_bwd_neg", self._stack(*rule.weights(wn, wp)), persistent=False)
         self._cast: dict = {}
 
-    def _stack(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Output channels in (groups, pair, C/groups) order, so grouped convolutions keep their blocks."""
+    def _stack(self, *parts: torch.Tensor) -> torch.Tensor:
+        """Output channels in (groups, part, C/groups) order, so grouped convolutions keep their blocks."""
         g = self.groups
-        return torch.stack([a.unflatten(0, (g, -1)), b.unflatten(0, (g, -1))], 1).flatten(0, 2)
+        return torch.stack([t.unflatten(0, (g, -1)) for t in parts], 1).flatten(0, 2)
 
     def pairs(self, z: torch.Tensor, n: int = 2) -> torch.Tensor:
         return z.unflatten(1, (self.groups, n, self.out_channels // self.groups))
@@ -194,6 +203,23 @@ class ConvRule(nn.Module):
         key = (name, dtype, t.device)
         if key not in self._cast:
             self._cast[key] = t.to(dtype)
+        return self._cast[key]
+
+    def low_precision(self, dtype: torch.dtype):
+        """The forward's weight and bias under autocast: [w+, w-, w] where the input is >= 0 (P, N and z in
+        one convolution), w alone for a signed input. Made at first use, once per dtype and device."""
+        w = self.conv.weight.detach()
+        key = ("low", dtype, w.device)
+        if key not in self._cast:
+            b = None if self.conv.bias is None else self.conv.bias.detach()
+            if self.nonneg:
+                W = self._stack(w.clamp(min=0), w.clamp(max=0), w)
+                b = None if b is None else self._stack(b.clamp(min=0), b.clamp(max=0), b)
+                if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+                    W = W.contiguous(memory_format=torch.channels_last)  # as the model's other weights
+            else:
+                W = w
+            self._cast[key] = (W.to(dtype), None if b is None else b.to(dtype))
         return self._cast[key]
 
     def conv2(self, x, w, b=None):
@@ -213,17 +239,24 @@ class _ConvRuleFn(torch.autograd.Function):
     def forward(ctx, x, layer: ConvRule):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else layer.w_fwd.dtype
-        if layer.nonneg:
-            Z = layer.conv2(x, layer.param("w_fwd", dtype), layer.param("b_fwd", dtype))
+        low = dtype != torch.float32  # z from a convolution of its own (ConvRule's docstring)
+        C, g = layer.out_channels, layer.groups
+        if layer.nonneg and low:  # one convolution: P, N and z, each rounded once
+            Z = layer.conv2(x, *layer.low_precision(dtype))
+            z = layer.pairs(Z, 3)[:, :, 2]
+        elif layer.nonneg:
+            Z, z = layer.conv2(x, layer.param("w_fwd", dtype), layer.param("b_fwd", dtype)), None
         else:
             Z = layer.conv2(x.clamp(min=0), layer.param("w_fwd", dtype), layer.param("b_fwd", dtype)) + \
                 layer.conv2(x.clamp(max=0), layer.param("w_fwd_neg", dtype))
+            z = layer.pairs(layer.conv2(x, *layer.low_precision(dtype)), 1)[:, :, 0] if low else None
         ctx.layer = layer
-        ctx.save_for_backward(x, Z)
-        # z = P + N, in fp32: under autocast the relevance handed between layers stays fp32. A new
-        # tensor, not a view of Z, so that an in-place ReLU after it is allowed
-        C = layer.out_channels
-        if layer.groups == 1:
+        ctx.save_for_backward(x, Z, None if z is None or layer.nonneg else z)
+        # in fp32, also under autocast: the relevance handed between layers stays fp32. A new tensor, not a
+        # view of Z, so that an in-place ReLU after it is allowed
+        if z is not None:
+            return z.flatten(1, 2).float()
+        if g == 1:
             return torch.add(Z[:, :C].float(), Z[:, C:])
         Zs = layer.pairs(Z)
         out = torch.empty((Z.shape[0], C, *Z.shape[2:]), dtype=torch.float32, device=Z.device)
@@ -232,9 +265,16 @@ class _ConvRuleFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, R):
-        x, Z = ctx.saved_tensors
+        x, Z, z_signed = ctx.saved_tensors
         layer = ctx.layer
-        S = layer.rule.coefficients(layer.pairs(R.float(), 1), layer.pairs(Z.float())).flatten(1, 3).to(Z.dtype)
+        C = layer.out_channels
+        if Z.shape[1] == 3 * C:  # [P, N, z] (low precision, input >= 0)
+            Z3 = layer.pairs(Z.float(), 3)
+            Zs, z = Z3[:, :, :2], Z3[:, :, 2:]
+        else:
+            Zs = layer.pairs(Z.float())
+            z = Zs.sum(2, keepdim=True) if z_signed is None else z_signed.float().unsqueeze(2)
+        S = layer.rule.coefficients(layer.pairs(R.float(), 1), Zs, z).flatten(1, 3).to(Z.dtype)
         if layer.nonneg:
             R_in = x * layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S)
         else:

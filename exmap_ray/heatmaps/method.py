@@ -13,7 +13,10 @@ its BatchNorm-folded, rule-wrapped copy of the model (the input of its classifie
 plain model's to float rounding in fp32.
 
 Under bf16 autocast (`heatmaps.precision` bf16, or auto on CUDA) they are those of the bf16
-forward, cast to fp32: about 3 significant digits, like the features stage's own on CUDA.
+forward, cast to fp32: about 3 significant digits. The features stage embeds test in the same
+precision (`heatmaps.precision`, stages.features_task), so val and test features are of one kind:
+both fp32, or both a bf16 forward's (LRP's wrapped convolutions then give each output rounded once,
+as a plain bf16 convolution does: heatmaps/lrp.py).
 """
 from __future__ import annotations
 
