@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -e '.[dev]' $(PINS)
 	touch $(STAMP)
 
-# Re-pin constraints.txt: a fresh venv with the newest versions pyproject.toml allows, frozen (run the
-# suite after it, and commit constraints.txt with the figures it gives).
+# Re-pin constraints.txt: a fresh venv with the newest versions pyproject.toml allows (with the peers and
+# dpe extras, so their pins are kept), frozen (run the suite after it, and commit constraints.txt with the
+# figures it gives).
 lock:
-	rm -rf .lock-venv && python3 -m venv .lock-venv && .lock-venv/bin/python -m pip install -q -e '.[dev]'
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q -e '.[dev,peers,dpe]'
 	{ grep '^#' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt && rm -rf .lock-venv
 

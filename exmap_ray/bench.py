@@ -7,8 +7,9 @@ and shared by every row. Each row is a group source (exmap_ray.groups) plus a re
 (exmap_ray.retrain) fitted on val; its groups are compared with the true val groups (ARI, the
 worst true group's recovery) and its predictions are scored on test. True groups enter only the
 oracle row and the evaluation. With the `peers` extra, SpuCo's GEORGE, SPARE and EIIL find the groups
-of three more rows (PEER_ROWS), fed to the same DFR. Writes OUT/bench.{md,csv,json} and a bar plot, and logs them with
-every row's mean metrics to one MLflow run.
+of three more rows (PEER_ROWS), fed to the same DFR; with the `dpe` extra, Diverse Prototypical Ensembles
+retrain on the same features without any group (DPE_ROWS). Writes OUT/bench.{md,csv,json} and a bar
+plot, and logs them with every row's mean metrics to one MLflow run.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 from . import plots, tracking
 from .console import tagged
 from .groups import GROUP_SOURCES
+from .retrain import RETRAINERS
 from .pipeline import evaluate_row, preflight, start_job
 from .resources import describe_environment, environment
 from .spec import Spec, from_dict
@@ -51,6 +53,11 @@ PEER_ROWS = [
     ("SpuCo SPARE + DFR", "spuco_spare", None, "dfr"),
     ("SpuCo EIIL + DFR", "spuco_eiil", None, "dfr"),
 ]
+# Diverse Prototypical Ensembles (retrain/dpe.py) without attribute labels: its own retraining on the same
+# frozen features, group = class (no group inferred, every choice by worst-class accuracy); with the dpe extra
+DPE_ROWS = [
+    ("DPE (no group labels)", "class", None, "dpe"),
+]
 # with --end-to-end: the ExMap groups of the spec's clustering, fine-tuning the whole network (retrain.end_to_end.*)
 E2E_ROWS = [
     ("ExMap + GroupDRO (end to end)", "exmap", None, "groupdro"),
@@ -62,6 +69,11 @@ METRICS = ["test_wga", "test_mean_acc", "ari", "worst_recovery"]
 def peer_rows() -> list[tuple]:
     """PEER_ROWS whose group source is registered (all with `pip install 'exmap-ray[peers]'`, else none)."""
     return [r for r in PEER_ROWS if r[1] in GROUP_SOURCES]
+
+
+def dpe_rows() -> list[tuple]:
+    """DPE_ROWS whose retrainer is registered (with `pip install 'exmap-ray[dpe]'`, else none)."""
+    return [r for r in DPE_ROWS if r[3] in RETRAINERS]
 
 
 def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = False,
@@ -78,10 +90,12 @@ def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = F
     if erm_envs is not None:
         erm_envs[spec.seed] = up.info["erm"].get("environment")
     rows = []
-    peers = peer_rows()
+    peers, dpe = peer_rows(), dpe_rows()
     if not peers:
         log.info("bench: no SpuCo peer rows (pip install 'exmap-ray[peers]' adds GEORGE, SPARE and EIIL)")
-    for name, source, scope, retrainer in ROWS + peers + (E2E_ROWS if end_to_end else []):
+    if not dpe:
+        log.info("bench: no DPE row (pip install 'exmap-ray[dpe]' adds Diverse Prototypical Ensembles)")
+    for name, source, scope, retrainer in ROWS + peers + dpe + (E2E_ROWS if end_to_end else []):
         with tagged(f"retrain: {name}, seed {spec.seed}"):  # the row's DFR / JTT / GroupDRO lines name it
             row = {"row": name, "seed": spec.seed, "groups": source or "", "retrain": retrainer or ""}
             if (name, source, scope, retrainer) in E2E_ROWS:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from exmap_ray.bench import E2E_ROWS, ROWS, format_per_seed, peer_rows, run_bench
+from exmap_ray.bench import E2E_ROWS, ROWS, dpe_rows, format_per_seed, peer_rows, run_bench
 from exmap_ray.data import build_dataset
 from exmap_ray.metrics import shortcut_gaps
 from exmap_ray.pipeline import format_table, run_pipeline
@@ -109,7 +109,8 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     env = json.loads((out / "bench.json").read_text())["environment"]
     assert env["driver"]["packages"]["torch"] == torch.__version__ == env["erm"]["0"]["packages"]["torch"]
     assert f"ERM trained with: torch {torch.__version__}, " in (out / "bench.md").read_text()
-    assert list(rows) == [name for name, *_ in ROWS + peer_rows() + E2E_ROWS]  # peers: with SpuCo installed
+    # peers: with SpuCo installed; DPE: with dpe installed
+    assert list(rows) == [name for name, *_ in ROWS + peer_rows() + dpe_rows() + E2E_ROWS]
     assert rows["oracle DFR (true groups)"]["ari"] == 1.0
     for r in rows.values():
         assert 0 <= r["test_wga"] <= r["test_mean_acc"] <= 1
@@ -120,7 +121,7 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     # with the run test's retrain keys (its groupdro.eta aside) both rows fine-tune here, once each
     assert new.count(("end_to_end", "computed")) == 2
     with open(out / "bench.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(ROWS) + len(peer_rows()) + len(E2E_ROWS)
+        assert len(list(csv.DictReader(f))) == len(ROWS) + len(peer_rows()) + len(dpe_rows()) + len(E2E_ROWS)
     md = (out / "bench.md").read_text()
     exmap = next(r for r in summary["per_seed"] if r["row"] == "ExMap global + DFR")
     assert f"| ExMap global + DFR | {exmap['test_wga']:.3f} ({exmap['n_groups']} groups, recovery " in md  # per seed

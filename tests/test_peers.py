@@ -14,7 +14,7 @@ from exmap_ray import plugins, registry
 from exmap_ray.errors import SpecError
 from exmap_ray.groups import GROUP_SOURCES, GroupContext, infer_groups
 from exmap_ray.metrics import agreement
-from exmap_ray.groups.peers import PEER_SOURCES, eiil, finish_groups, partition_to_clusters, spuco_installed
+from exmap_ray.groups.peers import PEER_SOURCES, _spuco, eiil, finish_groups, partition_to_clusters, spuco_installed
 from exmap_ray.spec import ClusteringSpec, from_dict
 
 assert plugins
@@ -61,6 +61,20 @@ def test_partition_to_clusters_checks_coverage():
         partition_to_clusters({(0, 0): [0, 1]}, 3)
     with pytest.raises(ValueError, match="val point 1 in two groups"):
         partition_to_clusters({(0, 0): [0, 1], (1, 0): [1, 2]}, 3)
+
+
+@needs_spuco
+def test_spuco_imports_without_wilds_asking_pypi_for_its_version():
+    """SpuCo imports wilds, whose import would start a thread that asks PyPI whether wilds is outdated;
+    peers imports SpuCo with that check off (wilds finds no `outdated`), and `outdated` is importable after."""
+    import importlib
+    import sys
+
+    if "wilds" in sys.modules and "spuco" not in sys.modules:
+        pytest.skip("wilds was imported before SpuCo in this process, not through peers")
+    _spuco()
+    assert sys.modules["wilds.version"].check_outdated is None  # no version-check thread was started
+    assert importlib.import_module("outdated") is not None  # hidden only while SpuCo imported
 
 
 @needs_spuco

@@ -79,9 +79,11 @@ def test_retrainer_contract(name):
     """fit(feats, y, groups, config(spec), seed) -> a head whose predict gives class labels; modes name
     the retrain.mode values it takes, and an end-to-end mode comes with a finetune."""
     X, y, sub = blobs(n_per=40)
+    # with the dpe extra: a covariance weight for 6-d features (its default suits 2048-d ones)
+    small = {"dpe": {"n_members": 3, "epochs": 20, "cov_reg_grid": [10.0]}} if "dpe" in RETRAINERS else {}
     spec = from_dict({"retrain": {"n_select_repeats": 1, "dfr": {"c_grid": [1.0], "n_final_fits": 2},
                                   "groupdro": {"weight_decay_grid": [1e-2], "epochs": 2},
-                                  "jtt": {"weight_decay_grid": [1e-2]}}})
+                                  "jtt": {"weight_decay_grid": [1e-2]}, **small}})
     r = RETRAINERS.get(name)
     assert isinstance(r, Retrainer) and r.config(spec).own is getattr(spec.retrain, name)
     model = r.fit(X, y, sub, r.config(spec), 0)

@@ -30,6 +30,7 @@ import importlib.util
 import io
 import logging
 import random
+import sys
 
 import numpy as np
 
@@ -50,12 +51,28 @@ def spuco_installed() -> bool:
     return importlib.util.find_spec("spuco") is not None
 
 
+@contextlib.contextmanager
+def _no_version_check():
+    """Importing SpuCo imports wilds, whose import starts a thread asking PyPI for a newer wilds (the
+    `outdated` package). It fails quietly here only because setuptools >= 81 lacks pkg_resources; hiding
+    `outdated` while SpuCo first imports makes wilds skip the check, so nothing is fetched at run time."""
+    hide = "outdated" not in sys.modules and "wilds" not in sys.modules
+    if hide:
+        sys.modules["outdated"] = None  # `from outdated import ...` raises ImportError, which wilds expects
+    try:
+        yield
+    finally:
+        if hide and sys.modules.get("outdated", 0) is None:
+            del sys.modules["outdated"]
+
+
 def _spuco():
     """SpuCo's group_inference module and its set_seed, or a UserError saying how to get them."""
     try:
-        import spuco
-        from spuco import group_inference
-        from spuco.utils.random_seed import set_seed
+        with _no_version_check():
+            import spuco
+            from spuco import group_inference
+            from spuco.utils.random_seed import set_seed
     except ImportError as e:
         raise UserError(f"the SpuCo peers need spuco {SPUCO_VERSION}, which does not import here "
                         f"({type(e).__name__}: {e}); {INSTALL} installs it") from None

@@ -10,10 +10,11 @@ one per val point, and a JSON-able dict (always with `source`, `n_groups` and `s
 `both` the two side by side),
 `features` (GEORGE-style: the same clusterer on penultimate features, each class apart),
 `jtt_error_set` (group = 2 y + [ERM is wrong], JTT's error set), `random` (random groups per class:
-a sanity floor) and `true` (the oracle); with the `peers` extra, SpuCo's GEORGE, SPARE and EIIL
-(`spuco_george`, `spuco_spare`, `spuco_eiil`: groups/peers.py, registered by plugins.py). The true val
-groups reach the oracle only: `infer_groups` hands every other source a context with `true_groups`
-removed, so no baseline can peek at them.
+a sanity floor), `class` (group = class: no inference, for DPE's label-free row) and `true` (the
+oracle); with the `peers` extra, SpuCo's GEORGE, SPARE and EIIL (`spuco_george`, `spuco_spare`,
+`spuco_eiil`: groups/peers.py, registered by plugins.py). The true val groups reach the oracle only:
+`infer_groups` hands every other source a context with `true_groups` removed, so no baseline can peek
+at them.
 """
 from __future__ import annotations
 
@@ -171,6 +172,13 @@ def random_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
         idx = np.flatnonzero(ctx.y_val == c)
         cluster_of[rng.permutation(idx)] = np.arange(len(idx)) % k
     return class_by_cluster(np.asarray(ctx.y_val), cluster_of), {"k_per_class": int(k)}
+
+
+@GROUP_SOURCES.register("class")
+def class_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
+    """No group inference: group = class. For a retrainer that needs no groups (DPE without attribute
+    labels then chooses by worst-class accuracy); with DFR it is class-balanced retraining."""
+    return np.asarray(ctx.y_val, np.int64), {}
 
 
 @GROUP_SOURCES.register("true", needs=("true_groups",), oracle=True)

@@ -22,7 +22,7 @@ chosen on the worst *given*-group accuracy.
 """
 from __future__ import annotations
 
-from . import dfr, groupdro, jtt  # noqa: F401  (register)
+from . import dfr, dpe, groupdro, jtt  # noqa: F401  (register; dpe only where the dpe extra is installed)
 from .base import RETRAINERS, FunctionRetrainer, Head, LastLayerResult, RetrainedModel, Retrainer
 from .common import LastLayerModel
 from .config import RetrainConfig

@@ -288,7 +288,7 @@ def test_server_killed_mid_bench_keeps_every_result_then_sync(tiny_run, tmp_path
 
     from exmap_ray import tracking
 
-    from exmap_ray.bench import ROWS, peer_rows, run_bench
+    from exmap_ray.bench import ROWS, dpe_rows, peer_rows, run_bench
     from exmap_ray.spec import from_dict
 
     out = tmp_path / "bench"
@@ -299,8 +299,8 @@ def test_server_killed_mid_bench_keeps_every_result_then_sync(tiny_run, tmp_path
         summary = run_bench(from_dict(tiny_spec_dict()), [0], out, tiny_run[0] / "cache", server.uri)
         killer.join(timeout=5)
         assert killed.is_set() and summary["mlflow_pending"]
-        # peers: with SpuCo installed
-        assert [r["row"] for r in summary["rows"]] == [name for name, *_ in ROWS + peer_rows()]
+        # peers: with SpuCo installed; DPE: with dpe installed
+        assert [r["row"] for r in summary["rows"]] == [name for name, *_ in ROWS + peer_rows() + dpe_rows()]
         for f in ("bench.md", "bench.csv", "bench.json", "bench_wga.png"):
             assert (out / f).stat().st_size > 0
         pending = json.loads((out / "mlflow_pending.json").read_text())
