@@ -14,7 +14,7 @@ the heatmaps are computed once through the stage cache and shared by every row:
   and chosen the way `exmap-ray tune` chooses (tune.score_trials + tune.choose), with the sweep's best
   trial by test WGA beside it (for the gap between the pick and the best);
 - feature clustering, JTT's error set and random groups, each + its retrainer; SpuCo's GEORGE, SPARE and
-  EIIL where the `peers` extra is installed; any other row bench.extra_rows() offers.
+  EIIL where the `peers` extra is installed; DPE (no group labels) where the `dpe` extra is.
 
 Writes OUT/zoo.md (one table per family, then the summary: mean WGA, the gap to the oracle, the worst
 recovery and the mean rank per row), zoo.json, zoo_per_seed.json (written after every family and seed,
@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from . import plots
-from .bench import aggregate, peer_rows
+from .bench import aggregate, dpe_rows, peer_rows
 from .errors import UserError, did_you_mean
 from .pipeline import evaluate_row, preflight, start_job
 from .resources import resolve_resources
@@ -129,7 +129,7 @@ def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer,
     data = preflight(spec, check_model=False)
     up = compute_upstream(spec, data, cache, timer)
     rows = []
-    for name, source, retrainer in BASE_ROWS + [(n, s, r) for n, s, _, r in peer_rows()]:
+    for name, source, retrainer in BASE_ROWS + [(n, s, r) for n, s, _, r in peer_rows() + dpe_rows()]:
         r = evaluate_row(spec, data, up, source, retrainer)
         rows.append(_row(name, family, seed, r, source))
     shipped = evaluate_row(spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo,
