@@ -44,6 +44,7 @@ from .storage import write_json
 log = logging.getLogger(__name__)
 PROTOCOL = Path(__file__).with_name("zoo_protocol.yaml")
 ORACLE, SHIPPED_ROW, PICK_ROW = "oracle DFR (true groups)", "ExMap (shipped)", "ExMap (sweep pick)"
+PICK_VARIANTS = "ExMap (pick of variants)"  # the label-free choice among the shipped spec and --variant rows
 # (row, group source, retrainer) besides the ExMap rows; the label-free rows are every row but the oracle
 BASE_ROWS = [("ERM", None, None), (ORACLE, "true", "dfr"), ("feature clustering + DFR", "features", "dfr"),
              ("JTT (ERM error set)", "jtt_error_set", "jtt"), ("random groups + DFR", "random", "dfr")]
@@ -120,21 +121,44 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name.strip(), sets
 
 
-def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer,
-                variants: list[tuple[str, list[str]]] = (), sweep: bool = True) -> list[dict]:
-    """Every row of one family and seed, on one shared upstream; `variants` add ExMap rows with keys set."""
+def label_free_pick(results: list, spec: Spec, y: np.ndarray) -> tuple[int, int]:
+    """Among rows fitted on the same val (each a (Row, its val pseudo groups)), the one `exmap-ray tune`
+    would choose (spec.search's metric, select and se), and the one with the best test WGA: indices."""
     from .tune import choose, score_trials
 
+    scored, loaded = [], {}
+    for i, (r, pseudo) in enumerate(results):
+        m = r.model
+        loaded[i] = {"heldout_idx": m.heldout_idx, "heldout_pred": m.heldout_pred, "pseudo_groups": pseudo, "y": y}
+        scored.append({"trial": i, "status": "OK", "n_groups": int(r.group_info["n_groups"]),
+                       "val_worst_pseudo_group_acc": m.heldout["pseudo"], "val_worst_class_acc": m.heldout["class"]})
+    metric = spec.search.metric
+    if metric != "sweep_worst_pseudo_group_acc":  # the trial's own metric, as tune reports it
+        for r in scored:
+            r["selection_metric"] = r[metric]
+    score_trials(scored, loaded, metric, spec.search.se)
+    pick = choose(scored, spec.search.select)["trial"]
+    best = max(range(len(results)), key=lambda i: results[i][0].test["worst_group_acc"])
+    return pick, best
+
+
+def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer,
+                variants: list[tuple[str, list[str]]] = (), sweep: bool = True,
+                baselines: bool = True) -> list[dict]:
+    """Every row of one family and seed, on one shared upstream; `variants` add ExMap rows with keys set,
+    and a row "ExMap (pick of variants)": the label-free choice among the shipped spec and the variants."""
     spec = resolve_resources(load_spec(SHIPPED / f"{family}.yaml", [*sets, f"seed={seed}"]))
     data = preflight(spec, check_model=False)
     up = compute_upstream(spec, data, cache, timer)
     rows = []
-    for name, source, retrainer in BASE_ROWS + [(n, s, r) for n, s, _, r in peer_rows() + dpe_rows()]:
+    extra = [(n, s, r) for n, s, _, r in peer_rows() + dpe_rows()]
+    for name, source, retrainer in (BASE_ROWS + extra) if baselines else BASE_ROWS[:2]:
         r = evaluate_row(spec, data, up, source, retrainer)
         rows.append(_row(name, family, seed, r, source))
     shipped = evaluate_row(spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo,
                            group_info=up.info["clusters"])
     rows.insert(2, _row(SHIPPED_ROW, family, seed, shipped, spec.groups.source))
+    candidates = [(shipped, up.pseudo, "shipped")]
     for k, (vname, vsets) in enumerate(variants):
         v = dataclasses.replace(load_spec(SHIPPED / f"{family}.yaml", [*sets, *vsets, f"seed={seed}"]),
                                 resources=spec.resources)
@@ -142,32 +166,26 @@ def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer,
         r = evaluate_row(v, data, vup, v.groups.source, v.retrain.method, groups=vup.pseudo,
                          group_info=vup.info["clusters"])
         rows.insert(3 + k, _row(f"ExMap ({vname})", family, seed, r, v.groups.source, {"variant": ",".join(vsets)}))
+        candidates.append((r, vup.pseudo, vname))
+    if variants:
+        pick, best = label_free_pick([(r, g) for r, g, _ in candidates], spec, data.val.y)
+        rows.insert(3 + len(variants), _row(PICK_VARIANTS, family, seed, candidates[pick][0], spec.groups.source,
+                                            {"pick": candidates[pick][2], "sweep_best": candidates[best][2],
+                                             "sweep_best_wga": candidates[best][0].test["worst_group_acc"],
+                                             "n_trials": len(candidates)}))
     trials, words = sweep_trials(family, seed, sets) if sweep else ([], [])
     if trials:  # the label-free pick of the shipped sweep, chosen as `exmap-ray tune` chooses
-        scored, loaded, results = [], {}, {}
-        for i, (t, w) in enumerate(zip(trials, words)):
+        results = []
+        for t in trials:
             t = dataclasses.replace(t, resources=spec.resources)
             tup = compute_upstream(t, data, cache, timer, have=up)
-            tr = evaluate_row(t, data, tup, t.groups.source, t.retrain.method, groups=tup.pseudo,
-                              group_info=tup.info["clusters"])
-            m = tr.model
-            loaded[i] = {"heldout_idx": m.heldout_idx, "heldout_pred": m.heldout_pred, "pseudo_groups": tup.pseudo,
-                         "y": data.val.y}
-            scored.append({"trial": i, "status": "OK", "n_groups": int(tup.info["clusters"]["n_groups"]),
-                           "val_worst_pseudo_group_acc": m.heldout["pseudo"],
-                           "val_worst_class_acc": m.heldout["class"]})
-            results[i] = (tr, w)
-        metric = trials[0].search.metric
-        if metric != "sweep_worst_pseudo_group_acc":  # the trial's own metric, as tune reports it
-            for r in scored:
-                r["selection_metric"] = r[metric]
-        score_trials(scored, loaded, metric, trials[0].search.se)
-        pick = choose(scored, trials[0].search.select)
-        best = max(results.values(), key=lambda t: t[0].test["worst_group_acc"])
-        tr, w = results[pick["trial"]]
-        rows.insert(3, _row(PICK_ROW, family, seed, tr, "exmap",
-                            {"pick": w, "sweep_best_wga": best[0].test["worst_group_acc"], "sweep_best": best[1],
-                             "n_trials": len(trials)}))
+            results.append((evaluate_row(t, data, tup, t.groups.source, t.retrain.method, groups=tup.pseudo,
+                                         group_info=tup.info["clusters"]), tup.pseudo))
+        pick, best = label_free_pick(results, trials[0], data.val.y)
+        rows.insert(3 + len(variants) + bool(variants),
+                    _row(PICK_ROW, family, seed, results[pick][0], "exmap",
+                         {"pick": words[pick], "sweep_best_wga": results[best][0].test["worst_group_acc"],
+                          "sweep_best": words[best], "n_trials": len(trials)}))
     for r in rows:
         log.info("zoo %s seed %d: %-26s test WGA %.3f", family, seed, r["row"], r["test_wga"])
     return rows
@@ -231,15 +249,16 @@ def format_report(by_family: dict, summary: list[dict], per_seed: list[dict], se
         for r in rs:
             md.append(f"| {r['row']} | {_f(r['test_wga'])} ± {_f(r.get('test_wga_std'))} | {_f(r['test_mean_acc'])} | "
                       f"{_f(r.get('worst_recovery'))} | {_f(r.get('n_groups')) if r.get('n_groups') else '-'} |")
-        picks = [r for r in per_seed if r["family"] == f and r["row"] == PICK_ROW]
+        picks = [r for r in per_seed if r["family"] == f and r["row"] in (PICK_ROW, PICK_VARIANTS)]
         for p in picks:
-            md.append(f"\nseed {p['seed']}: the sweep picked `{p['pick']}` ({_f(p['test_wga'])}); its best trial by "
+            md.append(f"\nseed {p['seed']}, {p['row']}: picked `{p['pick']}` ({_f(p['test_wga'])}); the best by "
                       f"test WGA was `{p['sweep_best']}` ({_f(p['sweep_best_wga'])}), of {p['n_trials']} trials.")
     return "\n".join(md) + "\n"
 
 
 def run_zoo(families: list[str], seeds: list[int], out, cache_dir=None, tracking_uri: str | None = None,
-            sets: list[str] | None = None, variants: list[tuple[str, list[str]]] = (), sweep: bool = True) -> dict:
+            sets: list[str] | None = None, variants: list[tuple[str, list[str]]] = (), sweep: bool = True,
+            baselines: bool = True) -> dict:
     import time
 
     sets = list(sets or [])
@@ -251,7 +270,7 @@ def run_zoo(families: list[str], seeds: list[int], out, cache_dir=None, tracking
     for family in families:
         for seed in seeds:
             with timer(f"{family} seed {seed}"):
-                per_seed += family_seed(family, seed, sets, job.cache, timer, variants, sweep)
+                per_seed += family_seed(family, seed, sets, job.cache, timer, variants, sweep, baselines)
             done += 1
             log.info("zoo: %d of %d family-seeds done (%.1f min)", done, len(families) * len(seeds),
                      (time.perf_counter() - t0) / 60)
