@@ -19,6 +19,9 @@ from .errors import UserError
 from .storage import write_json
 
 log = logging.getLogger(__name__)
+# MLflow 3 sends usage telemetry to its own servers unless told not to: a run's only network traffic should
+# be to the tracking URI the user chose (set before mlflow is imported; a user's own setting wins)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 PENDING = "mlflow_pending.json"   # OUT/<this>: what a run could not log; removed by sync-mlflow
 INFO = "tracking.json"            # OUT/<this>: the URI, experiment and run id a run used
 # files in OUT logged as MLflow artifacts, by run_pipeline or later by sync-mlflow
