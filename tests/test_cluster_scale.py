@@ -204,15 +204,20 @@ def _cuda() -> bool:
         return False
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
-def test_gpu_nearest_anchors_match_the_cpu(planted):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")])])
+def test_gpu_nearest_anchors_match_the_cpu(planted, device):
+    """The GPU route's nearest-anchor search (clustering_device: FAISS's GPU build, else torch; on "cpu"
+    the torch route on the CPU, as under EXMAP_RAY_FAKE_CUDA) against FAISS's CPU search."""
     import faiss
+
+    from exmap_ray.clustering.device import clustering_device
 
     X = normalize_rows(planted[0])
     anchors = X[::50].copy()
-    gpu = NearestAnchors(anchors, 5)
-    assert gpu.torch is not None or not isinstance(gpu.index, faiss.IndexFlatL2)  # it did go to the GPU
+    with clustering_device(device):
+        gpu = NearestAnchors(anchors, 5)
+    assert gpu.torch is not None or not isinstance(gpu.index, faiss.IndexFlatL2)  # it took the GPU route
     cpu = faiss.IndexFlatL2(X.shape[1])
     cpu.add(anchors)
     D0, I0 = cpu.search(X, 5)
@@ -224,9 +229,12 @@ def test_gpu_nearest_anchors_match_the_cpu(planted):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 def test_gpu_anchor_route_matches_the_exact_path(planted, monkeypatch):
+    from exmap_ray.clustering.device import clustering_device
+
     H, truth = planted
     _route(monkeypatch, "anchor")
-    labels, info = pseudo_groups(H, truth // 2, SPECTRAL, seed=0)
+    with clustering_device("cuda:0"):  # as the clusters stage sets it on a GPU run
+        labels, info = pseudo_groups(H, truth // 2, SPECTRAL, seed=0)
     assert info["scopes"]["global"]["k"] == 4 and adjusted_rand_score(truth, labels) >= 0.99
 
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from exmap_ray.errors import UserError
-from exmap_ray.resources import FAKE_CUDA_ENV, mismatch_message, stage_device
+from exmap_ray.resources import FAKE_CUDA_ENV, GpuMismatchError, mismatch_message, stage_device
 from exmap_ray.spec import from_dict
 
 from .conftest import tiny_spec_dict
@@ -53,6 +53,7 @@ def test_a_gpu_torch_cannot_see_stops_the_run_with_exit_2_naming_it(tmp_path):
 
 
 def test_mismatch_message_names_a_cpu_build_and_a_missing_driver():
+    assert issubclass(GpuMismatchError, UserError)  # the CLI prints its message and exits 2
     msg = mismatch_message({"ip": "10.0.0.7", "host": "gpu-1", "node_id": "abc123", "torch": "2.14.1+cpu",
                             "torch_cuda": None, "driver": None}, ray_gpus=4)
     assert "node 10.0.0.7 (gpu-1" in msg and "Ray lists 4 GPU(s)" in msg and "CPU-only build" in msg

@@ -290,7 +290,8 @@ class HeatmapWorker:
             self.sampler.start, self.sampler.stop = start, stop
             maps, preds, feats, logits = extract_batches(self.method, self.loader, self.hspec.downsize,
                                                          self.device)
-        return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype, feats, logits)
+        return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype, feats,
+                           logits)
 
 
 def _extract_here(spec, checkpoint, ranges: list, out) -> tuple[list[dict], dict]:
@@ -304,6 +305,32 @@ def _extract_here(spec, checkpoint, ranges: list, out) -> tuple[list[dict], dict
     with ThreadPoolExecutor(SHARDS_IN_FLIGHT) as pool:
         entries = list(pool.map(lambda t: worker.run(*t), [(i, a, b) for i, (a, b) in enumerate(ranges)]))
     return entries, placement
+
+
+def actor_options(spec, n_shards: int) -> tuple[int, dict, int]:
+    """(actors, their Ray options, torch threads each) for a heatmaps stage of `n_shards` shards.
+
+    On a GPU run each actor asks 1/heatmaps.actors_per_gpu of a GPU; without heatmaps.num_actors there are
+    actors_per_gpu per GPU the run asked for (erm.num_workers, what resources.gpu auto requested) or per GPU
+    present, whichever is more: actors that find no GPU yet wait, and start as GPU nodes join."""
+    import ray
+
+    hspec = spec.heatmaps
+    if spec.resources.gpu is True:
+        gpus = max(int(ray.cluster_resources().get("GPU", 0)), spec.erm.num_workers, 1)
+        n_actors = hspec.num_actors or gpus * hspec.actors_per_gpu
+        options, threads = {"num_gpus": 1.0 / hspec.actors_per_gpu, "num_cpus": 1}, 1
+    else:
+        from ..resources import cpus_per_worker
+
+        cpus = int(ray.available_resources().get("CPU", 1)) or 1
+        n_actors = hspec.num_actors or min(2, cpus)
+        threads = cpus_per_worker(n_actors, spec)
+        options = {"num_cpus": threads}
+    # "DEFAULT" keeps the actors out of a Tune trial's placement group: inside a trial, Ray would
+    # otherwise try to fit them into the trial's small bundle and refuse
+    options.update(scheduling_strategy="DEFAULT", max_concurrency=SHARDS_IN_FLIGHT)
+    return max(1, min(n_actors, n_shards)), options, threads
 
 
 def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
@@ -327,27 +354,11 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
         return {"n": n_images, "shards": len(entries), "actors": 0, "actors_lost": 0, "actors_started": 0,
                 "device": "cuda", "placements": [placement],
                 "bytes_written": sum(e["bytes"] for e in entries)}
-    if on_gpu:
-        # the GPUs the run asked for (erm.num_workers, what resources.gpu auto requested), or more if present:
-        # actors that find no GPU yet wait, and start as GPU nodes join
-        gpus = max(int(ray.cluster_resources().get("GPU", 0)), spec.erm.num_workers, 1)
-        n_actors = hspec.num_actors or gpus * hspec.actors_per_gpu
-        options = {"num_gpus": 1.0 / hspec.actors_per_gpu, "num_cpus": 1}
-        threads = 1
-    else:
-        from ..resources import cpus_per_worker
-
-        cpus = int(ray.available_resources().get("CPU", 1)) or 1
-        n_actors = hspec.num_actors or min(2, cpus)
-        threads = cpus_per_worker(n_actors, spec)
-        options = {"num_cpus": threads}
-    n_actors = max(1, min(n_actors, len(ranges)))
-    log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images, len(ranges),
-             n_actors, f"{options['num_gpus']:g} GPU each" if on_gpu else f"{threads} CPU thread(s) each")
-    # "DEFAULT" keeps the actors out of a Tune trial's placement group: inside a trial, Ray would
-    # otherwise try to fit them into the trial's small bundle and refuse
-    Worker = ray.remote(HeatmapWorker).options(**options, scheduling_strategy="DEFAULT",
-                                               max_concurrency=SHARDS_IN_FLIGHT)
+    n_actors, options, threads = actor_options(spec, len(ranges))
+    log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images,
+             len(ranges), n_actors,
+             f"{options['num_gpus']:g} GPU each" if on_gpu else f"{threads} CPU thread(s) each")
+    Worker = ray.remote(HeatmapWorker).options(**options)
     make = lambda: Worker.remote(spec.to_dict(), str(checkpoint), str(out), threads)  # noqa: E731
     actors = [make() for _ in range(n_actors)]
     starting = {a.ready.remote(): a for a in actors}
