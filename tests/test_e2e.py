@@ -99,7 +99,7 @@ def test_run_folder_dataset_of_real_images(ray_local, tmp_path, folder_dataset):
     (["--set", "model.backbone=resnet_999"], "'resnet_999' is not a timm model"),
     # the tiny spec's C-MNIST keys do not go with another dataset (test_bad_input: a folder root that is not there)
     (["--set", "dataset.name=folder", "--set", "dataset.root=/nonexistent"],
-     "is not a key of dataset 'folder': dataset(s) cmnist, cmnist_multi take it"),
+     "is not a key of dataset 'folder': dataset(s) cmnist, cmnist_multi, zoo_blur"),
 ])
 def test_bad_input_stops_with_a_named_culprit(tmp_path, capsys, args, message):
     rc = main(["run", str(_write_spec(tmp_path)), "--out", str(tmp_path / "o")] + args)

@@ -231,7 +231,7 @@ def check_sweep(tmp_path, cache, space: dict, trial_gpus: float, gpus: int):
                     heatmaps={"num_actors": None, "actors_per_gpu": 2, "shard_size": 50})
     t0 = time.time()
     with deadline(SWEEP_TIMEOUT_S, f"a sweep with trial_gpus {trial_gpus} on {gpus} GPU(s)"):
-        summary = run_sweep(spec, tmp_path / "sweep", cache, quiet=True)
+        summary = run_sweep(spec, tmp_path / "sweep", cache)
     assert summary["n_trials"] == 2 and summary["n_failed"] == 0, summary
     computed = {(r["stage"], r["key"]): r["pid"] for r in StageCache(cache).records()
                 if r["event"] == "computed" and r["time"] >= t0}

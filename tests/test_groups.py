@@ -37,7 +37,7 @@ def ctx(**over):
 
 def test_registry_and_spec_key():
     assert from_dict({}).groups.source == "exmap"
-    with pytest.raises(SpecError, match=r"groups.source': unknown group source 'oracle'. Registered: exmap"):
+    with pytest.raises(SpecError, match=r"groups.source': unknown group source 'oracle'. Registered: class, exmap"):
         from_dict({"groups": {"source": "oracle"}})
 
 

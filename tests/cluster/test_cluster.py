@@ -249,7 +249,8 @@ def test_gpu_stages_run_on_the_gpu_node_never_on_the_head(cluster):
             if p.endswith("/done")}
     placements = [done["erm"]["environment"]["placement"], done["features"]["placement"],
                   done["clusters"]["placement"], *done["heatmaps"]["placements"]]
-    assert len(done["heatmaps"]["placements"]) == 2
+    # both actors ask for the GPU node; under load one may finish every shard before the other is up
+    assert 1 <= len(done["heatmaps"]["placements"]) <= 2
     for p in placements:
         assert p["node_id"] in gpu_nodes and p["ray_worker"] and p["gpu_ids"] == ["0"], p
     results = json.loads(s3_read(c, "gpu-run/results.json"))
