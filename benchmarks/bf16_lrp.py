@@ -59,13 +59,16 @@ def layer_errors(model, hspec, x: torch.Tensor) -> tuple[float, float]:
       the fp32 rule run on what the bf16 pass handed the layer (its own conservation error)."""
     lrp = LRP(model, dataclasses.replace(hspec, precision="bf16"))
     fwd, bwd = [], []
-    hooks = [m.register_forward_hook(lambda m, i, o: fwd.append((m, i[0].detach().clone(), o.detach().clone())))
-             for m in lrp.net.modules() if isinstance(m, ConvRule)]  # clones: an in-place ReLU follows
+    def keep(m, i, o):  # clones: an in-place ReLU follows
+        fwd.append((m, i[0].detach().clone(), o.detach().clone()))
+
+    hooks = [m.register_forward_hook(keep) for m in lrp.net.modules() if isinstance(m, ConvRule)]
     rule_backward = _ConvRuleFn.backward
 
     def recording(ctx, R):
         out = rule_backward(ctx, R)
-        bwd.append((ctx.layer, ctx.saved_tensors[0].detach().clone(), R.detach().clone(), out[0].detach().clone()))
+        x_in = ctx.saved_tensors[0]
+        bwd.append((ctx.layer, x_in.detach().clone(), R.detach().clone(), out[0].detach().clone()))
         return out
 
     _ConvRuleFn.backward = staticmethod(recording)
@@ -81,7 +84,8 @@ def layer_errors(model, hspec, x: torch.Tensor) -> tuple[float, float]:
         exact = F.conv2d(xin, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             plain = F.conv2d(xin, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups).float()
-        f_ratio = max(f_ratio, ((out - exact).abs().max() / (plain - exact).abs().max().clamp(min=1e-30)).item())
+        plain_err = (plain - exact).abs().max().clamp(min=1e-30)
+        f_ratio = max(f_ratio, ((out - exact).abs().max() / plain_err).item())
     b_err = 0.0
     for layer, xin, R, r_in in bwd:
         xd = xin.float().requires_grad_(True)
@@ -160,8 +164,9 @@ def run_one(run_dir: Path, n: int | None, batch: int, both: bool) -> None:
     print(f"\n## {spec.model.backbone} at {size} px, C-MNIST ({run_dir}; {trained}), {n} val images, "
           f"downsize {spec.heatmaps.downsize}")
     h = spec.heatmaps
-    rules = [("spec: " + h.conv_rule + (f" {h.gamma:g}" if h.conv_rule == "gamma" else f" {h.alpha:g}/{h.beta:g}"),
-              {}), ("other: " + OTHER_RULE[h.conv_rule]["conv_rule"], OTHER_RULE[h.conv_rule])][:2 if both else 1]
+    own = f" {h.gamma:g}" if h.conv_rule == "gamma" else f" {h.alpha:g}/{h.beta:g}"
+    other = OTHER_RULE[h.conv_rule]
+    rules = [("spec: " + h.conv_rule + own, {}), ("other: " + other["conv_rule"], other)][:2 if both else 1]
     probe = next(iter(DataLoader(images, batch_size=min(16, n), shuffle=False)))
     f32, _ = embed(model, images, precision="fp32")
     f16, _ = embed(model, images, precision="bf16")
@@ -185,15 +190,19 @@ def run_one(run_dir: Path, n: int | None, batch: int, both: bool) -> None:
         cos_s, rel_s = per_image(a["small"][same], b["small"][same])
         fe = np.abs(b["feat"] - a["feat"]).max() / np.abs(a["feat"]).max()
         print(f"\n### {label}")
-        print(f"- same explained class: {same.sum()}/{n}; CPU seconds fp32 {a['secs']:.0f}, bf16 {b['secs']:.0f}")
-        print(f"- total relevance (seed 1): fp32 median {np.median(tot_a):.4f}, bf16 median {np.median(tot_b):.4f}; "
+        print(f"- same explained class: {same.sum()}/{n}; CPU seconds fp32 {a['secs']:.0f}, "
+              f"bf16 {b['secs']:.0f}")
+        print(f"- total relevance (seed 1): fp32 median {np.median(tot_a):.4f}, "
+              f"bf16 median {np.median(tot_b):.4f}; "
               f"|bf16 - fp32| {qmax(np.abs(tot_b - tot_a))}")
         f_ratio, b_err = layer_errors(model, dataclasses.replace(h, **keys), probe)
         print(f"- each conv's own bf16 error, the largest over the layers ({len(probe)} images): forward "
-              f"{f_ratio:.2f}x a plain bf16 conv's; backward conservation vs fp32's rule {b_err:.1e} of sum|R_out|")
+              f"{f_ratio:.2f}x a plain bf16 conv's; backward conservation vs fp32's rule {b_err:.1e} "
+              f"of sum|R_out|")
         print(f"- full maps: cosine {q(cos)}; rel. L2 error {qmax(rel)}")
         print(f"- downsized maps: cosine {q(cos_s)}; rel. L2 error {qmax(rel_s)}")
-        print(f"- features of the LRP forward: max |bf16 - fp32| / max |fp32| = {fe:.2e} (a plain bf16 forward, "
+        print(f"- features of the LRP forward: max |bf16 - fp32| / max |fp32| = {fe:.2e} "
+              f"(a plain bf16 forward, "
               f"models.embed: {plain:.2e})")
         print(f"- pseudo groups: fp32 {len(np.unique(a['groups']))}, bf16 {len(np.unique(b['groups']))}; "
               f"ARI(fp32, bf16) {ari(a['groups'], b['groups']):.4f}; ARI with true groups: fp32 "
@@ -205,7 +214,8 @@ def run_one(run_dir: Path, n: int | None, batch: int, both: bool) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="append", type=Path, required=True, help="a finished `exmap-ray run` folder")
+    ap.add_argument("--run", action="append", type=Path, required=True,
+                    help="an `exmap-ray run` folder (finished, or stopped after an ERM epoch)")
     ap.add_argument("--n", type=int, default=None, help="the first N val images and the two smallest true "
                                                         "groups' (default: all val)")
     ap.add_argument("--spec-rule-only", action="store_true", help="only the spec's conv rule")
