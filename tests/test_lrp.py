@@ -357,13 +357,16 @@ def test_bf16_conv_rule_keeps_each_layer_as_exact_as_a_plain_bf16_conv(trained_r
     model, x = trained_resnet
     lrp = LRP(model, HeatmapSpec(precision="bf16", conv_rule="gamma", gamma=4.0))
     fwd, bwd = [], []
-    hooks = [m.register_forward_hook(lambda m, i, o: fwd.append((m, i[0].detach().clone(), o.detach().clone())))
-             for m in lrp.net.modules() if isinstance(m, ConvRule)]  # clones: an in-place ReLU follows
+    def keep(m, i, o):  # clones: an in-place ReLU follows
+        fwd.append((m, i[0].detach().clone(), o.detach().clone()))
+
+    hooks = [m.register_forward_hook(keep) for m in lrp.net.modules() if isinstance(m, ConvRule)]
     rule_backward = _ConvRuleFn.backward
 
     def recording(ctx, R):
         out = rule_backward(ctx, R)
-        bwd.append((ctx.layer, ctx.saved_tensors[0].detach().clone(), R.detach().clone(), out[0].detach().clone()))
+        x_in = ctx.saved_tensors[0]
+        bwd.append((ctx.layer, x_in.detach().clone(), R.detach().clone(), out[0].detach().clone()))
         return out
 
     _ConvRuleFn.backward = staticmethod(recording)

@@ -75,7 +75,8 @@ def test_features_follow_heatmaps_precision_and_hash_it_only_off_auto(tmp_path, 
     same = {"cpu": ("auto", "fp32"), "gpu": ("auto", "bf16")}[device]
     other = {"cpu": "bf16", "gpu": "fp32"}[device]
     for precision in (*same, other):
-        spec = load_spec("cmnist", [*PAPER, f"resources.gpu={device == 'gpu'}", f"heatmaps.precision={precision}"])
+        spec = load_spec("cmnist", [*PAPER, f"resources.gpu={device == 'gpu'}",
+                                    f"heatmaps.precision={precision}"])
         keys = {n: s.key for n, s in stage_keys(spec, StageCache(tmp_path), ["features"]).items()}
         assert (keys["features"] == DEMO_KEYS[device]["features"]) == (precision in same), precision
         assert keys["erm"] == DEMO_KEYS[device]["erm"]
