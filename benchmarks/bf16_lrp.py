@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exmap_ray.data import build_dataset  # noqa: E402
 from exmap_ray.groups import infer_groups  # noqa: E402
-from exmap_ray.heatmaps.lrp import LRP, ConvRule, _ConvRuleFn  # noqa: E402
+from exmap_ray.heatmaps.lrp import LRP, _ConvRuleFn, record_conv_rules  # noqa: E402
 from exmap_ray.models import create_model, embed, load_checkpoint  # noqa: E402
 from exmap_ray.spec import from_dict  # noqa: E402
 from exmap_ray.stages import group_context  # noqa: E402
@@ -58,26 +58,7 @@ def layer_errors(model, hspec, x: torch.Tensor) -> tuple[float, float]:
     - backward: |sum R_in(bf16) - sum R_in(fp32)| / sum |R_out| for the same input and relevance R_out,
       the fp32 rule run on what the bf16 pass handed the layer (its own conservation error)."""
     lrp = LRP(model, dataclasses.replace(hspec, precision="bf16"))
-    fwd, bwd = [], []
-    def keep(m, i, o):  # clones: an in-place ReLU follows
-        fwd.append((m, i[0].detach().clone(), o.detach().clone()))
-
-    hooks = [m.register_forward_hook(keep) for m in lrp.net.modules() if isinstance(m, ConvRule)]
-    rule_backward = _ConvRuleFn.backward
-
-    def recording(ctx, R):
-        out = rule_backward(ctx, R)
-        x_in = ctx.saved_tensors[0]
-        bwd.append((ctx.layer, x_in.detach().clone(), R.detach().clone(), out[0].detach().clone()))
-        return out
-
-    _ConvRuleFn.backward = staticmethod(recording)
-    try:
-        lrp.explain(x)
-    finally:
-        _ConvRuleFn.backward = staticmethod(rule_backward)
-        for h in hooks:
-            h.remove()
+    fwd, bwd = record_conv_rules(lrp, x)
     f_ratio = 0.0
     for layer, xin, out in fwd:
         c = layer.conv

@@ -352,30 +352,11 @@ def test_bf16_conv_rule_keeps_each_layer_as_exact_as_a_plain_bf16_conv(trained_r
     rounding: |sum R_in(bf16) - sum R_in(fp32)| <= 2e-3 of sum |R_out| (measured <= 4e-4)."""
     import torch.nn.functional as F
 
-    from exmap_ray.heatmaps.lrp import ConvRule, _ConvRuleFn
+    from exmap_ray.heatmaps.lrp import ConvRule, _ConvRuleFn, record_conv_rules
 
     model, x = trained_resnet
     lrp = LRP(model, HeatmapSpec(precision="bf16", conv_rule="gamma", gamma=4.0))
-    fwd, bwd = [], []
-    def keep(m, i, o):  # clones: an in-place ReLU follows
-        fwd.append((m, i[0].detach().clone(), o.detach().clone()))
-
-    hooks = [m.register_forward_hook(keep) for m in lrp.net.modules() if isinstance(m, ConvRule)]
-    rule_backward = _ConvRuleFn.backward
-
-    def recording(ctx, R):
-        out = rule_backward(ctx, R)
-        x_in = ctx.saved_tensors[0]
-        bwd.append((ctx.layer, x_in.detach().clone(), R.detach().clone(), out[0].detach().clone()))
-        return out
-
-    _ConvRuleFn.backward = staticmethod(recording)
-    try:
-        lrp.explain(x)
-    finally:
-        _ConvRuleFn.backward = staticmethod(rule_backward)
-        for h in hooks:
-            h.remove()
+    fwd, bwd = record_conv_rules(lrp, x)
     assert len(fwd) == len(bwd) == sum(isinstance(m, ConvRule) for m in lrp.net.modules()) > 3
     for layer, xin, out in fwd:
         c = layer.conv

@@ -443,3 +443,31 @@ def _unsupported(model_name: str, what: str):
     raise UserError(f"heatmaps.method 'lrp' supports CNNs of Conv2d/BatchNorm/ReLU/pooling/residual-add/Linear "
                     f"(timm resnet*, test_resnet, vgg*); model '{model_name}' has an unsupported {what}. "
                     f"Use heatmaps.method input_x_gradient or gradcam for this backbone")
+
+
+def record_conv_rules(lrp: "LRP", x: torch.Tensor) -> tuple[list, list]:
+    """Diagnostics (tests/test_lrp.py, benchmarks/bf16_lrp.py): run `lrp.explain(x)` once and record, for
+    every rule-wrapped convolution, its forward (layer, input, output) and its rule's backward (layer,
+    input, relevance in, relevance out), each cloned."""
+    fwd, bwd = [], []
+
+    def keep(m, i, o):  # clones: an in-place ReLU follows
+        fwd.append((m, i[0].detach().clone(), o.detach().clone()))
+
+    hooks = [m.register_forward_hook(keep) for m in lrp.net.modules() if isinstance(m, ConvRule)]
+    rule_backward = _ConvRuleFn.backward
+
+    def recording(ctx, R):
+        out = rule_backward(ctx, R)
+        x_in = ctx.saved_tensors[0]
+        bwd.append((ctx.layer, x_in.detach().clone(), R.detach().clone(), out[0].detach().clone()))
+        return out
+
+    _ConvRuleFn.backward = staticmethod(recording)
+    try:
+        lrp.explain(x)
+    finally:
+        _ConvRuleFn.backward = staticmethod(rule_backward)
+        for h in hooks:
+            h.remove()
+    return fwd, bwd
