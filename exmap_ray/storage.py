@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -266,6 +267,28 @@ def _s3_credentials_given(loc: Loc) -> bool:
     return (Path.home() / ".aws" / "credentials").is_file() or bool(os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"))
 
 
+def _probe_hint(low: str, loc: Loc) -> str:
+    """What a failed probe of a storage root most likely means, from its lower-cased error text."""
+    unreachable = ("could not connect", "couldn't connect", "network_connection", "connection refused",
+                   "could not resolve", "couldn't resolve", "name or service not known", "timed out")
+    if "nosuchbucket" in low.replace(" ", "") or "bucket does not exist" in low or "no such bucket" in low:
+        hint = f"the bucket does not exist; create it (aws s3 mb {loc.scheme}://{loc.path.split('/')[0]})"
+    elif any(w in low for w in unreachable):  # before the credential words: a port number may hold "403"
+        hint = "the endpoint does not answer; check endpoint_override/scheme and the network"
+    elif any(w in low for w in ("access denied", "accessdenied", "access_denied", "forbidden", "credential",
+                                "signature", "invalidaccesskeyid", "invalid_access_key")) \
+            or re.search(r"(?<![\d:])403(?!\d)", low):
+        hint = "the credentials are refused or may not write there; check the instance profile or AWS_* variables"
+    elif loc.scheme == "s3" and not _s3_credentials_given(loc):
+        hint = ("no S3 credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "or run on a node with an instance profile")
+    elif any(w in low for w in ("connect", "resolve", "curl", "network", "refused", "timed out")):
+        hint = "the endpoint does not answer; check endpoint_override/scheme and the network"
+    else:
+        hint = "check the bucket, the credentials and the endpoint"
+    return hint
+
+
 def check_root(where: str | os.PathLike, what: str = "--out", timeout: float = PROBE_TIMEOUT_S) -> Loc:
     """Parse `where` and prove it writable in seconds: write, read back and delete a probe file.
 
@@ -312,18 +335,7 @@ def check_root(where: str | os.PathLike, what: str = "--out", timeout: float = P
         e = result["error"]
         msg = " ".join(str(e).split())[:300]
         low = msg.lower()
-        if "nosuchbucket" in low.replace(" ", "") or "bucket does not exist" in low or "no such bucket" in low:
-            hint = f"the bucket does not exist; create it (aws s3 mb {loc.scheme}://{loc.path.split('/')[0]})"
-        elif any(w in low for w in ("access denied", "accessdenied", "access_denied", "forbidden", "credential",
-                                    "signature", "invalidaccesskeyid", "invalid_access_key", "403")):
-            hint = "the credentials are refused or may not write there; check the instance profile or AWS_* variables"
-        elif loc.scheme == "s3" and not _s3_credentials_given(loc):
-            hint = ("no S3 credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
-                    "or run on a node with an instance profile")
-        elif any(w in low for w in ("connect", "resolve", "curl", "network", "refused", "timed out")):
-            hint = "the endpoint does not answer; check endpoint_override/scheme and the network"
-        else:
-            hint = "check the bucket, the credentials and the endpoint"
+        hint = _probe_hint(low, loc)
         raise UserError(f"{what} '{shown}' cannot be used: {hint} ({type(e).__name__}: {msg})") from None
     if not result.get("ok"):
         raise UserError(f"{what} '{shown}': a probe file written there did not read back; the store is not usable")

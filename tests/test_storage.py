@@ -71,6 +71,19 @@ def test_unusable_local_or_unknown_roots_are_refused(bad, says):
         check_root(bad)
 
 
+def test_a_refused_connection_on_a_port_holding_403_is_not_called_a_credential_error():
+    """CI once drew port 40367 for the dead endpoint: the "403" in it read as HTTP 403 Forbidden."""
+    from exmap_ray.storage import _probe_hint
+
+    loc = Loc.parse("s3://bkt/x?endpoint_override=127.0.0.1:40367&scheme=http")
+    dead = ("oserror: when initiating multiple part upload for key 'x/p' in bucket 'bkt': aws error "
+            "network_connection during createmultipartupload operation: curlcode: 7, could not connect to server; "
+            "details: failed to connect to 127.0.0.1 port 40367 after 0 ms: could not connect to server")
+    assert "endpoint does not answer" in _probe_hint(dead, loc)
+    assert "credentials are refused" in _probe_hint("aws error access_denied: http 403, forbidden", loc)
+    assert "credentials are refused" in _probe_hint("unexpected status code: 403 for put", loc)
+
+
 def test_unusable_s3_roots_are_refused_in_seconds_naming_them(s3):
     with pytest.raises(UserError, match="the bucket does not exist"):
         check_root(s3("x", bucket="no-such-bucket"))
