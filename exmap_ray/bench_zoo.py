@@ -144,14 +144,14 @@ def label_free_pick(results: list, spec: Spec, y: np.ndarray) -> tuple[int, int]
 
 def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer,
                 variants: list[tuple[str, list[str]]] = (), sweep: bool = True,
-                baselines: bool = True) -> list[dict]:
+                baselines: bool = True, peers: bool = True) -> list[dict]:
     """Every row of one family and seed, on one shared upstream; `variants` add ExMap rows with keys set,
     and a row "ExMap (pick of variants)": the label-free choice among the shipped spec and the variants."""
     spec = resolve_resources(load_spec(SHIPPED / f"{family}.yaml", [*sets, f"seed={seed}"]))
     data = preflight(spec, check_model=False)
     up = compute_upstream(spec, data, cache, timer)
     rows = []
-    extra = [(n, s, r) for n, s, _, r in peer_rows() + dpe_rows()]
+    extra = [(n, s, r) for n, s, _, r in peer_rows() + dpe_rows()] if peers else []
     for name, source, retrainer in (BASE_ROWS + extra) if baselines else BASE_ROWS[:2]:
         r = evaluate_row(spec, data, up, source, retrainer)
         rows.append(_row(name, family, seed, r, source))
@@ -258,7 +258,7 @@ def format_report(by_family: dict, summary: list[dict], per_seed: list[dict], se
 
 def run_zoo(families: list[str], seeds: list[int], out, cache_dir=None, tracking_uri: str | None = None,
             sets: list[str] | None = None, variants: list[tuple[str, list[str]]] = (), sweep: bool = True,
-            baselines: bool = True) -> dict:
+            baselines: bool = True, peers: bool = True) -> dict:
     import time
 
     sets = list(sets or [])
@@ -270,7 +270,7 @@ def run_zoo(families: list[str], seeds: list[int], out, cache_dir=None, tracking
     for family in families:
         for seed in seeds:
             with timer(f"{family} seed {seed}"):
-                per_seed += family_seed(family, seed, sets, job.cache, timer, variants, sweep, baselines)
+                per_seed += family_seed(family, seed, sets, job.cache, timer, variants, sweep, baselines, peers)
             done += 1
             log.info("zoo: %d of %d family-seeds done (%.1f min)", done, len(families) * len(seeds),
                      (time.perf_counter() - t0) / 60)

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --zoo: one more ExMap row, each family's spec with these keys set (repeatable), "
                          "e.g. --variant 'both:clustering.input=both'")
     bn.add_argument("--no-sweep", action="store_true", help="with --zoo: leave out the sweep-pick row (faster)")
+    bn.add_argument("--no-peers", action="store_true",
+                    help="with --zoo: leave out the SpuCo (GEORGE, SPARE, EIIL) and DPE rows even where installed")
     bn.add_argument("--no-baselines", action="store_true",
                     help="with --zoo: ERM, the oracle and the ExMap rows only (for comparing --variant rows fast)")
     bn.add_argument("--end-to-end", action="store_true",
@@ -215,8 +217,8 @@ def job_spec(args):
 def cmd_bench(args) -> int:
     if args.zoo:
         return cmd_bench_zoo(args)
-    if args.quick or args.families or args.variant or args.no_sweep or args.no_baselines:
-        raise UserError("--quick, --families, --variant, --no-sweep and --no-baselines go with --zoo")
+    if args.quick or args.families or args.variant or args.no_sweep or args.no_baselines or args.no_peers:
+        raise UserError("--quick, --families, --variant, --no-sweep, --no-peers and --no-baselines go with --zoo")
     spec = job_spec(args)
     try:
         args.seeds = 3 if args.seeds is None else int(args.seeds)
@@ -264,7 +266,7 @@ def cmd_bench_zoo(args) -> int:
     with ray_session(args.address), tagged("zoo"):
         summary = run_zoo(families, seeds, out, cache, args.tracking_uri, sets,
                           [parse_variant(v) for v in args.variant], sweep=not args.no_sweep,
-                          baselines=not args.no_baselines)
+                          baselines=not args.no_baselines, peers=not args.no_peers)
     print("\n" + summary["report"].split("## Test WGA by family")[0].rstrip())
     print(f"\nreport: {redact(str(out / 'zoo.md'))} (also zoo.json; plot {redact(str(out / 'zoo_wga.png'))}); "
           f"{summary['seconds'] / 60:.1f} min")
