@@ -74,7 +74,7 @@ def main() -> None:
         cache_bytes, run_bytes = stage_bytes(c, "cache"), stage_bytes(c, "run")
     finally:
         c.stop()
-    same = all(remote[k]["test"] == local[k]["test"] for k in ("erm", "exmap", "oracle_dfr"))
+    same = all(remote[k]["test"] == local[k]["test"] for k in ("erm", "robust", "oracle_dfr"))
     print(f"spec {args.spec}; cluster start {up:.1f} s; same test metrics on both: {same}")
     print(f"wall time of the command: single node {local_wall:.1f} s, cluster job {wall:.1f} s (job submit included)\n")
     print("| stage | single node (s) | 3-node cluster, S3 (s) | bytes written to storage |")

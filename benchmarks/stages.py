@@ -49,7 +49,7 @@ def pipeline_figures(spec) -> None:
     ray.shutdown()
     t, d = res["timings_s"], spec.dataset
     n_train = d.n_train if d.name == "cmnist" else None
-    n_val = sum(res["exmap"]["pseudo_group_sizes"].values())  # group id -> members
+    n_val = sum(res["robust"]["pseudo_group_sizes"].values())  # group id -> members
     emit(stage="erm", seconds=t["erm"], epochs=spec.erm.epochs, workers=spec.erm.num_workers,
          images_per_s_incl_startup=round(n_train * spec.erm.epochs / t["erm"], 1) if n_train else None)
     emit(stage="features", seconds=t["features"])

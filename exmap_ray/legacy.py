@@ -11,6 +11,7 @@ after it. Each entry here keeps one old form alive:
   `retrain` form (`retrain_config`), and the heatmaps key its section at the top level with layout 2
   (`key_form`): see each.
 - `MOVED`: spec keys that moved, so that an old spec gets an error naming the new place.
+- `upgrade_results`: results.json sections that were renamed (`exmap` is `robust`).
 
 Imports nothing of the project.
 """
@@ -124,3 +125,15 @@ def moved_message(key: str) -> Optional[str]:
     if key in MOVED:
         return f"'{key}' has moved: use '{MOVED[key]}' instead"
     return None
+
+
+# results.json (and a sweep's trial records) named the retrain on the pseudo groups "exmap" until
+# 2026-12-07, whatever `groups.source` made them; it is "robust" now. Readers of saved results call this.
+RESULTS_RENAMED = {"exmap": "robust"}
+
+
+def upgrade_results(res: dict) -> dict:
+    """`res` with its sections under today's names (a copy when any is renamed)."""
+    if not any(old in res and new not in res for old, new in RESULTS_RENAMED.items()):
+        return res
+    return {RESULTS_RENAMED.get(k, k) if RESULTS_RENAMED.get(k) not in res else k: v for k, v in res.items()}

@@ -149,10 +149,10 @@ def run_pipeline(spec: Spec, out, cache_dir=None, tracking_uri: str | None = Non
         results.update(timings_s=timer.seconds, config=spec.to_dict(), mlflow_run_id=tracker.run_id,
                        environment={"driver": environment(), "erm": up.info["erm"].get("environment")},
                        cache={k: {"key": v.key, "dir": str(v.dir)} for k, v in up.stages.items()})
-        tracker.call("log_metrics", tracking.log_metrics, {k: results[k] for k in ("erm", "exmap", "oracle_dfr")})
+        tracker.call("log_metrics", tracking.log_metrics, {k: results[k] for k in ("erm", "robust", "oracle_dfr")})
         tracker.call("log_metrics", tracking.log_metrics, {"timings_s": timer.seconds})
         save_npz(out / "selection.npz", **heldout, pseudo_groups=up.pseudo, y=data.val.y)
-        results["exmap"]["selection_file"] = str(out / "selection.npz")
+        results["robust"]["selection_file"] = str(out / "selection.npz")
         write_json(out / "results.json", results)
         make_figures(data, up, results, out, spec)
         for name in tracking.ARTIFACTS:
@@ -225,7 +225,7 @@ def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tup
         with tagged("retrain: oracle"):
             oracle = evaluate_row(spec, data, up, "true", "dfr", groups=data.val.group)
     m = ex.model
-    res["exmap"] = {"test": ex.test, "n_groups": int(cluster_info["n_groups"]), **ex.agreement,
+    res["robust"] = {"test": ex.test, "n_groups": int(cluster_info["n_groups"]), **ex.agreement,
                     # int group ids, computed or reused (a reused stage's info comes back from JSON)
                     "pseudo_group_sizes": {int(g): int(n) for g, n in cluster_info["sizes"].items()},
                     "k_chosen": {sc: v["k"] for sc, v in cluster_info.get("scopes", {}).items()},
@@ -237,15 +237,15 @@ def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tup
                             "worst_class_acc": m.heldout["class"],
                             "oracle_worst_group_acc": m.heldout["true"]}}
     if spec.retrain.mode == "end_to_end":
-        res["exmap"]["end_to_end"] = up.info["end_to_end"]  # steps, final loss, GroupDRO's final q, device
+        res["robust"]["end_to_end"] = up.info["end_to_end"]  # steps, final loss, GroupDRO's final q, device
     res["oracle_dfr"] = {"test": oracle.test, "dfr_C": oracle.model.chosen["C"]}
     return res, {"heldout_idx": m.heldout_idx, "heldout_pred": m.heldout_pred}
 
 
 def make_figures(data: GroupData, up: Upstream, results: dict, out: Path, spec: Spec) -> None:
     label = "ExMap" if spec.groups.source == "exmap" else f"{spec.groups.source} groups"
-    rows = {"ERM": results["erm"]["test"]["per_group"],
-            f"{label} + {retrain_label(spec.retrain.method, spec.retrain.mode)}": results["exmap"]["test"]["per_group"],
+    robust = f"{label} + {retrain_label(spec.retrain.method, spec.retrain.mode)}"
+    rows = {"ERM": results["erm"]["test"]["per_group"], robust: results["robust"]["test"]["per_group"],
             "oracle DFR": results["oracle_dfr"]["test"]["per_group"]}
     plots.group_accuracy_bars(rows, out / "group_accuracy.png", f"{spec.name}: per-group test accuracy")
     pseudo = up.pseudo
@@ -266,17 +266,17 @@ def make_figures(data: GroupData, up: Upstream, results: dict, out: Path, spec: 
 
 
 def format_table(results: dict) -> str:
-    e = results["exmap"]
+    e = results["robust"]
     label = ("ExMap" if e.get("groups_source", "exmap") == "exmap" else e["groups_source"]) + \
         f" + {retrain_label(e.get('retrain', 'dfr'), e.get('retrain_mode', 'last_layer'))}"
-    rows = [("ERM", results["erm"]), (label, results["exmap"]),
+    rows = [("ERM", results["erm"]), (label, results["robust"]),
             ("oracle DFR (true val groups)", results["oracle_dfr"])]
     lines = [f"{'method':<30} {'test WGA':>9} {'mean acc':>9} {'train-weighted':>15}", "-" * 66]
     for name, r in rows:
         t = r["test"]
         lines.append(f"{name:<30} {t['worst_group_acc']:>9.3f} {t['mean_acc']:>9.3f} "
                      f"{t['mean_acc_train_weighted']:>15.3f}")
-    e = results["exmap"]
+    e = results["robust"]
     lines += ["", f"pseudo groups: {e['n_groups']} (k per scope {e['k_chosen']}), sizes {e['pseudo_group_sizes']}",
               f"agreement with true val groups: ARI {e['ari']:.3f}, NMI {e['nmi']:.3f}, "
               f"worst-group recovery {e['worst_recovery']:.2f}", "",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import tracking
 from .errors import UserError
+from .legacy import upgrade_results
 from .spec import flatten
 from .storage import Loc, redact
 from .storage import write_json
@@ -65,7 +66,7 @@ def sync(out: Path, tracking_uri: str | None = None, parent_run_id: str | None =
         return sync_sweep(out, tracking_uri)
     if (out / "bench.json").is_file():
         return sync_bench(out, tracking_uri)
-    results = _read(out / "results.json", "results.json is written when the pipeline finishes")
+    results = upgrade_results(_read(out / "results.json", "results.json is written when the pipeline finishes"))
     spec = _read(out / "spec.resolved.json", "spec.resolved.json is written when the pipeline starts")
     pending_path = out / tracking.PENDING
     if not pending_path.is_file():
@@ -153,7 +154,7 @@ def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, expe
             if todo:
                 mlflow.log_metrics(todo, step=step)
                 n_metrics += len(todo)
-        final = tracking.flat_metrics({k: results[k] for k in ("erm", "exmap", "oracle_dfr") if k in results})
+        final = tracking.flat_metrics({k: results[k] for k in ("erm", "robust", "oracle_dfr") if k in results})
         final.update(tracking.flat_metrics({"timings_s": results.get("timings_s") or {}}))
         final = {k: v for k, v in final.items() if k not in have_metrics}
         if final:

@@ -39,6 +39,7 @@ from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
 from .resources import resolve_resources
 from .stages import changes, run_stages, shared_stages
 from .storage import Loc
+from .legacy import upgrade_results
 from .storage import load_npz, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ COLUMNS = ["trial", "status", "selection_metric", "selection_se", SWEEP_METRIC, 
 
 
 def trial_metrics(res: dict, metric: str) -> dict:
-    e = res["exmap"]
+    e = res["robust"]
     m = {"val_worst_pseudo_group_acc": e["val"]["worst_pseudo_group_acc"],
          "val_worst_class_acc": e["val"]["worst_class_acc"],
          ORACLE_METRIC: e["val"]["oracle_worst_group_acc"],
@@ -85,7 +86,7 @@ def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, par
     resolved = {k: v for k, v in spec.to_dict().items() if k != "search"}
     done = Loc.parse(root) / "trial_results" / f"{stable_hash(resolved)}.json"
     if done.exists():
-        res = read_json(done)
+        res = upgrade_results(read_json(done))  # a record from before a rename reads as today's
         log.info("trial %s: finished before as %s; reporting its results without rerunning", name, res["trial"])
     else:
         inject("trial", spec.flat())  # no-op unless an EXMAP_RAY_FAULTS plan is set (fault tests)

@@ -56,7 +56,7 @@ def test_run_with_end_to_end_groupdro(tiny_run, tmp_path):
     spec = from_dict(tiny_spec_dict(retrain={**E2E, "method": "groupdro", "mode": "end_to_end",
                                                        "groupdro": {**E2E["groupdro"], "eta": 1.0}}))
     res = run_pipeline(spec, tmp_path / "run", cache)
-    e = res["exmap"]
+    e = res["robust"]
     assert e["retrain"] == "groupdro" and e["retrain_mode"] == "end_to_end"
     assert 0 <= e["test"]["worst_group_acc"] <= e["test"]["mean_acc"] <= 1
     v = e["val"]  # label-free metrics on the held-out half, for sweeps
@@ -82,7 +82,7 @@ def test_run_with_end_to_end_groupdro(tiny_run, tmp_path):
         assert sel["heldout_idx"].shape == sel["heldout_pred"].shape == (1, 150)
     again = run_pipeline(spec, tmp_path / "again", cache)  # a rerun reads the fine-tune from the cache
     assert ("end_to_end", "reused") in [(r["stage"], r["event"]) for r in StageCache(cache).records()]
-    assert again["exmap"]["test"] == res["exmap"]["test"]
+    assert again["robust"]["test"] == res["robust"]["test"]
 
 
 def test_per_seed_table_lists_each_seed_and_leaves_gaps_blank():
@@ -135,7 +135,7 @@ def test_run_with_feature_groups_and_groupdro(tiny_run, tmp_path):
     spec = from_dict(tiny_spec_dict(groups={"source": "features"}, clustering={"k": 2},
                                     retrain={"method": "groupdro", "groupdro": {"epochs": 5}, "n_select_repeats": 2}))
     res = run_pipeline(spec, tmp_path / "run", tiny_run[0] / "cache")
-    e = res["exmap"]
+    e = res["robust"]
     assert e["groups_source"] == "features" and e["retrain"] == "groupdro" and "weight_decay" in e["retrain_chosen"]
     assert e["n_groups"] == 4 and 0 <= e["test"]["worst_group_acc"] <= 1
     assert (tmp_path / "run" / "heatmaps_by_pseudo_group.png").exists()

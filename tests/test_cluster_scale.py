@@ -8,8 +8,9 @@ from exmap_ray import clustering
 from exmap_ray.clustering import kmeanspp_init
 from exmap_ray.clustering import scale as clustering_scale
 from exmap_ray.groups import pseudo_groups
-from exmap_ray.clustering.scale import (NearestAnchors, Rows, anchor_spectrum, float16_roundtrip, normalize_rows,
-                                        planted_centres, planted_heatmaps)
+from exmap_ray.chunked import ChunkedRows, normalize_rows
+from exmap_ray.clustering.scale import (NearestAnchors, anchor_spectrum, float16_roundtrip, planted_centres,
+                                        planted_heatmaps)
 from exmap_ray.selection import prepare_groupings, worst_over_groupings_halves
 from exmap_ray.spec import ClusteringSpec
 
@@ -93,7 +94,7 @@ def test_k_does_not_move_with_n_at_the_default_budget():
 def test_rows_stream_subsets_and_normalise_like_the_whole(planted):
     H, _ = planted
     X = normalize_rows(H)
-    rows = Rows([H[:1000], H[1000:]], normalize=True)
+    rows = ChunkedRows([H[:1000], H[1000:]], normalize=True)
     idx = np.array([3, 999, 1000, 4242])
     np.testing.assert_array_equal(rows.take(idx), X[idx])
     np.testing.assert_array_equal(rows.subset(idx).materialize(), X[idx])
@@ -107,7 +108,7 @@ def test_rows_stream_subsets_and_normalise_like_the_whole(planted):
 
 
 def test_anchor_spectrum_is_a_normalised_laplacians(planted):
-    spec = anchor_spectrum(Rows(planted[0], normalize=True), seed=0)
+    spec = anchor_spectrum(ChunkedRows(planted[0], normalize=True), seed=0)
     eig = spec.eigenvalues
     assert eig[0] == pytest.approx(0.0, abs=1e-6) and np.all(np.diff(eig) >= -1e-9) and eig.max() <= 2
     np.testing.assert_allclose(spec.weight.sum(1), 1.0, rtol=1e-5)
@@ -123,7 +124,7 @@ def test_a_small_far_minority_keeps_its_own_anchor(monkeypatch):
                         rng.normal(0, 1, (24, 20)) - 8]).astype(np.float32)
     truth = np.repeat([0, 1, 2], [4000, 4000, 24])
     spec = ClusteringSpec(method="spectral", k="auto", scope="global", normalize=False)
-    labels, info = clustering.cluster(Rows(X, normalize=False), spec, seed=0)
+    labels, info = clustering.cluster(ChunkedRows(X, normalize=False), spec, seed=0)
     assert info["route"] == "anchor" and info["k"] == 3 and adjusted_rand_score(truth, labels) == pytest.approx(1.0)
 
 

@@ -516,13 +516,13 @@ def test_shipped_spec_runs_end_to_end(ray_local, tmp_path, name):
     res = run_pipeline(spec, tmp_path / "out")
     true_groups = {"waterbirds": 4, "celeba": 4, "metashift": 4, "urbancars": 8}[name]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    for row in ("erm", "exmap", "oracle_dfr"):
+    for row in ("erm", "robust", "oracle_dfr"):
         t = saved[row]["test"]
         assert len(t["per_group"]) == true_groups
         assert math.isfinite(t["worst_group_acc"]) and 0 <= t["worst_group_acc"] <= t["mean_acc"] <= 1
-    assert res["exmap"]["n_groups"] >= 2
+    assert res["robust"]["n_groups"] >= 2
     if name == "urbancars":
-        for row in ("erm", "exmap", "oracle_dfr"):
+        for row in ("erm", "robust", "oracle_dfr"):
             g = saved[row]["test"]["shortcut_gaps"]
             assert all(math.isfinite(g[k]) for k in ("id_acc", "bg_gap", "co_occur_obj_gap", "both_gap"))
     else:

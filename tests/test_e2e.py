@@ -12,8 +12,8 @@ from exmap_ray.cache import StageCache
 from .conftest import tiny_spec_dict
 
 REQUIRED = ["erm.test.worst_group_acc", "erm.test.mean_acc", "erm.test.per_group",
-            "exmap.test.worst_group_acc", "exmap.test.mean_acc", "exmap.test.per_group", "exmap.n_groups",
-            "exmap.ari", "exmap.nmi", "oracle_dfr.test.worst_group_acc", "oracle_dfr.test.mean_acc",
+            "robust.test.worst_group_acc", "robust.test.mean_acc", "robust.test.per_group", "robust.n_groups",
+            "robust.ari", "robust.nmi", "oracle_dfr.test.worst_group_acc", "oracle_dfr.test.mean_acc",
             "timings_s", "config", "mlflow_run_id"]
 
 
@@ -37,12 +37,12 @@ def test_run_cmnist_end_to_end(tiny_run, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     for key in REQUIRED:
         _get(res, key)
-    for row in ("erm", "exmap", "oracle_dfr"):
+    for row in ("erm", "robust", "oracle_dfr"):
         t = res[row]["test"]
         assert 0 <= t["worst_group_acc"] <= t["mean_acc"] <= 1
         assert set(t["per_group"]) == {"y<5 red", "y<5 green", "y>=5 red", "y>=5 green"}
-    assert -1 <= res["exmap"]["ari"] <= 1 and res["exmap"]["n_groups"] >= 2
-    v = res["exmap"]["val"]  # label-free (pseudo groups, classes) and oracle, on held-out val halves
+    assert -1 <= res["robust"]["ari"] <= 1 and res["robust"]["n_groups"] >= 2
+    v = res["robust"]["val"]  # label-free (pseudo groups, classes) and oracle, on held-out val halves
     assert all(0 <= v[k] <= 1 for k in ("worst_pseudo_group_acc", "worst_class_acc", "oracle_worst_group_acc"))
     assert set(res["timings_s"]) >= {"erm", "heatmaps", "clusters", "retrain"}
     assert res["config"]["model"]["backbone"] == "test_resnet"
@@ -57,7 +57,7 @@ def test_run_cmnist_end_to_end(tiny_run, tmp_path, capsys):
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(res["mlflow_run_id"])
     assert run.data.params["clustering.method"] == "spectral" and run.data.params["model.backbone"] == "test_resnet"
-    assert run.data.metrics["exmap.test.worst_group_acc"] == pytest.approx(res["exmap"]["test"]["worst_group_acc"])
+    assert run.data.metrics["robust.test.worst_group_acc"] == pytest.approx(res["robust"]["test"]["worst_group_acc"])
     assert "erm.train_loss" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "group_accuracy.png", "heatmaps_by_pseudo_group.png", "spec.resolved.json"} <= artifacts
@@ -73,7 +73,7 @@ def test_run_cmnist_end_to_end(tiny_run, tmp_path, capsys):
     events = [(r["stage"], r["event"]) for r in StageCache(cache).records()[before:]]
     assert events.count(("erm", "reused")) == 2 and ("erm", "computed") not in events
     assert ("heatmaps", "computed") not in events and ("clusters", "reused") in events
-    assert again["exmap"]["test"] == res["exmap"]["test"] and again["mlflow_run_id"] != res["mlflow_run_id"]
+    assert again["robust"]["test"] == res["robust"]["test"] and again["mlflow_run_id"] != res["mlflow_run_id"]
 
 
 def test_run_folder_dataset_of_real_images(ray_local, tmp_path, folder_dataset):
@@ -86,7 +86,7 @@ def test_run_folder_dataset_of_real_images(ray_local, tmp_path, folder_dataset):
     assert main(["run", str(spec), "--out", str(out), "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["erm"]["test"]["per_group"]) == {"y=0 place=0", "y=0 place=1", "y=1 place=0", "y=1 place=1"}
-    assert res["exmap"]["n_groups"] == 4
+    assert res["robust"]["n_groups"] == 4
     H = np.load(next((out / "cache").glob("heatmaps-*/shard-00000.npy")))
     assert H.shape[1:] == (3, 8, 8)
     assert len(list((tmp_path / "decoded").glob("*.npy"))) == 2  # val and test decoded once, shared by all stages

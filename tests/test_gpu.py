@@ -183,4 +183,4 @@ def test_demo_runs_every_stage_on_the_gpu(tmp_path):
     assert done["heatmaps"]["device"] == "cuda" and done["heatmaps"]["placements"]
     for p in done["heatmaps"]["placements"]:
         on_cuda(p)
-    assert 0.0 <= results["exmap"]["test"]["worst_group_acc"] <= 1.0
+    assert 0.0 <= results["robust"]["test"]["worst_group_acc"] <= 1.0

@@ -121,9 +121,9 @@ def test_the_pipeline_result_is_that_of_embeds_val_features(tiny_run):
     np.testing.assert_allclose(up.val_features, f, rtol=0, atol=1e-5 * np.abs(f).max())
     np.testing.assert_allclose(up.val_logits, logits, rtol=0, atol=1e-5 * np.abs(logits).max())
     again, _ = evaluate_all(spec, data, dataclasses.replace(up, val_features=f, val_logits=logits), Timer())
-    for row in ("erm", "exmap", "oracle_dfr"):
+    for row in ("erm", "robust", "oracle_dfr"):
         assert again[row]["test"] == res[row]["test"], row
-    assert again["erm"]["val_acc"] == res["erm"]["val_acc"] and again["exmap"]["val"] == res["exmap"]["val"]
+    assert again["erm"]["val_acc"] == res["erm"]["val_acc"] and again["robust"]["val"] == res["robust"]["val"]
 
 
 def _write_store(folder, H, preds, dtype, shard_size=700):

@@ -226,3 +226,18 @@ def test_a_new_plugin_with_its_own_keys_touches_its_module_alone(tmp_path):
 
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"same": True, "clusters_changed": True,
                                                                  "erm_same": True, "listed": True}
+
+
+def test_results_saved_before_the_rename_read_as_today():
+    """results.json and trial records said "exmap" for the retrain on the pseudo groups; they read as "robust"."""
+    from exmap_ray.legacy import upgrade_results
+    from exmap_ray.pipeline import format_table
+
+    t = {"worst_group_acc": 0.5, "mean_acc": 0.9, "mean_acc_train_weighted": 0.8, "per_group": {"a": 0.5}}
+    robust = {"test": t, "n_groups": 4, "k_chosen": {"global": 2}, "pseudo_group_sizes": {0: 3}, "ari": 0.2,
+              "nmi": 0.3, "worst_recovery": 1.0, "groups_source": "exmap"}
+    old = {"erm": {"test": t}, "exmap": robust, "oracle_dfr": {"test": t}}
+    new = upgrade_results(old)
+    assert set(new) == {"erm", "robust", "oracle_dfr"} and new["robust"] is robust and "exmap" in old
+    assert upgrade_results(new) is new  # today's form passes through untouched
+    assert "ExMap + DFR" in format_table(new) and "ARI 0.200" in format_table(new)

@@ -118,7 +118,7 @@ def test_sweep_nests_trials_shares_upstream_and_summarizes(tiny_run, tmp_path, c
     kids = _children(client, parent.info.run_id)
     assert len(kids) == 4 and {k.info.run_name for k in kids} == {r["trial"] for r in summary["rows"]}
     for k in kids:
-        assert k.data.params["clustering.k"] in ("2", "auto") and "exmap.val.worst_pseudo_group_acc" in k.data.metrics
+        assert k.data.params["clustering.k"] in ("2", "auto") and "robust.val.worst_pseudo_group_acc" in k.data.metrics
         assert "group_accuracy.png" in {a.path for a in client.list_artifacts(k.info.run_id)}
 
     # an existing sweep is not overwritten without --resume
@@ -236,7 +236,7 @@ def test_model_based_searcher_samples_choices_and_names_trials(tiny_run, tmp_pat
         assert 2 <= r["config.retrain.dfr.n_final_fits"] < 5
         assert r["trial"].startswith("run_trial_") and "/" not in r["trial"]
     results = [json.loads(f.read_text()) for f in out.glob("trial_results/*.json")]
-    assert results and all(res["exmap"]["dfr_C"] in (1.0, 0.1, 0.3) for res in results)  # the grid reached DFR
+    assert results and all(res["robust"]["dfr_C"] in (1.0, 0.1, 0.3) for res in results)  # the grid reached DFR
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     kids = _children(client, summary["mlflow_parent_run_id"])
     # a searcher may propose a point twice; the repeat reports the first trial's results, so the

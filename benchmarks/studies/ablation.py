@@ -74,7 +74,7 @@ def run_all(out: Path, cache_dir: Path, seeds: list[int]) -> None:
                         except Exception as e:  # noqa: BLE001  (a cell that cannot run is reported, not fatal)
                             row = {"cell": cell, "error": f"{type(e).__name__}: {e}"[:500]}
                         else:
-                            ex = res["exmap"]
+                            ex = res["robust"]
                             row = {"cell": cell, "test_wga": ex["test"]["worst_group_acc"],
                                    "test_mean_acc": ex["test"]["mean_acc"], "worst_recovery": ex.get("worst_recovery"),
                                    "k": ex["k_chosen"], "n_groups": ex["n_groups"],

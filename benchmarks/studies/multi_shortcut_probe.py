@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exmap_ray.clustering import Rows
+from exmap_ray.clustering import ChunkedRows
 from exmap_ray.clustering.clusterers import spectral_clusters
 from exmap_ray.groups.formation import merge_small
 from exmap_ray.data import build_dataset
@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     store = HeatmapShards(hm.dir)
     data = build_dataset(spec.dataset, spec.seed)
     y, g, names = data.val.y, data.val.group, data.group_names
-    reps = {"heatmaps": Rows(store.load(), True).materialize(), "features": Rows(store.features(), True).materialize()}
+    reps = {"heatmaps": ChunkedRows(store.load(), True).materialize(),
+            "features": ChunkedRows(store.features(), True).materialize()}
     reps["heatmaps+features"] = side_by_side(store.load(), store.features())  # the pipeline's input `both`
     cspec, min_size = spec.clustering, spec.clustering.min_group_size
     print(f"{spec.name} seed {spec.seed}: {len(y)} val images; true group sizes "

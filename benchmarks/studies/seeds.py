@@ -37,7 +37,7 @@ def main() -> None:
         res = run_pipeline(spec, args.out / f"seed{seed}", data=preflight(spec))
         per_seed.append(res)
         print(json.dumps({"seed": seed, **{k: res[k]["test"]["worst_group_acc"] for _, k in ROWS},
-                          "ari": res["exmap"]["ari"], "n_groups": res["exmap"]["n_groups"],
+                          "ari": res["robust"]["ari"], "n_groups": res["robust"]["n_groups"],
                           "seconds": sum(res["timings_s"].values())}), flush=True)
     ray.shutdown()
 
@@ -51,7 +51,7 @@ def main() -> None:
         t = [r[key]["test"] for r in per_seed]
         print(f"| {name} | {ms([x['worst_group_acc'] for x in t])} | {ms([x['mean_acc'] for x in t])} | "
               f"{ms([x['mean_acc_train_weighted'] for x in t])} |")
-    e = [r["exmap"] for r in per_seed]
+    e = [r["robust"] for r in per_seed]
     print(f"\nExMap pseudo groups vs true val groups: ARI {ms([x['ari'] for x in e])}, "
           f"NMI {ms([x['nmi'] for x in e])}, worst-group recovery {ms([x['worst_recovery'] for x in e])}, "
           f"groups per seed {[x['n_groups'] for x in e]}")

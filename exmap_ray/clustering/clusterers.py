@@ -17,7 +17,7 @@
 Nothing here is specific to heatmaps: the same call clusters penultimate
 features (`clustering.input: features`, or the `features` group source).
 
-A scope of `SCALE_MIN_N` points or more, given as `Rows`, takes the scalable route for `spectral`
+A scope of `SCALE_MIN_N` points or more, given as `ChunkedRows`, takes the scalable route for `spectral`
 (and `kmeans`'s k = auto): the anchor-graph spectrum of scale.py, streamed in chunks, never a whole copy.
 Below it the exact path runs unchanged (docs/cluster_scale.md has the measured agreement and times).
 """
@@ -33,7 +33,7 @@ from ..options import opt, positive
 from ..registry import Registry
 from .kmeans import kmeans
 from . import scale
-from .scale import Rows, anchor_spectrum
+from .scale import ChunkedRows, anchor_spectrum
 from .spectral import N_EIGS, eigengap_k, knn_affinity, laplacian_spectrum
 
 SILHOUETTE_SAMPLE = 4000  # kmeans_silhouette scores at most this many points (silhouette is O(n^2))
@@ -141,7 +141,7 @@ def kmeans_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
     return kmeans(X, k, cspec.niter, cspec.nredo, seed), info
 
 
-def _anchor_k(rows: Rows, cspec, seed: int, info: dict):
+def _anchor_k(rows: ChunkedRows, cspec, seed: int, info: dict):
     """The scalable `_eigengap`: the anchor graph's spectrum (see scale.py)."""
     n_eig = N_EIGS if cspec.k == "auto" else max(N_EIGS, int(cspec.k) + 1)
     spec = anchor_spectrum(rows, seed, n_eig=n_eig)
@@ -152,7 +152,7 @@ def _anchor_k(rows: Rows, cspec, seed: int, info: dict):
     return k, spec
 
 
-def _spectral_anchor(rows: Rows, cspec, seed: int) -> tuple[np.ndarray, dict]:
+def _spectral_anchor(rows: ChunkedRows, cspec, seed: int) -> tuple[np.ndarray, dict]:
     """`spectral` above SCALE_MIN_N: the anchor graph's eigenvectors, row-normalised, then k-means."""
     info: dict = {}
     k, spec = _anchor_k(rows, cspec, seed, info)
@@ -161,7 +161,7 @@ def _spectral_anchor(rows: Rows, cspec, seed: int) -> tuple[np.ndarray, dict]:
     return kmeans(emb, k, cspec.niter, cspec.nredo, seed), info
 
 
-def _kmeans_large(rows: Rows, cspec, seed: int) -> tuple[np.ndarray, dict]:
+def _kmeans_large(rows: ChunkedRows, cspec, seed: int) -> tuple[np.ndarray, dict]:
     """`kmeans` above SCALE_MIN_N: k = auto from the anchor spectrum; FAISS k-means on one copy of the rows."""
     info: dict = {}
     k = _anchor_k(rows, cspec, seed, info)[0] if cspec.k == "auto" else cspec.k
@@ -229,16 +229,16 @@ def gmm_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
     return labels.astype(np.int64), info
 
 
-def cluster(X: np.ndarray | Rows, cspec, seed: int) -> tuple[np.ndarray, dict]:
+def cluster(X: np.ndarray | ChunkedRows, cspec, seed: int) -> tuple[np.ndarray, dict]:
     """Cluster one scope's points with the registered `cspec.method`; labels 0..k-1 and what was chosen.
 
-    `X` is an (n, d) array, or `Rows` (chunked, maybe memmapped): those of SCALE_MIN_N points or
+    `X` is an (n, d) array, or `ChunkedRows` (chunked, maybe memmapped): those of SCALE_MIN_N points or
     more take the method's `SCALABLE` route where it has one, and the others are copied in once.
     """
     n = len(X)
     if n < 2:
         return np.zeros(n, np.int64), {"k": 1, "n": n}
-    if isinstance(X, Rows):
+    if isinstance(X, ChunkedRows):
         if n >= scale.SCALE_MIN_N and cspec.method in SCALABLE:
             labels, info = SCALABLE[cspec.method](X, cspec, seed)
             return np.asarray(labels, np.int64), {"n": n, **info}

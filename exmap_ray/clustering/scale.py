@@ -1,8 +1,9 @@
-"""Clustering millions of heatmaps: chunked rows (memmaps, shards) and an anchor-graph spectrum.
+"""Clustering millions of heatmaps: an anchor-graph spectrum over chunked rows (exmap_ray/chunked.py).
 
-    from exmap_ray.clustering.scale import Rows, anchor_spectrum, planted_heatmaps
+    from exmap_ray.chunked import ChunkedRows
+    from exmap_ray.clustering.scale import anchor_spectrum, planted_heatmaps
     H, truth = planted_heatmaps(1_000_000, minority=0.001, seed=0)   # or np.load(path, mmap_mode="r")
-    spec = anchor_spectrum(Rows(H, normalize=True), seed=0)          # 13 eigenvalues + an embedder
+    spec = anchor_spectrum(ChunkedRows(H, normalize=True), seed=0)   # 13 eigenvalues + an embedder
     emb = spec.embed(k)                                              # (N, k) rows for k-means
 
 `clustering.pseudo_groups` uses this above `SCALE_MIN_N` points per scope; below it the
@@ -34,13 +35,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import faiss
 import numpy as np
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 
+from ..chunked import CHUNK_ROWS, ChunkedRows
 from . import device
 
 # at or above this many points a scope takes the anchor path (the exact kNN graph costs ~7 s at 50k, 25 s at 100k)
@@ -53,14 +54,6 @@ ANCHOR_MIN_ROWS = 5   # an anchor fewer sampled rows are nearest to is dropped (
 ANCHOR_MEAN = 3       # rows averaged into an anchor: 1 loses 0.1% minorities, ~50 splits stretched clusters
 ANCHOR_MIN_SHARE = 20  # small inputs (the forced route, tests) get at most one anchor per 20 rows
 SEED_ROUNDS = 10      # D^2 seeding picks the anchors in this many batches (k-means||-style), not one pass per anchor
-CHUNK_ROWS = 1 << 16  # rows per chunk: 65,536 x 147 float32 is 38 MB
-
-
-def normalize_rows(X: np.ndarray) -> np.ndarray:
-    """Divide each heatmap by its max |value| (the paper); all-zero rows stay zero."""
-    X = np.ascontiguousarray(X, dtype=np.float32).reshape(len(X), -1)
-    scale = np.abs(X).max(axis=1, keepdims=True)
-    return X / np.where(scale > 0, scale, 1.0)
 
 
 def float16_roundtrip(H: np.ndarray) -> np.ndarray:
@@ -74,83 +67,6 @@ def float16_roundtrip(H: np.ndarray) -> np.ndarray:
         out[lo:lo + CHUNK_ROWS] = np.asarray(H[lo:lo + CHUNK_ROWS], np.float32).reshape(-1, out.shape[1]).astype(
             np.float16).astype(np.float32)
     return out
-
-
-class Rows:
-    """An (N, ...) array, an np.memmap, or a list of such shards, read as float32 (N, d) rows in chunks.
-
-    `normalize` applies `normalize_rows` to each chunk. Nothing is copied whole unless asked
-    (`materialize`); `subset` selects rows (e.g. one class) without reading them.
-    """
-
-    def __init__(self, H: np.ndarray | Sequence[np.ndarray], normalize: bool, index: np.ndarray | None = None):
-        self.shards = [H] if isinstance(H, np.ndarray) else list(H)
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
-        self.normalize = normalize
-        self.index = None if index is None else np.asarray(index, np.int64)
-        self.d = int(np.prod(self.shards[0].shape[1:])) if self.shards else 0
-
-    def __len__(self) -> int:
-        return int(self.starts[-1]) if self.index is None else len(self.index)
-
-    def subset(self, idx: np.ndarray) -> "Rows":
-        idx = np.asarray(idx, np.int64)
-        return Rows(self.shards, self.normalize, idx if self.index is None else self.index[idx])
-
-    def _prep(self, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, np.float32).reshape(len(X), self.d)
-        return normalize_rows(X) if self.normalize else np.ascontiguousarray(X)
-
-    def _raw(self, idx: np.ndarray) -> np.ndarray:
-        """Rows at sorted global positions `idx`, shard by shard (memmaps read only those rows)."""
-        out = []
-        bounds = np.searchsorted(idx, self.starts)
-        for s, shard in enumerate(self.shards):
-            part = idx[bounds[s]:bounds[s + 1]] - self.starts[s]
-            if len(part):
-                out.append(np.asarray(shard[part], np.float32).reshape(len(part), self.d))
-        return np.concatenate(out) if len(out) != 1 else out[0]
-
-    def take(self, idx: np.ndarray) -> np.ndarray:
-        """Rows at positions `idx` (ascending) of this view, float32 (len(idx), d), normalised if asked."""
-        idx = np.asarray(idx, np.int64)
-        return self._prep(self._raw(idx if self.index is None else self.index[idx]))
-
-    def spans(self, size: int = CHUNK_ROWS) -> list[tuple[int, int]]:
-        """(start, stop) of consecutive chunks of this view, at most `size` rows, none across two shards."""
-        if self.index is not None:
-            return [(lo, min(lo + size, len(self))) for lo in range(0, len(self), size)]
-        return [(int(a) + lo, int(min(a + lo + size, b))) for a, b in zip(self.starts[:-1], self.starts[1:])
-                for lo in range(0, int(b - a), size)]
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop of this view (one span of `spans`), float32, normalised if asked."""
-        if self.index is not None:
-            return self.take(np.arange(start, stop))
-        s = int(np.searchsorted(self.starts, start, side="right")) - 1
-        return self._prep(self.shards[s][start - self.starts[s]:stop - self.starts[s]])
-
-    def chunks(self, size: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, float32 rows) for consecutive chunks of this view."""
-        for lo, hi in self.spans(size):
-            yield lo, self.read(lo, hi)
-
-    def materialize(self) -> np.ndarray:
-        """All rows as one float32 (N, d) array: the exact path's input (one copy)."""
-        if len(self.shards) == 1 and self.index is None:
-            H = self.shards[0]
-            return normalize_rows(H) if self.normalize else np.ascontiguousarray(H, np.float32).reshape(len(H), -1)
-        out = np.empty((len(self), self.d), np.float32)
-        for lo, X in self.chunks():
-            out[lo:lo + len(X)] = X
-        return out
-
-    def mean(self, idx: np.ndarray) -> np.ndarray:
-        """Mean of the rows at positions `idx` (ascending), accumulated in float64 over chunks."""
-        total = np.zeros(self.d)
-        for lo in range(0, len(idx), CHUNK_ROWS):
-            total += self.take(idx[lo:lo + CHUNK_ROWS]).sum(0, dtype=np.float64)
-        return (total / max(len(idx), 1)).astype(np.float32)
 
 
 def d2_seed(X: np.ndarray, m: int, rng: np.random.Generator, rounds: int = SEED_ROUNDS) -> np.ndarray:
@@ -223,7 +139,7 @@ class NearestAnchors:
         return D.cpu().numpy(), I.cpu().numpy()
 
 
-def pick_anchors(rows: Rows, m: int, seed: int, q: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pick_anchors(rows: ChunkedRows, m: int, seed: int, q: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Up to m anchors, (m', d) float32, and the positions in `rows` of the rows averaged into each,
     (m', q): from a uniform sample of ANCHOR_SAMPLE * m rows, m rows picked by D^2 sampling, each
     averaged with its q - 1 nearest sampled rows. An anchor that fewer than ANCHOR_MIN_ROWS sampled
@@ -247,7 +163,7 @@ def pick_anchors(rows: Rows, m: int, seed: int, q: int | None = None) -> tuple[n
     return np.ascontiguousarray(anchors[keep], np.float32), at[near[keep]]
 
 
-def link_rows(rows: Rows, search: NearestAnchors, d2: np.ndarray, nbr: np.ndarray) -> None:
+def link_rows(rows: ChunkedRows, search: NearestAnchors, d2: np.ndarray, nbr: np.ndarray) -> None:
     """Fill d2 and nbr (N, r) with each row's nearest anchors, chunk by chunk. On the CPU the chunks
     (read, normalised, searched) go to one Python thread per core, each running FAISS and BLAS on one
     thread: their own threads spin on shared cores (see `clustering.kmeans_joint`)."""
@@ -286,7 +202,7 @@ class AnchorSpectrum:
         return out
 
 
-def anchor_spectrum(rows: Rows, seed: int, n_eig: int = 13, m: int | None = None, r: int | None = None
+def anchor_spectrum(rows: ChunkedRows, seed: int, n_eig: int = 13, m: int | None = None, r: int | None = None
                     ) -> AnchorSpectrum:
     """The anchor graph of `rows` (see the module docstring) and its `n_eig` smallest Laplacian eigenvalues;
     m and r default to N_ANCHORS and ANCHOR_NN as they are at the call."""
@@ -331,7 +247,7 @@ def planted_heatmaps(n: int, minority: float = 0.01, noise: float = 0.35, seed: 
     """Heatmap-like planted data, (n, 3, 7, 7) float32, and its planted group (0..3) per row.
 
     Two classes, each with its own 7x7 relevance blob; a shortcut colour channel (0 or 1) that
-    agrees with the class except on a `minority` fraction. Group = class * 2 + channel. Rows are
+    agrees with the class except on a `minority` fraction. Group = class * 2 + channel. ChunkedRows are
     written chunk by chunk into `out` when given (e.g. an np.memmap for 10M rows).
     """
     rng = np.random.default_rng(seed)
@@ -357,7 +273,7 @@ def planted_centres(n: int, flip: float = 0.01, noise: float = 0.6, d: int = 147
     Class y is fair; a pattern equals y except on a `flip` fraction; each row is one of two N(0, I)
     centres, picked by the pattern, plus `noise` * N(0, I). Dividing each row by its max |value|
     (the paper's normalisation) stretches each cluster along its centre, so a graph that follows
-    the data's top principal directions splits it (issue 31). Rows are written chunk by chunk into
+    the data's top principal directions splits it (issue 31). ChunkedRows are written chunk by chunk into
     `out` when given (an np.memmap for 10M rows).
     """
     rng = np.random.default_rng(seed)

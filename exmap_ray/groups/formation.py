@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from ..clustering import Rows, cluster, scale
+from ..clustering import ChunkedRows, cluster, scale
 from ..errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def _each_chunk(H):
     """(N, d) float32 chunks of an array, memmap or list of shards, as stored (not normalised)."""
-    return (X for _, X in Rows(H, normalize=False).chunks())
+    return (X for _, X in ChunkedRows(H, normalize=False).chunks())
 
 
 def _n_rows(H) -> int:
@@ -70,7 +70,7 @@ def channel_sums(H) -> np.ndarray:
                         f"shape (N, channels, height, width); these are {shapes or 'empty'} per point. Set "
                         f"clustering.cross_spatial: none (every shipped heatmaps.method gives that shape; with "
                         f"gradcam's single channel the crossing changes nothing)")
-    rows = Rows(shards, normalize=False)
+    rows = ChunkedRows(shards, normalize=False)
     c = shards[0].shape[1]
     out = np.empty((len(rows), rows.d // c), np.float32)
     for lo, X in rows.chunks():
@@ -79,8 +79,8 @@ def channel_sums(H) -> np.ndarray:
 
 
 def _scope_rows(H, normalize: bool):
-    """What the clusterer reads: one in-memory copy below SCALE_MIN_N rows (the exact path), else `Rows`."""
-    rows = Rows(H, normalize)
+    """What the clusterer reads: one in-memory copy below SCALE_MIN_N rows (the exact path), else `ChunkedRows`."""
+    rows = ChunkedRows(H, normalize)
     return rows.materialize() if len(rows) < scale.SCALE_MIN_N else rows
 
 
@@ -161,12 +161,13 @@ def keep_hard_parts(y: np.ndarray, cluster_of: np.ndarray, part: np.ndarray,
     return out, kept
 
 
-def merge_small(X: np.ndarray | Rows, y: np.ndarray, cluster_of: np.ndarray, min_size: int) -> tuple[np.ndarray, list]:
+def merge_small(X: np.ndarray | ChunkedRows, y: np.ndarray, cluster_of: np.ndarray,
+                min_size: int) -> tuple[np.ndarray, list]:
     """Merge (class, cluster) groups under `min_size` into the nearest same-class group by centroid.
 
     DFR subsamples every group to the smallest one, so a 2-member fragment would
     leave it 2 examples per group. A class with a single group is left alone.
-    Centroids are kept until their group changes (`Rows`: one chunked read per group).
+    Centroids are kept until their group changes (`ChunkedRows`: one chunked read per group).
     """
     cluster_of = cluster_of.copy()
     merges = []
@@ -182,7 +183,7 @@ def merge_small(X: np.ndarray | Rows, y: np.ndarray, cluster_of: np.ndarray, min
             def centroid(k):
                 if k not in cache:
                     members = idx[cluster_of[idx] == k]
-                    cache[k] = X.mean(members) if isinstance(X, Rows) else X[members].mean(0)
+                    cache[k] = X.mean(members) if isinstance(X, ChunkedRows) else X[members].mean(0)
                 return cache[k]
             others = [k for k in ks if k != small]
             target = min(others, key=lambda k: float(((centroid(k) - centroid(small)) ** 2).sum()))

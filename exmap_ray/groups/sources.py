@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..clustering import Rows
+from ..clustering import ChunkedRows
 from ..errors import UserError
 from ..options import opt
 from ..registry import Registry
@@ -124,7 +124,7 @@ def side_by_side(H, F) -> np.ndarray:
     N x (heatmap size + feature width) float32 (at a million 3x7x7 heatmaps and 512 features, 2.6 GB)."""
     check_heatmaps(H)
     check_rows(F, "features")
-    return np.hstack([Rows(H, True).materialize(), Rows(F, True).materialize()])
+    return np.hstack([ChunkedRows(H, True).materialize(), ChunkedRows(F, True).materialize()])
 
 
 @GROUP_SOURCES.register("features", needs=("val_features",))

@@ -92,10 +92,10 @@ def computed_twice(recs: list[dict]) -> list[str]:
 
 def assert_same_results(got: dict, want: dict) -> None:
     want = json.loads(json.dumps(want, default=str))  # as read back from results.json
-    for row in ("erm", "exmap", "oracle_dfr"):
+    for row in ("erm", "robust", "oracle_dfr"):
         assert got[row]["test"] == want[row]["test"], row
-    assert got["exmap"]["k_chosen"] == want["exmap"]["k_chosen"]
-    assert got["exmap"]["pseudo_group_sizes"] == want["exmap"]["pseudo_group_sizes"]
+    assert got["robust"]["k_chosen"] == want["robust"]["k_chosen"]
+    assert got["robust"]["pseudo_group_sizes"] == want["robust"]["pseudo_group_sizes"]
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, clu
     with np.load(io.BytesIO(s3_read(c, "run/selection.npz"))) as z, np.load(local_out / "selection.npz") as w:
         np.testing.assert_array_equal(z["pseudo_groups"], w["pseudo_groups"])  # the same pseudo groups
         np.testing.assert_array_equal(z["heldout_pred"], w["heldout_pred"])
-    assert got["exmap"]["dfr_C"] == want["exmap"]["dfr_C"] and got["exmap"]["ari"] == want["exmap"]["ari"]
+    assert got["robust"]["dfr_C"] == want["robust"]["dfr_C"] and got["robust"]["ari"] == want["robust"]["ari"]
     # every stage folder, its done marker, the shards the actors wrote and the plots are in the bucket
     files = s3_list(c, "")
     for stage in ("erm", "features", "heatmaps", "clusters"):
@@ -167,7 +167,7 @@ def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, clu
 
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="results.json",
                                                 tracking_uri=c.tracking_uri)
-    assert json.loads(open(local).read())["exmap"]["test"] == got["exmap"]["test"]  # read through the server
+    assert json.loads(open(local).read())["robust"]["test"] == got["robust"]["test"]  # read through the server
     assert any(p.startswith("mlartifacts/") and p.endswith("results.json") for p in files)  # stored in the bucket
 
 

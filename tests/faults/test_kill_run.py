@@ -60,7 +60,7 @@ def test_run_killed_mid_stage_resumes(tiny_run, tmp_path, capsys, caplog):
     assert ("erm", "computed") not in after and after.count(("features", "computed")) == 1
     assert ("heatmaps", "computed") in new  # the half-written one: cleared and redone
     assert any("clearing unfinished attempt" in m for m in caplog.messages)
-    assert json.loads((out / "results.json").read_text())["exmap"]["n_groups"] >= 2
+    assert json.loads((out / "results.json").read_text())["robust"]["n_groups"] >= 2
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])

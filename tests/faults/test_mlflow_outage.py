@@ -192,14 +192,14 @@ def test_server_killed_mid_run_then_sync(tiny_run, tmp_path, capfd, caplog):
         fresh = MlflowClient(other).get_run(new_id)
         assert fresh.info.status == "FINISHED" and fresh.data.tags["exmap_ray.synced_from"] == str(copy.resolve())
         assert MlflowClient(other).get_experiment(fresh.info.experiment_id).name == "tiny"
-        assert fresh.data.metrics["exmap.test.worst_group_acc"] == pytest.approx(
-            results["exmap"]["test"]["worst_group_acc"])
+        assert fresh.data.metrics["robust.test.worst_group_acc"] == pytest.approx(
+            results["robust"]["test"]["worst_group_acc"])
 
         # the server comes back on the same db; sync needs no flags (the URI is in OUT/tracking.json)
         server.start()
         client = MlflowClient(server.uri)
         assert client.get_run(run_id).info.status == "RUNNING"  # left open when the server died
-        assert "exmap.test.worst_group_acc" not in client.get_run(run_id).data.metrics
+        assert "robust.test.worst_group_acc" not in client.get_run(run_id).data.metrics
         rc, stdout, stderr = _sync_cli(capfd, str(out))
         assert rc == 0, stderr[-3000:]
         assert "completed the original run" in stdout and run_id in stdout
@@ -207,10 +207,10 @@ def test_server_killed_mid_run_then_sync(tiny_run, tmp_path, capfd, caplog):
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         m = run.data.metrics
-        for row in ("erm", "exmap", "oracle_dfr"):
+        for row in ("erm", "robust", "oracle_dfr"):
             for key in ("worst_group_acc", "mean_acc", "mean_acc_train_weighted"):
                 assert m[f"{row}.test.{key}"] == pytest.approx(results[row]["test"][key])
-        assert m["exmap.ari"] == pytest.approx(results["exmap"]["ari"])
+        assert m["robust.ari"] == pytest.approx(results["robust"]["ari"])
         assert m["timings_s.erm"] == pytest.approx(results["timings_s"]["erm"])
         assert [h.step for h in client.get_metric_history(run_id, "erm.train_loss")] == [1]  # 1 epoch, once
         assert run.data.params["clustering.method"] == "spectral"
@@ -222,7 +222,7 @@ def test_server_killed_mid_run_then_sync(tiny_run, tmp_path, capfd, caplog):
         # again: nothing left to do
         rc, stdout, _ = _sync_cli(capfd, str(out))
         assert rc == 0 and "nothing to sync" in stdout
-        assert len(client.get_metric_history(run_id, "exmap.test.worst_group_acc")) == 1
+        assert len(client.get_metric_history(run_id, "robust.test.worst_group_acc")) == 1
     finally:
         killed.set()
         server.kill()
@@ -272,7 +272,7 @@ def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path, capsys):
         for r in summary["rows"]:
             k = by_name[r["trial"]]
             assert k.info.status == "FINISHED"
-            assert k.data.metrics["exmap.test.worst_group_acc"] == pytest.approx(r["test_worst_group_acc"])
+            assert k.data.metrics["robust.test.worst_group_acc"] == pytest.approx(r["test_worst_group_acc"])
         assert not list(out.rglob("mlflow_pending.json"))
         assert sync(out)["status"] == "nothing pending"
     finally:
