@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # takes about half the time of one process (docs/benchmarks.md). PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint install lock clean
+.PHONY: demo test lint format install lock clean
 
 # On Python 3.11 the install takes the versions in constraints.txt (what the suite last passed with);
 # on another Python, the newest that pyproject.toml's ranges allow.
@@ -38,12 +38,18 @@ demo: $(STAMP)
 # pytest exits 5 when it collected no tests: that must fail, not pass quietly.
 test: $(STAMP)
 	$(VENV)/bin/ruff check exmap_ray tests benchmarks
+	$(VENV)/bin/ruff format --check exmap_ray tests benchmarks
 	@RAY_AUTH_MODE=disabled $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing" >&2; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# ruff's checks alone (make test runs them first); settings in pyproject.toml, [tool.ruff]
+# ruff's checks and format check alone (make test runs them first); settings in pyproject.toml, [tool.ruff]
 lint: $(STAMP)
 	$(VENV)/bin/ruff check exmap_ray tests benchmarks
+	$(VENV)/bin/ruff format --check exmap_ray tests benchmarks
+
+# rewrite the code in the house style (what `ruff format --check` in make test asks for)
+format: $(STAMP)
+	$(VENV)/bin/ruff format exmap_ray tests benchmarks

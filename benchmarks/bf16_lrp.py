@@ -25,6 +25,7 @@ precisions explain as the same class:
   stage.
 Figures are printed, never asserted. Times are CPU times on a shared machine: not a GPU's figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,10 @@ from exmap_ray.models import create_model, embed, load_checkpoint  # noqa: E402
 from exmap_ray.spec import from_dict  # noqa: E402
 from exmap_ray.stages import group_context  # noqa: E402
 
-OTHER_RULE = {"gamma": {"conv_rule": "alpha_beta", "alpha": 2.0, "beta": 1.0},
-              "alpha_beta": {"conv_rule": "gamma", "gamma": 4.0}}
+OTHER_RULE = {
+    "gamma": {"conv_rule": "alpha_beta", "alpha": 2.0, "beta": 1.0},
+    "alpha_beta": {"conv_rule": "gamma", "gamma": 4.0},
+}
 
 
 def layer_errors(model, hspec, x: torch.Tensor) -> tuple[float, float]:
@@ -80,14 +83,15 @@ def explain_all(lrp: LRP, images, batch: int, downsize: int | None):
     for x in DataLoader(images, batch_size=batch, shuffle=False):
         e = lrp.explain(x)
         maps.append(e.relevance.float())
-        small.append(F.interpolate(e.relevance.float(), size=(downsize, downsize), mode="bilinear",
-                                   align_corners=False) if downsize and e.relevance.shape[-1] != downsize
-                     else e.relevance.float())
+        small.append(
+            F.interpolate(e.relevance.float(), size=(downsize, downsize), mode="bilinear", align_corners=False)
+            if downsize and e.relevance.shape[-1] != downsize
+            else e.relevance.float()
+        )
         preds.append(e.pred)
         feats.append(e.features)
         logits.append(e.logits)
-    return (torch.cat(maps), torch.cat(small), torch.cat(preds), torch.cat(feats).numpy(),
-            torch.cat(logits).numpy())
+    return (torch.cat(maps), torch.cat(small), torch.cat(preds), torch.cat(feats).numpy(), torch.cat(logits).numpy())
 
 
 def per_image(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -113,8 +117,11 @@ def trained_model(run_dir: Path, backbone: str, n_classes: int):
         results = json.loads((run_dir / "results.json").read_text())
         erm = Path(results["cache"]["erm"]["dir"])
         epochs = len(json.loads((erm / "history.json").read_text()))
-        return (load_checkpoint(backbone, n_classes, erm / "model.pt"), results,
-                f"ERM {epochs} epochs, test WGA {results['erm']['test']['worst_group_acc']:.3f}")
+        return (
+            load_checkpoint(backbone, n_classes, erm / "model.pt"),
+            results,
+            f"ERM {epochs} epochs, test WGA {results['erm']['test']['worst_group_acc']:.3f}",
+        )
     ckpts = sorted(run_dir.glob("cache/erm-*/ray_train/erm/checkpoint_*/state.pt"))
     if not ckpts:
         raise SystemExit(f"bf16_lrp: {run_dir} has neither results.json nor an ERM checkpoint")
@@ -122,8 +129,11 @@ def trained_model(run_dir: Path, backbone: str, n_classes: int):
     model = create_model(backbone, n_classes)
     model.load_state_dict(state["model"])
     hist = json.loads((ckpts[-1].parent / "history.json").read_text())[-1]
-    return (model.eval(), None, f"an unfinished run: ERM checkpoint after epoch {state['epoch'] + 1}, "
-            f"val acc {hist['val_acc']:.3f}")
+    return (
+        model.eval(),
+        None,
+        f"an unfinished run: ERM checkpoint after epoch {state['epoch'] + 1}, val acc {hist['val_acc']:.3f}",
+    )
 
 
 def run_one(run_dir: Path, n: int | None, batch: int, both: bool) -> None:
@@ -142,12 +152,14 @@ def run_one(run_dir: Path, n: int | None, batch: int, both: bool) -> None:
     images = torch.utils.data.Subset(val.images, idx)
     y, true = val.y[idx], val.group[idx]
     size = spec.dataset.image_size or 28
-    print(f"\n## {spec.model.backbone} at {size} px, C-MNIST ({run_dir}; {trained}), {n} val images, "
-          f"downsize {spec.heatmaps.downsize}")
+    print(
+        f"\n## {spec.model.backbone} at {size} px, C-MNIST ({run_dir}; {trained}), {n} val images, "
+        f"downsize {spec.heatmaps.downsize}"
+    )
     h = spec.heatmaps
     own = f" {h.gamma:g}" if h.conv_rule == "gamma" else f" {h.alpha:g}/{h.beta:g}"
     other = OTHER_RULE[h.conv_rule]
-    rules = [("spec: " + h.conv_rule + own, {}), ("other: " + other["conv_rule"], other)][:2 if both else 1]
+    rules = [("spec: " + h.conv_rule + own, {}), ("other: " + other["conv_rule"], other)][: 2 if both else 1]
     probe = next(iter(DataLoader(images, batch_size=min(16, n), shuffle=False)))
     f32, _ = embed(model, images, precision="fp32")
     f16, _ = embed(model, images, precision="bf16")
@@ -171,23 +183,30 @@ def run_one(run_dir: Path, n: int | None, batch: int, both: bool) -> None:
         cos_s, rel_s = per_image(a["small"][same], b["small"][same])
         fe = np.abs(b["feat"] - a["feat"]).max() / np.abs(a["feat"]).max()
         print(f"\n### {label}")
-        print(f"- same explained class: {same.sum()}/{n}; CPU seconds fp32 {a['secs']:.0f}, "
-              f"bf16 {b['secs']:.0f}")
-        print(f"- total relevance (seed 1): fp32 median {np.median(tot_a):.4f}, "
-              f"bf16 median {np.median(tot_b):.4f}; "
-              f"|bf16 - fp32| {qmax(np.abs(tot_b - tot_a))}")
+        print(f"- same explained class: {same.sum()}/{n}; CPU seconds fp32 {a['secs']:.0f}, bf16 {b['secs']:.0f}")
+        print(
+            f"- total relevance (seed 1): fp32 median {np.median(tot_a):.4f}, "
+            f"bf16 median {np.median(tot_b):.4f}; "
+            f"|bf16 - fp32| {qmax(np.abs(tot_b - tot_a))}"
+        )
         f_ratio, b_err = layer_errors(model, dataclasses.replace(h, **keys), probe)
-        print(f"- each conv's own bf16 error, the largest over the layers ({len(probe)} images): forward "
-              f"{f_ratio:.2f}x a plain bf16 conv's; backward conservation vs fp32's rule {b_err:.1e} "
-              f"of sum|R_out|")
+        print(
+            f"- each conv's own bf16 error, the largest over the layers ({len(probe)} images): forward "
+            f"{f_ratio:.2f}x a plain bf16 conv's; backward conservation vs fp32's rule {b_err:.1e} "
+            f"of sum|R_out|"
+        )
         print(f"- full maps: cosine {q(cos)}; rel. L2 error {qmax(rel)}")
         print(f"- downsized maps: cosine {q(cos_s)}; rel. L2 error {qmax(rel_s)}")
-        print(f"- features of the LRP forward: max |bf16 - fp32| / max |fp32| = {fe:.2e} "
-              f"(a plain bf16 forward, "
-              f"models.embed: {plain:.2e})")
-        print(f"- pseudo groups: fp32 {len(np.unique(a['groups']))}, bf16 {len(np.unique(b['groups']))}; "
-              f"ARI(fp32, bf16) {ari(a['groups'], b['groups']):.4f}; ARI with true groups: fp32 "
-              f"{ari(true, a['groups']):.4f}, bf16 {ari(true, b['groups']):.4f}")
+        print(
+            f"- features of the LRP forward: max |bf16 - fp32| / max |fp32| = {fe:.2e} "
+            f"(a plain bf16 forward, "
+            f"models.embed: {plain:.2e})"
+        )
+        print(
+            f"- pseudo groups: fp32 {len(np.unique(a['groups']))}, bf16 {len(np.unique(b['groups']))}; "
+            f"ARI(fp32, bf16) {ari(a['groups'], b['groups']):.4f}; ARI with true groups: fp32 "
+            f"{ari(true, a['groups']):.4f}, bf16 {ari(true, b['groups']):.4f}"
+        )
         if not keys and n == len(val) and results is not None:
             run_groups = np.load(Path(results["cache"]["clusters"]["dir"]) / "pseudo_groups.npy")
             print(f"- check: fp32 groups vs the run's clusters stage: ARI {ari(run_groups, a['groups']):.4f}")
@@ -195,10 +214,19 @@ def run_one(run_dir: Path, n: int | None, batch: int, both: bool) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="append", type=Path, required=True,
-                    help="an `exmap-ray run` folder (finished, or stopped after an ERM epoch)")
-    ap.add_argument("--n", type=int, default=None, help="the first N val images and the two smallest true "
-                                                        "groups' (default: all val)")
+    ap.add_argument(
+        "--run",
+        action="append",
+        type=Path,
+        required=True,
+        help="an `exmap-ray run` folder (finished, or stopped after an ERM epoch)",
+    )
+    ap.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="the first N val images and the two smallest true groups' (default: all val)",
+    )
     ap.add_argument("--spec-rule-only", action="store_true", help="only the spec's conv rule")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)

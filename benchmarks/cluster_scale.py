@@ -30,6 +30,7 @@ Cases:
 `--anchor-mean Q` sets the rows averaged into each anchor (default 3) for the anchor route's cases.
 Figures are printed (one JSON line per case, then a markdown table), never asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,17 @@ from pathlib import Path
 
 import numpy as np
 
-SIZES = {"10k": 10_000, "20k": 20_000, "60k": 60_000, "100k": 100_000, "240k": 240_000, "300k": 300_000,
-         "1M": 1_000_000, "3M": 3_000_000, "10M": 10_000_000}
+SIZES = {
+    "10k": 10_000,
+    "20k": 20_000,
+    "60k": 60_000,
+    "100k": 100_000,
+    "240k": 240_000,
+    "300k": 300_000,
+    "1M": 1_000_000,
+    "3M": 3_000_000,
+    "10M": 10_000_000,
+}
 
 
 def minority_for(n: int) -> float:
@@ -115,8 +125,14 @@ def knn_ivf(X: np.ndarray, seed: int) -> dict:
     C.data[:] = 1.0
     t1 = time.time()
     eig, _ = laplacian_spectrum(((C + C.T) * 0.5).tocsr())
-    return {"graph_s": round(t_graph, 1), "eigsh_s": round(time.time() - t1, 1), "recall": round(recall, 4),
-            "k": eigengap_k(eig, 10), "nlist": nlist, "nprobe": 8}
+    return {
+        "graph_s": round(t_graph, 1),
+        "eigsh_s": round(time.time() - t1, 1),
+        "recall": round(recall, 4),
+        "k": eigengap_k(eig, 10),
+        "nlist": nlist,
+        "nprobe": 8,
+    }
 
 
 def run_case(case: str, path: str, n: int, out: str) -> dict:
@@ -128,6 +144,7 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
 
     if os.environ.get("ANCHOR_MEAN"):  # --anchor-mean: the rows averaged into each anchor (the trade-off)
         from exmap_ray.clustering import scale as clustering_scale
+
         clustering_scale.ANCHOR_MEAN = int(os.environ["ANCHOR_MEAN"])
 
     H = np.load(path, mmap_mode="r")
@@ -137,19 +154,27 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_SELF)
     with AnonPeak() as mem:
         if case in ("spectral", "exact", "anchor"):
-            clustering.scale.SCALE_MIN_N = {"spectral": clustering.scale.SCALE_MIN_N, "exact": 1 << 62,
-                                            "anchor": 2}[case]
+            clustering.scale.SCALE_MIN_N = {"spectral": clustering.scale.SCALE_MIN_N, "exact": 1 << 62, "anchor": 2}[
+                case
+            ]
             labels, gi = pseudo_groups(H, y, cs, seed=0)
-            info = {"k": gi["scopes"]["global"]["k"], "route": gi["scopes"]["global"].get("route", "exact"),
-                    "eig_3_5": "/".join(f"{v:.3f}" for v in gi["scopes"]["global"]["eigenvalues"][2:5])}
+            info = {
+                "k": gi["scopes"]["global"]["k"],
+                "route": gi["scopes"]["global"].get("route", "exact"),
+                "eig_3_5": "/".join(f"{v:.3f}" for v in gi["scopes"]["global"]["eigenvalues"][2:5]),
+            }
         elif case == "float16":
             labels, gi = pseudo_groups(float16_roundtrip(H), y, cs, seed=0)
             info = {"k": gi["scopes"]["global"]["k"], "route": gi["scopes"]["global"].get("route", "exact")}
         elif case == "kmeans8":
             X = normalize_rows(H)
             labels = clustering.kmeans(X, 8, niter=25, nredo=3, seed=0)
-            info = {"k": 8, "route": "joint" if n >= clustering.scale.SCALE_MIN_N
-                    and not clustering.scale._faiss_gpu() else "faiss"}
+            info = {
+                "k": 8,
+                "route": "joint"
+                if n >= clustering.scale.SCALE_MIN_N and not clustering.scale._faiss_gpu()
+                else "faiss",
+            }
         elif case == "knn_ivf":
             info = knn_ivf(normalize_rows(H), seed=0)
             labels = None
@@ -158,9 +183,12 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
     c1 = resource.getrusage(resource.RUSAGE_SELF)
     if labels is not None:
         np.save(out, labels)
-    return {"wall_s": round(time.time() - t0, 1),
-            "cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1),
-            "peak_mb": round((mem.peak - mem.base) / 2**20), **info}
+    return {
+        "wall_s": round(time.time() - t0, 1),
+        "cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1),
+        "peak_mb": round((mem.peak - mem.base) / 2**20),
+        **info,
+    }
 
 
 def worst_recovery(pseudo: np.ndarray, truth: np.ndarray) -> float:
@@ -169,22 +197,34 @@ def worst_recovery(pseudo: np.ndarray, truth: np.ndarray) -> float:
     n_true = int(truth.max()) + 1
     table = np.bincount(p.ravel() * n_true + truth, minlength=(p.max() + 1) * n_true).reshape(-1, n_true)
     owner = table.argmax(1)
-    return float(min((table[owner == g, g].sum() / table[:, g].sum())
-                     for g in range(table.shape[1]) if table[:, g].sum()))
+    return float(
+        min((table[owner == g, g].sum() / table[:, g].sum()) for g in range(table.shape[1]) if table[:, g].sum())
+    )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10k,100k,1M", help="comma list of " + ",".join(SIZES))
-    ap.add_argument("--cases", default="spectral,exact,anchor,kmeans8",
-                    help="comma list: spectral, exact, anchor, kmeans8, knn_ivf, float16")
-    ap.add_argument("--data", default="heatmaps", choices=["heatmaps", "centres"],
-                    help="planted_heatmaps (a 1%% / 0.1%% minority) or planted_centres (issue 31)")
+    ap.add_argument(
+        "--cases",
+        default="spectral,exact,anchor,kmeans8",
+        help="comma list: spectral, exact, anchor, kmeans8, knn_ivf, float16",
+    )
+    ap.add_argument(
+        "--data",
+        default="heatmaps",
+        choices=["heatmaps", "centres"],
+        help="planted_heatmaps (a 1%% / 0.1%% minority) or planted_centres (issue 31)",
+    )
     ap.add_argument("--exact-max", type=int, default=300_000, help="skip exact above this N (quadratic)")
     ap.add_argument("--dir", default=None, help="where the memmaps go (default: a temporary folder)")
     ap.add_argument("--table", default=None, help="append the markdown table to this file")
-    ap.add_argument("--anchor-mean", type=int, default=None,
-                    help="rows averaged into each anchor (clustering_scale.ANCHOR_MEAN) for this run")
+    ap.add_argument(
+        "--anchor-mean",
+        type=int,
+        default=None,
+        help="rows averaged into each anchor (clustering_scale.ANCHOR_MEAN) for this run",
+    )
     ap.add_argument("--case", nargs=4, metavar=("CASE", "PATH", "N", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
@@ -217,17 +257,24 @@ def main():
             out = os.path.join(tmp.name, f"l{n}_{case}.npy")
             load0 = os.getloadavg()[0]
             env = {**os.environ, **({"ANCHOR_MEAN": str(a.anchor_mean)} if a.anchor_mean else {})}
-            r = subprocess.run([sys.executable, __file__, "--case", case, path, str(n), out], capture_output=True,
-                               text=True, env=env)
+            r = subprocess.run(
+                [sys.executable, __file__, "--case", case, path, str(n), out], capture_output=True, text=True, env=env
+            )
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
                 res = {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"}
             else:
                 res = json.loads(r.stdout.strip().splitlines()[-1])
-            res = {"n": size, "data": a.data, "case": case, "minority": minority,
-                   **({"anchor_mean": a.anchor_mean} if a.anchor_mean else {}),
-                   "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}",
-                   "budget_mb": round((2 * n * 147 * 4) / 2**20 + 300), **res}
+            res = {
+                "n": size,
+                "data": a.data,
+                "case": case,
+                "minority": minority,
+                **({"anchor_mean": a.anchor_mean} if a.anchor_mean else {}),
+                "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}",
+                "budget_mb": round((2 * n * 147 * 4) / 2**20 + 300),
+                **res,
+            }
             if os.path.exists(out) and case != "kmeans8":
                 labels[case] = np.load(out)
                 res["ari_planted"] = round(float(adjusted_rand_score(truth, labels[case])), 4)
@@ -240,18 +287,39 @@ def main():
             print(json.dumps(res), flush=True)
             rows.append(res)
         os.remove(path)
-    cols = ["n", "data", "case", "route", "k", "wall_s", "cpu_s", "peak_mb", "budget_mb", "ari_planted",
-            "ari_vs_ref", "worst_recovery", "eig_3_5", "anchor_mean", "minority", "load", "recall", "graph_s",
-            "eigsh_s", "error"]
+    cols = [
+        "n",
+        "data",
+        "case",
+        "route",
+        "k",
+        "wall_s",
+        "cpu_s",
+        "peak_mb",
+        "budget_mb",
+        "ari_planted",
+        "ari_vs_ref",
+        "worst_recovery",
+        "eig_3_5",
+        "anchor_mean",
+        "minority",
+        "load",
+        "recall",
+        "graph_s",
+        "eigsh_s",
+        "error",
+    ]
     cols = [c for c in cols if any(c in r for r in rows)]
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     print("\n".join(md))
     if a.table:
         with open(a.table, "a") as f:
-            f.write(f"\n`python benchmarks/cluster_scale.py {' '.join(sys.argv[1:])}` "
-                    f"({time.strftime('%Y-%m-%d %H:%M')} UTC, "
-                    f"load average {os.getloadavg()[0]:.1f} at the end)\n\n" + "\n".join(md) + "\n")
+            f.write(
+                f"\n`python benchmarks/cluster_scale.py {' '.join(sys.argv[1:])}` "
+                f"({time.strftime('%Y-%m-%d %H:%M')} UTC, "
+                f"load average {os.getloadavg()[0]:.1f} at the end)\n\n" + "\n".join(md) + "\n"
+            )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ spec runs once on a local Ray with a local folder, and once through `ray job sub
 `--out s3://...`; both with resources.worker_cpus=1, so they compute the same thing. Prints a table;
 asserts nothing about time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,17 +29,37 @@ from tests.cluster.local_cluster import LocalCluster  # noqa: E402
 
 def single_node(spec: str, out: Path) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "exmap_ray.cli", "run", spec, "--out", str(out), "--quiet",
-                    "--set", "resources.worker_cpus=1"], check=True, cwd=REPO, capture_output=True,
-                   env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exmap_ray.cli",
+            "run",
+            spec,
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "resources.worker_cpus=1",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"},
+    )
     return json.loads((out / "results.json").read_text()), time.perf_counter() - t0
 
 
 def stage_bytes(c: LocalCluster, prefix: str) -> dict[str, int]:
     from pyarrow import fs as pafs
 
-    s3 = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
-                           endpoint_override=f"127.0.0.1:{c.s3_port}")
+    s3 = pafs.S3FileSystem(
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        scheme="http",
+        endpoint_override=f"127.0.0.1:{c.s3_port}",
+    )
     sizes: dict[str, int] = defaultdict(int)
     for info in s3.get_file_info(pafs.FileSelector(f"exmap/{prefix}", recursive=True)):
         if info.type == pafs.FileType.File:
@@ -60,15 +81,22 @@ def main() -> None:
         c.start()
         up = time.perf_counter() - t0
         t0 = time.perf_counter()
-        r = c.submit(f"exmap-ray run {args.spec} --quiet --out '{c.s3_uri('run')}' "
-                     f"--cache '{c.s3_uri('cache')}' --tracking-uri {c.tracking_uri} --set resources.worker_cpus=1")
+        r = c.submit(
+            f"exmap-ray run {args.spec} --quiet --out '{c.s3_uri('run')}' "
+            f"--cache '{c.s3_uri('cache')}' --tracking-uri {c.tracking_uri} --set resources.worker_cpus=1"
+        )
         wall = time.perf_counter() - t0
         if r.returncode:
             sys.exit((r.stdout + r.stderr)[-4000:])
         from pyarrow import fs as pafs
 
-        s3 = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
-                               endpoint_override=f"127.0.0.1:{c.s3_port}")
+        s3 = pafs.S3FileSystem(
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            scheme="http",
+            endpoint_override=f"127.0.0.1:{c.s3_port}",
+        )
         with s3.open_input_stream("exmap/run/results.json") as f:
             remote = json.loads(f.read())
         cache_bytes, run_bytes = stage_bytes(c, "cache"), stage_bytes(c, "run")
@@ -81,8 +109,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for stage, t in local["timings_s"].items():
         b = cache_bytes.get(stage)
-        print(f"| {stage} | {t:.2f} | {remote['timings_s'].get(stage, float('nan')):.2f} | "
-              f"{'' if b is None else f'{b:,}'} |")
+        print(
+            f"| {stage} | {t:.2f} | {remote['timings_s'].get(stage, float('nan')):.2f} | "
+            f"{'' if b is None else f'{b:,}'} |"
+        )
     print(f"| records (claims log) | | | {cache_bytes.get('records', 0):,} |")
     print(f"| run folder (results, plots, selection, spec) | | | {sum(run_bytes.values()):,} |")
 

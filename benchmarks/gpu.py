@@ -24,6 +24,7 @@ Sections, each a measured figure against a bound taken on the same model, batch 
   measured here (plus one host-to-device copy of the points on a GPU).
 Figures are printed, never asserted. Every timed figure is the median of --repeats rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.lrp_speed import small_vgg  # noqa: E402
 
 # the pipeline's defaults on a GPU: precision auto = bf16, channels_last off (erm.channels_last); --set
-GPU = {"model": "resnet50", "size": 224, "batch": 128, "precision": "bf16", "channels_last": False,
-       "erm_backbone": "resnet50", "erm_images": 4096, "erm_epochs": 3, "kmeans_n": 1_000_000, "kmeans_d": 784}
-CPU = {"model": "small_vgg", "size": 32, "batch": 128, "precision": "fp32", "channels_last": False,
-       "erm_backbone": "resnet10t", "erm_images": 2048, "erm_epochs": 3, "kmeans_n": 200_000, "kmeans_d": 147}
+GPU = {
+    "model": "resnet50",
+    "size": 224,
+    "batch": 128,
+    "precision": "bf16",
+    "channels_last": False,
+    "erm_backbone": "resnet50",
+    "erm_images": 4096,
+    "erm_epochs": 3,
+    "kmeans_n": 1_000_000,
+    "kmeans_d": 784,
+}
+CPU = {
+    "model": "small_vgg",
+    "size": 32,
+    "batch": 128,
+    "precision": "fp32",
+    "channels_last": False,
+    "erm_backbone": "resnet10t",
+    "erm_images": 2048,
+    "erm_epochs": 3,
+    "kmeans_n": 200_000,
+    "kmeans_d": 147,
+}
 
 
 def sync(device):
@@ -111,8 +132,12 @@ def bench_heatmaps(cfg, device, repeats: int) -> None:
         torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), xi)
 
     fns = {"forward+backward to input (bound)": bound}
-    rows = [("input_x_gradient", "input_x_gradient", {}), ("gradcam", "gradcam", {}),
-            ("lrp alpha2beta1", "lrp", {}), ("lrp gamma", "lrp", {"conv_rule": "gamma"})]
+    rows = [
+        ("input_x_gradient", "input_x_gradient", {}),
+        ("gradcam", "gradcam", {}),
+        ("lrp alpha2beta1", "lrp", {}),
+        ("lrp gamma", "lrp", {"conv_rule": "gamma"}),
+    ]
     for label, name, keys in rows:
         if name == "gradcam" and not hasattr(model, "forward_features"):
             continue  # Grad-CAM needs timm's forward_features / forward_head split
@@ -120,12 +145,13 @@ def bench_heatmaps(cfg, device, repeats: int) -> None:
         fns[label] = (lambda m: lambda: m(x))(method)
     t = timed_together(fns, device, repeats)
     t_bound = t["forward+backward to input (bound)"]
-    print(f"\nheatmaps: {cfg['model']} at {cfg['size']} px, batch {cfg['batch']}, {cfg['precision']}"
-          f"{', channels_last' if cfg['channels_last'] else ''}")
+    print(
+        f"\nheatmaps: {cfg['model']} at {cfg['size']} px, batch {cfg['batch']}, {cfg['precision']}"
+        f"{', channels_last' if cfg['channels_last'] else ''}"
+    )
     print(f"  {'pass':<34} {'img/s':>8} {'of the bound':>13} {'of input x gradient':>20}")
     for label, sec in t.items():
-        print(f"  {label:<34} {cfg['batch'] / sec:>8.0f} {t_bound / sec:>13.0%} "
-              f"{t['input_x_gradient'] / sec:>20.0%}")
+        print(f"  {label:<34} {cfg['batch'] / sec:>8.0f} {t_bound / sec:>13.0%} {t['input_x_gradient'] / sec:>20.0%}")
     actor_path(cfg, device, model, t["lrp alpha2beta1"], repeats)
     lrp_bf16_agreement(device)
 
@@ -151,12 +177,15 @@ def actor_path(cfg, device, model, t_method: float, repeats: int) -> None:
     sampler = ShardBatches(cfg["batch"])
     sampler.start, sampler.stop = 0, n
     loader = DataLoader(images, batch_sampler=sampler, pin_memory=device.type == "cuda")
-    method = with_features(HEATMAP_METHODS.get("lrp")(model, HeatmapSpec(precision=cfg["precision"])), model,
-                           cfg["precision"])
+    method = with_features(
+        HEATMAP_METHODS.get("lrp")(model, HeatmapSpec(precision=cfg["precision"])), model, cfg["precision"]
+    )
     sec = timed(lambda: extract_batches(method, loader, 7, str(device)), device, max(1, repeats // 2))
     alone = cfg["batch"] / t_method
-    print(f"  heatmap actor's shard path (extract_batches, {n} images, pinned={device.type == 'cuda'}): "
-          f"{n / sec:.0f} img/s, {n / sec / alone:.0%} of LRP alone ({alone:.0f} img/s)")
+    print(
+        f"  heatmap actor's shard path (extract_batches, {n} images, pinned={device.type == 'cuda'}): "
+        f"{n / sec:.0f} img/s, {n / sec / alone:.0%} of LRP alone ({alone:.0f} img/s)"
+    )
 
 
 def lrp_bf16_agreement(device) -> None:
@@ -183,9 +212,11 @@ def lrp_bf16_agreement(device) -> None:
             same = p32 == p16
             cos = F.cosine_similarity(half.flatten(1), full.flatten(1), dim=1)[same]
             tot32, tot16 = full.flatten(1).sum(1)[same], half.flatten(1).sum(1)[same]
-            print(f"    {backbone:<12} {rule:<10} cosine min {cos.min():.4f} mean {cos.mean():.4f}; "
-                  f"relevance total fp32 {tot32.mean():.4f}, bf16 {tot16.mean():.4f} "
-                  f"(max |diff| {(tot16 - tot32).abs().max():.4f}); same prediction {int(same.sum())}/16")
+            print(
+                f"    {backbone:<12} {rule:<10} cosine min {cos.min():.4f} mean {cos.mean():.4f}; "
+                f"relevance total fp32 {tot32.mean():.4f}, bf16 {tot16.mean():.4f} "
+                f"(max |diff| {(tot16 - tot32).abs().max():.4f}); same prediction {int(same.sum())}/16"
+            )
 
 
 def features_bf16_agreement(cfg, device, repeats: int) -> None:
@@ -198,8 +229,10 @@ def features_bf16_agreement(cfg, device, repeats: int) -> None:
     from exmap_ray.models import embed
     from exmap_ray.spec import HeatmapSpec
 
-    print("\nfeatures kept from each method's forward vs a plain fp32 forward (models.embed), 16 signed 64 px "
-          "images; 'max err' = max |diff| / max |value|:")
+    print(
+        "\nfeatures kept from each method's forward vs a plain fp32 forward (models.embed), 16 signed 64 px "
+        "images; 'max err' = max |diff| / max |value|:"
+    )
     for backbone in ("test_resnet", "resnet10t", "resnet18"):
         torch.manual_seed(0)
         m = timm.create_model(backbone, num_classes=2).eval()
@@ -217,8 +250,10 @@ def features_bf16_agreement(cfg, device, repeats: int) -> None:
                 f_err = ((e.features - f_ref).abs().max() / f_ref.abs().max()).item()
                 l_err = ((e.logits - l_ref).abs().max() / l_ref.abs().max()).item()
                 cos = F.cosine_similarity(e.features, f_ref, dim=1).min().item()
-                print(f"  {backbone:<12} {name:<21} {precision:<5} features max err {f_err:.1e}, cosine min "
-                      f"{cos:.5f}; logits max err {l_err:.1e}")
+                print(
+                    f"  {backbone:<12} {name:<21} {precision:<5} features max err {f_err:.1e}, cosine min "
+                    f"{cos:.5f}; logits max err {l_err:.1e}"
+                )
 
 
 # ----------------------------------------------------------------------------- ERM
@@ -232,12 +267,25 @@ def bench_erm(cfg, device, repeats: int) -> None:
     from exmap_ray.spec import from_dict
 
     size = cfg["size"] if device.type == "cuda" else None  # cmnist's own 28 px on the CPU
-    spec = from_dict({"dataset": {"name": "cmnist", "n_train": cfg["erm_images"], "n_val": 512, "n_test": 256,
-                                  "image_size": size},
-                      "model": {"backbone": cfg["erm_backbone"]},
-                      "erm": {"epochs": cfg["erm_epochs"], "batch_size": cfg["batch"], "precision": cfg["precision"],
-                              "channels_last": cfg["channels_last"]},
-                      "resources": {"gpu": device.type == "cuda"}})
+    spec = from_dict(
+        {
+            "dataset": {
+                "name": "cmnist",
+                "n_train": cfg["erm_images"],
+                "n_val": 512,
+                "n_test": 256,
+                "image_size": size,
+            },
+            "model": {"backbone": cfg["erm_backbone"]},
+            "erm": {
+                "epochs": cfg["erm_epochs"],
+                "batch_size": cfg["batch"],
+                "precision": cfg["precision"],
+                "channels_last": cfg["channels_last"],
+            },
+            "resources": {"gpu": device.type == "cuda"},
+        }
+    )
     e = spec.erm
     threads = torch.get_num_threads()
     model = create_model(spec.model.backbone, 2).to(device).train()
@@ -274,12 +322,16 @@ def bench_erm(cfg, device, repeats: int) -> None:
     hist = info["history"]
     epoch_s = [cfg["erm_images"] / h["images_per_s"] for h in hist]
     later = statistics.median(h["images_per_s"] for h in hist[1:]) if len(hist) > 1 else hist[0]["images_per_s"]
-    print(f"\nERM: {cfg['erm_backbone']} at {side} px, batch {cfg['batch']}, {cfg['precision']}"
-          f"{', channels_last' if cfg['channels_last'] else ''}, {cfg['erm_images']} images x {len(hist)} epochs")
+    print(
+        f"\nERM: {cfg['erm_backbone']} at {side} px, batch {cfg['batch']}, {cfg['precision']}"
+        f"{', channels_last' if cfg['channels_last'] else ''}, {cfg['erm_images']} images x {len(hist)} epochs"
+    )
     print(f"  bare training step (batches in memory)    {bare:>8.0f} img/s  100%")
     print(f"  Ray Train epoch (median after the first)  {later:>8.0f} img/s  {later / bare:>4.0%}")
-    print(f"  Ray Train fixed start-up: {wall - sum(epoch_s):.1f} s of a {wall:.1f} s fit "
-          f"(epochs {', '.join(f'{t:.1f}' for t in epoch_s)} s, validation and checkpoints included in the rest)")
+    print(
+        f"  Ray Train fixed start-up: {wall - sum(epoch_s):.1f} s of a {wall:.1f} s fit "
+        f"(epochs {', '.join(f'{t:.1f}' for t in epoch_s)} s, validation and checkpoints included in the rest)"
+    )
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -291,8 +343,9 @@ def bench_kmeans(cfg, device, repeats: int) -> None:
 
     n, d, k, niter = cfg["kmeans_n"], cfg["kmeans_d"], 8, 25
     rng = np.random.default_rng(0)
-    X = (rng.normal(0, 4, (k, d)).astype(np.float32)[rng.integers(0, k, n)]
-         + rng.standard_normal((n, d), dtype=np.float32))
+    X = rng.normal(0, 4, (k, d)).astype(np.float32)[rng.integers(0, k, n)] + rng.standard_normal(
+        (n, d), dtype=np.float32
+    )
     nbytes = X.nbytes
     if device.type == "cuda":
         big = torch.empty(nbytes // 4, device=device)
@@ -313,8 +366,7 @@ def bench_kmeans(cfg, device, repeats: int) -> None:
     # as clusters_task runs it: the GPU route on the stage's device (resources.gpu true), else the CPU route
     with clustering_device(str(device) if device.type == "cuda" else None):
         route = ("FAISS GPU" if faiss_gpu() else "torch") if device.type == "cuda" else "CPU"
-        t = timed(lambda: kmeans(X, k, niter=niter, nredo=1, seed=0), torch.device("cpu"),
-                  max(1, repeats // 2))
+        t = timed(lambda: kmeans(X, k, niter=niter, nredo=1, seed=0), torch.device("cpu"), max(1, repeats // 2))
     print(f"\nk-means ({route} route): {n:,} x {d} fp32, k={k}, {niter} iterations, 1 restart ({where})")
     print(f"  bandwidth bound {bound:.2f} s; exmap_ray.clustering.kmeans {t:.2f} s: {bound / t:.0%} of the bound")
 
@@ -324,10 +376,19 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="the CPU settings (also the default without CUDA)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (--cpu)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", nargs="*", choices=["heatmaps", "features", "erm", "kmeans"],
-                    default=["heatmaps", "features", "erm", "kmeans"])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override a setting, e.g. --set kmeans_n=100000 erm_images=1024 batch=64")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        choices=["heatmaps", "features", "erm", "kmeans"],
+        default=["heatmaps", "features", "erm", "kmeans"],
+    )
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set kmeans_n=100000 erm_images=1024 batch=64",
+    )
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -339,18 +400,23 @@ def main() -> int:
         from exmap_ray.resources import configure_cuda, driver_version
 
         configure_cuda("cuda:0", cfg["precision"])  # the flags every pipeline stage on a GPU runs with
-        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__} "
-              f"(CUDA {torch.version.cuda}), driver {driver_version()}")
+        print(
+            f"device: {torch.cuda.get_device_name()}; torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}), driver {driver_version()}"
+        )
     else:
         torch.set_num_threads(args.threads)
         print(f"device: CPU, {args.threads} thread(s); torch {torch.__version__}")
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    print(f"flags: cudnn.benchmark={torch.backends.cudnn.benchmark}, cudnn.allow_tf32={tf32[0]}, "
-          f"cuda.matmul.allow_tf32={tf32[1]}; settings: {', '.join(f'{k}={v}' for k, v in cfg.items())}")
+    print(
+        f"flags: cudnn.benchmark={torch.backends.cudnn.benchmark}, cudnn.allow_tf32={tf32[0]}, "
+        f"cuda.matmul.allow_tf32={tf32[1]}; settings: {', '.join(f'{k}={v}' for k, v in cfg.items())}"
+    )
     t0 = time.perf_counter()
     for section in args.only:
-        {"heatmaps": bench_heatmaps, "features": features_bf16_agreement, "erm": bench_erm,
-         "kmeans": bench_kmeans}[section](cfg, device, args.repeats)
+        {"heatmaps": bench_heatmaps, "features": features_bf16_agreement, "erm": bench_erm, "kmeans": bench_kmeans}[
+            section
+        ](cfg, device, args.repeats)
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -21,6 +21,7 @@ Python as manylinux x86_64 binaries (`pip download --no-deps --only-binary=:all:
 Unpacked into a folder put first on PYTHONPATH it imports as installed (the .dist-info folders are kept,
 so importlib.metadata sees the versions). No console scripts: the checks call `python -m`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,27 +43,86 @@ ROOT = Path(__file__).resolve().parents[1]
 # image). Versions come from constraints.txt; one not pinned there is named with its version here.
 PACKAGES = [
     # Ray core, and the imports of ray.train / ray.tune
-    "ray", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "attrs", "msgpack",
-    "protobuf", "requests", "urllib3", "certifi", "charset-normalizer", "pydantic", "pydantic-core",
-    "annotated-types", "typing-inspection", "pandas", "python-dateutil", "six", "tensorboardx",
+    "ray",
+    "jsonschema",
+    "jsonschema-specifications",
+    "referencing",
+    "rpds-py",
+    "attrs",
+    "msgpack",
+    "protobuf",
+    "requests",
+    "urllib3",
+    "certifi",
+    "charset-normalizer",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "pandas",
+    "python-dateutil",
+    "six",
+    "tensorboardx",
     # MLflow tracking to SQLite
-    "mlflow-skinny", "sqlalchemy", "alembic", "mako", "sqlparse", "cachetools", "importlib-metadata",
-    "zipp", "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto",
-    "opentelemetry-semantic-conventions", "python-dotenv", "databricks-sdk", "google-auth", "pyasn1",
-    "pyasn1-modules", "gitpython", "gitdb", "smmap", "fastapi", "starlette", "uvicorn", "annotated-doc",
-    "cryptography", "cffi", "pycparser",
+    "mlflow-skinny",
+    "sqlalchemy",
+    "alembic",
+    "mako",
+    "sqlparse",
+    "cachetools",
+    "importlib-metadata",
+    "zipp",
+    "opentelemetry-api",
+    "opentelemetry-sdk",
+    "opentelemetry-proto",
+    "opentelemetry-semantic-conventions",
+    "python-dotenv",
+    "databricks-sdk",
+    "google-auth",
+    "pyasn1",
+    "pyasn1-modules",
+    "gitpython",
+    "gitdb",
+    "smmap",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "annotated-doc",
+    "cryptography",
+    "cffi",
+    "pycparser",
     # the rest
-    "faiss-cpu", "matplotlib", "contourpy", "cycler", "fonttools", "kiwisolver", "pyparsing",
+    "faiss-cpu",
+    "matplotlib",
+    "contourpy",
+    "cycler",
+    "fonttools",
+    "kiwisolver",
+    "pyparsing",
     # the GPU suite
-    "pytest", "pluggy", "iniconfig", "pygments",
+    "pytest",
+    "pluggy",
+    "iniconfig",
+    "pygments",
 ]
 # Dropped from the unpacked tree (globs on paths inside site-packages). Each is code the project never
 # reaches: checked by `check` and by the GPU suite on the device.
 TRIM = [
-    "ray/jars", "ray/rllib", "ray/serve", "ray/llm", "ray/dashboard/client", "ray/tests",
+    "ray/jars",
+    "ray/rllib",
+    "ray/serve",
+    "ray/llm",
+    "ray/dashboard/client",
+    "ray/tests",
     "ray/core/src/ray/raylet/*.debug",
-    "*/__pycache__", "*.pyc", "*.js.map", "*/tests", "*/testing/_data",
-    "matplotlib/mpl-data/sample_data", "pandas/tests", "fontTools/*/tests",
+    "*/__pycache__",
+    "*.pyc",
+    "*.js.map",
+    "*/tests",
+    "*/testing/_data",
+    "matplotlib/mpl-data/sample_data",
+    "pandas/tests",
+    "fontTools/*/tests",
 ]
 # Packages whose compiled modules are Cython builds of .py files shipped beside them: without the .so,
 # Python imports the .py (slower font subsetting and SQL compilation, neither on a hot path here).
@@ -90,8 +150,21 @@ def download(names: list[str], python: str, dest: Path) -> list[Path]:
     if missing:
         raise SystemExit(f"gpu_bundle: {missing} not pinned in constraints.txt; name a version (name==x.y)")
     reqs = [n if "==" in n else f"{n}=={pinned[norm(n)]}" for n in names]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-           "--python-version", python, "--implementation", "cp", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "-d",
+        str(dest),
+    ]
     for p in PLATFORMS:
         cmd += ["--platform", p]
     subprocess.run(cmd + reqs, check=True)
@@ -158,8 +231,9 @@ def unpack(wheels: list[Path], site: Path) -> dict:
     return {"kept_bytes": kept, "trimmed_bytes": dropped}
 
 
-def build(python: str, out: Path, keep_site: Path | None, pack: bool = True,
-          preset: int = 9 | lzma.PRESET_EXTREME) -> Path:
+def build(
+    python: str, out: Path, keep_site: Path | None, pack: bool = True, preset: int = 9 | lzma.PRESET_EXTREME
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tag = "cp" + python.replace(".", "")
     with tempfile.TemporaryDirectory(prefix="gpu_bundle_") as tmp:
@@ -193,9 +267,11 @@ def build(python: str, out: Path, keep_site: Path | None, pack: bool = True,
                 tar.add(p, arcname=str(p.relative_to(site)), recursive=False)
         os.replace(tmp_archive, archive)
     size = archive.stat().st_size
-    print(f"{archive}: {size / 2**20:.1f} MiB ({len(wheels)} wheels; "
-          f"{sizes['kept_bytes'] / 2**20:.0f} MiB unpacked, "
-          f"{sizes['trimmed_bytes'] / 2**20:.0f} MiB trimmed)")
+    print(
+        f"{archive}: {size / 2**20:.1f} MiB ({len(wheels)} wheels; "
+        f"{sizes['kept_bytes'] / 2**20:.0f} MiB unpacked, "
+        f"{sizes['trimmed_bytes'] / 2**20:.0f} MiB trimmed)"
+    )
     return archive
 
 
@@ -237,14 +313,29 @@ def standin(folder: Path) -> Path:
                 dst.symlink_to(src)
     venv.EnvBuilder(clear=True, with_pip=False).create(folder / "venv")
     (next((folder / "venv" / "lib").glob("python*")) / "site-packages" / "image.pth").write_text(f"{site}\n")
-    print(f"{folder / 'venv'}: a Python that sees {len(seen)} distributions ({', '.join(IMAGE)} and their "
-          f"dependencies) from {site}")
+    print(
+        f"{folder / 'venv'}: a Python that sees {len(seen)} distributions ({', '.join(IMAGE)} and their "
+        f"dependencies) from {site}"
+    )
     return folder / "venv"
 
 
 # imported lazily by the project or its tests, so walking exmap_ray's modules alone would miss them
-EXTRA_IMPORTS = ["ray.train.torch", "ray.tune", "ray.util.state", "mlflow", "mlflow.tracking", "faiss",
-                 "matplotlib.pyplot", "sqlalchemy", "alembic", "pytest", "timm", "sklearn", "pyarrow.fs"]
+EXTRA_IMPORTS = [
+    "ray.train.torch",
+    "ray.tune",
+    "ray.util.state",
+    "mlflow",
+    "mlflow.tracking",
+    "faiss",
+    "matplotlib.pyplot",
+    "sqlalchemy",
+    "alembic",
+    "pytest",
+    "timm",
+    "sklearn",
+    "pyarrow.fs",
+]
 
 
 def check() -> int:
@@ -256,16 +347,27 @@ def check() -> int:
 
     import exmap_ray
 
-    names = [m.name for m in pkgutil.walk_packages(exmap_ray.__path__, "exmap_ray.")
-             if not m.name.endswith("__main__")] + EXTRA_IMPORTS  # __main__ would run the CLI
+    names = [
+        m.name for m in pkgutil.walk_packages(exmap_ray.__path__, "exmap_ray.") if not m.name.endswith("__main__")
+    ] + EXTRA_IMPORTS  # __main__ would run the CLI
     failed = []
     for name in names:
         try:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 - report every failure, then fail once
             failed.append(f"{name}: {type(e).__name__}: {e}")
-    for dist in ("torch", "timm", "scikit-learn", "pyarrow", "numpy", "ray", "mlflow-skinny", "faiss-cpu",
-                 "matplotlib", "pytest"):
+    for dist in (
+        "torch",
+        "timm",
+        "scikit-learn",
+        "pyarrow",
+        "numpy",
+        "ray",
+        "mlflow-skinny",
+        "faiss-cpu",
+        "matplotlib",
+        "pytest",
+    ):
         try:
             d = metadata.distribution(dist)
             print(f"  {dist:<14} {d.version:<14} {d.locate_file('')}")
@@ -286,8 +388,11 @@ def main() -> int:
     b.add_argument("--out", type=Path, default=ROOT / ".gpu_bundle")
     b.add_argument("--keep-site", type=Path, default=None, help="also keep the unpacked tree here")
     b.add_argument("--no-pack", action="store_true", help="only unpack (with --keep-site): quick tries")
-    b.add_argument("--fast", action="store_true", help="xz -3 instead of -9e: minutes less, a larger file "
-                                                       "(a bundle for trying the run mode on this machine)")
+    b.add_argument(
+        "--fast",
+        action="store_true",
+        help="xz -3 instead of -9e: minutes less, a larger file (a bundle for trying the run mode on this machine)",
+    )
     sub.add_parser("check", help="import every project module (PYTHONPATH as the device will have it)")
     st = sub.add_parser("standin", help="a venv seeing only the device image's packages, to try `run` here")
     st.add_argument("folder", type=Path)

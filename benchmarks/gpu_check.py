@@ -20,6 +20,7 @@ Every measurement prints and records the flags it ran with: precision, TF32 (mat
 channels_last, batch, cudnn.benchmark. `--tiny` (and any run without CUDA) uses small models and
 sizes on the CPU, to show every step runs; those figures are not GPU figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,22 +39,51 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.gpu import build_model, sync, timed_together  # noqa: E402
 
-GPU = {"speed_model": "resnet50", "size": 224, "batch": 64, "repeats": 5,
-       "bf16_models": ["resnet18", "resnet50"], "bf16_size": 128, "bf16_n": 32,
-       "kmeans_n": 1_000_000, "kmeans_d": 256, "kmeans_k": 8,
-       "erm_model": "resnet50", "erm_batch": 128, "erm_steps": 20}
-TINY = {"speed_model": "test_resnet", "size": 32, "batch": 4, "repeats": 2, "bf16_models": ["test_resnet"],
-        "bf16_size": 32, "bf16_n": 4, "kmeans_n": 20_000, "kmeans_d": 16, "kmeans_k": 4,
-        "erm_model": "test_resnet", "erm_batch": 8, "erm_steps": 3}
+GPU = {
+    "speed_model": "resnet50",
+    "size": 224,
+    "batch": 64,
+    "repeats": 5,
+    "bf16_models": ["resnet18", "resnet50"],
+    "bf16_size": 128,
+    "bf16_n": 32,
+    "kmeans_n": 1_000_000,
+    "kmeans_d": 256,
+    "kmeans_k": 8,
+    "erm_model": "resnet50",
+    "erm_batch": 128,
+    "erm_steps": 20,
+}
+TINY = {
+    "speed_model": "test_resnet",
+    "size": 32,
+    "batch": 4,
+    "repeats": 2,
+    "bf16_models": ["test_resnet"],
+    "bf16_size": 32,
+    "bf16_n": 4,
+    "kmeans_n": 20_000,
+    "kmeans_d": 16,
+    "kmeans_k": 4,
+    "erm_model": "test_resnet",
+    "erm_batch": 8,
+    "erm_steps": 3,
+}
 PARTS = ["methods", "lrp_speed", "kmeans", "bf16", "erm_step"]
 
 
 def flags(device, precision: str, channels_last: bool, batch: int) -> dict:
     """What a measurement ran with, recorded beside its figures."""
-    f = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "precision": precision,
-         "channels_last": channels_last, "batch": batch, "cudnn.benchmark": torch.backends.cudnn.benchmark,
-         "tf32.matmul": torch.backends.cuda.matmul.allow_tf32, "tf32.cudnn": torch.backends.cudnn.allow_tf32,
-         "torch": torch.__version__}
+    f = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "precision": precision,
+        "channels_last": channels_last,
+        "batch": batch,
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "tf32.matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32.cudnn": torch.backends.cudnn.allow_tf32,
+        "torch": torch.__version__,
+    }
     if device.type == "cpu":
         f["threads"] = torch.get_num_threads()
     return f
@@ -74,8 +104,10 @@ def save(out: Path, part: str, record: dict, fig=None) -> None:
 
 def plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
+
     return pyplot
 
 
@@ -127,12 +159,19 @@ def part_methods(cfg, device, out: Path) -> None:
             err = ((dev.cpu() - cpu).flatten(1).abs().amax(1) / scale).max()
             half, _ = HEATMAP_METHODS.get(name)(model, HeatmapSpec(precision="bf16", **keys))(x.to(device))
             cos = F.cosine_similarity(half.cpu().flatten(1), cpu.flatten(1), dim=1)
-            row = {"method": label, "same_pred": bool((dpred.cpu() == pred).all()),
-                   "fp32_max_rel_err": float(err), "bf16_cos_min": float(cos.min()), "first_call_s": secs}
+            row = {
+                "method": label,
+                "same_pred": bool((dpred.cpu() == pred).all()),
+                "fp32_max_rel_err": float(err),
+                "bf16_cos_min": float(cos.min()),
+                "first_call_s": secs,
+            }
             rows.append(row)
             maps[label] = dev.cpu()
-            print(f"  {label:<22} same class {row['same_pred']}, fp32 max rel err {err:.1e}, "
-                  f"bf16 cosine min {cos.min():.4f} (first call {secs:.2f} s)")
+            print(
+                f"  {label:<22} same class {row['same_pred']}, fp32 max rel err {err:.1e}, "
+                f"bf16 cosine min {cos.min():.4f} (first call {secs:.2f} s)"
+            )
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     pyplot = plt()
@@ -162,8 +201,7 @@ def part_lrp_speed(cfg, device, out: Path) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     precision = "bf16" if device.type == "cuda" else "fp32"
     f = flags(device, precision, cl, cfg["batch"])
-    print(f"lrp_speed: {cfg['speed_model']} at {cfg['size']} px ({show(f)}); "
-          f"LRP fp32 rows with TF32 as flagged")
+    print(f"lrp_speed: {cfg['speed_model']} at {cfg['size']} px ({show(f)}); LRP fp32 rows with TF32 as flagged")
 
     def bound(p):
         def fn():  # forward + backward to the input: the floor of every gradient heatmap
@@ -171,15 +209,18 @@ def part_lrp_speed(cfg, device, out: Path) -> None:
             with autocast(device.type, p):
                 logits = bare(xi)
             torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), xi)
+
         return fn
 
     fns = {"bound (forward+backward to input)": bound(precision)}
-    for label, name, keys, p in [("input_x_gradient", "input_x_gradient", {}, precision),
-                                 ("gradcam", "gradcam", {}, precision),
-                                 ("lrp alpha2beta1", "lrp", {}, precision),
-                                 ("lrp gamma4", "lrp", {"conv_rule": "gamma", "gamma": 4.0}, precision),
-                                 ("bound fp32", None, None, "fp32"),
-                                 ("lrp alpha2beta1 fp32", "lrp", {}, "fp32")]:
+    for label, name, keys, p in [
+        ("input_x_gradient", "input_x_gradient", {}, precision),
+        ("gradcam", "gradcam", {}, precision),
+        ("lrp alpha2beta1", "lrp", {}, precision),
+        ("lrp gamma4", "lrp", {"conv_rule": "gamma", "gamma": 4.0}, precision),
+        ("bound fp32", None, None, "fp32"),
+        ("lrp alpha2beta1 fp32", "lrp", {}, "fp32"),
+    ]:
         if name is None:
             fns[label] = bound(p)
             continue
@@ -189,8 +230,7 @@ def part_lrp_speed(cfg, device, out: Path) -> None:
     tb = t["bound (forward+backward to input)"]
     rows = [{"pass": k, "img_per_s": cfg["batch"] / s, "of_bound": tb / s} for k, s in t.items()]
     for r in rows:
-        print(f"  {r['pass']:<34} {r['img_per_s']:>8.0f} img/s  {r['of_bound']:>5.0%} "
-              f"of the {precision} bound")
+        print(f"  {r['pass']:<34} {r['img_per_s']:>8.0f} img/s  {r['of_bound']:>5.0%} of the {precision} bound")
     if device.type == "cuda":
         print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     pyplot = plt()
@@ -243,20 +283,31 @@ def part_kmeans(cfg, device, out: Path) -> None:
     big = torch.empty(X.size, device=device)
     t_copy = statistics.median(_timed(lambda: big.clone(), device) for _ in range(5))
     bound = niter * X.nbytes / (2 * X.nbytes / t_copy)  # a copy reads and writes
-    rec = {"flags": f, "n": n, "d": d, "k": k, "niter": niter, "project_kmeans_s": t_ours,
-           "torch_lloyd_s": t_torch, "bandwidth_bound_s": bound,
-           "ari_project_vs_torch": adjusted_rand_score(ours, lab),
-           "ari_project_vs_truth": adjusted_rand_score(truth, ours),
-           "ari_torch_vs_truth": adjusted_rand_score(truth, lab)}
+    rec = {
+        "flags": f,
+        "n": n,
+        "d": d,
+        "k": k,
+        "niter": niter,
+        "project_kmeans_s": t_ours,
+        "torch_lloyd_s": t_torch,
+        "bandwidth_bound_s": bound,
+        "ari_project_vs_torch": adjusted_rand_score(ours, lab),
+        "ari_project_vs_truth": adjusted_rand_score(truth, ours),
+        "ari_torch_vs_truth": adjusted_rand_score(truth, lab),
+    }
     where = "GPU" if f["faiss_gpu"] else "CPU"
-    print(f"  exmap_ray.clustering.kmeans {t_ours:.2f} s (FAISS {where}); torch Lloyd on {device.type} "
-          f"{t_torch:.2f} s incl. the host-to-device copy; bandwidth bound {bound:.3f} s")
-    print(f"  ARI project vs torch {rec['ari_project_vs_torch']:.4f}; vs truth: project "
-          f"{rec['ari_project_vs_truth']:.4f}, torch {rec['ari_torch_vs_truth']:.4f}")
+    print(
+        f"  exmap_ray.clustering.kmeans {t_ours:.2f} s (FAISS {where}); torch Lloyd on {device.type} "
+        f"{t_torch:.2f} s incl. the host-to-device copy; bandwidth bound {bound:.3f} s"
+    )
+    print(
+        f"  ARI project vs torch {rec['ari_project_vs_torch']:.4f}; vs truth: project "
+        f"{rec['ari_project_vs_truth']:.4f}, torch {rec['ari_torch_vs_truth']:.4f}"
+    )
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(5, 2))
-    ax.barh(["bandwidth bound", f"torch Lloyd ({device.type})", "clustering.kmeans"],
-            [bound, t_torch, t_ours])
+    ax.barh(["bandwidth bound", f"torch Lloyd ({device.type})", "clustering.kmeans"], [bound, t_torch, t_ours])
     ax.set_xscale("log")
     ax.set_xlabel("seconds")
     ax.set_title(f"k-means {n:,} x {d}, k {k}, {niter} it.", fontsize=8)
@@ -294,18 +345,27 @@ def part_bf16(cfg, device, out: Path) -> None:
             rel = (b - a).norm(dim=1) / a.norm(dim=1)
             tot = (b.sum(1) - a.sum(1)).abs()
             fe = ((half.features - f_ref).abs().max() / f_ref.abs().max()).item()
-            row = {"model": backbone, "rule": rule["conv_rule"], "same_pred": int(same.sum()), "n": n,
-                   "cos_min": cos.min().item(), "rel_l2_median": rel.median().item(),
-                   "rel_l2_max": rel.max().item(),
-                   "total_fp32_mean": a.sum(1).mean().item(), "total_abs_diff_max": tot.max().item(),
-                   "features_max_err": fe}
+            row = {
+                "model": backbone,
+                "rule": rule["conv_rule"],
+                "same_pred": int(same.sum()),
+                "n": n,
+                "cos_min": cos.min().item(),
+                "rel_l2_median": rel.median().item(),
+                "rel_l2_max": rel.max().item(),
+                "total_fp32_mean": a.sum(1).mean().item(),
+                "total_abs_diff_max": tot.max().item(),
+                "features_max_err": fe,
+            }
             rows.append(row)
             cosines[f"{backbone} {rule['conv_rule']}"] = cos.numpy()
-            print(f"  {backbone:<9} {rule['conv_rule']:<10} same class {row['same_pred']}/{n}; cosine min "
-                  f"{row['cos_min']:.4f}; rel L2 median {row['rel_l2_median']:.1e} "
-                  f"max {row['rel_l2_max']:.1e}; relevance total fp32 {row['total_fp32_mean']:.3f}, "
-                  f"|bf16-fp32| max {row['total_abs_diff_max']:.1e}; "
-                  f"features max err {fe:.1e}")
+            print(
+                f"  {backbone:<9} {rule['conv_rule']:<10} same class {row['same_pred']}/{n}; cosine min "
+                f"{row['cos_min']:.4f}; rel L2 median {row['rel_l2_median']:.1e} "
+                f"max {row['rel_l2_max']:.1e}; relevance total fp32 {row['total_fp32_mean']:.3f}, "
+                f"|bf16-fp32| max {row['total_abs_diff_max']:.1e}; "
+                f"features max err {fe:.1e}"
+            )
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(5, 2.5))
     for label, c in cosines.items():
@@ -348,9 +408,11 @@ def part_erm_step(cfg, device, out: Path) -> None:
 
     host = TensorDataset(torch.randn(B * steps, 3, size, size), torch.randint(0, 2, (B * steps,)))
     loader = DataLoader(host, batch_size=B, shuffle=False, pin_memory=device.type == "cuda")
-    t = timed_together({"bare step": bare, "erm.train_epoch": lambda: train_epoch(model, loader, opt, device,
-                                                                                  precision, cl)},
-                       device, 2)
+    t = timed_together(
+        {"bare step": bare, "erm.train_epoch": lambda: train_epoch(model, loader, opt, device, precision, cl)},
+        device,
+        2,
+    )
     rows = [{"loop": k, "img_per_s": B * steps / s} for k, s in t.items()]
     for r in rows:
         share = r["img_per_s"] / rows[0]["img_per_s"]
@@ -371,8 +433,7 @@ def summary(out: Path) -> None:
             lines += [f"## {part}: no result (timed out or failed: see its log)", ""]
             continue
         rec = json.loads(p.read_text())
-        lines += [f"## {part}", "", f"flags: {show(rec.pop('flags'))}", "",
-                  "```", json.dumps(rec, indent=1), "```", ""]
+        lines += [f"## {part}", "", f"flags: {show(rec.pop('flags'))}", "", "```", json.dumps(rec, indent=1), "```", ""]
     (out / "summary.md").write_text("\n".join(lines))
     print(f"summary: {out / 'summary.md'}")
 
@@ -393,8 +454,13 @@ def main() -> int:
     if on_gpu:
         torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
-    {"methods": part_methods, "lrp_speed": part_lrp_speed, "kmeans": part_kmeans, "bf16": part_bf16,
-     "erm_step": part_erm_step}[args.part](cfg, device, args.out)
+    {
+        "methods": part_methods,
+        "lrp_speed": part_lrp_speed,
+        "kmeans": part_kmeans,
+        "bf16": part_bf16,
+        "erm_step": part_erm_step,
+    }[args.part](cfg, device, args.out)
     print(f"  ({args.part}: {time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -7,6 +7,7 @@ heatmap size. For each seed it prints the time of three k-means++ seedings, the 
 `kmeans(X, 8)` call (3 restarts, 25 iterations), the ARI against the planted labels, and how many
 of the 8 true clusters each seeding hit. Asserts nothing; run it on a quiet machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,10 @@ def main() -> None:
         t = time.perf_counter()
         labels = kmeans(X, k, 25, 3, seed)
         total = time.perf_counter() - t
-        print(f"seed {seed}: kmeans {total:.1f} s (3 seedings alone {seeding:.1f} s); "
-              f"ARI {adjusted_rand_score(truth, labels):.3f}; true clusters hit per seeding {hit}")
+        print(
+            f"seed {seed}: kmeans {total:.1f} s (3 seedings alone {seeding:.1f} s); "
+            f"ARI {adjusted_rand_score(truth, labels):.3f}; true clusters hit per seeding {hit}"
+        )
 
 
 if __name__ == "__main__":

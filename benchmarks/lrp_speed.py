@@ -6,6 +6,7 @@
 Each method runs `--repeats` timed batches after one warm-up, interleaved round-robin so that a
 load change on a shared machine hits every method alike; the median batch time is reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,20 @@ from exmap_ray.spec import HeatmapSpec
 def small_vgg(n_classes: int = 10) -> nn.Module:
     def block(i, o):
         return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
-    return nn.Sequential(*block(3, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
-                         nn.MaxPool2d(2), *block(64, 128), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(128, n_classes)).eval()
+
+    return nn.Sequential(
+        *block(3, 32),
+        *block(32, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        *block(64, 64),
+        nn.MaxPool2d(2),
+        *block(64, 128),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, n_classes),
+    ).eval()
 
 
 def main() -> None:

@@ -6,6 +6,7 @@
 The tiny spec trains 1 epoch on 400 images (well under a second of compute), so the times are
 almost all start-up and polling: controller and worker actors, process group, checkpoint report.
 """
+
 from __future__ import annotations
 
 import argparse

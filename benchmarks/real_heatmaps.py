@@ -20,6 +20,7 @@ one anchor per {20, 10, 5} rows (ANCHOR_MIN_SHARE) times {5, 10} anchors per row
 the exact case. Figures are printed, never asserted; the pinned
 agreement check on planted data is tests/test_cluster_scale.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,22 @@ def run_upstream(spec: str, out: Path, n_val: int) -> Path:
     if not (out / "results.json").exists():
         n_test = 1000
         n_train = 10_000 - n_val - n_test
-        cmd = [sys.executable, "-m", "exmap_ray", "run", spec, "--out", str(out), "--quiet",
-               "--set", f"dataset.n_val={n_val}", "--set", f"dataset.n_train={n_train}",
-               "--set", f"dataset.n_test={n_test}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "exmap_ray",
+            "run",
+            spec,
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            f"dataset.n_val={n_val}",
+            "--set",
+            f"dataset.n_train={n_train}",
+            "--set",
+            f"dataset.n_test={n_test}",
+        ]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     [hm] = sorted((out / "cache").glob("heatmaps-*"))
@@ -97,8 +111,12 @@ def main() -> None:
         for scope in a.scopes.split(","):
             cs = dataclasses.replace(spec.clustering, method="spectral", k="auto", scope=scope)
             ref = None
-            cases = [("exact", H, 1 << 62, None), ("anchor", H, 2, None),
-                     ("float16", H16, 1 << 62, None), ("float16_anchor", H16, 2, None)]
+            cases = [
+                ("exact", H, 1 << 62, None),
+                ("anchor", H, 2, None),
+                ("float16", H16, 1 << 62, None),
+                ("float16_anchor", H16, 2, None),
+            ]
             if a.anchor_sweep:
                 cases += [(f"anchor share {share} r {r}", H, 2, (share, r)) for share in (20, 10, 5) for r in (5, 10)]
             for case, X, min_n, density in cases:
@@ -114,11 +132,18 @@ def main() -> None:
                 clustering_scale.ANCHOR_MIN_SHARE, clustering_scale.anchor_spectrum.__defaults__ = defaults
                 ref = labels if ref is None else ref
                 ks = {s: v["k"] for s, v in info["scopes"].items()}
-                row = {"spec": name, "n": len(y), "scope": scope, "case": case,
-                       "k": ks["global"] if scope == "global" else "/".join(str(ks[s]) for s in sorted(ks)),
-                       "groups": int(labels.max()) + 1, "ari_vs_exact": round(float(ari(ref, labels)), 4),
-                       "ari_true": round(float(ari(true, labels)), 4),
-                       "worst_recovery": round(worst_recovery(true, labels), 4), "seconds": round(secs, 1)}
+                row = {
+                    "spec": name,
+                    "n": len(y),
+                    "scope": scope,
+                    "case": case,
+                    "k": ks["global"] if scope == "global" else "/".join(str(ks[s]) for s in sorted(ks)),
+                    "groups": int(labels.max()) + 1,
+                    "ari_vs_exact": round(float(ari(ref, labels)), 4),
+                    "ari_true": round(float(ari(true, labels)), 4),
+                    "worst_recovery": round(worst_recovery(true, labels), 4),
+                    "seconds": round(secs, 1),
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     cols = list(rows[0])

@@ -13,6 +13,7 @@ ERM stage (trained once into --erm-cache, reused after). It uses nothing but `st
 `run_stages`, so the same script times an older checkout too (PYTHONPATH=that checkout): that is how
 the features + heatmaps figure before and after val's one pass (docs/gpu.md) was taken.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,15 +51,32 @@ def pipeline_figures(spec) -> None:
     t, d = res["timings_s"], spec.dataset
     n_train = d.n_train if d.name == "cmnist" else None
     n_val = sum(res["robust"]["pseudo_group_sizes"].values())  # group id -> members
-    emit(stage="erm", seconds=t["erm"], epochs=spec.erm.epochs, workers=spec.erm.num_workers,
-         images_per_s_incl_startup=round(n_train * spec.erm.epochs / t["erm"], 1) if n_train else None)
+    emit(
+        stage="erm",
+        seconds=t["erm"],
+        epochs=spec.erm.epochs,
+        workers=spec.erm.num_workers,
+        images_per_s_incl_startup=round(n_train * spec.erm.epochs / t["erm"], 1) if n_train else None,
+    )
     emit(stage="features", seconds=t["features"])
-    emit(stage="heatmaps", method=spec.heatmaps.method, seconds=t["heatmaps"],
-         images_per_s_incl_actor_startup=round(n_val / t["heatmaps"], 1))
-    emit(stage="clusters", method=spec.clustering.method, scope=spec.clustering.scope, seconds=t["clusters"],
-         points_per_s=round(n_val / max(t["clusters"], 1e-9), 1))
-    emit(stage="dfr", seconds=t["retrain"], fits=2 * (spec.retrain.n_select_repeats * len(spec.retrain.dfr.c_grid)
-                                                 + spec.retrain.dfr.n_final_fits))
+    emit(
+        stage="heatmaps",
+        method=spec.heatmaps.method,
+        seconds=t["heatmaps"],
+        images_per_s_incl_actor_startup=round(n_val / t["heatmaps"], 1),
+    )
+    emit(
+        stage="clusters",
+        method=spec.clustering.method,
+        scope=spec.clustering.scope,
+        seconds=t["clusters"],
+        points_per_s=round(n_val / max(t["clusters"], 1e-9), 1),
+    )
+    emit(
+        stage="dfr",
+        seconds=t["retrain"],
+        fits=2 * (spec.retrain.n_select_repeats * len(spec.retrain.dfr.c_grid) + spec.retrain.dfr.n_final_fits),
+    )
     emit(stage="total", seconds=round(sum(t.values()), 2))
 
 
@@ -83,9 +101,16 @@ def stage_figures(spec, names: list[str], erm_cache: Path, repeats: int) -> None
             timer = Timer()
             run_stages(spec, data, cache, timer, targets=names)
             t = {n: timer.seconds[n] for n in names}
-            emit(figure="stage_seconds", code=str(Path(exmap_ray.__file__).parent.parent), repeat=r,
-                 method=spec.heatmaps.method, n_val=len(data.val), n_test=len(data.test), **t,
-                 total=round(sum(t.values()), 2))
+            emit(
+                figure="stage_seconds",
+                code=str(Path(exmap_ray.__file__).parent.parent),
+                repeat=r,
+                method=spec.heatmaps.method,
+                n_val=len(data.val),
+                n_test=len(data.test),
+                **t,
+                total=round(sum(t.values()), 2),
+            )
     ray.shutdown()
 
 
@@ -104,15 +129,25 @@ def core_figures(spec) -> None:
         for _ in range(reps):
             method(x)
         dt = (time.perf_counter() - t0) / reps
-        emit(core="heatmap", method=name, backbone=spec.model.backbone, px=size, batch=len(x),
-             threads=torch.get_num_threads(), images_per_s=round(len(x) / dt, 1))
+        emit(
+            core="heatmap",
+            method=name,
+            backbone=spec.model.backbone,
+            px=size,
+            batch=len(x),
+            threads=torch.get_num_threads(),
+            images_per_s=round(len(x) / dt, 1),
+        )
     t0 = time.perf_counter()
     reps = 3
     with torch.no_grad():
         for _ in range(reps):
             model(x)
-    emit(core="forward_bound", backbone=spec.model.backbone,
-         images_per_s=round(reps * len(x) / (time.perf_counter() - t0), 1))
+    emit(
+        core="forward_bound",
+        backbone=spec.model.backbone,
+        images_per_s=round(reps * len(x) / (time.perf_counter() - t0), 1),
+    )
 
     rng = np.random.default_rng(0)
     for n, d in ((3000, 147), (30000, 147), (30000, 2352), (200000, 147)):
@@ -134,8 +169,7 @@ def main() -> None:
     ap.add_argument("spec")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--core-only", action="store_true", help="skip the full pipeline run")
-    ap.add_argument("--stages", help="comma-separated stages to time alone (e.g. features,heatmaps); "
-                                     "needs --erm-cache")
+    ap.add_argument("--stages", help="comma-separated stages to time alone (e.g. features,heatmaps); needs --erm-cache")
     ap.add_argument("--erm-cache", type=Path, help="--stages: where ERM is trained once and reused")
     ap.add_argument("--repeats", type=int, default=3, help="--stages: fresh computations of those stages")
     args = ap.parse_args()

@@ -6,6 +6,7 @@ One row per family (the registered `zoo_*` datasets, at their default keys excep
 one block per true group, labelled with the group's name. Val images, so the minority groups are
 there too. The PNG is palette-quantised to stay small.
 """
+
 from __future__ import annotations
 
 import argparse

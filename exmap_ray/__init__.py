@@ -1,7 +1,8 @@
 """exmap-ray: ExMap (Chakraborty, Sletten & Kampffmeyer, CVPR 2024) as a Ray experiment engine.
 
-    exmap-ray run cmnist
+exmap-ray run cmnist
 """
+
 import logging as _logging
 import os as _os
 

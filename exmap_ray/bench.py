@@ -11,6 +11,7 @@ of three more rows (PEER_ROWS), fed to the same DFR; with the `dpe` extra, Diver
 retrain on the same features without any group (DPE_ROWS). Writes OUT/bench.{md,csv,json} and a bar
 plot, and logs them with every row's mean metrics to one MLflow run.
 """
+
 from __future__ import annotations
 
 import csv
@@ -76,8 +77,9 @@ def dpe_rows() -> list[tuple]:
     return [r for r in DPE_ROWS if r[3] in RETRAINERS]
 
 
-def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = False,
-               erm_envs: dict | None = None) -> list[dict]:
+def bench_seed(
+    spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = False, erm_envs: dict | None = None
+) -> list[dict]:
     """Every row for one seed (spec.seed), sharing one ERM model and one heatmap store.
 
     `end_to_end` adds E2E_ROWS: GroupDRO and JTT fine-tuning the whole ERM network on the ExMap groups.
@@ -99,23 +101,41 @@ def bench_seed(spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = F
         with tagged(f"retrain: {name}, seed {spec.seed}"):  # the row's DFR / JTT / GroupDRO lines name it
             row = {"row": name, "seed": spec.seed, "groups": source or "", "retrain": retrainer or ""}
             if (name, source, scope, retrainer) in E2E_ROWS:
-                e2e = dataclasses.replace(spec, retrain=dataclasses.replace(spec.retrain, method=retrainer,
-                                                                            mode="end_to_end"))
+                e2e = dataclasses.replace(
+                    spec, retrain=dataclasses.replace(spec.retrain, method=retrainer, mode="end_to_end")
+                )
                 # the clusters stage holds the spec's own ExMap groups (cmd_bench checks groups.source)
                 e2e_up = compute_upstream(e2e, data, cache, timer, have=up)
-                r = evaluate_row(e2e, data, e2e_up, source, retrainer, groups=e2e_up.pseudo,
-                                 group_info=e2e_up.info["clusters"], mode="end_to_end")
+                r = evaluate_row(
+                    e2e,
+                    data,
+                    e2e_up,
+                    source,
+                    retrainer,
+                    groups=e2e_up.pseudo,
+                    group_info=e2e_up.info["clusters"],
+                    mode="end_to_end",
+                )
             else:
                 r = evaluate_row(spec, data, up, source, retrainer, scope=scope)
             if source is not None:
-                row.update(n_groups=int(r.group_info["n_groups"]), ari=r.agreement["ari"],
-                           worst_recovery=r.agreement["worst_recovery"])
-            row.update(test_wga=r.test["worst_group_acc"], test_mean_acc=r.test["mean_acc"],
-                       per_group=r.test["per_group"])
+                row.update(
+                    n_groups=int(r.group_info["n_groups"]),
+                    ari=r.agreement["ari"],
+                    worst_recovery=r.agreement["worst_recovery"],
+                )
+            row.update(
+                test_wga=r.test["worst_group_acc"], test_mean_acc=r.test["mean_acc"], per_group=r.test["per_group"]
+            )
             row.update({f"gap_{k}": v for k, v in r.test.get("shortcut_gaps", {}).items()})
             rows.append(row)
-            log.info("bench seed %d: %-26s test WGA %.3f, mean acc %.3f", spec.seed, name, row["test_wga"],
-                     row["test_mean_acc"])
+            log.info(
+                "bench seed %d: %-26s test WGA %.3f, mean acc %.3f",
+                spec.seed,
+                name,
+                row["test_wga"],
+                row["test_mean_acc"],
+            )
     return rows
 
 
@@ -152,8 +172,10 @@ def _pm(row: dict, k: str) -> str:
 def format_table(rows: list[dict], spec: Spec, seeds: list[int]) -> str:
     gap_cols = [k for k in rows[0] if k.startswith("gap_") and not k.endswith("_std")]
     cols = ["test WGA", "mean acc", "ARI (val groups)", "worst-group recovery"] + [c[4:] for c in gap_cols]
-    lines = [f"| method ({spec.dataset.name}, seeds {', '.join(map(str, seeds))}) | " + " | ".join(cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    lines = [
+        f"| method ({spec.dataset.name}, seeds {', '.join(map(str, seeds))}) | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for r in rows:
         vals = [_pm(r, k) for k in METRICS + gap_cols]
         lines.append(f"| {r['row']} | " + " | ".join(vals) + " |")
@@ -179,8 +201,14 @@ def format_per_seed(per_seed: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = None,
-              tracking_uri: str | None = None, end_to_end: bool = False) -> dict:
+def run_bench(
+    spec: Spec,
+    seeds: list[int],
+    out: Path,
+    cache_dir: Path | None = None,
+    tracking_uri: str | None = None,
+    end_to_end: bool = False,
+) -> dict:
     """Every row over `seeds`, to OUT/bench.{md,csv,json}, bench_wga.png and one MLflow run. A tracking
     server lost mid-bench stops the logging, not the bench: OUT/mlflow_pending.json says what was lost,
     and `exmap-ray sync-mlflow OUT` logs it later (from bench.json and spec.resolved.json)."""
@@ -193,18 +221,29 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
         tracker.call("log_params", tracking.log_flat_params, tracking.bench_params(spec.to_dict(), seeds))
         for seed in seeds:
             with timer(f"seed {seed}"):
-                per_seed += bench_seed(from_dict({**spec.to_dict(), "seed": seed}), job.cache, timer, end_to_end,
-                                       erm_envs)
+                per_seed += bench_seed(
+                    from_dict({**spec.to_dict(), "seed": seed}), job.cache, timer, end_to_end, erm_envs
+                )
             write_json(out / "bench_per_seed.json", per_seed)  # a crash keeps the seeds already done
         rows = aggregate(per_seed)
         table = format_table(rows, spec, seeds)
-        md = [f"# Benchmark: {spec.name}", "",
-              f"Test worst-group accuracy (WGA), mean test accuracy, and the agreement of each method's val groups "
-              f"with the true val groups (ARI; the worst true group's recovery = the share of its members in "
-              f"groups it dominates), mean ± std over {len(seeds)} seed(s). True groups are used only by the "
-              f"oracle row and for scoring.", "", table, "",
-              "Per seed: test WGA (the row's number of val pseudo groups, the worst true group's recovery).", "",
-              format_per_seed(per_seed), "", "ERM trained with: " + erm_environments(erm_envs), ""]
+        md = [
+            f"# Benchmark: {spec.name}",
+            "",
+            f"Test worst-group accuracy (WGA), mean test accuracy, and the agreement of each method's val groups "
+            f"with the true val groups (ARI; the worst true group's recovery = the share of its members in "
+            f"groups it dominates), mean ± std over {len(seeds)} seed(s). True groups are used only by the "
+            f"oracle row and for scoring.",
+            "",
+            table,
+            "",
+            "Per seed: test WGA (the row's number of val pseudo groups, the worst true group's recovery).",
+            "",
+            format_per_seed(per_seed),
+            "",
+            "ERM trained with: " + erm_environments(erm_envs),
+            "",
+        ]
         (out / "bench.md").write_text("\n".join(md))
         cols = ["row", "n_seeds"] + [k for k in rows[0] if k not in ("row", "n_seeds")]
         buf = io.StringIO(newline="")
@@ -212,8 +251,14 @@ def run_bench(spec: Spec, seeds: list[int], out: Path, cache_dir: Path | None = 
         w.writeheader()
         w.writerows(rows)
         (out / "bench.csv").write_text(buf.getvalue())
-        summary = {"rows": rows, "per_seed": per_seed, "seeds": seeds, "timings_s": timer.seconds,
-                   "mlflow_run_id": tracker.run_id, "environment": {"driver": environment(), "erm": erm_envs}}
+        summary = {
+            "rows": rows,
+            "per_seed": per_seed,
+            "seeds": seeds,
+            "timings_s": timer.seconds,
+            "mlflow_run_id": tracker.run_id,
+            "environment": {"driver": environment(), "erm": erm_envs},
+        }
         write_json(out / "bench.json", summary)
         plots.bench_bars(rows, out / "bench_wga.png", f"{spec.name}: test WGA over {len(seeds)} seed(s)")
         tracker.call("log_metrics", tracking.log_metrics, tracking.bench_metrics(rows))

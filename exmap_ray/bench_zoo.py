@@ -20,6 +20,7 @@ Writes OUT/zoo.md (one table per family, then the summary: mean WGA, the gap to 
 recovery and the mean rank per row), zoo.json, zoo_per_seed.json (written after every family and seed,
 so a crash keeps what was done) and zoo_wga.png (families x rows, at a glance).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,13 @@ PROTOCOL = Path(__file__).with_name("zoo_protocol.yaml")
 ORACLE, SHIPPED_ROW, PICK_ROW = "oracle DFR (true groups)", "ExMap (shipped)", "ExMap (sweep pick)"
 PICK_VARIANTS = "ExMap (pick of variants)"  # the label-free choice among the shipped spec and --variant rows
 # (row, group source, retrainer) besides the ExMap rows; the label-free rows are every row but the oracle
-BASE_ROWS = [("ERM", None, None), (ORACLE, "true", "dfr"), ("feature clustering + DFR", "features", "dfr"),
-             ("JTT (ERM error set)", "jtt_error_set", "jtt"), ("random groups + DFR", "random", "dfr")]
+BASE_ROWS = [
+    ("ERM", None, None),
+    (ORACLE, "true", "dfr"),
+    ("feature clustering + DFR", "features", "dfr"),
+    ("JTT (ERM error set)", "jtt_error_set", "jtt"),
+    ("random groups + DFR", "random", "dfr"),
+]
 
 
 def protocol(path: Path = PROTOCOL) -> dict:
@@ -78,8 +84,10 @@ def choose_families(arg: str | None, proto: dict, quick: bool) -> list[str]:
     known = shipped_specs()
     for f in fams:
         if f not in known:
-            raise UserError(f"zoo family '{f}' has no shipped spec.{did_you_mean(f, known)} Families: "
-                            f"{', '.join(proto['families'])}")
+            raise UserError(
+                f"zoo family '{f}' has no shipped spec.{did_you_mean(f, known)} Families: "
+                f"{', '.join(proto['families'])}"
+            )
     return fams
 
 
@@ -91,8 +99,10 @@ def sweep_trials(family: str, seed: int, sets: list[str]) -> tuple[list[Spec], l
     base = load_spec(name, [*sets, f"seed={seed}"])
     domains = parse_space(base)
     if any(d.kind != "grid" for d in domains):
-        raise UserError(f"spec '{name}': bench --zoo runs grid domains only; "
-                        f"{[d.key for d in domains if d.kind != 'grid']} are sampled")
+        raise UserError(
+            f"spec '{name}': bench --zoo runs grid domains only; "
+            f"{[d.key for d in domains if d.kind != 'grid']} are sampled"
+        )
     specs, words = [], []
     for values in itertools.product(*(d.values for d in domains)):
         config = {d.key: v for d, v in zip(domains, values)}
@@ -102,11 +112,18 @@ def sweep_trials(family: str, seed: int, sets: list[str]) -> tuple[list[Spec], l
 
 
 def _row(name: str, family: str, seed: int, r, source: str | None, extra: dict | None = None) -> dict:
-    row = {"row": name, "family": family, "seed": seed, "test_wga": r.test["worst_group_acc"],
-           "test_mean_acc": r.test["mean_acc"], **(extra or {})}
+    row = {
+        "row": name,
+        "family": family,
+        "seed": seed,
+        "test_wga": r.test["worst_group_acc"],
+        "test_mean_acc": r.test["mean_acc"],
+        **(extra or {}),
+    }
     if source is not None:
-        row.update(n_groups=int(r.group_info["n_groups"]), ari=r.agreement["ari"],
-                   worst_recovery=r.agreement["worst_recovery"])
+        row.update(
+            n_groups=int(r.group_info["n_groups"]), ari=r.agreement["ari"], worst_recovery=r.agreement["worst_recovery"]
+        )
     return row
 
 
@@ -116,8 +133,9 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, rest = text.partition(":")
     sets = [kv.strip() for kv in rest.split(",") if kv.strip()]
     if not sep or not name.strip() or not sets or any("=" not in kv for kv in sets):
-        raise UserError(f"--variant {text!r}: expected NAME:key=value[,key=value...], e.g. "
-                        f"'both:clustering.input=both'")
+        raise UserError(
+            f"--variant {text!r}: expected NAME:key=value[,key=value...], e.g. 'both:clustering.input=both'"
+        )
     return name.strip(), sets
 
 
@@ -130,8 +148,15 @@ def label_free_pick(results: list, spec: Spec, y: np.ndarray) -> tuple[int, int]
     for i, (r, pseudo) in enumerate(results):
         m = r.model
         loaded[i] = {"heldout_idx": m.heldout_idx, "heldout_pred": m.heldout_pred, "pseudo_groups": pseudo, "y": y}
-        scored.append({"trial": i, "status": "OK", "n_groups": int(r.group_info["n_groups"]),
-                       "val_worst_pseudo_group_acc": m.heldout["pseudo"], "val_worst_class_acc": m.heldout["class"]})
+        scored.append(
+            {
+                "trial": i,
+                "status": "OK",
+                "n_groups": int(r.group_info["n_groups"]),
+                "val_worst_pseudo_group_acc": m.heldout["pseudo"],
+                "val_worst_class_acc": m.heldout["class"],
+            }
+        )
     metric = spec.search.metric
     if metric != "sweep_worst_pseudo_group_acc":  # the trial's own metric, as tune reports it
         for r in scored:
@@ -142,9 +167,17 @@ def label_free_pick(results: list, spec: Spec, y: np.ndarray) -> tuple[int, int]
     return pick, best
 
 
-def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer,
-                variants: list[tuple[str, list[str]]] = (), sweep: bool = True,
-                baselines: bool = True, peers: bool = True) -> list[dict]:
+def family_seed(
+    family: str,
+    seed: int,
+    sets: list[str],
+    cache,
+    timer: Timer,
+    variants: list[tuple[str, list[str]]] = (),
+    sweep: bool = True,
+    baselines: bool = True,
+    peers: bool = True,
+) -> list[dict]:
     """Every row of one family and seed, on one shared upstream; `variants` add ExMap rows with keys set,
     and a row "ExMap (pick of variants)": the label-free choice among the shipped spec and the variants."""
     spec = resolve_resources(load_spec(SHIPPED / f"{family}.yaml", [*sets, f"seed={seed}"]))
@@ -155,37 +188,76 @@ def family_seed(family: str, seed: int, sets: list[str], cache, timer: Timer,
     for name, source, retrainer in (BASE_ROWS + extra) if baselines else BASE_ROWS[:2]:
         r = evaluate_row(spec, data, up, source, retrainer)
         rows.append(_row(name, family, seed, r, source))
-    shipped = evaluate_row(spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo,
-                           group_info=up.info["clusters"])
+    shipped = evaluate_row(
+        spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo, group_info=up.info["clusters"]
+    )
     rows.insert(2, _row(SHIPPED_ROW, family, seed, shipped, spec.groups.source))
     candidates = [(shipped, up.pseudo, "shipped")]
     for k, (vname, vsets) in enumerate(variants):
-        v = dataclasses.replace(load_spec(SHIPPED / f"{family}.yaml", [*sets, *vsets, f"seed={seed}"]),
-                                resources=spec.resources)
+        v = dataclasses.replace(
+            load_spec(SHIPPED / f"{family}.yaml", [*sets, *vsets, f"seed={seed}"]), resources=spec.resources
+        )
         vup = compute_upstream(v, data, cache, timer, have=up)
-        r = evaluate_row(v, data, vup, v.groups.source, v.retrain.method, groups=vup.pseudo,
-                         group_info=vup.info["clusters"])
+        r = evaluate_row(
+            v, data, vup, v.groups.source, v.retrain.method, groups=vup.pseudo, group_info=vup.info["clusters"]
+        )
         rows.insert(3 + k, _row(f"ExMap ({vname})", family, seed, r, v.groups.source, {"variant": ",".join(vsets)}))
         candidates.append((r, vup.pseudo, vname))
     if variants:
         pick, best = label_free_pick([(r, g) for r, g, _ in candidates], spec, data.val.y)
-        rows.insert(3 + len(variants), _row(PICK_VARIANTS, family, seed, candidates[pick][0], spec.groups.source,
-                                            {"pick": candidates[pick][2], "sweep_best": candidates[best][2],
-                                             "sweep_best_wga": candidates[best][0].test["worst_group_acc"],
-                                             "n_trials": len(candidates)}))
+        rows.insert(
+            3 + len(variants),
+            _row(
+                PICK_VARIANTS,
+                family,
+                seed,
+                candidates[pick][0],
+                spec.groups.source,
+                {
+                    "pick": candidates[pick][2],
+                    "sweep_best": candidates[best][2],
+                    "sweep_best_wga": candidates[best][0].test["worst_group_acc"],
+                    "n_trials": len(candidates),
+                },
+            ),
+        )
     trials, words = sweep_trials(family, seed, sets) if sweep else ([], [])
     if trials:  # the label-free pick of the shipped sweep, chosen as `exmap-ray tune` chooses
         results = []
         for t in trials:
             t = dataclasses.replace(t, resources=spec.resources)
             tup = compute_upstream(t, data, cache, timer, have=up)
-            results.append((evaluate_row(t, data, tup, t.groups.source, t.retrain.method, groups=tup.pseudo,
-                                         group_info=tup.info["clusters"]), tup.pseudo))
+            results.append(
+                (
+                    evaluate_row(
+                        t,
+                        data,
+                        tup,
+                        t.groups.source,
+                        t.retrain.method,
+                        groups=tup.pseudo,
+                        group_info=tup.info["clusters"],
+                    ),
+                    tup.pseudo,
+                )
+            )
         pick, best = label_free_pick(results, trials[0], data.val.y)
-        rows.insert(3 + len(variants) + bool(variants),
-                    _row(PICK_ROW, family, seed, results[pick][0], "exmap",
-                         {"pick": words[pick], "sweep_best_wga": results[best][0].test["worst_group_acc"],
-                          "sweep_best": words[best], "n_trials": len(trials)}))
+        rows.insert(
+            3 + len(variants) + bool(variants),
+            _row(
+                PICK_ROW,
+                family,
+                seed,
+                results[pick][0],
+                "exmap",
+                {
+                    "pick": words[pick],
+                    "sweep_best_wga": results[best][0].test["worst_group_acc"],
+                    "sweep_best": words[best],
+                    "n_trials": len(trials),
+                },
+            ),
+        )
     for r in rows:
         log.info("zoo %s seed %d: %-26s test WGA %.3f", family, seed, r["row"], r["test_wga"])
     return rows
@@ -208,15 +280,24 @@ def summarize(per_seed: list[dict], families: list[str]) -> tuple[dict[str, list
             wgas.append(mine["test_wga"])
             if oracle is not None:
                 gaps.append(oracle["test_wga"] - mine["test_wga"])
-            recs += [r["worst_recovery"] for r in per_seed if r["family"] == f and r["row"] == name
-                     and r.get("worst_recovery") is not None]
+            recs += [
+                r["worst_recovery"]
+                for r in per_seed
+                if r["family"] == f and r["row"] == name and r.get("worst_recovery") is not None
+            ]
             if name != ORACLE:
                 field = sorted((r["test_wga"] for r in rows if r["row"] != ORACLE), reverse=True)
                 ranks.append(1 + sum(v > mine["test_wga"] + 1e-12 for v in field))
-        summary.append({"row": name, "families": len(wgas), "mean_wga": float(np.mean(wgas)),
-                        "mean_gap_to_oracle": float(np.mean(gaps)) if gaps else math.nan,
-                        "worst_recovery": float(min(recs)) if recs else math.nan,
-                        "mean_rank": float(np.mean(ranks)) if ranks else math.nan})
+        summary.append(
+            {
+                "row": name,
+                "families": len(wgas),
+                "mean_wga": float(np.mean(wgas)),
+                "mean_gap_to_oracle": float(np.mean(gaps)) if gaps else math.nan,
+                "worst_recovery": float(min(recs)) if recs else math.nan,
+                "mean_rank": float(np.mean(ranks)) if ranks else math.nan,
+            }
+        )
     return by_family, summary
 
 
@@ -224,19 +305,29 @@ def _f(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def format_report(by_family: dict, summary: list[dict], per_seed: list[dict], seeds: list[int], sets: list[str],
-                  seconds: float) -> str:
-    md = [f"# Shortcut zoo bench (seeds {', '.join(map(str, seeds))})", "",
-          f"Test worst-group accuracy (WGA) per family, mean ± std over seeds; wall time {seconds / 60:.1f} min."
-          + (f" Overrides: `{' '.join(sets)}`." if sets else ""), "",
-          "## Summary over families", "",
-          "| row | families | mean WGA | mean gap to oracle | worst recovery | mean rank (label-free rows) |",
-          "|---|---|---|---|---|---|"]
-    for s in sorted(summary, key=lambda s: (s["row"] != ORACLE, s["mean_rank"] if not math.isnan(s["mean_rank"])
-                                            else 0)):
-        md.append(f"| {s['row']} | {s['families']} | {_f(s['mean_wga'])} | {_f(s['mean_gap_to_oracle'])} | "
-                  f"{_f(s['worst_recovery'])} | {s['mean_rank']:.2f} |" if not math.isnan(s["mean_rank"]) else
-                  f"| {s['row']} | {s['families']} | {_f(s['mean_wga'])} | - | {_f(s['worst_recovery'])} | - |")
+def format_report(
+    by_family: dict, summary: list[dict], per_seed: list[dict], seeds: list[int], sets: list[str], seconds: float
+) -> str:
+    md = [
+        f"# Shortcut zoo bench (seeds {', '.join(map(str, seeds))})",
+        "",
+        f"Test worst-group accuracy (WGA) per family, mean ± std over seeds; wall time {seconds / 60:.1f} min."
+        + (f" Overrides: `{' '.join(sets)}`." if sets else ""),
+        "",
+        "## Summary over families",
+        "",
+        "| row | families | mean WGA | mean gap to oracle | worst recovery | mean rank (label-free rows) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in sorted(
+        summary, key=lambda s: (s["row"] != ORACLE, s["mean_rank"] if not math.isnan(s["mean_rank"]) else 0)
+    ):
+        md.append(
+            f"| {s['row']} | {s['families']} | {_f(s['mean_wga'])} | {_f(s['mean_gap_to_oracle'])} | "
+            f"{_f(s['worst_recovery'])} | {s['mean_rank']:.2f} |"
+            if not math.isnan(s["mean_rank"])
+            else f"| {s['row']} | {s['families']} | {_f(s['mean_wga'])} | - | {_f(s['worst_recovery'])} | - |"
+        )
     md += ["", "## Test WGA by family (mean over seeds)", ""]
     rows = [s["row"] for s in summary]
     md += ["| family | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
@@ -244,21 +335,39 @@ def format_report(by_family: dict, summary: list[dict], per_seed: list[dict], se
         cells = {r["row"]: r for r in rs}
         md.append(f"| {f} | " + " | ".join(_f(cells[n]["test_wga"]) if n in cells else "-" for n in rows) + " |")
     for f, rs in by_family.items():
-        md += ["", f"## {f}", "", "| row | test WGA | mean acc | worst recovery | pseudo groups |",
-               "|---|---|---|---|---|"]
+        md += [
+            "",
+            f"## {f}",
+            "",
+            "| row | test WGA | mean acc | worst recovery | pseudo groups |",
+            "|---|---|---|---|---|",
+        ]
         for r in rs:
-            md.append(f"| {r['row']} | {_f(r['test_wga'])} ± {_f(r.get('test_wga_std'))} | {_f(r['test_mean_acc'])} | "
-                      f"{_f(r.get('worst_recovery'))} | {_f(r.get('n_groups')) if r.get('n_groups') else '-'} |")
+            md.append(
+                f"| {r['row']} | {_f(r['test_wga'])} ± {_f(r.get('test_wga_std'))} | {_f(r['test_mean_acc'])} | "
+                f"{_f(r.get('worst_recovery'))} | {_f(r.get('n_groups')) if r.get('n_groups') else '-'} |"
+            )
         picks = [r for r in per_seed if r["family"] == f and r["row"] in (PICK_ROW, PICK_VARIANTS)]
         for p in picks:
-            md.append(f"\nseed {p['seed']}, {p['row']}: picked `{p['pick']}` ({_f(p['test_wga'])}); the best by "
-                      f"test WGA was `{p['sweep_best']}` ({_f(p['sweep_best_wga'])}), of {p['n_trials']} trials.")
+            md.append(
+                f"\nseed {p['seed']}, {p['row']}: picked `{p['pick']}` ({_f(p['test_wga'])}); the best by "
+                f"test WGA was `{p['sweep_best']}` ({_f(p['sweep_best_wga'])}), of {p['n_trials']} trials."
+            )
     return "\n".join(md) + "\n"
 
 
-def run_zoo(families: list[str], seeds: list[int], out, cache_dir=None, tracking_uri: str | None = None,
-            sets: list[str] | None = None, variants: list[tuple[str, list[str]]] = (), sweep: bool = True,
-            baselines: bool = True, peers: bool = True) -> dict:
+def run_zoo(
+    families: list[str],
+    seeds: list[int],
+    out,
+    cache_dir=None,
+    tracking_uri: str | None = None,
+    sets: list[str] | None = None,
+    variants: list[tuple[str, list[str]]] = (),
+    sweep: bool = True,
+    baselines: bool = True,
+    peers: bool = True,
+) -> dict:
     import time
 
     sets = list(sets or [])
@@ -272,16 +381,31 @@ def run_zoo(families: list[str], seeds: list[int], out, cache_dir=None, tracking
             with timer(f"{family} seed {seed}"):
                 per_seed += family_seed(family, seed, sets, job.cache, timer, variants, sweep, baselines, peers)
             done += 1
-            log.info("zoo: %d of %d family-seeds done (%.1f min)", done, len(families) * len(seeds),
-                     (time.perf_counter() - t0) / 60)
+            log.info(
+                "zoo: %d of %d family-seeds done (%.1f min)",
+                done,
+                len(families) * len(seeds),
+                (time.perf_counter() - t0) / 60,
+            )
             write_json(out / "zoo_per_seed.json", per_seed)
     by_family, summary = summarize(per_seed, families)
     seconds = time.perf_counter() - t0
     report = format_report(by_family, summary, per_seed, seeds, sets, seconds)
     (out / "zoo.md").write_text(report)
-    write_json(out / "zoo.json", {"families": families, "seeds": seeds, "sets": sets, "summary": summary,
-                                  "by_family": by_family, "per_seed": per_seed, "seconds": seconds,
-                                  "timings_s": timer.seconds})
-    plots.zoo_grid(by_family, [s["row"] for s in summary], out / "zoo_wga.png",
-                   f"test WGA, seeds {', '.join(map(str, seeds))}")
+    write_json(
+        out / "zoo.json",
+        {
+            "families": families,
+            "seeds": seeds,
+            "sets": sets,
+            "summary": summary,
+            "by_family": by_family,
+            "per_seed": per_seed,
+            "seconds": seconds,
+            "timings_s": timer.seconds,
+        },
+    )
+    plots.zoo_grid(
+        by_family, [s["row"] for s in summary], out / "zoo_wga.png", f"test WGA, seeds {', '.join(map(str, seeds))}"
+    )
     return {"report": report, "summary": summary, "by_family": by_family, "seconds": seconds}

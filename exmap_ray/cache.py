@@ -12,6 +12,7 @@ The cache lives under the storage root (a local path or a URI, see storage.py).
 A claim per stage (claims.py) makes it safe under concurrent runs and trials
 sharing it: the second waits and then reuses the first's result.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,8 +69,15 @@ class StageCache:
     def record(self, stage: Stage, event: str, **extra) -> None:
         """One object per event (object stores cannot append): CACHE/records/<time>-<id>.json."""
         now = time.time()
-        rec = {"time": now, "stage": stage.name, "key": stage.key, "event": event,
-               "host": socket.gethostname(), "pid": os.getpid(), **extra}
+        rec = {
+            "time": now,
+            "stage": stage.name,
+            "key": stage.key,
+            "event": event,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            **extra,
+        }
         write_json(self.root / "records" / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json", rec)
 
     def records(self) -> list[dict]:
@@ -89,8 +97,9 @@ class StageCache:
         with self._claims().hold(stage):
             if stage.done:  # another claimant finished it while this one waited
                 self.record(stage, "reused")
-                log.info("stage %s: reusing %s (computed by another claimant meanwhile)", stage.name,
-                         redact(str(stage.dir)))
+                log.info(
+                    "stage %s: reusing %s (computed by another claimant meanwhile)", stage.name, redact(str(stage.dir))
+                )
                 return stage.info()
             if stage.dir.exists():
                 log.warning("stage %s: clearing unfinished attempt in %s", stage.name, redact(str(stage.dir)))

@@ -3,6 +3,7 @@
 Heatmap shards are read this way by clustering (the exact path and the anchor route) and by pseudo-group
 formation. Imports nothing of the project.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -17,7 +18,6 @@ def normalize_rows(X: np.ndarray) -> np.ndarray:
     X = np.ascontiguousarray(X, dtype=np.float32).reshape(len(X), -1)
     scale = np.abs(X).max(axis=1, keepdims=True)
     return X / np.where(scale > 0, scale, 1.0)
-
 
 
 class ChunkedRows:
@@ -50,7 +50,7 @@ class ChunkedRows:
         out = []
         bounds = np.searchsorted(idx, self.starts)
         for s, shard in enumerate(self.shards):
-            part = idx[bounds[s]:bounds[s + 1]] - self.starts[s]
+            part = idx[bounds[s] : bounds[s + 1]] - self.starts[s]
             if len(part):
                 out.append(np.asarray(shard[part], np.float32).reshape(len(part), self.d))
         return np.concatenate(out) if len(out) != 1 else out[0]
@@ -64,15 +64,18 @@ class ChunkedRows:
         """(start, stop) of consecutive chunks of this view, at most `size` rows, none across two shards."""
         if self.index is not None:
             return [(lo, min(lo + size, len(self))) for lo in range(0, len(self), size)]
-        return [(int(a) + lo, int(min(a + lo + size, b))) for a, b in zip(self.starts[:-1], self.starts[1:])
-                for lo in range(0, int(b - a), size)]
+        return [
+            (int(a) + lo, int(min(a + lo + size, b)))
+            for a, b in zip(self.starts[:-1], self.starts[1:])
+            for lo in range(0, int(b - a), size)
+        ]
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """ChunkedRows start..stop of this view (one span of `spans`), float32, normalised if asked."""
         if self.index is not None:
             return self.take(np.arange(start, stop))
         s = int(np.searchsorted(self.starts, start, side="right")) - 1
-        return self._prep(self.shards[s][start - self.starts[s]:stop - self.starts[s]])
+        return self._prep(self.shards[s][start - self.starts[s] : stop - self.starts[s]])
 
     def chunks(self, size: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """(start, float32 rows) for consecutive chunks of this view."""
@@ -86,12 +89,12 @@ class ChunkedRows:
             return normalize_rows(H) if self.normalize else np.ascontiguousarray(H, np.float32).reshape(len(H), -1)
         out = np.empty((len(self), self.d), np.float32)
         for lo, X in self.chunks():
-            out[lo:lo + len(X)] = X
+            out[lo : lo + len(X)] = X
         return out
 
     def mean(self, idx: np.ndarray) -> np.ndarray:
         """Mean of the rows at positions `idx` (ascending), accumulated in float64 over chunks."""
         total = np.zeros(self.d)
         for lo in range(0, len(idx), CHUNK_ROWS):
-            total += self.take(idx[lo:lo + CHUNK_ROWS]).sum(0, dtype=np.float64)
+            total += self.take(idx[lo : lo + CHUNK_ROWS]).sum(0, dtype=np.float64)
         return (total / max(len(idx), 1)).astype(np.float32)

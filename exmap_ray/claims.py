@@ -20,6 +20,7 @@ Backends:
   roots (they may still read each other's finished stages);
 - a URI root outside Ray: claims within this process only (tools and tests).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -123,9 +124,19 @@ class RayClaims:
         self.name = f"exmap-ray-claims-{stable_hash(str(root))}"
         self.poll_s = poll_s
         node = ray.get_runtime_context().get_node_id()
-        self.actor = ray.remote(ClaimTable).options(
-            name=self.name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-            max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        self.actor = (
+            ray.remote(ClaimTable)
+            .options(
+                name=self.name,
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_restarts=-1,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            )
+            .remote()
+        )
 
     @contextlib.contextmanager
     def hold(self, stage) -> Iterator[None]:

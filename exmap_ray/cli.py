@@ -19,6 +19,7 @@ Ray starts (exit 2). One that goes away during `run`, `tune` or `bench` does not
 to OUT as usual, OUT/mlflow_pending.json says what was not logged, and `sync-mlflow OUT` logs it
 once the server is back.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,19 @@ log = logging.getLogger("exmap_ray")
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="a YAML spec file, or a shipped spec's name (e.g. cmnist, waterbirds)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a spec key (YAML value), e.g. --set clustering.k=4; repeatable")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a spec key (YAML value), e.g. --set clustering.k=4; repeatable",
+    )
 
 
-def _add_job_args(p: argparse.ArgumentParser, out_help: str,
-                  quiet_help: str = "only warnings and the final table") -> None:
+def _add_job_args(
+    p: argparse.ArgumentParser, out_help: str, quiet_help: str = "only warnings and the final table"
+) -> None:
     """The options every Ray job command (run, tune, bench) shares."""
     p.add_argument("--out", help=out_help + "; a local path or a storage URI (s3://BUCKET/PREFIX?..., gs://...)")
     p.add_argument("--cache", help="stage cache to share between runs, a path or a URI (default OUT/cache)")
@@ -49,106 +57,167 @@ def _add_job_args(p: argparse.ArgumentParser, out_help: str,
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("--quiet", action="store_true", help=quiet_help)
-    loud.add_argument("-v", "--verbose", action="store_true",
-                      help="also Ray's own lines: its workers' output, Ray Train's and Tune's reports")
+    loud.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also Ray's own lines: its workers' output, Ray Train's and Tune's reports",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exmap-ray",
         description="ExMap (CVPR 2024) on Ray: ERM -> explainability heatmaps -> clustering into pseudo "
-                    "groups -> DFR retraining, tracked in MLflow. Group labels are used for evaluation only.",
+        "groups -> DFR retraining, tracked in MLflow. Group labels are used for evaluation only.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with: exmap-ray run   (the demo, the shipped spec cmnist; see `exmap-ray COMMAND --help`)")
+        epilog="Start with: exmap-ray run   (the demo, the shipped spec cmnist; see `exmap-ray COMMAND --help`)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = sub.add_parser("run", help="run the whole pipeline once and print the results table",
-                         description="Run ERM, heatmaps, clustering and DFR once; write OUT/results.json, "
-                                     "plots and an MLflow run. Stages are cached in OUT/cache, so a re-run "
-                                     "resumes where the last one stopped.")
+    run = sub.add_parser(
+        "run",
+        help="run the whole pipeline once and print the results table",
+        description="Run ERM, heatmaps, clustering and DFR once; write OUT/results.json, "
+        "plots and an MLflow run. Stages are cached in OUT/cache, so a re-run "
+        "resumes where the last one stopped.",
+    )
     _add_spec_args(run)
     _add_job_args(run, "output folder (default runs/<spec name>)")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT with the same spec: "
-                                                           "finished stages are reused, a half-written one is redone")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in OUT with the same spec: "
+        "finished stages are reused, a half-written one is redone",
+    )
 
-    tn = sub.add_parser("tune", help="run a Ray Tune sweep over the spec's search: section",
-                        description="Sweep the spec's `search.space` with Ray Tune. ERM and heatmaps shared by all "
-                                    "trials are computed once; each trial is an MLflow child run of one parent run; "
-                                    "OUT/summary.{md,csv,json} names the label-free choice and the oracle's.")
+    tn = sub.add_parser(
+        "tune",
+        help="run a Ray Tune sweep over the spec's search: section",
+        description="Sweep the spec's `search.space` with Ray Tune. ERM and heatmaps shared by all "
+        "trials are computed once; each trial is an MLflow child run of one parent run; "
+        "OUT/summary.{md,csv,json} names the label-free choice and the oracle's.",
+    )
     _add_spec_args(tn)
     _add_job_args(tn, "sweep folder (default runs/<spec name>-sweep)", "only warnings and the final summary")
-    tn.add_argument("--resume", action="store_true", help="continue an interrupted sweep in OUT: finished "
-                                                          "trials are not rerun, cached stages not recomputed")
+    tn.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep in OUT: finished trials are not rerun, cached stages not recomputed",
+    )
 
-    sy = sub.add_parser("sync-mlflow", help="upload a finished run to MLflow after its server was unreachable",
-                        description="Log a finished `exmap-ray run` output folder to MLflow: the flattened spec as "
-                                    "params, per-epoch ERM metrics, test metrics, stage timings and the artifacts "
-                                    "(results.json, spec.resolved.json and the plots). Completes the run the "
-                                    "pipeline started if the server has it, else makes a new run in the same "
-                                    "experiment tagged exmap_ray.synced_from. Needs DIR/results.json; does "
-                                    "nothing (exit 0) unless DIR/mlflow_pending.json says logging failed. For a "
-                                    "sweep's folder (`exmap-ray tune --out`): the parent run with the summary, then "
-                                    "every trial whose logging failed, nested under the parent. For a bench's "
-                                    "folder (`exmap-ray bench "
-                                    "--out`, it holds bench.json): its run, with the spec and seeds as params, "
-                                    "every row's mean and std and the bench files.")
+    sy = sub.add_parser(
+        "sync-mlflow",
+        help="upload a finished run to MLflow after its server was unreachable",
+        description="Log a finished `exmap-ray run` output folder to MLflow: the flattened spec as "
+        "params, per-epoch ERM metrics, test metrics, stage timings and the artifacts "
+        "(results.json, spec.resolved.json and the plots). Completes the run the "
+        "pipeline started if the server has it, else makes a new run in the same "
+        "experiment tagged exmap_ray.synced_from. Needs DIR/results.json; does "
+        "nothing (exit 0) unless DIR/mlflow_pending.json says logging failed. For a "
+        "sweep's folder (`exmap-ray tune --out`): the parent run with the summary, then "
+        "every trial whose logging failed, nested under the parent. For a bench's "
+        "folder (`exmap-ray bench "
+        "--out`, it holds bench.json): its run, with the spec and seeds as params, "
+        "every row's mean and std and the bench files.",
+    )
     sy.add_argument("dir", metavar="DIR", help="the run's, sweep's or bench's output folder or storage URI (its --out)")
-    sy.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the run used, from "
-                                           "DIR/tracking.json)")
+    sy.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the one the run used, from DIR/tracking.json)"
+    )
     sy.add_argument("--quiet", action="store_true", help="only warnings and the final line")
 
-    bn = sub.add_parser("bench", help="compare ExMap with the baselines over seeds (a Markdown/CSV table)",
-                        description="For each seed: train ERM and extract heatmaps once, then fit every row "
-                                    "(ERM, oracle DFR, random groups + DFR, feature clustering + DFR, JTT, ExMap "
-                                    "local/global + DFR, ExMap + GroupDRO, ExMap + JTT) and score it on test. "
-                                    "Writes OUT/bench.{md,csv,json} and bench_wga.png, and one MLflow run.")
+    bn = sub.add_parser(
+        "bench",
+        help="compare ExMap with the baselines over seeds (a Markdown/CSV table)",
+        description="For each seed: train ERM and extract heatmaps once, then fit every row "
+        "(ERM, oracle DFR, random groups + DFR, feature clustering + DFR, JTT, ExMap "
+        "local/global + DFR, ExMap + GroupDRO, ExMap + JTT) and score it on test. "
+        "Writes OUT/bench.{md,csv,json} and bench_wga.png, and one MLflow run.",
+    )
     _add_spec_args(bn)
-    bn.add_argument("--seeds", default=None,
-                    help="number of seeds, from the spec's seed upwards (default 3); with --zoo: 'dev', 'judge' "
-                         "(the protocol's, exmap_ray/zoo_protocol.yaml) or integers such as 0,1 (default: dev)")
-    bn.add_argument("--zoo", action="store_true",
-                    help="the shortcut zoo: every family x seed, every row, one table per family and a summary "
-                         "(OUT/zoo.md, zoo.json, zoo_wga.png); SPEC is not given")
-    bn.add_argument("--quick", action="store_true",
-                    help="with --zoo: the protocol's quick subset (<= 15 min on 2 cores)")
+    bn.add_argument(
+        "--seeds",
+        default=None,
+        help="number of seeds, from the spec's seed upwards (default 3); with --zoo: 'dev', 'judge' "
+        "(the protocol's, exmap_ray/zoo_protocol.yaml) or integers such as 0,1 (default: dev)",
+    )
+    bn.add_argument(
+        "--zoo",
+        action="store_true",
+        help="the shortcut zoo: every family x seed, every row, one table per family and a summary "
+        "(OUT/zoo.md, zoo.json, zoo_wga.png); SPEC is not given",
+    )
+    bn.add_argument(
+        "--quick", action="store_true", help="with --zoo: the protocol's quick subset (<= 15 min on 2 cores)"
+    )
     bn.add_argument("--families", default=None, help="with --zoo: comma-separated families (default: the protocol's)")
-    bn.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                    help="with --zoo: one more ExMap row, each family's spec with these keys set (repeatable), "
-                         "e.g. --variant 'both:clustering.input=both'")
+    bn.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="with --zoo: one more ExMap row, each family's spec with these keys set (repeatable), "
+        "e.g. --variant 'both:clustering.input=both'",
+    )
     bn.add_argument("--no-sweep", action="store_true", help="with --zoo: leave out the sweep-pick row (faster)")
-    bn.add_argument("--no-peers", action="store_true",
-                    help="with --zoo: leave out the SpuCo (GEORGE, SPARE, EIIL) and DPE rows even where installed")
-    bn.add_argument("--no-baselines", action="store_true",
-                    help="with --zoo: ERM, the oracle and the ExMap rows only (for comparing --variant rows fast)")
-    bn.add_argument("--end-to-end", action="store_true",
-                    help="add rows ExMap + GroupDRO / JTT (end to end): fine-tune the whole ERM network on val "
-                         "with the ExMap groups (retrain.end_to_end keys); slower than the last-layer rows")
+    bn.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="with --zoo: leave out the SpuCo (GEORGE, SPARE, EIIL) and DPE rows even where installed",
+    )
+    bn.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="with --zoo: ERM, the oracle and the ExMap rows only (for comparing --variant rows fast)",
+    )
+    bn.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="add rows ExMap + GroupDRO / JTT (end to end): fine-tune the whole ERM network on val "
+        "with the ExMap groups (retrain.end_to_end keys); slower than the last-layer rows",
+    )
     _add_job_args(bn, "output folder (default runs/<spec name>-bench)")
 
-    sp = sub.add_parser("spec", help="print the built-in defaults with their reasons, or a resolved spec",
-                        description="Without SPEC: the built-in defaults, every key with its default and why "
-                                    "(with --set: the defaults after the overrides, as YAML). With SPEC: the "
-                                    "resolved spec after the YAML file and --set overrides, as YAML. (`run` "
-                                    "without SPEC runs the demo; `exmap-ray spec cmnist` shows its spec.)")
+    sp = sub.add_parser(
+        "spec",
+        help="print the built-in defaults with their reasons, or a resolved spec",
+        description="Without SPEC: the built-in defaults, every key with its default and why "
+        "(with --set: the defaults after the overrides, as YAML). With SPEC: the "
+        "resolved spec after the YAML file and --set overrides, as YAML. (`run` "
+        "without SPEC runs the demo; `exmap-ray spec cmnist` shows its spec.)",
+    )
     _add_spec_args(sp)
 
-    ds = sub.add_parser("datasets", help="list the registered datasets, or check one on disk",
-                        description="Without arguments: list the dataset names usable as dataset.name, each with its "
-                                    "own "
-                                    "keys (valid only when dataset.name names it; `exmap-ray spec` gives reasons). "
-                                    "`datasets check NAME --root PATH` verifies an on-disk dataset before a run: "
-                                    "the folder layout, the index files, the count of images per split and "
-                                    "true group, and every missing or unreadable file; it ends with the fix. "
-                                    "Exit 0 when the dataset is usable, 2 when not. `run` makes the same "
-                                    "check before any training.")
+    ds = sub.add_parser(
+        "datasets",
+        help="list the registered datasets, or check one on disk",
+        description="Without arguments: list the dataset names usable as dataset.name, each with its "
+        "own "
+        "keys (valid only when dataset.name names it; `exmap-ray spec` gives reasons). "
+        "`datasets check NAME --root PATH` verifies an on-disk dataset before a run: "
+        "the folder layout, the index files, the count of images per split and "
+        "true group, and every missing or unreadable file; it ends with the fix. "
+        "Exit 0 when the dataset is usable, 2 when not. `run` makes the same "
+        "check before any training.",
+    )
     ds_sub = ds.add_subparsers(dest="ds_command", metavar="check")
-    chk = ds_sub.add_parser("check", help="verify a dataset's layout and files",
-                            description="Verify NAME at --root: layout, counts per split and group, missing and "
-                                        "unreadable files; ends with the precise fix.")
+    chk = ds_sub.add_parser(
+        "check",
+        help="verify a dataset's layout and files",
+        description="Verify NAME at --root: layout, counts per split and group, missing and "
+        "unreadable files; ends with the precise fix.",
+    )
     chk.add_argument("name", metavar="NAME", help="a registered dataset, e.g. waterbirds, celeba, metashift, urbancars")
     chk.add_argument("--root", help="the dataset folder (dataset.root)")
-    chk.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="other dataset keys, e.g. --set dataset.target=Smiling")
+    chk.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="other dataset keys, e.g. --set dataset.target=Smiling",
+    )
     chk.add_argument("--no-verify", action="store_true", help="skip opening every image (layout and counts only)")
     return parser
 
@@ -156,8 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _console_level(args) -> int:
     from . import console
 
-    return console.QUIET if getattr(args, "quiet", False) else (
-        console.VERBOSE if getattr(args, "verbose", False) else console.NORMAL)
+    return (
+        console.QUIET
+        if getattr(args, "quiet", False)
+        else (console.VERBOSE if getattr(args, "verbose", False) else console.NORMAL)
+    )
 
 
 def local_ray_defaults() -> None:
@@ -194,8 +266,12 @@ def ray_session(address: str | None):
         if not (address or os.environ.get("RAY_ADDRESS")):
             local_ray_defaults()
         loud = console.verbose()
-        ray.init(address=address, logging_level=logging.INFO if loud else logging.WARNING, log_to_driver=loud,
-                 runtime_env={"env_vars": {QUIET_ENV: "1"}} if console.level() == console.QUIET else None)
+        ray.init(
+            address=address,
+            logging_level=logging.INFO if loud else logging.WARNING,
+            log_to_driver=loud,
+            runtime_env={"env_vars": {QUIET_ENV: "1"}} if console.level() == console.QUIET else None,
+        )
     try:
         yield
     finally:
@@ -223,13 +299,16 @@ def cmd_bench(args) -> int:
     try:
         args.seeds = 3 if args.seeds is None else int(args.seeds)
     except ValueError:
-        raise UserError(f"--seeds {args.seeds!r}: give a number of seeds, e.g. --seeds 3 ('dev' and 'judge' go "
-                        f"with --zoo)") from None
+        raise UserError(
+            f"--seeds {args.seeds!r}: give a number of seeds, e.g. --seeds 3 ('dev' and 'judge' go with --zoo)"
+        ) from None
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: give at least 1")
     if args.end_to_end and spec.groups.source != "exmap":
-        raise UserError(f"--end-to-end fine-tunes on the ExMap groups, but spec key 'groups.source' is "
-                        f"'{spec.groups.source}'; use groups.source exmap")
+        raise UserError(
+            f"--end-to-end fine-tunes on the ExMap groups, but spec key 'groups.source' is "
+            f"'{spec.groups.source}'; use groups.source exmap"
+        )
     out, cache = _storage(args, f"{spec.name}-bench")
     _check_tracking(args.tracking_uri or spec.tracking.uri, out)
     from .bench import run_bench
@@ -238,14 +317,17 @@ def cmd_bench(args) -> int:
     preflight(spec)  # data / backbone / method errors before Ray starts
     seeds = [spec.seed + i for i in range(args.seeds)]
     from .console import tagged
+
     with ray_session(args.address), tagged("bench"):  # lines outside a stage or row: the bench's own
         summary = run_bench(spec, seeds, out, cache, args.tracking_uri, end_to_end=args.end_to_end)
     print("\n" + summary["table"])
     print(f"\ntable: {redact(str(out / 'bench.md'))} (also .csv, .json; plot {redact(str(out / 'bench_wga.png'))})")
     if summary["mlflow_pending"]:  # the tracker warned when it lost the server; every result is on disk
-        print(f"MLflow: NOT fully logged (the server became unreachable; {redact(str(out / 'mlflow_pending.json'))} "
-              f"says what failed). Every result is in {redact(str(out))}; when the server is back: "
-              f"exmap-ray sync-mlflow {out}")
+        print(
+            f"MLflow: NOT fully logged (the server became unreachable; {redact(str(out / 'mlflow_pending.json'))} "
+            f"says what failed). Every result is in {redact(str(out))}; when the server is back: "
+            f"exmap-ray sync-mlflow {out}"
+        )
     return 0
 
 
@@ -254,8 +336,10 @@ def cmd_bench_zoo(args) -> int:
     from .console import tagged
 
     if args.spec:
-        raise UserError(f"bench --zoo takes no SPEC (got '{args.spec}'): it runs the protocol's families; "
-                        f"choose some with --families")
+        raise UserError(
+            f"bench --zoo takes no SPEC (got '{args.spec}'): it runs the protocol's families; "
+            f"choose some with --families"
+        )
     proto = protocol()
     families, seeds = choose_families(args.families, proto, args.quick), choose_seeds(args.seeds, proto, args.quick)
     sets = list(proto["quick"].get("sets", [])) if args.quick else []
@@ -264,18 +348,30 @@ def cmd_bench_zoo(args) -> int:
     out, cache = _storage(args, "zoo")
     _check_tracking(args.tracking_uri, out)
     with ray_session(args.address), tagged("zoo"):
-        summary = run_zoo(families, seeds, out, cache, args.tracking_uri, sets,
-                          [parse_variant(v) for v in args.variant], sweep=not args.no_sweep,
-                          baselines=not args.no_baselines, peers=not args.no_peers)
+        summary = run_zoo(
+            families,
+            seeds,
+            out,
+            cache,
+            args.tracking_uri,
+            sets,
+            [parse_variant(v) for v in args.variant],
+            sweep=not args.no_sweep,
+            baselines=not args.no_baselines,
+            peers=not args.no_peers,
+        )
     print("\n" + summary["report"].split("## Test WGA by family")[0].rstrip())
-    print(f"\nreport: {redact(str(out / 'zoo.md'))} (also zoo.json; plot {redact(str(out / 'zoo_wga.png'))}); "
-          f"{summary['seconds'] / 60:.1f} min")
+    print(
+        f"\nreport: {redact(str(out / 'zoo.md'))} (also zoo.json; plot {redact(str(out / 'zoo_wga.png'))}); "
+        f"{summary['seconds'] / 60:.1f} min"
+    )
     return 0
 
 
 def cmd_tune(args) -> int:
     spec = job_spec(args)
     from .search import parse_space
+
     parse_space(spec)  # search-space errors before Ray starts
     out, cache = _storage(args, f"{spec.name}-sweep")
     if spec.search.storage_path:
@@ -285,14 +381,17 @@ def cmd_tune(args) -> int:
     _check_tracking(args.tracking_uri or spec.tracking.uri, out)  # before torch and Ray load
     from .tune import format_summary, run_sweep
     from .console import tagged
+
     with ray_session(args.address), tagged("sweep"):  # lines outside a stage or trial: the sweep's own
         summary = run_sweep(spec, out, cache, args.tracking_uri, resume=args.resume)
     print("\n" + format_summary(summary))
     print(f"\nsummary: {redact(str(out / 'summary.md'))} (also .csv, .json; plots {redact(str(out / '*.png'))})")
     if summary.get("mlflow_pending"):  # each tracker warned when it lost the server; this is the how-to
-        print(f"MLflow: NOT fully logged ({len(summary['mlflow_pending'])} folder(s) hold mlflow_pending.json: the "
-              f"server became unreachable). Every result is on disk; when the server is back: "
-              f"exmap-ray sync-mlflow {out}")
+        print(
+            f"MLflow: NOT fully logged ({len(summary['mlflow_pending'])} folder(s) hold mlflow_pending.json: the "
+            f"server became unreachable). Every result is on disk; when the server is back: "
+            f"exmap-ray sync-mlflow {out}"
+        )
     return 0
 
 
@@ -300,11 +399,12 @@ def cmd_run(args) -> int:
     spec = job_spec(args)  # spec errors surface here, before any work
     out, cache = _storage(args, spec.name)
     uri = args.tracking_uri or spec.tracking.uri
-    _check_tracking(uri, out)               # an unreachable tracking server, in seconds (before torch loads)
+    _check_tracking(uri, out)  # an unreachable tracking server, in seconds (before torch loads)
     from .pipeline import format_table, preflight, run_pipeline
+
     if args.resume:
         _check_resume(spec, out)
-    data = preflight(spec)                  # and data / backbone / method errors here
+    data = preflight(spec)  # and data / backbone / method errors here
     if args.resume:
         _mark_interrupted_run(out, uri)
     with ray_session(args.address):
@@ -313,12 +413,17 @@ def cmd_run(args) -> int:
     print(f"\nresults: {redact(str(out / 'results.json'))}   plots: {redact(str(out / '*.png'))}")
     from .storage import read_json
     from .tracking import PENDING
+
     if (out / PENDING).is_file():  # the tracker logged the failure when it happened; this is the how-to
-        print(f"MLflow run {results['mlflow_run_id']}: NOT fully logged, MLflow at {read_json(out / PENDING)['uri']} "
-              f"became unreachable ({out / PENDING}). When it is back: exmap-ray sync-mlflow {out}")
+        print(
+            f"MLflow run {results['mlflow_run_id']}: NOT fully logged, MLflow at {read_json(out / PENDING)['uri']} "
+            f"became unreachable ({out / PENDING}). When it is back: exmap-ray sync-mlflow {out}"
+        )
         return 0
-    print(f"MLflow run {results['mlflow_run_id']}: "
-          + (f"see {uri}" if uri else f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}"))
+    print(
+        f"MLflow run {results['mlflow_run_id']}: "
+        + (f"see {uri}" if uri else f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}")
+    )
     return 0
 
 
@@ -345,17 +450,21 @@ def _check_resume(spec, out) -> None:
     old, new = flatten(read_json(saved)), flatten(spec.to_dict())
     moved = sorted(k for k in old if k in MOVED)  # the saved spec is flat JSON: its leaves
     if moved:
-        raise UserError(f"--resume: the run in '{out}' was started before spec keys moved ({', '.join(moved[:4])}"
-                        f"{', ...' if len(moved) > 4 else ''}; `exmap-ray spec` shows where they are now), "
-                        f"so its saved "
-                        f"spec cannot be compared; drop --resume and run again with the same --cache: every "
-                        f"finished stage is reused (stage keys did not change)")
+        raise UserError(
+            f"--resume: the run in '{out}' was started before spec keys moved ({', '.join(moved[:4])}"
+            f"{', ...' if len(moved) > 4 else ''}; `exmap-ray spec` shows where they are now), "
+            f"so its saved "
+            f"spec cannot be compared; drop --resume and run again with the same --cache: every "
+            f"finished stage is reused (stage keys did not change)"
+        )
     if new.get("resources.gpu") == "auto":  # the saved spec holds what auto resolved to; it resolves again
         new["resources.gpu"] = old.get("resources.gpu")
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
-        raise UserError(f"--resume: '{out}' holds a run of another spec (it differs in {', '.join(differ[:8])}); "
-                        f"resume with the same spec and --set values, or drop --resume / pick another --out")
+        raise UserError(
+            f"--resume: '{out}' holds a run of another spec (it differs in {', '.join(differ[:8])}); "
+            f"resume with the same spec and --set values, or drop --resume / pick another --out"
+        )
     log.info("resuming the run in %s: finished stages are reused, an unfinished one is redone", out)
 
 
@@ -396,13 +505,17 @@ def cmd_sync(args) -> int:
 
     done = sync(args.dir, args.tracking_uri)
     if done["status"] == "nothing pending":
-        print(f"nothing to sync: {args.dir} has no mlflow_pending.json; its MLflow logging "
-              f"did not fail (or was synced already)")
+        print(
+            f"nothing to sync: {args.dir} has no mlflow_pending.json; its MLflow logging "
+            f"did not fail (or was synced already)"
+        )
         return 0
     how = "completed the original run" if done["resumed"] else "created a new run (the original is not there)"
     what = {"sweep": "sweep parent run", "bench": "bench run"}.get(done.get("kind"), "run")
-    print(f"synced {args.dir} to MLflow at {done['uri']}: {how} ({what}) {done['run_id']}, {done['params']} params, "
-          f"{done['metrics']} metric values, artifacts {', '.join(done['artifacts']) or 'none'}")
+    print(
+        f"synced {args.dir} to MLflow at {done['uri']}: {how} ({what}) {done['run_id']}, {done['params']} params, "
+        f"{done['metrics']} metric values, artifacts {', '.join(done['artifacts']) or 'none'}"
+    )
     for t in done.get("trials", []):
         how = "completed" if t["resumed"] else "created"
         print(f"  trial {Loc.parse(t['out']).name}: {how} run {t['run_id']}, {t['metrics']} metric values")
@@ -452,8 +565,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.configure(_console_level(args))
     try:
-        return {"run": cmd_run, "tune": cmd_tune, "sync-mlflow": cmd_sync, "spec": cmd_spec,
-                "datasets": cmd_datasets, "bench": cmd_bench}[args.command](args)
+        return {
+            "run": cmd_run,
+            "tune": cmd_tune,
+            "sync-mlflow": cmd_sync,
+            "spec": cmd_spec,
+            "datasets": cmd_datasets,
+            "bench": cmd_bench,
+        }[args.command](args)
     except UserError as e:
         print(f"exmap-ray: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ Progress is a tqdm bar on stderr when stderr is a terminal, else one plain log l
 driver: ERM's epochs come from rank 0 through a small mailbox actor (`Mailbox`), the heatmap
 shards and the sweep's trials are counted where the driver already waits for them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,6 +60,7 @@ def _record_factory(base):
         record = base(*args, **kwargs)
         record.exmap_ray_tag = _tag.get()  # when the line is logged, not when (or in which thread) it is written
         return record
+
     make.exmap_ray = True
     return make
 
@@ -138,8 +140,7 @@ def configure(lvl: int) -> None:
 
 
 def _bar() -> bool:
-    return (_level is not None and _level >= NORMAL and sys.stderr.isatty()
-            and not os.environ.get("TQDM_DISABLE"))
+    return _level is not None and _level >= NORMAL and sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE")
 
 
 class Progress:
@@ -152,8 +153,9 @@ class Progress:
             from tqdm.auto import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=f"[{tag}]", unit=unit, file=sys.stderr,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, desc=f"[{tag}]", unit=unit, file=sys.stderr, dynamic_ncols=True
+            )
             self._redirect = logging_redirect_tqdm()  # log lines meanwhile go above the bar, not through it
             self._redirect.__enter__()
 

@@ -19,6 +19,7 @@
   `erm.compile` are the GPU speed options; their defaults leave CPU runs as they were.
 - Only class labels are used: the true groups never reach this stage.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,8 +67,11 @@ def train_epoch(model: nn.Module, loader, opt, device, precision: str = "fp32", 
         loss_sum += loss.detach().double() * len(y)
     correct, loss_sum = int(correct), float(loss_sum)  # one sync, which also ends the timed epoch
     dt = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
-            "images_per_s": total / max(dt, 1e-9)}
+    return {
+        "train_loss": loss_sum / max(total, 1),
+        "train_acc": correct / max(total, 1),
+        "images_per_s": total / max(dt, 1e-9),
+    }
 
 
 @torch.no_grad()
@@ -128,13 +132,25 @@ def train_loop(config: dict) -> None:
     opts = loader_options(spec.dataset, device=str(device))  # workers, pinned memory, persistent workers
     world = ctx.get_world_size()
     # our own DistributedSampler: Ray's prepare_data_loader would rebuild the loader without persistent_workers
-    sampler = DistributedSampler(Labeled(data.train), num_replicas=world, rank=rank, shuffle=True,
-                                 seed=stage_seed(spec.seed, "erm-shuffle")) if world > 1 else None
-    train = DataLoader(Labeled(data.train), batch_size=e.batch_size, shuffle=sampler is None, sampler=sampler,
-                       generator=g if sampler is None else None, **opts)
+    sampler = (
+        DistributedSampler(
+            Labeled(data.train), num_replicas=world, rank=rank, shuffle=True, seed=stage_seed(spec.seed, "erm-shuffle")
+        )
+        if world > 1
+        else None
+    )
+    train = DataLoader(
+        Labeled(data.train),
+        batch_size=e.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=g if sampler is None else None,
+        **opts,
+    )
     # each rank scores every world-th val image; accuracy() all-reduces the counts
-    val = DataLoader(Subset(Labeled(data.val), range(rank, len(data.val), world)), batch_size=512, shuffle=False,
-                     **opts)
+    val = DataLoader(
+        Subset(Labeled(data.val), range(rank, len(data.val), world)), batch_size=512, shuffle=False, **opts
+    )
     # move_to_device=False: _batch makes the pinned, non_blocking copy; Ray's own would block first
     train = ray.train.torch.prepare_data_loader(train, add_dist_sampler=False, move_to_device=False)
     val = ray.train.torch.prepare_data_loader(val, add_dist_sampler=False, move_to_device=False)
@@ -151,8 +167,7 @@ def train_loop(config: dict) -> None:
     if rank == 0:  # what the weights were computed with, and where (results.json)
         from .resources import where_am_i
 
-        env = {**environment(str(device)), "placement": where_am_i(str(device)),
-               "backend": config.get("backend")}
+        env = {**environment(str(device)), "placement": where_am_i(str(device)), "backend": config.get("backend")}
     best = {"val_acc": -1.0, "epoch": -1, "model": None}  # erm.keep best_val_acc: the best weights so far
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resumed after a failure: continue where the last report left off
@@ -172,13 +187,20 @@ def train_loop(config: dict) -> None:
         metrics.update(epoch=epoch + 1, val_acc=accuracy(model, val, device, **amp), resumed_from=start)
         history.append(metrics)
         if e.keep == "best_val_acc" and rank == 0 and metrics["val_acc"] > best["val_acc"]:  # the first best wins
-            best = {"val_acc": metrics["val_acc"], "epoch": epoch,
-                    "model": {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}}
+            best = {
+                "val_acc": metrics["val_acc"],
+                "epoch": epoch,
+                "model": {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()},
+            }
         if rank == 0:
             post(config.get("progress"), metrics)  # the driver prints the epoch (console.py)
             with tempfile.TemporaryDirectory() as d:
-                state = {"model": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch,
-                         "environment": env}
+                state = {
+                    "model": _unwrap(model).state_dict(),
+                    "opt": opt.state_dict(),
+                    "epoch": epoch,
+                    "environment": env,
+                }
                 if e.keep == "best_val_acc":
                     state["best"] = best
                 torch.save(state, Path(d) / "state.pt")
@@ -218,13 +240,19 @@ def train_erm(spec, out, n_classes: int) -> dict:
     use_gpu = spec.resources.gpu is True  # from the spec, decided once per run
     threads = 1 if use_gpu else cpus_per_worker(e.num_workers, spec)
     backend = dist_backend(spec)
-    log.info("ERM: %s, %d epoch(s), %d worker(s) on %s", spec.model.backbone, e.epochs, e.num_workers,
-             f"GPU ({e.worker_gpus:g} each, {backend})" if use_gpu else
-             f"CPU (gloo, {threads} thread(s) each)")
+    log.info(
+        "ERM: %s, %d epoch(s), %d worker(s) on %s",
+        spec.model.backbone,
+        e.epochs,
+        e.num_workers,
+        f"GPU ({e.worker_gpus:g} each, {backend})" if use_gpu else f"CPU (gloo, {threads} thread(s) each)",
+    )
     out = Loc.parse(out)
     train_dir = out / "ray_train"
-    with console.Progress("erm", e.epochs, "epoch") as bar, \
-            console.mailbox(_epoch_printer(bar, e.epochs, e.num_workers), wanted=bar.shown) as box:
+    with (
+        console.Progress("erm", e.epochs, "epoch") as bar,
+        console.mailbox(_epoch_printer(bar, e.epochs, e.num_workers), wanted=bar.shown) as box,
+    ):
         try:
             result = _fit(spec, train_dir, use_gpu, threads, box, backend)
         except Exception:
@@ -245,8 +273,14 @@ def train_erm(spec, out, n_classes: int) -> dict:
     save_checkpoint(model, out / "model.pt")
     write_json(out / "history.json", history)
     train_dir.rmtree()  # model.pt is the stage's artifact
-    return {"epochs": len(history), "history": history, "workers": e.num_workers, "use_gpu": use_gpu,
-            "kept_epoch": kept["epoch"] + 1, "environment": state.get("environment")}
+    return {
+        "epochs": len(history),
+        "history": history,
+        "workers": e.num_workers,
+        "use_gpu": use_gpu,
+        "kept_epoch": kept["epoch"] + 1,
+        "environment": state.get("environment"),
+    }
 
 
 def _fit(spec, train_dir: Loc, use_gpu: bool, threads: int, progress, backend: str):
@@ -260,16 +294,22 @@ def _fit(spec, train_dir: Loc, use_gpu: bool, threads: int, progress, backend: s
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.to_dict(), "threads": threads, "progress": progress, "backend": backend},
-        scaling_config=ScalingConfig(num_workers=e.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1, "GPU": e.worker_gpus} if use_gpu
-                                     else {"CPU": threads}),
+        scaling_config=ScalingConfig(
+            num_workers=e.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1, "GPU": e.worker_gpus} if use_gpu else {"CPU": threads},
+        ),
         torch_config=TorchConfig(backend=backend),
         # checkpoints go to the storage root, which every node can reach (a URI on a cluster)
-        run_config=RunConfig(name="erm", storage_path=train_dir.fs_path, storage_filesystem=train_dir.fs,
-                             failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                             # Ray Train's per-report INFO lines under -v only: the driver prints the epochs
-                             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
+        run_config=RunConfig(
+            name="erm",
+            storage_path=train_dir.fs_path,
+            storage_filesystem=train_dir.fs,
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            # Ray Train's per-report INFO lines under -v only: the driver prints the epochs
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+        ),
     )
     return trainer.fit()
 
@@ -284,9 +324,9 @@ def _epoch_printer(bar, epochs: int, workers: int):
             seen["resumed_from"] = m["resumed_from"]
             resumed = f" (resumed from the checkpoint of epoch {m['resumed_from']})"
         rate = f"{m['images_per_s']:.0f} img/s" + (" per worker" if workers > 1 else "")
-        numbers = (f"loss {m['train_loss']:.4f}, train acc {m['train_acc']:.3f}, val acc {m['val_acc']:.3f}, "
-                   f"{rate}")
+        numbers = f"loss {m['train_loss']:.4f}, train acc {m['train_acc']:.3f}, val acc {m['val_acc']:.3f}, {rate}"
         line = f"epoch {m['epoch']}/{epochs}: {numbers}{resumed}"
         bar.step(max(0, m["epoch"] - seen["epoch"]), line, numbers)
         seen["epoch"] = max(seen["epoch"], m["epoch"])
+
     return show

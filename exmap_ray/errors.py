@@ -8,6 +8,7 @@ else is a bug in exmap-ray and keeps its traceback.
 a user most likely meant (a typo in a key, a registry name, a spec, a file or a
 column), so every "not found, did you mean" message picks it the same way.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -42,6 +43,6 @@ def near_name(name, candidates: Iterable) -> Optional[str]:
 
 
 def did_you_mean(name, candidates: Iterable) -> str:
-    """" Did you mean 'X'?" for the candidate nearest to `name`, or "" when none is near."""
+    """ " Did you mean 'X'?" for the candidate nearest to `name`, or "" when none is near."""
     near = near_name(name, candidates)
     return f" Did you mean '{near}'?" if near else ""

@@ -11,6 +11,7 @@ items all match the context raises `InjectedFault` for its first `times` hits
 retried Tune trial sees the count of earlier attempts). Without the variable,
 `inject` returns at once.
 """
+
 from __future__ import annotations
 
 import json

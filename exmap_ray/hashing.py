@@ -2,6 +2,7 @@
 
 Imports nothing of the project, so the store, the spec and the stages all import it from below.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -15,6 +15,7 @@ after it. Each entry here keeps one old form alive:
 
 Imports nothing of the project.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,10 +23,32 @@ from typing import Optional
 
 ALWAYS_HASHED: dict[str, tuple[str, ...]] = {
     "model": ("backbone", "pretrained"),
-    "erm": ("epochs", "lr", "weight_decay", "optimizer", "momentum", "lr_schedule", "batch_size",
-            "num_workers", "keep", "precision", "channels_last", "compile"),
-    "heatmaps": ("method", "conv_rule", "alpha", "beta", "gamma", "epsilon", "canonize", "precision",
-                 "ig_steps", "downsize"),
+    "erm": (
+        "epochs",
+        "lr",
+        "weight_decay",
+        "optimizer",
+        "momentum",
+        "lr_schedule",
+        "batch_size",
+        "num_workers",
+        "keep",
+        "precision",
+        "channels_last",
+        "compile",
+    ),
+    "heatmaps": (
+        "method",
+        "conv_rule",
+        "alpha",
+        "beta",
+        "gamma",
+        "epsilon",
+        "canonize",
+        "precision",
+        "ig_steps",
+        "downsize",
+    ),
     "clustering": ("method", "input", "k", "k_max", "scope", "niter", "nredo", "normalize", "min_group_size"),
     "groups": ("source", "random_k"),
     "dataset.celeba": ("name", "image_size", "mean", "std", "root", "target", "spurious"),
@@ -34,10 +57,19 @@ ALWAYS_HASHED: dict[str, tuple[str, ...]] = {
     "retrain.jtt": ("upweight", "weight_decay_grid"),
     "retrain.end_to_end": ("lr", "weight_decay", "epochs", "batch_size"),
     "retrain": ("method", "mode", "n_select_repeats"),
-    "dataset.cmnist": ("name", "image_size", "mean", "std", "rho", "n_train", "n_val", "n_test",
-                       "mnist_root"),
-    "dataset.cmnist_multi": ("name", "image_size", "mean", "std", "rho", "n_train", "n_val", "n_test",
-                             "mnist_root", "rho_patch"),
+    "dataset.cmnist": ("name", "image_size", "mean", "std", "rho", "n_train", "n_val", "n_test", "mnist_root"),
+    "dataset.cmnist_multi": (
+        "name",
+        "image_size",
+        "mean",
+        "std",
+        "rho",
+        "n_train",
+        "n_val",
+        "n_test",
+        "mnist_root",
+        "rho_patch",
+    ),
     "dataset.folder": ("name", "image_size", "mean", "std", "root"),
     "dataset.metashift": ("name", "image_size", "mean", "std", "root"),
     "dataset.urbancars": ("name", "image_size", "mean", "std", "root", "group_by"),
@@ -45,26 +77,69 @@ ALWAYS_HASHED: dict[str, tuple[str, ...]] = {
 }
 
 FIELD_ORDER: dict[str, tuple[str, ...]] = {
-    "heatmaps": ("method", "conv_rule", "alpha", "beta", "gamma", "epsilon", "canonize", "precision",
-                 "ig_steps", "downsize", "batch_size", "shard_size", "num_actors", "store_dtype"),
-    "clustering": ("method", "input", "k", "k_max", "scope", "niter", "nredo", "normalize", "split_gap",
-                   "split_depth", "split_min_size", "cross_spatial", "min_group_size"),
+    "heatmaps": (
+        "method",
+        "conv_rule",
+        "alpha",
+        "beta",
+        "gamma",
+        "epsilon",
+        "canonize",
+        "precision",
+        "ig_steps",
+        "downsize",
+        "batch_size",
+        "shard_size",
+        "num_actors",
+        "store_dtype",
+    ),
+    "clustering": (
+        "method",
+        "input",
+        "k",
+        "k_max",
+        "scope",
+        "niter",
+        "nredo",
+        "normalize",
+        "split_gap",
+        "split_depth",
+        "split_min_size",
+        "cross_spatial",
+        "min_group_size",
+    ),
     "groups": ("source", "random_k", "merge_easy"),
 }
 
 # Before each dataset declared its own keys, one DatasetSpec held every dataset's, and the erm key hashed
 # them all. It still does, the keys the chosen dataset does not take at these (their old defaults), so
 # every key made before stays valid; a dataset's own value replaces its entry here.
-LEGACY_DATASET_KEYS = {"rho": 0.99, "rho_patch": 0.9, "n_train": 5000, "n_val": 3000, "n_test": 2000,
-                       "mnist_root": None, "root": None, "target": None, "spurious": None, "group_by": "both"}
+LEGACY_DATASET_KEYS = {
+    "rho": 0.99,
+    "rho_patch": 0.9,
+    "n_train": 5000,
+    "n_val": 3000,
+    "n_test": 2000,
+    "mnist_root": None,
+    "root": None,
+    "target": None,
+    "spurious": None,
+    "group_by": "both",
+}
 
 # Before each retrainer owned its section, `retrain` was flat and the end_to_end key hashed it so; the
 # hashed form keeps those names (old name <- section, key). DFR's section is hashed by no stage (it has
 # no end-to-end mode), nor groupdro.batch_size (the last layer's; the fine-tune's is end_to_end.batch_size).
-LEGACY_RETRAIN_KEYS = {"groupdro_eta": ("groupdro", "eta"), "groupdro_epochs": ("groupdro", "epochs"),
-                       "jtt_upweight": ("jtt", "upweight"), "lr": ("groupdro", "lr"),
-                       "batch_size": ("end_to_end", "batch_size"), "e2e_lr": ("end_to_end", "lr"),
-                       "e2e_weight_decay": ("end_to_end", "weight_decay"), "e2e_epochs": ("end_to_end", "epochs")}
+LEGACY_RETRAIN_KEYS = {
+    "groupdro_eta": ("groupdro", "eta"),
+    "groupdro_epochs": ("groupdro", "epochs"),
+    "jtt_upweight": ("jtt", "upweight"),
+    "lr": ("groupdro", "lr"),
+    "batch_size": ("end_to_end", "batch_size"),
+    "e2e_lr": ("end_to_end", "lr"),
+    "e2e_weight_decay": ("end_to_end", "weight_decay"),
+    "e2e_epochs": ("end_to_end", "epochs"),
+}
 UNHASHED_RETRAIN = {"dfr", "groupdro.batch_size"}
 
 # stage name -> its files' layout, hashed only above 1: bumped when a stage's files change, so that a
@@ -78,8 +153,12 @@ def retrain_config(r) -> dict:
     owned its section, so existing caches stay valid. The weight-decay grid was one key for groupdro and
     jtt: it is the method's own now. A retrainer registered since adds its section, under its name, when
     it is the method."""
-    config = {"method": r.method, "mode": r.mode, "n_select_repeats": r.n_select_repeats,
-              "weight_decay_grid": (r.jtt if r.method == "jtt" else r.groupdro).weight_decay_grid}
+    config = {
+        "method": r.method,
+        "mode": r.mode,
+        "n_select_repeats": r.n_select_repeats,
+        "weight_decay_grid": (r.jtt if r.method == "jtt" else r.groupdro).weight_decay_grid,
+    }
     config.update({old: getattr(getattr(r, section), key) for old, (section, key) in LEGACY_RETRAIN_KEYS.items()})
     if r.method not in ("dfr", "groupdro", "jtt"):
         config[r.method] = dataclasses.asdict(getattr(r, r.method))
@@ -121,7 +200,7 @@ MOVED = {
 
 
 def moved_message(key: str) -> Optional[str]:
-    """"'dfr.c_grid' has moved: use 'retrain.dfr.c_grid' instead" for a key that moved, else None."""
+    """ "'dfr.c_grid' has moved: use 'retrain.dfr.c_grid' instead" for a key that moved, else None."""
     if key in MOVED:
         return f"'{key}' has moved: use '{MOVED[key]}' instead"
     return None

@@ -5,6 +5,7 @@
 - `mean_acc_train_weighted`: per-group test accuracy weighted by the *train*
   group proportions (what the DFR/ExMap reference code reports as mean acc).
 """
+
 from __future__ import annotations
 
 import numpy as np

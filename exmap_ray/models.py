@@ -6,6 +6,7 @@ model. Weights are never downloaded: `model.pretrained` must be a local file
 (a timm / torchvision state dict, or .safetensors), a HF hub cache folder or a
 folder holding one weights file (`find_weights` lists every place it looked).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,13 +27,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
 
 def create_model(backbone: str, n_classes: int, pretrained: str | None = None) -> nn.Module:
     import timm  # here, not at the top: timm imports torchvision (seconds), which a process that builds no model
-                 # (a sweep's trial on cached stages, the clustering task) never needs
+    # (a sweep's trial on cached stages, the clustering task) never needs
 
     if not timm.is_model(backbone):
         near = near_names(backbone, timm.list_models(), n=3)
         hint = f" Close names: {', '.join(near)}." if near else ""
-        raise SpecError(f"spec key 'model.backbone': '{backbone}' is not a timm model.{hint} "
-                        f"`python -c \"import timm; print(timm.list_models('resnet*'))\"` lists them")
+        raise SpecError(
+            f"spec key 'model.backbone': '{backbone}' is not a timm model.{hint} "
+            f"`python -c \"import timm; print(timm.list_models('resnet*'))\"` lists them"
+        )
     model = timm.create_model(backbone, pretrained=False, num_classes=n_classes)
     if pretrained is not None:  # never silently from scratch: a path that is set must load
         load_pretrained(model, pretrained, backbone)
@@ -44,19 +47,24 @@ def _read_state_dict(path: Path) -> dict:
     try:
         if path.name.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt file, a pickled whole model, a foreign format
-        raise UserError(f"model.pretrained: '{path}' cannot be read as a state dict ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); give a timm/torchvision state dict "
-                        f"(.pth/.pt/.bin) or a .safetensors file") from None
+        raise UserError(
+            f"model.pretrained: '{path}' cannot be read as a state dict ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); give a timm/torchvision state dict "
+            f"(.pth/.pt/.bin) or a .safetensors file"
+        ) from None
     for key in ("state_dict", "model", "model_state", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"model.pretrained: '{path}' holds no state dict of tensors (found "
-                        f"{type(sd).__name__}); give a timm/torchvision state dict or a .safetensors file")
+        raise UserError(
+            f"model.pretrained: '{path}' holds no state dict of tensors (found "
+            f"{type(sd).__name__}); give a timm/torchvision state dict or a .safetensors file"
+        )
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -67,8 +75,9 @@ def _snapshot_weights(repo: Path, looked: list[str]) -> Path | None:
         return None
     ref = repo / "refs" / "main"
     revs = [snaps / ref.read_text().strip()] if ref.is_file() else []
-    revs += sorted((d for d in snaps.iterdir() if d.is_dir() and d not in revs),
-                   key=lambda d: d.stat().st_mtime, reverse=True)
+    revs += sorted(
+        (d for d in snaps.iterdir() if d.is_dir() and d not in revs), key=lambda d: d.stat().st_mtime, reverse=True
+    )
     for rev in revs:
         for n in WEIGHT_FILES:
             looked.append(str(rev / n))
@@ -95,13 +104,19 @@ def find_weights(where: str, backbone: str | None = None) -> Path:
         if hit is not None:
             return hit
         if backbone:
-            repos = sorted(d for d in path.iterdir() if d.is_dir() and d.name.startswith("models--")
-                           and (d.name.split("--")[-1] == backbone
-                                or d.name.split("--")[-1].startswith(backbone + ".")))
+            repos = sorted(
+                d
+                for d in path.iterdir()
+                if d.is_dir()
+                and d.name.startswith("models--")
+                and (d.name.split("--")[-1] == backbone or d.name.split("--")[-1].startswith(backbone + "."))
+            )
             looked.append(str(path / f"models--*--{backbone}[.*]"))
             if len(repos) > 1:
-                raise UserError(f"model.pretrained: '{path}' holds several hub caches for '{backbone}': "
-                                f"{', '.join(d.name for d in repos)}; set model.pretrained to the one you mean")
+                raise UserError(
+                    f"model.pretrained: '{path}' holds several hub caches for '{backbone}': "
+                    f"{', '.join(d.name for d in repos)}; set model.pretrained to the one you mean"
+                )
             for repo in repos:
                 hit = _snapshot_weights(repo, looked)
                 if hit is not None:
@@ -111,15 +126,21 @@ def find_weights(where: str, backbone: str | None = None) -> Path:
         if len(files) == 1:
             return files[0]
         if len(files) > 1:
-            raise UserError(f"model.pretrained: folder '{path}' holds {len(files)} weight files "
-                            f"({', '.join(f.name for f in files)}); set model.pretrained to one of them")
-        raise UserError(f"model.pretrained: no weights found for '{where}'. Looked at: {'; '.join(looked)}. "
-                        f"exmap-ray never downloads weights; fetch them once elsewhere, e.g. "
-                        f"`huggingface-cli download timm/resnet50.tv_in1k` (then point at its "
-                        f"models--timm--resnet50.tv_in1k folder) or torchvision's resnet50 .pth file")
-    raise UserError(f"model.pretrained: '{path}' does not exist; exmap-ray never downloads weights, so give a "
-                    f"local state dict (.pth/.pt/.bin), .safetensors file or hub cache folder. Looked at: {path}"
-                    + (f" (its folder '{path.parent}' does not exist either)" if not path.parent.exists() else ""))
+            raise UserError(
+                f"model.pretrained: folder '{path}' holds {len(files)} weight files "
+                f"({', '.join(f.name for f in files)}); set model.pretrained to one of them"
+            )
+        raise UserError(
+            f"model.pretrained: no weights found for '{where}'. Looked at: {'; '.join(looked)}. "
+            f"exmap-ray never downloads weights; fetch them once elsewhere, e.g. "
+            f"`huggingface-cli download timm/resnet50.tv_in1k` (then point at its "
+            f"models--timm--resnet50.tv_in1k folder) or torchvision's resnet50 .pth file"
+        )
+    raise UserError(
+        f"model.pretrained: '{path}' does not exist; exmap-ray never downloads weights, so give a "
+        f"local state dict (.pth/.pt/.bin), .safetensors file or hub cache folder. Looked at: {path}"
+        + (f" (its folder '{path.parent}' does not exist either)" if not path.parent.exists() else "")
+    )
 
 
 def _names(keys, n: int = 8) -> str:
@@ -144,8 +165,9 @@ def load_pretrained(model: nn.Module, where: str, backbone: str | None = None) -
     head_skipped = [k for k in sd if is_head(k) and (k not in own or sd[k].shape != own[k].shape)]
     sd = {k: v for k, v in sd.items() if k not in head_skipped}
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"'{k}' {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-              for k in sd if k in own and sd[k].shape != own[k].shape]
+    shapes = [
+        f"'{k}' {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape
+    ]
     missing = [k for k in own if k not in sd and not is_head(k) and not k.endswith("num_batches_tracked")]
     if unexpected or shapes or missing:
         parts = []
@@ -155,12 +177,18 @@ def load_pretrained(model: nn.Module, where: str, backbone: str | None = None) -
             parts.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
         if shapes:
             parts.append(f"{len(shapes)} of another shape: {', '.join(shapes[:8])}")
-        raise UserError(f"model.pretrained: '{path}' does not fit timm "
-                        f"'{model.default_cfg.get('architecture', type(model).__name__)}' "
-                        f"({'; '.join(parts)}). Is it the weights of another architecture than model.backbone?")
+        raise UserError(
+            f"model.pretrained: '{path}' does not fit timm "
+            f"'{model.default_cfg.get('architecture', type(model).__name__)}' "
+            f"({'; '.join(parts)}). Is it the weights of another architecture than model.backbone?"
+        )
     model.load_state_dict(sd, strict=False)
-    log.info("loaded pretrained weights from %s (%d tensors%s)", path, len(sd),
-             f"; classifier re-initialised for {model.num_classes} classes" if head_skipped else "")
+    log.info(
+        "loaded pretrained weights from %s (%d tensors%s)",
+        path,
+        len(sd),
+        f"; classifier re-initialised for {model.num_classes} classes" if head_skipped else "",
+    )
     return path
 
 
@@ -183,8 +211,14 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images: Dataset, batch_size: int = 512, device: str = "cpu",
-          loader_kwargs: dict | None = None, precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def embed(
+    model: nn.Module,
+    images: Dataset,
+    batch_size: int = 512,
+    device: str = "cpu",
+    loader_kwargs: dict | None = None,
+    precision: str = "auto",
+) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate features, logits) of a frozen model over a dataset of images, both fp32.
 
     `loader_kwargs` (workers, pinned memory) come from `data.base.loader_options(spec.dataset)`;

@@ -10,6 +10,7 @@ nothing of the project: a plugin declares its keys without importing the spec.
         eta: float = opt(0.01, "step size of the group weights", positive,
                          search={"loguniform": [0.001, 1.0]})
 """
+
 from __future__ import annotations
 
 from dataclasses import MISSING, Field, field
@@ -19,8 +20,9 @@ from typing import Any, Optional
 _UNSET = object()
 
 
-def opt(default, why: str, check=None, search: Optional[dict] = None, *, neutral: Any = _UNSET,
-        execution: bool = False):
+def opt(
+    default, why: str, check=None, search: Optional[dict] = None, *, neutral: Any = _UNSET, execution: bool = False
+):
     """A spec field with its reason (`why`), an optional value check and an optional search range.
 
     `check(value)` returns None when the value is fine, or a phrase saying what is allowed.

@@ -12,6 +12,7 @@ upstream) reuses ERM and heatmaps. Everything is logged to one MLflow run.
 `start_job` is the set-up `run`, `tune` and `bench` share (tracking, tracker, cache);
 `evaluate_row` scores one row (a group source and a retrainer on an upstream) for all three.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,15 +69,20 @@ def preflight(spec: Spec, check_model: bool = True) -> GroupData:
     if k != "auto":
         counts = np.bincount(data.val.y)
         c = int(np.argmin(np.where(counts > 0, counts, len(data.val) + 1)))
-        smallest, where = ((int(counts[c]), f"the local scope (class {c})") if spec.clustering.scope == "local"
-                           else (len(data.val), "the global scope"))
+        smallest, where = (
+            (int(counts[c]), f"the local scope (class {c})")
+            if spec.clustering.scope == "local"
+            else (len(data.val), "the global scope")
+        )
         check_k(k, smallest, where)
     sizes = np.bincount(data.val.group, minlength=data.n_groups)
     tiny = [g for g in range(len(sizes)) if 0 < sizes[g] < DFR_MIN_GROUP_SIZE]
     if tiny:
-        raise DataError(f"dataset '{spec.dataset.name}': true group '{data.group_names[tiny[0]]}' has "
-                        f"{sizes[tiny[0]]} val member(s); the oracle DFR row needs at least {DFR_MIN_GROUP_SIZE} "
-                        f"per group. Enlarge the val split (dataset.n_val for cmnist) or weaken the shortcut")
+        raise DataError(
+            f"dataset '{spec.dataset.name}': true group '{data.group_names[tiny[0]]}' has "
+            f"{sizes[tiny[0]]} val member(s); the oracle DFR row needs at least {DFR_MIN_GROUP_SIZE} "
+            f"per group. Enlarge the val split (dataset.n_val for cmnist) or weaken the shortcut"
+        )
     return data
 
 
@@ -84,18 +90,26 @@ def preflight(spec: Spec, check_model: bool = True) -> GroupData:
 class Job:
     """What a driver (`run`, `tune`, `bench`) sets up before its stages: output, tracking and cache."""
 
-    spec: Spec                 # resources resolved: part of every stage key
+    spec: Spec  # resources resolved: part of every stage key
     out: Loc
-    uri: str                   # the MLflow tracking URI
+    uri: str  # the MLflow tracking URI
     experiment: str
-    exp_id: str | None         # None when the server was lost at set-up (a sweep's trial goes on)
+    exp_id: str | None  # None when the server was lost at set-up (a sweep's trial goes on)
     tracker: tracking.Tracker  # every MLflow call of the job: losing the server loses no results
     cache: StageCache
     timer: Timer
 
 
-def start_job(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None, *, lost_ok: bool = False,
-              timer: Timer | None = None, later: str = "sync-mlflow") -> Job:
+def start_job(
+    spec: Spec,
+    out,
+    cache_dir=None,
+    tracking_uri: str | None = None,
+    *,
+    lost_ok: bool = False,
+    timer: Timer | None = None,
+    later: str = "sync-mlflow",
+) -> Job:
     """Make OUT, resolve the spec's resources once, point MLflow at the tracking URI, open the stage cache.
 
     `lost_ok`: a tracking server that fails here is recorded on the tracker (nothing is sent to it, the
@@ -122,17 +136,30 @@ def start_job(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None, 
     return Job(spec, out, uri, experiment, exp_id, tracker, cache, timer or Timer())
 
 
-def run_pipeline(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
-                 data: GroupData | None = None, parent_run_id: str | None = None, run_name: str | None = None,
-                 run_tags: dict | None = None) -> dict:
+def run_pipeline(
+    spec: Spec,
+    out,
+    cache_dir=None,
+    tracking_uri: str | None = None,
+    data: GroupData | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    run_tags: dict | None = None,
+) -> dict:
     """The whole pipeline once. `out` and `cache_dir` are local paths or storage URIs (storage.Loc).
     `run_tags`: more MLflow tags for the run (a sweep's trial tags its sweep attempt)."""
     timer = Timer()
     with timer("dataset"):
         data = data or preflight(spec)
-        log.info("dataset %s: train %d, val %d, test %d, %d classes, %d true groups (evaluation only)",
-                 spec.dataset.name, len(data.train), len(data.val), len(data.test), data.n_classes,
-                 data.n_groups)
+        log.info(
+            "dataset %s: train %d, val %d, test %d, %d classes, %d true groups (evaluation only)",
+            spec.dataset.name,
+            len(data.train),
+            len(data.val),
+            len(data.test),
+            data.n_classes,
+            data.n_groups,
+        )
     # a run on its own: the CLI probed the server, so a failure at set-up is a real fault; a sweep's trial
     # goes on when the server went away after the sweep started
     with tagged("setup"):
@@ -143,12 +170,16 @@ def run_pipeline(spec: Spec, out, cache_dir=None, tracking_uri: str | None = Non
         tracker.call("log_params", tracking.log_flat_params, spec.flat())
         write_json(out / "spec.resolved.json", spec.to_dict())
         up = compute_upstream(spec, data, job.cache, timer)
-        for h in (up.info["erm"].get("history") or []):
+        for h in up.info["erm"].get("history") or []:
             tracker.call("log_metrics", tracking.log_metrics, h, "erm.", step=h["epoch"])
         results, heldout = evaluate_all(spec, data, up, timer)
-        results.update(timings_s=timer.seconds, config=spec.to_dict(), mlflow_run_id=tracker.run_id,
-                       environment={"driver": environment(), "erm": up.info["erm"].get("environment")},
-                       cache={k: {"key": v.key, "dir": str(v.dir)} for k, v in up.stages.items()})
+        results.update(
+            timings_s=timer.seconds,
+            config=spec.to_dict(),
+            mlflow_run_id=tracker.run_id,
+            environment={"driver": environment(), "erm": up.info["erm"].get("environment")},
+            cache={k: {"key": v.key, "dir": str(v.dir)} for k, v in up.stages.items()},
+        )
         tracker.call("log_metrics", tracking.log_metrics, {k: results[k] for k in ("erm", "robust", "oracle_dfr")})
         tracker.call("log_metrics", tracking.log_metrics, {"timings_s": timer.seconds})
         save_npz(out / "selection.npz", **heldout, pseudo_groups=up.pseudo, y=data.val.y)
@@ -164,16 +195,26 @@ def run_pipeline(spec: Spec, out, cache_dir=None, tracking_uri: str | None = Non
 class Row:
     """One row of a results table: test metrics, and the val groups its retrainer was given (none: ERM)."""
 
-    test: dict                              # metrics.evaluate, + "shortcut_gaps" where the dataset has them
-    groups: np.ndarray | None = None        # (N_val,) the groups the retrainer saw
-    group_info: dict | None = None          # the group source's info: n_groups, sizes, ...
-    agreement: dict | None = None           # of `groups` with the true val groups: ARI, NMI, recovery
-    model: RetrainedModel | None = None     # the retrained model: chosen values, held-out val predictions
+    test: dict  # metrics.evaluate, + "shortcut_gaps" where the dataset has them
+    groups: np.ndarray | None = None  # (N_val,) the groups the retrainer saw
+    group_info: dict | None = None  # the group source's info: n_groups, sizes, ...
+    agreement: dict | None = None  # of `groups` with the true val groups: ARI, NMI, recovery
+    model: RetrainedModel | None = None  # the retrained model: chosen values, held-out val predictions
 
 
-def evaluate_row(spec: Spec, data: GroupData, up: Upstream, source: str | None, retrainer: str | None, *,
-                 groups: np.ndarray | None = None, group_info: dict | None = None, scope: str | None = None,
-                 mode: str = "last_layer", score_groups: dict[str, np.ndarray] | None = None) -> Row:
+def evaluate_row(
+    spec: Spec,
+    data: GroupData,
+    up: Upstream,
+    source: str | None,
+    retrainer: str | None,
+    *,
+    groups: np.ndarray | None = None,
+    group_info: dict | None = None,
+    scope: str | None = None,
+    mode: str = "last_layer",
+    score_groups: dict[str, np.ndarray] | None = None,
+) -> Row:
     """One row of `run`'s, a trial's or `bench`'s table: val groups from a source, a retrainer fitted on
     them, its test predictions scored. The one evaluation path.
 
@@ -194,13 +235,20 @@ def evaluate_row(spec: Spec, data: GroupData, up: Upstream, source: str | None, 
             from .retrain.end_to_end import EndToEndModel
 
             if retrainer != spec.retrain.method or groups is not up.pseudo:
-                raise ValueError("an end-to-end row reads its stage: spec.retrain.method on the clusters "
-                                 "stage's groups")
+                raise ValueError(
+                    "an end-to-end row reads its stage: spec.retrain.method on the clusters stage's groups"
+                )
             model: RetrainedModel = EndToEndModel(up.stages["end_to_end"].dir, val.y, groups, score_groups=score_groups)
         else:
             r = RETRAINERS.get(retrainer)
-            head = r.fit(up.val_features, val.y, groups, r.config(spec), stage_seed(spec.seed, RETRAIN_SEED),
-                         score_groups=score_groups)
+            head = r.fit(
+                up.val_features,
+                val.y,
+                groups,
+                r.config(spec),
+                stage_seed(spec.seed, RETRAIN_SEED),
+                score_groups=score_groups,
+            )
             model = LastLayerResult(head, {"val": up.val_features, "test": up.test_features})
         row = Row({}, groups, group_info, agreement(groups, val.group, names), model)
         pred = model.predictions("test")
@@ -219,23 +267,39 @@ def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tup
     with timer("retrain"):
         with tagged(f"retrain: {label}"):  # both rows log their DFR choice: each line names its row
             # true groups scored for analysis, never used to choose
-            ex = evaluate_row(spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo,
-                              group_info=cluster_info, mode=spec.retrain.mode,
-                              score_groups={"true": data.val.group})
+            ex = evaluate_row(
+                spec,
+                data,
+                up,
+                spec.groups.source,
+                spec.retrain.method,
+                groups=up.pseudo,
+                group_info=cluster_info,
+                mode=spec.retrain.mode,
+                score_groups={"true": data.val.group},
+            )
         with tagged("retrain: oracle"):
             oracle = evaluate_row(spec, data, up, "true", "dfr", groups=data.val.group)
     m = ex.model
-    res["robust"] = {"test": ex.test, "n_groups": int(cluster_info["n_groups"]), **ex.agreement,
-                    # int group ids, computed or reused (a reused stage's info comes back from JSON)
-                    "pseudo_group_sizes": {int(g): int(n) for g, n in cluster_info["sizes"].items()},
-                    "k_chosen": {sc: v["k"] for sc, v in cluster_info.get("scopes", {}).items()},
-                    "groups_source": spec.groups.source, "retrain": spec.retrain.method,
-                    "retrain_mode": spec.retrain.mode,
-                    "dfr_C": m.chosen.get("C"), "retrain_chosen": m.chosen,
-                    # label-free: worst pseudo-group / worst-class accuracy on held-out halves of val
-                    "val": {"worst_pseudo_group_acc": m.heldout["pseudo"],
-                            "worst_class_acc": m.heldout["class"],
-                            "oracle_worst_group_acc": m.heldout["true"]}}
+    res["robust"] = {
+        "test": ex.test,
+        "n_groups": int(cluster_info["n_groups"]),
+        **ex.agreement,
+        # int group ids, computed or reused (a reused stage's info comes back from JSON)
+        "pseudo_group_sizes": {int(g): int(n) for g, n in cluster_info["sizes"].items()},
+        "k_chosen": {sc: v["k"] for sc, v in cluster_info.get("scopes", {}).items()},
+        "groups_source": spec.groups.source,
+        "retrain": spec.retrain.method,
+        "retrain_mode": spec.retrain.mode,
+        "dfr_C": m.chosen.get("C"),
+        "retrain_chosen": m.chosen,
+        # label-free: worst pseudo-group / worst-class accuracy on held-out halves of val
+        "val": {
+            "worst_pseudo_group_acc": m.heldout["pseudo"],
+            "worst_class_acc": m.heldout["class"],
+            "oracle_worst_group_acc": m.heldout["true"],
+        },
+    }
     if spec.retrain.mode == "end_to_end":
         res["robust"]["end_to_end"] = up.info["end_to_end"]  # steps, final loss, GroupDRO's final q, device
     res["oracle_dfr"] = {"test": oracle.test, "dfr_C": oracle.model.chosen["C"]}
@@ -245,8 +309,11 @@ def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tup
 def make_figures(data: GroupData, up: Upstream, results: dict, out: Path, spec: Spec) -> None:
     label = "ExMap" if spec.groups.source == "exmap" else f"{spec.groups.source} groups"
     robust = f"{label} + {retrain_label(spec.retrain.method, spec.retrain.mode)}"
-    rows = {"ERM": results["erm"]["test"]["per_group"], robust: results["robust"]["test"]["per_group"],
-            "oracle DFR": results["oracle_dfr"]["test"]["per_group"]}
+    rows = {
+        "ERM": results["erm"]["test"]["per_group"],
+        robust: results["robust"]["test"]["per_group"],
+        "oracle DFR": results["oracle_dfr"]["test"]["per_group"],
+    }
     plots.group_accuracy_bars(rows, out / "group_accuracy.png", f"{spec.name}: per-group test accuracy")
     pseudo = up.pseudo
     H = HeatmapShards(up.stages["heatmaps"].dir)  # read per heatmap shown (remote: via the node-local cache)
@@ -259,31 +326,44 @@ def make_figures(data: GroupData, up: Upstream, results: dict, out: Path, spec: 
             continue
         top = np.bincount(true, minlength=data.n_groups).argmax()
         where = f"class {pairs[g][0]}, cluster {pairs[g][1]}" if pairs else f"class {data.val.y[pseudo == g][0]}"
-        captions.append(f"pseudo group {g}: {where}, n={len(true)}; "
-                        f"mostly '{data.group_names[top]}' ({(true == top).mean():.0%})")
-    plots.heatmap_grid(data.val.images, H, pseudo, captions, out / "heatmaps_by_pseudo_group.png",
-                       seed=stage_seed(spec.seed, "plot"))
+        captions.append(
+            f"pseudo group {g}: {where}, n={len(true)}; mostly '{data.group_names[top]}' ({(true == top).mean():.0%})"
+        )
+    plots.heatmap_grid(
+        data.val.images, H, pseudo, captions, out / "heatmaps_by_pseudo_group.png", seed=stage_seed(spec.seed, "plot")
+    )
 
 
 def format_table(results: dict) -> str:
     e = results["robust"]
-    label = ("ExMap" if e.get("groups_source", "exmap") == "exmap" else e["groups_source"]) + \
-        f" + {retrain_label(e.get('retrain', 'dfr'), e.get('retrain_mode', 'last_layer'))}"
-    rows = [("ERM", results["erm"]), (label, results["robust"]),
-            ("oracle DFR (true val groups)", results["oracle_dfr"])]
+    label = (
+        "ExMap" if e.get("groups_source", "exmap") == "exmap" else e["groups_source"]
+    ) + f" + {retrain_label(e.get('retrain', 'dfr'), e.get('retrain_mode', 'last_layer'))}"
+    rows = [
+        ("ERM", results["erm"]),
+        (label, results["robust"]),
+        ("oracle DFR (true val groups)", results["oracle_dfr"]),
+    ]
     lines = [f"{'method':<30} {'test WGA':>9} {'mean acc':>9} {'train-weighted':>15}", "-" * 66]
     for name, r in rows:
         t = r["test"]
-        lines.append(f"{name:<30} {t['worst_group_acc']:>9.3f} {t['mean_acc']:>9.3f} "
-                     f"{t['mean_acc_train_weighted']:>15.3f}")
+        lines.append(
+            f"{name:<30} {t['worst_group_acc']:>9.3f} {t['mean_acc']:>9.3f} {t['mean_acc_train_weighted']:>15.3f}"
+        )
     e = results["robust"]
-    lines += ["", f"pseudo groups: {e['n_groups']} (k per scope {e['k_chosen']}), sizes {e['pseudo_group_sizes']}",
-              f"agreement with true val groups: ARI {e['ari']:.3f}, NMI {e['nmi']:.3f}, "
-              f"worst-group recovery {e['worst_recovery']:.2f}", "",
-              f"{'true group':<16}" + "".join(f"{n:>13}" for n, _ in (('ERM', 0), ('ExMap', 0), ('oracle', 0)))]
+    lines += [
+        "",
+        f"pseudo groups: {e['n_groups']} (k per scope {e['k_chosen']}), sizes {e['pseudo_group_sizes']}",
+        f"agreement with true val groups: ARI {e['ari']:.3f}, NMI {e['nmi']:.3f}, "
+        f"worst-group recovery {e['worst_recovery']:.2f}",
+        "",
+        f"{'true group':<16}" + "".join(f"{n:>13}" for n, _ in (("ERM", 0), ("ExMap", 0), ("oracle", 0))),
+    ]
     for g in results["erm"]["test"]["per_group"]:
         vals = [r["test"]["per_group"][g] for _, r in rows]
         lines.append(f"{g:<16}" + "".join(f"{v:>13.3f}" if v is not None else f"{'-':>13}" for v in vals))
-    lines.append("\nmean acc = accuracy over all test samples; train-weighted = per-group test accuracy "
-                 "weighted by train group shares")
+    lines.append(
+        "\nmean acc = accuracy over all test samples; train-weighted = per-group test accuracy "
+        "weighted by train group shares"
+    )
     return "\n".join(lines)

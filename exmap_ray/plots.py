@@ -1,4 +1,5 @@
 """PNG figures for a run: per-group accuracy bars and heatmap examples per pseudo group."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,9 @@ def group_accuracy_bars(rows: dict[str, dict[str, float | None]], path: Path, ti
     _save(fig, path)
 
 
-def heatmap_grid(images, heatmaps: np.ndarray, pseudo: np.ndarray, captions: list[str],
-                 path: Path, per_group: int = 6, seed: int = 0) -> None:
+def heatmap_grid(
+    images, heatmaps: np.ndarray, pseudo: np.ndarray, captions: list[str], path: Path, per_group: int = 6, seed: int = 0
+) -> None:
     """For each pseudo group, `per_group` random members: the image above its heatmap.
 
     `images` is indexable (a Dataset); only the images shown are loaded.
@@ -77,8 +79,9 @@ def heatmap_grid(images, heatmaps: np.ndarray, pseudo: np.ndarray, captions: lis
             else:
                 a_map.imshow(h.sum(0), cmap="bwr", vmin=-lim, vmax=lim)
         axes[2 * r, 0].set_title(captions[r], fontsize=7, loc="left")
-    fig.suptitle("val images per pseudo group; below each, its heatmap as clustered", fontsize=9,
-                 y=1 - 0.1 / height, va="top")
+    fig.suptitle(
+        "val images per pseudo group; below each, its heatmap as clustered", fontsize=9, y=1 - 0.1 / height, va="top"
+    )
     _save(fig, path)
 
 
@@ -88,11 +91,21 @@ def scatter_selection(rows: list[dict], metric: str, path: Path) -> None:
     scopes = sorted({str(r.get("config.clustering.scope", "")) for r in rows})
     for scope in scopes:
         pts = [r for r in rows if str(r.get("config.clustering.scope", "")) == scope]
-        ax.scatter([r["selection_metric"] for r in pts], [r["test_worst_group_acc"] for r in pts],
-                   label=f"scope {scope}" if scope else None, alpha=0.8)
+        ax.scatter(
+            [r["selection_metric"] for r in pts],
+            [r["test_worst_group_acc"] for r in pts],
+            label=f"scope {scope}" if scope else None,
+            alpha=0.8,
+        )
     best = max(rows, key=lambda r: r["selection_metric"])
-    ax.scatter([best["selection_metric"]], [best["test_worst_group_acc"]], s=160, facecolors="none",
-               edgecolors="black", label="label-free choice")
+    ax.scatter(
+        [best["selection_metric"]],
+        [best["test_worst_group_acc"]],
+        s=160,
+        facecolors="none",
+        edgecolors="black",
+        label="label-free choice",
+    )
     ax.set_xlabel(f"{metric} (label-free, held-out val)")
     ax.set_ylabel("test worst-group accuracy")
     ax.set_title("does the label-free metric pick good trials?", fontsize=10)
@@ -102,17 +115,23 @@ def scatter_selection(rows: list[dict], metric: str, path: Path) -> None:
 
 def wga_vs_k(rows: list[dict], path: Path) -> None:
     """Test WGA per searched k (auto last), one line per clustering scope/method."""
-    ks = sorted({str(r["config.clustering.k"]) for r in rows},
-                key=lambda k: (k == "auto", int(k) if k.isdigit() else 0))
+    ks = sorted(
+        {str(r["config.clustering.k"]) for r in rows}, key=lambda k: (k == "auto", int(k) if k.isdigit() else 0)
+    )
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    series = sorted({(str(r.get("config.clustering.scope", "")), str(r.get("config.clustering.method", "")))
-                     for r in rows})
+    series = sorted(
+        {(str(r.get("config.clustering.scope", "")), str(r.get("config.clustering.method", ""))) for r in rows}
+    )
     for scope, method in series:
         xs, ys = [], []
         for i, k in enumerate(ks):
-            vals = [r["test_worst_group_acc"] for r in rows if str(r["config.clustering.k"]) == k
-                    and str(r.get("config.clustering.scope", "")) == scope
-                    and str(r.get("config.clustering.method", "")) == method]
+            vals = [
+                r["test_worst_group_acc"]
+                for r in rows
+                if str(r["config.clustering.k"]) == k
+                and str(r.get("config.clustering.scope", "")) == scope
+                and str(r.get("config.clustering.method", "")) == method
+            ]
             if vals:
                 xs.append(i)
                 ys.append(float(np.mean(vals)))
@@ -156,8 +175,15 @@ def zoo_grid(by_family: dict, rows: list[str], path: Path, title: str = "") -> N
     im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for i, j in np.ndindex(grid.shape):
         if np.isfinite(grid[i, j]):
-            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if grid[i, j] < 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{grid[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if grid[i, j] < 0.6 else "black",
+            )
     ax.set_xticks(range(len(rows)), rows, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(len(fams)), fams, fontsize=8)
     fig.colorbar(im, ax=ax, label="test WGA", fraction=0.03)

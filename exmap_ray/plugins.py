@@ -3,6 +3,7 @@ has each registry-named key (dataset.name, heatmaps.method, clustering.method, g
 retrain.method) checked against what is registered (registry.for_key). The CLI imports it before it
 reads a spec; a new plugin module is added here once.
 """
+
 from . import clustering, data, groups, heatmaps, retrain  # noqa: F401  (register)
 from .groups import peers  # noqa: F401  (SpuCo's sources, registered when spuco is installed)
 

@@ -10,6 +10,7 @@ A registry whose entries also declare spec keys (a retrainer's `retrain.<name>` 
 own `dataset.*` keys) is needed before the spec can be built at all: `require` imports the plugins
 then, by module name (`importlib`), so `spec` still imports no plugin module itself.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,8 +43,7 @@ class Registry(Generic[T]):
         self._unavailable: dict[str, str] = {}  # name -> why it is not registered here (e.g. a missing extra)
         _BY_KEY[spec_key] = self
 
-    def register(self, name: str, keys: Optional[type] = None, unavailable: Optional[str] = None,
-                 **meta) -> Callable:
+    def register(self, name: str, keys: Optional[type] = None, unavailable: Optional[str] = None, **meta) -> Callable:
         """The one registration idiom: `@REGISTRY.register(NAME, keys=KeysDataclass, **meta)`; returns the
         decorated object unchanged. `unavailable="why"` (e.g. an optional extra is missing) keeps the name
         known without registering it: asking for it says why (see `unavailable`)."""
@@ -77,8 +77,10 @@ class Registry(Generic[T]):
         if name not in self._items and name in self._unavailable:
             raise SpecError(f"spec key '{self.spec_key}': {self.kind} '{name}' {self._unavailable[name]}")
         if name not in self._items:
-            raise SpecError(f"spec key '{self.spec_key}': unknown {self.kind} '{name}'. "
-                            f"Registered: {', '.join(sorted(self._items))}.{did_you_mean(name, self._items)}")
+            raise SpecError(
+                f"spec key '{self.spec_key}': unknown {self.kind} '{name}'. "
+                f"Registered: {', '.join(sorted(self._items))}.{did_you_mean(name, self._items)}"
+            )
         return self._items[name]
 
     def names(self) -> list[str]:

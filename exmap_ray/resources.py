@@ -20,6 +20,7 @@ Test-only: EXMAP_RAY_FAKE_CUDA=1 (read in `fake_cuda` alone) makes the torch sid
 run on the CPU while Ray schedules logical GPUs (`ray.init(num_gpus=2)`), so the schedule is tested
 on machines without a GPU (docs/gpu.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,11 @@ def resolve_resources(spec):
         use = have > 0
         if r.autoscale_wait_s > 0 and have < want:
             use = _ask_autoscaler(spec, want)
-        log.info("resources: %s (resources.gpu auto; the cluster has %g GPU(s))", "GPU" if use else "CPU only",
-                 ray.cluster_resources().get("GPU", 0))
+        log.info(
+            "resources: %s (resources.gpu auto; the cluster has %g GPU(s))",
+            "GPU" if use else "CPU only",
+            ray.cluster_resources().get("GPU", 0),
+        )
     return dataclasses.replace(spec, resources=dataclasses.replace(r, gpu=bool(use)))
 
 
@@ -87,8 +91,9 @@ def _ask_autoscaler(spec, n: int) -> bool:
     wait = spec.resources.autoscale_wait_s
     request_resources(bundles=[{"GPU": 1}] * n)
     _ASKED["bundles"] = n
-    log.info("resources: asked the autoscaler for %d GPU(s); waiting at most %g s (resources.autoscale_wait_s)",
-             n, wait)
+    log.info(
+        "resources: asked the autoscaler for %d GPU(s); waiting at most %g s (resources.autoscale_wait_s)", n, wait
+    )
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         have = ray.cluster_resources().get("GPU", 0)
@@ -99,13 +104,20 @@ def _ask_autoscaler(spec, n: int) -> bool:
     have = ray.cluster_resources().get("GPU", 0)
     if not have:
         release_autoscaler_request()
-        raise UserError(f"resources.gpu auto asked the autoscaler for {n} GPU(s) and none joined the "
-                        f"cluster within {wait:g} s (resources.autoscale_wait_s). Check `ray status` and the "
-                        f"autoscaler's log (instance quota, capacity in the region, the GPU node type in "
-                        f"cluster.yaml), or wait longer (--set resources.autoscale_wait_s=1200), or run on "
-                        f"the CPU on purpose (--set resources.gpu=false)")
-    log.warning("resources: %g of %d GPU(s) after %g s; running on those (the request stands until the job "
-                "ends, so more may join)", have, n, wait)
+        raise UserError(
+            f"resources.gpu auto asked the autoscaler for {n} GPU(s) and none joined the "
+            f"cluster within {wait:g} s (resources.autoscale_wait_s). Check `ray status` and the "
+            f"autoscaler's log (instance quota, capacity in the region, the GPU node type in "
+            f"cluster.yaml), or wait longer (--set resources.autoscale_wait_s=1200), or run on "
+            f"the CPU on purpose (--set resources.gpu=false)"
+        )
+    log.warning(
+        "resources: %g of %d GPU(s) after %g s; running on those (the request stands until the job "
+        "ends, so more may join)",
+        have,
+        n,
+        wait,
+    )
     return True
 
 
@@ -150,24 +162,32 @@ def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> No
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
     host, port = parts.hostname, parts.port
     if not host or not port:
-        raise UserError(f"Ray address '{address}' is not HOST:PORT (or ray://HOST:PORT); e.g. 127.0.0.1:6379, "
-                        f"or leave --address out to start a local Ray")
+        raise UserError(
+            f"Ray address '{address}' is not HOST:PORT (or ray://HOST:PORT); e.g. 127.0.0.1:6379, "
+            f"or leave --address out to start a local Ray"
+        )
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return
     except OSError as e:
         why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
-        raise UserError(f"Ray address '{address}' does not answer ({why}; waited at most {timeout:g} s). Is the "
-                        f"cluster up (`ray status`, `ray up cluster.yaml`)? Leave --address and RAY_ADDRESS unset to "
-                        f"start a local Ray") from None
+        raise UserError(
+            f"Ray address '{address}' does not answer ({why}; waited at most {timeout:g} s). Is the "
+            f"cluster up (`ray status`, `ray up cluster.yaml`)? Leave --address and RAY_ADDRESS unset to "
+            f"start a local Ray"
+        ) from None
 
 
 def task_options(spec, gpu_capable: bool = True, cpus: float | None = None) -> dict:
     """The Ray options of a stage's task: `cpus` (default resources.task_cpus) CPUs, and resources.task_gpus
     of a GPU when the spec resolved resources.gpu to true (and the task can use one)."""
     gpu = gpu_capable and spec.resources.gpu is True
-    return {"num_cpus": spec.resources.task_cpus if cpus is None else cpus, "scheduling_strategy": "DEFAULT",
-            "max_retries": 2, "num_gpus": spec.resources.task_gpus if gpu else 0}
+    return {
+        "num_cpus": spec.resources.task_cpus if cpus is None else cpus,
+        "scheduling_strategy": "DEFAULT",
+        "max_retries": 2,
+        "num_gpus": spec.resources.task_gpus if gpu else 0,
+    }
 
 
 def run_task(spec, fn, *args, gpu_capable: bool = True, cpus: float | None = None, inline_on_one_node: bool = True):
@@ -190,8 +210,7 @@ def run_task(spec, fn, *args, gpu_capable: bool = True, cpus: float | None = Non
     opts = task_options(spec, gpu_capable, cpus)
     if not ray.is_initialized():
         return fn(*args)
-    here = holds_gpu() if opts["num_gpus"] else \
-        (inline_on_one_node and _one_node_here()) or _holds(opts["num_cpus"], 0)
+    here = holds_gpu() if opts["num_gpus"] else (inline_on_one_node and _one_node_here()) or _holds(opts["num_cpus"], 0)
     if here:
         return fn(*args)
     try:
@@ -240,11 +259,15 @@ def holds_gpu() -> bool:
     """True in a task, actor or trial that Ray assigned a GPU share (whole or fractional)."""
     import ray
 
-    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE and \
-        ray.get_runtime_context().get_assigned_resources().get("GPU", 0) > 0
+    return (
+        ray.is_initialized()
+        and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+        and ray.get_runtime_context().get_assigned_resources().get("GPU", 0) > 0
+    )
 
 
 # ── the device rule ─────────────────────────────────────────────────────────────────────────────
+
 
 def gpu_ids() -> list[str]:
     """The GPU ids Ray assigned this process (a fractional share included); [] in a driver, in a task or
@@ -275,9 +298,11 @@ def stage_device(spec, precision: str | None = None) -> str:
         return "cpu"
     ids = gpu_ids()
     if ray.is_initialized() and not ids:
-        raise RuntimeError(f"a GPU stage (resources.gpu true) is running in a process Ray assigned no GPU "
-                           f"({where_am_i()}); GPU stages go through resources.run_task or an actor with "
-                           f"a GPU")
+        raise RuntimeError(
+            f"a GPU stage (resources.gpu true) is running in a process Ray assigned no GPU "
+            f"({where_am_i()}); GPU stages go through resources.run_task or an actor with "
+            f"a GPU"
+        )
     if fake_cuda():
         return "cpu"
     require_cuda()
@@ -319,32 +344,48 @@ def probe_here() -> dict:
     node = {"node_id": None, "ip": None}
     if ray.is_initialized():
         node = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
-    return {**node, "host": platform.node(), "torch": str(torch.__version__),
-            "torch_cuda": torch.version.cuda, "fake_cuda": fake_cuda(),
-            "cuda_available": bool(torch.cuda.is_available()) or fake_cuda(),
-            "devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-            "driver": driver_version(), "ray_gpu_ids": gpu_ids()}
+    return {
+        **node,
+        "host": platform.node(),
+        "torch": str(torch.__version__),
+        "torch_cuda": torch.version.cuda,
+        "fake_cuda": fake_cuda(),
+        "cuda_available": bool(torch.cuda.is_available()) or fake_cuda(),
+        "devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "driver": driver_version(),
+        "ray_gpu_ids": gpu_ids(),
+    }
 
 
 def mismatch_message(p: dict, ray_gpus: float | None = None) -> str:
     """The error for a node whose GPUs torch cannot use: the node, torch's CUDA build, the driver, the fix."""
     where = f"node {p.get('ip') or p.get('host')} ({p.get('host')}, Ray node {str(p.get('node_id'))[:12]})"
-    listed = (f"Ray lists {ray_gpus:g} GPU(s) there" if ray_gpus is not None else
-              f"Ray assigned GPU {','.join(p.get('ray_gpu_ids') or []) or '?'} there")
+    listed = (
+        f"Ray lists {ray_gpus:g} GPU(s) there"
+        if ray_gpus is not None
+        else f"Ray assigned GPU {','.join(p.get('ray_gpu_ids') or []) or '?'} there"
+    )
     if not p.get("torch_cuda"):
         build = f"torch {p['torch']} is a CPU-only build"
         fix = "install the CUDA build pinned in constraints.txt (pip install -c constraints.txt -e .)"
     else:
         need = MIN_DRIVER.get(str(p["torch_cuda"]).split(".")[0])
-        build = (f"torch {p['torch']} is built for CUDA {p['torch_cuda']}"
-                 + (f", which needs an NVIDIA driver >= {need}" if need else ""))
-        fix = (f"give the node a driver >= {need or 'the one its CUDA needs'} (cluster.yaml: an ImageId "
-               f"whose driver is that new), or install a torch built for the CUDA this driver runs")
-    driver = f"the driver is {p['driver']}" if p.get("driver") else \
-        "no NVIDIA driver is readable (/proc/driver/nvidia/version is missing: none in this container or " \
-        "host?)"
-    return (f"GPU mismatch on {where}: {listed}, but torch sees no CUDA device. {build}; {driver}. "
-            f"Fix: {fix}; or run on the CPU with --set resources.gpu=false")
+        build = f"torch {p['torch']} is built for CUDA {p['torch_cuda']}" + (
+            f", which needs an NVIDIA driver >= {need}" if need else ""
+        )
+        fix = (
+            f"give the node a driver >= {need or 'the one its CUDA needs'} (cluster.yaml: an ImageId "
+            f"whose driver is that new), or install a torch built for the CUDA this driver runs"
+        )
+    driver = (
+        f"the driver is {p['driver']}"
+        if p.get("driver")
+        else "no NVIDIA driver is readable (/proc/driver/nvidia/version is missing: none in this container or host?)"
+    )
+    return (
+        f"GPU mismatch on {where}: {listed}, but torch sees no CUDA device. {build}; {driver}. "
+        f"Fix: {fix}; or run on the CPU with --set resources.gpu=false"
+    )
 
 
 def require_cuda() -> None:
@@ -365,8 +406,11 @@ def check_gpu_nodes(spec, force: bool = False) -> list[dict]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if spec.resources.gpu is not True or not ray.is_initialized() or \
-            (ray.get_runtime_context().worker.mode == ray.WORKER_MODE and not force):
+    if (
+        spec.resources.gpu is not True
+        or not ray.is_initialized()
+        or (ray.get_runtime_context().worker.mode == ray.WORKER_MODE and not force)
+    ):
         return []
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
     probe = ray.remote(num_cpus=0, max_calls=1)(probe_here)
@@ -377,14 +421,23 @@ def check_gpu_nodes(spec, force: bool = False) -> list[dict]:
     for ref in ready:
         p = ray.get(ref)
         probes.append(p)
-        log.info("resources: GPU node %s: torch %s (CUDA %s), driver %s, %d device(s)%s", p["ip"],
-                 p["torch"], p["torch_cuda"], p["driver"], p["devices"],
-                 " [EXMAP_RAY_FAKE_CUDA]" if p["fake_cuda"] else "")
+        log.info(
+            "resources: GPU node %s: torch %s (CUDA %s), driver %s, %d device(s)%s",
+            p["ip"],
+            p["torch"],
+            p["torch_cuda"],
+            p["driver"],
+            p["devices"],
+            " [EXMAP_RAY_FAKE_CUDA]" if p["fake_cuda"] else "",
+        )
         if not p["cuda_available"]:
             bad.append(mismatch_message(p, refs[ref]["Resources"]["GPU"]))
     for ref in late:
-        log.warning("resources: the GPU probe of node %s did not answer within %g s; its GPU stages check "
-                    "CUDA themselves", refs[ref].get("NodeManagerAddress"), PROBE_TIMEOUT_S)
+        log.warning(
+            "resources: the GPU probe of node %s did not answer within %g s; its GPU stages check CUDA themselves",
+            refs[ref].get("NodeManagerAddress"),
+            PROBE_TIMEOUT_S,
+        )
         ray.cancel(ref, force=True)
     if bad:
         raise GpuMismatchError("\n".join(bad))
@@ -392,8 +445,18 @@ def check_gpu_nodes(spec, force: bool = False) -> list[dict]:
 
 
 # distributions whose versions change what a run computes (faiss ships under several names)
-_VERSIONED = ("torch", "torchvision", "timm", "numpy", "scikit-learn", "ray", "faiss-cpu", "faiss-gpu-cu12",
-              "faiss-gpu-cu13-cuvs", "faiss-gpu")
+_VERSIONED = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "scikit-learn",
+    "ray",
+    "faiss-cpu",
+    "faiss-gpu-cu12",
+    "faiss-gpu-cu13-cuvs",
+    "faiss-gpu",
+)
 
 
 _CPU_FLAGS = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_tile", "fma"}
@@ -425,12 +488,19 @@ def environment(device: str | None = None) -> dict:
     cpu = info.get("model name") or platform.processor() or platform.machine()
     on_cuda = str(device).startswith("cuda")
     flags = sorted(set(info.get("flags", "").split()) & _CPU_FLAGS)
-    return {"python": platform.python_version(), "packages": versions, "cpu": cpu, "cpu_flags": flags,
-            "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(torch.device(device)) if on_cuda else None,
-            "device": device or "cpu", "fake_cuda": fake_cuda() if device is not None else False,
-            "tf32": bool(torch.backends.cudnn.allow_tf32) if on_cuda else None,
-            "host": platform.node()}
+    return {
+        "python": platform.python_version(),
+        "packages": versions,
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if on_cuda else None,
+        "device": device or "cpu",
+        "fake_cuda": fake_cuda() if device is not None else False,
+        "tf32": bool(torch.backends.cudnn.allow_tf32) if on_cuda else None,
+        "host": platform.node(),
+    }
 
 
 def describe_environment(env: dict | None) -> str:
@@ -438,6 +508,7 @@ def describe_environment(env: dict | None) -> str:
     if not env:
         return "not recorded (computed by an older exmap-ray)"
     pk = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items())
-    where = env.get("gpu") or (f"{env.get('cpu')} ({env.get('torch_cpu_kernels')} kernels, "
-                               f"{env.get('torch_threads')} thread(s))")
+    where = env.get("gpu") or (
+        f"{env.get('cpu')} ({env.get('torch_cpu_kernels')} kernels, {env.get('torch_threads')} thread(s))"
+    )
     return f"{pk}; on {where}"

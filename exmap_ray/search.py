@@ -13,6 +13,7 @@ keys), and every value it can take is checked against the spec's own types and r
 trial starts, so a typo fails at once; a key that has moved names its new place. `default` takes the
 search range declared with the key (`opt(..., search=...)`, beside the code that uses it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,8 +106,10 @@ def flatten_space(space: dict, prefix: str = "", spec: Spec | None = None) -> di
 def parse_space(spec: Spec) -> list[Domain]:
     space = flatten_space(spec.search.space, spec=spec)
     if not space:
-        raise SpecError("spec key 'search.space' is empty: name at least one spec key to search, e.g. "
-                        "search.space: {clustering.k: {grid: [2, 4, auto]}}")
+        raise SpecError(
+            "spec key 'search.space' is empty: name at least one spec key to search, e.g. "
+            "search.space: {clustering.k: {grid: [2, 4, auto]}}"
+        )
     valid = spec_keys(spec)
     base = {k: v for k, v in spec.to_dict().items() if k != "search"}
     domains = []
@@ -117,22 +120,28 @@ def parse_space(spec: Spec) -> list[Domain]:
         if key in valid and dom == "default":
             dom = declared_range(spec, key)
             if dom is None:
-                raise SpecError(f"spec key '{where}': 'default' takes the search range declared with the key, "
-                                f"but '{key}' declares none (`exmap-ray spec` shows those that do); give a "
-                                f"domain such as {{grid: [...]}}")
+                raise SpecError(
+                    f"spec key '{where}': 'default' takes the search range declared with the key, "
+                    f"but '{key}' declares none (`exmap-ray spec` shows those that do); give a "
+                    f"domain such as {{grid: [...]}}"
+                )
         if key not in valid:  # the spec's own error when it says more (another dataset's key), else a near key
             values = next(iter(dom.values())) if isinstance(dom, dict) and len(dom) == 1 else None
             try:
-                from_dict(_deep_merge(base, unflatten({key: values[0] if isinstance(values, list) and values
-                                                       else None})))
+                from_dict(
+                    _deep_merge(base, unflatten({key: values[0] if isinstance(values, list) and values else None}))
+                )
             except SpecError as e:
                 if not str(e).startswith("unknown spec key"):
                     raise SpecError(f"spec key '{where}': {e}") from None
-            raise SpecError(f"spec key '{where}': '{key}' is not a spec key.{did_you_mean(key, valid)} "
-                            f"See `exmap-ray spec`")
+            raise SpecError(
+                f"spec key '{where}': '{key}' is not a spec key.{did_you_mean(key, valid)} See `exmap-ray spec`"
+            )
         if not isinstance(dom, dict) or len(dom) != 1 or next(iter(dom)) not in KINDS:
-            raise SpecError(f"spec key '{where}': expected one of {{grid: [...]}}, {{choice: [...]}}, "
-                            f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, {{randint: [lo, hi]}}; got {dom!r}")
+            raise SpecError(
+                f"spec key '{where}': expected one of {{grid: [...]}}, {{choice: [...]}}, "
+                f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, {{randint: [lo, hi]}}; got {dom!r}"
+            )
         kind, values = next(iter(dom.items()))
         if not isinstance(values, list) or not values:
             raise SpecError(f"spec key '{where}.{kind}': expected a non-empty list, got {values!r}")
@@ -147,9 +156,11 @@ def parse_space(spec: Spec) -> list[Domain]:
             except SpecError as e:
                 raise SpecError(f"spec key '{where}': value {v!r} is not valid: {e}") from None
         if kind == "grid" and spec.search.algorithm != "basic":
-            raise SpecError(f"spec key '{where}.grid': search.algorithm '{spec.search.algorithm}' samples "
-                            f"each trial's values and cannot enumerate a grid; use {{choice: {values!r}}} "
-                            f"(search.num_samples sets how many trials), or search.algorithm: basic")
+            raise SpecError(
+                f"spec key '{where}.grid': search.algorithm '{spec.search.algorithm}' samples "
+                f"each trial's values and cannot enumerate a grid; use {{choice: {values!r}}} "
+                f"(search.num_samples sets how many trials), or search.algorithm: basic"
+            )
         domains.append(Domain(key, kind, tuple(values)))
     return domains
 

@@ -9,6 +9,7 @@ The retrainers choose their hyperparameters with `worst_group_acc` on the *given
 predictions on every trial's pseudo groups (`worst_over_groupings`, tune.py). Both sides import
 these from here. Arrays in, floats out; no true group is needed.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ def worst_group_acc(pred, y, groups) -> float:
     return min(float((pred[groups == g] == y[groups == g]).mean()) for g in np.unique(groups))
 
 
-def worst_over_groupings(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: np.ndarray,
-                         groupings: list[np.ndarray], min_members: int = 3) -> float:
+def worst_over_groupings(
+    heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: np.ndarray, groupings: list[np.ndarray], min_members: int = 3
+) -> float:
     """Label-free score of one model against many pseudo-groupings of val (e.g. every trial's in a sweep).
 
     For each grouping, the worst group accuracy on each held-out half (groups with fewer than
@@ -35,10 +37,11 @@ def worst_over_groupings(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: n
 
 class GroupingSet(NamedTuple):
     """Distinct groupings of one val split, numbered for `np.bincount` (see `prepare_groupings`)."""
-    codes: np.ndarray    # (U, N) int64: grouping u's groups as offsets[u] .. offsets[u+1]-1, in sorted label order
+
+    codes: np.ndarray  # (U, N) int64: grouping u's groups as offsets[u] .. offsets[u+1]-1, in sorted label order
     offsets: np.ndarray  # (U + 1,) where each grouping's codes start
-    sizes: np.ndarray    # (offsets[-1],) val size of every code
-    first: np.ndarray    # (U,) position in the caller's list of each distinct grouping's first occurrence
+    sizes: np.ndarray  # (offsets[-1],) val size of every code
+    first: np.ndarray  # (U,) position in the caller's list of each distinct grouping's first occurrence
 
 
 GROUPING_BLOCK = 1 << 22  # codes scored per bincount: bounds the temporary index array to 32 MB
@@ -66,12 +69,17 @@ def prepare_groupings(groupings: list[np.ndarray]) -> GroupingSet:
         offsets.append(offsets[-1] + n_groups)
         first.append(i)
     n = len(groupings[0]) if len(groupings) else 0
-    return GroupingSet(np.array(codes, np.int64).reshape(len(codes), n), np.array(offsets, np.int64),
-                       np.concatenate(sizes) if sizes else np.zeros(0, np.int64), np.array(first, np.int64))
+    return GroupingSet(
+        np.array(codes, np.int64).reshape(len(codes), n),
+        np.array(offsets, np.int64),
+        np.concatenate(sizes) if sizes else np.zeros(0, np.int64),
+        np.array(first, np.int64),
+    )
 
 
-def _half_worst(codes: np.ndarray, offsets: np.ndarray, idx: np.ndarray, correct: np.ndarray,
-                min_members: int) -> tuple[np.ndarray, np.ndarray]:
+def _half_worst(
+    codes: np.ndarray, offsets: np.ndarray, idx: np.ndarray, correct: np.ndarray, min_members: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per grouping, the worst accuracy on one held-out half over groups with >= min_members there
     (inf where none qualifies) and the code of that group (ties: the smallest code)."""
     u = len(codes)
@@ -86,16 +94,20 @@ def _half_worst(codes: np.ndarray, offsets: np.ndarray, idx: np.ndarray, correct
         with np.errstate(invalid="ignore", divide="ignore"):
             acc = np.where(count >= max(min_members, 1), right / count, np.inf)
         for j in range(lo, hi):
-            seg = acc[offsets[j] - base:offsets[j + 1] - base]
+            seg = acc[offsets[j] - base : offsets[j + 1] - base]
             if len(seg):
                 a = int(np.argmin(seg))  # first minimum: the smallest code among equal accuracies
                 worst[j], arg[j] = seg[a], offsets[j] + a
     return worst, arg
 
 
-def worst_over_groupings_halves(heldout_idx: np.ndarray, heldout_pred: np.ndarray, y: np.ndarray,
-                                groupings: list[np.ndarray] | GroupingSet, min_members: int = 3
-                                ) -> tuple[float, np.ndarray, np.ndarray]:
+def worst_over_groupings_halves(
+    heldout_idx: np.ndarray,
+    heldout_pred: np.ndarray,
+    y: np.ndarray,
+    groupings: list[np.ndarray] | GroupingSet,
+    min_members: int = 3,
+) -> tuple[float, np.ndarray, np.ndarray]:
     """`worst_over_groupings`, the per-half worst accuracies of the grouping that set it, and the val
     size of the group that was worst on each of those halves.
 
@@ -106,8 +118,10 @@ def worst_over_groupings_halves(heldout_idx: np.ndarray, heldout_pred: np.ndarra
     """
     gs = groupings if isinstance(groupings, GroupingSet) else prepare_groupings(groupings)
     y = np.asarray(y)
-    halves = [_half_worst(gs.codes, gs.offsets, np.asarray(idx), np.asarray(pred) == y[idx], min_members)
-              for idx, pred in zip(heldout_idx, heldout_pred)]
+    halves = [
+        _half_worst(gs.codes, gs.offsets, np.asarray(idx), np.asarray(pred) == y[idx], min_members)
+        for idx, pred in zip(heldout_idx, heldout_pred)
+    ]
     if not halves:
         return float("nan"), np.array([]), np.array([])
     worst = np.stack([w for w, _ in halves])  # (halves, U)

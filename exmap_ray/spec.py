@@ -17,6 +17,7 @@ dataset is refused naming who takes it. Keys that moved stop with their new
 place (`MOVED`). Building these sections needs the plugins: `registry.require`
 imports them by name, so the spec module itself imports none.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,11 @@ def _gpu_share(v, zero: bool = False):
     """A Ray GPU request: a fraction in (0, 1) or a whole number (Ray refuses 1.5); 0 where `zero`."""
     if (zero and v == 0) or (0 < v < 1) or (v >= 1 and float(v).is_integer()):
         return None
-    return "0, a fraction below 1 (0.5) or a whole number of GPUs" if zero else \
-        "a fraction below 1 (0.5) or a whole number of GPUs"
+    return (
+        "0, a fraction below 1 (0.5) or a whole number of GPUs"
+        if zero
+        else "a fraction below 1 (0.5) or a whole number of GPUs"
+    )
 
 
 def _k_check(v):
@@ -55,23 +59,32 @@ class DatasetSpec:
     `spec.dataset` is this class extended by the chosen dataset's keys (`dataset_class`)."""
 
     name: str = opt("cmnist", "registry name; `exmap-ray datasets` lists them and the keys each takes")
-    image_size: Optional[int] = opt(None, "square input size; None = the dataset's own (cmnist 28, folder and "
-                                          "the on-disk benchmarks 224)",
-                                    lambda v: None if v is None or v >= 8 else "an integer >= 8")
-    mean: Optional[list[float]] = opt(None, "per-channel normalisation mean; None = the dataset's own "
-                                            "(cmnist none, folder ImageNet)")
+    image_size: Optional[int] = opt(
+        None,
+        "square input size; None = the dataset's own (cmnist 28, folder and the on-disk benchmarks 224)",
+        lambda v: None if v is None or v >= 8 else "an integer >= 8",
+    )
+    mean: Optional[list[float]] = opt(
+        None, "per-channel normalisation mean; None = the dataset's own (cmnist none, folder ImageNet)"
+    )
     std: Optional[list[float]] = opt(None, "per-channel normalisation std; None = the dataset's own")
-    loader_workers: int = opt(0, "DataLoader worker processes per Ray worker; 0 suits in-memory data", _non_negative,
-                              execution=True)
-    pin_memory: Union[bool, Literal["auto"]] = opt("auto", "page-locked host batches for faster copies to the GPU; "
-                                                           "'auto' = when CUDA is available", execution=True)
-    persistent_workers: bool = opt(True, "keep DataLoader workers alive between epochs (with loader_workers > 0)",
-                                   execution=True)
-    decode_cache: Optional[str] = opt("auto", "on-disk datasets: val/test images are decoded and eval-transformed "
-                                              "once into a uint8 .npy memmap reused by ERM validation, features, "
-                                              "heatmaps and plots. 'auto' = $EXMAP_RAY_DECODE_CACHE or "
-                                              "~/.cache/exmap_ray/decoded; a path; null = decode on every access",
-                                      execution=True)
+    loader_workers: int = opt(
+        0, "DataLoader worker processes per Ray worker; 0 suits in-memory data", _non_negative, execution=True
+    )
+    pin_memory: Union[bool, Literal["auto"]] = opt(
+        "auto", "page-locked host batches for faster copies to the GPU; 'auto' = when CUDA is available", execution=True
+    )
+    persistent_workers: bool = opt(
+        True, "keep DataLoader workers alive between epochs (with loader_workers > 0)", execution=True
+    )
+    decode_cache: Optional[str] = opt(
+        "auto",
+        "on-disk datasets: val/test images are decoded and eval-transformed "
+        "once into a uint8 .npy memmap reused by ERM validation, features, "
+        "heatmaps and plots. 'auto' = $EXMAP_RAY_DECODE_CACHE or "
+        "~/.cache/exmap_ray/decoded; a path; null = decode on every access",
+        execution=True,
+    )
 
     def __reduce__(self):  # rebuilt through the registry: the class of a dataset's keys is made at run time
         return _rebuild, ("dataset", dataclasses.asdict(self))
@@ -80,11 +93,13 @@ class DatasetSpec:
 @dataclass
 class ModelSpec:
     backbone: str = opt("resnet10t", "any timm model name; resnet10t is small enough for a 2-core CPU")
-    pretrained: Optional[str] = opt(None, "local weights: a timm/torchvision state dict (.pth/.pt/.bin), a "
-                                          ".safetensors file, a HF hub cache folder (models--timm--NAME) or a folder "
-                                          "holding one weights file; never downloaded. null = train from scratch",
-                                    lambda v: None if v is None or v.strip()
-                                    else "a path, or null to train from scratch")
+    pretrained: Optional[str] = opt(
+        None,
+        "local weights: a timm/torchvision state dict (.pth/.pt/.bin), a "
+        ".safetensors file, a HF hub cache folder (models--timm--NAME) or a folder "
+        "holding one weights file; never downloaded. null = train from scratch",
+        lambda v: None if v is None or v.strip() else "a path, or null to train from scratch",
+    )
 
 
 @dataclass
@@ -92,27 +107,42 @@ class ErmSpec:
     epochs: int = opt(5, "enough for the colour shortcut to dominate on C-MNIST", _positive)
     lr: float = opt(1e-3, "learning rate (of erm.optimizer)", _positive)
     weight_decay: float = opt(1e-4, "weight decay: decoupled for adamw, L2 for sgd", _non_negative)
-    optimizer: Literal["adamw", "sgd"] = opt("adamw", "adamw, or sgd with erm.momentum (the DFR/ExMap reference "
-                                                      "scripts fine-tune ResNet-50 with SGD)")
+    optimizer: Literal["adamw", "sgd"] = opt(
+        "adamw", "adamw, or sgd with erm.momentum (the DFR/ExMap reference scripts fine-tune ResNet-50 with SGD)"
+    )
     momentum: float = opt(0.9, "sgd momentum", _fraction)
-    lr_schedule: Literal["constant", "cosine"] = opt("constant", "cosine = per-epoch cosine decay to 0 over "
-                                                                 "erm.epochs (the ExMap reference scripts)")
+    lr_schedule: Literal["constant", "cosine"] = opt(
+        "constant", "cosine = per-epoch cosine decay to 0 over erm.epochs (the ExMap reference scripts)"
+    )
     batch_size: int = opt(128, "per Ray Train worker", _positive)
-    num_workers: int = opt(1, "Ray Train workers (one per GPU on a cluster); DDP over gloo on CPU. Part of the "
-                              "ERM cache key: the global batch is batch_size x num_workers", _positive)
-    keep: Literal["last", "best_val_acc"] = opt("last", "the checkpoint ERM hands on: the last epoch's, or the "
-                                                        "epoch with the best val accuracy (class labels only; the "
-                                                        "ExMap reference's choice)")
+    num_workers: int = opt(
+        1,
+        "Ray Train workers (one per GPU on a cluster); DDP over gloo on CPU. Part of the "
+        "ERM cache key: the global batch is batch_size x num_workers",
+        _positive,
+    )
+    keep: Literal["last", "best_val_acc"] = opt(
+        "last",
+        "the checkpoint ERM hands on: the last epoch's, or the "
+        "epoch with the best val accuracy (class labels only; the "
+        "ExMap reference's choice)",
+    )
     precision: Literal["auto", "bf16", "fp32", "tf32"] = opt(
-        "auto", "bf16 autocast for the forward and loss; 'auto' = bf16 on CUDA, fp32 on CPU (where bf16 is "
-                "slower); fp32 is fp32 on every GPU (TF32 off); tf32 = fp32 with TF32 matmuls and convolutions "
-                "on Ampere and later")
+        "auto",
+        "bf16 autocast for the forward and loss; 'auto' = bf16 on CUDA, fp32 on CPU (where bf16 is "
+        "slower); fp32 is fp32 on every GPU (TF32 off); tf32 = fp32 with TF32 matmuls and convolutions "
+        "on Ampere and later",
+    )
     channels_last: bool = opt(False, "NHWC memory layout for model and batches; faster convolutions on recent GPUs")
     compile: bool = opt(False, "torch.compile the model: faster steps after a compile time of a minute or more")
-    worker_gpus: float = opt(1.0, "GPU share of each Ray Train worker (resources.gpu true): 1, or a fraction "
-                                  "such as 0.5 to put two workers on one GPU (they then all-reduce over gloo: "
-                                  "NCCL refuses two ranks on one device)", lambda v: _gpu_share(v),
-                             execution=True)
+    worker_gpus: float = opt(
+        1.0,
+        "GPU share of each Ray Train worker (resources.gpu true): 1, or a fraction "
+        "such as 0.5 to put two workers on one GPU (they then all-reduce over gloo: "
+        "NCCL refuses two ranks on one device)",
+        lambda v: _gpu_share(v),
+        execution=True,
+    )
 
 
 @dataclass
@@ -122,25 +152,41 @@ class HeatmapsCommon:
 
     method: str = opt("lrp", "registry name: lrp (the paper); `exmap-ray spec` lists every registered method")
     precision: Literal["auto", "bf16", "fp32", "tf32"] = opt(
-        "auto", "bf16 autocast for the forward passes (LRP keeps its divisions and relevance in fp32); 'auto' = "
-                "bf16 on CUDA, fp32 on CPU; fp32 is fp32 on every GPU (TF32 off); tf32 = fp32 with TF32 on "
-                "Ampere and later")
-    downsize: Optional[int] = opt(7, "bilinear resize of each heatmap before clustering; the paper's "
-                                     "sizes are Waterbirds 112, CelebA 20; on C-MNIST 7 keeps the colour "
-                                     "channel and removes per-digit stroke detail",
-                                  lambda v: None if v is None or v >= 1 else "an integer >= 1, or null")
+        "auto",
+        "bf16 autocast for the forward passes (LRP keeps its divisions and relevance in fp32); 'auto' = "
+        "bf16 on CUDA, fp32 on CPU; fp32 is fp32 on every GPU (TF32 off); tf32 = fp32 with TF32 on "
+        "Ampere and later",
+    )
+    downsize: Optional[int] = opt(
+        7,
+        "bilinear resize of each heatmap before clustering; the paper's "
+        "sizes are Waterbirds 112, CelebA 20; on C-MNIST 7 keeps the colour "
+        "channel and removes per-digit stroke detail",
+        lambda v: None if v is None or v >= 1 else "an integer >= 1, or null",
+    )
     batch_size: int = opt(256, "images per forward/backward in an actor", _positive, execution=True)
-    shard_size: int = opt(1024, "images per shard file; one shard is one unit of actor work", _positive,
-                          execution=True)
-    num_actors: Optional[int] = opt(None, "extraction actors; None = actors_per_gpu per GPU, else 2 on CPU",
-                                    lambda v: None if v is None or v >= 1 else "an integer >= 1, or null",
-                                    execution=True)
-    actors_per_gpu: int = opt(1, "extraction actors sharing one GPU (each asks for 1/actors_per_gpu of it): a "
-                                 "small model leaves a GPU idle between its batches", _positive, execution=True)
-    store_dtype: Literal["float32", "float16"] = opt("float32", "how the heatmap shards are stored; float16 "
-                                                            "halves the store and what clustering streams "
-                                                            "(each heatmap kept relative to its max |value|); "
-                                                            "measured: the same pseudo groups", neutral="float32")
+    shard_size: int = opt(1024, "images per shard file; one shard is one unit of actor work", _positive, execution=True)
+    num_actors: Optional[int] = opt(
+        None,
+        "extraction actors; None = actors_per_gpu per GPU, else 2 on CPU",
+        lambda v: None if v is None or v >= 1 else "an integer >= 1, or null",
+        execution=True,
+    )
+    actors_per_gpu: int = opt(
+        1,
+        "extraction actors sharing one GPU (each asks for 1/actors_per_gpu of it): a "
+        "small model leaves a GPU idle between its batches",
+        _positive,
+        execution=True,
+    )
+    store_dtype: Literal["float32", "float16"] = opt(
+        "float32",
+        "how the heatmap shards are stored; float16 "
+        "halves the store and what clustering streams "
+        "(each heatmap kept relative to its max |value|); "
+        "measured: the same pseudo groups",
+        neutral="float32",
+    )
 
 
 @dataclass
@@ -148,52 +194,74 @@ class ClusteringCommon:
     """The keys every clusterer takes; a clusterer's own keys (spectral_split's split_*) are declared
     beside its code and join these in `clustering:` (`section_class`)."""
 
-    method: str = opt("spectral", "registry name: spectral (the paper); `exmap-ray spec` lists every registered "
-                                  "clusterer (k-means prefers to split the big group on imbalanced data)")
-    input: Literal["heatmaps", "features", "both"] = opt("heatmaps", "what is clustered: the ERM model's heatmaps "
-                                                                     "(ExMap), its penultimate val features "
-                                                                     "(GEORGE-style), or both side by side (each "
-                                                                     "block scaled by its own max |value|); the "
-                                                                     "same clusterer either way")
-    k: Union[int, Literal["auto"]] = opt("auto", "clusters per scope; 'auto' = eigengap over 2..k_max "
-                                                 "(spectral, kmeans), best silhouette (kmeans_silhouette), "
-                                                 "lowest BIC (gmm)", _k_check)
-    k_max: int = opt(10, "largest k 'auto' may pick (paper: 10)",
-                     lambda v: None if v >= 2 else "an integer >= 2")
-    scope: Literal["local", "global"] = opt("local", "local = cluster each class apart (pseudo group = "
-                                                     "class x cluster); global = all points together")
+    method: str = opt(
+        "spectral",
+        "registry name: spectral (the paper); `exmap-ray spec` lists every registered "
+        "clusterer (k-means prefers to split the big group on imbalanced data)",
+    )
+    input: Literal["heatmaps", "features", "both"] = opt(
+        "heatmaps",
+        "what is clustered: the ERM model's heatmaps "
+        "(ExMap), its penultimate val features "
+        "(GEORGE-style), or both side by side (each "
+        "block scaled by its own max |value|); the "
+        "same clusterer either way",
+    )
+    k: Union[int, Literal["auto"]] = opt(
+        "auto",
+        "clusters per scope; 'auto' = eigengap over 2..k_max "
+        "(spectral, kmeans), best silhouette (kmeans_silhouette), "
+        "lowest BIC (gmm)",
+        _k_check,
+    )
+    k_max: int = opt(10, "largest k 'auto' may pick (paper: 10)", lambda v: None if v >= 2 else "an integer >= 2")
+    scope: Literal["local", "global"] = opt(
+        "local", "local = cluster each class apart (pseudo group = class x cluster); global = all points together"
+    )
     niter: int = opt(25, "k-means iterations", _positive)
     nredo: int = opt(3, "k-means restarts; the best inertia wins", _positive)
     normalize: bool = opt(True, "divide each heatmap by its max |value| (paper)")
     cross_spatial: Literal["none", "all", "hard"] = opt(
-        "none", "also cluster each heatmap summed over its channels (where the relevance lies, whichever channel "
-                "carries it), the same way, and split every (class, cluster) by those clusters: all = keep every "
-                "part; hard = keep apart only the parts on which ERM's val accuracy is below its accuracy on the "
-                "whole (class, cluster), the rest stays one group. For a shortcut the channels hide, e.g. a "
-                "patch's place beside a colour; needs (N, C, h, w) heatmaps and clustering.input heatmaps or both",
-        neutral="none")
+        "none",
+        "also cluster each heatmap summed over its channels (where the relevance lies, whichever channel "
+        "carries it), the same way, and split every (class, cluster) by those clusters: all = keep every "
+        "part; hard = keep apart only the parts on which ERM's val accuracy is below its accuracy on the "
+        "whole (class, cluster), the rest stays one group. For a shortcut the channels hide, e.g. a "
+        "patch's place beside a colour; needs (N, C, h, w) heatmaps and clustering.input heatmaps or both",
+        neutral="none",
+    )
     cross_features: Literal["none", "all", "hard"] = opt(
-        "none", "also cluster the penultimate val features, the same way, and split every (class, cluster) of the "
-                "heatmaps by those clusters (the product of the two groupings: a minority either one separates "
-                "gets groups of its own): all = keep every part; hard = keep apart only the parts on which ERM's "
-                "val accuracy is below its accuracy on the whole (class, cluster). Needs clustering.input heatmaps; "
-                "one crossing at a time (not with cross_spatial)", neutral="none")
-    min_group_size: int = opt(5, "pseudo groups smaller than this merge into the nearest group of their class; "
-                                 "DFR subsamples every group to the smallest, so tiny fragments starve it. "
-                                 "1 keeps every group, as the released ExMap does (with "
-                                 "retrain.dfr.whole_group_max: 5)",
-                              _positive)
+        "none",
+        "also cluster the penultimate val features, the same way, and split every (class, cluster) of the "
+        "heatmaps by those clusters (the product of the two groupings: a minority either one separates "
+        "gets groups of its own): all = keep every part; hard = keep apart only the parts on which ERM's "
+        "val accuracy is below its accuracy on the whole (class, cluster). Needs clustering.input heatmaps; "
+        "one crossing at a time (not with cross_spatial)",
+        neutral="none",
+    )
+    min_group_size: int = opt(
+        5,
+        "pseudo groups smaller than this merge into the nearest group of their class; "
+        "DFR subsamples every group to the smallest, so tiny fragments starve it. "
+        "1 keeps every group, as the released ExMap does (with "
+        "retrain.dfr.whole_group_max: 5)",
+        _positive,
+    )
 
     def __post_init__(self):
         if self.cross_features != "none" and (self.input != "heatmaps" or self.cross_spatial != "none"):
-            raise SpecError(f"spec key 'clustering.cross_features': '{self.cross_features}' splits the heatmaps' "
-                            f"clusters by the features' clusters, so it needs clustering.input heatmaps (got "
-                            f"'{self.input}') and clustering.cross_spatial none (got '{self.cross_spatial}'): one "
-                            f"crossing at a time")
+            raise SpecError(
+                f"spec key 'clustering.cross_features': '{self.cross_features}' splits the heatmaps' "
+                f"clusters by the features' clusters, so it needs clustering.input heatmaps (got "
+                f"'{self.input}') and clustering.cross_spatial none (got '{self.cross_spatial}'): one "
+                f"crossing at a time"
+            )
         if self.cross_spatial != "none" and self.input == "features":
-            raise SpecError(f"spec key 'clustering.cross_spatial': '{self.cross_spatial}' splits clusters by the "
-                            f"heatmaps' channel sums, and clustering.input 'features' clusters no heatmaps; use "
-                            f"clustering.input heatmaps or both, or clustering.cross_spatial none")
+            raise SpecError(
+                f"spec key 'clustering.cross_spatial': '{self.cross_spatial}' splits clusters by the "
+                f"heatmaps' channel sums, and clustering.input 'features' clusters no heatmaps; use "
+                f"clustering.input heatmaps or both, or clustering.cross_spatial none"
+            )
 
 
 @dataclass
@@ -201,13 +269,20 @@ class GroupsCommon:
     """The keys every group source takes; a source's own keys (random's random_k) are declared beside
     its code and join these in `groups:` (`section_class`)."""
 
-    source: str = opt("exmap", "registry name of the val grouping retraining uses: exmap (heatmap clusters, the "
-                               "paper); `exmap-ray spec` lists every registered source (SpuCo's with pip install "
-                               "'exmap-ray[peers]')")
-    merge_easy: bool = opt(False, "after a label-free source: within each class, merge the pseudo groups on which "
-                                  "ERM's val accuracy is at least its accuracy on the whole class into one group "
-                                  "(undoes splitting the groups ERM already gets right, e.g. with clustering.method "
-                                  "spectral_split); never the oracle's true groups", neutral=False)
+    source: str = opt(
+        "exmap",
+        "registry name of the val grouping retraining uses: exmap (heatmap clusters, the "
+        "paper); `exmap-ray spec` lists every registered source (SpuCo's with pip install "
+        "'exmap-ray[peers]')",
+    )
+    merge_easy: bool = opt(
+        False,
+        "after a label-free source: within each class, merge the pseudo groups on which "
+        "ERM's val accuracy is at least its accuracy on the whole class into one group "
+        "(undoes splitting the groups ERM already gets right, e.g. with clustering.method "
+        "spectral_split); never the oracle's true groups",
+        neutral=False,
+    )
 
 
 @dataclass
@@ -216,8 +291,9 @@ class EndToEndSpec:
     for every retrainer with an end-to-end mode (groupdro, jtt); each reads its own objective's keys from
     its section (retrain.groupdro.eta, retrain.jtt.upweight)."""
 
-    lr: float = opt(1e-4, "SGD step size (momentum 0.9) for the whole network", _positive,
-                    search={"grid": [1e-4, 1e-3, 1e-2]})
+    lr: float = opt(
+        1e-4, "SGD step size (momentum 0.9) for the whole network", _positive, search={"grid": [1e-4, 1e-3, 1e-2]}
+    )
     weight_decay: float = opt(1e-4, "SGD weight decay", _non_negative)
     epochs: int = opt(1, "passes over val", _positive, search={"grid": [1, 4]})
     batch_size: int = opt(128, "minibatch of the fine-tune (GroupDRO and JTT)", _positive)
@@ -229,14 +305,23 @@ class RetrainSpec:
     declared beside its code (`Retrainer.keys`, e.g. retrain/dfr.py's DfrKeys): `spec.retrain` is this
     class with one such section per registered retrainer (`retrain_class`)."""
 
-    method: str = opt("dfr", "registry name: dfr (the paper), groupdro (Sagawa et al. online GroupDRO), jtt (Liu "
-                             "et al. error-set upweighting); each reads its own section retrain.<method>")
+    method: str = opt(
+        "dfr",
+        "registry name: dfr (the paper), groupdro (Sagawa et al. online GroupDRO), jtt (Liu "
+        "et al. error-set upweighting); each reads its own section retrain.<method>",
+    )
     mode: Literal["last_layer", "end_to_end"] = opt(
-        "last_layer", "last_layer = a linear head on frozen standardised val features (as DFR); end_to_end = "
-                      "fine-tune the whole ERM model on val images (groupdro, jtt only; retrain.end_to_end)")
-    n_select_repeats: int = opt(5, "random val halves on which every retrainer chooses its hyperparameter (DFR's "
-                                   "C, the groupdro / jtt weight decay); one seed gives every retrainer the same "
-                                   "halves", _positive)
+        "last_layer",
+        "last_layer = a linear head on frozen standardised val features (as DFR); end_to_end = "
+        "fine-tune the whole ERM model on val images (groupdro, jtt only; retrain.end_to_end)",
+    )
+    n_select_repeats: int = opt(
+        5,
+        "random val halves on which every retrainer chooses its hyperparameter (DFR's "
+        "C, the groupdro / jtt weight decay); one seed gives every retrainer the same "
+        "halves",
+        _positive,
+    )
     # then, made by retrain_class: one section per registered retrainer (retrain.dfr, ...), and end_to_end
 
     def __reduce__(self):  # rebuilt through the registry: the class with the retrainers' sections is made at run time
@@ -247,9 +332,11 @@ class RetrainSpec:
         if self.mode == "end_to_end" and retrainers is not None:
             if self.method in retrainers and "end_to_end" not in retrainers.get(self.method).modes:
                 able = [n for n in retrainers.names() if "end_to_end" in retrainers.get(n).modes]
-                raise SpecError(f"spec key 'retrain.mode': 'end_to_end' is not available for retrain.method "
-                                f"'{self.method}' (last layer only); use retrain.mode last_layer, or a method "
-                                f"with an end-to-end mode: {', '.join(able)}")
+                raise SpecError(
+                    f"spec key 'retrain.mode': 'end_to_end' is not available for retrain.method "
+                    f"'{self.method}' (last layer only); use retrain.mode last_layer, or a method "
+                    f"with an end-to-end mode: {', '.join(able)}"
+                )
 
 
 @dataclass
@@ -260,59 +347,96 @@ class TrackingSpec:
 
 @dataclass
 class SearchSpec:
-    space: dict = opt({}, "dotted spec key -> one domain: {grid: [...]}, {choice: [...]}, "
-                          "{uniform: [lo, hi]}, {loguniform: [lo, hi]} or {randint: [lo, hi]}")
+    space: dict = opt(
+        {},
+        "dotted spec key -> one domain: {grid: [...]}, {choice: [...]}, "
+        "{uniform: [lo, hi]}, {loguniform: [lo, hi]} or {randint: [lo, hi]}",
+    )
     metric: Literal["sweep_worst_pseudo_group_acc", "val_worst_pseudo_group_acc", "val_worst_class_acc"] = opt(
-        "sweep_worst_pseudo_group_acc", "label-free selection metric on held-out val halves. sweep_*: each trial "
+        "sweep_worst_pseudo_group_acc",
+        "label-free selection metric on held-out val halves. sweep_*: each trial "
         "scored on every trial's pseudo groups (worst); val_*: on its own pseudo groups / on classes. "
-        "The own-groups metrics overrate trials whose clustering missed the minority")
+        "The own-groups metrics overrate trials whose clustering missed the minority",
+    )
     select: Literal["one_se", "best"] = opt(
-        "one_se", "how the label-free metric picks the configuration. best = the highest score; one_se = the "
-                  "trial with the fewest pseudo groups among those within one standard error (search.se) of "
-                  "the highest: differences smaller than the score's own noise do not decide")
+        "one_se",
+        "how the label-free metric picks the configuration. best = the highest score; one_se = the "
+        "trial with the fewest pseudo groups among those within one standard error (search.se) of "
+        "the highest: differences smaller than the score's own noise do not decide",
+    )
     se: Literal["binomial", "halves"] = opt(
-        "binomial", "the standard error one_se uses. binomial = sqrt(p(1-p)/n), n the val size of the group "
-                    "the top score rests on; halves = the spread of the score over the held-out halves, which "
-                    "overlap and so understate the noise of a group of a few images")
+        "binomial",
+        "the standard error one_se uses. binomial = sqrt(p(1-p)/n), n the val size of the group "
+        "the top score rests on; halves = the spread of the score over the held-out halves, which "
+        "overlap and so understate the noise of a group of a few images",
+    )
     num_samples: int = opt(1, "Tune num_samples: repeats of the grid, or random draws for sampled domains", _positive)
-    algorithm: Literal["basic", "optuna", "hyperopt"] = opt("basic", "basic = grid/random; optuna and "
-                                                                     "hyperopt need their package installed")
-    max_concurrent_trials: int = opt(2, "trials at once; each runs clustering + DFR (+ any upstream it varies)",
-                                     _positive)
-    trial_cpus: float = opt(0.25, "logical CPUs a trial reserves; small, so ERM workers and heatmap actors "
-                                  "started inside trials still find CPUs", _positive)
-    trial_gpus: float = opt(0.0, "GPU share a trial reserves: its GPU stages (clusters, heatmaps, end-to-end) "
-                                 "then run on that share, in the trial's process; 0 = trials hold no GPU and their "
-                                 "GPU stages ask Ray for their own (resources.task_gpus, heatmaps.actors_per_gpu). "
-                                 "A fraction below 1 or a whole number", lambda v: _gpu_share(v, zero=True))
+    algorithm: Literal["basic", "optuna", "hyperopt"] = opt(
+        "basic", "basic = grid/random; optuna and hyperopt need their package installed"
+    )
+    max_concurrent_trials: int = opt(
+        2, "trials at once; each runs clustering + DFR (+ any upstream it varies)", _positive
+    )
+    trial_cpus: float = opt(
+        0.25,
+        "logical CPUs a trial reserves; small, so ERM workers and heatmap actors started inside trials still find CPUs",
+        _positive,
+    )
+    trial_gpus: float = opt(
+        0.0,
+        "GPU share a trial reserves: its GPU stages (clusters, heatmaps, end-to-end) "
+        "then run on that share, in the trial's process; 0 = trials hold no GPU and their "
+        "GPU stages ask Ray for their own (resources.task_gpus, heatmaps.actors_per_gpu). "
+        "A fraction below 1 or a whole number",
+        lambda v: _gpu_share(v, zero=True),
+    )
     max_failures: int = opt(1, "retries of a failing trial before it is reported as failed", _non_negative)
-    storage_path: Optional[str] = opt(None, "Tune's own state: a local path or a URI (s3://, gs://, as Ray's "
-                                            "storage_path); None = OUT/tune, under the storage root")
+    storage_path: Optional[str] = opt(
+        None,
+        "Tune's own state: a local path or a URI (s3://, gs://, as Ray's "
+        "storage_path); None = OUT/tune, under the storage root",
+    )
 
 
 @dataclass
 class ResourcesSpec:
     gpu: Union[bool, Literal["auto"]] = opt(
-        "auto", "GPUs for ERM workers, heatmap actors and the features, clustering and end-to-end tasks: true, "
-                "false, or 'auto' = yes when the Ray cluster has GPUs (after asking the autoscaler, see "
-                "autoscale_wait_s). Decided once per run, before any stage, and part of every stage's cache key")
-    autoscale_wait_s: float = opt(0.0, "gpu auto on a cluster that shows no GPU yet: ask the autoscaler for "
-                                       "erm.num_workers GPUs (ray.autoscaler.sdk.request_resources) and wait at "
-                                       "most this long for them; 0 = do not ask (a laptop). cluster.yaml's "
-                                       "commands use 600", _non_negative)
-    task_gpus: float = opt(1.0, "GPU share the features, clustering and end-to-end tasks each ask for (resources.gpu "
-                                "true); a fraction lets them share a GPU with heatmap actors or other tasks",
-                           lambda v: _gpu_share(v), execution=True)
-    task_cpus: float = opt(1.0, "CPUs the features and clustering tasks each reserve, and the end-to-end task "
-                                "beside its GPU (they run as Ray tasks, on whichever node has room, reading and "
-                                "writing the storage root; features and clustering in the caller's process "
-                                "instead on a one-node Ray; any of them in a Tune trial that holds at least this "
-                                "many CPUs, see search.trial_cpus)", _positive)
+        "auto",
+        "GPUs for ERM workers, heatmap actors and the features, clustering and end-to-end tasks: true, "
+        "false, or 'auto' = yes when the Ray cluster has GPUs (after asking the autoscaler, see "
+        "autoscale_wait_s). Decided once per run, before any stage, and part of every stage's cache key",
+    )
+    autoscale_wait_s: float = opt(
+        0.0,
+        "gpu auto on a cluster that shows no GPU yet: ask the autoscaler for "
+        "erm.num_workers GPUs (ray.autoscaler.sdk.request_resources) and wait at "
+        "most this long for them; 0 = do not ask (a laptop). cluster.yaml's "
+        "commands use 600",
+        _non_negative,
+    )
+    task_gpus: float = opt(
+        1.0,
+        "GPU share the features, clustering and end-to-end tasks each ask for (resources.gpu "
+        "true); a fraction lets them share a GPU with heatmap actors or other tasks",
+        lambda v: _gpu_share(v),
+        execution=True,
+    )
+    task_cpus: float = opt(
+        1.0,
+        "CPUs the features and clustering tasks each reserve, and the end-to-end task "
+        "beside its GPU (they run as Ray tasks, on whichever node has room, reading and "
+        "writing the storage root; features and clustering in the caller's process "
+        "instead on a one-node Ray; any of them in a Tune trial that holds at least this "
+        "many CPUs, see search.trial_cpus)",
+        _positive,
+    )
     worker_cpus: Union[int, Literal["auto"]] = opt(
-        "auto", "CPU threads of each ERM worker and heatmap actor when on CPU, and of the end-to-end fine-tune "
-                "task; auto = an equal share of the free CPUs, at most one node's. Fix it (e.g. 1) to get "
-                "bit-identical results on clusters of another shape",
-        lambda v: None if v == "auto" or v >= 1 else "an integer >= 1, or 'auto'")
+        "auto",
+        "CPU threads of each ERM worker and heatmap actor when on CPU, and of the end-to-end fine-tune "
+        "task; auto = an equal share of the free CPUs, at most one node's. Fix it (e.g. 1) to get "
+        "bit-identical results on clusters of another shape",
+        lambda v: None if v == "auto" or v >= 1 else "an integer >= 1, or 'auto'",
+    )
 
 
 @dataclass
@@ -446,8 +570,11 @@ def _made(cls: type) -> type:
 
 
 # the sections whose plugins' keys sit beside the common ones, flat: section -> (common keys, registry key)
-SECTIONS = {"heatmaps": (HeatmapsCommon, "heatmaps.method"), "clustering": (ClusteringCommon, "clustering.method"),
-            "groups": (GroupsCommon, "groups.source")}
+SECTIONS = {
+    "heatmaps": (HeatmapsCommon, "heatmaps.method"),
+    "clustering": (ClusteringCommon, "clustering.method"),
+    "groups": (GroupsCommon, "groups.source"),
+}
 PUBLIC = {"HeatmapSpec": "heatmaps", "ClusteringSpec": "clustering", "GroupsSpec": "groups"}
 
 
@@ -475,14 +602,18 @@ def section_class(section: str) -> type:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in fields and fields[f.name][2].metadata is not f.metadata:
-                raise ValueError(f"spec key '{section}.{f.name}' is declared by {owner[f.name] or 'the common keys'} "
-                                 f"and by {entries.kind} '{who}'; rename one")
+                raise ValueError(
+                    f"spec key '{section}.{f.name}' is declared by {owner[f.name] or 'the common keys'} "
+                    f"and by {entries.kind} '{who}'; rename one"
+                )
             fields.setdefault(f.name, _copy_field(f, hints[f.name]))
             owner.setdefault(f.name, who)
     order = {k: i for i, k in enumerate(FIELD_ORDER.get(section, ()))}
     ranked = sorted(fields.values(), key=lambda t: order.get(t[0], len(order)))  # stable: new keys keep theirs
-    namespace = {"__reduce__": lambda self, _s=section: (_rebuild, (_s, dataclasses.asdict(self))),
-                 "__doc__": common.__doc__}
+    namespace = {
+        "__reduce__": lambda self, _s=section: (_rebuild, (_s, dataclasses.asdict(self))),
+        "__doc__": common.__doc__,
+    }
     if "__post_init__" in common.__dict__:
         namespace["__post_init__"] = common.__dict__["__post_init__"]
     name = {v: k for k, v in PUBLIC.items()}[section]
@@ -505,8 +636,9 @@ def dataset_class(name: str) -> type:
     if keys is None:
         return DatasetSpec
     if ("dataset", keys) not in _CLASSES:
-        _CLASSES["dataset", keys] = _made(dataclasses.make_dataclass(
-            f"{keys.__name__}DatasetSpec", [], bases=(keys, DatasetSpec)))
+        _CLASSES["dataset", keys] = _made(
+            dataclasses.make_dataclass(f"{keys.__name__}DatasetSpec", [], bases=(keys, DatasetSpec))
+        )
     return _CLASSES["dataset", keys]
 
 
@@ -525,11 +657,17 @@ def retrain_class() -> type:
     if marker not in _CLASSES:
         taken = {f.name for f in dataclasses.fields(RetrainSpec)} | {"end_to_end"}
         if taken & set(own):
-            raise ValueError(f"retrainer '{sorted(taken & set(own))[0]}': its section would be named like the "
-                             f"shared retrain key of that name ({', '.join(sorted(taken))}); rename it")
-        _CLASSES[marker] = _made(dataclasses.make_dataclass(
-            "RetrainSpec", [(name, keys, field(default_factory=keys)) for name, keys in sections.items()],
-            bases=(RetrainSpec,)))
+            raise ValueError(
+                f"retrainer '{sorted(taken & set(own))[0]}': its section would be named like the "
+                f"shared retrain key of that name ({', '.join(sorted(taken))}); rename it"
+            )
+        _CLASSES[marker] = _made(
+            dataclasses.make_dataclass(
+                "RetrainSpec",
+                [(name, keys, field(default_factory=keys)) for name, keys in sections.items()],
+                bases=(RetrainSpec,),
+            )
+        )
     return _CLASSES[marker]
 
 
@@ -547,10 +685,12 @@ def _build_dataset(data: dict, path: str):
         takers = [n for n in entries.names() if key in _key_names(dataset_class(n))]
         if takers:
             mine = [k for k in _key_names(cls) if k not in _key_names(DatasetSpec)]
-            raise SpecError(f"spec key '{path}.{key}' is not a key of dataset '{name}': dataset(s) "
-                            f"{', '.join(takers)} take it. Dataset '{name}' takes "
-                            f"{', '.join(mine) if mine else 'no keys of its own'}, besides the keys every "
-                            f"dataset takes: {', '.join(_key_names(DatasetSpec))}")
+            raise SpecError(
+                f"spec key '{path}.{key}' is not a key of dataset '{name}': dataset(s) "
+                f"{', '.join(takers)} take it. Dataset '{name}' takes "
+                f"{', '.join(mine) if mine else 'no keys of its own'}, besides the keys every "
+                f"dataset takes: {', '.join(_key_names(DatasetSpec))}"
+            )
     return _build_fields(cls, data, path)
 
 
@@ -604,16 +744,21 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         return data
     path = Path(path)
     if not isinstance(base, str) or not base.strip():
-        raise SpecError(f"spec file '{path}': key 'base' must be the path of another spec file (relative to "
-                        f"this one), got {base!r}")
+        raise SpecError(
+            f"spec file '{path}': key 'base' must be the path of another spec file (relative to this one), got {base!r}"
+        )
     base_path = Path(base).expanduser()
     base_path = base_path if base_path.is_absolute() else path.parent / base_path
     if base_path.resolve() in _seen + (path.resolve(),):
-        raise SpecError(f"spec file '{path}': key 'base' names '{base}', which leads back to '{path}' "
-                        f"(a cycle); a base file must not name its own descendants")
+        raise SpecError(
+            f"spec file '{path}': key 'base' names '{base}', which leads back to '{path}' "
+            f"(a cycle); a base file must not name its own descendants"
+        )
     if not base_path.is_file():
-        raise SpecError(f"spec file '{path}': key 'base' names '{base}', but '{base_path}' does not exist; "
-                        f"give a path relative to '{path.parent}'")
+        raise SpecError(
+            f"spec file '{path}': key 'base' names '{base}', but '{base_path}' does not exist; "
+            f"give a path relative to '{path.parent}'"
+        )
     return _deep_merge(read_yaml(base_path, _seen + (path.resolve(),)), data)
 
 
@@ -634,7 +779,7 @@ def _read_one_yaml(path: Path) -> dict:
 
 
 SHIPPED = Path(__file__).parent / "specs"  # ready-made specs, package data; the repo's tune_specs/ points here
-DEMO = "cmnist"                           # the spec `exmap-ray run` runs when given none
+DEMO = "cmnist"  # the spec `exmap-ray run` runs when given none
 
 
 def shipped_specs() -> list[str]:
@@ -649,11 +794,15 @@ def find_spec(ref: str | Path) -> Path:
         return path
     names = shipped_specs()
     if path.suffix or len(path.parts) != 1:  # a path that is not there
-        raise SpecError(f"spec file '{path}' does not exist.{did_you_mean(path.stem, names)} Shipped specs, "
-                        f"named without a folder or .yaml: {', '.join(names)}")
+        raise SpecError(
+            f"spec file '{path}' does not exist.{did_you_mean(path.stem, names)} Shipped specs, "
+            f"named without a folder or .yaml: {', '.join(names)}"
+        )
     if str(ref) not in names:
-        raise SpecError(f"unknown spec '{ref}': neither a file nor a shipped spec.{did_you_mean(ref, names)} "
-                        f"Shipped specs: {', '.join(names)}")
+        raise SpecError(
+            f"unknown spec '{ref}': neither a file nor a shipped spec.{did_you_mean(ref, names)} "
+            f"Shipped specs: {', '.join(names)}"
+        )
     return SHIPPED / f"{ref}.yaml"
 
 

@@ -20,6 +20,7 @@ everything downstream of it, and nothing else.
 `run_pipeline`, `bench`, the sweep's shared upstream (`shared_stages`) and the benchmarks derive
 from this table; a new stage is one entry here and its compute function.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,11 +77,11 @@ Compute = Callable[[Spec, GroupData, "dict[str, Stage]", Loc], Optional[dict]]
 @dataclass(frozen=True)
 class StageDef:
     name: str
-    inputs: tuple[str, ...]        # upstream stages, by name (declared earlier in STAGES)
-    sections: tuple[str, ...]      # spec sections (or top-level keys such as seed) its key hashes
+    inputs: tuple[str, ...]  # upstream stages, by name (declared earlier in STAGES)
+    sections: tuple[str, ...]  # spec sections (or top-level keys such as seed) its key hashes
     compute: Compute
-    resources: str                 # where it runs, and the spec keys that size it (docs, logs)
-    device: bool = True            # the key also hashes the resolved device (resources.gpu)
+    resources: str  # where it runs, and the spec keys that size it (docs, logs)
+    device: bool = True  # the key also hashes the resolved device (resources.gpu)
     when: Optional[Callable[[Spec], bool]] = None  # the stage runs only for specs where this holds
     extra: Optional[Callable[["Spec"], dict]] = None  # more of the spec its key hashes, as computed values
     extra_keys: tuple[str, ...] = ()  # the dotted spec keys `extra` reads (`changes` answers for them)
@@ -112,8 +113,11 @@ def section_config(spec: Spec, section: str):
 def execution_only(section: str) -> set[str]:
     """The keys of `section` that change how a stage runs, not what it computes (`opt(execution=True)`)."""
     value = getattr(Spec(), section)
-    return {f.name for f in dataclasses.fields(value) if f.metadata.get("execution")} \
-        if dataclasses.is_dataclass(value) else set()
+    return (
+        {f.name for f in dataclasses.fields(value) if f.metadata.get("execution")}
+        if dataclasses.is_dataclass(value)
+        else set()
+    )
 
 
 def stage_config(sd: StageDef, spec: Spec) -> dict:
@@ -127,6 +131,7 @@ def stage_config(sd: StageDef, spec: Spec) -> dict:
 
 
 # ── compute functions ────────────────────────────────────────────────────────────────────────────
+
 
 def _erm(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
     from .erm import train_erm
@@ -145,8 +150,13 @@ def features_task(spec_dict: dict, model_uri: str, out_uri: str) -> dict:
     data = build_dataset(spec.dataset, spec.seed)
     out = Loc.parse(out_uri)
     model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
-    f, logits = embed(model, data.test.images, device=dev, precision=spec.heatmaps.precision,
-                      loader_kwargs=loader_options(spec.dataset, persistent=False, device=dev))
+    f, logits = embed(
+        model,
+        data.test.images,
+        device=dev,
+        precision=spec.heatmaps.precision,
+        loader_kwargs=loader_options(spec.dataset, persistent=False, device=dev),
+    )
     save_npy(out / "test_features.npy", f)
     save_npy(out / "test_logits.npy", logits)
     return {"dim": int(f.shape[1]), "splits": ["test"], "placement": where_am_i(dev)}
@@ -169,18 +179,31 @@ def _heatmaps(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -
     return extract_with_actors(spec, inputs["erm"].dir / "model.pt", len(data.val), out)
 
 
-def group_context(spec: Spec, y_val: np.ndarray, true_groups: np.ndarray, val_features: np.ndarray,
-                  val_logits: np.ndarray, heatmaps, scope: str | None = None) -> GroupContext:
+def group_context(
+    spec: Spec,
+    y_val: np.ndarray,
+    true_groups: np.ndarray,
+    val_features: np.ndarray,
+    val_logits: np.ndarray,
+    heatmaps,
+    scope: str | None = None,
+) -> GroupContext:
     """What the spec's group sources see (`scope` overrides clustering.scope: bench's local/global rows)."""
     clustering = spec.clustering if scope is None else dataclasses.replace(spec.clustering, scope=scope)
-    return GroupContext(y_val=y_val, clustering=clustering, seed=stage_seed(spec.seed, "clusters"),
-                        val_features=val_features, val_logits=val_logits, heatmaps=heatmaps,
-                        true_groups=true_groups, random_k=spec.groups.random_k,
-                        merge_easy=spec.groups.merge_easy)
+    return GroupContext(
+        y_val=y_val,
+        clustering=clustering,
+        seed=stage_seed(spec.seed, "clusters"),
+        val_features=val_features,
+        val_logits=val_logits,
+        heatmaps=heatmaps,
+        true_groups=true_groups,
+        random_k=spec.groups.random_k,
+        merge_easy=spec.groups.merge_easy,
+    )
 
 
-def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
-                  true_groups: np.ndarray) -> dict:
+def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray, true_groups: np.ndarray) -> dict:
     """The val grouping retraining uses (ExMap's heatmap clusters, or a baseline), as a Ray task. The val
     features and logits (feature clusters, JTT's error set) are the heatmaps stage's."""
     from .clustering import SCALE_MIN_N
@@ -196,8 +219,9 @@ def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
         try:
             check_heatmaps(H)
         except DataError as e:  # name the culprit stage: which method, which files
-            raise DataError(f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone "
-                            f"'{spec.model.backbone}', heatmaps in '{hm}']") from None
+            raise DataError(
+                f"{e} [heatmaps.method '{spec.heatmaps.method}', backbone '{spec.model.backbone}', heatmaps in '{hm}']"
+            ) from None
     ctx = group_context(spec, y_val, true_groups, store.features(), store.logits(), H)
     # the route from the key (resources.gpu), the device from Ray's assignment: never what FAISS sees here
     with clustering_device(dev if spec.resources.gpu is True else None):
@@ -207,8 +231,9 @@ def clusters_task(spec_dict: dict, hm_uri: str, out_uri: str, y_val: np.ndarray,
 
 
 def _clusters(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc) -> dict:
-    return run_task(spec, clusters_task, spec.to_dict(), str(inputs["heatmaps"].dir), str(out), data.val.y,
-                    data.val.group)
+    return run_task(
+        spec, clusters_task, spec.to_dict(), str(inputs["heatmaps"].dir), str(out), data.val.y, data.val.group
+    )
 
 
 def end_to_end_task(spec_dict: dict, model_uri: str, groups_uri: str, out_uri: str, threads: int) -> dict:
@@ -227,9 +252,17 @@ def end_to_end_task(spec_dict: dict, model_uri: str, groups_uri: str, out_uri: s
     try:
         data = build_dataset(spec.dataset, spec.seed)
         model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri))
-        info = run_end_to_end(spec, model, data.val.images, data.val.y, load_npy(Loc.parse(groups_uri)),
-                              data.test.images, stage_seed(spec.seed, RETRAIN_SEED), Loc.parse(out_uri),
-                              device=dev)
+        info = run_end_to_end(
+            spec,
+            model,
+            data.val.images,
+            data.val.y,
+            load_npy(Loc.parse(groups_uri)),
+            data.test.images,
+            stage_seed(spec.seed, RETRAIN_SEED),
+            Loc.parse(out_uri),
+            device=dev,
+        )
     finally:
         torch.set_num_threads(before)  # a trial that ran it in its own process goes on as it was
     return {**info, "process": here}
@@ -243,31 +276,63 @@ def _end_to_end(spec: Spec, data: GroupData, inputs: dict[str, Stage], out: Loc)
     import ray
 
     threads = 1 if spec.resources.gpu is True or not ray.is_initialized() else cpus_per_worker(1, spec)
-    return run_task(spec, end_to_end_task, spec.to_dict(), str(inputs["erm"].dir / "model.pt"),
-                    str(inputs["clusters"].dir / "pseudo_groups.npy"), str(out), threads,
-                    cpus=spec.resources.task_cpus if spec.resources.gpu is True else threads, inline_on_one_node=False)
+    return run_task(
+        spec,
+        end_to_end_task,
+        spec.to_dict(),
+        str(inputs["erm"].dir / "model.pt"),
+        str(inputs["clusters"].dir / "pseudo_groups.npy"),
+        str(out),
+        threads,
+        cpus=spec.resources.task_cpus if spec.resources.gpu is True else threads,
+        inline_on_one_node=False,
+    )
 
 
 STAGES: tuple[StageDef, ...] = (
-    StageDef("erm", (), ("seed", "dataset", "model", "erm"), _erm,
-             "Ray Train: erm.num_workers workers, 1 GPU or resources.worker_cpus CPUs each"),
+    StageDef(
+        "erm",
+        (),
+        ("seed", "dataset", "model", "erm"),
+        _erm,
+        "Ray Train: erm.num_workers workers, 1 GPU or resources.worker_cpus CPUs each",
+    ),
     # layout 2: test only (val's features and logits moved to the heatmaps stage)
-    StageDef("features", ("erm",), (), _features,
-             "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu",
-             extra=features_precision_key, extra_keys=("heatmaps.precision",)),
+    StageDef(
+        "features",
+        ("erm",),
+        (),
+        _features,
+        "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu",
+        extra=features_precision_key,
+        extra_keys=("heatmaps.precision",),
+    ),
     # layout 2: each shard also holds the val features and logits of its forward
-    StageDef("heatmaps", ("erm",), ("heatmaps",), _heatmaps,
-             "a Ray actor pool: heatmaps.num_actors actors, 1/heatmaps.actors_per_gpu GPU each or CPU "
-             "threads"),
+    StageDef(
+        "heatmaps",
+        ("erm",),
+        ("heatmaps",),
+        _heatmaps,
+        "a Ray actor pool: heatmaps.num_actors actors, 1/heatmaps.actors_per_gpu GPU each or CPU threads",
+    ),
     # reads the heatmaps stage alone (val's features and logits are there since layout 2)
-    StageDef("clusters", ("heatmaps",), ("clustering", "groups", "seed"), _clusters,
-             "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu"),
+    StageDef(
+        "clusters",
+        ("heatmaps",),
+        ("clustering", "groups", "seed"),
+        _clusters,
+        "a Ray task: resources.task_cpus, resources.task_gpus of a GPU when resources.gpu",
+    ),
     # no device in its own key: its inputs' keys carry it
-    StageDef("end_to_end", ("erm", "clusters"), ("retrain", "seed"), _end_to_end,
-             "a Ray task: resources.task_gpus when resources.gpu (and resources.task_cpus), else "
-             "resources.worker_cpus CPUs",
-             device=False,
-             when=lambda spec: spec.retrain.mode == "end_to_end"),
+    StageDef(
+        "end_to_end",
+        ("erm", "clusters"),
+        ("retrain", "seed"),
+        _end_to_end,
+        "a Ray task: resources.task_gpus when resources.gpu (and resources.task_cpus), else resources.worker_cpus CPUs",
+        device=False,
+        when=lambda spec: spec.retrain.mode == "end_to_end",
+    ),
 )
 BY_NAME = {sd.name: sd for sd in STAGES}
 
@@ -319,9 +384,14 @@ def shared_stages(spec: Spec, searched: Iterable[str]) -> list[str]:
     return [sd.name for sd in STAGES if sd.applies(spec) and not any(changes(sd.name, k) for k in searched)]
 
 
-def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer | None = None,
-               targets: Iterable[str] | None = None, have: "Upstream | None" = None
-               ) -> tuple[dict[str, Stage], dict[str, dict]]:
+def run_stages(
+    spec: Spec,
+    data: GroupData,
+    cache: StageCache,
+    timer: Timer | None = None,
+    targets: Iterable[str] | None = None,
+    have: "Upstream | None" = None,
+) -> tuple[dict[str, Stage], dict[str, dict]]:
     """Compute (or reuse) `targets` and their inputs (every stage of `spec` when None): (stages, infos by name).
 
     Stages already in `have` under the same key are taken from it as they are. Every stage reads and
@@ -346,13 +416,13 @@ def run_stages(spec: Spec, data: GroupData, cache: StageCache, timer: Timer | No
 class Upstream:
     """What evaluation reads from the stages of one spec: their folders, their infos and the arrays."""
 
-    stages: dict[str, Stage]     # by stage name: key and folder
-    info: dict[str, dict]        # by stage name: its `done` record (ERM history, cluster sizes, ...)
-    val_features: np.ndarray     # (N_val, d) penultimate features of the ERM model (the heatmaps stage's)
-    test_features: np.ndarray    # (the features stage's)
-    val_logits: np.ndarray       # (N_val, n_classes)
+    stages: dict[str, Stage]  # by stage name: key and folder
+    info: dict[str, dict]  # by stage name: its `done` record (ERM history, cluster sizes, ...)
+    val_features: np.ndarray  # (N_val, d) penultimate features of the ERM model (the heatmaps stage's)
+    test_features: np.ndarray  # (the features stage's)
+    val_logits: np.ndarray  # (N_val, n_classes)
     test_logits: np.ndarray
-    pseudo: np.ndarray           # (N_val,) the clusters stage's groups (groups.source)
+    pseudo: np.ndarray  # (N_val,) the clusters stage's groups (groups.source)
 
     @cached_property
     def heatmaps(self) -> np.ndarray:
@@ -360,12 +430,19 @@ class Upstream:
         return HeatmapShards(self.stages["heatmaps"].dir).load()
 
 
-def compute_upstream(spec: Spec, data: GroupData, cache: StageCache, timer: Timer | None = None,
-                     have: Upstream | None = None) -> Upstream:
+def compute_upstream(
+    spec: Spec, data: GroupData, cache: StageCache, timer: Timer | None = None, have: Upstream | None = None
+) -> Upstream:
     """Every stage of `spec`, computed or reused (those in `have` taken as they are), with the arrays
     evaluation reads loaded."""
     stages, infos = run_stages(spec, data, cache, timer, have=have)
     feats, val = stages["features"].dir, HeatmapShards(stages["heatmaps"].dir)
-    return Upstream(stages, infos, val.features(), load_npy(feats / "test_features.npy"),
-                    val.logits(), load_npy(feats / "test_logits.npy"),
-                    load_npy(stages["clusters"].dir / "pseudo_groups.npy"))
+    return Upstream(
+        stages,
+        infos,
+        val.features(),
+        load_npy(feats / "test_features.npy"),
+        val.logits(),
+        load_npy(feats / "test_logits.npy"),
+        load_npy(stages["clusters"].dir / "pseudo_groups.npy"),
+    )

@@ -23,6 +23,7 @@ The IO helpers every module writes through live here too (the bottom of this fil
 (temp file + rename, a full disk named as `DiskFullError`), `write_json` / `read_json`, `save_npy` /
 `load_npy`, `save_npz` / `load_npz`, each taking a local path or a `Loc`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,7 +78,7 @@ class Loc:
         if not is_uri(s):
             from pyarrow import fs as pafs
 
-            p = s[len("file://"):] if s.startswith("file://") else s
+            p = s[len("file://") :] if s.startswith("file://") else s
             return cls(pafs.LocalFileSystem(), str(Path(p).expanduser().resolve()))
         from pyarrow import fs as pafs
         from pyarrow.lib import ArrowException
@@ -86,10 +87,12 @@ class Loc:
         try:
             fs, path = pafs.FileSystem.from_uri(s)
         except (ArrowException, ValueError, OSError) as e:
-            raise UserError(f"storage URI '{redact(s)}' cannot be used ({' '.join(str(e).split())[:200]}). "
-                            f"Give a local path, or a URI as Ray's storage_path takes it: "
-                            f"s3://BUCKET/PREFIX[?region=...&endpoint_override=HOST:PORT&scheme=http] or "
-                            f"gs://BUCKET/PREFIX") from None
+            raise UserError(
+                f"storage URI '{redact(s)}' cannot be used ({' '.join(str(e).split())[:200]}). "
+                f"Give a local path, or a URI as Ray's storage_path takes it: "
+                f"s3://BUCKET/PREFIX[?region=...&endpoint_override=HOST:PORT&scheme=http] or "
+                f"gs://BUCKET/PREFIX"
+            ) from None
         return cls(fs, path.rstrip("/"), parts.scheme, parts.query)
 
     # ------------------------------------------------------------------ path arithmetic
@@ -269,19 +272,39 @@ def _s3_credentials_given(loc: Loc) -> bool:
 
 def _probe_hint(low: str, loc: Loc) -> str:
     """What a failed probe of a storage root most likely means, from its lower-cased error text."""
-    unreachable = ("could not connect", "couldn't connect", "network_connection", "connection refused",
-                   "could not resolve", "couldn't resolve", "name or service not known", "timed out")
+    unreachable = (
+        "could not connect",
+        "couldn't connect",
+        "network_connection",
+        "connection refused",
+        "could not resolve",
+        "couldn't resolve",
+        "name or service not known",
+        "timed out",
+    )
     if "nosuchbucket" in low.replace(" ", "") or "bucket does not exist" in low or "no such bucket" in low:
         hint = f"the bucket does not exist; create it (aws s3 mb {loc.scheme}://{loc.path.split('/')[0]})"
     elif any(w in low for w in unreachable):  # before the credential words: a port number may hold "403"
         hint = "the endpoint does not answer; check endpoint_override/scheme and the network"
-    elif any(w in low for w in ("access denied", "accessdenied", "access_denied", "forbidden", "credential",
-                                "signature", "invalidaccesskeyid", "invalid_access_key")) \
-            or re.search(r"(?<![\d:])403(?!\d)", low):
+    elif any(
+        w in low
+        for w in (
+            "access denied",
+            "accessdenied",
+            "access_denied",
+            "forbidden",
+            "credential",
+            "signature",
+            "invalidaccesskeyid",
+            "invalid_access_key",
+        )
+    ) or re.search(r"(?<![\d:])403(?!\d)", low):
         hint = "the credentials are refused or may not write there; check the instance profile or AWS_* variables"
     elif loc.scheme == "s3" and not _s3_credentials_given(loc):
-        hint = ("no S3 credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
-                "or run on a node with an instance profile")
+        hint = (
+            "no S3 credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+            "or run on a node with an instance profile"
+        )
     elif any(w in low for w in ("connect", "resolve", "curl", "network", "refused", "timed out")):
         hint = "the endpoint does not answer; check endpoint_override/scheme and the network"
     else:
@@ -308,8 +331,10 @@ def check_root(where: str | os.PathLike, what: str = "--out", timeout: float = P
             with tempfile.TemporaryFile(dir=parent or Path.cwd(), prefix=".exmap-ray-probe-"):
                 pass
         except OSError as e:
-            raise UserError(f"{what} '{shown}' cannot be written ({e.strerror or e}); pick a folder you can "
-                            f"write, or a storage URI such as s3://BUCKET/PREFIX") from None
+            raise UserError(
+                f"{what} '{shown}' cannot be written ({e.strerror or e}); pick a folder you can "
+                f"write, or a storage URI such as s3://BUCKET/PREFIX"
+            ) from None
         return loc
     result: dict = {}
 
@@ -327,10 +352,12 @@ def check_root(where: str | os.PathLike, what: str = "--out", timeout: float = P
     t.start()
     t.join(timeout)
     if t.is_alive():
-        raise UserError(f"{what} '{shown}': no answer from the storage endpoint within {timeout:g} s. Check the "
-                        f"endpoint (endpoint_override), the network, and that credentials can be found "
-                        f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an instance profile, or "
-                        f"GOOGLE_APPLICATION_CREDENTIALS)")
+        raise UserError(
+            f"{what} '{shown}': no answer from the storage endpoint within {timeout:g} s. Check the "
+            f"endpoint (endpoint_override), the network, and that credentials can be found "
+            f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an instance profile, or "
+            f"GOOGLE_APPLICATION_CREDENTIALS)"
+        )
     if "error" in result:
         e = result["error"]
         msg = " ".join(str(e).split())[:300]
@@ -343,6 +370,7 @@ def check_root(where: str | os.PathLike, what: str = "--out", timeout: float = P
 
 
 # ── IO helpers: atomic writes and the json/npy formats, to a local path or a Loc ──────────────────
+
 
 class DiskFullError(UserError):
     """The filesystem ran out of space (or quota) while an artifact was being written."""
@@ -380,7 +408,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             f"disk full while writing '{path}' ({os.strerror(e.errno or errno.ENOSPC)}; "
             f"{'unknown' if free is None else f'{free / 2**20:.1f} MiB'} free on its filesystem). Free some space "
             f"or point --out/--cache at a bigger disk, then run again: the partial file was removed and its "
-            f"stage was not marked done, so nothing partial will be reused") from None
+            f"stage was not marked done, so nothing partial will be reused"
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

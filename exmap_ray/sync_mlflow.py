@@ -13,6 +13,7 @@ FINISHED and the marker is removed. Params and metrics the server already has ar
 A sweep's folder (sweep.json) syncs its parent run and then each trial's; a bench's folder
 (bench.json) syncs its one run: the spec and seeds as params, every row's mean and std, its files.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 
 def _read(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise UserError(f"{path} is missing: '{path.parent}' is not the output folder of a finished "
-                        f"`exmap-ray run` ({what})")
+        raise UserError(
+            f"{path} is missing: '{path.parent}' is not the output folder of a finished `exmap-ray run` ({what})"
+        )
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -50,8 +52,10 @@ def erm_history(out: Path, results: dict) -> list[dict]:
     for d in candidates:
         if (d / "history.json").is_file():
             return json.loads((d / "history.json").read_text())
-    log.warning("sync-mlflow: no ERM history.json found (looked in %s); per-epoch ERM metrics are not logged",
-                ", ".join(map(str, candidates)) or "nowhere: results.json names no ERM stage")
+    log.warning(
+        "sync-mlflow: no ERM history.json found (looked in %s); per-epoch ERM metrics are not logged",
+        ", ".join(map(str, candidates)) or "nowhere: results.json names no ERM stage",
+    )
     return []
 
 
@@ -87,17 +91,23 @@ def sync(out: Path, tracking_uri: str | None = None, parent_run_id: str | None =
 
 def _failed_midway(uri: str, e: Exception, pending_path) -> UserError:
     """The error when the server fails during a sync: the marker stays, so the sync can be run again."""
-    return UserError(f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
-                     f"{' '.join(str(e).split())[:300]}). {pending_path} is kept; run sync-mlflow again "
-                     f"when the server answers")
+    return UserError(
+        f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
+        f"{' '.join(str(e).split())[:300]}). {pending_path} is kept; run sync-mlflow again "
+        f"when the server answers"
+    )
 
 
 def _target(out: Path, pending: dict, spec: dict, tracking_uri: str | None) -> tuple[str, str]:
     """(URI, experiment) to sync to: the flag, else what the marker or OUT/tracking.json recorded."""
     info = json.loads((out / tracking.INFO).read_text()) if (out / tracking.INFO).is_file() else {}
     uri = tracking_uri or pending.get("uri") or info.get("uri") or tracking.default_uri(out)
-    experiment = (pending.get("experiment") or info.get("experiment")
-                  or (spec.get("tracking") or {}).get("experiment") or spec.get("name"))
+    experiment = (
+        pending.get("experiment")
+        or info.get("experiment")
+        or (spec.get("tracking") or {}).get("experiment")
+        or spec.get("name")
+    )
     return uri, experiment
 
 
@@ -115,8 +125,16 @@ def _existing_run(client, run_id: str | None):
     return run if run.info.lifecycle_stage == "active" else None
 
 
-def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, experiment: str, exp_id: str,
-             parent_run_id: str | None = None) -> dict:
+def _log_all(
+    out: Path,
+    results: dict,
+    spec: dict,
+    pending: dict,
+    uri: str,
+    experiment: str,
+    exp_id: str,
+    parent_run_id: str | None = None,
+) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -130,14 +148,19 @@ def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, expe
         active = mlflow.start_run(run_id=existing.info.run_id)
     else:
         tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None  # a sweep's trial stays nested
-        active = mlflow.start_run(experiment_id=exp_id, run_name=out.name if parent_run_id else spec.get("name"),
-                                  tags=tags)
+        active = mlflow.start_run(
+            experiment_id=exp_id, run_name=out.name if parent_run_id else spec.get("name"), tags=tags
+        )
         if run_id:
             log.info("sync-mlflow: run %s is not on %s; logging to a new run %s", run_id, uri, active.info.run_id)
     rid = active.info.run_id
     try:
-        mlflow.set_tags({"exmap_ray.synced_from": redact(str(out)),
-                         "exmap_ray.sync_reason": f"MLflow failed mid-run: {pending.get('failed', {}).get('call')}"})
+        mlflow.set_tags(
+            {
+                "exmap_ray.synced_from": redact(str(out)),
+                "exmap_ray.sync_reason": f"MLflow failed mid-run: {pending.get('failed', {}).get('call')}",
+            }
+        )
         params = {k: v for k, v in flatten(spec).items() if k not in have_params}
         tracking.log_flat_params(params)
 
@@ -176,8 +199,16 @@ def _log_all(out: Path, results: dict, spec: dict, pending: dict, uri: str, expe
     mlflow.end_run("FINISHED")
     (out / tracking.PENDING).unlink(missing_ok=True)
     tracking.write_info(out, uri=uri, experiment=experiment, run_id=rid)
-    return {"status": "synced", "out": str(out), "uri": uri, "run_id": rid, "resumed": existing is not None,
-            "params": len(params), "metrics": n_metrics, "artifacts": artifacts}
+    return {
+        "status": "synced",
+        "out": str(out),
+        "uri": uri,
+        "run_id": rid,
+        "resumed": existing is not None,
+        "params": len(params),
+        "metrics": n_metrics,
+        "artifacts": artifacts,
+    }
 
 
 def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
@@ -186,8 +217,10 @@ def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     state = _read(out / "sweep.json", "sweep.json is written when a sweep starts")
-    summary = _read(out / "summary.json", "summary.json is written when the sweep finishes; finish it first "
-                                          "with exmap-ray tune SPEC --out OUT --resume")
+    summary = _read(
+        out / "summary.json",
+        "summary.json is written when the sweep finishes; finish it first with exmap-ray tune SPEC --out OUT --resume",
+    )
     spec = _read(out / "spec.resolved.json", "spec.resolved.json is written when the sweep starts")
     pending_path = out / tracking.PENDING
     trials = sorted(p.parent for p in (out / "trials").glob(f"*/{tracking.PENDING}"))
@@ -200,14 +233,25 @@ def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
     exp_id = tracking.setup(uri, experiment, out)
     client = MlflowClient(uri)
     parent_id = state.get("parent_run_id")
-    done = {"status": "synced", "out": str(out), "uri": uri, "kind": "sweep", "params": 0, "metrics": 0,
-            "artifacts": [], "trials": []}
+    done = {
+        "status": "synced",
+        "out": str(out),
+        "uri": uri,
+        "kind": "sweep",
+        "params": 0,
+        "metrics": 0,
+        "artifacts": [],
+        "trials": [],
+    }
     try:
         existing = _existing_run(client, parent_id)
         done["resumed"] = existing is not None
         if pending_path.is_file() or existing is None:
-            active = (mlflow.start_run(run_id=existing.info.run_id) if existing else
-                      mlflow.start_run(experiment_id=exp_id, run_name=f"{spec.get('name')} sweep"))
+            active = (
+                mlflow.start_run(run_id=existing.info.run_id)
+                if existing
+                else mlflow.start_run(experiment_id=exp_id, run_name=f"{spec.get('name')} sweep")
+            )
             try:
                 have_params = dict(existing.data.params) if existing else {}
                 have_metrics = set(existing.data.metrics) if existing else set()
@@ -234,9 +278,11 @@ def sync_sweep(out: Path, tracking_uri: str | None = None) -> dict:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:300]}). The markers are kept; run sync-mlflow again "
-                        f"when the server answers") from None
+        raise UserError(
+            f"MLflow at '{uri}' failed during sync-mlflow ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]}). The markers are kept; run sync-mlflow again "
+            f"when the server answers"
+        ) from None
     done["run_id"] = parent_id
     for d in trials:  # each trial: its original child run completed, or a new one nested under the parent
         done["trials"].append(sync(d, uri, parent_run_id=parent_id))
@@ -264,13 +310,19 @@ def sync_bench(out: Path, tracking_uri: str | None = None) -> dict:
         existing = _existing_run(client, pending.get("run_id") or summary.get("mlflow_run_id"))
         have_params = dict(existing.data.params) if existing else {}
         have_metrics = set(existing.data.metrics) if existing else set()
-        active = (mlflow.start_run(run_id=existing.info.run_id) if existing else
-                  mlflow.start_run(experiment_id=exp_id, run_name=f"{spec.get('name', out.name)} bench"))
+        active = (
+            mlflow.start_run(run_id=existing.info.run_id)
+            if existing
+            else mlflow.start_run(experiment_id=exp_id, run_name=f"{spec.get('name', out.name)} bench")
+        )
         rid = active.info.run_id
         try:
-            mlflow.set_tags({"exmap_ray.synced_from": redact(str(out)),
-                             "exmap_ray.sync_reason":
-                                 f"MLflow failed mid-bench: {pending.get('failed', {}).get('call')}"})
+            mlflow.set_tags(
+                {
+                    "exmap_ray.synced_from": redact(str(out)),
+                    "exmap_ray.sync_reason": f"MLflow failed mid-bench: {pending.get('failed', {}).get('call')}",
+                }
+            )
             params = tracking.bench_params(spec, summary.get("seeds")) if spec else {}
             params = {k: v for k, v in params.items() if k not in have_params}
             tracking.log_flat_params(params)
@@ -293,5 +345,14 @@ def sync_bench(out: Path, tracking_uri: str | None = None) -> dict:
         raise _failed_midway(uri, e, pending_path) from None
     pending_path.unlink(missing_ok=True)
     tracking.write_info(out, uri=uri, experiment=experiment, run_id=rid)
-    return {"status": "synced", "out": str(out), "uri": uri, "kind": "bench", "run_id": rid,
-            "resumed": existing is not None, "params": len(params), "metrics": len(metrics), "artifacts": artifacts}
+    return {
+        "status": "synced",
+        "out": str(out),
+        "uri": uri,
+        "kind": "bench",
+        "run_id": rid,
+        "resumed": existing is not None,
+        "params": len(params),
+        "metrics": len(metrics),
+        "artifacts": artifacts,
+    }

@@ -7,6 +7,7 @@ mid-run does not stop it: `Tracker` stops calling MLflow after the first failure
 OUT/mlflow_pending.json; `exmap-ray sync-mlflow OUT` (see sync_mlflow.py) uploads later.
 OUT/tracking.json records the URI, experiment and run id a run used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 # MLflow 3 sends usage telemetry to its own servers unless told not to: a run's only network traffic should
 # be to the tracking URI the user chose (set before mlflow is imported; a user's own setting wins)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-PENDING = "mlflow_pending.json"   # OUT/<this>: what a run could not log; removed by sync-mlflow
-INFO = "tracking.json"            # OUT/<this>: the URI, experiment and run id a run used
+PENDING = "mlflow_pending.json"  # OUT/<this>: what a run could not log; removed by sync-mlflow
+INFO = "tracking.json"  # OUT/<this>: the URI, experiment and run id a run used
 # files in OUT logged as MLflow artifacts, by run_pipeline or later by sync-mlflow
 ARTIFACTS = ("results.json", "spec.resolved.json", "group_accuracy.png", "heatmaps_by_pseudo_group.png")
 # files in a sweep's OUT logged to its parent run, by run_sweep or later by sync-mlflow
@@ -33,8 +34,11 @@ BENCH_ARTIFACTS = ("bench.md", "bench.csv", "bench.json", "bench_wga.png", "spec
 
 # MLflow's own defaults (7 retries with exponential backoff, 120 s timeout) stall a run for
 # minutes on a dead server; these are set only where the user has not set them.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 def http_defaults() -> None:
@@ -55,8 +59,9 @@ def probe(uri: str | None, out: Path | None = None, timeout: float = 10.0) -> No
 
     try:
         # MLflow's light health endpoint; any HTTP answer counts, so other servers are fine too
-        urllib.request.urlopen(urllib.request.Request(uri.rstrip("/") + "/health", method="GET"),
-                               timeout=timeout).close()
+        urllib.request.urlopen(
+            urllib.request.Request(uri.rstrip("/") + "/health", method="GET"), timeout=timeout
+        ).close()
         return
     except urllib.error.HTTPError:
         return  # the server answered
@@ -72,8 +77,11 @@ def probe(uri: str | None, out: Path | None = None, timeout: float = 10.0) -> No
         local = default_uri(out) if out is not None else "sqlite:///OUT/mlflow.db"
     except UserError:  # a storage-URI OUT has no local default: a server is the only way
         local = None
-    fix = (f"Start the server, or drop --tracking-uri (and spec key tracking.uri) to log to the local default "
-           f"{local}" if local else "Start the server, and give an address every node of the cluster can reach")
+    fix = (
+        f"Start the server, or drop --tracking-uri (and spec key tracking.uri) to log to the local default {local}"
+        if local
+        else "Start the server, and give an address every node of the cluster can reach"
+    )
     raise UserError(f"MLflow tracking server '{uri}' is unreachable ({why}; waited at most {timeout:g} s). {fix}")
 
 
@@ -83,9 +91,11 @@ def default_uri(out) -> str:
 
     loc = Loc.parse(out)
     if not loc.is_local:
-        raise UserError(f"--out '{redact(str(loc))}' is a storage URI, so MLflow needs a tracking server that every "
-                        f"node can reach: give --tracking-uri http://HEAD:5000 (or spec key tracking.uri). A "
-                        f"SQLite file on one machine cannot take the trials' runs from other nodes")
+        raise UserError(
+            f"--out '{redact(str(loc))}' is a storage URI, so MLflow needs a tracking server that every "
+            f"node can reach: give --tracking-uri http://HEAD:5000 (or spec key tracking.uri). A "
+            f"SQLite file on one machine cannot take the trials' runs from other nodes"
+        )
     return f"sqlite:///{loc.path}/mlflow.db"
 
 
@@ -120,8 +130,10 @@ def setup(uri: str, experiment: str, out: Path) -> str:
         # (a server keeps its own artifact location: mlflow server --artifacts-destination s3://... on a cluster)
         return mlflow.create_experiment(experiment, artifact_location=location)
     except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
-        raise UserError(f"MLflow tracking URI '{uri}' cannot be used ({type(e).__name__}: {str(e)[:200]}). "
-                        f"Drop --tracking-uri to use the local default sqlite:///OUT/mlflow.db") from None
+        raise UserError(
+            f"MLflow tracking URI '{uri}' cannot be used ({type(e).__name__}: {str(e)[:200]}). "
+            f"Drop --tracking-uri to use the local default sqlite:///OUT/mlflow.db"
+        ) from None
 
 
 def log_flat_params(params: dict) -> None:
@@ -129,7 +141,7 @@ def log_flat_params(params: dict) -> None:
 
     items = [(k, "null" if v is None else str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i:i + 100]))
+        mlflow.log_params(dict(items[i : i + 100]))
 
 
 def log_metrics(metrics: dict, prefix: str = "", step: int | None = None) -> None:
@@ -164,15 +176,18 @@ def sweep_metrics(summary: dict) -> dict:
     m = {}
     for tag, row in (("label_free", summary.get("label_free_choice")), ("oracle", summary.get("oracle_choice"))):
         if row:
-            m.update({f"{tag}_choice.test_worst_group_acc": row["test_worst_group_acc"],
-                      f"{tag}_choice.selection_metric": row["selection_metric"]})
+            m.update(
+                {
+                    f"{tag}_choice.test_worst_group_acc": row["test_worst_group_acc"],
+                    f"{tag}_choice.selection_metric": row["selection_metric"],
+                }
+            )
     return m
 
 
 def bench_metrics(rows: list[dict]) -> dict:
     """A bench run's metrics (run_bench, sync-mlflow): every row's mean and std, under the row's name."""
-    return {metric_name(r["row"]).replace(" ", "_"): {k: v for k, v in r.items() if isinstance(v, float)}
-            for r in rows}
+    return {metric_name(r["row"]).replace(" ", "_"): {k: v for k, v in r.items() if isinstance(v, float)} for r in rows}
 
 
 def bench_params(spec: dict, seeds: list) -> dict:
@@ -236,13 +251,31 @@ class Tracker:
         import time
 
         self.failure = {"call": what, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
-        write_json(self.out / PENDING, {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id,
-                                        "failed": self.failure, "time": time.time()})
-        how = (f"upload them later with: exmap-ray sync-mlflow {self.out}" if self.later == "sync-mlflow" else
-               "to log them, run the same command again once the server is back (with the same --cache its "
-               "stages are reused)")
-        log.warning("MLflow at %s became unreachable (%s failed: %s). The run goes on without MLflow and "
-                    "keeps every result in %s; %s", self.uri, what, self.failure["error"][:200], self.out, how)
+        write_json(
+            self.out / PENDING,
+            {
+                "uri": self.uri,
+                "experiment": self.experiment,
+                "run_id": self.run_id,
+                "failed": self.failure,
+                "time": time.time(),
+            },
+        )
+        how = (
+            f"upload them later with: exmap-ray sync-mlflow {self.out}"
+            if self.later == "sync-mlflow"
+            else "to log them, run the same command again once the server is back (with the same --cache its "
+            "stages are reused)"
+        )
+        log.warning(
+            "MLflow at %s became unreachable (%s failed: %s). The run goes on without MLflow and "
+            "keeps every result in %s; %s",
+            self.uri,
+            what,
+            self.failure["error"][:200],
+            self.out,
+            how,
+        )
 
     @contextmanager
     def run(self, **start_kwargs):

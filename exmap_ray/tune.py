@@ -13,6 +13,7 @@
   never used to choose: the summary names both the label-free choice and the
   choice an oracle with true val groups would make, with both test WGAs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,29 +47,55 @@ log = logging.getLogger(__name__)
 ORACLE_METRIC = "oracle_val_worst_group_acc"
 SWEEP_METRIC = "sweep_worst_pseudo_group_acc"  # needs every trial: computed in the summary
 ATTEMPT_TAG = "exmap_ray.sweep_attempt"  # on a trial's MLflow run: which driver process started the trial
-COLUMNS = ["trial", "status", "selection_metric", "selection_se", SWEEP_METRIC, "val_worst_pseudo_group_acc",
-           "val_worst_class_acc", ORACLE_METRIC, "test_worst_group_acc", "test_mean_acc", "n_groups", "ari",
-           "worst_recovery", "k_chosen"]
+COLUMNS = [
+    "trial",
+    "status",
+    "selection_metric",
+    "selection_se",
+    SWEEP_METRIC,
+    "val_worst_pseudo_group_acc",
+    "val_worst_class_acc",
+    ORACLE_METRIC,
+    "test_worst_group_acc",
+    "test_mean_acc",
+    "n_groups",
+    "ari",
+    "worst_recovery",
+    "k_chosen",
+]
 
 
 def trial_metrics(res: dict, metric: str) -> dict:
     e = res["robust"]
-    m = {"val_worst_pseudo_group_acc": e["val"]["worst_pseudo_group_acc"],
-         "val_worst_class_acc": e["val"]["worst_class_acc"],
-         ORACLE_METRIC: e["val"]["oracle_worst_group_acc"],
-         "test_worst_group_acc": e["test"]["worst_group_acc"], "test_mean_acc": e["test"]["mean_acc"],
-         "erm_test_worst_group_acc": res["erm"]["test"]["worst_group_acc"],
-         "oracle_dfr_test_worst_group_acc": res["oracle_dfr"]["test"]["worst_group_acc"],
-         "n_groups": e["n_groups"], "ari": e["ari"], "worst_recovery": e["worst_recovery"],
-         "k_chosen": "/".join(str(k) for k in e["k_chosen"].values()),
-         "selection_file": e["selection_file"]}
+    m = {
+        "val_worst_pseudo_group_acc": e["val"]["worst_pseudo_group_acc"],
+        "val_worst_class_acc": e["val"]["worst_class_acc"],
+        ORACLE_METRIC: e["val"]["oracle_worst_group_acc"],
+        "test_worst_group_acc": e["test"]["worst_group_acc"],
+        "test_mean_acc": e["test"]["mean_acc"],
+        "erm_test_worst_group_acc": res["erm"]["test"]["worst_group_acc"],
+        "oracle_dfr_test_worst_group_acc": res["oracle_dfr"]["test"]["worst_group_acc"],
+        "n_groups": e["n_groups"],
+        "ari": e["ari"],
+        "worst_recovery": e["worst_recovery"],
+        "k_chosen": "/".join(str(k) for k in e["k_chosen"].values()),
+        "selection_file": e["selection_file"],
+    }
     # in flight (for Tune's search algorithms) the sweep metric is proxied by the trial's own groups
     m["selection_metric"] = m["val_worst_pseudo_group_acc" if metric == SWEEP_METRIC else metric]
     return m
 
 
-def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, parent_run_id: str,
-              domains: tuple[Domain, ...] = (), attempt: str = "") -> None:
+def run_trial(
+    config: dict,
+    base: dict,
+    root: str,
+    cache_dir: str,
+    uri: str,
+    parent_run_id: str,
+    domains: tuple[Domain, ...] = (),
+    attempt: str = "",
+) -> None:
     """One Tune trial: the base spec plus this trial's values, run through the pipeline.
 
     `root` and `cache_dir` are storage-root strings (local path or URI): the trial may run on any node.
@@ -94,9 +121,16 @@ def run_trial(config: dict, base: dict, root: str, cache_dir: str, uri: str, par
         # it searches their keys (an untrained model just for that check costs a process seconds of imports)
         searched = {d.key.partition(".")[0] for d in domains}
         data = preflight(spec, check_model=bool(searched & {"model", "heatmaps"}))
-        res = run_pipeline(spec, Loc.parse(root) / "trials" / name, Loc.parse(cache_dir), uri, data=data,
-                           parent_run_id=parent_run_id, run_name=name,
-                           run_tags={ATTEMPT_TAG: attempt} if attempt else None)
+        res = run_pipeline(
+            spec,
+            Loc.parse(root) / "trials" / name,
+            Loc.parse(cache_dir),
+            uri,
+            data=data,
+            parent_run_id=parent_run_id,
+            run_name=name,
+            run_tags={ATTEMPT_TAG: attempt} if attempt else None,
+        )
         res["trial"] = name
         write_json(done, res)  # after the MLflow run has ended: the trial counts as done only now
     metrics = trial_metrics(res, spec.search.metric)
@@ -115,14 +149,21 @@ def _search_alg(spec: Spec):
         if algo == "optuna":
             import optuna
             from ray.tune.search.optuna import OptunaSearch
-            return OptunaSearch(metric="selection_metric", mode="max",
-                                sampler=optuna.samplers.TPESampler(seed=stage_seed(spec.seed, "search")))
+
+            return OptunaSearch(
+                metric="selection_metric",
+                mode="max",
+                sampler=optuna.samplers.TPESampler(seed=stage_seed(spec.seed, "search")),
+            )
         from ray.tune.search.hyperopt import HyperOptSearch
-        return HyperOptSearch(metric="selection_metric", mode="max",
-                              random_state_seed=stage_seed(spec.seed, "search") % 2**32)
+
+        return HyperOptSearch(
+            metric="selection_metric", mode="max", random_state_seed=stage_seed(spec.seed, "search") % 2**32
+        )
     except (ImportError, AssertionError) as e:
-        raise UserError(f"search.algorithm '{algo}' needs its package: pip install {algo} "
-                        f"(or pip install 'exmap-ray[search]'); {e}") from None
+        raise UserError(
+            f"search.algorithm '{algo}' needs its package: pip install {algo} (or pip install 'exmap-ray[search]'); {e}"
+        ) from None
 
 
 def trial_printer(planned: int, domains):
@@ -180,8 +221,7 @@ def trial_printer(planned: int, domains):
     return TrialPrinter()
 
 
-def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
-              resume: bool = False) -> dict:
+def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None, resume: bool = False) -> dict:
     """`out`, `cache_dir`: local paths or storage URIs. Tune's own tables reach the console only under
     `-v` (console.py); its place, a line per ended trial."""
     import mlflow
@@ -207,8 +247,9 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
     state = read_json(state_path) if resume else {}
     # every parent-run MLflow call goes through `tracker`: a server lost mid-sweep stops the logging, not the
     # sweep (trials have their own trackers); `exmap-ray sync-mlflow OUT` uploads the parent and the trials later
-    with tracker.run(experiment_id=job.exp_id, run_id=state.get("parent_run_id"),
-                     run_name=None if resume else f"{spec.name} sweep"):
+    with tracker.run(
+        experiment_id=job.exp_id, run_id=state.get("parent_run_id"), run_name=None if resume else f"{spec.name} sweep"
+    ):
         parent_id = tracker.run_id or state.get("parent_run_id")
         write_json(out / "spec.resolved.json", spec.to_dict())
         # one id per driver process: the trials it starts tag their MLflow runs with it
@@ -216,8 +257,9 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
         if resume:
             tracker.call("search_runs", _mark_killed_children, parent_id)
         else:
-            tracker.call("log_params", tracking.log_flat_params,
-                         {k: v for k, v in spec.flat().items() if k != "search.space"})
+            tracker.call(
+                "log_params", tracking.log_flat_params, {k: v for k, v in spec.flat().items() if k != "search.space"}
+            )
             tracker.call("log_dict", mlflow.log_dict, spec.search.space, "search_space.json")
             write_json(state_path, {"parent_run_id": parent_id, "storage": str(storage), "planned": planned})
         # the upstream all trials share (stages no searched key changes) is computed here, once, before
@@ -226,35 +268,61 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
         if shared:
             log.info("sweep: computing the shared upstream (%s) once, before the trials", ", ".join(shared))
             run_stages(spec, data, job.cache, timer, targets=shared)
-        log.info("sweep: %d trial(s) over %s, at most %d at once, selected by %s", planned,
-                 ", ".join(d.key for d in domains), spec.search.max_concurrent_trials, spec.search.metric)
+        log.info(
+            "sweep: %d trial(s) over %s, at most %d at once, selected by %s",
+            planned,
+            ", ".join(d.key for d in domains),
+            spec.search.max_concurrent_trials,
+            spec.search.metric,
+        )
         base = spec.to_dict()
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=base, root=str(out), cache_dir=str(job.cache.root), uri=uri,
-                                 parent_run_id=parent_id, domains=tuple(domains), attempt=attempt),
-            {"cpu": spec.search.trial_cpus, "gpu": spec.search.trial_gpus})
+            tune.with_parameters(
+                run_trial,
+                base=base,
+                root=str(out),
+                cache_dir=str(job.cache.root),
+                uri=uri,
+                parent_run_id=parent_id,
+                domains=tuple(domains),
+                attempt=attempt,
+            ),
+            {"cpu": spec.search.trial_cpus, "gpu": spec.search.trial_gpus},
+        )
         experiment = storage / "sweep"
         if resume and tune.Tuner.can_restore(experiment.fs_path, storage_filesystem=storage.fs):
-            tuner = tune.Tuner.restore(experiment.fs_path, trainable=trainable, resume_errored=True,
-                                       storage_filesystem=storage.fs)
+            tuner = tune.Tuner.restore(
+                experiment.fs_path, trainable=trainable, resume_errored=True, storage_filesystem=storage.fs
+            )
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space={d.tune_key: d.tune() for d in domains},
-                tune_config=tune.TuneConfig(metric="selection_metric", mode="max", num_samples=spec.search.num_samples,
-                                            max_concurrent_trials=spec.search.max_concurrent_trials,
-                                            search_alg=_search_alg(spec),
-                                            # a finished trial's process runs the next trial: torch, MLflow's
-                                            # store and the data are set up once per process, not per trial
-                                            reuse_actors=True),
-                run_config=tune.RunConfig(name="sweep", storage_path=storage.fs_path, storage_filesystem=storage.fs,
-                                          failure_config=tune.FailureConfig(
-                                              max_failures=spec.search.max_failures),
-                                          callbacks=[trial_printer(planned, domains)]))
+                tune_config=tune.TuneConfig(
+                    metric="selection_metric",
+                    mode="max",
+                    num_samples=spec.search.num_samples,
+                    max_concurrent_trials=spec.search.max_concurrent_trials,
+                    search_alg=_search_alg(spec),
+                    # a finished trial's process runs the next trial: torch, MLflow's
+                    # store and the data are set up once per process, not per trial
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name="sweep",
+                    storage_path=storage.fs_path,
+                    storage_filesystem=storage.fs,
+                    failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                    callbacks=[trial_printer(planned, domains)],
+                ),
+            )
         # Tune prints its tables and experiment box to stdout whatever `verbose` says (and a restored sweep
         # keeps its first run's verbosity): off unless -v; warnings and errors go to stderr and still show
-        with timer("trials"), open(os.devnull, "w") as devnull, \
-                contextlib.nullcontext() if console.verbose() else contextlib.redirect_stdout(devnull):
+        with (
+            timer("trials"),
+            open(os.devnull, "w") as devnull,
+            contextlib.nullcontext() if console.verbose() else contextlib.redirect_stdout(devnull),
+        ):
             grid = tuner.fit()
         if resume:
             # a trial process of the interrupted sweep can outlive its driver by seconds and start its MLflow
@@ -263,8 +331,12 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None,
             tracker.call("search_runs", _mark_killed_children, parent_id, attempt)
         rows = collect_rows(grid, domains)
         summary = summarize(rows, domains, spec, out)
-        summary.update(timings_s=timer.seconds, mlflow_parent_run_id=parent_id, planned_trials=planned,
-                       cache_records=len(job.cache.records()))
+        summary.update(
+            timings_s=timer.seconds,
+            mlflow_parent_run_id=parent_id,
+            planned_trials=planned,
+            cache_records=len(job.cache.records()),
+        )
         summary["mlflow_pending"] = pending_folders(out)
         write_json(out / "summary.json", summary)
         log_sweep_summary(tracker, out, summary)
@@ -288,17 +360,21 @@ def check_trial_gpus(spec: Spec, searched: list[str]) -> None:
     if share <= 0:
         return
     if spec.resources.gpu is not True:
-        raise SpecError(f"spec key 'search.trial_gpus': {share:g}, but resources.gpu resolved to false (the "
-                        f"cluster has no GPU): trials would wait for ever for GPUs. Use search.trial_gpus: "
-                        f"0, or give the run GPUs (resources.gpu true, or auto with "
-                        f"resources.autoscale_wait_s)")
+        raise SpecError(
+            f"spec key 'search.trial_gpus': {share:g}, but resources.gpu resolved to false (the "
+            f"cluster has no GPU): trials would wait for ever for GPUs. Use search.trial_gpus: "
+            f"0, or give the run GPUs (resources.gpu true, or auto with "
+            f"resources.autoscale_wait_s)"
+        )
     if "erm" not in shared_stages(spec, searched):
         erm_keys = [k for k in searched if changes("erm", k)]
-        raise SpecError(f"spec key 'search.trial_gpus': {share:g} with searched keys that change ERM "
-                        f"({', '.join(erm_keys)}): each trial would train ERM on Ray Train workers that need "
-                        f"GPUs of their own while the trials hold theirs, which can wait for ever. Use "
-                        f"search.trial_gpus: 0 for this sweep (its trials then ask Ray for each GPU "
-                        f"stage's GPU)")
+        raise SpecError(
+            f"spec key 'search.trial_gpus': {share:g} with searched keys that change ERM "
+            f"({', '.join(erm_keys)}): each trial would train ERM on Ray Train workers that need "
+            f"GPUs of their own while the trials hold theirs, which can wait for ever. Use "
+            f"search.trial_gpus: 0 for this sweep (its trials then ask Ray for each GPU "
+            f"stage's GPU)"
+        )
 
 
 def pending_folders(out) -> list[str]:
@@ -342,8 +418,11 @@ def collect_rows(grid, domains) -> list[dict]:
         if r.error:
             row.update(status="ERROR", error=f"{type(r.error).__name__}: {str(r.error).splitlines()[-1][:300]}")
         else:
-            row.update(status="OK", selection_file=r.metrics.get("selection_file"),
-                       **{k: r.metrics.get(k) for k in COLUMNS if k not in ("trial", "status")})
+            row.update(
+                status="OK",
+                selection_file=r.metrics.get("selection_file"),
+                **{k: r.metrics.get(k) for k in COLUMNS if k not in ("trial", "status")},
+            )
         rows.append(row)
     return sorted(rows, key=lambda x: x["trial"])
 
@@ -365,16 +444,22 @@ def choose(rows: list[dict], select: str) -> dict | None:
     se = best.get("selection_se") if best else None
     if best is None or select == "best" or se is None or math.isnan(se):
         return best
-    band = [r for r in rows if r["status"] == "OK" and r.get("selection_metric") is not None
-            and r["selection_metric"] >= best["selection_metric"] - se]
+    band = [
+        r
+        for r in rows
+        if r["status"] == "OK"
+        and r.get("selection_metric") is not None
+        and r["selection_metric"] >= best["selection_metric"] - se
+    ]
     return min(band, key=lambda r: (r.get("n_groups") or math.inf, -r["selection_metric"], r["trial"]))
 
 
 def add_sweep_metric(rows: list[dict], metric: str, se: str = "binomial") -> None:
     """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only),
     and the standard error of each trial's selection metric (`se`: binomial or halves)."""
-    ok = [r for r in rows if r["status"] == "OK" and r.get("selection_file")
-          and Loc.parse(r["selection_file"]).exists()]  # a path or a URI under the storage root
+    ok = [
+        r for r in rows if r["status"] == "OK" and r.get("selection_file") and Loc.parse(r["selection_file"]).exists()
+    ]  # a path or a URI under the storage root
     score_trials(ok, {r["trial"]: load_npz(r["selection_file"]) for r in ok}, metric, se)
 
 
@@ -392,8 +477,9 @@ def score_trials(ok: list[dict], loaded: dict, metric: str, se: str = "binomial"
         groupings = prepare_groupings([loaded[r["trial"]]["pseudo_groups"] for r in group])
         for r in group:
             d = loaded[r["trial"]]
-            r[SWEEP_METRIC], halves, sizes = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"],
-                                                                         d["y"], groupings)
+            r[SWEEP_METRIC], halves, sizes = worst_over_groupings_halves(
+                d["heldout_idx"], d["heldout_pred"], d["y"], groupings
+            )
             if metric == SWEEP_METRIC:
                 r["selection_metric"] = r[SWEEP_METRIC]
             else:  # the noise of the trial's own metric: its own pseudo groups, or the classes
@@ -416,18 +502,30 @@ def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
 
-    rule = (f"the fewest pseudo groups within one standard error (`search.se: {spec.search.se}`) of the best "
-            f"score" if spec.search.select == "one_se" else "the best score")
-    md = [f"# Sweep summary: {spec.name}", "",
-          f"Selection metric (label-free): `{spec.search.metric}`, choosing {rule} (`search.select: "
-          f"{spec.search.select}`). Oracle column: worst *true*-group accuracy on the same held-out val halves, "
-          f"shown for analysis only.", ""]
-    for title, row in (("Label-free choice", chosen), ("Highest label-free score", top if top is not chosen else None),
-                       ("Oracle choice (true val groups)", oracle)):
+    rule = (
+        f"the fewest pseudo groups within one standard error (`search.se: {spec.search.se}`) of the best score"
+        if spec.search.select == "one_se"
+        else "the best score"
+    )
+    md = [
+        f"# Sweep summary: {spec.name}",
+        "",
+        f"Selection metric (label-free): `{spec.search.metric}`, choosing {rule} (`search.select: "
+        f"{spec.search.select}`). Oracle column: worst *true*-group accuracy on the same held-out val halves, "
+        f"shown for analysis only.",
+        "",
+    ]
+    for title, row in (
+        ("Label-free choice", chosen),
+        ("Highest label-free score", top if top is not chosen else None),
+        ("Oracle choice (true val groups)", oracle),
+    ):
         if row:
-            md.append(f"- **{title}**: `{row['trial']}` "
-                      + ", ".join(f"{d.key}={row.get('config.' + d.key)}" for d in domains)
-                      + f" -> test WGA **{row['test_worst_group_acc']:.3f}**, test mean acc {row['test_mean_acc']:.3f}")
+            md.append(
+                f"- **{title}**: `{row['trial']}` "
+                + ", ".join(f"{d.key}={row.get('config.' + d.key)}" for d in domains)
+                + f" -> test WGA **{row['test_worst_group_acc']:.3f}**, test mean acc {row['test_mean_acc']:.3f}"
+            )
     md += ["", "| " + " | ".join(c.removeprefix("config.") for c in cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     (out / "summary.md").write_text("\n".join(md) + "\n")  # out: a storage Loc
@@ -438,26 +536,39 @@ def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
         if any(d.key == "clustering.k" for d in domains):
             plots.wga_vs_k(ok, out / "wga_vs_k.png")
     failed = [r for r in rows if r["status"] != "OK"]
-    return {"label_free_choice": chosen, "label_free_top": top, "select": spec.search.select, "se": spec.search.se,
-            "oracle_choice": oracle, "n_trials": len(rows), "n_failed": len(failed),
-            "failed": failed, "rows": rows,
-            "gap_to_oracle": (oracle["test_worst_group_acc"] - chosen["test_worst_group_acc"])
-            if chosen and oracle else None}
+    return {
+        "label_free_choice": chosen,
+        "label_free_top": top,
+        "select": spec.search.select,
+        "se": spec.search.se,
+        "oracle_choice": oracle,
+        "n_trials": len(rows),
+        "n_failed": len(failed),
+        "failed": failed,
+        "rows": rows,
+        "gap_to_oracle": (oracle["test_worst_group_acc"] - chosen["test_worst_group_acc"])
+        if chosen and oracle
+        else None,
+    }
 
 
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['n_trials']} trial(s), {summary['n_failed']} failed"]
-    for title, key in (("label-free choice", "label_free_choice"), ("highest score   ", "label_free_top"),
-                       ("oracle choice   ", "oracle_choice")):
+    for title, key in (
+        ("label-free choice", "label_free_choice"),
+        ("highest score   ", "label_free_top"),
+        ("oracle choice   ", "oracle_choice"),
+    ):
         r = summary.get(key)
         if r and not (key == "label_free_top" and r is summary["label_free_choice"]):
             cfg = ", ".join(f"{k.removeprefix('config.')}={v}" for k, v in r.items() if k.startswith("config."))
-            lines.append(f"{title}: {r['trial']} ({cfg}): selection metric {r['selection_metric']:.3f}, "
-                         f"test WGA {r['test_worst_group_acc']:.3f}, test mean acc {r['test_mean_acc']:.3f}")
+            lines.append(
+                f"{title}: {r['trial']} ({cfg}): selection metric {r['selection_metric']:.3f}, "
+                f"test WGA {r['test_worst_group_acc']:.3f}, test mean acc {r['test_mean_acc']:.3f}"
+            )
     for r in summary["failed"]:
         lines.append(f"FAILED {r['trial']}: {r.get('error')}")
     return "\n".join(lines)
-
 
 
 def _check_searched_keys(out: Loc, domains: list[Domain]) -> None:
@@ -472,7 +583,9 @@ def _check_searched_keys(out: Loc, domains: list[Domain]) -> None:
     old = flatten_space((read_json(saved).get("search") or {}).get("space") or {})
     moved = sorted(k for k in old if k in MOVED)
     if moved:
-        raise UserError(f"--resume: the sweep in '{out}' searched {', '.join(moved)}, which moved "
-                        f"({'; '.join(f'{k} -> {MOVED[k]}' for k in moved)}); Tune would restore its trials "
-                        f"under the old names. Start it again under another --out with the same --cache: every "
-                        f"cached stage is reused")
+        raise UserError(
+            f"--resume: the sweep in '{out}' searched {', '.join(moved)}, which moved "
+            f"({'; '.join(f'{k} -> {MOVED[k]}' for k in moved)}); Tune would restore its trials "
+            f"under the old names. Start it again under another --out with the same --cache: every "
+            f"cached stage is reused"
+        )

@@ -3,6 +3,7 @@
 Everything here is real (Ray, MLflow on SQLite, FAISS, timm); tests stay fast
 through tiny data and the 370k-parameter `test_resnet`, not through fakes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -110,8 +111,9 @@ def tiny_spec():
     return from_dict(tiny_spec_dict())
 
 
-def make_folder_dataset(root: Path, per_group: int = 6, size: int = 32, seed: int = 0,
-                        spurious_col: str = "place") -> Path:
+def make_folder_dataset(
+    root: Path, per_group: int = 6, size: int = 32, seed: int = 0, spurious_col: str = "place"
+) -> Path:
     """A group_DRO-layout dataset of real PNGs: class = shape (square / bar), spurious = background tint."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -123,9 +125,9 @@ def make_folder_dataset(root: Path, per_group: int = 6, size: int = 32, seed: in
                     img = np.zeros((size, size, 3), np.uint8)
                     img[..., 2 if s else 0] = 80 + rng.integers(0, 40)
                     if y:
-                        img[size // 4: 3 * size // 4, size // 2 - 2: size // 2 + 2] = 255
+                        img[size // 4 : 3 * size // 4, size // 2 - 2 : size // 2 + 2] = 255
                     else:
-                        img[size // 3: 2 * size // 3, size // 3: 2 * size // 3] = 255
+                        img[size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 255
                     name = f"imgs/s{split}_y{y}_p{s}_{i}.png"
                     (root / "imgs").mkdir(exist_ok=True)
                     Image.fromarray(img).save(root / name)
@@ -168,7 +170,7 @@ def _machine_lock(exclusive: bool):
 
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     with open(locks[0], "a") as intent, open(locks[1], "a") as machine:
-        fcntl.flock(intent, mode)    # shared: waits while the cluster is in line for the machine
+        fcntl.flock(intent, mode)  # shared: waits while the cluster is in line for the machine
         fcntl.flock(machine, mode)
         fcntl.flock(intent, fcntl.LOCK_UN)
         try:

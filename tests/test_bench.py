@@ -1,4 +1,5 @@
 """The method zoo end to end: cmnist_multi, per-shortcut gaps, `bench`, and baselines through `run`."""
+
 import csv
 import json
 import os
@@ -19,8 +20,18 @@ from .conftest import tiny_spec_dict
 
 
 def test_cmnist_multi_has_two_shortcuts_and_eight_groups():
-    spec = from_dict({"dataset": {"name": "cmnist_multi", "rho": 0.95, "rho_patch": 0.9,
-                                  "n_train": 600, "n_val": 400, "n_test": 400}})
+    spec = from_dict(
+        {
+            "dataset": {
+                "name": "cmnist_multi",
+                "rho": 0.95,
+                "rho_patch": 0.9,
+                "n_train": 600,
+                "n_val": 400,
+                "n_test": 400,
+            }
+        }
+    )
     d = build_dataset(spec.dataset, 0)
     assert d.n_groups == 8 and len(d.group_names) == 8
     for split in ("train", "val", "test"):
@@ -45,16 +56,22 @@ def test_shortcut_gaps_by_hand():
     assert g["id_acc"] == 1.0 and g["bg_gap"] == -1.0 and g["obj_gap"] == -1.0 and g["bg+obj_gap"] == 0.0
 
 
-E2E = {"n_select_repeats": 2, "groupdro": {"epochs": 5, "batch_size": 32},
-       "end_to_end": {"lr": 0.05, "epochs": 2, "batch_size": 32}}
+E2E = {
+    "n_select_repeats": 2,
+    "groupdro": {"epochs": 5, "batch_size": 32},
+    "end_to_end": {"lr": 0.05, "epochs": 2, "batch_size": 32},
+}
 
 
 def test_run_with_end_to_end_groupdro(tiny_run, tmp_path):
     """retrain.mode end_to_end through `run`: a cached stage that fine-tunes a copy of the ERM network."""
     cache = tiny_run[0] / "cache"
     before = len(StageCache(cache).records())
-    spec = from_dict(tiny_spec_dict(retrain={**E2E, "method": "groupdro", "mode": "end_to_end",
-                                                       "groupdro": {**E2E["groupdro"], "eta": 1.0}}))
+    spec = from_dict(
+        tiny_spec_dict(
+            retrain={**E2E, "method": "groupdro", "mode": "end_to_end", "groupdro": {**E2E["groupdro"], "eta": 1.0}}
+        )
+    )
     res = run_pipeline(spec, tmp_path / "run", cache)
     e = res["robust"]
     assert e["retrain"] == "groupdro" and e["retrain_mode"] == "end_to_end"
@@ -70,6 +87,7 @@ def test_run_with_end_to_end_groupdro(tiny_run, tmp_path):
     assert info["steps"]["full"] == 2 * (300 // 32) and info["steps"]["half"] == 2 * (150 // 32)
     # fine-tuned in a Ray task (a worker process of this Ray node), not in this driver
     import ray
+
     assert info["process"]["ray_worker"] and info["process"]["pid"] != os.getpid()
     assert info["process"]["node_id"] == ray.get_runtime_context().get_node_id() and info["device"] == "cpu"
     q = np.array(info["q"])  # GroupDRO's group weights moved off uniform, toward the hardest pseudo group
@@ -106,6 +124,7 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
     rows = {r["row"]: r for r in summary["rows"]}
     # what computed it: the driver's packages, and those of the process that trained seed 0's ERM
     import torch
+
     env = json.loads((out / "bench.json").read_text())["environment"]
     assert env["driver"]["packages"]["torch"] == torch.__version__ == env["erm"]["0"]["packages"]["torch"]
     assert f"ERM trained with: torch {torch.__version__}, " in (out / "bench.md").read_text()
@@ -132,8 +151,13 @@ def test_bench_table_shares_the_upstream(tiny_run, tmp_path):
 
 
 def test_run_with_feature_groups_and_groupdro(tiny_run, tmp_path):
-    spec = from_dict(tiny_spec_dict(groups={"source": "features"}, clustering={"k": 2},
-                                    retrain={"method": "groupdro", "groupdro": {"epochs": 5}, "n_select_repeats": 2}))
+    spec = from_dict(
+        tiny_spec_dict(
+            groups={"source": "features"},
+            clustering={"k": 2},
+            retrain={"method": "groupdro", "groupdro": {"epochs": 5}, "n_select_repeats": 2},
+        )
+    )
     res = run_pipeline(spec, tmp_path / "run", tiny_run[0] / "cache")
     e = res["robust"]
     assert e["groups_source"] == "features" and e["retrain"] == "groupdro" and "weight_decay" in e["retrain_chosen"]

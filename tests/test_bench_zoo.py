@@ -1,18 +1,40 @@
 """`exmap-ray bench --zoo`: the protocol file, the summary maths, and one tiny family end to end on a real Ray."""
+
 import json
 import math
 
 import pytest
 
-from exmap_ray.bench_zoo import (ORACLE, PICK_VARIANTS, SHIPPED_ROW, choose_families, choose_seeds, parse_variant,
-                                 protocol, run_zoo, summarize)
+from exmap_ray.bench_zoo import (
+    ORACLE,
+    PICK_VARIANTS,
+    SHIPPED_ROW,
+    choose_families,
+    choose_seeds,
+    parse_variant,
+    protocol,
+    run_zoo,
+    summarize,
+)
 from exmap_ray.errors import UserError
 from exmap_ray.spec import shipped_specs
 
-TINY = ["dataset.n_train=300", "dataset.n_val=300", "dataset.n_test=200", "dataset.image_size=16",
-        "model.backbone=test_resnet", "erm.epochs=1", "erm.batch_size=64", "heatmaps.downsize=4",
-        "heatmaps.num_actors=1", "heatmaps.shard_size=150", "retrain.n_select_repeats=2",
-        "retrain.dfr.c_grid=[1.0, 0.1]", "retrain.dfr.n_final_fits=3", "resources.worker_cpus=1"]
+TINY = [
+    "dataset.n_train=300",
+    "dataset.n_val=300",
+    "dataset.n_test=200",
+    "dataset.image_size=16",
+    "model.backbone=test_resnet",
+    "erm.epochs=1",
+    "erm.batch_size=64",
+    "heatmaps.downsize=4",
+    "heatmaps.num_actors=1",
+    "heatmaps.shard_size=150",
+    "retrain.n_select_repeats=2",
+    "retrain.dfr.c_grid=[1.0, 0.1]",
+    "retrain.dfr.n_final_fits=3",
+    "resources.worker_cpus=1",
+]
 
 
 def test_the_protocol_fixes_disjoint_seeds_and_ships_every_family():
@@ -31,7 +53,9 @@ def test_the_protocol_fixes_disjoint_seeds_and_ships_every_family():
 
 def test_variants_are_parsed_or_refused_by_name():
     assert parse_variant("both:clustering.input=both,groups.merge_easy=true") == (
-        "both", ["clustering.input=both", "groups.merge_easy=true"])
+        "both",
+        ["clustering.input=both", "groups.merge_easy=true"],
+    )
     for bad in ("both", "both:", ":a=1", "both:clustering.input"):
         with pytest.raises(UserError, match="NAME:key=value"):
             parse_variant(bad)
@@ -42,8 +66,16 @@ def test_summary_ranks_label_free_rows_and_measures_the_gap_to_the_oracle():
     for family, wgas in (("a", {"A": 0.5, "B": 0.7, ORACLE: 0.9}), ("b", {"A": 0.6, "B": 0.2, ORACLE: 0.8})):
         for seed in (0, 1):
             for name, w in wgas.items():
-                rows.append({"row": name, "family": family, "seed": seed, "test_wga": w + 0.01 * seed,
-                             "test_mean_acc": 0.9, "worst_recovery": 0.4 if name == "B" else 1.0})
+                rows.append(
+                    {
+                        "row": name,
+                        "family": family,
+                        "seed": seed,
+                        "test_wga": w + 0.01 * seed,
+                        "test_mean_acc": 0.9,
+                        "worst_recovery": 0.4 if name == "B" else 1.0,
+                    }
+                )
     _, summary = summarize(rows, ["a", "b"])
     s = {r["row"]: r for r in summary}
     assert s["A"]["mean_rank"] == 1.5 and s["B"]["mean_rank"] == 1.5  # each first on one family
@@ -55,8 +87,16 @@ def test_one_tiny_family_end_to_end(ray_local, tmp_path):
     """zoo_patch at 300 images, one seed: the shipped row, a variant and the label-free pick between them,
     on one ERM and one set of heatmaps (the variant reuses the stage cache); the report, the JSON and the plot."""
     out = tmp_path / "zoo"
-    res = run_zoo(["zoo_patch"], [0], out, tmp_path / "cache", sets=TINY, sweep=False, baselines=False,
-                  variants=[("both", ["clustering.input=both"])])
+    res = run_zoo(
+        ["zoo_patch"],
+        [0],
+        out,
+        tmp_path / "cache",
+        sets=TINY,
+        sweep=False,
+        baselines=False,
+        variants=[("both", ["clustering.input=both"])],
+    )
     names = [r["row"] for r in res["by_family"]["zoo_patch"]]
     assert names[:2] == ["ERM", ORACLE] and SHIPPED_ROW in names and "ExMap (both)" in names
     assert PICK_VARIANTS in names

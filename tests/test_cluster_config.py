@@ -1,4 +1,5 @@
 """cluster.yaml passes Ray's own autoscaler schema and keeps the promises the README makes."""
+
 import re
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def test_every_node_type_names_an_image_whose_driver_is_stated():
     for name, node in raw["available_node_types"].items():
         ami = node["node_config"].get("ImageId", "")
         assert re.fullmatch(r"ami-[0-9a-f]{8,17}", ami) or (
-            not ami.startswith("ami-") and "Deep-Learning-Base" in ami and "580" in ami), (name, ami)
+            not ami.startswith("ami-") and "Deep-Learning-Base" in ami and "580" in ami
+        ), (name, ami)
         assert ami.lower() not in ("", "latest_dlami"), name
 
 

@@ -1,5 +1,6 @@
 """Clustering at scale: the anchor route agrees with the exact one, memmaps and shards stream, the
 faster k-means++ seeding and sweep score give the old answers. Sizes are small; no timings."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
@@ -9,8 +10,13 @@ from exmap_ray.clustering import kmeanspp_init
 from exmap_ray.clustering import scale as clustering_scale
 from exmap_ray.groups import pseudo_groups
 from exmap_ray.chunked import ChunkedRows, normalize_rows
-from exmap_ray.clustering.scale import (NearestAnchors, anchor_spectrum, float16_roundtrip, planted_centres,
-                                        planted_heatmaps)
+from exmap_ray.clustering.scale import (
+    NearestAnchors,
+    anchor_spectrum,
+    float16_roundtrip,
+    planted_centres,
+    planted_heatmaps,
+)
 from exmap_ray.selection import prepare_groupings, worst_over_groupings_halves
 from exmap_ray.spec import ClusteringSpec
 
@@ -120,8 +126,9 @@ def test_a_small_far_minority_keeps_its_own_anchor(monkeypatch):
     """0.3% of the rows, far away: D^2 seeding gives it an anchor, and it comes out as its own group."""
     _route(monkeypatch, "anchor")
     rng = np.random.default_rng(0)
-    X = np.concatenate([rng.normal(0, 1, (4000, 20)), rng.normal(0, 1, (4000, 20)) + 8,
-                        rng.normal(0, 1, (24, 20)) - 8]).astype(np.float32)
+    X = np.concatenate(
+        [rng.normal(0, 1, (4000, 20)), rng.normal(0, 1, (4000, 20)) + 8, rng.normal(0, 1, (24, 20)) - 8]
+    ).astype(np.float32)
     truth = np.repeat([0, 1, 2], [4000, 4000, 24])
     spec = ClusteringSpec(method="spectral", k="auto", scope="global", normalize=False)
     labels, info = clustering.cluster(ChunkedRows(X, normalize=False), spec, seed=0)
@@ -154,8 +161,9 @@ def _old_kmeanspp(X, k, rng):  # the seeding before the GEMV rewrite, kept here 
 def test_kmeanspp_seeds_are_the_old_ones(planted, seed):
     X = normalize_rows(planted[0])
     for k in (2, 5, 8):
-        np.testing.assert_array_equal(kmeanspp_init(X, k, np.random.default_rng(seed)),
-                                      _old_kmeanspp(X, k, np.random.default_rng(seed)))
+        np.testing.assert_array_equal(
+            kmeanspp_init(X, k, np.random.default_rng(seed)), _old_kmeanspp(X, k, np.random.default_rng(seed))
+        )
 
 
 def _old_worst_over_groupings_halves(heldout_idx, heldout_pred, y, groupings, min_members=3):
@@ -164,8 +172,11 @@ def _old_worst_over_groupings_halves(heldout_idx, heldout_pred, y, groupings, mi
     for g in groupings:
         per_half, sizes = [], []
         for idx, pred in zip(heldout_idx, heldout_pred):
-            accs = [(float((pred[g[idx] == k] == y[idx][g[idx] == k]).mean()), k)
-                    for k in np.unique(g[idx]) if (g[idx] == k).sum() >= min_members]
+            accs = [
+                (float((pred[g[idx] == k] == y[idx][g[idx] == k]).mean()), k)
+                for k in np.unique(g[idx])
+                if (g[idx] == k).sum() >= min_members
+            ]
             if accs:
                 acc, k = min(accs)
                 per_half.append(acc)
@@ -200,13 +211,19 @@ def test_sweep_score_equals_the_old_one(seed):
 def _cuda() -> bool:
     try:
         import torch
+
         return torch.cuda.is_available()
     except ImportError:
         return False
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda:0", marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")]),
+    ],
+)
 def test_gpu_nearest_anchors_match_the_cpu(planted, device):
     """The GPU route's nearest-anchor search (clustering_device: FAISS's GPU build, else torch; on "cpu"
     the torch route on the CPU, as under EXMAP_RAY_FAKE_CUDA) against FAISS's CPU search."""
@@ -250,17 +267,22 @@ def test_sweep_summary_scores_every_trial_as_before(tmp_path):
     clusterings = [y * 2 + rng.integers(0, 2, n), y * 3 + rng.integers(0, 3, n)]
     rows, saved = [], []
     for t in range(6):  # 6 trials sharing 2 clusterings (a DFR-only sweep axis), one bucket
-        d = {"y": y, "pseudo_groups": clusterings[t % 2],
-             "heldout_idx": np.stack([np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(3)])}
-        d["heldout_pred"] = np.where(rng.random(d["heldout_idx"].shape) < 0.1 * (t + 1), 1 - y[d["heldout_idx"]],
-                                     y[d["heldout_idx"]])
+        d = {
+            "y": y,
+            "pseudo_groups": clusterings[t % 2],
+            "heldout_idx": np.stack([np.sort(rng.choice(n, n // 2, replace=False)) for _ in range(3)]),
+        }
+        d["heldout_pred"] = np.where(
+            rng.random(d["heldout_idx"].shape) < 0.1 * (t + 1), 1 - y[d["heldout_idx"]], y[d["heldout_idx"]]
+        )
         np.savez(tmp_path / f"t{t}.npz", **d)
         rows.append({"trial": f"t{t}", "status": "OK", "selection_file": str(tmp_path / f"t{t}.npz")})
         saved.append(d)
     add_sweep_metric(rows, SWEEP_METRIC, "binomial")
     for r, d in zip(rows, saved):
-        score, halves, sizes = _old_worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"], y,
-                                                                [s["pseudo_groups"] for s in saved])
+        score, halves, sizes = _old_worst_over_groupings_halves(
+            d["heldout_idx"], d["heldout_pred"], y, [s["pseudo_groups"] for s in saved]
+        )
         assert r[SWEEP_METRIC] == r["selection_metric"] == score
         assert r["selection_se"] == score_se(score, halves, sizes, "binomial")
 
@@ -272,6 +294,7 @@ def test_joint_restarts_match_faiss_kmeans(monkeypatch):
 
     def inertia(labels):
         return sum(float(((X[labels == j] - X[labels == j].mean(0)) ** 2).sum()) for j in np.unique(labels))
+
     monkeypatch.setattr(clustering.scale, "SCALE_MIN_N", 1 << 62)
     ref = clustering.kmeans(X, 3, niter=25, nredo=3, seed=0)
     monkeypatch.setattr(clustering.scale, "SCALE_MIN_N", 2)

@@ -1,4 +1,5 @@
 """The clusterer registry: silhouette-selected k-means and BIC-selected GMM, on any (N, d) rows."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
@@ -14,16 +15,20 @@ def blobs(sizes, d=6, seed=0, scales=None):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(len(sizes), d)) * 4
     scales = scales or [0.3] * len(sizes)
-    X = np.concatenate([c + s * rng.uniform(0.5, 1.5, d) * rng.normal(size=(n, d))
-                        for c, n, s in zip(centers, sizes, scales)])
+    X = np.concatenate(
+        [c + s * rng.uniform(0.5, 1.5, d) * rng.normal(size=(n, d)) for c, n, s in zip(centers, sizes, scales)]
+    )
     return X.astype(np.float32), np.repeat(np.arange(len(sizes)), sizes)
 
 
 def test_the_spec_validates_clustering_keys():
     assert from_dict({"clustering": {"method": "gmm", "input": "features"}}).clustering.input == "features"
     assert from_dict({}).clustering.input == "heatmaps"
-    with pytest.raises(SpecError, match=r"clustering.method': unknown clusterer 'gmn'. Registered: gmm, kmeans"
-                                        r".*Did you mean 'gmm'\?"):
+    with pytest.raises(
+        SpecError,
+        match=r"clustering.method': unknown clusterer 'gmn'. Registered: gmm, kmeans"
+        r".*Did you mean 'gmm'\?",
+    ):
         from_dict({"clustering": {"method": "gmn"}})
     with pytest.raises(SpecError, match=r"clustering.input"):
         from_dict({"clustering": {"input": "logits"}})
@@ -59,9 +64,9 @@ def test_any_rows_cluster_into_class_by_cluster_groups():
     X, sub = blobs([70, 12, 70, 12], d=10, seed=5)
     y = np.array([0] * 82 + [1] * 82)
     for method in ("gmm", "kmeans_silhouette"):
-        groups, info = pseudo_groups(X, y,
-                                     ClusteringSpec(method=method, scope="local", min_group_size=3, normalize=False), 0,
-                                     what="features")
+        groups, info = pseudo_groups(
+            X, y, ClusteringSpec(method=method, scope="local", min_group_size=3, normalize=False), 0, what="features"
+        )
         assert info["n_groups"] == 4 and adjusted_rand_score(sub, groups) == pytest.approx(1.0)
         assert all(len(np.unique(y[groups == g])) == 1 for g in np.unique(groups))
 

@@ -28,8 +28,9 @@ def test_eigengap_picks_planted_k(k):
     eig, _ = laplacian_spectrum(knn_affinity(X))
     assert eig[0] == pytest.approx(0.0, abs=1e-6) and np.all(np.diff(eig) >= -1e-9)
     assert eigengap_k(eig, 10) == k
-    labels, info = pseudo_groups(X, np.zeros(len(X), int), ClusteringSpec(method="spectral", k="auto",
-                                                                          scope="global"), seed=0)
+    labels, info = pseudo_groups(
+        X, np.zeros(len(X), int), ClusteringSpec(method="spectral", k="auto", scope="global"), seed=0
+    )
     assert info["scopes"]["global"]["k"] == k and adjusted_rand_score(truth, labels) == pytest.approx(1.0)
 
 

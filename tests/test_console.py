@@ -1,5 +1,6 @@
 """What a person reads: the console of a real `exmap-ray run` (a subprocess with its own local Ray),
 by default and under --quiet, and where Ray's token-auth notice goes."""
+
 import logging
 import os
 import re
@@ -14,8 +15,16 @@ from .conftest import tiny_spec_dict
 
 # Ray's own lines: Ray Train's per-report INFO, a worker's "(RayTrainWorker pid=...)" prefix (or any
 # actor's or task's), colour codes, Tune's tables
-RAY_NOISE = ("TrainingReport", "Reporting training result", "(RayTrainWorker", "(TrainController", "pid=",
-             "\x1b[", "Trial status", "Checkpoint successfully created")
+RAY_NOISE = (
+    "TrainingReport",
+    "Reporting training result",
+    "(RayTrainWorker",
+    "(TrainController",
+    "pid=",
+    "\x1b[",
+    "Trial status",
+    "Checkpoint successfully created",
+)
 
 
 def _start(tmp_path, cache, *args) -> subprocess.Popen:
@@ -23,8 +32,13 @@ def _start(tmp_path, cache, *args) -> subprocess.Popen:
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec_dict()))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "exmap_ray", "run", str(spec), "--cache", str(cache), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "exmap_ray", "run", str(spec), "--cache", str(cache), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> tuple[str, str]:
@@ -44,11 +58,14 @@ def test_console_of_a_run_by_default_and_quiet(tiny_run, tmp_path):
     assert not [n for n in RAY_NOISE if n in both], both
     # each stage's own lines, named by their stage or row; progress of the long stages from the driver
     lines = err.splitlines()
-    for pattern in (r"\[erm\] epoch 1/1: loss \d\.\d{4}, train acc \d\.\d{3}, val acc \d\.\d{3}, \d+ img/s$",
-                    r"\[heatmaps\] shard 1/3: 100/300 images, \d+ img/s$",
-                    r"\[heatmaps\] shard 3/3: 300/300 images, \d+ img/s$",
-                    r"\[clusters\] clustering: spectral/global -> \d+ pseudo groups",
-                    r"\[retrain: ExMap\] DFR: C=", r"\[retrain: oracle\] DFR: C="):
+    for pattern in (
+        r"\[erm\] epoch 1/1: loss \d\.\d{4}, train acc \d\.\d{3}, val acc \d\.\d{3}, \d+ img/s$",
+        r"\[heatmaps\] shard 1/3: 100/300 images, \d+ img/s$",
+        r"\[heatmaps\] shard 3/3: 300/300 images, \d+ img/s$",
+        r"\[clusters\] clustering: spectral/global -> \d+ pseudo groups",
+        r"\[retrain: ExMap\] DFR: C=",
+        r"\[retrain: oracle\] DFR: C=",
+    ):
         assert [ln for ln in lines if re.search(pattern, ln)], (pattern, err)
     # every line of ours says where it belongs: "HH:MM:SS [stage or row] ..."
     untagged = [ln for ln in lines if not re.match(r"\d\d:\d\d:\d\d (WARNING )?\[[a-z][^]]*\] ", ln)]
@@ -57,9 +74,21 @@ def test_console_of_a_run_by_default_and_quiet(tiny_run, tmp_path):
 
     # --quiet: the result table and where it is on stdout, nothing on stderr but warnings
     assert all(" WARNING " in ln or "Warning" in ln for ln in q_err.splitlines() if ln.strip()), q_err
-    table = ("method", "---", "ERM ", "ExMap + DFR ", "oracle DFR (true val groups) ", "pseudo groups: ",
-             "agreement with true val groups: ", "true group ", "y<5 ", "y>=5 ", "mean acc = ", "results: ",
-             "MLflow run ")
+    table = (
+        "method",
+        "---",
+        "ERM ",
+        "ExMap + DFR ",
+        "oracle DFR (true val groups) ",
+        "pseudo groups: ",
+        "agreement with true val groups: ",
+        "true group ",
+        "y<5 ",
+        "y>=5 ",
+        "mean acc = ",
+        "results: ",
+        "MLflow run ",
+    )
     assert all(ln.startswith(table) for ln in q_out.splitlines() if ln.strip()), q_out
     assert len(q_out.splitlines()) == len(out.splitlines()) and q_out.lstrip().startswith("method")
     assert not [n for n in RAY_NOISE if n in q_out + q_err]
@@ -82,7 +111,7 @@ def test_ray_token_auth_notice_only_under_verbose():
             seen.clear()
             auth._warn_token_auth_enabled()
             auth._warn_token_auth_disabled()
-            assert [m.startswith(console.RAY_AUTH_NOTICE) for m in seen] == [True, False][not shown:], (level, seen)
+            assert [m.startswith(console.RAY_AUTH_NOTICE) for m in seen] == [True, False][not shown :], (level, seen)
             assert seen[-1].startswith("Token authentication is disabled")
     finally:
         logger.removeHandler(catch)
@@ -100,5 +129,8 @@ def test_progress_lines_and_tags(caplog):
         logging.getLogger("exmap_ray.retrain.dfr").info("DFR: C=1")
         logging.getLogger("mlflow.store").warning("slow")
     got = [fmt.format(r)[9:] for r in caplog.records]
-    assert got == ["[heatmaps] shard 1/2: 50/100 images, 10 img/s", "[retrain: oracle] DFR: C=1",
-                   "WARNING mlflow.store: [retrain: oracle] slow"], got
+    assert got == [
+        "[heatmaps] shard 1/2: 50/100 images, 10 img/s",
+        "[retrain: oracle] DFR: C=1",
+        "WARNING mlflow.store: [retrain: oracle] slow",
+    ], got

@@ -88,14 +88,17 @@ def test_folder_group_column_overrides(tmp_path):
     assert set(d.val.group.tolist()) == {0}
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda ls: [ls[0].replace("split", "fold")] + ls[1:], "has no column 'split'"),
-    (lambda ls: [ls[0].replace("place", "where")] + ls[1:], "has no column 'place' or 'spurious'"),
-    (lambda ls: [ls[0], "imgs/s0_y0_p0_0.png,0,7,0"] + ls[2:], "column 'split': line 2 has '7'"),
-    (lambda ls: [ls[0]] + [l for l in ls[1:] if l.split(",")[2] != "1"], "the val split (split == 1) is empty"),
-    (lambda ls: [ls[0], "imgs/missing.png,0,0,0"] + ls[1:], "1 image file(s) listed in"),
-    (lambda ls: [ls[0], "imgs/x.png,zero,0,0"] + ls[1:], "column 'y': line 2 has 'zero'"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda ls: [ls[0].replace("split", "fold")] + ls[1:], "has no column 'split'"),
+        (lambda ls: [ls[0].replace("place", "where")] + ls[1:], "has no column 'place' or 'spurious'"),
+        (lambda ls: [ls[0], "imgs/s0_y0_p0_0.png,0,7,0"] + ls[2:], "column 'split': line 2 has '7'"),
+        (lambda ls: [ls[0]] + [l for l in ls[1:] if l.split(",")[2] != "1"], "the val split (split == 1) is empty"),
+        (lambda ls: [ls[0], "imgs/missing.png,0,0,0"] + ls[1:], "1 image file(s) listed in"),
+        (lambda ls: [ls[0], "imgs/x.png,zero,0,0"] + ls[1:], "column 'y': line 2 has 'zero'"),
+    ],
+)
 def test_folder_bad_metadata_is_named(tmp_path, breakage, message):
     root = make_folder_dataset(tmp_path / "ds", per_group=2)
     _rewrite(root, breakage)

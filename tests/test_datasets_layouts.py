@@ -5,6 +5,7 @@ Each fixture writes a tiny copy of a dataset's layout with real JPEGs (PIL): the
 patch. Broken variants plant one fault each; `exmap-ray datasets check` must name it and its fix.
 One parametrized test runs each shipped spec (tune_specs/<name>.yaml) end to end on its fixture.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,12 +27,14 @@ from exmap_ray.errors import DataError
 from exmap_ray.spec import from_dict, load_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "tune_specs"
-CELEBA_ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
-                "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
-                "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
-                "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
-                "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie "
-                "Young").split()
+CELEBA_ATTRS = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
+    "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
+    "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie "
+    "Young"
+).split()
 
 
 @pytest.fixture(autouse=True)
@@ -46,9 +49,9 @@ def picture(y: int, s: int, rng, size: int = 40, patch: int | None = None) -> Im
     img[..., 2 if s else 0] = 90 + rng.integers(0, 40)
     img[..., 1] = rng.integers(0, 30)
     if y:
-        img[size // 5: 4 * size // 5, size // 2 - 3: size // 2 + 3] = 255
+        img[size // 5 : 4 * size // 5, size // 2 - 3 : size // 2 + 3] = 255
     else:
-        img[size // 3: 2 * size // 3, size // 3: 2 * size // 3] = 255
+        img[size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 255
     if patch is not None:
         img[:8, :8] = (0, 255, 0) if patch else (255, 255, 0)
     return Image.fromarray(img)
@@ -99,8 +102,7 @@ def make_celeba(base: Path, per_group: int = 4) -> Path:
                     vals[yi], vals[si], vals[smile] = 2 * y - 1, 2 * s - 1, 1 if k % 2 else -1
                     attr_lines.append(name + " " + " ".join(f"{v:2d}" for v in vals))
                     part_lines.append(f"{name} {split}")
-    (root / "list_attr_celeba.txt").write_text(
-        f"{i}\n" + " ".join(CELEBA_ATTRS) + " \n" + "\n".join(attr_lines) + "\n")
+    (root / "list_attr_celeba.txt").write_text(f"{i}\n" + " ".join(CELEBA_ATTRS) + " \n" + "\n".join(attr_lines) + "\n")
     (root / "list_eval_partition.txt").write_text("\n".join(part_lines) + "\n")
     return root
 
@@ -125,8 +127,12 @@ def make_celeba_dfr(base: Path, per_group: int = 3) -> Path:
     return root
 
 
-METASHIFT_DIRS = {"train/cat/cat(indoor)": (1, 1), "train/dog/dog(outdoor)": (0, 0),
-                  "test/cat/cat(outdoor)": (1, 0), "test/dog/dog(indoor)": (0, 1)}
+METASHIFT_DIRS = {
+    "train/cat/cat(indoor)": (1, 1),
+    "train/dog/dog(outdoor)": (0, 0),
+    "test/cat/cat(outdoor)": (1, 0),
+    "test/dog/dog(indoor)": (0, 1),
+}
 
 
 def make_metashift(base: Path, per_group: int = 16) -> Path:
@@ -154,13 +160,18 @@ def make_urbancars(base: Path, per_group: dict | None = None) -> Path:
     return root
 
 
-MAKERS = {"waterbirds": make_waterbirds, "celeba": make_celeba, "metashift": make_metashift,
-          "urbancars": make_urbancars}
+MAKERS = {
+    "waterbirds": make_waterbirds,
+    "celeba": make_celeba,
+    "metashift": make_metashift,
+    "urbancars": make_urbancars,
+}
 
 
 def dspec(name: str, root: Path, **kw):
-    return from_dict({"dataset": {"name": name, "root": str(root), "image_size": 32, "decode_cache": None,
-                                  **kw}}).dataset
+    return from_dict(
+        {"dataset": {"name": name, "root": str(root), "image_size": 32, "decode_cache": None, **kw}}
+    ).dataset
 
 
 def counts(split) -> list[int]:
@@ -173,8 +184,12 @@ def counts(split) -> list[int]:
 def test_waterbirds_groups_and_paper_transforms(tmp_path):
     root = make_waterbirds(tmp_path)
     d = build_dataset(dspec("waterbirds", root), 0)
-    assert d.n_classes == 2 and d.group_names == ["landbird on land", "landbird on water",
-                                                  "waterbird on land", "waterbird on water"]
+    assert d.n_classes == 2 and d.group_names == [
+        "landbird on land",
+        "landbird on water",
+        "waterbird on land",
+        "waterbird on water",
+    ]
     for split in (d.train, d.val, d.test):
         assert counts(split) == [4, 4, 4, 4]
         assert np.array_equal(split.group, 2 * split.y + split.group % 2)
@@ -211,8 +226,7 @@ def test_decode_cache_matches_direct_decoding_and_is_reused(tmp_path):
 def test_celeba_official_files_any_attribute_pair(tmp_path):
     root = make_celeba(tmp_path)
     d = build_dataset(dspec("celeba", root), 0)
-    assert d.group_names == ["Blond_Hair=0 Male=0", "Blond_Hair=0 Male=1", "Blond_Hair=1 Male=0",
-                             "Blond_Hair=1 Male=1"]
+    assert d.group_names == ["Blond_Hair=0 Male=0", "Blond_Hair=0 Male=1", "Blond_Hair=1 Male=0", "Blond_Hair=1 Male=1"]
     assert [counts(s) for s in (d.train, d.val, d.test)] == [[4, 4, 4, 4]] * 3
     assert d.val.images[0].shape == (3, 32, 32)
     # another pair: Smiling is set on every second image of each (y, s) cell
@@ -220,8 +234,11 @@ def test_celeba_official_files_any_attribute_pair(tmp_path):
     assert d2.group_names[3] == "Smiling=1 Blond_Hair=1" and counts(d2.val) == [4, 4, 4, 4]
     assert np.array_equal(d2.val.y, np.tile([0, 1], 8))
     # the official download's own folders: Anno/, Eval/, Img/img_align_celeba/
-    for sub, name in (("Anno", "list_attr_celeba.txt"), ("Eval", "list_eval_partition.txt"),
-                      ("Img", "img_align_celeba")):
+    for sub, name in (
+        ("Anno", "list_attr_celeba.txt"),
+        ("Eval", "list_eval_partition.txt"),
+        ("Img", "img_align_celeba"),
+    ):
         (root / sub).mkdir()
         (root / name).rename(root / sub / name)
     assert counts(build_dataset(dspec("celeba", root), 0).test) == [4, 4, 4, 4]
@@ -249,8 +266,11 @@ def test_metashift_folders_stratified_split_or_metadata(tmp_path):
     again = build_dataset(dspec("metashift", root), 1)  # the split does not depend on the run seed
     assert [p.name for p in again.val.images.paths] == [p.name for p in d.val.images.paths]
     # a metadata.csv (as generate_metadata_metashift writes it) takes precedence, with its own split
-    rows = [[f"{rel}/{p.name}", y, 1 if k < 3 else 0 if k < 12 else 2, place]
-            for rel, (y, place) in METASHIFT_DIRS.items() for k, p in enumerate(sorted((root / rel).glob("*.jpg")))]
+    rows = [
+        [f"{rel}/{p.name}", y, 1 if k < 3 else 0 if k < 12 else 2, place]
+        for rel, (y, place) in METASHIFT_DIRS.items()
+        for k, p in enumerate(sorted((root / rel).glob("*.jpg")))
+    ]
     with open(root / "metadata.csv", "w", newline="") as f:
         csv.writer(f).writerows([["img_filename", "y", "split", "place"]] + rows)
     d = build_dataset(dspec("metashift", root), 0)
@@ -271,8 +291,10 @@ def test_urbancars_groups_attrs_and_group_by(tmp_path, group_by, n_groups):
 
 def test_shortcut_gaps_follow_urbancars_definition():
     # 2 classes x bg x co-object; one sample per (class, bg, co) cell, repeated 10 times
-    y, bg, co = (np.repeat(np.array(v), 10) for v in ([0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1],
-                                                     [0, 1, 0, 1, 0, 1, 0, 1]))
+    y, bg, co = (
+        np.repeat(np.array(v), 10)
+        for v in ([0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1], [0, 1, 0, 1, 0, 1, 0, 1])
+    )
     attrs = {"bg": bg, "co_occur_obj": co}
     perfect = urbancars_gaps(y, y, attrs)
     assert perfect["id_acc"] == 1.0 and perfect["bg_gap"] == perfect["co_occur_obj_gap"] == perfect["both_gap"] == 0
@@ -307,14 +329,24 @@ def _garbage(path: Path) -> None:
 
 def wb_missing_file(root):
     (root / "001.Black_footed_Albatross" / "Black_footed_Albatross_0009_9.jpg").unlink()
-    return root, ["missing file", "1 image file(s) listed in", "line 10: '", "Black_footed_Albatross_0009_9.jpg",
-                  "restore those files from the group_DRO Waterbirds tarball", "or delete their lines from"]
+    return root, [
+        "missing file",
+        "1 image file(s) listed in",
+        "line 10: '",
+        "Black_footed_Albatross_0009_9.jpg",
+        "restore those files from the group_DRO Waterbirds tarball",
+        "or delete their lines from",
+    ]
 
 
 def wb_unreadable(root):
     _garbage(root / "023.Brandt_Cormorant" / "Brandt_Cormorant_0017_17.jpg")
-    return root, ["unreadable image", "1 file(s) cannot be read as images", "Brandt_Cormorant_0017_17.jpg",
-                  "replace them with the original files"]
+    return root, [
+        "unreadable image",
+        "1 file(s) cannot be read as images",
+        "Brandt_Cormorant_0017_17.jpg",
+        "replace them with the original files",
+    ]
 
 
 def wb_missing_column(root):
@@ -338,8 +370,11 @@ def wb_renamed_index(root):
 
 def ca_missing_attr_file(root):
     (root / "list_attr_celeba.txt").unlink()
-    return root, ["missing attribute file", "neither list_attr_celeba.txt nor list_attr_celeba.csv",
-                  f"put list_attr_celeba.txt (Anno/ of the CelebA release) in {root}"]
+    return root, [
+        "missing attribute file",
+        "neither list_attr_celeba.txt nor list_attr_celeba.csv",
+        f"put list_attr_celeba.txt (Anno/ of the CelebA release) in {root}",
+    ]
 
 
 def ca_bad_partition(root):
@@ -353,8 +388,12 @@ def ca_wrong_image_folder(root):
 
 
 def ca_unknown_attribute(root):
-    return (root, {"target": "Smile"}), ["unknown attribute", "'Smile' is not an attribute",
-                                         "did you mean 'Smiling'", "--set dataset.target=Smiling"]
+    return (root, {"target": "Smile"}), [
+        "unknown attribute",
+        "'Smile' is not an attribute",
+        "did you mean 'Smiling'",
+        "--set dataset.target=Smiling",
+    ]
 
 
 def ca_missing_image(root):
@@ -364,8 +403,12 @@ def ca_missing_image(root):
 
 def ms_wrong_folder_name(root):
     (root / "train/cat/cat(indoor)").rename(root / "train/cat/cat_indoor")
-    return root, ["wrong folder name", "cat(indoor)/' not found, but", "cat_indoor/' exists",
-                  f"rename '{root / 'train/cat/cat_indoor'}' to '{root / 'train/cat/cat(indoor)'}'"]
+    return root, [
+        "wrong folder name",
+        "cat(indoor)/' not found, but",
+        "cat_indoor/' exists",
+        f"rename '{root / 'train/cat/cat_indoor'}' to '{root / 'train/cat/cat(indoor)'}'",
+    ]
 
 
 def ms_unreadable(root):
@@ -380,9 +423,15 @@ def ms_metadata_missing_column(root):
 
 
 def ms_metadata_missing_file(root):
-    rows = [["img_filename", "y", "split", "place"]] + [
-        [f"{rel}/{rel.split('/')[-1][:3]}_{k:03d}.jpg", y, k % 3, p] for rel, (y, p) in METASHIFT_DIRS.items()
-        for k in range(16)] + [["train/dog/dog(outdoor)/dog_999.jpg", 0, 0, 0]]
+    rows = (
+        [["img_filename", "y", "split", "place"]]
+        + [
+            [f"{rel}/{rel.split('/')[-1][:3]}_{k:03d}.jpg", y, k % 3, p]
+            for rel, (y, p) in METASHIFT_DIRS.items()
+            for k in range(16)
+        ]
+        + [["train/dog/dog(outdoor)/dog_999.jpg", 0, 0, 0]]
+    )
     with open(root / "metadata.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     return root, ["missing file", "line 66: '", "dog_999.jpg", "delete their lines from"]
@@ -390,30 +439,42 @@ def ms_metadata_missing_file(root):
 
 def uc_wrong_ratio_folder(root):
     (root / "bg-0.95_co_occur_obj-0.95").rename(root / "bg-0.95_co_occur-0.95")
-    return root, ["wrong folder name", "bg-0.95_co_occur-0.95/' holds train/, but its name is not",
-                  f"rename '{root / 'bg-0.95_co_occur-0.95'}' to '{root / 'bg-0.95_co_occur_obj-0.95'}'"]
+    return root, [
+        "wrong folder name",
+        "bg-0.95_co_occur-0.95/' holds train/, but its name is not",
+        f"rename '{root / 'bg-0.95_co_occur-0.95'}' to '{root / 'bg-0.95_co_occur_obj-0.95'}'",
+    ]
 
 
 def uc_missing_split(root):
     shutil.rmtree(root / "bg-0.5_co_occur_obj-0.5" / "val")
-    return root, ["missing folder", "no val/ folder under any bg-*_co_occur_obj-* folder",
-                  "restore '" + str(root / "bg-0.5_co_occur_obj-0.5/val") + "/'"]
+    return root, [
+        "missing folder",
+        "no val/ folder under any bg-*_co_occur_obj-* folder",
+        "restore '" + str(root / "bg-0.5_co_occur_obj-0.5/val") + "/'",
+    ]
 
 
 def uc_wrong_group_folder(root):
     d = root / "bg-0.5_co_occur_obj-0.5/test"
     (d / "obj-country_bg-urban_co_occur_obj-urban").rename(d / "obj-country_bg-urban_co-occur-obj-urban")
-    return root, ["wrong folder name", "obj-country_bg-urban_co_occur_obj-urban/' not found, but",
-                  f"rename '{d / 'obj-country_bg-urban_co-occur-obj-urban'}' "
-                  f"to '{d / 'obj-country_bg-urban_co_occur_obj-urban'}'"]
+    return root, [
+        "wrong folder name",
+        "obj-country_bg-urban_co_occur_obj-urban/' not found, but",
+        f"rename '{d / 'obj-country_bg-urban_co-occur-obj-urban'}' "
+        f"to '{d / 'obj-country_bg-urban_co_occur_obj-urban'}'",
+    ]
 
 
 def uc_empty_group(root):
     d = root / "bg-0.5_co_occur_obj-0.5/val/obj-urban_bg-country_co_occur_obj-country"
     for f in d.glob("*.jpg"):
         f.rename(f.with_suffix(".png"))
-    return root, ["empty folder", "obj-urban_bg-country_co_occur_obj-country/' holds no .jpg files (it has 00000.png",
-                  "UrbanCars images are .jpg"]
+    return root, [
+        "empty folder",
+        "obj-urban_bg-country_co_occur_obj-country/' holds no .jpg files (it has 00000.png",
+        "UrbanCars images are .jpg",
+    ]
 
 
 def uc_parent_root(root):
@@ -425,14 +486,31 @@ def uc_unreadable(root):
     return root, ["unreadable image", "obj-urban_bg-urban_co_occur_obj-urban/00001.jpg"]
 
 
-FAULTS = [("waterbirds", f) for f in (wb_missing_file, wb_unreadable, wb_missing_column, wb_bad_split, wb_wrong_root,
-                                      wb_renamed_index)] + \
-         [("celeba", f) for f in (ca_missing_attr_file, ca_bad_partition, ca_wrong_image_folder, ca_unknown_attribute,
-                                  ca_missing_image)] + \
-         [("metashift", f) for f in (ms_wrong_folder_name, ms_unreadable, ms_metadata_missing_column,
-                                     ms_metadata_missing_file)] + \
-         [("urbancars", f) for f in (uc_wrong_ratio_folder, uc_missing_split, uc_wrong_group_folder, uc_empty_group,
-                                     uc_parent_root, uc_unreadable)]
+FAULTS = (
+    [
+        ("waterbirds", f)
+        for f in (wb_missing_file, wb_unreadable, wb_missing_column, wb_bad_split, wb_wrong_root, wb_renamed_index)
+    ]
+    + [
+        ("celeba", f)
+        for f in (ca_missing_attr_file, ca_bad_partition, ca_wrong_image_folder, ca_unknown_attribute, ca_missing_image)
+    ]
+    + [
+        ("metashift", f)
+        for f in (ms_wrong_folder_name, ms_unreadable, ms_metadata_missing_column, ms_metadata_missing_file)
+    ]
+    + [
+        ("urbancars", f)
+        for f in (
+            uc_wrong_ratio_folder,
+            uc_missing_split,
+            uc_wrong_group_folder,
+            uc_empty_group,
+            uc_parent_root,
+            uc_unreadable,
+        )
+    ]
+)
 
 
 @pytest.mark.parametrize("name, fault", FAULTS, ids=[f.__name__ for _, f in FAULTS])
@@ -449,8 +527,13 @@ def test_datasets_check_names_each_planted_fault(tmp_path, capsys, name, fault):
     assert "\nfix 1: " in out
     # a run fails the same way, before any training (preflight runs the same check)
     from exmap_ray.pipeline import preflight
-    spec = from_dict({"dataset": {"name": name, "root": str(where), "image_size": 32, "decode_cache": None, **extra},
-                      "model": {"backbone": "test_resnet"}})
+
+    spec = from_dict(
+        {
+            "dataset": {"name": name, "root": str(where), "image_size": 32, "decode_cache": None, **extra},
+            "model": {"backbone": "test_resnet"},
+        }
+    )
     with pytest.raises(DataError) as e:
         preflight(spec)
     assert fragments[0] in str(e.value) and "Fix: " in str(e.value)
@@ -472,8 +555,12 @@ def test_datasets_check_counts_a_good_dataset(tmp_path, capsys, name):
     first.write_bytes(b"garbage")
     assert main(["datasets", "check", name, "--root", str(root)]) == 2
     assert "unreadable image" in capsys.readouterr().out
-    assert {"waterbirds": "waterbird on water", "celeba": "Blond_Hair=1 Male=1", "metashift": "cat indoor",
-            "urbancars": "country car, country bg, country coobj"}[name] in out
+    assert {
+        "waterbirds": "waterbird on water",
+        "celeba": "Blond_Hair=1 Male=1",
+        "metashift": "cat indoor",
+        "urbancars": "country car, country bg, country coobj",
+    }[name] in out
 
 
 def test_datasets_without_arguments_still_lists_names(capsys):
@@ -498,21 +585,41 @@ def test_shipped_specs_carry_the_paper_settings():
 # The shipped specs end to end are heavier variants, run on demand (-m slow): their loaders are covered by
 # the layout tests above, and the group_DRO layout's scan, image decoding and decode cache run end to end in
 # every suite through the `folder` dataset (tests/test_e2e.py::test_run_folder_dataset_of_real_images)
-@pytest.mark.parametrize("name", [pytest.param("waterbirds", marks=pytest.mark.slow),
-                                  pytest.param("celeba", marks=pytest.mark.slow),
-                                  pytest.param("metashift", marks=pytest.mark.slow),
-                                  pytest.param("urbancars", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("waterbirds", marks=pytest.mark.slow),
+        pytest.param("celeba", marks=pytest.mark.slow),
+        pytest.param("metashift", marks=pytest.mark.slow),
+        pytest.param("urbancars", marks=pytest.mark.slow),
+    ],
+)
 def test_shipped_spec_runs_end_to_end(ray_local, tmp_path, name):
     from exmap_ray.pipeline import run_pipeline
 
     root = MAKERS[name](tmp_path / "data")
-    spec = load_spec(SPECS / f"{name}.yaml", [
-        f"dataset.root={root}", "dataset.image_size=32", "dataset.loader_workers=0",
-        f"dataset.decode_cache={tmp_path / 'decoded'}", "model.backbone=test_resnet", "model.pretrained=null",
-        "erm.epochs=1", "erm.batch_size=16", "heatmaps.downsize=4", "heatmaps.batch_size=64",
-        "heatmaps.shard_size=256", "heatmaps.num_actors=1", "clustering.min_group_size=2",
-        "retrain.dfr.c_grid=[1.0]", "retrain.n_select_repeats=1", "retrain.dfr.n_final_fits=2"]
-        + (["clustering.k=2"] if name == "celeba" else []))
+    spec = load_spec(
+        SPECS / f"{name}.yaml",
+        [
+            f"dataset.root={root}",
+            "dataset.image_size=32",
+            "dataset.loader_workers=0",
+            f"dataset.decode_cache={tmp_path / 'decoded'}",
+            "model.backbone=test_resnet",
+            "model.pretrained=null",
+            "erm.epochs=1",
+            "erm.batch_size=16",
+            "heatmaps.downsize=4",
+            "heatmaps.batch_size=64",
+            "heatmaps.shard_size=256",
+            "heatmaps.num_actors=1",
+            "clustering.min_group_size=2",
+            "retrain.dfr.c_grid=[1.0]",
+            "retrain.n_select_repeats=1",
+            "retrain.dfr.n_final_fits=2",
+        ]
+        + (["clustering.k=2"] if name == "celeba" else []),
+    )
     res = run_pipeline(spec, tmp_path / "out")
     true_groups = {"waterbirds": 4, "celeba": 4, "metashift": 4, "urbancars": 8}[name]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -535,11 +642,24 @@ def test_run_on_a_broken_dataset_stops_before_ray(tmp_path, capsys, monkeypatch)
 
     def tripwire(address):
         raise AssertionError("a broken dataset reached ray_session")
+
     monkeypatch.setattr(cli, "ray_session", tripwire)
     root = make_urbancars(tmp_path / "data")
     uc_wrong_group_folder(root)
-    rc = main(["run", str(SPECS / "urbancars.yaml"), "--out", str(tmp_path / "out"), "--set", f"dataset.root={root}",
-               "--set", "model.pretrained=null", "--set", "model.backbone=test_resnet"])
+    rc = main(
+        [
+            "run",
+            str(SPECS / "urbancars.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            f"dataset.root={root}",
+            "--set",
+            "model.pretrained=null",
+            "--set",
+            "model.backbone=test_resnet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "wrong folder name: '" in err and "Fix: rename '" in err and "co-occur-obj-urban' to '" in err
@@ -554,10 +674,14 @@ def test_loader_options_and_erm_schedule_come_from_the_spec():
     assert loader_options(d, persistent=False)["persistent_workers"] is False  # one-pass loaders (features)
     auto = from_dict({"dataset": {"loader_workers": 0}}).dataset
     assert loader_options(auto) == {"num_workers": 0, "pin_memory": torch.cuda.is_available()}
-    e = from_dict({"erm": {"optimizer": "sgd", "lr": 0.003, "momentum": 0.9, "lr_schedule": "cosine",
-                           "epochs": 10}}).erm
-    assert [round(epoch_lr(e, i), 6) for i in (0, 5, 9)] == [0.003, 0.0015,
-                                                            round(0.0015 * (1 + math.cos(0.9 * math.pi)), 6)]
+    e = from_dict(
+        {"erm": {"optimizer": "sgd", "lr": 0.003, "momentum": 0.9, "lr_schedule": "cosine", "epochs": 10}}
+    ).erm
+    assert [round(epoch_lr(e, i), 6) for i in (0, 5, 9)] == [
+        0.003,
+        0.0015,
+        round(0.0015 * (1 + math.cos(0.9 * math.pi)), 6),
+    ]
     opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], e)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
     assert epoch_lr(from_dict({}).erm, 3) == from_dict({}).erm.lr  # the default: constant AdamW, as before
@@ -568,11 +692,22 @@ def test_missing_weights_stop_a_run_before_the_data_is_read(tmp_path, capsys, mo
 
     monkeypatch.setattr(cli, "ray_session", lambda address: (_ for _ in ()).throw(AssertionError("reached Ray")))
     decoded = tmp_path / "decoded"
-    rc = main(["run", str(SPECS / "waterbirds.yaml"), "--out", str(tmp_path / "out"),
-               "--set", f"dataset.root={make_waterbirds(tmp_path / 'data')}",
-               "--set", f"dataset.decode_cache={decoded}",
-               "--set", f"model.pretrained={tmp_path / 'hub' / 'models--timm--resnet50.tv_in1k'}"])
+    rc = main(
+        [
+            "run",
+            str(SPECS / "waterbirds.yaml"),
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            f"dataset.root={make_waterbirds(tmp_path / 'data')}",
+            "--set",
+            f"dataset.decode_cache={decoded}",
+            "--set",
+            f"model.pretrained={tmp_path / 'hub' / 'models--timm--resnet50.tv_in1k'}",
+        ]
+    )
     err = capsys.readouterr().err
-    assert rc == 2 and (f"model.pretrained: '{tmp_path / 'hub' / 'models--timm--resnet50.tv_in1k'}' "
-                        f"does not exist") in err
+    assert (
+        rc == 2 and (f"model.pretrained: '{tmp_path / 'hub' / 'models--timm--resnet50.tv_in1k'}' does not exist") in err
+    )
     assert not decoded.exists()  # nothing was verified or decoded first

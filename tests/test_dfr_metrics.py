@@ -71,12 +71,17 @@ def test_dfr_fits_with_a_tiny_group_when_it_enters_whole():
     Xv, yv, gv = shortcut_features(600, 0.9, 0)
     lone = np.flatnonzero(gv == 1)[0]
     gv = gv.copy()
-    gv[gv == 1] = 0          # class 0's minority folds into its majority ...
-    gv[lone] = 1             # ... but for one point, which stays a group of 1
+    gv[gv == 1] = 0  # class 0's minority folds into its majority ...
+    gv[lone] = 1  # ... but for one point, which stays a group of 1
     with pytest.raises(UserError, match=r"group 1 has 1 val member\(s\).*dfr.whole_group_max"):
         fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(c_grid=[1.0], n_final_fits=2), n_select_repeats=2), seed=0)
-    model = fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(c_grid=[1.0, 0.1], n_final_fits=3, whole_group_max=5),
-                                              n_select_repeats=2), seed=0)
+    model = fit_dfr(
+        Xv,
+        yv,
+        gv,
+        RetrainConfig(DfrKeys(c_grid=[1.0, 0.1], n_final_fits=3, whole_group_max=5), n_select_repeats=2),
+        seed=0,
+    )
     assert model.predict(Xv).shape == yv.shape and model.C in (1.0, 0.1)
 
 
@@ -95,15 +100,16 @@ def test_reweight_fits_every_point_weighted_by_its_group():
     takes a 1-member group (nothing is cut down to it) and refuses whole_group_max, which it ignores."""
     Xv, yv, gv = shortcut_features(800, 0.9, 0)
     gv = gv.copy()
-    gv[np.flatnonzero(gv == 1)[0]] = 7   # a group of 1 (class 0), refused by subsampling
+    gv[np.flatnonzero(gv == 1)[0]] = 7  # a group of 1 (class 0), refused by subsampling
     cfg = RetrainConfig(DfrKeys(c_grid=[1.0, 0.1], balance="reweight"), n_select_repeats=3)
     model = fit_dfr(Xv, yv, gv, cfg, seed=0)
     X = (Xv - model.mean) / model.std
     ref = LogisticRegression(penalty="l1", C=model.C, solver="liblinear", random_state=0)
     ref.fit(X, yv, sample_weight=group_weights(gv))
     assert np.allclose(model.coef, ref.coef_, atol=1e-3) and np.allclose(model.intercept, ref.intercept_, atol=1e-3)
-    assert not np.allclose(model.coef, LogisticRegression(penalty="l1", C=model.C, solver="liblinear").fit(X, yv).coef_,
-                           atol=1e-2)
+    assert not np.allclose(
+        model.coef, LogisticRegression(penalty="l1", C=model.C, solver="liblinear").fit(X, yv).coef_, atol=1e-2
+    )
     assert model.heldout_idx.shape == (3, 400)  # the same held-out halves as subsampling's
     with pytest.raises(UserError, match=r"group 7 has 1 val member"):
         fit_dfr(Xv, yv, gv, RetrainConfig(DfrKeys(c_grid=[1.0]), n_select_repeats=2), seed=0)
@@ -146,11 +152,11 @@ def test_worst_over_groupings_penalises_a_missed_minority():
     y = np.array([0] * 40 + [1] * 40)
     minority = np.zeros(80, bool)
     minority[[0, 1, 2, 3, 4, 5, 40, 41, 42, 43, 44, 45]] = True
-    found = np.where(minority, 2 + y, y)      # a grouping that isolates the minorities
-    missed = y.copy()                         # a grouping that does not (groups = classes)
+    found = np.where(minority, 2 + y, y)  # a grouping that isolates the minorities
+    missed = y.copy()  # a grouping that does not (groups = classes)
     idx = np.arange(80)[None, :]
     shortcut_pred = np.where(minority, 1 - y, y)[None, :]  # right on majorities, wrong on minorities
-    robust_pred = y[None, :]                                # right everywhere
+    robust_pred = y[None, :]  # right everywhere
     # judged only on its own (missed) groups the shortcut model looks fine ...
     assert worst_over_groupings(idx, shortcut_pred, y, [missed]) == pytest.approx(0.85)
     # ... but not once another trial's grouping that found the minority is included

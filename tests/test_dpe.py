@@ -2,6 +2,7 @@
 run for real on tiny planted features. Skipped where dpe is not installed (pip install 'exmap-ray[dpe]');
 the test that the spec and the CLI work without it runs either way.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,8 +67,11 @@ def test_dpe_is_deterministic_per_seed_and_leaves_the_global_state_alone():
     Xv, yv, gv = planted(300, 0.7, 1)
     torch.manual_seed(123)
     np.random.seed(123)
-    torch_state, np_state, threads = torch.get_rng_state().clone(), np.random.get_state()[1].copy(), \
-        torch.get_num_threads()
+    torch_state, np_state, threads = (
+        torch.get_rng_state().clone(),
+        np.random.get_state()[1].copy(),
+        torch.get_num_threads(),
+    )
     a = fit(Xv, yv, gv, seed=3, n_members=3, epochs=3)
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], np_state)
@@ -103,21 +107,28 @@ def test_epoch_choice_reads_the_same_worst_group_accuracy_as_the_package():
     model = core._init_model(num_classes=2, model=_shelf(32), loss_name="isomax", device="cpu")
     loader = _loader(_Rows(Xv, yv, gv, 2), 64)
     assert worst_group_accuracy(model, loader)["min_group"]["accuracy"] == pytest.approx(
-        core._evaluate(model, loader, device="cpu")["min_group"]["accuracy"])
+        core._evaluate(model, loader, device="cpu")["min_group"]["accuracy"]
+    )
 
 
 def test_the_spec_and_the_cli_work_without_dpe():
     """Without the dpe package (hidden here), `exmap-ray spec` prints, the spec has no retrain.dpe section,
     and asking for the method names the extra to install."""
-    code = "\n".join([
-        "import sys; sys.modules['dpe'] = None",  # find_spec('dpe') is then None: as if not installed
-        "from exmap_ray import plugins; from exmap_ray.cli import main; from exmap_ray.spec import from_dict",
-        "from exmap_ray.errors import SpecError",
-        "assert 'dpe' not in plugins.retrain.RETRAINERS.names()",
-        "assert not hasattr(from_dict({}).retrain, 'dpe')",
-        "try:", "    from_dict({'retrain': {'method': 'dpe'}})",
-        "except SpecError as e:", "    print('ERR', e)",
-        "sys.exit(main(['spec']))", ""])
+    code = "\n".join(
+        [
+            "import sys; sys.modules['dpe'] = None",  # find_spec('dpe') is then None: as if not installed
+            "from exmap_ray import plugins; from exmap_ray.cli import main; from exmap_ray.spec import from_dict",
+            "from exmap_ray.errors import SpecError",
+            "assert 'dpe' not in plugins.retrain.RETRAINERS.names()",
+            "assert not hasattr(from_dict({}).retrain, 'dpe')",
+            "try:",
+            "    from_dict({'retrain': {'method': 'dpe'}})",
+            "except SpecError as e:",
+            "    print('ERR', e)",
+            "sys.exit(main(['spec']))",
+            "",
+        ]
+    )
     path = [p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -1,4 +1,5 @@
 """The whole pipeline through the CLI: real local Ray, real SQLite MLflow, real artifacts."""
+
 import json
 
 import numpy as np
@@ -11,10 +12,22 @@ from exmap_ray.cache import StageCache
 
 from .conftest import tiny_spec_dict
 
-REQUIRED = ["erm.test.worst_group_acc", "erm.test.mean_acc", "erm.test.per_group",
-            "robust.test.worst_group_acc", "robust.test.mean_acc", "robust.test.per_group", "robust.n_groups",
-            "robust.ari", "robust.nmi", "oracle_dfr.test.worst_group_acc", "oracle_dfr.test.mean_acc",
-            "timings_s", "config", "mlflow_run_id"]
+REQUIRED = [
+    "erm.test.worst_group_acc",
+    "erm.test.mean_acc",
+    "erm.test.per_group",
+    "robust.test.worst_group_acc",
+    "robust.test.mean_acc",
+    "robust.test.per_group",
+    "robust.n_groups",
+    "robust.ari",
+    "robust.nmi",
+    "oracle_dfr.test.worst_group_acc",
+    "oracle_dfr.test.mean_acc",
+    "timings_s",
+    "config",
+    "mlflow_run_id",
+]
 
 
 def _get(d, dotted):
@@ -48,6 +61,7 @@ def test_run_cmnist_end_to_end(tiny_run, tmp_path, capsys):
     assert res["config"]["model"]["backbone"] == "test_resnet"
     # what computed it: this driver, and the Ray Train worker that trained the (cached) ERM, with its threads
     import timm
+
     env = res["environment"]
     assert env["driver"]["packages"]["timm"] == timm.__version__ == env["erm"]["packages"]["timm"]
     assert env["erm"]["torch_threads"] == 1 and env["erm"]["torch_cpu_kernels"] and env["erm"]["gpu"] is None
@@ -77,11 +91,18 @@ def test_run_cmnist_end_to_end(tiny_run, tmp_path, capsys):
 
 
 def test_run_folder_dataset_of_real_images(ray_local, tmp_path, folder_dataset):
-    spec = _write_spec(tmp_path, dataset={"name": "folder", "root": str(folder_dataset), "image_size": 32,
-                                          "decode_cache": str(tmp_path / "decoded")},
-                       heatmaps={"method": "input_x_gradient", "shard_size": 8, "downsize": 8},
-                       clustering={"method": "kmeans", "k": 2, "scope": "local", "min_group_size": 2},
-                       erm={"epochs": 2, "batch_size": 8})
+    spec = _write_spec(
+        tmp_path,
+        dataset={
+            "name": "folder",
+            "root": str(folder_dataset),
+            "image_size": 32,
+            "decode_cache": str(tmp_path / "decoded"),
+        },
+        heatmaps={"method": "input_x_gradient", "shard_size": 8, "downsize": 8},
+        clustering={"method": "kmeans", "k": 2, "scope": "local", "min_group_size": 2},
+        erm={"epochs": 2, "batch_size": 8},
+    )
     out = tmp_path / "run"
     assert main(["run", str(spec), "--out", str(out), "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
@@ -92,15 +113,22 @@ def test_run_folder_dataset_of_real_images(ray_local, tmp_path, folder_dataset):
     assert len(list((tmp_path / "decoded").glob("*.npy"))) == 2  # val and test decoded once, shared by all stages
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "clustering.kk=2"], "unknown spec key 'clustering.kk'. Did you mean 'k'?"),
-    (["--set", "heatmaps.method=shap"],
-     "unknown heatmap method 'shap'. Registered: gradcam, input_x_gradient, integrated_gradients, lrp"),
-    (["--set", "model.backbone=resnet_999"], "'resnet_999' is not a timm model"),
-    # the tiny spec's C-MNIST keys do not go with another dataset (test_bad_input: a folder root that is not there)
-    (["--set", "dataset.name=folder", "--set", "dataset.root=/nonexistent"],
-     "is not a key of dataset 'folder': dataset(s) cmnist, cmnist_multi, zoo_blur"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "clustering.kk=2"], "unknown spec key 'clustering.kk'. Did you mean 'k'?"),
+        (
+            ["--set", "heatmaps.method=shap"],
+            "unknown heatmap method 'shap'. Registered: gradcam, input_x_gradient, integrated_gradients, lrp",
+        ),
+        (["--set", "model.backbone=resnet_999"], "'resnet_999' is not a timm model"),
+        # the tiny spec's C-MNIST keys do not go with another dataset (test_bad_input: a folder root that is not there)
+        (
+            ["--set", "dataset.name=folder", "--set", "dataset.root=/nonexistent"],
+            "is not a key of dataset 'folder': dataset(s) cmnist, cmnist_multi, zoo_blur",
+        ),
+    ],
+)
 def test_bad_input_stops_with_a_named_culprit(tmp_path, capsys, args, message):
     rc = main(["run", str(_write_spec(tmp_path)), "--out", str(tmp_path / "o")] + args)
     err = capsys.readouterr().err

@@ -1,5 +1,6 @@
 """ERM through Ray Train: DDP over gloo with two CPU workers, checkpoints through ray.train.report,
 validation sharded over the workers, best-val-accuracy checkpoint selection; bf16 autocast in the loop."""
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -25,8 +26,9 @@ def test_ray_train_ddp_two_workers_hands_on_the_best_epoch(ray_local, tmp_path, 
 
     A learning rate high enough that val accuracy is not monotone over the epochs, so the best epoch
     is not the last: the weights handed on must be that epoch's, not the last ones."""
-    spec = from_dict(tiny_spec_dict(erm={"epochs": 3, "num_workers": 2, "batch_size": 32, "lr": 0.05,
-                                         "keep": "best_val_acc"}))
+    spec = from_dict(
+        tiny_spec_dict(erm={"epochs": 3, "num_workers": 2, "batch_size": 32, "lr": 0.05, "keep": "best_val_acc"})
+    )
     caplog.set_level("INFO", logger="exmap_ray.console")  # the driver's epoch lines (console.Progress)
     info = train_erm(spec, tmp_path, n_classes=2)
     assert info["workers"] == 2 and info["epochs"] == 3 and not info["use_gpu"]
@@ -34,9 +36,14 @@ def test_ray_train_ddp_two_workers_hands_on_the_best_epoch(ray_local, tmp_path, 
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     # rank 0 sent each epoch's metrics to this driver, which printed them, once each, in order
     printed = [(r.tag, r.getMessage()) for r in caplog.records if r.name == "exmap_ray.console"]
-    assert printed == [("erm", f"epoch {h['epoch']}/3: loss {h['train_loss']:.4f}, train acc {h['train_acc']:.3f}, "
-                               f"val acc {h['val_acc']:.3f}, {h['images_per_s']:.0f} img/s per worker")
-                       for h in hist], printed
+    assert printed == [
+        (
+            "erm",
+            f"epoch {h['epoch']}/3: loss {h['train_loss']:.4f}, train acc {h['train_acc']:.3f}, "
+            f"val acc {h['val_acc']:.3f}, {h['images_per_s']:.0f} img/s per worker",
+        )
+        for h in hist
+    ], printed
     accs = [h["val_acc"] for h in hist]
     best = accs.index(max(accs))  # the first epoch with the highest val accuracy
     assert best < 2, f"val accuracy peaked at the last epoch ({accs}): the test no longer tells best from last"

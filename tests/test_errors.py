@@ -1,4 +1,5 @@
 """The near-name helpers every "not found, did you mean" message uses."""
+
 from exmap_ray.errors import did_you_mean, near_name, near_names
 
 

@@ -16,6 +16,7 @@ runs (Ray Train, the heatmap actors, the clusters stage's GPU route):
 The logical-GPU tests (tests/test_gpu_schedule.py) prove the schedule without a GPU; these prove the
 device side on one.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ from torch import nn
 
 from .conftest import tiny_spec_dict
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)"),
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,8 +92,11 @@ def _methods():
     return out + [("lrp", {"conv_rule": "gamma", "gamma": 4.0})]
 
 
-@pytest.mark.parametrize("method,keys", _methods(), ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{k}{w}" for k, w in v.items()) or "default")
+@pytest.mark.parametrize(
+    "method,keys",
+    _methods(),
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}{w}" for k, w in v.items()) or "default",
+)
 def test_gpu_heatmaps_equal_cpu_heatmaps_with_the_flags_users_get(method, keys):
     """fp32 on the GPU with the pipeline's own flags (configure_cuda: TF32 off) against the CPU."""
     from exmap_ray.heatmaps import HEATMAP_METHODS
@@ -169,8 +175,14 @@ def test_demo_runs_every_stage_on_the_gpu(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}
     env.pop("EXMAP_RAY_FAKE_CUDA", None)
-    proc = subprocess.run([sys.executable, "-m", "exmap_ray", "run", str(ROOT / "tune_specs" / "cmnist.yaml"),
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "exmap_ray", "run", str(ROOT / "tune_specs" / "cmnist.yaml"), "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     spec = json.loads((out / "spec.resolved.json").read_text())
     assert spec["resources"]["gpu"] is True

@@ -7,6 +7,7 @@ stage in a process Ray gave a GPU (never the driver), actors sharing a GPU, swee
 GPU shares finishing every trial, and the autoscaler request withdrawn. Each class runs on its own
 local Ray with logical GPUs; the session's Ray (2 CPUs, no GPU) is started again afterwards.
 """
+
 from __future__ import annotations
 
 import _thread
@@ -227,14 +228,19 @@ def check_sweep(tmp_path, cache, space: dict, trial_gpus: float, gpus: int):
     from exmap_ray.tune import run_sweep
 
     # two heatmap actors sharing a GPU wherever the driver extracts (an execution-only key)
-    spec = gpu_spec(search={"space": space, "trial_gpus": trial_gpus, "max_concurrent_trials": 2},
-                    heatmaps={"num_actors": None, "actors_per_gpu": 2, "shard_size": 50})
+    spec = gpu_spec(
+        search={"space": space, "trial_gpus": trial_gpus, "max_concurrent_trials": 2},
+        heatmaps={"num_actors": None, "actors_per_gpu": 2, "shard_size": 50},
+    )
     t0 = time.time()
     with deadline(SWEEP_TIMEOUT_S, f"a sweep with trial_gpus {trial_gpus} on {gpus} GPU(s)"):
         summary = run_sweep(spec, tmp_path / "sweep", cache)
     assert summary["n_trials"] == 2 and summary["n_failed"] == 0, summary
-    computed = {(r["stage"], r["key"]): r["pid"] for r in StageCache(cache).records()
-                if r["event"] == "computed" and r["time"] >= t0}
+    computed = {
+        (r["stage"], r["key"]): r["pid"]
+        for r in StageCache(cache).records()
+        if r["event"] == "computed" and r["time"] >= t0
+    }
     seen = set()
     for row in summary["rows"]:
         res = read_json(tmp_path / "sweep" / "trials" / row["trial"] / "results.json")

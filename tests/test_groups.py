@@ -1,4 +1,5 @@
 """Group sources for val: ExMap, GEORGE-style features, JTT error set, random floor, oracle."""
+
 import dataclasses
 
 import numpy as np
@@ -30,8 +31,15 @@ def toy(seed=0):
 
 def ctx(**over):
     y, sub, H, F, logits = toy()
-    base = dict(y_val=y, clustering=ClusteringSpec(method="kmeans", k=2, scope="global", min_group_size=3),
-                seed=0, val_features=F, val_logits=logits, heatmaps=H, true_groups=sub)
+    base = dict(
+        y_val=y,
+        clustering=ClusteringSpec(method="kmeans", k=2, scope="global", min_group_size=3),
+        seed=0,
+        val_features=F,
+        val_logits=logits,
+        heatmaps=H,
+        true_groups=sub,
+    )
     return GroupContext(**{**base, **over})
 
 
@@ -77,8 +85,9 @@ def test_clustering_input_both_finds_what_each_input_alone_misses():
         ari[what] = adjusted_rand_score(sub, groups)
     assert ari["both"] == pytest.approx(1.0) and max(ari["heatmaps"], ari["features"]) < 0.9, ari
     with pytest.raises(UserError, match="group source 'exmap' needs val_features"):
-        infer_groups("exmap", dataclasses.replace(c, clustering=dataclasses.replace(cspec, input="both"),
-                                                  val_features=None))
+        infer_groups(
+            "exmap", dataclasses.replace(c, clustering=dataclasses.replace(cspec, input="both"), val_features=None)
+        )
 
 
 def test_features_source_clusters_each_class_apart():
@@ -144,9 +153,9 @@ def test_merge_easy_joins_the_groups_erm_gets_right_and_keeps_the_hard_ones(monk
 
     y, sub, _, _, logits = toy()
     rng = np.random.default_rng(0)
-    pieces = np.where(sub == 0, rng.integers(0, 3, len(y)), 0)          # class 0's majority in 3 pieces
+    pieces = np.where(sub == 0, rng.integers(0, 3, len(y)), 0)  # class 0's majority in 3 pieces
     pieces = np.where(sub == 2, 10 + rng.integers(0, 2, len(y)), pieces)  # class 1's in 2
-    fragments = np.where(sub == 1, 5, np.where(sub == 3, 20, pieces))    # the minorities whole
+    fragments = np.where(sub == 1, 5, np.where(sub == 3, 20, pieces))  # the minorities whole
     merged, info = merge_easy_groups(fragments, y, logits)
     assert np.array_equal(merged, sub)  # dense ids, in the old ids' order
     assert info == {0: [0, 1, 2], 1: [10, 11]}
@@ -169,10 +178,10 @@ def colour_and_place(seed=1):
     colour = np.concatenate([np.repeat([c, c, 1 - c, 1 - c], sizes) for c in (0, 1)])
     place = np.concatenate([np.repeat([p, 1 - p, p, 1 - p], sizes) for p in (0, 1)])
     H = 0.2 * rng.normal(size=(len(y), 2, 8, 8))
-    H[np.arange(len(y)), colour] += 1.0                       # the colour: a whole channel
+    H[np.arange(len(y)), colour] += 1.0  # the colour: a whole channel
     spot = np.where(place == 0, 0, 6)
     for i in range(len(y)):
-        H[i, :, spot[i]:spot[i] + 2, spot[i]:spot[i] + 2] += 0.3  # the place: 2 x 2 pixels, both channels
+        H[i, :, spot[i] : spot[i] + 2, spot[i] : spot[i] + 2] += 0.3  # the place: 2 x 2 pixels, both channels
     true = y * 4 + colour * 2 + place
     return y, true, H
 
@@ -188,9 +197,10 @@ def test_cross_spatial_finds_the_place_the_channels_hide():
     c = ctx(y_val=y, heatmaps=H, true_groups=true, val_features=None, val_logits=None, clustering=cspec)
     plain, info = infer_groups("exmap", c)
     assert info["scopes"]["global"]["k"] == 2 and "cross_scopes" not in info
-    assert min(recovery(plain, true).values()) == 0.0          # the place is lost
-    crossed, info = infer_groups("exmap", c.__class__(**{**c.__dict__, "clustering":
-                                                         dataclasses.replace(cspec, cross_spatial="all")}))
+    assert min(recovery(plain, true).values()) == 0.0  # the place is lost
+    crossed, info = infer_groups(
+        "exmap", c.__class__(**{**c.__dict__, "clustering": dataclasses.replace(cspec, cross_spatial="all")})
+    )
     assert info["cross_scopes"]["global"]["k"] == 2
     assert min(recovery(crossed, true).values()) >= 0.95
     assert adjusted_rand_score(true, crossed) > 0.95
@@ -201,19 +211,25 @@ def test_cross_spatial_finds_the_place_the_channels_hide():
 def test_cross_spatial_refuses_what_it_cannot_sum():
     cspec = ClusteringSpec(method="kmeans", k=2, scope="global", min_group_size=3, cross_spatial="all")
     with pytest.raises(SpecError, match="spec key 'clustering.cross_spatial': 'all' splits clusters by the heatmaps'"):
-        dataclasses.replace(cspec, input="features")                      # refused with the spec, before ERM
+        dataclasses.replace(cspec, input="features")  # refused with the spec, before ERM
     assert from_dict({"clustering": {"cross_spatial": "hard", "input": "both"}}).clustering.cross_spatial == "hard"
     # one channel (gradcam's maps): the channel sums are the maps, and the crossing changes nothing
     y, true, H = colour_and_place()
-    one = ctx(y_val=y, heatmaps=H.sum(1, keepdims=True), true_groups=true,
-              clustering=ClusteringSpec(method="spectral", scope="global", min_group_size=3))
+    one = ctx(
+        y_val=y,
+        heatmaps=H.sum(1, keepdims=True),
+        true_groups=true,
+        clustering=ClusteringSpec(method="spectral", scope="global", min_group_size=3),
+    )
     plain, _ = infer_groups("exmap", one)
-    crossed, _ = infer_groups("exmap", dataclasses.replace(one, clustering=dataclasses.replace(one.clustering,
-                                                                                              cross_spatial="all")))
+    crossed, _ = infer_groups(
+        "exmap", dataclasses.replace(one, clustering=dataclasses.replace(one.clustering, cross_spatial="all"))
+    )
     assert adjusted_rand_score(plain, crossed) == pytest.approx(1.0)
     flat = ctx().heatmaps.reshape(len(ctx().y_val), -1)
-    with pytest.raises(UserError,
-                       match=r"needs heatmaps of shape \(N, channels, height, width\); these are \[\(32,\)\]"):
+    with pytest.raises(
+        UserError, match=r"needs heatmaps of shape \(N, channels, height, width\); these are \[\(32,\)\]"
+    ):
         infer_groups("exmap", ctx(clustering=cspec, heatmaps=flat))
 
 
@@ -232,12 +248,14 @@ def test_cross_spatial_hard_keeps_apart_only_the_parts_erm_finds_harder():
         out = np.zeros((len(y), 2))
         out[np.arange(len(y)), np.where(wrong, 1 - y, y)] = 1.0
         return out
+
     cspec = ClusteringSpec(method="spectral", scope="global", min_group_size=3)
-    c = ctx(y_val=y, heatmaps=H, true_groups=true, val_features=None, clustering=cspec,
-            val_logits=logits(colour_minority))
+    c = ctx(
+        y_val=y, heatmaps=H, true_groups=true, val_features=None, clustering=cspec, val_logits=logits(colour_minority)
+    )
     plain, _ = infer_groups("exmap", c)
     hard = dataclasses.replace(c, clustering=dataclasses.replace(cspec, cross_spatial="hard"))
-    same, info = infer_groups("exmap", hard)                  # errors follow the colour only
+    same, info = infer_groups("exmap", hard)  # errors follow the colour only
     assert adjusted_rand_score(plain, same) == pytest.approx(1.0) and info["cross_scopes"]["kept_apart"] == 0
     # ERM errs on the rare place too, and on half the rest of the rare colour
     harder = dataclasses.replace(hard, val_logits=logits(place_minority | (colour_minority & half)))
@@ -246,8 +264,9 @@ def test_cross_spatial_hard_keeps_apart_only_the_parts_erm_finds_harder():
     with pytest.raises(UserError, match="cross_spatial: hard needs ERM's val logits"):
         infer_groups("exmap", dataclasses.replace(hard, val_logits=None))
     # the rule itself: per (class, cluster), parts at least as accurate as the whole become one part (0)
-    parts, kept = keep_hard_parts(np.zeros(6, int), np.zeros(6, int), np.array([0, 0, 1, 1, 2, 2]),
-                                  np.array([1, 1, 1, 0, 1, 1], bool))
+    parts, kept = keep_hard_parts(
+        np.zeros(6, int), np.zeros(6, int), np.array([0, 0, 1, 1, 2, 2]), np.array([1, 1, 1, 0, 1, 1], bool)
+    )
     assert parts.tolist() == [0, 0, 2, 2, 0, 0] and kept == 1
 
 
@@ -283,8 +302,7 @@ def test_cross_features_splits_the_heatmap_clusters_by_the_feature_clusters():
     groups, _ = infer_groups("exmap", ctx(y_val=y, heatmaps=H, val_features=F, true_groups=true, clustering=plain))
     assert min(recovery(groups, true).values()) < 0.5  # the heatmaps alone lose the place
     crossed = dataclasses.replace(plain, cross_features="all")
-    groups, info = infer_groups("exmap", ctx(y_val=y, heatmaps=H, val_features=F, true_groups=true,
-                                             clustering=crossed))
+    groups, info = infer_groups("exmap", ctx(y_val=y, heatmaps=H, val_features=F, true_groups=true, clustering=crossed))
     assert min(recovery(groups, true).values()) >= 0.95 and "cross_scopes" in info
     # hard: ERM wrong exactly on the cells where both shortcuts disagree with the class (8 per class): in
     # each class's minority-colour cluster that place part stays apart; every easy part merges back
@@ -293,8 +311,9 @@ def test_cross_features_splits_the_heatmap_clusters_by_the_feature_clusters():
     logits = np.stack([y == 0, y == 1], 1).astype(float)
     logits[wrong] = logits[wrong][:, ::-1]
     hard = dataclasses.replace(plain, cross_features="hard")
-    groups, _ = infer_groups("exmap", ctx(y_val=y, heatmaps=H, val_features=F, val_logits=logits, true_groups=true,
-                                          clustering=hard))
+    groups, _ = infer_groups(
+        "exmap", ctx(y_val=y, heatmaps=H, val_features=F, val_logits=logits, true_groups=true, clustering=hard)
+    )
     assert len(np.unique(groups)) == 6  # per class: the majority colour whole, the other colour in two
     assert all(recovery(groups, true)[g] >= 0.95 for g in np.unique(true[wrong]))
     with pytest.raises(SpecError, match="one crossing at a time"):

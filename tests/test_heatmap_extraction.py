@@ -1,5 +1,6 @@
 """Sharded extraction over real Ray actors equals a single process, and reloads identically from disk;
 the val features and logits the actors keep from the same forward equal `models.embed`'s."""
+
 import dataclasses
 
 import numpy as np
@@ -65,8 +66,11 @@ def test_one_pass_features_and_logits_equal_embed(ray_local, tmp_path, method):
     is tested above and in tests/faults/test_kill_workers.py)."""
     from exmap_ray.heatmaps.extract import HeatmapWorker, write_index
 
-    spec = from_dict(tiny_spec_dict(heatmaps={"method": method, "shard_size": 120, "num_actors": 1,
-                                              "precision": "fp32", "ig_steps": 4}))
+    spec = from_dict(
+        tiny_spec_dict(
+            heatmaps={"method": method, "shard_size": 120, "num_actors": 1, "precision": "fp32", "ig_steps": 4}
+        )
+    )
     data = build_dataset(spec.dataset, spec.seed)
     torch.manual_seed(0)
     save_checkpoint(_folding_matters(create_model(spec.model.backbone, data.n_classes)), tmp_path / "model.pt")
@@ -129,8 +133,10 @@ def test_the_pipeline_result_is_that_of_embeds_val_features(tiny_run):
 def _write_store(folder, H, preds, dtype, shard_size=700):
     from exmap_ray.heatmaps.extract import write_index, write_shard
 
-    entries = [write_shard(folder, i, a, b, H[a:b], preds[a:b], dtype)
-               for i, (a, b) in enumerate(shard_ranges(len(H), shard_size))]
+    entries = [
+        write_shard(folder, i, a, b, H[a:b], preds[a:b], dtype)
+        for i, (a, b) in enumerate(shard_ranges(len(H), shard_size))
+    ]
     write_index(folder, len(H), entries, dtype)
     return HeatmapShards(folder)
 
@@ -142,7 +148,7 @@ def test_float16_store_keeps_heatmaps_of_any_scale_and_the_pseudo_groups(tmp_pat
     from exmap_ray.clustering.scale import planted_heatmaps
 
     H, planted = planted_heatmaps(2000, seed=3)
-    H[:500] *= 1e6   # beyond float16's largest value (65504) unless scaled
+    H[:500] *= 1e6  # beyond float16's largest value (65504) unless scaled
     H[500:1000] *= 1e-9  # below its smallest subnormal (6e-8) unless scaled
     H[1000] = 0  # an all-zero heatmap stays zero (its scale is 1, not 0)
     preds = planted // 2
@@ -156,7 +162,7 @@ def test_float16_store_keeps_heatmaps_of_any_scale_and_the_pseudo_groups(tmp_pat
     assert back.dtype == np.float32 and np.isfinite(back).all() and not back[1000].any()
     # float16 keeps 11 significant bits: each value within 2^-11 of its heatmap's max |value|
     peak = np.abs(H.reshape(len(H), -1)).max(1).reshape(-1, 1, 1, 1)
-    assert (np.abs(back - H) <= peak * 2.0 ** -11).all()
+    assert (np.abs(back - H) <= peak * 2.0**-11).all()
     np.testing.assert_allclose(s16[7], back[7])  # one heatmap (plots) = the same as the whole load
     np.testing.assert_array_equal(s16.preds(), preds)
 

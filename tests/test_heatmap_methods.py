@@ -5,6 +5,7 @@
 - Grad-CAM: equals CAM on a global-average-pool + linear head;
 - LRP: the composite is set by spec keys (canonize on/off, alpha - beta = 1 enforced).
 """
+
 import pytest
 import timm
 import torch

@@ -7,6 +7,7 @@ be the one way up (docs/design.md, "Import layers").
 
     python tests/test_imports.py     # each module's layer (0 = imports nothing of exmap_ray) and imports
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,8 +29,9 @@ def modules(root: Path = ROOT) -> dict[str, Path]:
 
 
 def _type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree: ast.AST):
@@ -62,8 +64,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             # `from P import x`: the submodule P.x where x is one, else P (x is a name P defines). P's
             # own __init__ runs first either way, but a package's __init__ importing its submodules is
             # the package being assembled, not a dependency of theirs on it.
-            targets = [f"{base_name}.{a.name}" if f"{base_name}.{a.name}" in known else base_name
-                       for a in node.names]
+            targets = [f"{base_name}.{a.name}" if f"{base_name}.{a.name}" in known else base_name for a in node.names]
         for t in targets:
             while t and t not in known:  # trim to the longest dotted prefix that is a module of the package
                 t = t.rpartition(".")[0]
@@ -152,7 +153,8 @@ def test_no_import_cycles():
     found = cycles(graph())
     new = [c for c in found if c not in KNOWN_CYCLES]
     assert not new, "import cycles between modules of exmap_ray (imports must point down): " + "; ".join(
-        " <-> ".join(c) for c in new)
+        " <-> ".join(c) for c in new
+    )
     gone = [c for c in KNOWN_CYCLES if c not in found]
     assert not gone, f"no longer a cycle, remove it from KNOWN_CYCLES: {gone}"
 

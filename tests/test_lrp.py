@@ -1,4 +1,5 @@
 """LRP: relevance conservation, canonization, and refusal of unsupported models."""
+
 import pytest
 import timm
 import torch
@@ -40,12 +41,15 @@ def _net(seed=0):
     return m.eval()
 
 
-@pytest.mark.parametrize("rule", [
-    {"conv_rule": "alpha_beta", "alpha": 2.0, "beta": 1.0},
-    {"conv_rule": "alpha_beta", "alpha": 1.0, "beta": 0.0},
-    {"conv_rule": "gamma", "gamma": 0.25},
-    {"conv_rule": "gamma", "gamma": 0.0},
-])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"conv_rule": "alpha_beta", "alpha": 2.0, "beta": 1.0},
+        {"conv_rule": "alpha_beta", "alpha": 1.0, "beta": 0.0},
+        {"conv_rule": "gamma", "gamma": 0.25},
+        {"conv_rule": "gamma", "gamma": 0.0},
+    ],
+)
 def test_relevance_is_conserved_on_bias_free_net(rule):
     x = torch.rand(6, 3, 12, 12) + 0.05
     rel, pred = LRP(_net(), HeatmapSpec(epsilon=1e-9, **rule))(x)
@@ -137,10 +141,23 @@ def _zennit():
 
 def _plain_cnn(seed=0):
     torch.manual_seed(seed)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                      nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                      nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                      nn.Conv2d(16, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(16, 16, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
     return _random_batchnorm(m)
 
 
@@ -203,8 +220,10 @@ def _zennit_lrp(zennit, model, conv_rule, x):
     from zennit.rules import Epsilon
     from zennit.types import Convolution
 
-    composite = LayerMapComposite(layer_map=layer_map_base() + [(Convolution, conv_rule), (nn.Linear, Epsilon())],
-                                  canonizers=_zennit_canonizers(zennit))
+    composite = LayerMapComposite(
+        layer_map=layer_map_base() + [(Convolution, conv_rule), (nn.Linear, Epsilon())],
+        canonizers=_zennit_canonizers(zennit),
+    )
     with torch.no_grad():
         target = torch.eye(model(x).shape[1])[model(x).argmax(1)]
     with Gradient(model=model, composite=composite) as attributor:
@@ -251,11 +270,18 @@ def _symmetric_gamma_as_released(zennit, gamma):
         return [fp * s, fp * s, fn * s, fn * s]
 
     plus, minus = (lambda t: t.clamp(min=0)), (lambda t: t.clamp(max=0))
-    return BasicHook(input_modifiers=[plus, minus, plus, minus],
-                     param_modifiers=[ClampMod(min=0.), ClampMod(max=0., zero_params=["bias"]),
-                                      ClampMod(max=0.), ClampMod(min=0., zero_params=["bias"])],
-                     output_modifiers=[lambda z: z] * 4, gradient_mapper=mapper,
-                     reducer=lambda inputs, grads: sum(i * g for i, g in zip(inputs, grads)))
+    return BasicHook(
+        input_modifiers=[plus, minus, plus, minus],
+        param_modifiers=[
+            ClampMod(min=0.0),
+            ClampMod(max=0.0, zero_params=["bias"]),
+            ClampMod(max=0.0),
+            ClampMod(min=0.0, zero_params=["bias"]),
+        ],
+        output_modifiers=[lambda z: z] * 4,
+        gradient_mapper=mapper,
+        reducer=lambda inputs, grads: sum(i * g for i, g in zip(inputs, grads)),
+    )
 
 
 @pytest.mark.parametrize("sign", ["positive", "signed"])
@@ -321,8 +347,9 @@ def trained_resnet():
     return m, x
 
 
-@pytest.mark.parametrize("rule", [{"conv_rule": "alpha_beta"}, {"conv_rule": "gamma", "gamma": 4.0}],
-                         ids=["alpha2beta1", "gamma4"])
+@pytest.mark.parametrize(
+    "rule", [{"conv_rule": "alpha_beta"}, {"conv_rule": "gamma", "gamma": 4.0}], ids=["alpha2beta1", "gamma4"]
+)
 def test_bf16_lrp_on_a_trained_net_stays_within_tolerance_of_fp32(trained_resnet, rule):
     """heatmaps.precision bf16 (CPU autocast here) on a trained net: the same classes, per-image cosine
     >= 0.99 and relative L2 error <= 5% (median; measured 2.2% for α2β1, 0.6% for γ4), relevance

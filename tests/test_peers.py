@@ -3,6 +3,7 @@
 Skipped where spuco is not installed (pip install 'exmap-ray[peers]'); the registry test below runs
 either way. Importing SpuCo takes about 20 s (UMAP, numba), and GEORGE's first UMAP compiles with numba.
 """
+
 from __future__ import annotations
 
 import random
@@ -49,8 +50,11 @@ def test_peer_names_are_known_with_or_without_spuco():
     # the mechanism, on a registry of its own: a known-but-absent name says why
     reg = registry.Registry("widget", "test_peers.widget")
     reg.unavailable("fancy", "needs the fancy extra: pip install 'exmap-ray[fancy]'")
-    with pytest.raises(SpecError, match=r"spec key 'test_peers.widget': widget 'fancy' needs the fancy extra: "
-                                        r"pip install 'exmap-ray\[fancy\]'"):
+    with pytest.raises(
+        SpecError,
+        match=r"spec key 'test_peers.widget': widget 'fancy' needs the fancy extra: "
+        r"pip install 'exmap-ray\[fancy\]'",
+    ):
         reg.get("fancy")
     assert reg.names() == []
 

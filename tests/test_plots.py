@@ -1,4 +1,5 @@
 """The run's figures: drawn quietly and readably for as many pseudo groups as a run makes."""
+
 from __future__ import annotations
 
 import warnings
@@ -15,8 +16,11 @@ def _grid(tmp_path, groups: int, caption_extra: str):
     pseudo = np.arange(n) % groups
     images = 0.2 + 0.6 * rng.random((n, 3, 28, 28), dtype=np.float32)
     maps = rng.standard_normal((n, 3, 14, 14)).astype(np.float32)
-    captions = [f"pseudo group {g}: class {g % 2}, cluster {g // 2}, n={int((pseudo == g).sum())}; "
-                f"mostly 'y>=5 green BR' (93%){caption_extra}" for g in range(groups)]
+    captions = [
+        f"pseudo group {g}: class {g % 2}, cluster {g // 2}, n={int((pseudo == g).sum())}; "
+        f"mostly 'y>=5 green BR' (93%){caption_extra}"
+        for g in range(groups)
+    ]
     out = tmp_path / f"grid_{groups}.png"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -33,6 +37,6 @@ def test_heatmap_grid_is_quiet_and_its_images_keep_their_size(tmp_path):
         msgs, px = _grid(tmp_path, groups, extra)
         assert [m for m in msgs if "layout" in m.lower()] == []
         h, w = px.shape
-        assert h > 2 * groups * 100 and w >= 600      # 2 rows (image, heatmap) per group, 6 columns
+        assert h > 2 * groups * 100 and w >= 600  # 2 rows (image, heatmap) per group, 6 columns
         # the images and heatmaps fill the figure: most pixels are not the white background
         assert (px < 250).mean() > 0.4, f"{groups} groups: images drawn too small ({(px < 250).mean():.2f} non-white)"

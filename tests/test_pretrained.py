@@ -1,5 +1,6 @@
 """`model.pretrained` without the network: real checkpoint files (timm and torchvision state dicts,
 .pt and .safetensors, HF hub cache folders) written here and loaded into real timm models."""
+
 from __future__ import annotations
 
 import pytest
@@ -81,8 +82,9 @@ def test_hub_cache_layouts_and_single_file_folders(tmp_path):
     torch.save(src.state_dict(), one / "test_resnet-in1k.pth")
     assert _same_backbone(create_model("test_resnet", 3, str(one)), src)
     torch.save(src.state_dict(), one / "other.pt")
-    with pytest.raises(UserError,
-                       match="holds 2 weight files \\(other.pt, test_resnet-in1k.pth\\); set model.pretrained"):
+    with pytest.raises(
+        UserError, match="holds 2 weight files \\(other.pt, test_resnet-in1k.pth\\); set model.pretrained"
+    ):
         find_weights(str(one))
 
 
@@ -106,8 +108,10 @@ def test_weights_it_cannot_find_or_use_fail_with_names(tmp_path):
     with pytest.raises(UserError) as e:
         create_model("test_resnet", 2, str(path))
     msg = str(e.value)
-    assert "does not fit timm 'test_resnet' (1 tensor(s) the model needs are missing: 'layer1.0.conv1.weight'; " \
-           "1 unexpected tensor(s): 'layer1.0.conv1.kernel')" in msg
+    assert (
+        "does not fit timm 'test_resnet' (1 tensor(s) the model needs are missing: 'layer1.0.conv1.weight'; "
+        "1 unexpected tensor(s): 'layer1.0.conv1.kernel')" in msg
+    )
     # another architecture's weights (resnet18 into test_resnet): shapes differ and are named
     torch.save(_source("resnet18").state_dict(), path)
     with pytest.raises(UserError, match=r"of another shape: 'bn1.weight' \(64,\) vs \(32,\)"):

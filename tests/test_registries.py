@@ -4,6 +4,7 @@ A new clusterer, retrainer, heatmap method, group source or dataset is tested he
 registered: no name list to update (a new dataset adds its tiny fixture to DATASET_FIXTURES). Each
 case runs on tiny arrays, the 370k-parameter `test_resnet` or a few dozen small images.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,16 +43,20 @@ def blobs(n_per=30, d=6, seed=0):
 # --------------------------------------------------------------------------- registry names and the spec
 
 
-@pytest.mark.parametrize("reg", [CLUSTERERS, RETRAINERS, HEATMAP_METHODS, GROUP_SOURCES, DATASETS],
-                         ids=lambda r: r.spec_key)
+@pytest.mark.parametrize(
+    "reg", [CLUSTERERS, RETRAINERS, HEATMAP_METHODS, GROUP_SOURCES, DATASETS], ids=lambda r: r.spec_key
+)
 def test_every_registry_checks_its_spec_key(reg):
     """The spec checks a registry's key through the registry (registry.for_key); a near name is offered."""
     assert registry.for_key(reg.spec_key) is reg and reg.names()
     section, key = reg.spec_key.split(".")
     name = reg.names()[0]
     assert getattr(getattr(from_dict({section: {key: name}}), section), key) == name
-    with pytest.raises(SpecError, match=rf"spec key '{reg.spec_key}': unknown {reg.kind} '{name}x'. "
-                                        rf"Registered: .*Did you mean '{name}'\?"):
+    with pytest.raises(
+        SpecError,
+        match=rf"spec key '{reg.spec_key}': unknown {reg.kind} '{name}x'. "
+        rf"Registered: .*Did you mean '{name}'\?",
+    ):
         from_dict({section: {key: name + "x"}})
 
 
@@ -81,9 +86,17 @@ def test_retrainer_contract(name):
     X, y, sub = blobs(n_per=40)
     # with the dpe extra: a covariance weight for 6-d features (its default suits 2048-d ones)
     small = {"dpe": {"n_members": 3, "epochs": 20, "cov_reg_grid": [10.0]}} if "dpe" in RETRAINERS else {}
-    spec = from_dict({"retrain": {"n_select_repeats": 1, "dfr": {"c_grid": [1.0], "n_final_fits": 2},
-                                  "groupdro": {"weight_decay_grid": [1e-2], "epochs": 2},
-                                  "jtt": {"weight_decay_grid": [1e-2]}, **small}})
+    spec = from_dict(
+        {
+            "retrain": {
+                "n_select_repeats": 1,
+                "dfr": {"c_grid": [1.0], "n_final_fits": 2},
+                "groupdro": {"weight_decay_grid": [1e-2], "epochs": 2},
+                "jtt": {"weight_decay_grid": [1e-2]},
+                **small,
+            }
+        }
+    )
     r = RETRAINERS.get(name)
     assert isinstance(r, Retrainer) and r.config(spec).own is getattr(spec.retrain, name)
     model = r.fit(X, y, sub, r.config(spec), 0)
@@ -173,9 +186,16 @@ def test_group_source_contract(name):
     only an oracle source reads the true groups."""
     X, y, sub = blobs()
     logits = np.eye(2)[y]
-    ctx = GroupContext(y_val=y, clustering=ClusteringSpec(method="kmeans", k=2, scope="local", min_group_size=3),
-                       seed=0, val_features=X, val_logits=logits, heatmaps=X.reshape(len(X), 1, 2, 3),
-                       true_groups=sub, random_k=2)
+    ctx = GroupContext(
+        y_val=y,
+        clustering=ClusteringSpec(method="kmeans", k=2, scope="local", min_group_size=3),
+        seed=0,
+        val_features=X,
+        val_logits=logits,
+        heatmaps=X.reshape(len(X), 1, 2, 3),
+        true_groups=sub,
+        random_k=2,
+    )
     groups, info = infer_groups(name, ctx)
     assert groups.shape == (len(y),) and groups.dtype == np.int64
     assert info["source"] == name and info["n_groups"] == len(np.unique(groups)) >= 1
@@ -193,11 +213,13 @@ def _cmnist(tmp_path, name):
 def _on_disk(maker):
     def make(tmp_path, name):
         return {"name": name, "root": str(maker(tmp_path)), "image_size": 32, "decode_cache": None}
+
     return make
 
 
 DATASET_FIXTURES = {  # name -> (tmp_path, name) -> the dataset section of a tiny spec
-    "cmnist": _cmnist, "cmnist_multi": _cmnist,
+    "cmnist": _cmnist,
+    "cmnist_multi": _cmnist,
     **{name: _cmnist for name in ZOO_FAMILIES},  # the shortcut zoo takes cmnist's rho and split sizes too
     "folder": _on_disk(lambda t: make_folder_dataset(t / "ds", per_group=2)),
     **{name: _on_disk(maker) for name, maker in MAKERS.items()},
@@ -228,7 +250,8 @@ def test_dataset_contract(tmp_path, name):
             assert len(np.unique(s.y)) >= 2
     if entry.scan is not None:
         scan = entry.scan(dspec)
-        assert not scan.findings and len(scan.table["paths"]) == sum(len(data.split(s))
-                                                                     for s in ("train", "val", "test"))
+        assert not scan.findings and len(scan.table["paths"]) == sum(
+            len(data.split(s)) for s in ("train", "val", "test")
+        )
         report = check_dataset(dspec)
         assert report.ok and report.verified and report.n_images == len(scan.table["paths"])

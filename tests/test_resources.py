@@ -2,6 +2,7 @@
 
 The schedule itself (stages on logical GPUs, sweeps whose trials hold GPUs) is tests/test_gpu_schedule.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,12 +55,30 @@ def test_a_gpu_torch_cannot_see_stops_the_run_with_exit_2_naming_it(tmp_path):
 
 def test_mismatch_message_names_a_cpu_build_and_a_missing_driver():
     assert issubclass(GpuMismatchError, UserError)  # the CLI prints its message and exits 2
-    msg = mismatch_message({"ip": "10.0.0.7", "host": "gpu-1", "node_id": "abc123", "torch": "2.14.1+cpu",
-                            "torch_cuda": None, "driver": None}, ray_gpus=4)
+    msg = mismatch_message(
+        {
+            "ip": "10.0.0.7",
+            "host": "gpu-1",
+            "node_id": "abc123",
+            "torch": "2.14.1+cpu",
+            "torch_cuda": None,
+            "driver": None,
+        },
+        ray_gpus=4,
+    )
     assert "node 10.0.0.7 (gpu-1" in msg and "Ray lists 4 GPU(s)" in msg and "CPU-only build" in msg
     assert "no NVIDIA driver is readable" in msg and "constraints.txt" in msg
-    msg = mismatch_message({"ip": "10.0.0.8", "host": "gpu-2", "node_id": "def", "torch": "2.14.1+cu130",
-                            "torch_cuda": "13.0", "driver": "570.133.20", "ray_gpu_ids": ["1"]})
+    msg = mismatch_message(
+        {
+            "ip": "10.0.0.8",
+            "host": "gpu-2",
+            "node_id": "def",
+            "torch": "2.14.1+cu130",
+            "torch_cuda": "13.0",
+            "driver": "570.133.20",
+            "ray_gpu_ids": ["1"],
+        }
+    )
     assert "Ray assigned GPU 1 there" in msg and "needs an NVIDIA driver >= 580" in msg
     assert "the driver is 570.133.20" in msg and "ImageId" in msg
 

@@ -1,4 +1,5 @@
 """Retrainers from any group labels: GroupDRO and JTT on the last layer, end-to-end GroupDRO/JTT on a real timm net."""
+
 import numpy as np
 import pytest
 import timm
@@ -20,8 +21,9 @@ def shortcut(n, rho, seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
     s = np.where(rng.random(n) < rho, y, 1 - y)
-    X = np.column_stack([(2 * y - 1) + 0.8 * rng.normal(size=n), 3 * (2 * s - 1) + 0.1 * rng.normal(size=n),
-                         rng.normal(size=(n, 6))])
+    X = np.column_stack(
+        [(2 * y - 1) + 0.8 * rng.normal(size=n), 3 * (2 * s - 1) + 0.1 * rng.normal(size=n), rng.normal(size=(n, 6))]
+    )
     return X, y, 2 * y + s
 
 
@@ -57,8 +59,12 @@ def test_jtt_from_erm_errors_beats_erm(problem):
     """The paper's JTT: the error set is where the ERM model is wrong (here on val), upweighted."""
     Xv, yv, gv, Xt, yt, gt, wga_plain = problem
     erm = LogisticRegression().fit(Xv, yv)
-    ctx = GroupContext(y_val=yv, clustering=ClusteringSpec(), seed=0, val_logits=erm.decision_function(Xv)[:, None]
-                       * np.array([[-1.0, 1.0]]))
+    ctx = GroupContext(
+        y_val=yv,
+        clustering=ClusteringSpec(),
+        seed=0,
+        val_logits=erm.decision_function(Xv)[:, None] * np.array([[-1.0, 1.0]]),
+    )
     groups, info = infer_groups("jtt_error_set", ctx)
     assert 0 < info["error_rate"] < 0.2
     assert np.array_equal(error_set_from_groups(yv, groups), erm.predict(Xv) != yv)

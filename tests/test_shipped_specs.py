@@ -3,6 +3,7 @@
 They live in exmap_ray/specs/ (package data); the repository's tune_specs/<name>.yaml each name
 theirs through `base:`, so both spellings give the same spec.
 """
+
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,18 @@ REPO_SPECS = Path(__file__).resolve().parents[1] / "tune_specs"
 
 
 def test_the_shipped_specs_are_the_ones_the_docs_name():
-    assert {"cmnist", "cmnist_multi", "folder", "waterbirds", "celeba", "metashift", "urbancars",
-            "cmnist_sweep", "waterbirds_sweep", "cmnist_e2e_sweep"} <= set(NAMES)
+    assert {
+        "cmnist",
+        "cmnist_multi",
+        "folder",
+        "waterbirds",
+        "celeba",
+        "metashift",
+        "urbancars",
+        "cmnist_sweep",
+        "waterbirds_sweep",
+        "cmnist_e2e_sweep",
+    } <= set(NAMES)
     assert DEMO == "cmnist" and DEMO in NAMES
 
 
@@ -45,8 +56,9 @@ def test_a_file_wins_over_a_name(tmp_path, monkeypatch):
     assert find_spec("cmnist") == Path("cmnist") and load_spec("cmnist").seed == 7
 
 
-@pytest.mark.parametrize("ref, near", [("cmnst", "cmnist"), ("waterbird", "waterbirds"),
-                                       ("cmnist-sweep", "cmnist_sweep")])
+@pytest.mark.parametrize(
+    "ref, near", [("cmnst", "cmnist"), ("waterbird", "waterbirds"), ("cmnist-sweep", "cmnist_sweep")]
+)
 def test_an_unknown_name_lists_the_shipped_specs_and_a_near_one(ref, near):
     with pytest.raises(SpecError) as e:
         load_spec(ref)
@@ -83,8 +95,14 @@ def test_every_sweep_spec_loads_and_parses():
 
     sweeps = sorted(SHIPPED.glob("*_sweep.yaml"))
     names = {p.name for p in sweeps}
-    assert {"cmnist_sweep.yaml", "cmnist_multi_sweep.yaml", "waterbirds_sweep.yaml", "celeba_sweep.yaml",
-            "metashift_sweep.yaml", "urbancars_sweep.yaml"} <= names
+    assert {
+        "cmnist_sweep.yaml",
+        "cmnist_multi_sweep.yaml",
+        "waterbirds_sweep.yaml",
+        "celeba_sweep.yaml",
+        "metashift_sweep.yaml",
+        "urbancars_sweep.yaml",
+    } <= names
     for p in sweeps:
         assert p.read_text().startswith("# "), f"{p.name} needs a header saying what it searches and why"
         spec = load_spec(p)

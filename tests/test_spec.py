@@ -11,28 +11,35 @@ def test_defaults_and_reasons():
     spec = from_dict({})
     assert spec.dataset.name == "cmnist" and spec.clustering.k == "auto"
     text = describe_defaults()
-    assert "clustering.k = \"auto\"" in text and "eigengap" in text
+    assert 'clustering.k = "auto"' in text and "eigengap" in text
 
 
-@pytest.mark.parametrize("data, fragment", [
-    ({"clustering": {"kk": 3}}, "unknown spec key 'clustering.kk'. Did you mean 'k'?"),
-    ({"datset": {}}, "unknown spec key 'datset'. Did you mean 'dataset'?"),
-    ({"erm": {"epochs": "five"}}, "spec key 'erm.epochs': got 'five', expected an integer"),
-    ({"erm": {"lr": -0.1}}, "spec key 'erm.lr': got -0.1, expected a number > 0"),
-    ({"dataset": {"rho": 1.5}}, "spec key 'dataset.rho': got 1.5, expected a number in [0, 1]"),
-    ({"clustering": {"k": 1}}, "spec key 'clustering.k': got 1, expected an integer >= 2, or 'auto'"),
-    ({"clustering": {"scope": "galaxy"}}, "spec key 'clustering.scope': got 'galaxy', expected 'local' | 'global'"),
-    ({"resources": {"gpu": "maybe"}}, "spec key 'resources.gpu'"),
-    ({"erm": {"use_gpu": True}}, "use 'resources.gpu' instead"),
-    ({"retrain": {"dfr": {"c_grid": []}}}, "spec key 'retrain.dfr.c_grid': got [], expected a non-empty list"),
-    ({"retrain": {"jtt": {"upweight": 0.5}}}, "spec key 'retrain.jtt.upweight': got 0.5, expected a number >= 1"),
-    ({"dataset": {"name": "celeba", "target": 3}}, "spec key 'dataset.target': got 3, expected a string or null"),
-    ({"retrain": {"dfr": {"whole_group_max": -1}}},
-     "spec key 'retrain.dfr.whole_group_max': got -1, expected a number >= 0"),
-    ({"retrain": {"dfr": {"balance": "upsample"}}},
-     "spec key 'retrain.dfr.balance': got 'upsample', expected 'subsample' | 'reweight'"),
-    ({"erm": 3}, "spec key 'erm': expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"clustering": {"kk": 3}}, "unknown spec key 'clustering.kk'. Did you mean 'k'?"),
+        ({"datset": {}}, "unknown spec key 'datset'. Did you mean 'dataset'?"),
+        ({"erm": {"epochs": "five"}}, "spec key 'erm.epochs': got 'five', expected an integer"),
+        ({"erm": {"lr": -0.1}}, "spec key 'erm.lr': got -0.1, expected a number > 0"),
+        ({"dataset": {"rho": 1.5}}, "spec key 'dataset.rho': got 1.5, expected a number in [0, 1]"),
+        ({"clustering": {"k": 1}}, "spec key 'clustering.k': got 1, expected an integer >= 2, or 'auto'"),
+        ({"clustering": {"scope": "galaxy"}}, "spec key 'clustering.scope': got 'galaxy', expected 'local' | 'global'"),
+        ({"resources": {"gpu": "maybe"}}, "spec key 'resources.gpu'"),
+        ({"erm": {"use_gpu": True}}, "use 'resources.gpu' instead"),
+        ({"retrain": {"dfr": {"c_grid": []}}}, "spec key 'retrain.dfr.c_grid': got [], expected a non-empty list"),
+        ({"retrain": {"jtt": {"upweight": 0.5}}}, "spec key 'retrain.jtt.upweight': got 0.5, expected a number >= 1"),
+        ({"dataset": {"name": "celeba", "target": 3}}, "spec key 'dataset.target': got 3, expected a string or null"),
+        (
+            {"retrain": {"dfr": {"whole_group_max": -1}}},
+            "spec key 'retrain.dfr.whole_group_max': got -1, expected a number >= 0",
+        ),
+        (
+            {"retrain": {"dfr": {"balance": "upsample"}}},
+            "spec key 'retrain.dfr.balance': got 'upsample', expected 'subsample' | 'reweight'",
+        ),
+        ({"erm": 3}, "spec key 'erm': expected a mapping"),
+    ],
+)
 def test_bad_spec_names_the_key(data, fragment):
     with pytest.raises(SpecError) as e:
         from_dict(data)
@@ -97,20 +104,23 @@ def test_spec_command_without_a_spec_shows_the_built_in_defaults(capsys):
     assert yaml.safe_load(capsys.readouterr().out) == from_dict({"seed": 3}).to_dict()
 
 
-@pytest.mark.parametrize("old, value, new", [
-    ("dfr.c_grid", [1.0], "retrain.dfr.c_grid"),
-    ("dfr.n_final_fits", 3, "retrain.dfr.n_final_fits"),
-    ("dfr.n_select_repeats", 3, "retrain.n_select_repeats"),
-    ("retrain.groupdro_eta", 0.1, "retrain.groupdro.eta"),
-    ("retrain.groupdro_epochs", 3, "retrain.groupdro.epochs"),
-    ("retrain.lr", 0.1, "retrain.groupdro.lr"),
-    ("retrain.jtt_upweight", 50.0, "retrain.jtt.upweight"),
-    ("retrain.weight_decay_grid", [0.1], "retrain.groupdro.weight_decay_grid' and 'retrain.jtt.weight_decay_grid"),
-    ("retrain.batch_size", 32, "retrain.groupdro.batch_size' (last layer) and 'retrain.end_to_end.batch_size"),
-    ("retrain.e2e_lr", 0.1, "retrain.end_to_end.lr"),
-    ("retrain.e2e_weight_decay", 0.1, "retrain.end_to_end.weight_decay"),
-    ("retrain.e2e_epochs", 2, "retrain.end_to_end.epochs"),
-])
+@pytest.mark.parametrize(
+    "old, value, new",
+    [
+        ("dfr.c_grid", [1.0], "retrain.dfr.c_grid"),
+        ("dfr.n_final_fits", 3, "retrain.dfr.n_final_fits"),
+        ("dfr.n_select_repeats", 3, "retrain.n_select_repeats"),
+        ("retrain.groupdro_eta", 0.1, "retrain.groupdro.eta"),
+        ("retrain.groupdro_epochs", 3, "retrain.groupdro.epochs"),
+        ("retrain.lr", 0.1, "retrain.groupdro.lr"),
+        ("retrain.jtt_upweight", 50.0, "retrain.jtt.upweight"),
+        ("retrain.weight_decay_grid", [0.1], "retrain.groupdro.weight_decay_grid' and 'retrain.jtt.weight_decay_grid"),
+        ("retrain.batch_size", 32, "retrain.groupdro.batch_size' (last layer) and 'retrain.end_to_end.batch_size"),
+        ("retrain.e2e_lr", 0.1, "retrain.end_to_end.lr"),
+        ("retrain.e2e_weight_decay", 0.1, "retrain.end_to_end.weight_decay"),
+        ("retrain.e2e_epochs", 2, "retrain.end_to_end.epochs"),
+    ],
+)
 def test_an_old_key_names_its_new_place_in_a_file_and_in_set(tmp_path, old, value, new):
     """Each key that moved when the plugins took their sections stops with the new key, however given."""
     import yaml
@@ -134,8 +144,10 @@ def test_a_key_of_another_dataset_names_who_takes_it_and_what_this_one_takes():
     msg = str(e.value)
     assert "spec key 'dataset.rho' is not a key of dataset 'celeba': dataset(s) cmnist, cmnist_multi, zoo_" in msg
     assert "Dataset 'celeba' takes root, target, spurious, besides the keys every dataset takes: name," in msg
-    with pytest.raises(SpecError, match="'dataset.rho_patch' is not a key of dataset 'cmnist': dataset.s. "
-                                        "cmnist_multi, zoo_frame_patch take it"):
+    with pytest.raises(
+        SpecError,
+        match="'dataset.rho_patch' is not a key of dataset 'cmnist': dataset.s. cmnist_multi, zoo_frame_patch take it",
+    ):
         from_dict({"dataset": {"rho_patch": 0.8}})  # the default dataset, cmnist
     assert from_dict({"dataset": {"name": "cmnist_multi", "rho_patch": 0.8}}).dataset.rho_patch == 0.8
 
@@ -173,8 +185,11 @@ def test_spec_command_shows_every_plugin_section_with_its_reasons():
     for name in DATASETS.names():
         keys = DATASETS.get(name).keys
         for f in dataclasses.fields(keys) if keys else ():
-            line = next(ln for ln in text.splitlines()  # datasets may share a key name, with their own reasons
-                        if ln.startswith(f"  dataset.{f.name} = ") and f.metadata["why"] in ln)
+            line = next(
+                ln
+                for ln in text.splitlines()  # datasets may share a key name, with their own reasons
+                if ln.startswith(f"  dataset.{f.name} = ") and f.metadata["why"] in ln
+            )
             assert name in line.split("#", 1)[1]
 
 

@@ -1,4 +1,5 @@
 """The stage graph (stages.py): literal stage keys, the shared upstream of a sweep, the declarations."""
+
 import pytest
 
 from exmap_ray.spec import load_spec
@@ -12,19 +13,42 @@ from exmap_ray.cache import StageCache
 # before that they were (cpu) features 5287d38d6807, heatmaps ec45ff761a82, clusters 892fa0ef4d22,
 # end_to_end a1f7d39bdc78.
 DEMO_KEYS = {
-    "cpu": {"erm": "220fd1ade0e4", "features": "14ccdd6c4f74", "heatmaps": "d41c821c82e3",
-            "clusters": "0ea83ba421b1", "end_to_end": "fd77991018fc"},
-    "gpu": {"erm": "577d9c7f2361", "features": "5df524cde760", "heatmaps": "b6723139bfb6",
-            "clusters": "eb4b71acf106", "end_to_end": "74270f5d50b9"},
+    "cpu": {
+        "erm": "220fd1ade0e4",
+        "features": "14ccdd6c4f74",
+        "heatmaps": "d41c821c82e3",
+        "clusters": "0ea83ba421b1",
+        "end_to_end": "fd77991018fc",
+    },
+    "gpu": {
+        "erm": "577d9c7f2361",
+        "features": "5df524cde760",
+        "heatmaps": "b6723139bfb6",
+        "clusters": "eb4b71acf106",
+        "end_to_end": "74270f5d50b9",
+    },
 }
 # The demo as it shipped when these were pinned: alpha2-beta1 LRP at 7x7 (the shipped spec follows the
 # ablation's rule since, gamma 4 at 14x14; spelt out here, the pinned keys stay what they were)
 PAPER = ["heatmaps.conv_rule=alpha_beta", "heatmaps.gamma=0.25", "heatmaps.downsize=7"]
 # seed 1, k 4, GroupDRO end to end, and two execution-only keys changed (they stay out of every key)
-VARIANT = [*PAPER, "resources.gpu=false", "seed=1", "clustering.k=4", "retrain.method=groupdro",
-           "retrain.mode=end_to_end", "heatmaps.batch_size=7", "dataset.loader_workers=1"]
-VARIANT_KEYS = {"erm": "10a476b90ce1", "features": "a269a48e11e5", "heatmaps": "f73cb48e6b53",
-                "clusters": "f2e24f363595", "end_to_end": "58da8fb6fe4c"}
+VARIANT = [
+    *PAPER,
+    "resources.gpu=false",
+    "seed=1",
+    "clustering.k=4",
+    "retrain.method=groupdro",
+    "retrain.mode=end_to_end",
+    "heatmaps.batch_size=7",
+    "dataset.loader_workers=1",
+]
+VARIANT_KEYS = {
+    "erm": "10a476b90ce1",
+    "features": "a269a48e11e5",
+    "heatmaps": "f73cb48e6b53",
+    "clusters": "f2e24f363595",
+    "end_to_end": "58da8fb6fe4c",
+}
 
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])
@@ -46,24 +70,44 @@ def test_variant_stage_keys_are_pinned(tmp_path):
 def test_a_key_added_later_enters_the_hash_only_away_from_its_default(tmp_path):
     """heatmaps.store_dtype came after caches existed: float32 leaves every key as pinned above;
     float16 changes the heatmaps stage and what reads it, nothing upstream."""
-    stages = stage_keys(load_spec("cmnist", [*PAPER, "resources.gpu=false", "heatmaps.store_dtype=float16"]),
-                        StageCache(tmp_path))
+    stages = stage_keys(
+        load_spec("cmnist", [*PAPER, "resources.gpu=false", "heatmaps.store_dtype=float16"]), StageCache(tmp_path)
+    )
     keys = {n: s.key for n, s in stages.items()}
     assert {n: keys[n] == DEMO_KEYS["cpu"][n] for n in keys} == {
-        "erm": True, "features": True, "heatmaps": False, "clusters": False}
+        "erm": True,
+        "features": True,
+        "heatmaps": False,
+        "clusters": False,
+    }
     # groups.merge_easy (added later too) changes the clusters stage alone
-    keys = {n: s.key for n, s in stage_keys(load_spec("cmnist", [*PAPER, "resources.gpu=false",
-                                                                "groups.merge_easy=true"]),
-                                            StageCache(tmp_path)).items()}
+    keys = {
+        n: s.key
+        for n, s in stage_keys(
+            load_spec("cmnist", [*PAPER, "resources.gpu=false", "groups.merge_easy=true"]), StageCache(tmp_path)
+        ).items()
+    }
     assert {n: keys[n] == DEMO_KEYS["cpu"][n] for n in keys} == {
-        "erm": True, "features": True, "heatmaps": True, "clusters": False}
+        "erm": True,
+        "features": True,
+        "heatmaps": True,
+        "clusters": False,
+    }
     # so does clustering.cross_spatial; none (its default) leaves every key as pinned
     for value, changed in (("none", False), ("all", True), ("hard", True)):
-        keys = {n: s.key for n, s in stage_keys(load_spec("cmnist", [*PAPER, "resources.gpu=false",
-                                                                    f"clustering.cross_spatial={value}"]),
-                                                StageCache(tmp_path)).items()}
+        keys = {
+            n: s.key
+            for n, s in stage_keys(
+                load_spec("cmnist", [*PAPER, "resources.gpu=false", f"clustering.cross_spatial={value}"]),
+                StageCache(tmp_path),
+            ).items()
+        }
         assert {n: keys[n] == DEMO_KEYS["cpu"][n] for n in keys} == {
-            "erm": True, "features": True, "heatmaps": True, "clusters": not changed}
+            "erm": True,
+            "features": True,
+            "heatmaps": True,
+            "clusters": not changed,
+        }
 
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])
@@ -75,8 +119,7 @@ def test_features_follow_heatmaps_precision_and_hash_it_only_off_auto(tmp_path, 
     same = {"cpu": ("auto", "fp32"), "gpu": ("auto", "bf16")}[device]
     other = {"cpu": "bf16", "gpu": "fp32"}[device]
     for precision in (*same, other):
-        spec = load_spec("cmnist", [*PAPER, f"resources.gpu={device == 'gpu'}",
-                                    f"heatmaps.precision={precision}"])
+        spec = load_spec("cmnist", [*PAPER, f"resources.gpu={device == 'gpu'}", f"heatmaps.precision={precision}"])
         keys = {n: s.key for n, s in stage_keys(spec, StageCache(tmp_path), ["features"]).items()}
         assert (keys["features"] == DEMO_KEYS[device]["features"]) == (precision in same), precision
         assert keys["erm"] == DEMO_KEYS[device]["erm"]
@@ -121,14 +164,17 @@ def test_graph_is_declared_in_order_and_sections_are_spec_sections():
     assert sections_of("clusters") == {"seed", "dataset", "model", "erm", "heatmaps", "clustering", "groups"}
 
 
-@pytest.mark.parametrize("searched, shared", [
-    (["clustering.k", "clustering.scope"], ["erm", "features", "heatmaps"]),
-    (["heatmaps.downsize"], ["erm", "features"]),
-    (["heatmaps.batch_size"], ["erm", "features", "heatmaps", "clusters"]),  # execution-only: no key changes
-    (["erm.lr"], []),
-    (["retrain.dfr.c_grid"], ["erm", "features", "heatmaps", "clusters"]),
-    (["dataset.rho"], []),
-])
+@pytest.mark.parametrize(
+    "searched, shared",
+    [
+        (["clustering.k", "clustering.scope"], ["erm", "features", "heatmaps"]),
+        (["heatmaps.downsize"], ["erm", "features"]),
+        (["heatmaps.batch_size"], ["erm", "features", "heatmaps", "clusters"]),  # execution-only: no key changes
+        (["erm.lr"], []),
+        (["retrain.dfr.c_grid"], ["erm", "features", "heatmaps", "clusters"]),
+        (["dataset.rho"], []),
+    ],
+)
 def test_a_sweeps_shared_upstream_follows_the_graph(searched, shared):
     assert shared_stages(load_spec("cmnist", ["resources.gpu=false"]), searched) == shared
 
@@ -164,8 +210,11 @@ def test_every_key_added_since_stage_keys_existed_declares_its_neutral_value():
 
     def unmarked(where, cls):
         listed = legacy.ALWAYS_HASHED[where]
-        return [f"{where}.{f.name}" for f in dataclasses.fields(cls) if f.name not in listed
-                and not f.metadata.get("execution") and "neutral" not in f.metadata]
+        return [
+            f"{where}.{f.name}"
+            for f in dataclasses.fields(cls)
+            if f.name not in listed and not f.metadata.get("execution") and "neutral" not in f.metadata
+        ]
 
     problems = []
     for section in ("heatmaps", "clustering", "groups"):  # every plugin's keys enter every spec's section
@@ -224,8 +273,12 @@ def test_a_new_plugin_with_its_own_keys_touches_its_module_alone(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     import json
 
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"same": True, "clusters_changed": True,
-                                                                 "erm_same": True, "listed": True}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "same": True,
+        "clusters_changed": True,
+        "erm_same": True,
+        "listed": True,
+    }
 
 
 def test_results_saved_before_the_rename_read_as_today():
@@ -234,8 +287,16 @@ def test_results_saved_before_the_rename_read_as_today():
     from exmap_ray.pipeline import format_table
 
     t = {"worst_group_acc": 0.5, "mean_acc": 0.9, "mean_acc_train_weighted": 0.8, "per_group": {"a": 0.5}}
-    robust = {"test": t, "n_groups": 4, "k_chosen": {"global": 2}, "pseudo_group_sizes": {0: 3}, "ari": 0.2,
-              "nmi": 0.3, "worst_recovery": 1.0, "groups_source": "exmap"}
+    robust = {
+        "test": t,
+        "n_groups": 4,
+        "k_chosen": {"global": 2},
+        "pseudo_group_sizes": {0: 3},
+        "ari": 0.2,
+        "nmi": 0.3,
+        "worst_recovery": 1.0,
+        "groups_source": "exmap",
+    }
     old = {"erm": {"test": t}, "exmap": robust, "oracle_dfr": {"test": t}}
     new = upgrade_results(old)
     assert set(new) == {"erm", "robust", "oracle_dfr"} and new["robust"] is robust and "exmap" in old

@@ -1,4 +1,5 @@
 """The storage root on a real S3 endpoint (moto's server on 127.0.0.1), its checks, and stage claims."""
+
 from __future__ import annotations
 
 import os
@@ -22,18 +23,30 @@ pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.
 def s3():
     """moto's S3 server on the loopback, with one bucket; yields a URI maker."""
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true")
     try:
         wait_port(port, 60, "moto server", proc)
         from pyarrow import fs as pafs
 
-        pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
-                          endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True).create_dir("bkt")
-        yield lambda prefix, bucket="bkt": (f"s3://{bucket}/{prefix}?endpoint_override=127.0.0.1:{port}"
-                                            f"&scheme=http&region=us-east-1")
+        pafs.S3FileSystem(
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            scheme="http",
+            endpoint_override=f"127.0.0.1:{port}",
+            allow_bucket_creation=True,
+        ).create_dir("bkt")
+        yield (
+            lambda prefix, bucket="bkt": (
+                f"s3://{bucket}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+            )
+        )
     finally:
         proc.terminate()
         proc.wait(10)
@@ -62,10 +75,13 @@ def test_loc_reads_and_writes_the_same_on_disk_and_on_s3(s3, tmp_path, monkeypat
         open(Loc.parse(s3("loc")) / "y")  # a remote location handed to open() fails loudly
 
 
-@pytest.mark.parametrize("bad, says", [
-    ("foo://bucket/x", "storage URI 'foo://bucket/x' cannot be used"),
-    ("/proc/x/y", "'/proc/x/y' cannot be written"),
-])
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("foo://bucket/x", "storage URI 'foo://bucket/x' cannot be used"),
+        ("/proc/x/y", "'/proc/x/y' cannot be written"),
+    ],
+)
 def test_unusable_local_or_unknown_roots_are_refused(bad, says):
     with pytest.raises(UserError, match=says.replace("(", r"\(")):
         check_root(bad)
@@ -76,9 +92,11 @@ def test_a_refused_connection_on_a_port_holding_403_is_not_called_a_credential_e
     from exmap_ray.storage import _probe_hint
 
     loc = Loc.parse("s3://bkt/x?endpoint_override=127.0.0.1:40367&scheme=http")
-    dead = ("oserror: when initiating multiple part upload for key 'x/p' in bucket 'bkt': aws error "
-            "network_connection during createmultipartupload operation: curlcode: 7, could not connect to server; "
-            "details: failed to connect to 127.0.0.1 port 40367 after 0 ms: could not connect to server")
+    dead = (
+        "oserror: when initiating multiple part upload for key 'x/p' in bucket 'bkt': aws error "
+        "network_connection during createmultipartupload operation: curlcode: 7, could not connect to server; "
+        "details: failed to connect to 127.0.0.1 port 40367 after 0 ms: could not connect to server"
+    )
     assert "endpoint does not answer" in _probe_hint(dead, loc)
     assert "credentials are refused" in _probe_hint("aws error access_denied: http 403, forbidden", loc)
     assert "credentials are refused" in _probe_hint("unexpected status code: 403 for put", loc)
@@ -99,19 +117,33 @@ def test_unusable_s3_roots_are_refused_in_seconds_naming_them(s3):
 def test_refused_or_missing_s3_credentials_are_named(tmp_path):
     """moto with authentication on (INITIAL_NO_AUTH_ACTION_COUNT=0): unknown keys are refused."""
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port, 60, "moto server", proc)
         uri = f"s3://bkt/x?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        probe = [sys.executable, "-c", "import sys; from exmap_ray.storage import check_root; check_root(sys.argv[1])",
-                 uri]
+        probe = [
+            sys.executable,
+            "-c",
+            "import sys; from exmap_ray.storage import check_root; check_root(sys.argv[1])",
+            uri,
+        ]
         base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        for env, says in (({"AWS_ACCESS_KEY_ID": "nobody", "AWS_SECRET_ACCESS_KEY": "x"}, "credentials are refused"),
-                          ({"HOME": str(tmp_path)}, "no S3 credentials were found")):
-            r = subprocess.run(probe, env={**base, "AWS_EC2_METADATA_DISABLED": "true", **env}, capture_output=True,
-                               text=True, timeout=60)
+        for env, says in (
+            ({"AWS_ACCESS_KEY_ID": "nobody", "AWS_SECRET_ACCESS_KEY": "x"}, "credentials are refused"),
+            ({"HOME": str(tmp_path)}, "no S3 credentials were found"),
+        ):
+            r = subprocess.run(
+                probe,
+                env={**base, "AWS_EC2_METADATA_DISABLED": "true", **env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert r.returncode != 0 and says in r.stderr, r.stderr[-1500:]
     finally:
         proc.terminate()
@@ -187,8 +219,13 @@ class Gate:
 # The session's Ray started before the `s3` fixture set the credentials, so its workers get them
 # through their runtime env, as a cluster job would. (Without them the SDK sends anonymous
 # aws-chunked uploads, which moto stores undecoded and real S3 refuses.)
-S3_ENV = {"env_vars": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_EC2_METADATA_DISABLED": "true"}}
+S3_ENV = {
+    "env_vars": {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+}
 
 
 def test_concurrent_claimants_on_s3_compute_a_stage_once(s3, ray_local):

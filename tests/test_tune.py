@@ -1,4 +1,5 @@
 """Ray Tune sweeps on a real local Ray into a real SQLite MLflow: nesting, reuse, resume."""
+
 import json
 import os
 import subprocess
@@ -35,22 +36,27 @@ def _children(client, parent_id):
 
 
 def test_search_space_validation():
-    spec = from_dict({"search": {"space": {"clustering": {"k": {"grid": [2, 3]}},
-                                           "retrain.dfr.n_final_fits": {"randint": [2, 9]}}}})
-    assert flatten_space(spec.search.space) == {"clustering.k": {"grid": [2, 3]},
-                                                "retrain.dfr.n_final_fits": {"randint": [2, 9]}}
+    spec = from_dict(
+        {"search": {"space": {"clustering": {"k": {"grid": [2, 3]}}, "retrain.dfr.n_final_fits": {"randint": [2, 9]}}}}
+    )
+    assert flatten_space(spec.search.space) == {
+        "clustering.k": {"grid": [2, 3]},
+        "retrain.dfr.n_final_fits": {"randint": [2, 9]},
+    }
     domains = parse_space(spec)
     assert [d.key for d in domains] == ["clustering.k", "retrain.dfr.n_final_fits"] and n_trials(domains, 3) == 6
-    for space, msg in [({}, "search.space' is empty"),
-                       ({"clustering.kk": {"grid": [2]}}, "Did you mean 'clustering.k'"),
-                       ({"clustering.k": {"grid": [1]}}, "value 1 is not valid"),
-                       ({"clustering.k": {"among": [2]}}, "expected one of"),
-                       ({"erm.lr": {"uniform": [1.0, 0.1]}}, "lo < hi"),
-                       ({"dfr.c_grid": {"grid": [[1.0]]}}, "'dfr.c_grid' has moved: use 'retrain.dfr.c_grid'"),
-                       ({"dfr": {"n_final_fits": {"grid": [2]}}}, "'dfr.n_final_fits' has moved: use 'retrain.dfr"),
-                       ({"retrain.e2e_lr": {"grid": [0.1]}}, "'retrain.e2e_lr' has moved: use 'retrain.end_to_end.lr'"),
-                       ({"dataset.root": {"grid": ["/data"]}}, "'dataset.root' is not a key of dataset 'cmnist'"),
-                       ({"retrain.groupdro.lr": "default"}, "declares none")]:
+    for space, msg in [
+        ({}, "search.space' is empty"),
+        ({"clustering.kk": {"grid": [2]}}, "Did you mean 'clustering.k'"),
+        ({"clustering.k": {"grid": [1]}}, "value 1 is not valid"),
+        ({"clustering.k": {"among": [2]}}, "expected one of"),
+        ({"erm.lr": {"uniform": [1.0, 0.1]}}, "lo < hi"),
+        ({"dfr.c_grid": {"grid": [[1.0]]}}, "'dfr.c_grid' has moved: use 'retrain.dfr.c_grid'"),
+        ({"dfr": {"n_final_fits": {"grid": [2]}}}, "'dfr.n_final_fits' has moved: use 'retrain.dfr"),
+        ({"retrain.e2e_lr": {"grid": [0.1]}}, "'retrain.e2e_lr' has moved: use 'retrain.end_to_end.lr'"),
+        ({"dataset.root": {"grid": ["/data"]}}, "'dataset.root' is not a key of dataset 'cmnist'"),
+        ({"retrain.groupdro.lr": "default"}, "declares none"),
+    ]:
         with pytest.raises(SpecError, match=msg):
             parse_space(from_dict({"search": {"space": space}}))
 
@@ -91,8 +97,9 @@ def test_sweep_nests_trials_shares_upstream_and_summarizes(tiny_run, tmp_path, c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0
     chosen, oracle, top = summary["label_free_choice"], summary["oracle_choice"], summary["label_free_top"]
-    assert summary["select"] == "one_se" and top["selection_metric"] == max(r["selection_metric"]
-                                                                             for r in summary["rows"])
+    assert summary["select"] == "one_se" and top["selection_metric"] == max(
+        r["selection_metric"] for r in summary["rows"]
+    )
     assert top["selection_se"] >= 0  # the one-SE rule: within the top score's noise, the fewest pseudo groups
     band = [r for r in summary["rows"] if r["selection_metric"] >= top["selection_metric"] - top["selection_se"]]
     assert chosen["trial"] in {r["trial"] for r in band}
@@ -114,7 +121,8 @@ def test_sweep_nests_trials_shares_upstream_and_summarizes(tiny_run, tmp_path, c
     assert parent.data.params["model.backbone"] == "test_resnet"
     assert "label_free_choice.test_worst_group_acc" in parent.data.metrics
     assert {"summary.csv", "summary.md", "wga_vs_selection_metric.png"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id)}
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
     kids = _children(client, parent.info.run_id)
     assert len(kids) == 4 and {k.info.run_name for k in kids} == {r["trial"] for r in summary["rows"]}
     for k in kids:
@@ -224,8 +232,11 @@ def test_sweep_over_erm_runs_ray_train_inside_trials(tiny_run, tmp_path):
 def test_model_based_searcher_samples_choices_and_names_trials(tiny_run, tmp_path, algorithm):
     """search.algorithm optuna / hyperopt: real searchers proposing trials, a choice among DFR C grids
     (lists, which Optuna's categoricals cannot hold) decoded back into spec values, trials named as in MLflow."""
-    space = {"clustering.k": {"choice": [2, "auto"]}, "retrain.dfr.c_grid": {"choice": [[1.0, 0.1], [0.3]]},
-             "retrain.dfr.n_final_fits": {"randint": [2, 5]}}
+    space = {
+        "clustering.k": {"choice": [2, "auto"]},
+        "retrain.dfr.c_grid": {"choice": [[1.0, 0.1], [0.3]]},
+        "retrain.dfr.n_final_fits": {"randint": [2, 5]},
+    }
     p = _sweep_spec(tmp_path, space=space, algorithm=algorithm, num_samples=3)
     out, cache = tmp_path / "sweep", tiny_run[0] / "cache"
     assert main(["tune", str(p), "--out", str(out), "--cache", str(cache), "--quiet"]) == 0

@@ -4,6 +4,7 @@ Each family's groups are what it says, its shortcut agrees with the class as oft
 (and not at all beyond chance on test), and its pixel probe reads the attribute back from the rendered
 images: the shortcut is really in the pixels.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -106,8 +107,7 @@ def test_a_build_is_a_function_of_seed_and_keys(name):
 def test_splits_use_distinct_digits():
     """The three splits draw on disjoint digits: no val or test image is a train digit."""
     _, data = build("zoo_blur")  # blur off on half: compare the digit coverage of sharp images only
-    sharp = {s: data.split(s).images.x[data.split(s).attrs["blur"] == 0].flatten(1)
-             for s in ("train", "val", "test")}
+    sharp = {s: data.split(s).images.x[data.split(s).attrs["blur"] == 0].flatten(1) for s in ("train", "val", "test")}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         assert torch.cdist(sharp[a], sharp[b]).min() > 0
 
@@ -116,7 +116,7 @@ def test_the_shortcut_gaps_come_with_the_data():
     """shortcut_metrics(pred, y, attrs) gives each painter's gap (and the pair's joint one)."""
     _, data = build("zoo_frame_patch")
     t = data.test
-    out = data.shortcut_metrics(t.attrs["frame"], t.y, t.attrs)   # a model that predicts the frame
+    out = data.shortcut_metrics(t.attrs["frame"], t.y, t.attrs)  # a model that predicts the frame
     assert set(out) == {"id_acc", "frame_gap", "patch_gap", "frame+patch_gap"}
     assert out["id_acc"] == 1.0 and out["frame_gap"] == -1.0 and out["patch_gap"] == 0.0
 
@@ -144,16 +144,17 @@ def test_the_photos_ship_inside_the_installed_scikit_image():
             assert (folder / name).is_file(), name
 
 
-@pytest.mark.parametrize("keys, match", [
-    ({"rho": 1.5}, r"'dataset.rho': got 1.5, expected a number in \[0, 1\]"),
-    ({"classes": 3}, r"'dataset.classes': got 3, expected 2 \(y = digit >= 5\) or 10"),
-    ({"n_train": 6000, "n_val": 4000, "n_test": 1},
-     r"= 10001, but dataset 'zoo_patch' draws from the 10,000 "),
-    ({"n_val": 0}, r"'dataset.n_val': got 0, expected a number > 0"),
-    ({"image_size": 12},
-     r"'dataset.image_size': got 12, but dataset 'zoo_patch' draws .* at least 16 pixels"),
-    ({"rho_object": 0.9}, r"'dataset.rho_object' is not a key of dataset 'zoo_patch'.*zoo_texture_object"),
-])
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        ({"rho": 1.5}, r"'dataset.rho': got 1.5, expected a number in \[0, 1\]"),
+        ({"classes": 3}, r"'dataset.classes': got 3, expected 2 \(y = digit >= 5\) or 10"),
+        ({"n_train": 6000, "n_val": 4000, "n_test": 1}, r"= 10001, but dataset 'zoo_patch' draws from the 10,000 "),
+        ({"n_val": 0}, r"'dataset.n_val': got 0, expected a number > 0"),
+        ({"image_size": 12}, r"'dataset.image_size': got 12, but dataset 'zoo_patch' draws .* at least 16 pixels"),
+        ({"rho_object": 0.9}, r"'dataset.rho_object' is not a key of dataset 'zoo_patch'.*zoo_texture_object"),
+    ],
+)
 def test_bad_keys_are_refused_with_the_key_and_what_is_valid(keys, match):
     with pytest.raises(SpecError, match=match):
         from_dict({"dataset": {"name": "zoo_patch", **keys}})

@@ -10,6 +10,7 @@ every cell that shares them (no MLflow, no plots; the metrics are those `exmap-r
 Each finished cell is appended to --out (JSON lines), so the script resumes where it stopped. It
 then prints the tables (markdown) and what the rule says.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,11 +76,16 @@ def run_all(out: Path, cache_dir: Path, seeds: list[int]) -> None:
                             row = {"cell": cell, "error": f"{type(e).__name__}: {e}"[:500]}
                         else:
                             ex = res["robust"]
-                            row = {"cell": cell, "test_wga": ex["test"]["worst_group_acc"],
-                                   "test_mean_acc": ex["test"]["mean_acc"], "worst_recovery": ex.get("worst_recovery"),
-                                   "k": ex["k_chosen"], "n_groups": ex["n_groups"],
-                                   "oracle_wga": res["oracle_dfr"]["test"]["worst_group_acc"],
-                                   "erm_wga": res["erm"]["test"]["worst_group_acc"]}
+                            row = {
+                                "cell": cell,
+                                "test_wga": ex["test"]["worst_group_acc"],
+                                "test_mean_acc": ex["test"]["mean_acc"],
+                                "worst_recovery": ex.get("worst_recovery"),
+                                "k": ex["k_chosen"],
+                                "n_groups": ex["n_groups"],
+                                "oracle_wga": res["oracle_dfr"]["test"]["worst_group_acc"],
+                                "erm_wga": res["erm"]["test"]["worst_group_acc"],
+                            }
                         row["seconds"] = round(time.time() - t0, 1)
                         with open(out, "a") as f:
                             f.write(json.dumps(row) + "\n")
@@ -100,33 +106,55 @@ def report(rows: list[dict], seeds: list[int]) -> str:
 
     lines = []
     for ds in DATASETS:
-        lines += [f"\n### {ds}: mean test WGA over seeds {', '.join(map(str, seeds))} (mean worst-group recovery)\n",
-                  "| upstream | small groups | heatmaps | features | both |", "|---|---|---|---|---|"]
+        lines += [
+            f"\n### {ds}: mean test WGA over seeds {', '.join(map(str, seeds))} (mean worst-group recovery)\n",
+            "| upstream | small groups | heatmaps | features | both |",
+            "|---|---|---|---|---|",
+        ]
         for variant in VARIANTS:
             for small in SMALL:
                 cells = []
                 for inp in INPUTS:
                     c = seeds_of(ds, variant, inp, small)
-                    errs = [got[(ds, s, variant, inp, small)]["error"] for s in seeds
-                            if "error" in got.get((ds, s, variant, inp, small), {})]
-                    cells.append("error" if errs else "not run" if c is None else
-                                 f"{mean([r['test_wga'] for r in c]):.3f} "
-                                 f"({mean([r['worst_recovery'] for r in c if r['worst_recovery'] is not None]):.2f})")
+                    errs = [
+                        got[(ds, s, variant, inp, small)]["error"]
+                        for s in seeds
+                        if "error" in got.get((ds, s, variant, inp, small), {})
+                    ]
+                    cells.append(
+                        "error"
+                        if errs
+                        else "not run"
+                        if c is None
+                        else f"{mean([r['test_wga'] for r in c]):.3f} "
+                        f"({mean([r['worst_recovery'] for r in c if r['worst_recovery'] is not None]):.2f})"
+                    )
                 lines.append(f"| {variant} | {small} | " + " | ".join(cells) + " |")
         for small in SMALL:  # the oracle (true val groups) gets the same small-group handling in DFR
-            o = [r["oracle_wga"] for r in rows if r["cell"][0] == ds and r["cell"][2] == "default"
-                 and r["cell"][4] == small and r["cell"][3] == "heatmaps" and "oracle_wga" in r]
+            o = [
+                r["oracle_wga"]
+                for r in rows
+                if r["cell"][0] == ds
+                and r["cell"][2] == "default"
+                and r["cell"][4] == small
+                and r["cell"][3] == "heatmaps"
+                and "oracle_wga" in r
+            ]
             lines.append(f"\noracle DFR, default upstream, {small} small-group handling: {mean(o):.3f}")
-    lines += ["\n### The rule (each level against the shipped one, the others shipped, input heatmaps)\n",
-              "| factor level | cmnist_multi mean change | seeds better | cmnist mean change | change the default? |",
-              "|---|---|---|---|---|"]
-    levels = [("conv rule gamma 4", "gamma4", "heatmaps", "shipped"),
-              ("heatmap size 14", "size14", "heatmaps", "shipped"),
-              ("both of these together (confirmation, after the rule)", "gamma4_size14", "heatmaps", "shipped"),
-              ("ERM best val acc", "best_ckpt", "heatmaps", "shipped"),
-              ("released small-group handling", "default", "heatmaps", "released"),
-              ("clustering.input features", "default", "features", "shipped"),
-              ("clustering.input both", "default", "both", "shipped")]
+    lines += [
+        "\n### The rule (each level against the shipped one, the others shipped, input heatmaps)\n",
+        "| factor level | cmnist_multi mean change | seeds better | cmnist mean change | change the default? |",
+        "|---|---|---|---|---|",
+    ]
+    levels = [
+        ("conv rule gamma 4", "gamma4", "heatmaps", "shipped"),
+        ("heatmap size 14", "size14", "heatmaps", "shipped"),
+        ("both of these together (confirmation, after the rule)", "gamma4_size14", "heatmaps", "shipped"),
+        ("ERM best val acc", "best_ckpt", "heatmaps", "shipped"),
+        ("released small-group handling", "default", "heatmaps", "released"),
+        ("clustering.input features", "default", "features", "shipped"),
+        ("clustering.input both", "default", "both", "shipped"),
+    ]
     for label, variant, inp, small in levels:
         m = {ds: seeds_of(ds, variant, inp, small) for ds in DATASETS}
         b = {ds: seeds_of(ds, "default", "heatmaps", "shipped") for ds in DATASETS}
@@ -138,12 +166,18 @@ def report(rows: list[dict], seeds: list[int]) -> str:
         dc = mean([r["test_wga"] for r in m["cmnist"]]) - mean([r["test_wga"] for r in b["cmnist"]])
         change = dm >= 0.05 and wins >= 2 and dc >= -0.02
         lines.append(f"| {label} | {dm:+.3f} | {wins} of {len(seeds)} | {dc:+.3f} | {'yes' if change else 'no'} |")
-    full = [(mean([r["test_wga"] for r in c]), k) for k in {(v, i, s) for _, _, v, i, s in got}
-            for c in [seeds_of("cmnist_multi", *k)] if c is not None]
+    full = [
+        (mean([r["test_wga"] for r in c]), k)
+        for k in {(v, i, s) for _, _, v, i, s in got}
+        for c in [seeds_of("cmnist_multi", *k)]
+        if c is not None
+    ]
     if full:
         best = max(full)
-        lines.append(f"\nBest cmnist_multi cell by mean test WGA (chosen by test results: not a label-free choice): "
-                     f"upstream {best[1][0]}, input {best[1][1]}, small groups {best[1][2]}: {best[0]:.3f}")
+        lines.append(
+            f"\nBest cmnist_multi cell by mean test WGA (chosen by test results: not a label-free choice): "
+            f"upstream {best[1][0]}, input {best[1][1]}, small groups {best[1][2]}: {best[0]:.3f}"
+        )
     return "\n".join(lines)
 
 

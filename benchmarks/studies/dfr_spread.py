@@ -9,6 +9,7 @@ and so the size of each balanced fit. True groups are used only to score and to 
 groups the val minority is spread over. ERM, features and heatmaps must be in the cache (run the sweep
 or `exmap-ray run` with `--cache` first); missing clusters are computed here, without Ray.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,11 @@ def main(argv=None) -> int:
     cache = StageCache(args.cache)
     stages = stage_keys(spec, cache)
     if not (stages["erm"].done and stages["heatmaps"].done):
-        print(f"no finished ERM and heatmaps for this spec and seed in {args.cache}; run `exmap-ray tune "
-              f"{args.spec} --cache {args.cache} --set seed={args.seed}` first", file=sys.stderr)
+        print(
+            f"no finished ERM and heatmaps for this spec and seed in {args.cache}; run `exmap-ray tune "
+            f"{args.spec} --cache {args.cache} --set seed={args.seed}` first",
+            file=sys.stderr,
+        )
         return 2
     data = preflight(spec)
     t = data.test
@@ -48,10 +52,14 @@ def main(argv=None) -> int:
     g_val, y_val = data.val.group, data.val.y
     rare = [g for g in np.unique(g_val) if (g_val == g).sum() < 0.5 * (y_val == y_val[g_val == g][0]).sum()]
     minority = np.isin(g_val, rare)
-    print(f"# {args.spec} seed {args.seed}, global scope, {args.repeats} DFR seeds per k; "
-          f"val minority: {int(minority.sum())} images in {len(rare)} true groups")
-    print(f"{'k':>5} {'groups':>6} {'smallest':>8} {'fit size':>8} {'minority in':>11} "
-          f"{'WGA mean':>8} {'sd':>6} {'min':>6} {'max':>6}")
+    print(
+        f"# {args.spec} seed {args.seed}, global scope, {args.repeats} DFR seeds per k; "
+        f"val minority: {int(minority.sum())} images in {len(rare)} true groups"
+    )
+    print(
+        f"{'k':>5} {'groups':>6} {'smallest':>8} {'fit size':>8} {'minority in':>11} "
+        f"{'WGA mean':>8} {'sd':>6} {'min':>6} {'max':>6}"
+    )
     for k in args.k.split(","):
         s_k = resolve_resources(load_spec(args.spec, [*base, f"clustering.k={k}"]))
         up = compute_upstream(s_k, data, cache)
@@ -64,8 +72,11 @@ def main(argv=None) -> int:
             m = fit_dfr(up.val_features, data.val.y, pseudo, RETRAINERS.get("dfr").config(s_k), 1000 + r)
             pred = m.predict(up.test_features)
             wga.append(min(float((pred[t.group == g] == t.y[t.group == g]).mean()) for g in np.unique(t.group)))
-        print(f"{k:>5} {len(sizes):>6} {sizes.min():>8} {sizes.min() * len(sizes):>8} {holders:>8} grp "
-              f"{np.mean(wga):>8.3f} {np.std(wga):>6.3f} {min(wga):>6.3f} {max(wga):>6.3f}", flush=True)
+        print(
+            f"{k:>5} {len(sizes):>6} {sizes.min():>8} {sizes.min() * len(sizes):>8} {holders:>8} grp "
+            f"{np.mean(wga):>8.3f} {np.std(wga):>6.3f} {min(wga):>6.3f} {max(wga):>6.3f}",
+            flush=True,
+        )
     return 0
 
 

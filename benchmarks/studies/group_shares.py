@@ -12,6 +12,7 @@ val split's true groups (evaluation only) and prints, for the true group with th
 Best share alone does not say a group was found (one pseudo group holding everything gives 1.0);
 recovery does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,12 @@ def main() -> None:
         w_rec = min(rec, key=rec.get)
         w_share = min(shares, key=lambda t: shares[t][0])
         name = data.group_names
-        print(f"{run}: seed {seed}; worst recovery {rec[w_rec]:.2f} ({name[w_rec]}, "
-              f"{int((true == w_rec).sum())} val, split {shares[w_rec][1][:6]}); worst best share "
-              f"{shares[w_share][0]:.2f} ({name[w_share]}, {int((true == w_share).sum())} val, split "
-              f"{shares[w_share][1][:6]})")
+        print(
+            f"{run}: seed {seed}; worst recovery {rec[w_rec]:.2f} ({name[w_rec]}, "
+            f"{int((true == w_rec).sum())} val, split {shares[w_rec][1][:6]}); worst best share "
+            f"{shares[w_share][0]:.2f} ({name[w_share]}, {int((true == w_share).sum())} val, split "
+            f"{shares[w_share][1][:6]})"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ groups are used for this scoring only. Ways:
   relative to the eigenvalue above it, is at least THRESH, up to DEPTH levels (on the heatmaps;
   with --recursive-all on every representation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,32 +64,45 @@ def main(argv=None) -> int:
     ap.add_argument("spec")
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--recursive-all", action="store_true",
-                    help="run the recursive split on every representation, not only the heatmaps")
+    ap.add_argument(
+        "--recursive-all",
+        action="store_true",
+        help="run the recursive split on every representation, not only the heatmaps",
+    )
     args = ap.parse_args(argv)
     spec = resolve_resources(load_spec(args.spec, args.sets))
     hm = stage_keys(spec, StageCache(args.cache), ["heatmaps"])["heatmaps"]
     if not hm.done:
-        print(f"no finished heatmaps for this spec in {args.cache} (looked for {hm.dir}); run "
-              f"`exmap-ray run {args.spec} --cache {args.cache}` with the same --set values first", file=sys.stderr)
+        print(
+            f"no finished heatmaps for this spec in {args.cache} (looked for {hm.dir}); run "
+            f"`exmap-ray run {args.spec} --cache {args.cache}` with the same --set values first",
+            file=sys.stderr,
+        )
         return 2
     store = HeatmapShards(hm.dir)
     data = build_dataset(spec.dataset, spec.seed)
     y, g, names = data.val.y, data.val.group, data.group_names
-    reps = {"heatmaps": ChunkedRows(store.load(), True).materialize(),
-            "features": ChunkedRows(store.features(), True).materialize()}
+    reps = {
+        "heatmaps": ChunkedRows(store.load(), True).materialize(),
+        "features": ChunkedRows(store.features(), True).materialize(),
+    }
     reps["heatmaps+features"] = side_by_side(store.load(), store.features())  # the pipeline's input `both`
     cspec, min_size = spec.clustering, spec.clustering.min_group_size
-    print(f"{spec.name} seed {spec.seed}: {len(y)} val images; true group sizes "
-          + ", ".join(f"{n} {c}" for n, c in zip(names, np.bincount(g, minlength=len(names)))))
+    print(
+        f"{spec.name} seed {spec.seed}: {len(y)} val images; true group sizes "
+        + ", ".join(f"{n} {c}" for n, c in zip(names, np.bincount(g, minlength=len(names))))
+    )
     print(f"{'representation / clustering':<52}{'groups':>7}{'ARI':>7}{'worst':>7}  recovery per true group")
 
     def show(tag, clusters):
         cl, _ = merge_small(X, y, clusters, min_size)
         _, grp = np.unique(y * (cl.max() + 1) + cl, return_inverse=True)
         a = agreement(grp.ravel(), g, names)
-        print(f"{tag:<52}{grp.max() + 1:>7}{a['ari']:>7.3f}{a['worst_recovery']:>7.2f}  "
-              + " ".join(f"{v:.2f}" for v in a["recovery"].values()), flush=True)
+        print(
+            f"{tag:<52}{grp.max() + 1:>7}{a['ari']:>7.3f}{a['worst_recovery']:>7.2f}  "
+            + " ".join(f"{v:.2f}" for v in a["recovery"].values()),
+            flush=True,
+        )
 
     t0 = time.time()
     for rep, X in reps.items():

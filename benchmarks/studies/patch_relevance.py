@@ -8,6 +8,7 @@ heatmap cell holding the patch and in the mirror corner cell, and the share per 
 ERM model ignores the patch, both corners carry about the same share and clustering the heatmaps cannot
 find the patch groups, whatever k is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ def main(argv=None) -> int:
     spec = resolve_resources(load_spec(args.spec, [f"seed={args.seed}"]))  # this machine's device, as the run's
     hm = stage_keys(spec, StageCache(args.cache), ["heatmaps"])["heatmaps"]
     if not hm.done:
-        print(f"no finished heatmaps for this spec and seed in {args.cache} (looked for {hm.dir}); run "
-              f"`exmap-ray run {args.spec} --cache {args.cache} --set seed={args.seed}` first", file=sys.stderr)
+        print(
+            f"no finished heatmaps for this spec and seed in {args.cache} (looked for {hm.dir}); run "
+            f"`exmap-ray run {args.spec} --cache {args.cache} --set seed={args.seed}` first",
+            file=sys.stderr,
+        )
         return 2
     H = np.abs(HeatmapShards(hm.dir).load().astype(np.float64))  # (N, 3, s, s)
     val = build_dataset(spec.dataset, spec.seed).val
@@ -45,15 +49,24 @@ def main(argv=None) -> int:
     at_patch = np.where(patch == 0, tl, br)
     other = np.where(patch == 0, br, tl)
     chan = H.sum((2, 3)) / total[:, None]
-    print(f"{spec.name}, seed {spec.seed}: |LRP relevance| of the ERM model on {len(val.y)} val images, "
-          f"{s}x{s} cells (a uniform map puts {1 / s**2:.3f} in each cell)")
+    print(
+        f"{spec.name}, seed {spec.seed}: |LRP relevance| of the ERM model on {len(val.y)} val images, "
+        f"{s}x{s} cells (a uniform map puts {1 / s**2:.3f} in each cell)"
+    )
     print(f"{'':28}{'patch cell':>12}{'mirror cell':>13}{'red ch.':>9}{'green ch.':>10}{'blue ch.':>9}")
     rows = [("all val images", np.ones(len(val.y), bool))]
-    rows += [("patch agrees with y", patch == val.y), ("patch disagrees with y", patch != val.y),
-             ("colour agrees with y", val.attrs["colour"] == val.y), ("colour disagrees", val.attrs["colour"] != val.y)]
+    rows += [
+        ("patch agrees with y", patch == val.y),
+        ("patch disagrees with y", patch != val.y),
+        ("colour agrees with y", val.attrs["colour"] == val.y),
+        ("colour disagrees", val.attrs["colour"] != val.y),
+    ]
     for name, m in rows:
-        print(f"{name:<28}{at_patch[m].mean():>12.4f}{other[m].mean():>13.4f}"
-              + "".join(f"{chan[m, c].mean():>9.3f}" for c in range(3)) + f"   (n={int(m.sum())})")
+        print(
+            f"{name:<28}{at_patch[m].mean():>12.4f}{other[m].mean():>13.4f}"
+            + "".join(f"{chan[m, c].mean():>9.3f}" for c in range(3))
+            + f"   (n={int(m.sum())})"
+        )
     return 0
 
 

@@ -6,6 +6,7 @@
 Each seed is a full `exmap-ray run` (its own ERM, heatmaps, clusters, DFR) in OUT/seed<N>.
 Nothing here looks at test results to choose anything; it only reports them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,18 @@ def main() -> None:
         spec = load_spec(args.spec, args.sets + [f"seed={seed}"])
         res = run_pipeline(spec, args.out / f"seed{seed}", data=preflight(spec))
         per_seed.append(res)
-        print(json.dumps({"seed": seed, **{k: res[k]["test"]["worst_group_acc"] for _, k in ROWS},
-                          "ari": res["robust"]["ari"], "n_groups": res["robust"]["n_groups"],
-                          "seconds": sum(res["timings_s"].values())}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "seed": seed,
+                    **{k: res[k]["test"]["worst_group_acc"] for _, k in ROWS},
+                    "ari": res["robust"]["ari"],
+                    "n_groups": res["robust"]["n_groups"],
+                    "seconds": sum(res["timings_s"].values()),
+                }
+            ),
+            flush=True,
+        )
     ray.shutdown()
 
     def ms(vals):
@@ -49,12 +59,16 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, key in ROWS:
         t = [r[key]["test"] for r in per_seed]
-        print(f"| {name} | {ms([x['worst_group_acc'] for x in t])} | {ms([x['mean_acc'] for x in t])} | "
-              f"{ms([x['mean_acc_train_weighted'] for x in t])} |")
+        print(
+            f"| {name} | {ms([x['worst_group_acc'] for x in t])} | {ms([x['mean_acc'] for x in t])} | "
+            f"{ms([x['mean_acc_train_weighted'] for x in t])} |"
+        )
     e = [r["robust"] for r in per_seed]
-    print(f"\nExMap pseudo groups vs true val groups: ARI {ms([x['ari'] for x in e])}, "
-          f"NMI {ms([x['nmi'] for x in e])}, worst-group recovery {ms([x['worst_recovery'] for x in e])}, "
-          f"groups per seed {[x['n_groups'] for x in e]}")
+    print(
+        f"\nExMap pseudo groups vs true val groups: ARI {ms([x['ari'] for x in e])}, "
+        f"NMI {ms([x['nmi'] for x in e])}, worst-group recovery {ms([x['worst_recovery'] for x in e])}, "
+        f"groups per seed {[x['n_groups'] for x in e]}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ nothing. For each rule it prints the test WGA of the trial it picks and the gap 
 The rules were compared this way on seeds 0-4, fixed in writing, and then judged on seeds 5-9, which
 were run afterwards (docs/sweeps.md, "What the C-MNIST sweep finds").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,10 @@ def main(argv=None) -> int:
     print()
     for rule in RULES:
         g = np.array(gaps[rule])
-        print(f"{rule:16s} within 3 points on {int((g <= 3).sum())}/{len(g)}; mean gap {g.mean():+.1f}, "
-              f"worst {g.max():+.1f} points")
+        print(
+            f"{rule:16s} within 3 points on {int((g <= 3).sum())}/{len(g)}; mean gap {g.mean():+.1f}, "
+            f"worst {g.max():+.1f} points"
+        )
     return 0
 
 

@@ -21,6 +21,7 @@ A scope of `SCALE_MIN_N` points or more, given as `ChunkedRows`, takes the scala
 (and `kmeans`'s k = auto): the anchor-graph spectrum of scale.py, streamed in chunks, never a whole copy.
 Below it the exact path runs unchanged (docs/cluster_scale.md has the measured agreement and times).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,10 @@ def check_k(k: int, n: int, where: str = "a scope") -> None:
     """The one check of an integer clustering.k against the points it clusters: `pipeline.preflight` calls
     it before any Ray work (with the data's smallest scope), each clusterer again on what it is given."""
     if k > n:
-        raise SpecError(f"spec key 'clustering.k': {k} clusters but {where} has only {n} val points; use an "
-                        f"integer in 2..{n}, or 'auto'")
+        raise SpecError(
+            f"spec key 'clustering.k': {k} clusters but {where} has only {n} val points; use an "
+            f"integer in 2..{n}, or 'auto'"
+        )
 
 
 def _eigengap(X: np.ndarray, cspec, info: dict):
@@ -64,8 +67,10 @@ def _eigengap(X: np.ndarray, cspec, info: dict):
 
 @CLUSTERERS.register("spectral")
 def spectral_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
-    ("""The paper: kNN graph, normalised Laplacian, k by eigengap (k=auto), k-means on the row-normalised """
-     """eigenvectors.""")  # one docstring line, kept whole: its first line is the clusterer's summary
+    (
+        """The paper: kNN graph, normalised Laplacian, k by eigengap (k=auto), k-means on the row-normalised """
+        """eigenvectors."""
+    )  # one docstring line, kept whole: its first line is the clusterer's summary
     info: dict = {}
     k, V = _eigengap(X, cspec, info)
     check_k(k, len(X))
@@ -82,12 +87,26 @@ class SpectralSplitKeys:
     """spectral_split's own keys, in `clustering:` beside the keys every clusterer takes (each neutral at
     the value the code used before the key existed, so stage keys made before stay valid)."""
 
-    split_gap: float = opt(0.1, "spectral_split: split a cluster again only while its relative eigengap "
-                                "(lambda_k+1 - lambda_k) / lambda_k+1 is at least this", positive, neutral=0.1)
-    split_depth: int = opt(2, "spectral_split: levels of clustering, the first included (1 = spectral alone, "
-                              "2 = each of its clusters may be split once more)", positive, neutral=2)
-    split_min_size: int = opt(15, "spectral_split: a part under twice this is not split, nor split into a "
-                                  "child under half of it", positive, neutral=15)
+    split_gap: float = opt(
+        0.1,
+        "spectral_split: split a cluster again only while its relative eigengap "
+        "(lambda_k+1 - lambda_k) / lambda_k+1 is at least this",
+        positive,
+        neutral=0.1,
+    )
+    split_depth: int = opt(
+        2,
+        "spectral_split: levels of clustering, the first included (1 = spectral alone, "
+        "2 = each of its clusters may be split once more)",
+        positive,
+        neutral=2,
+    )
+    split_min_size: int = opt(
+        15,
+        "spectral_split: a part under twice this is not split, nor split into a child under half of it",
+        positive,
+        neutral=15,
+    )
 
 
 @CLUSTERERS.register("spectral_split", keys=SpectralSplitKeys)
@@ -101,9 +120,11 @@ def spectral_split_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray
     minority the first eigengap merged into a larger cluster can then still get clusters of its own.
     """
     if len(X) >= scale.SCALE_MIN_N:
-        raise UserError(f"clustering.method spectral_split builds the exact kNN graph at every level and takes "
-                        f"scopes of under {scale.SCALE_MIN_N:,} points; this one has {len(X):,}. Use "
-                        f"clustering.method: spectral (its anchor-graph route scales), or clustering.scope: local")
+        raise UserError(
+            f"clustering.method spectral_split builds the exact kNN graph at every level and takes "
+            f"scopes of under {scale.SCALE_MIN_N:,} points; this one has {len(X):,}. Use "
+            f"clustering.method: spectral (its anchor-graph route scales), or clustering.scope: local"
+        )
     auto = dataclasses.replace(cspec, k="auto")
     parts: list[np.ndarray] = []
     splits: list[dict] = []
@@ -115,8 +136,9 @@ def spectral_split_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray
         labels, sub = spectral_clusters(X[idx], cspec if depth == 0 else auto, s)
         w, k = sub["eigenvalues"], sub["k"]
         gap = (w[k] - w[k - 1]) / max(w[k], 1e-12) if k < len(w) else None  # (a set k beyond the spectrum)
-        if depth > 0 and (gap is None or gap < cspec.split_gap
-                          or np.bincount(labels, minlength=k).min() < cspec.split_min_size // 2):
+        if depth > 0 and (
+            gap is None or gap < cspec.split_gap or np.bincount(labels, minlength=k).min() < cspec.split_min_size // 2
+        ):
             parts.append(idx)
             return
         splits.append({"depth": depth, "n": int(len(idx)), "k": int(k), "gap": None if gap is None else round(gap, 6)})
@@ -197,8 +219,11 @@ def kmeans_silhouette_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndar
         return runs[ks[0]], {"k": ks[0]}
     scores = {}
     for k, labels in runs.items():
-        scores[k] = float(silhouette_score(X, labels, sample_size=min(len(X), SILHOUETTE_SAMPLE),
-                                           random_state=seed)) if len(np.unique(labels)) > 1 else -1.0
+        scores[k] = (
+            float(silhouette_score(X, labels, sample_size=min(len(X), SILHOUETTE_SAMPLE), random_state=seed))
+            if len(np.unique(labels)) > 1
+            else -1.0
+        )
     best = max(ks, key=lambda k: (scores[k], -k))  # ties: the smaller k
     return runs[best], {"k": int(best), "silhouette": {str(k): round(v, 6) for k, v in scores.items()}}
 
@@ -218,8 +243,9 @@ def gmm_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dict]:
     reg = GMM_REG_COVAR * max(float(X.var(0).mean()), 1e-12)
     fits, bics = {}, {}
     for k in candidate_ks(cspec, len(X)):
-        gm = GaussianMixture(k, covariance_type="diag", n_init=cspec.nredo, max_iter=GMM_MAX_ITER,
-                             reg_covar=reg, random_state=seed).fit(X)
+        gm = GaussianMixture(
+            k, covariance_type="diag", n_init=cspec.nredo, max_iter=GMM_MAX_ITER, reg_covar=reg, random_state=seed
+        ).fit(X)
         fits[k], bics[k] = gm, float(gm.bic(X))
     best = min(bics, key=lambda k: (bics[k], k))
     _, labels = np.unique(fits[best].predict(X), return_inverse=True)

@@ -10,6 +10,7 @@ build on it when that is installed, else torch (`kmeans.kmeans_torch`). The devi
 assigned the task (or "cpu" under the test-only EXMAP_RAY_FAKE_CUDA, which then runs the torch route on
 the CPU). Nothing here asks FAISS how many GPUs it sees: on a node without a driver that call can abort.
 """
+
 from __future__ import annotations
 
 import contextlib

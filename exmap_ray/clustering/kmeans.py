@@ -5,6 +5,7 @@ resources.gpu true) FAISS's GPU build on the task's GPU, or torch where that bui
     from exmap_ray.clustering.kmeans import kmeans
     labels = kmeans(X, k=4, niter=25, nredo=3, seed=0)
 """
+
 from __future__ import annotations
 
 import math
@@ -65,16 +66,19 @@ def kmeans_joint(X: np.ndarray, inits: list[np.ndarray], niter: int) -> np.ndarr
             cn = np.einsum("ij,ij->i", C, C)
 
             def one(lo, C=C, cn=cn, r=r, offset=offset, scored=scored, last=it == niter, labels=labels):
-                Xc = X[lo:lo + step]
+                Xc = X[lo : lo + step]
                 D = (cn[None] - 2 * (Xc @ C.T)).reshape(len(Xc), r, k)  # |x - c|^2 - |x|^2
                 a = D.argmin(2)
-                obj = np.maximum(np.take_along_axis(D, a[..., None], 2)[..., 0] + xsq[lo:lo + step, None],
-                                 0).sum(0) if scored else 0.0
+                obj = (
+                    np.maximum(np.take_along_axis(D, a[..., None], 2)[..., 0] + xsq[lo : lo + step, None], 0).sum(0)
+                    if scored
+                    else 0.0
+                )
                 if last:  # the last assignment: every restart still running (niter <= JOINT_ITERS) or one
-                    labels[lo:lo + len(Xc)] = a
+                    labels[lo : lo + len(Xc)] = a
                     return 0.0, 0.0, obj
                 onehot = np.zeros((len(Xc), r * k), np.float32)
-                onehot[rows[:len(Xc)], a + offset] = 1
+                onehot[rows[: len(Xc)], a + offset] = 1
                 return onehot.T @ Xc, onehot.sum(0), obj
 
             sums, counts, obj = np.zeros((r * k, d)), np.zeros(r * k), np.zeros(r)
@@ -87,7 +91,7 @@ def kmeans_joint(X: np.ndarray, inits: list[np.ndarray], niter: int) -> np.ndarr
             C = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], C).astype(np.float32)
             if scored:  # from here on, the best restart only
                 best = int(np.argmin(obj))
-                C, r, labels = C[best * k:(best + 1) * k], 1, labels[:, :1]
+                C, r, labels = C[best * k : (best + 1) * k], 1, labels[:, :1]
 
 
 def kmeans(X: np.ndarray, k: int, niter: int = 25, nredo: int = 3, seed: int = 0) -> np.ndarray:
@@ -108,9 +112,16 @@ def kmeans(X: np.ndarray, k: int, niter: int = 25, nredo: int = 3, seed: int = 0
         return kmeans_joint(X, [kmeanspp_init(X, k, rng) for _ in range(nredo)], niter)
     best, best_obj = None, np.inf
     for _ in range(nredo):
-        km = faiss.Kmeans(X.shape[1], k, niter=niter, seed=int(rng.integers(2**31 - 1)), gpu=False,
-                          max_points_per_centroid=math.ceil(len(X) / k) + 1, min_points_per_centroid=1,
-                          verbose=False)
+        km = faiss.Kmeans(
+            X.shape[1],
+            k,
+            niter=niter,
+            seed=int(rng.integers(2**31 - 1)),
+            gpu=False,
+            max_points_per_centroid=math.ceil(len(X) / k) + 1,
+            min_points_per_centroid=1,
+            verbose=False,
+        )
         km.index = device.faiss_index(km.index)  # the task's GPU alone (GPU route), else as it was
         km.train(X, init_centroids=kmeanspp_init(X, k, rng))
         obj = float(km.obj[-1]) if len(km.obj) else np.inf
@@ -120,13 +131,10 @@ def kmeans(X: np.ndarray, k: int, niter: int = 25, nredo: int = 3, seed: int = 0
     return labels.ravel().astype(np.int64)
 
 
-
-
 TORCH_CHUNK = 1 << 18  # rows per distance block in kmeans_torch: (chunk, k) distances on the device
 
 
-def kmeans_torch(X: np.ndarray, k: int, niter: int, nredo: int, rng: np.random.Generator,
-                 device: str) -> np.ndarray:
+def kmeans_torch(X: np.ndarray, k: int, niter: int, nredo: int, rng: np.random.Generator, device: str) -> np.ndarray:
     """Lloyd's k-means in torch on `device` (the GPU route where FAISS's GPU build is absent), k-means++
     seeded like the FAISS path (`kmeanspp_init`, same draws), the best of `nredo` restarts by inertia.
     The points go to the device once; each iteration is one pass of (chunk, k) distance blocks. An empty
@@ -158,8 +166,8 @@ def _assign_torch(T, tsq, C):
     labels = torch.empty(len(T), dtype=torch.int64, device=T.device)
     obj = torch.zeros((), dtype=torch.float64, device=T.device)
     for lo in range(0, len(T), TORCH_CHUNK):
-        D = csq[None] - 2 * T[lo:lo + TORCH_CHUNK] @ C.T  # |x - c|^2 - |x|^2
+        D = csq[None] - 2 * T[lo : lo + TORCH_CHUNK] @ C.T  # |x - c|^2 - |x|^2
         d, a = D.min(1)
-        labels[lo:lo + len(a)] = a
-        obj += (d + tsq[lo:lo + TORCH_CHUNK]).clamp(min=0).sum(dtype=torch.float64)
+        labels[lo : lo + len(a)] = a
+        obj += (d + tsq[lo : lo + TORCH_CHUNK]).clamp(min=0).sum(dtype=torch.float64)
     return labels, float(obj)

@@ -30,6 +30,7 @@ The anchor graph (Nystrom-style, as in landmark / anchor-graph spectral clusteri
 Only Z (N x r indices and weights) and the (N, k) embedding are held: the rows are streamed
 in chunks and never copied whole.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,12 +49,12 @@ from . import device
 SCALE_MIN_N = 50_000
 # anchors: the eigenproblem is m x m; 1000 keeps a 0.1% minority's few anchors and costs ~O(N m d) to link
 N_ANCHORS = 1000
-ANCHOR_NN = 5         # anchors each row links to (r); more blurs small groups into their neighbours
-ANCHOR_SAMPLE = 50    # rows sampled per anchor to pick the anchors from (50k for 1000 anchors)
-ANCHOR_MIN_ROWS = 5   # an anchor fewer sampled rows are nearest to is dropped (D^2 seeding also picks outliers)
-ANCHOR_MEAN = 3       # rows averaged into an anchor: 1 loses 0.1% minorities, ~50 splits stretched clusters
+ANCHOR_NN = 5  # anchors each row links to (r); more blurs small groups into their neighbours
+ANCHOR_SAMPLE = 50  # rows sampled per anchor to pick the anchors from (50k for 1000 anchors)
+ANCHOR_MIN_ROWS = 5  # an anchor fewer sampled rows are nearest to is dropped (D^2 seeding also picks outliers)
+ANCHOR_MEAN = 3  # rows averaged into an anchor: 1 loses 0.1% minorities, ~50 splits stretched clusters
 ANCHOR_MIN_SHARE = 20  # small inputs (the forced route, tests) get at most one anchor per 20 rows
-SEED_ROUNDS = 10      # D^2 seeding picks the anchors in this many batches (k-means||-style), not one pass per anchor
+SEED_ROUNDS = 10  # D^2 seeding picks the anchors in this many batches (k-means||-style), not one pass per anchor
 
 
 def float16_roundtrip(H: np.ndarray) -> np.ndarray:
@@ -64,8 +65,12 @@ def float16_roundtrip(H: np.ndarray) -> np.ndarray:
     """
     out = np.empty((len(H), int(np.prod(H.shape[1:]))), np.float32)
     for lo in range(0, len(H), CHUNK_ROWS):
-        out[lo:lo + CHUNK_ROWS] = np.asarray(H[lo:lo + CHUNK_ROWS], np.float32).reshape(-1, out.shape[1]).astype(
-            np.float16).astype(np.float32)
+        out[lo : lo + CHUNK_ROWS] = (
+            np.asarray(H[lo : lo + CHUNK_ROWS], np.float32)
+            .reshape(-1, out.shape[1])
+            .astype(np.float16)
+            .astype(np.float32)
+        )
     return out
 
 
@@ -167,6 +172,7 @@ def link_rows(rows: ChunkedRows, search: NearestAnchors, d2: np.ndarray, nbr: np
     """Fill d2 and nbr (N, r) with each row's nearest anchors, chunk by chunk. On the CPU the chunks
     (read, normalised, searched) go to one Python thread per core, each running FAISS and BLAS on one
     thread: their own threads spin on shared cores (see `clustering.kmeans_joint`)."""
+
     def one(span: tuple[int, int]) -> None:
         lo, hi = span
         if not search.gpu:
@@ -186,10 +192,11 @@ def link_rows(rows: ChunkedRows, search: NearestAnchors, d2: np.ndarray, nbr: np
 @dataclass
 class AnchorSpectrum:
     """The anchor graph's Laplacian spectrum and what maps it back to the N rows."""
+
     eigenvalues: np.ndarray  # (n_eig,) smallest eigenvalues of I - W, ascending
-    nbr: np.ndarray          # (N, r) int32 anchor ids of each row
-    weight: np.ndarray       # (N, r) float32 link weights, rows sum to 1
-    lift: np.ndarray         # (m, n_eig) anchor-side factor: row i's eigenvector entries = weight_i . lift[nbr_i]
+    nbr: np.ndarray  # (N, r) int32 anchor ids of each row
+    weight: np.ndarray  # (N, r) float32 link weights, rows sum to 1
+    lift: np.ndarray  # (m, n_eig) anchor-side factor: row i's eigenvector entries = weight_i . lift[nbr_i]
     anchors: int
 
     def embed(self, k: int) -> np.ndarray:
@@ -197,13 +204,14 @@ class AnchorSpectrum:
         out = np.empty((len(self.nbr), k), np.float32)
         P = self.lift[:, :k].astype(np.float32)
         for lo in range(0, len(out), CHUNK_ROWS):
-            w, j = self.weight[lo:lo + CHUNK_ROWS], self.nbr[lo:lo + CHUNK_ROWS]
-            out[lo:lo + len(w)] = np.einsum("nr,nrk->nk", w, P[j])
+            w, j = self.weight[lo : lo + CHUNK_ROWS], self.nbr[lo : lo + CHUNK_ROWS]
+            out[lo : lo + len(w)] = np.einsum("nr,nrk->nk", w, P[j])
         return out
 
 
-def anchor_spectrum(rows: ChunkedRows, seed: int, n_eig: int = 13, m: int | None = None, r: int | None = None
-                    ) -> AnchorSpectrum:
+def anchor_spectrum(
+    rows: ChunkedRows, seed: int, n_eig: int = 13, m: int | None = None, r: int | None = None
+) -> AnchorSpectrum:
     """The anchor graph of `rows` (see the module docstring) and its `n_eig` smallest Laplacian eigenvalues;
     m and r default to N_ANCHORS and ANCHOR_NN as they are at the call."""
     m, r = m or N_ANCHORS, r or ANCHOR_NN
@@ -227,11 +235,14 @@ def anchor_spectrum(rows: ChunkedRows, seed: int, n_eig: int = 13, m: int | None
     degree = np.zeros(m)  # Z^T 1 and Z^T Z over the voting rows, Z^T Z as pair counts of each row's r anchors
     ztz = np.zeros(m * m)
     for lo in range(0, n, CHUNK_ROWS):
-        w = weight[lo:lo + CHUNK_ROWS] * voter[lo:lo + CHUNK_ROWS, None].astype(np.float64)
-        j = nbr[lo:lo + CHUNK_ROWS].astype(np.int64)
+        w = weight[lo : lo + CHUNK_ROWS] * voter[lo : lo + CHUNK_ROWS, None].astype(np.float64)
+        j = nbr[lo : lo + CHUNK_ROWS].astype(np.int64)
         degree += np.bincount(j.ravel(), weights=w.ravel(), minlength=m)
-        ztz += np.bincount((j[:, :, None] * m + j[:, None, :]).ravel(), weights=(w[:, :, None] * w[:, None, :]).ravel(),
-                           minlength=m * m)
+        ztz += np.bincount(
+            (j[:, :, None] * m + j[:, None, :]).ravel(),
+            weights=(w[:, :, None] * w[:, None, :]).ravel(),
+            minlength=m * m,
+        )
     inv = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-300)), 0.0)
     M = inv[:, None] * ztz.reshape(m, m) * inv[None]
     n_eig = min(n_eig, m)
@@ -242,8 +253,9 @@ def anchor_spectrum(rows: ChunkedRows, seed: int, n_eig: int = 13, m: int | None
     return AnchorSpectrum(np.clip(1.0 - mu, 0.0, 2.0), nbr, weight, lift, m)
 
 
-def planted_heatmaps(n: int, minority: float = 0.01, noise: float = 0.35, seed: int = 0, out: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def planted_heatmaps(
+    n: int, minority: float = 0.01, noise: float = 0.35, seed: int = 0, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Heatmap-like planted data, (n, 3, 7, 7) float32, and its planted group (0..3) per row.
 
     Two classes, each with its own 7x7 relevance blob; a shortcut colour channel (0 or 1) that
@@ -262,12 +274,13 @@ def planted_heatmaps(n: int, minority: float = 0.01, noise: float = 0.35, seed: 
         H = noise * rng.standard_normal((b, 3, 7, 7), dtype=np.float32)
         H[np.arange(b), s] += blobs[y]
         H[:, 2] *= 0.3  # the unused channel: noise only, weaker
-        out[lo:lo + b], group[lo:lo + b] = H, y * 2 + s
+        out[lo : lo + b], group[lo : lo + b] = H, y * 2 + s
     return out, group
 
 
-def planted_centres(n: int, flip: float = 0.01, noise: float = 0.6, d: int = 147, seed: int = 0,
-                    out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def planted_centres(
+    n: int, flip: float = 0.01, noise: float = 0.6, d: int = 147, seed: int = 0, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Two planted groups per class, (n, d) float32 rows and the group (class * 2 + pattern) per row.
 
     Class y is fair; a pattern equals y except on a `flip` fraction; each row is one of two N(0, I)
@@ -284,6 +297,6 @@ def planted_centres(n: int, flip: float = 0.01, noise: float = 0.6, d: int = 147
         b = min(CHUNK_ROWS, n - lo)
         y = rng.integers(0, 2, b)
         s = np.where(rng.random(b) < flip, 1 - y, y)
-        out[lo:lo + b] = centres[s] + noise * rng.standard_normal((b, d), dtype=np.float32)
-        group[lo:lo + b] = y * 2 + s
+        out[lo : lo + b] = centres[s] + noise * rng.standard_normal((b, d), dtype=np.float32)
+        group[lo : lo + b] = y * 2 + s
     return out, group

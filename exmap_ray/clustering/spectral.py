@@ -5,6 +5,7 @@ eigenvalues, and k by the largest eigengap.
     eigvals, V = laplacian_spectrum(knn_affinity(X))
     k = eigengap_k(eigvals, k_max=10)
 """
+
 from __future__ import annotations
 
 import math

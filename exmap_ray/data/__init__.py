@@ -7,6 +7,7 @@ scanner). `build_dataset(spec.dataset, seed)` returns a `GroupData`.
 Group labels are carried for evaluation only: training, heatmaps, clustering
 and model selection in ExMap see `images` and `y`, never `group`.
 """
+
 from .base import DATASETS, DatasetEntry, GroupData, Split
 from . import cmnist, cmnist_multi, folder, zoo  # noqa: F401  (register)
 from . import celeba, metashift, urbancars, waterbirds  # noqa: F401  (register: on-disk benchmarks)

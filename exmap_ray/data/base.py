@@ -11,6 +11,7 @@ check): cmnist's rho and split sizes, an on-disk dataset's root (`RootKeys`). Th
 spec's `dataset:` mapping beside the keys every dataset takes (spec.DatasetSpec), and are valid only
 when `dataset.name` names this dataset.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,11 +31,11 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class DatasetEntry:
     name: str
-    build: Optional[Callable[..., "GroupData"]] = None     # (dspec, seed) -> GroupData: a dataset made in memory
-    scan: Optional[Callable[..., "Scan"]] = None           # (dspec) -> Scan: an on-disk index, no image decoded
-    summary: str = ""                                      # one line for `exmap-ray datasets`
-    keys: Optional[type] = None                            # a dataclass of its own spec keys (dataset.*)
-    transforms: Any = None                                 # on disk: images.PAPER (None) or images.RESIZE
+    build: Optional[Callable[..., "GroupData"]] = None  # (dspec, seed) -> GroupData: a dataset made in memory
+    scan: Optional[Callable[..., "Scan"]] = None  # (dspec) -> Scan: an on-disk index, no image decoded
+    summary: str = ""  # one line for `exmap-ray datasets`
+    keys: Optional[type] = None  # a dataclass of its own spec keys (dataset.*)
+    transforms: Any = None  # on disk: images.PAPER (None) or images.RESIZE
 
 
 @dataclass
@@ -50,8 +51,14 @@ def _summary(fn: Callable) -> str:
     return ((sys.modules[fn.__module__].__doc__ or "").strip().splitlines() or [""])[0]
 
 
-def _entry(name: str, fn: Callable, keys: Optional[type] = None, on_disk: bool = False,
-           transforms: Any = None, summary: Optional[str] = None) -> DatasetEntry:
+def _entry(
+    name: str,
+    fn: Callable,
+    keys: Optional[type] = None,
+    on_disk: bool = False,
+    transforms: Any = None,
+    summary: Optional[str] = None,
+) -> DatasetEntry:
     summary = summary or _summary(fn)  # default: the first line of the module's docstring
     if on_disk:
         return DatasetEntry(name, scan=fn, summary=summary, keys=keys or RootKeys, transforms=transforms)
@@ -66,9 +73,9 @@ is the shared image path over the scanned table (`transforms`: images.PAPER by d
 
 @dataclass
 class Split:
-    images: Dataset          # item i -> float tensor (C, H, W); no labels, so nothing leaks
-    y: np.ndarray            # class labels, int64
-    group: np.ndarray        # true group, int64: evaluation only
+    images: Dataset  # item i -> float tensor (C, H, W); no labels, so nothing leaks
+    y: np.ndarray  # class labels, int64
+    group: np.ndarray  # true group, int64: evaluation only
     # name -> per-sample attribute array (e.g. UrbanCars 'bg'): evaluation only
     attrs: dict = field(default_factory=dict)
 
@@ -82,7 +89,7 @@ class GroupData:
     val: Split
     test: Split
     n_classes: int
-    group_names: list[str]   # index = true group id
+    group_names: list[str]  # index = true group id
     # (pred, y, attrs) -> dict of extra test metrics (UrbanCars' shortcut gaps); evaluation only
     shortcut_metrics: Optional[Callable] = None
 

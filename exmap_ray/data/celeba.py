@@ -17,6 +17,7 @@ ROOT holds the images and an index, in one of two forms:
 
 y = target, true group = 2 * y + spurious (evaluation only).
 """
+
 from __future__ import annotations
 
 import csv
@@ -63,9 +64,12 @@ def _index_file(scan: Scan, root: Path, names: tuple, what: str, sub: str) -> Pa
     if near:
         scan.renamed(f"missing {what} file", root / names[0], root / near)
     else:
-        scan.add(f"missing {what} file", f"neither {' nor '.join(names)} is in '{root}' (or its {sub}/)",
-                 f"put {names[0]} ({sub}/ of the CelebA release) in {root}, or DFR's celeba_metadata.csv "
-                 f"there as metadata.csv (Blond_Hair vs Male only)")
+        scan.add(
+            f"missing {what} file",
+            f"neither {' nor '.join(names)} is in '{root}' (or its {sub}/)",
+            f"put {names[0]} ({sub}/ of the CelebA release) in {root}, or DFR's celeba_metadata.csv "
+            f"there as metadata.csv (Blond_Hair vs Male only)",
+        )
     return None
 
 
@@ -75,16 +79,22 @@ def _image_dir(scan: Scan, root: Path) -> Path | None:
             return d / IMAGES if (d / IMAGES).is_dir() else d  # the Kaggle copy nests it once more
     zips = [z for z in (root / f"{IMAGES}.zip", root / "Img" / f"{IMAGES}.zip") if z.is_file()]
     if zips:
-        scan.add("not extracted", f"'{root / IMAGES}/' not found, but '{zips[0]}' is there",
-                 f"unzip {zips[0]} -d {zips[0].parent}")
+        scan.add(
+            "not extracted",
+            f"'{root / IMAGES}/' not found, but '{zips[0]}' is there",
+            f"unzip {zips[0]} -d {zips[0].parent}",
+        )
         return None
     subdirs = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
     near = near_name(IMAGES, subdirs)
     if near:
         scan.renamed("wrong folder name", root / IMAGES, root / near, folder=True)
     else:
-        scan.add("missing folder", f"'{root / IMAGES}/' not found",
-                 f"extract img_align_celeba.zip (from {SOURCE}) into {root}")
+        scan.add(
+            "missing folder",
+            f"'{root / IMAGES}/' not found",
+            f"extract img_align_celeba.zip (from {SOURCE}) into {root}",
+        )
     return None
 
 
@@ -100,8 +110,12 @@ def read_attributes(path: Path, scan: Scan) -> tuple[list[str], list[str], np.nd
     else:
         lines = path.read_text().splitlines()
         if len(lines) < 2:
-            scan.add("bad attribute file", f"'{path}' has {len(lines)} line(s); expected a count line, the "
-                     f"attribute names, then one line per image", f"restore it from {SOURCE}")
+            scan.add(
+                "bad attribute file",
+                f"'{path}' has {len(lines)} line(s); expected a count line, the "
+                f"attribute names, then one line per image",
+                f"restore it from {SOURCE}",
+            )
             return None
         names, body, first_line = lines[1].split(), [ln.split() for ln in lines[2:] if ln.strip()], 3
     files, vals, bad = [], [], []
@@ -116,10 +130,14 @@ def read_attributes(path: Path, scan: Scan) -> tuple[list[str], list[str], np.nd
         files.append(row[0])
         vals.append(v)
     if bad:
-        shown = ", ".join(map(str, bad[:MAX_LISTED])) + (f" and {len(bad) - MAX_LISTED} more"
-                                                          if len(bad) > MAX_LISTED else "")
-        scan.add("bad attribute line", f"'{path}': line(s) {shown} do not hold a file name and {len(names)} "
-                 f"values of -1/1", f"restore {path.name} from {SOURCE}")
+        shown = ", ".join(map(str, bad[:MAX_LISTED])) + (
+            f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        )
+        scan.add(
+            "bad attribute line",
+            f"'{path}': line(s) {shown} do not hold a file name and {len(names)} values of -1/1",
+            f"restore {path.name} from {SOURCE}",
+        )
         return None
     return names, files, (np.asarray(vals, dtype=np.int64) > 0).astype(np.int64).reshape(len(files), len(names))
 
@@ -141,8 +159,11 @@ def read_partition(path: Path, scan: Scan) -> dict[str, int] | None:
     if bad:
         shown = ", ".join(f"line {ln} is {txt!r}" for ln, txt in bad[:MAX_LISTED])
         more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        scan.add("bad split value", f"'{path}': {shown}{more}",
-                 f"each line of {path.name} must be 'FILE 0|1|2' (0 train, 1 val, 2 test); restore it from {SOURCE}")
+        scan.add(
+            "bad split value",
+            f"'{path}': {shown}{more}",
+            f"each line of {path.name} must be 'FILE 0|1|2' (0 train, 1 val, 2 test); restore it from {SOURCE}",
+        )
         return None
     return out
 
@@ -150,8 +171,10 @@ def read_partition(path: Path, scan: Scan) -> dict[str, int] | None:
 def _pair(dspec) -> tuple[str, str]:
     target, spurious = dspec.target or DEFAULT_TARGET, dspec.spurious or DEFAULT_SPURIOUS
     if target == spurious:
-        raise SpecError(f"spec keys 'dataset.target' and 'dataset.spurious' are both '{target}'; pick two "
-                        f"different CelebA attributes")
+        raise SpecError(
+            f"spec keys 'dataset.target' and 'dataset.spurious' are both '{target}'; pick two "
+            f"different CelebA attributes"
+        )
     return target, spurious
 
 
@@ -163,10 +186,12 @@ def group_names(target: str, spurious: str) -> list[str]:
 class CelebaKeys(RootKeys):
     """CelebA's own spec keys (dataset.*): the folder and the attribute pair."""
 
-    target: Optional[str] = opt(None, "the attribute to predict; None = Blond_Hair. Any of the 40 names in "
-                                      "list_attr_celeba.txt")
-    spurious: Optional[str] = opt(None, "the attribute that defines the true groups with the target "
-                                        "(evaluation only); None = Male")
+    target: Optional[str] = opt(
+        None, "the attribute to predict; None = Blond_Hair. Any of the 40 names in list_attr_celeba.txt"
+    )
+    spurious: Optional[str] = opt(
+        None, "the attribute that defines the true groups with the target (evaluation only); None = Male"
+    )
 
 
 @DATASETS.register("celeba", keys=CelebaKeys, on_disk=True)
@@ -175,23 +200,39 @@ def scan_celeba(dspec) -> Scan:
     target, spurious = _pair(dspec)
     scan = Scan(root)
     if not root.is_dir():
-        scan.add("missing folder", f"dataset.root '{root}' is not a folder",
-                 f"set dataset.root to the folder holding {IMAGES}/, {ATTR_FILES[0]} and {PART_FILES[0]}")
+        scan.add(
+            "missing folder",
+            f"dataset.root '{root}' is not a folder",
+            f"set dataset.root to the folder holding {IMAGES}/, {ATTR_FILES[0]} and {PART_FILES[0]}",
+        )
         return scan
     default_pair = (target, spurious) == (DEFAULT_TARGET, DEFAULT_SPURIOUS)
     if (root / "metadata.csv").is_file() and (default_pair or _first(root, ATTR_FILES, "Anno") is None):
         if not default_pair:
-            scan.add("missing attribute file", f"'{root}' has only metadata.csv (DFR's file: y = "
-                     f"{DEFAULT_TARGET}, place = {DEFAULT_SPURIOUS}), which cannot give {target} vs {spurious}",
-                     f"put {ATTR_FILES[0]} and {PART_FILES[0]} from {SOURCE} in {root}")
+            scan.add(
+                "missing attribute file",
+                f"'{root}' has only metadata.csv (DFR's file: y = "
+                f"{DEFAULT_TARGET}, place = {DEFAULT_SPURIOUS}), which cannot give {target} vs {spurious}",
+                f"put {ATTR_FILES[0]} and {PART_FILES[0]} from {SOURCE} in {root}",
+            )
             return scan
-        m = scan_metadata_csv(scan, root, "DFR's celeba_metadata.csv (github.com/PolinaKirichenko/"
-                                          "deep_feature_reweighting)",
-                              values={"y": (0, 1), "place": (0, 1)}, spurious=("place",))
+        m = scan_metadata_csv(
+            scan,
+            root,
+            "DFR's celeba_metadata.csv (github.com/PolinaKirichenko/deep_feature_reweighting)",
+            values={"y": (0, 1), "place": (0, 1)},
+            spurious=("place",),
+        )
         if m is not None:
             scan.notes.append(f"metadata.csv (DFR): y = {DEFAULT_TARGET}, place = {DEFAULT_SPURIOUS}")
-            scan.table = {"paths": m["paths"], "y": m["y"], "split": m["split"], "group": 2 * m["y"] + m["spurious"],
-                          "group_names": group_names(DEFAULT_TARGET, DEFAULT_SPURIOUS), "n_classes": 2}
+            scan.table = {
+                "paths": m["paths"],
+                "y": m["y"],
+                "split": m["split"],
+                "group": 2 * m["y"] + m["spurious"],
+                "group_names": group_names(DEFAULT_TARGET, DEFAULT_SPURIOUS),
+                "n_classes": 2,
+            }
         return scan
     attr_path = _index_file(scan, root, ATTR_FILES, "attribute", "Anno")
     part_path = _index_file(scan, root, PART_FILES, "partition", "Eval")
@@ -206,25 +247,41 @@ def scan_celeba(dspec) -> Scan:
     for key, want in (("dataset.target", target), ("dataset.spurious", spurious)):
         if want not in names:
             near = near_name(want, names)
-            scan.add("unknown attribute", f"spec key '{key}': '{want}' is not an attribute in '{attr_path}'"
-                     + (f" (did you mean '{near}'?)" if near else "") + f". Valid names: {', '.join(names)}",
-                     f"--set {key}=" + (near or "ONE_OF_THE_NAMES_ABOVE"))
+            scan.add(
+                "unknown attribute",
+                f"spec key '{key}': '{want}' is not an attribute in '{attr_path}'"
+                + (f" (did you mean '{near}'?)" if near else "")
+                + f". Valid names: {', '.join(names)}",
+                f"--set {key}=" + (near or "ONE_OF_THE_NAMES_ABOVE"),
+            )
     if scan.findings:
         return scan
     unsplit = [f for f in files if f not in part]
     if unsplit:
-        scan.add("missing partition entry", f"{len(unsplit)} image(s) of '{attr_path}' have no line in "
-                 f"'{part_path}', e.g. {', '.join(unsplit[:MAX_LISTED])}",
-                 f"restore {part_path.name} from {SOURCE} (it lists all {len(files)} images)")
+        scan.add(
+            "missing partition entry",
+            f"{len(unsplit)} image(s) of '{attr_path}' have no line in "
+            f"'{part_path}', e.g. {', '.join(unsplit[:MAX_LISTED])}",
+            f"restore {part_path.name} from {SOURCE} (it lists all {len(files)} images)",
+        )
         return scan
     paths = [img_dir / f for f in files]
     line0 = 3 if attr_path.suffix == ".txt" else 2
-    missing_files(scan, [(f"{attr_path.name} line {line0 + i}", p) for i, p in enumerate(paths) if not p.is_file()],
-                  f"'{attr_path}'", f"re-extract img_align_celeba.zip into {root} (the images are {img_dir}/FILE)")
+    missing_files(
+        scan,
+        [(f"{attr_path.name} line {line0 + i}", p) for i, p in enumerate(paths) if not p.is_file()],
+        f"'{attr_path}'",
+        f"re-extract img_align_celeba.zip into {root} (the images are {img_dir}/FILE)",
+    )
     y = values[:, names.index(target)]
     s = values[:, names.index(spurious)]
     scan.notes.append(f"official attribute files: y = {target}, spurious = {spurious}; images in {img_dir}")
-    scan.table = {"paths": paths, "y": y, "split": np.array([part[f] for f in files], dtype=np.int64),
-                  "group": 2 * y + s, "group_names": group_names(target, spurious), "n_classes": 2}
+    scan.table = {
+        "paths": paths,
+        "y": y,
+        "split": np.array([part[f] for f in files], dtype=np.int64),
+        "group": 2 * y + s,
+        "group_names": group_names(target, spurious),
+        "n_classes": 2,
+    }
     return scan
-

@@ -15,6 +15,7 @@ The 10,000 MNIST test digits ship inside the package and are verified against
 MD5SUMS. `dataset.mnist_root` points at the full MNIST in torchvision's raw
 layout (`ROOT/MNIST/raw/*-ubyte[.gz]`) for larger splits.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -42,14 +43,27 @@ SHIPPED = Path(__file__).parent / "mnist"
 class CmnistKeys:
     """cmnist's own spec keys (dataset.*); cmnist_multi adds its patch's."""
 
-    rho: float = opt(0.99, "P(colour agrees with y) on train and val; 0.99 as the reference, weaker shortcuts "
-                           "(0.95) leave ERM's worst group unreliable at this size", fraction)
+    rho: float = opt(
+        0.99,
+        "P(colour agrees with y) on train and val; 0.99 as the reference, weaker shortcuts "
+        "(0.95) leave ERM's worst group unreliable at this size",
+        fraction,
+    )
     n_train: int = opt(5000, "training images", positive)
-    n_val: int = opt(3000, "validation images; ExMap clusters these, so the minority needs enough members "
-                           "(about 15 per class at rho 0.99)", positive)
+    n_val: int = opt(
+        3000,
+        "validation images; ExMap clusters these, so the minority needs enough members "
+        "(about 15 per class at rho 0.99)",
+        positive,
+    )
     n_test: int = opt(2000, "test images (colour independent of y)", positive)
-    mnist_root: Optional[str] = opt(None, "a folder with the full MNIST in torchvision's raw layout; None uses "
-                                          "the 10k test digits shipped with exmap-ray")
+    mnist_root: Optional[str] = opt(
+        None,
+        "a folder with the full MNIST in torchvision's raw layout; None uses "
+        "the 10k test digits shipped with exmap-ray",
+    )
+
+
 RAW_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -69,7 +83,7 @@ def _read_idx(path: Path) -> np.ndarray:
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):
         raise DataError(f"MNIST file '{path}' is not an IDX uint8 file (magic {magic:#x})")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
         raise DataError(f"MNIST file '{path}' is truncated: {arr.size} values for shape {dims}")
@@ -81,8 +95,10 @@ def _verify_shipped() -> None:
     for name, want in sums.items():
         got = hashlib.md5((SHIPPED / name).read_bytes()).hexdigest()
         if got != want:
-            raise DataError(f"shipped MNIST file '{SHIPPED / name}' fails its checksum "
-                            f"(md5 {got}, MD5SUMS says {want}); reinstall exmap-ray")
+            raise DataError(
+                f"shipped MNIST file '{SHIPPED / name}' fails its checksum "
+                f"(md5 {got}, MD5SUMS says {want}); reinstall exmap-ray"
+            )
 
 
 def _find_raw(root: Path, stem: str) -> Path | None:
@@ -97,19 +113,25 @@ def load_digits(mnist_root: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 28, 28), labels int64 (N,)) from the shipped test set or a user folder."""
     if mnist_root is None:
         _verify_shipped()
-        return (_read_idx(SHIPPED / "t10k-images-idx3-ubyte.gz"),
-                _read_idx(SHIPPED / "t10k-labels-idx1-ubyte.gz").astype(np.int64))
+        return (
+            _read_idx(SHIPPED / "t10k-images-idx3-ubyte.gz"),
+            _read_idx(SHIPPED / "t10k-labels-idx1-ubyte.gz").astype(np.int64),
+        )
     root = Path(mnist_root).expanduser()
     if not root.is_dir():
-        raise DataError(f"dataset.mnist_root '{root}' is not a folder; expected torchvision's raw "
-                        f"layout ROOT/MNIST/raw/train-images-idx3-ubyte[.gz], or null for the shipped digits")
+        raise DataError(
+            f"dataset.mnist_root '{root}' is not a folder; expected torchvision's raw "
+            f"layout ROOT/MNIST/raw/train-images-idx3-ubyte[.gz], or null for the shipped digits"
+        )
     images, labels = [], []
     for part, (img_stem, lab_stem) in RAW_FILES.items():
         img, lab = _find_raw(root, img_stem), _find_raw(root, lab_stem)
         if img is None or lab is None:
             missing = img_stem if img is None else lab_stem
-            raise DataError(f"dataset.mnist_root: '{missing}[.gz]' not found under '{root}' "
-                            f"(looked in MNIST/raw/, raw/ and the folder itself)")
+            raise DataError(
+                f"dataset.mnist_root: '{missing}[.gz]' not found under '{root}' "
+                f"(looked in MNIST/raw/, raw/ and the folder itself)"
+            )
         x, y = _read_idx(img), _read_idx(lab)
         if len(x) != len(y):
             raise DataError(f"MNIST {part}: {len(x)} images but {len(y)} labels in '{img.parent}'")
@@ -141,9 +163,11 @@ def assign_colours(y: np.ndarray, rho: float, rng: np.random.Generator) -> np.nd
 def split_sizes(dspec, n_digits: int) -> dict[str, int]:
     sizes = {"train": dspec.n_train, "val": dspec.n_val, "test": dspec.n_test}
     if sum(sizes.values()) > n_digits:
-        raise SpecError(f"spec keys 'dataset.n_train' + 'dataset.n_val' + 'dataset.n_test' = "
-                        f"{sum(sizes.values())}, but only {n_digits} MNIST digits are available; "
-                        f"lower them or set dataset.mnist_root to the full MNIST")
+        raise SpecError(
+            f"spec keys 'dataset.n_train' + 'dataset.n_val' + 'dataset.n_test' = "
+            f"{sum(sizes.values())}, but only {n_digits} MNIST digits are available; "
+            f"lower them or set dataset.mnist_root to the full MNIST"
+        )
     return sizes
 
 
@@ -171,7 +195,7 @@ def digit_splits(dspec, seed: int, tag: str):
     order = rng.permutation(len(digits))
     start = 0
     for name, n in sizes.items():
-        idx = order[start:start + n]
+        idx = order[start : start + n]
         start += n
         yield name, digits[idx], (labels[idx] >= 5).astype(np.int64), rng
 

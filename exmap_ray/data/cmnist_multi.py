@@ -15,6 +15,7 @@ include the per-shortcut gaps, as UrbanCars reports them: the accuracy on test
 images where only the colour (only the patch, both) disagrees with y, minus the
 accuracy where both agree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,12 @@ PATCH = 4
 class CmnistMultiKeys(CmnistKeys):
     """cmnist's keys and the patch's."""
 
-    rho_patch: float = opt(0.9, "P(corner patch position agrees with y) on train and val, the second "
-                                "shortcut; drawn independently of the colour", fraction)
+    rho_patch: float = opt(
+        0.9,
+        "P(corner patch position agrees with y) on train and val, the second "
+        "shortcut; drawn independently of the colour",
+        fraction,
+    )
 
 
 def add_patch(x: torch.Tensor, patch: np.ndarray) -> torch.Tensor:
@@ -63,8 +68,12 @@ def assign_patches(y: np.ndarray, colour: np.ndarray, rho: float, rng: np.random
 
 
 def group_names() -> list[str]:
-    return [f"y{'>=5' if y else '<5'} {'green' if c else 'red'} {'BR' if p else 'TL'}"
-            for y in (0, 1) for c in (0, 1) for p in (0, 1)]
+    return [
+        f"y{'>=5' if y else '<5'} {'green' if c else 'red'} {'BR' if p else 'TL'}"
+        for y in (0, 1)
+        for c in (0, 1)
+        for p in (0, 1)
+    ]
 
 
 def gaps(pred: np.ndarray, y: np.ndarray, attrs: dict) -> dict:
@@ -78,6 +87,7 @@ def build_cmnist_multi(dspec, seed: int) -> GroupData:
         colour = assign_colours(y, dspec.rho if name != "test" else 0.5, rng)
         patch = assign_patches(y, colour, dspec.rho_patch if name != "test" else 0.5, rng)
         x = to_input(add_patch(colorize(digits, colour), patch), dspec)
-        splits[name] = Split(images=TensorImages(x), y=y, group=4 * y + 2 * colour + patch,
-                             attrs={"colour": colour, "patch": patch})
+        splits[name] = Split(
+            images=TensorImages(x), y=y, group=4 * y + 2 * colour + patch, attrs={"colour": colour, "patch": patch}
+        )
     return GroupData(**splits, n_classes=2, group_names=group_names(), shortcut_metrics=gaps)

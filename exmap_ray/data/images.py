@@ -16,6 +16,7 @@ one .npy per split that every later reader memory-maps. The file lives under `da
 and any run, sweep trial or Ray worker on the same machine reuses it. Train images are still decoded
 every epoch: their transform is random. `dataset.decode_cache: null` turns the cache off.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,10 @@ class ImageFiles(Dataset):
             with Image.open(self.paths[i]) as im:
                 return self.transform(im.convert("RGB"))
         except (OSError, ValueError) as e:
-            raise DataError(f"image '{self.paths[i]}' cannot be read ({e}); replace it, or drop it from the "
-                            f"dataset's index (`exmap-ray datasets check` lists every such file)") from None
+            raise DataError(
+                f"image '{self.paths[i]}' cannot be read ({e}); replace it, or drop it from the "
+                f"dataset's index (`exmap-ray datasets check` lists every such file)"
+            ) from None
 
 
 def normalization(dspec, default_mean, default_std):
@@ -75,16 +78,21 @@ def eval_resize(size: int) -> int:
 
 def train_transform(size: int, mean, std):
     from torchvision import transforms  # imported here: processes that build no images skip its import
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std)])
+
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 
 def eval_transform_uint8(size: int):
     """Resize + centre crop to a uint8 (3, S, S) tensor: what the decode cache stores."""
     from torchvision import transforms  # imported here: processes that build no images skip its import
+
     r = eval_resize(size)
     return transforms.Compose([transforms.Resize((r, r)), transforms.CenterCrop(size), transforms.PILToTensor()])
 
@@ -92,11 +100,13 @@ def eval_transform_uint8(size: int):
 def resize_transform(size: int, mean, std):
     """`folder`'s transform for every split: a plain resize to S x S, no crop and no augmentation."""
     from torchvision import transforms  # imported here: processes that build no images skip its import
+
     return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def resize_transform_uint8(size: int):
     from torchvision import transforms  # imported here: processes that build no images skip its import
+
     return transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()])
 
 
@@ -104,12 +114,13 @@ def resize_transform_uint8(size: int):
 class Transforms:
     """How an on-disk dataset's images become tensors: `train(S, mean, std)` (may be random) and
     `eval_uint8(S)`, deterministic, to uint8 (3, S, S): what the decode cache stores."""
+
     name: str
     train: Callable
     eval_uint8: Callable
 
 
-PAPER = Transforms("paper", train_transform, eval_transform_uint8)        # Waterbirds, CelebA, MetaShift, UrbanCars
+PAPER = Transforms("paper", train_transform, eval_transform_uint8)  # Waterbirds, CelebA, MetaShift, UrbanCars
 RESIZE = Transforms("resize", resize_transform, resize_transform_uint8)  # folder: its plain resize
 
 
@@ -155,7 +166,7 @@ def decode_to_npy(files: ImageFiles, out: Path, size: int, workers: int) -> None
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
             start = 0
             for batch in loader:
-                arr[start:start + len(batch)] = batch.numpy()
+                arr[start : start + len(batch)] = batch.numpy()
                 start += len(batch)
             arr.flush()
             del arr
@@ -167,8 +178,17 @@ class EvalImages(Dataset):
     Items are normalised float tensors (3, S, S), the same values the uncached transform gives.
     """
 
-    def __init__(self, paths: list[Path], size: int, mean, std, cache_dir: Path | None = None,
-                 tag: str = "images", workers: int = 0, how: Transforms = PAPER):
+    def __init__(
+        self,
+        paths: list[Path],
+        size: int,
+        mean,
+        std,
+        cache_dir: Path | None = None,
+        tag: str = "images",
+        workers: int = 0,
+        how: Transforms = PAPER,
+    ):
         self.paths, self.size = list(paths), size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -212,9 +232,18 @@ def image_group_data(table: dict, dspec, name: str, shortcut_metrics=None, how: 
         if sname == "train":
             images = ImageFiles(sel_paths, how.train(size, mean, std))
         else:
-            images = EvalImages(sel_paths, size, mean, std, cache, tag=f"{name}-{sname}",
-                                workers=dspec.loader_workers, how=how)
-        splits[sname] = Split(images=images, y=np.asarray(table["y"])[sel], group=np.asarray(table["group"])[sel],
-                              attrs={k: np.asarray(v)[sel] for k, v in attrs.items()})
-    return GroupData(**splits, n_classes=int(table["n_classes"]), group_names=list(table["group_names"]),
-                     shortcut_metrics=shortcut_metrics)
+            images = EvalImages(
+                sel_paths, size, mean, std, cache, tag=f"{name}-{sname}", workers=dspec.loader_workers, how=how
+            )
+        splits[sname] = Split(
+            images=images,
+            y=np.asarray(table["y"])[sel],
+            group=np.asarray(table["group"])[sel],
+            attrs={k: np.asarray(v)[sel] for k, v in attrs.items()},
+        )
+    return GroupData(
+        **splits,
+        n_classes=int(table["n_classes"]),
+        group_names=list(table["group_names"]),
+        shortcut_metrics=shortcut_metrics,
+    )

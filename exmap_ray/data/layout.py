@@ -12,6 +12,7 @@ so a run and the check agree on what is broken.
 and structure, no full decode) to find unreadable files. Datasets made in memory (cmnist,
 cmnist_multi) have no scanner: they are checked by building them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,9 +32,9 @@ MAX_LISTED = 5  # files named per finding; the count says how many there are
 
 @dataclass
 class Finding:
-    problem: str   # short kind: "missing file", "unreadable image", "missing column", "wrong folder name", ...
-    detail: str    # what and where: the file, line, column or folder
-    fix: str       # the precise fix
+    problem: str  # short kind: "missing file", "unreadable image", "missing column", "wrong folder name", ...
+    detail: str  # what and where: the file, line, column or folder
+    fix: str  # the precise fix
 
     def line(self) -> str:
         return f"{self.problem}: {self.detail}"
@@ -42,26 +43,33 @@ class Finding:
 @dataclass
 class Scan:
     root: Path
-    table: Optional[dict] = None   # paths, y, split, group, group_names, n_classes[, attrs]; None if unreadable
+    table: Optional[dict] = None  # paths, y, split, group, group_names, n_classes[, attrs]; None if unreadable
     findings: list[Finding] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)    # what was read, e.g. "official attribute files"
-    extras: dict = field(default_factory=dict)         # e.g. "shortcut_metrics": (pred, y, attrs) -> dict (UrbanCars)
+    notes: list[str] = field(default_factory=list)  # what was read, e.g. "official attribute files"
+    extras: dict = field(default_factory=dict)  # e.g. "shortcut_metrics": (pred, y, attrs) -> dict (UrbanCars)
 
     def add(self, problem: str, detail: str, fix: str) -> None:
         self.findings.append(Finding(problem, detail, fix))
 
-    def renamed(self, problem: str, want: Path, found: Path, folder: bool = False,
-                rename_to: Optional[Path] = None) -> None:
+    def renamed(
+        self, problem: str, want: Path, found: Path, folder: bool = False, rename_to: Optional[Path] = None
+    ) -> None:
         """`want` is missing but `found`, a near name (`near_name`), exists: a rename to undo."""
         slash = "/" if folder else ""
-        self.add(problem, f"'{want}{slash}' not found, but '{found}{slash}' exists",
-                 f"rename '{found}' to '{rename_to or want}'")
+        self.add(
+            problem,
+            f"'{want}{slash}' not found, but '{found}{slash}' exists",
+            f"rename '{found}' to '{rename_to or want}'",
+        )
 
 
 def _fatal_message(findings: list[Finding], root) -> str:
     f = findings[0]
-    more = f" (and {len(findings) - 1} more problem(s); `exmap-ray datasets check` lists them all)" \
-        if len(findings) > 1 else ""
+    more = (
+        f" (and {len(findings) - 1} more problem(s); `exmap-ray datasets check` lists them all)"
+        if len(findings) > 1
+        else ""
+    )
     return f"{f.line()}. Fix: {f.fix}{more}"
 
 
@@ -80,14 +88,21 @@ def build_dataset(dspec, seed: int) -> GroupData:
     if entry.build is not None:
         return entry.build(dspec, seed)
     scan = scan_or_raise(entry.name, dspec)
-    return image_group_data(scan.table, dspec, entry.name, shortcut_metrics=scan.extras.get("shortcut_metrics"),
-                            how=entry.transforms or PAPER)
+    return image_group_data(
+        scan.table,
+        dspec,
+        entry.name,
+        shortcut_metrics=scan.extras.get("shortcut_metrics"),
+        how=entry.transforms or PAPER,
+    )
 
 
 def require_root(dspec, name: str, expected: str) -> Path:
     if not dspec.root:
-        raise SpecError(f"spec key 'dataset.root' is required for dataset.name '{name}' ({expected}); "
-                        f"e.g. --set dataset.root=/data/... (--root PATH with `exmap-ray datasets check`)")
+        raise SpecError(
+            f"spec key 'dataset.root' is required for dataset.name '{name}' ({expected}); "
+            f"e.g. --set dataset.root=/data/... (--root PATH with `exmap-ray datasets check`)"
+        )
     return Path(dspec.root).expanduser()
 
 
@@ -118,29 +133,37 @@ def root_problem(scan: Scan, root: Path, marker: str, folder_name: Optional[str]
         return True
     the_folder = f"the '{folder_name}' folder" if folder_name else "the folder"
     if not root.is_dir():
-        scan.add("missing folder",
-                 f"dataset.root '{root}' " + ("is not a folder" if root.exists() else "does not exist"),
-                 f"set dataset.root to {the_folder} that holds {marker}")
+        scan.add(
+            "missing folder",
+            f"dataset.root '{root}' " + ("is not a folder" if root.exists() else "does not exist"),
+            f"set dataset.root to {the_folder} that holds {marker}",
+        )
         return False
     inner = find_below(root, marker)
     if inner is not None:
-        scan.add("wrong folder", f"'{root}' has no {marker}, but '{inner / marker}' exists",
-                 f"set dataset.root={inner}")
+        scan.add(
+            "wrong folder", f"'{root}' has no {marker}, but '{inner / marker}' exists", f"set dataset.root={inner}"
+        )
         return False
     archives = sorted(p.name for p in root.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".zip", ".tar")))
     if archives:
-        scan.add("not extracted", f"'{root}' has no {marker}; it holds the archive(s) {', '.join(archives)}",
-                 f"extract it there ({'tar -xzf' if archives[0].endswith(('gz', 'tar')) else 'unzip'} "
-                 f"{root / archives[0]} -C {root}) and set dataset.root to {the_folder} it makes"
-                 + (f"; {archive_hint}" if archive_hint else ""))
+        scan.add(
+            "not extracted",
+            f"'{root}' has no {marker}; it holds the archive(s) {', '.join(archives)}",
+            f"extract it there ({'tar -xzf' if archives[0].endswith(('gz', 'tar')) else 'unzip'} "
+            f"{root / archives[0]} -C {root}) and set dataset.root to {the_folder} it makes"
+            + (f"; {archive_hint}" if archive_hint else ""),
+        )
         return False
     near = near_name(Path(marker).name, [p.name for p in root.iterdir()])
     if near is not None:
         scan.renamed("renamed file", root / marker, root / near)
         return False
-    scan.add("missing file", f"'{root / marker}' not found",
-             f"set dataset.root to {the_folder} that holds {marker}" +
-             (f"; {archive_hint}" if archive_hint else ""))
+    scan.add(
+        "missing file",
+        f"'{root / marker}' not found",
+        f"set dataset.root to {the_folder} that holds {marker}" + (f"; {archive_hint}" if archive_hint else ""),
+    )
     return False
 
 
@@ -150,8 +173,7 @@ def missing_files(scan: Scan, absent: list[tuple[str, Path]], listed_in: str, fi
         return
     shown = "; ".join(f"{where}: '{p}'" for where, p in absent[:MAX_LISTED])
     more = f" and {len(absent) - MAX_LISTED} more" if len(absent) > MAX_LISTED else ""
-    scan.add("missing file", f"{len(absent)} image file(s) listed in {listed_in} are not on disk: {shown}{more}",
-             fix)
+    scan.add("missing file", f"{len(absent)} image file(s) listed in {listed_in} are not on disk: {shown}{more}", fix)
 
 
 def unreadable_images(paths: list[Path]) -> list[tuple[Path, str]]:
@@ -176,11 +198,11 @@ def unreadable_images(paths: list[Path]) -> list[tuple[Path, str]]:
 class Report:
     name: str
     root: Optional[Path]
-    counts: Optional[dict] = None          # split -> group name -> n
+    counts: Optional[dict] = None  # split -> group name -> n
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     n_images: int = 0
-    verified: bool = False                 # every image was opened
+    verified: bool = False  # every image was opened
 
     @property
     def ok(self) -> bool:
@@ -188,8 +210,12 @@ class Report:
 
     def raise_if_bad(self) -> None:
         if self.findings:
-            raise DataError(f"dataset '{self.name}'" + (f" at '{self.root}'" if self.root else "") + ": "
-                            + _fatal_message(self.findings, self.root))
+            raise DataError(
+                f"dataset '{self.name}'"
+                + (f" at '{self.root}'" if self.root else "")
+                + ": "
+                + _fatal_message(self.findings, self.root)
+            )
 
     def format(self) -> str:
         lines = [f"dataset {self.name}" + (f" at {self.root}" if self.root else "")]
@@ -235,8 +261,9 @@ def _verified_marker(dspec, files: list[Path]) -> Optional[Path]:
     return None if cache is None or not files else cache / f"verified-{dspec.name}-{_files_key(files, 0)}"
 
 
-def check_dataset(dspec, verify: bool = True, seed: int = 0,
-                  progress: Optional[Callable[[str], None]] = None) -> Report:
+def check_dataset(
+    dspec, verify: bool = True, seed: int = 0, progress: Optional[Callable[[str], None]] = None
+) -> Report:
     """Layout, counts, missing and unreadable files of the dataset `dspec` describes."""
     entry = DATASETS.get(dspec.name)
     if entry.scan is None:
@@ -266,10 +293,14 @@ def check_dataset(dspec, verify: bool = True, seed: int = 0,
         if bad:
             shown = "; ".join(f"'{p}' ({why})" for p, why in bad[:MAX_LISTED])
             more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-            report.findings.append(Finding(
-                "unreadable image", f"{len(bad)} file(s) cannot be read as images: {shown}{more}",
-                "replace them with the original files (re-extract the dataset archive), or delete them and "
-                "their rows/entries from the index"))
+            report.findings.append(
+                Finding(
+                    "unreadable image",
+                    f"{len(bad)} file(s) cannot be read as images: {shown}{more}",
+                    "replace them with the original files (re-extract the dataset archive), or delete them and "
+                    "their rows/entries from the index",
+                )
+            )
     return report
 
 
@@ -281,8 +312,9 @@ def _check_by_building(entry: DatasetEntry, dspec, seed: int) -> Report:
     except DataError as e:
         report.findings.append(Finding("build", str(e), "see the message: it names the file or the key"))
         return report
-    report.counts = {s: {g: int((data.split(s).group == i).sum()) for i, g in enumerate(data.group_names)}
-                     for s in SPLIT_NAMES}
+    report.counts = {
+        s: {g: int((data.split(s).group == i).sum()) for i, g in enumerate(data.group_names)} for s in SPLIT_NAMES
+    }
     report.n_images = sum(len(data.split(s)) for s in SPLIT_NAMES)
     return report
 

@@ -19,6 +19,7 @@ test 25% / val 10% / train the rest at random (seed 42). Here:
 
 y: 0 dog, 1 cat; place: 0 outdoor, 1 indoor; true group = 2 * y + place (evaluation only).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,12 @@ from .layout import Scan, find_below, require_root, root_problem
 
 FOLDER = "MetaShift-Cat-Dog-indoor-outdoor"
 # folder -> (y, place), as in the public generate_metadata_metashift
-DIRS = {"train/cat/cat(indoor)": (1, 1), "train/dog/dog(outdoor)": (0, 0),
-        "test/cat/cat(outdoor)": (1, 0), "test/dog/dog(indoor)": (0, 1)}
+DIRS = {
+    "train/cat/cat(indoor)": (1, 1),
+    "train/dog/dog(outdoor)": (0, 0),
+    "test/cat/cat(outdoor)": (1, 0),
+    "test/dog/dog(indoor)": (0, 1),
+}
 GROUP_NAMES = ["dog outdoor", "dog indoor", "cat outdoor", "cat indoor"]
 TEST_SHARE, VAL_SHARE, SPLIT_SEED = 0.25, 0.10, 42
 SOURCE = "metashift.tar.gz (the MetaShift-Cat-Dog-indoor-outdoor archive SubpopBench downloads)"
@@ -49,8 +54,11 @@ def _group_dir(scan: Scan, root, rel: str):
     if near:
         scan.renamed("wrong folder name", root / rel, root / near, folder=True)
     else:
-        scan.add("missing folder", f"'{root / rel}/' not found", f"re-extract {SOURCE}; ROOT needs the folders "
-                 f"{', '.join(DIRS)}")
+        scan.add(
+            "missing folder",
+            f"'{root / rel}/' not found",
+            f"re-extract {SOURCE}; ROOT needs the folders {', '.join(DIRS)}",
+        )
     return None
 
 
@@ -64,7 +72,7 @@ def stratified_split(group: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
         n_test = max(2, int(round(len(idx) * TEST_SHARE)))
         n_val = max(2, int(round(len(idx) * VAL_SHARE)))
         split[idx[:n_test]] = 2
-        split[idx[n_test:n_test + n_val]] = 1
+        split[idx[n_test : n_test + n_val]] = 1
     return split
 
 
@@ -73,18 +81,28 @@ def scan_metashift(dspec) -> Scan:
     root = require_root(dspec, "metashift", f"the {FOLDER} folder")
     scan = Scan(root)
     if (root / "metadata.csv").is_file():
-        m = scan_metadata_csv(scan, root, f"{SOURCE} plus generate_metadata_metashift",
-                              values={"y": (0, 1), "place": (0, 1)}, spurious=("place",))
+        m = scan_metadata_csv(
+            scan,
+            root,
+            f"{SOURCE} plus generate_metadata_metashift",
+            values={"y": (0, 1), "place": (0, 1)},
+            spurious=("place",),
+        )
         if m is not None:
             scan.notes.append("metadata.csv: its split; y 0 dog / 1 cat, place 0 outdoor / 1 indoor")
-            scan.table = {"paths": m["paths"], "y": m["y"], "split": m["split"],
-                          "group": 2 * m["y"] + m["spurious"], "group_names": GROUP_NAMES, "n_classes": 2}
+            scan.table = {
+                "paths": m["paths"],
+                "y": m["y"],
+                "split": m["split"],
+                "group": 2 * m["y"] + m["spurious"],
+                "group_names": GROUP_NAMES,
+                "n_classes": 2,
+            }
         return scan
     if root.is_dir() and not (root / "train").is_dir() and not (root / "test").is_dir():
         inner = find_below(root, "train/cat")
         if inner is not None:
-            scan.add("wrong folder", f"'{root}' has no train/ or test/, but '{inner}' has",
-                     f"set dataset.root={inner}")
+            scan.add("wrong folder", f"'{root}' has no train/ or test/, but '{inner}' has", f"set dataset.root={inner}")
             return scan
     if not root_problem(scan, root, "train", FOLDER, archive_hint=f"it is {SOURCE}"):
         return scan
@@ -96,9 +114,11 @@ def scan_metashift(dspec) -> Scan:
         files = sorted(d.glob("*.jpg"))
         if not files:
             others = sorted(p.name for p in d.iterdir())[:3]
-            scan.add("empty folder",
-                     f"'{d}/' holds no .jpg files" + (f" (it has {', '.join(others)})" if others else ""),
-                     f"re-extract {SOURCE}; the images are .jpg")
+            scan.add(
+                "empty folder",
+                f"'{d}/' holds no .jpg files" + (f" (it has {', '.join(others)})" if others else ""),
+                f"re-extract {SOURCE}; the images are .jpg",
+            )
         paths += files
         ys += [y] * len(files)
         places += [place] * len(files)
@@ -107,7 +127,12 @@ def scan_metashift(dspec) -> Scan:
     y, place = np.asarray(ys, dtype=np.int64), np.asarray(places, dtype=np.int64)
     group = 2 * y + place
     scan.notes.append("no metadata.csv: split drawn per group (seed 42, 25% test, 10% val)")
-    scan.table = {"paths": paths, "y": y, "split": stratified_split(group), "group": group,
-                  "group_names": GROUP_NAMES, "n_classes": 2}
+    scan.table = {
+        "paths": paths,
+        "y": y,
+        "split": stratified_split(group),
+        "group": group,
+        "group_names": GROUP_NAMES,
+        "n_classes": 2,
+    }
     return scan
-

@@ -17,6 +17,7 @@ carries the bg and co_occur_obj attributes, and test results get UrbanCars' shor
 (`urbancars_gaps`): accuracy where the background, the co-object or both disagree with the car type,
 minus the in-distribution accuracy (the four agree/disagree accuracies weighted by the train ratios).
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,11 @@ from .layout import RootKeys, Scan, find_below, require_root
 
 NAMES = ["urban", "country"]  # index = label, for obj, bg and co_occur_obj alike
 RATIO_RE = re.compile(r"^bg-([0-9.]+)_co_occur_obj-([0-9.]+)$")
-DEFAULT_RATIO_DIR = {"train": "bg-0.95_co_occur_obj-0.95", "val": "bg-0.5_co_occur_obj-0.5",
-                     "test": "bg-0.5_co_occur_obj-0.5"}
+DEFAULT_RATIO_DIR = {
+    "train": "bg-0.95_co_occur_obj-0.95",
+    "val": "bg-0.5_co_occur_obj-0.5",
+    "test": "bg-0.5_co_occur_obj-0.5",
+}
 SOURCE = "the UrbanCars archive (Whac-A-Mole; its authors share it on request, or generate it with their scripts)"
 
 
@@ -65,18 +69,26 @@ def urbancars_gaps(pred, y, attrs: dict, bg_ratio: float = 0.95, co_occur_obj_ra
         return float(np.mean(accs)) if accs else None
 
     cells = {(b, c): cell(b, c) for b in (True, False) for c in (True, False)}
-    w = {(b, c): (bg_ratio if b else 1 - bg_ratio) * (co_occur_obj_ratio if c else 1 - co_occur_obj_ratio)
-         for b, c in cells}
+    w = {
+        (b, c): (bg_ratio if b else 1 - bg_ratio) * (co_occur_obj_ratio if c else 1 - co_occur_obj_ratio)
+        for b, c in cells
+    }
     known = {k: v for k, v in cells.items() if v is not None}
     id_acc = sum(v * w[k] for k, v in known.items()) / sum(w[k] for k in known) if known else None
 
     def gap(k):
         return None if cells[k] is None or id_acc is None else cells[k] - id_acc
 
-    return {"id_acc": id_acc, "bg_gap": gap((False, True)), "co_occur_obj_gap": gap((True, False)),
-            "both_gap": gap((False, False)),
-            "acc_bg_present_coobj_present": cells[(True, True)], "acc_bg_absent_coobj_present": cells[(False, True)],
-            "acc_bg_present_coobj_absent": cells[(True, False)], "acc_bg_absent_coobj_absent": cells[(False, False)]}
+    return {
+        "id_acc": id_acc,
+        "bg_gap": gap((False, True)),
+        "co_occur_obj_gap": gap((True, False)),
+        "both_gap": gap((False, False)),
+        "acc_bg_present_coobj_present": cells[(True, True)],
+        "acc_bg_absent_coobj_present": cells[(False, True)],
+        "acc_bg_present_coobj_absent": cells[(True, False)],
+        "acc_bg_absent_coobj_absent": cells[(False, False)],
+    }
 
 
 def _ratio_dirs(root) -> list:
@@ -91,25 +103,38 @@ def _split_dir(scan: Scan, root, dirs: list, split: str):
         default = [d for d in holders if d.name == DEFAULT_RATIO_DIR[split]]
         if default:
             return default[0] / split
-        scan.add("ambiguous folder", f"several folders have a {split}/ subfolder: "
-                 f"{', '.join(d.name for d in holders)}",
-                 f"keep one of them in {root} (the Whac-A-Mole layout has {DEFAULT_RATIO_DIR[split]}/{split})")
+        scan.add(
+            "ambiguous folder",
+            f"several folders have a {split}/ subfolder: {', '.join(d.name for d in holders)}",
+            f"keep one of them in {root} (the Whac-A-Mole layout has {DEFAULT_RATIO_DIR[split]}/{split})",
+        )
         return None
     want = root / DEFAULT_RATIO_DIR[split] / split
     misnamed = sorted(d for d in root.iterdir() if d.is_dir() and not RATIO_RE.match(d.name) and (d / split).is_dir())
     if misnamed:
-        scan.add("wrong folder name", f"'{misnamed[0]}/' holds {split}/, but its name is not "
-                 f"bg-RATIO_co_occur_obj-RATIO", f"rename '{misnamed[0]}' to '{root / DEFAULT_RATIO_DIR[split]}'")
+        scan.add(
+            "wrong folder name",
+            f"'{misnamed[0]}/' holds {split}/, but its name is not bg-RATIO_co_occur_obj-RATIO",
+            f"rename '{misnamed[0]}' to '{root / DEFAULT_RATIO_DIR[split]}'",
+        )
         return None
     where = [d for d in dirs if d.name == DEFAULT_RATIO_DIR[split]] or dirs
-    near = next((f"{d.name}/{h}" for d in where
-                 if (h := near_name(split, [p.name for p in d.iterdir() if p.is_dir()])) is not None), None)
+    near = next(
+        (
+            f"{d.name}/{h}"
+            for d in where
+            if (h := near_name(split, [p.name for p in d.iterdir() if p.is_dir()])) is not None
+        ),
+        None,
+    )
     if near:
-        scan.renamed("wrong folder name", want, root / near, folder=True,
-                     rename_to=root / near.split("/")[0] / split)
+        scan.renamed("wrong folder name", want, root / near, folder=True, rename_to=root / near.split("/")[0] / split)
     else:
-        scan.add("missing folder", f"no {split}/ folder under any bg-*_co_occur_obj-* folder of '{root}'",
-                 f"restore '{want}/' from {SOURCE}")
+        scan.add(
+            "missing folder",
+            f"no {split}/ folder under any bg-*_co_occur_obj-* folder of '{root}'",
+            f"restore '{want}/' from {SOURCE}",
+        )
     return None
 
 
@@ -118,18 +143,24 @@ class UrbanCarsKeys(RootKeys):
     """UrbanCars' own spec keys (dataset.*): the folder and which shortcuts define the true groups."""
 
     group_by: Literal["both", "bg", "co_occur_obj"] = opt(
-        "both", "the shortcut(s) that define the true groups: both (8 groups), bg or co_occur_obj (4 each). "
-                "Changes the oracle DFR row and the true-group WGA; the shortcut gaps use both always")
+        "both",
+        "the shortcut(s) that define the true groups: both (8 groups), bg or co_occur_obj (4 each). "
+        "Changes the oracle DFR row and the true-group WGA; the shortcut gaps use both always",
+    )
 
 
 @DATASETS.register("urbancars", keys=UrbanCarsKeys, on_disk=True)
 def scan_urbancars(dspec) -> Scan:
-    root = require_root(dspec, "urbancars",
-                        "the folder holding bg-0.95_co_occur_obj-0.95/ and bg-0.5_co_occur_obj-0.5/")
+    root = require_root(
+        dspec, "urbancars", "the folder holding bg-0.95_co_occur_obj-0.95/ and bg-0.5_co_occur_obj-0.5/"
+    )
     scan = Scan(root)
     if not root.is_dir():
-        scan.add("missing folder", f"dataset.root '{root}' is not a folder",
-                 "set dataset.root to the folder holding bg-0.95_co_occur_obj-0.95/ and bg-0.5_co_occur_obj-0.5/")
+        scan.add(
+            "missing folder",
+            f"dataset.root '{root}' is not a folder",
+            "set dataset.root to the folder holding bg-0.95_co_occur_obj-0.95/ and bg-0.5_co_occur_obj-0.5/",
+        )
         return scan
     dirs = _ratio_dirs(root)
     if not dirs:
@@ -137,13 +168,19 @@ def scan_urbancars(dspec) -> Scan:
         subdirs = [p.name for p in root.iterdir() if p.is_dir()]
         near = near_name(DEFAULT_RATIO_DIR["train"], subdirs)
         if inner is not None:
-            scan.add("wrong folder", f"'{root}' has no bg-*_co_occur_obj-* folder, but '{inner}' has",
-                     f"set dataset.root={inner}")
+            scan.add(
+                "wrong folder",
+                f"'{root}' has no bg-*_co_occur_obj-* folder, but '{inner}' has",
+                f"set dataset.root={inner}",
+            )
         elif near:
             scan.renamed("wrong folder name", root / DEFAULT_RATIO_DIR["train"], root / near, folder=True)
         else:
-            scan.add("missing folder", f"'{root}' has no bg-*_co_occur_obj-* folder",
-                     f"set dataset.root to the urbancars folder of {SOURCE}")
+            scan.add(
+                "missing folder",
+                f"'{root}' has no bg-*_co_occur_obj-* folder",
+                f"set dataset.root to the urbancars folder of {SOURCE}",
+            )
         return scan
     rows = []  # (path, split, obj, bg, co)
     split_dirs = {}
@@ -159,8 +196,14 @@ def scan_urbancars(dspec) -> Scan:
                     name = group_folder(o, b, c)
                     d = sd / name
                     if not d.is_dir():
-                        near = near_name(name, [p for p in present if not RATIO_RE.match(p) and p not in
-                                                {group_folder(*t) for t in np.ndindex(2, 2, 2)}])
+                        near = near_name(
+                            name,
+                            [
+                                p
+                                for p in present
+                                if not RATIO_RE.match(p) and p not in {group_folder(*t) for t in np.ndindex(2, 2, 2)}
+                            ],
+                        )
                         if near:
                             scan.renamed("wrong folder name", d, sd / near, folder=True)
                         else:
@@ -169,9 +212,11 @@ def scan_urbancars(dspec) -> Scan:
                     files = sorted(d.glob("*.jpg"))
                     if not files:
                         others = sorted(p.name for p in d.iterdir())[:3]
-                        scan.add("empty folder", f"'{d}/' holds no .jpg files"
-                                 + (f" (it has {', '.join(others)})" if others else ""),
-                                 f"restore its images from {SOURCE}; UrbanCars images are .jpg")
+                        scan.add(
+                            "empty folder",
+                            f"'{d}/' holds no .jpg files" + (f" (it has {', '.join(others)})" if others else ""),
+                            f"restore its images from {SOURCE}; UrbanCars images are .jpg",
+                        )
                     rows += [(p, code, o, b, c) for p in files]
     if scan.findings:
         return scan
@@ -188,10 +233,18 @@ def scan_urbancars(dspec) -> Scan:
         group = obj * 2 + attr
         label = "bg" if by == "bg" else "coobj"
         names = [f"{NAMES[o]} car, {NAMES[a]} {label}" for o in (0, 1) for a in (0, 1)]
-    scan.notes.append(f"train from {split_dirs['train'].parent.name} (bg ratio {bg_ratio}, co-object ratio "
-                      f"{co_ratio}); true groups by {by}")
+    scan.notes.append(
+        f"train from {split_dirs['train'].parent.name} (bg ratio {bg_ratio}, co-object ratio "
+        f"{co_ratio}); true groups by {by}"
+    )
     scan.extras["shortcut_metrics"] = functools.partial(urbancars_gaps, bg_ratio=bg_ratio, co_occur_obj_ratio=co_ratio)
-    scan.table = {"paths": paths, "y": obj, "split": split, "group": group, "group_names": names, "n_classes": 2,
-                  "attrs": {"bg": bg, "co_occur_obj": co}}
+    scan.table = {
+        "paths": paths,
+        "y": obj,
+        "split": split,
+        "group": group,
+        "group_names": names,
+        "n_classes": 2,
+        "attrs": {"bg": bg, "co_occur_obj": co},
+    }
     return scan
-

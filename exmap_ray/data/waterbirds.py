@@ -9,6 +9,7 @@ folders (`001.Black_footed_Albatross/...jpg`) and `metadata.csv` with img_id, im
 It is the `folder` layout (folder.scan_metadata_csv reads it) with y and place in 0/1 and the group
 names; the images take the shared path (images.py). True group = 2 * y + place (evaluation only).
 """
+
 from __future__ import annotations
 
 from .folder import scan_metadata_csv
@@ -24,14 +25,24 @@ SOURCE = "the group_DRO Waterbirds tarball (waterbird_complete95_forest2water2.t
 def scan_waterbirds(dspec) -> Scan:
     root = require_root(dspec, "waterbirds", f"the {FOLDER} folder")
     scan = Scan(root)
-    if not root_problem(scan, root, "metadata.csv", FOLDER,
-                        archive_hint="the group_DRO README links waterbird_complete95_forest2water2.tar.gz"):
+    if not root_problem(
+        scan,
+        root,
+        "metadata.csv",
+        FOLDER,
+        archive_hint="the group_DRO README links waterbird_complete95_forest2water2.tar.gz",
+    ):
         return scan
     m = scan_metadata_csv(scan, root, SOURCE, values={"y": (0, 1), "place": (0, 1)}, spurious=("place",))
     if m is None:
         return scan
     scan.notes.append("metadata.csv: y 0 landbird / 1 waterbird, place 0 land / 1 water")
-    scan.table = {"paths": m["paths"], "y": m["y"], "split": m["split"], "group": 2 * m["y"] + m["spurious"],
-                  "group_names": GROUP_NAMES, "n_classes": 2}
+    scan.table = {
+        "paths": m["paths"],
+        "y": m["y"],
+        "split": m["split"],
+        "group": 2 * m["y"] + m["spurious"],
+        "group_names": GROUP_NAMES,
+        "n_classes": 2,
+    }
     return scan
-

@@ -8,8 +8,16 @@ sources.py    the registry (`groups.source`) and the built-in sources: exmap, fe
 formation.py  pseudo_groups (class x cluster), the input checks, cross_spatial, merge_small, merge_easy_groups
 peers.py      SpuCo's GEORGE, SPARE and EIIL (the `peers` extra), registered by plugins.py
 """
+
 from .formation import class_by_cluster, merge_easy_groups, pseudo_groups
 from .sources import GROUP_SOURCES, GroupContext, GroupSource, infer_groups
 
-__all__ = ["GROUP_SOURCES", "GroupContext", "GroupSource", "class_by_cluster", "infer_groups", "merge_easy_groups",
-           "pseudo_groups"]
+__all__ = [
+    "GROUP_SOURCES",
+    "GroupContext",
+    "GroupSource",
+    "class_by_cluster",
+    "infer_groups",
+    "merge_easy_groups",
+    "pseudo_groups",
+]

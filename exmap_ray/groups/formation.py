@@ -7,6 +7,7 @@ the channel-sum crossing (`clustering.cross_spatial`), and the merging of small 
 Heatmaps may be an np.memmap or a list of shards. A scope of `SCALE_MIN_N` points or more takes the
 scalable route (clustering/scale.py), streamed in chunks, never a whole copy.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,15 +36,19 @@ def check_heatmaps(H: np.ndarray) -> None:
         raise DataError("no heatmaps to cluster: the val split is empty")
     bad = sum(int((~np.isfinite(X)).any(axis=1).sum()) for X in _each_chunk(H))
     if bad:
-        raise DataError(f"{bad} of {n} heatmaps contain NaN or inf values; nothing sensible can be "
-                        f"clustered. Likely causes: ERM diverged (lower erm.lr, check the ERM loss/accuracy) "
-                        f"or the heatmap method is unstable for this backbone (raise heatmaps.epsilon or "
-                        f"try heatmaps.method input_x_gradient)")
+        raise DataError(
+            f"{bad} of {n} heatmaps contain NaN or inf values; nothing sensible can be "
+            f"clustered. Likely causes: ERM diverged (lower erm.lr, check the ERM loss/accuracy) "
+            f"or the heatmap method is unstable for this backbone (raise heatmaps.epsilon or "
+            f"try heatmaps.method input_x_gradient)"
+        )
     if not any(X.any() for X in _each_chunk(H)):
-        raise DataError(f"all {n} heatmaps are all zero: the model explains nothing. Likely causes: "
-                        f"ERM collapsed to a constant prediction (a dead model: check the ERM stage's "
-                        f"accuracy, lower erm.lr) or the wrong heatmap method for this backbone "
-                        f"(try heatmaps.method input_x_gradient or gradcam)")
+        raise DataError(
+            f"all {n} heatmaps are all zero: the model explains nothing. Likely causes: "
+            f"ERM collapsed to a constant prediction (a dead model: check the ERM stage's "
+            f"accuracy, lower erm.lr) or the wrong heatmap method for this backbone "
+            f"(try heatmaps.method input_x_gradient or gradcam)"
+        )
 
 
 def check_rows(X: np.ndarray, what: str) -> None:
@@ -53,8 +58,10 @@ def check_rows(X: np.ndarray, what: str) -> None:
         raise DataError(f"no {what} to cluster: the val split is empty")
     bad = sum(int((~np.isfinite(C)).any(axis=1).sum()) for C in _each_chunk(X))
     if bad:
-        raise DataError(f"{bad} of {n} rows of {what} contain NaN or inf values; nothing sensible can be "
-                        f"clustered (did ERM diverge? check the ERM loss/accuracy)")
+        raise DataError(
+            f"{bad} of {n} rows of {what} contain NaN or inf values; nothing sensible can be "
+            f"clustered (did ERM diverge? check the ERM loss/accuracy)"
+        )
 
 
 def channel_sums(H) -> np.ndarray:
@@ -66,15 +73,17 @@ def channel_sums(H) -> np.ndarray:
     shards = [H] if isinstance(H, np.ndarray) else list(H)
     if not shards or any(np.ndim(s) != 4 for s in shards):
         shapes = sorted({tuple(np.shape(s)[1:]) for s in shards})
-        raise UserError(f"clustering.cross_spatial sums each heatmap over its channels, so it needs heatmaps of "
-                        f"shape (N, channels, height, width); these are {shapes or 'empty'} per point. Set "
-                        f"clustering.cross_spatial: none (every shipped heatmaps.method gives that shape; with "
-                        f"gradcam's single channel the crossing changes nothing)")
+        raise UserError(
+            f"clustering.cross_spatial sums each heatmap over its channels, so it needs heatmaps of "
+            f"shape (N, channels, height, width); these are {shapes or 'empty'} per point. Set "
+            f"clustering.cross_spatial: none (every shipped heatmaps.method gives that shape; with "
+            f"gradcam's single channel the crossing changes nothing)"
+        )
     rows = ChunkedRows(shards, normalize=False)
     c = shards[0].shape[1]
     out = np.empty((len(rows), rows.d // c), np.float32)
     for lo, X in rows.chunks():
-        out[lo:lo + len(X)] = X.reshape(len(X), c, -1).sum(1)
+        out[lo : lo + len(X)] = X.reshape(len(X), c, -1).sum(1)
     return out
 
 
@@ -98,8 +107,15 @@ def _cluster_scopes(X, y: np.ndarray, cspec, seed: int) -> tuple[np.ndarray, dic
     return cluster_of, scopes
 
 
-def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int, what: str = "heatmaps",
-                  cross=None, correct: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+def pseudo_groups(
+    H: np.ndarray,
+    y: np.ndarray,
+    cspec,
+    seed: int,
+    what: str = "heatmaps",
+    cross=None,
+    correct: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict]:
     """Pseudo group per point = (class, cluster), numbered densely 0..G-1.
 
     `H` is any (N, ...) array, flattened per row: heatmaps by default, or penultimate features
@@ -132,17 +148,29 @@ def pseudo_groups(H: np.ndarray, y: np.ndarray, cspec, seed: int, what: str = "h
     groups = groups.ravel().astype(np.int64)
     pairs = list(zip(classes[keys // base].tolist(), (keys % base).tolist()))
     sizes = np.bincount(groups, minlength=len(pairs))
-    log.info("clustering: %s/%s -> %d pseudo groups, sizes %s%s", cspec.method, cspec.scope, len(pairs),
-             sizes.tolist(), f" ({len(merges)} small fragment(s) merged)" if merges else "")
-    info = {"scopes": scopes, "n_groups": len(pairs), "group_class_cluster": pairs,
-            "sizes": sizes.tolist(), "merged": merges}
+    log.info(
+        "clustering: %s/%s -> %d pseudo groups, sizes %s%s",
+        cspec.method,
+        cspec.scope,
+        len(pairs),
+        sizes.tolist(),
+        f" ({len(merges)} small fragment(s) merged)" if merges else "",
+    )
+    info = {
+        "scopes": scopes,
+        "n_groups": len(pairs),
+        "group_class_cluster": pairs,
+        "sizes": sizes.tolist(),
+        "merged": merges,
+    }
     if crossed is not None:
         info["cross_scopes"] = crossed
     return groups, info
 
 
-def keep_hard_parts(y: np.ndarray, cluster_of: np.ndarray, part: np.ndarray,
-                    correct: np.ndarray) -> tuple[np.ndarray, int]:
+def keep_hard_parts(
+    y: np.ndarray, cluster_of: np.ndarray, part: np.ndarray, correct: np.ndarray
+) -> tuple[np.ndarray, int]:
     """`cross_spatial: hard`: within each (class, cluster), the parts (ids in `part`) on which ERM's
     accuracy is at least its accuracy on the whole (class, cluster) become one part, id 0; the harder
     parts keep their own ids (shifted by 1). Returns the new part ids and how many parts were kept apart."""
@@ -161,8 +189,9 @@ def keep_hard_parts(y: np.ndarray, cluster_of: np.ndarray, part: np.ndarray,
     return out, kept
 
 
-def merge_small(X: np.ndarray | ChunkedRows, y: np.ndarray, cluster_of: np.ndarray,
-                min_size: int) -> tuple[np.ndarray, list]:
+def merge_small(
+    X: np.ndarray | ChunkedRows, y: np.ndarray, cluster_of: np.ndarray, min_size: int
+) -> tuple[np.ndarray, list]:
     """Merge (class, cluster) groups under `min_size` into the nearest same-class group by centroid.
 
     DFR subsamples every group to the smallest one, so a 2-member fragment would
@@ -185,6 +214,7 @@ def merge_small(X: np.ndarray | ChunkedRows, y: np.ndarray, cluster_of: np.ndarr
                     members = idx[cluster_of[idx] == k]
                     cache[k] = X.mean(members) if isinstance(X, ChunkedRows) else X[members].mean(0)
                 return cache[k]
+
             others = [k for k in ks if k != small]
             target = min(others, key=lambda k: float(((centroid(k) - centroid(small)) ** 2).sum()))
             cluster_of[idx[cluster_of[idx] == small]] = target

@@ -23,6 +23,7 @@ SpuCo loads UMAP and numba, about 20 s), and SpuCo is imported when a source fir
 asking for one raises a SpecError naming the extra to install. The global random state SpuCo seeds (its
 `seed_randomness` reseeds numpy, torch and random) is restored afterwards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 SPUCO_VERSION = "2.0.3"
 INSTALL = "pip install 'exmap-ray[peers]'"
-EIIL_STEPS = 10_000   # SpuCo's EIIL scripts use 10,000 steps at lr 1e-3 (its sweeps: 10k or 20k; 1e-2 or 1e-3)
+EIIL_STEPS = 10_000  # SpuCo's EIIL scripts use 10,000 steps at lr 1e-3 (its sweeps: 10k or 20k; 1e-2 or 1e-3)
 EIIL_LR = 1e-3
 PEER_SOURCES = {"spuco_george": "GEORGE", "spuco_spare": "SPARE", "spuco_eiil": "EIIL"}
 
@@ -74,8 +75,10 @@ def _spuco():
             from spuco import group_inference
             from spuco.utils.random_seed import set_seed
     except ImportError as e:
-        raise UserError(f"the SpuCo peers need spuco {SPUCO_VERSION}, which does not import here "
-                        f"({type(e).__name__}: {e}); {INSTALL} installs it") from None
+        raise UserError(
+            f"the SpuCo peers need spuco {SPUCO_VERSION}, which does not import here "
+            f"({type(e).__name__}: {e}); {INSTALL} installs it"
+        ) from None
     version = getattr(spuco, "__version__", None)
     if version not in (None, SPUCO_VERSION):
         log.warning("peers: spuco %s found; these sources were written and tested against %s", version, SPUCO_VERSION)
@@ -120,8 +123,9 @@ def partition_to_clusters(partition: dict, n: int) -> np.ndarray:
     return cluster_of
 
 
-def finish_groups(X: np.ndarray, y: np.ndarray, cluster_of: np.ndarray, min_size: int,
-                  extra: dict) -> tuple[np.ndarray, dict]:
+def finish_groups(
+    X: np.ndarray, y: np.ndarray, cluster_of: np.ndarray, min_size: int, extra: dict
+) -> tuple[np.ndarray, dict]:
     """Merge small (class, cluster) pairs as every clustering source does; dense class x cluster ids."""
     cluster_of, merges = merge_small(np.asarray(X, np.float32), y, cluster_of, min_size)
     return class_by_cluster(y, cluster_of), {**extra, "merged": merges}
@@ -133,8 +137,9 @@ def george(features: np.ndarray, y: np.ndarray, k_max: int, seed: int) -> np.nda
 
     gi, _ = _spuco()
     with _seeded(seed):
-        inf = gi.GeorgeInference(Z=torch.as_tensor(np.asarray(features, np.float32)), class_labels=y.tolist(),
-                                 max_clusters=k_max)
+        inf = gi.GeorgeInference(
+            Z=torch.as_tensor(np.asarray(features, np.float32)), class_labels=y.tolist(), max_clusters=k_max
+        )
         partition = inf.infer_groups()
     return partition_to_clusters(partition, len(y))
 
@@ -172,8 +177,9 @@ def eiil(logits: np.ndarray, y: np.ndarray, seed: int, steps: int = EIIL_STEPS, 
 
     gi, _ = _spuco()
     with _seeded(seed):
-        inf = gi.EIIL(logits=torch.as_tensor(np.asarray(logits, np.float32)), class_labels=y.tolist(),
-                      num_steps=steps, lr=lr)
+        inf = gi.EIIL(
+            logits=torch.as_tensor(np.asarray(logits, np.float32)), class_labels=y.tolist(), num_steps=steps, lr=lr
+        )
         partition = inf.infer_groups()
     env = np.zeros(len(y), np.int64)
     for (_, e), idx in partition.items():
@@ -183,8 +189,11 @@ def eiil(logits: np.ndarray, y: np.ndarray, seed: int, steps: int = EIIL_STEPS, 
 
 def _missing(name: str) -> str | None:
     """Why peer `name` cannot run here (spuco absent), or None: its registration keeps the name known."""
-    return None if spuco_installed() else (f"runs SpuCo's {PEER_SOURCES[name]} (spuco {SPUCO_VERSION}), which is "
-                                           f"not installed: {INSTALL}")
+    return (
+        None
+        if spuco_installed()
+        else (f"runs SpuCo's {PEER_SOURCES[name]} (spuco {SPUCO_VERSION}), which is not installed: {INSTALL}")
+    )
 
 
 @GROUP_SOURCES.register("spuco_george", needs=("val_features",), unavailable=_missing("spuco_george"))
@@ -208,8 +217,13 @@ def eiil_source(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """EIIL (SpuCo) on the ERM model's val logits: group = class x environment."""
     y = np.asarray(ctx.y_val, np.int64)
     env = eiil(ctx.val_logits, y, ctx.seed)
-    return finish_groups(ctx.val_logits, y, env, ctx.clustering.min_group_size,
-                         {"spuco": SPUCO_VERSION, "eiil_steps": EIIL_STEPS, "eiil_lr": EIIL_LR})
+    return finish_groups(
+        ctx.val_logits,
+        y,
+        env,
+        ctx.clustering.min_group_size,
+        {"spuco": SPUCO_VERSION, "eiil_steps": EIIL_STEPS, "eiil_lr": EIIL_LR},
+    )
 
 
 def available() -> list[str]:

@@ -16,6 +16,7 @@ oracle); with the `peers` extra, SpuCo's GEORGE, SPARE and EIIL (`spuco_george`,
 `infer_groups` hands every other source a context with `true_groups` removed, so no baseline can peek
 at them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,26 +36,27 @@ from .formation import channel_sums, check_heatmaps, check_rows, class_by_cluste
 class GroupContext:
     """What a group source may use. Arrays are per val point, in val order."""
 
-    y_val: np.ndarray                          # (N,) class labels
-    clustering: Any                            # spec.ClusteringSpec: method, k, k_max, scope, ...
+    y_val: np.ndarray  # (N,) class labels
+    clustering: Any  # spec.ClusteringSpec: method, k, k_max, scope, ...
     seed: int
     val_features: Optional[np.ndarray] = None  # (N, d) penultimate features of the ERM model
-    val_logits: Optional[np.ndarray] = None    # (N, n_classes) ERM logits
-    heatmaps: Optional[np.ndarray] = None      # (N, ...) heatmaps of the predicted class
-    true_groups: Optional[np.ndarray] = None   # (N,) true groups: the `true` source (oracle) only
-    random_k: Optional[int] = None             # `random`: groups per class; None = clustering.k if an int, else 2
-    merge_easy: bool = False                   # groups.merge_easy: merge_easy_groups after a label-free source
+    val_logits: Optional[np.ndarray] = None  # (N, n_classes) ERM logits
+    heatmaps: Optional[np.ndarray] = None  # (N, ...) heatmaps of the predicted class
+    true_groups: Optional[np.ndarray] = None  # (N,) true groups: the `true` source (oracle) only
+    random_k: Optional[int] = None  # `random`: groups per class; None = clustering.k if an int, else 2
+    merge_easy: bool = False  # groups.merge_easy: merge_easy_groups after a label-free source
 
 
 @dataclass(frozen=True)
 class GroupSource:
     fn: Callable[[GroupContext], tuple[np.ndarray, dict]]
-    needs: tuple[str, ...]   # GroupContext fields that must not be None
-    oracle: bool = False     # only an oracle source is shown `true_groups`
+    needs: tuple[str, ...]  # GroupContext fields that must not be None
+    oracle: bool = False  # only an oracle source is shown `true_groups`
 
 
-def _entry(name: str, fn: Callable, keys: Optional[type] = None, needs: tuple[str, ...] = (),
-           oracle: bool = False) -> GroupSource:
+def _entry(
+    name: str, fn: Callable, keys: Optional[type] = None, needs: tuple[str, ...] = (), oracle: bool = False
+) -> GroupSource:
     return GroupSource(fn, tuple(needs), oracle)
 
 
@@ -68,8 +70,7 @@ def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
     src: GroupSource = GROUP_SOURCES.get(name)
     needs = src.needs
     if name == "exmap":
-        needs = {"features": ("val_features",), "both": ("heatmaps", "val_features")}.get(
-            ctx.clustering.input, needs)
+        needs = {"features": ("val_features",), "both": ("heatmaps", "val_features")}.get(ctx.clustering.input, needs)
     missing = [f for f in needs if getattr(ctx, f) is None]
     if missing:
         raise UserError(f"group source '{name}' needs {', '.join(missing)}, which the caller did not provide")
@@ -86,8 +87,12 @@ def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
         groups, merged = merge_easy_groups(groups, ctx.y_val, ctx.val_logits)
         info = {**info, "merged_easy": merged, "n_groups_before_merge": before}
     ids, counts = np.unique(groups, return_counts=True)
-    return groups, {"source": name, **info, "n_groups": int(len(ids)),
-                    "sizes": {int(g): int(c) for g, c in zip(ids, counts)}}
+    return groups, {
+        "source": name,
+        **info,
+        "n_groups": int(len(ids)),
+        "sizes": {int(g): int(c) for g, c in zip(ids, counts)},
+    }
 
 
 @GROUP_SOURCES.register("exmap", needs=("heatmaps",))
@@ -95,14 +100,19 @@ def exmap_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     """ExMap: cluster the heatmaps with `clustering.*` (scope, method, k); group = class x cluster."""
     what = ctx.clustering.input
     cross = correct = None
-    crossing = [(k, v) for k, v in (("cross_spatial", ctx.clustering.cross_spatial),
-                                     ("cross_features", ctx.clustering.cross_features)) if v != "none"]
+    crossing = [
+        (k, v)
+        for k, v in (("cross_spatial", ctx.clustering.cross_spatial), ("cross_features", ctx.clustering.cross_features))
+        if v != "none"
+    ]
     if crossing:  # (the spec allows one at a time, and neither with input features)
         key, mode = crossing[0]
         if mode == "hard":
             if ctx.val_logits is None:
-                raise UserError(f"clustering.{key}: hard needs ERM's val logits, which the caller did not "
-                                f"provide; use {key}: all, or pass them")
+                raise UserError(
+                    f"clustering.{key}: hard needs ERM's val logits, which the caller did not "
+                    f"provide; use {key}: all, or pass them"
+                )
             correct = np.asarray(ctx.val_logits).argmax(1) == np.asarray(ctx.y_val)
         if key == "cross_features" and ctx.val_features is None:
             raise UserError("clustering.cross_features needs the val features, which the caller did not provide")
@@ -110,8 +120,15 @@ def exmap_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
     if what == "features":
         return pseudo_groups(ctx.val_features, ctx.y_val, ctx.clustering, ctx.seed, what="features")
     if what == "both":
-        return pseudo_groups(side_by_side(ctx.heatmaps, ctx.val_features), ctx.y_val, ctx.clustering, ctx.seed,
-                             what="heatmaps and features", cross=cross, correct=correct)
+        return pseudo_groups(
+            side_by_side(ctx.heatmaps, ctx.val_features),
+            ctx.y_val,
+            ctx.clustering,
+            ctx.seed,
+            what="heatmaps and features",
+            cross=cross,
+            correct=correct,
+        )
     H = ctx.heatmaps  # an array, a memmap or a list of memory-mapped shards (millions): never stacked here
     if isinstance(H, np.ndarray):
         H = H.reshape(len(H), -1)  # a view, for a memmap too
@@ -149,17 +166,18 @@ def error_set_groups(ctx: GroupContext) -> tuple[np.ndarray, dict]:
         if 0 < n_err < ctx.clustering.min_group_size:
             wrong[y == c] = 0
             merged.append({"class": int(c), "errors": n_err})
-    return 2 * y + wrong, {"error_rate": float((np.asarray(ctx.val_logits).argmax(1) != y).mean()),
-                           "merged": merged}
+    return 2 * y + wrong, {"error_rate": float((np.asarray(ctx.val_logits).argmax(1) != y).mean()), "merged": merged}
 
 
 @dataclass
 class RandomKeys:
     """The random source's own key, in `groups:`."""
 
-    random_k: Optional[int] = opt(None, "random source: groups per class; null = clustering.k when it is an "
-                                        "integer, else 2", lambda v: None if v is None or v >= 1 else
-                                  "an integer >= 1, or null")
+    random_k: Optional[int] = opt(
+        None,
+        "random source: groups per class; null = clustering.k when it is an integer, else 2",
+        lambda v: None if v is None or v >= 1 else "an integer >= 1, or null",
+    )
 
 
 @GROUP_SOURCES.register("random", keys=RandomKeys)

@@ -7,6 +7,7 @@ the features and logits of the same forward: method.py). Build it once per model
 beside it (lrp.py's `LrpKeys`, gradients.py's `IntegratedGradientsKeys`). A new method is a class in its
 module with `@HEATMAP_METHODS.register(NAME, keys=...)`, and that module's import here.
 """
+
 from . import gradients, lrp  # noqa: F401  (register)
 from .method import HEATMAP_METHODS
 

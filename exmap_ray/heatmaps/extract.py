@@ -17,6 +17,7 @@ the node-local derived cache). The val features and logits are the stage's too
 actors, and the features stage does test only (heatmaps/method.py says what the
 features are under bf16).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,14 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
 
 
-def extract(method, images: Dataset, batch_size: int, downsize: int | None,
-            device: str = "cpu", loader_kwargs: dict | None = None) -> tuple[np.ndarray, ...]:
+def extract(
+    method,
+    images: Dataset,
+    batch_size: int,
+    downsize: int | None,
+    device: str = "cpu",
+    loader_kwargs: dict | None = None,
+) -> tuple[np.ndarray, ...]:
     """Heatmaps of `images` by a built method: (N, C', d, d) float32, predictions (N,), and the
     penultimate features (N, d) and logits (N, n_classes) of the same forward (float32; the method's
     `explain`, see method.py).
@@ -65,16 +72,22 @@ def extract_batches(method, batches, downsize: int | None, device: str = "cpu") 
         x = x.to(device, non_blocking=True)
         rel, pred, f, out = method.explain(x)
         if f is None:
-            raise UserError(f"heatmaps: the model gives no penultimate features (not a timm model with "
-                            f"forward_features, forward_head and get_classifier): {type(method).__name__}")
+            raise UserError(
+                f"heatmaps: the model gives no penultimate features (not a timm model with "
+                f"forward_features, forward_head and get_classifier): {type(method).__name__}"
+            )
         feats.append(f.float().cpu())
         logits.append(out.float().cpu())
         if downsize and rel.shape[-1] != downsize:
             rel = F.interpolate(rel, size=(downsize, downsize), mode="bilinear", align_corners=False)
         maps.append(rel.float().cpu())
         preds.append(pred.cpu())
-    return (torch.cat(maps).numpy(), torch.cat(preds).numpy().astype(np.int64), torch.cat(feats).numpy(),
-            torch.cat(logits).numpy())
+    return (
+        torch.cat(maps).numpy(),
+        torch.cat(preds).numpy().astype(np.int64),
+        torch.cat(feats).numpy(),
+        torch.cat(logits).numpy(),
+    )
 
 
 class HeatmapShards:
@@ -134,8 +147,11 @@ class HeatmapShards:
         return [self._shard(s, scaled=not normalized) for s in self.index["shards"]]
 
     def load(self) -> np.ndarray:
-        return (np.concatenate([np.asarray(a, np.float32) for a in self.shards()]) if self.index["shards"]
-                else np.zeros(self.shape, np.float32))
+        return (
+            np.concatenate([np.asarray(a, np.float32) for a in self.shards()])
+            if self.index["shards"]
+            else np.zeros(self.shape, np.float32)
+        )
 
     def preds(self) -> np.ndarray:
         return np.concatenate([load_npy(self.dir / s["pred_file"]) for s in self.index["shards"]])
@@ -147,9 +163,11 @@ class HeatmapShards:
 
     def _concat(self, key: str, what: str) -> np.ndarray:
         if not self.has_features:
-            raise DataError(f"heatmap store '{self.dir}' holds no val {what}: it was written before the heatmaps "
-                            f"stage kept the features and logits of its forward. Its stage key predates them, so "
-                            f"a run never reads it; delete the folder, or run again to compute the current stage")
+            raise DataError(
+                f"heatmap store '{self.dir}' holds no val {what}: it was written before the heatmaps "
+                f"stage kept the features and logits of its forward. Its stage key predates them, so "
+                f"a run never reads it; delete the folder, or run again to compute the current stage"
+            )
         if not self.index["shards"]:
             return np.zeros((0, 0), np.float32)
         return np.concatenate([load_npy(self.dir / s[key]) for s in self.index["shards"]])
@@ -166,8 +184,17 @@ class HeatmapShards:
 STORE_DTYPES = ("float32", "float16")
 
 
-def write_shard(folder, shard_id: int, start: int, stop: int, maps: np.ndarray, preds: np.ndarray,
-                dtype: str = "float32", features: np.ndarray | None = None, logits: np.ndarray | None = None) -> dict:
+def write_shard(
+    folder,
+    shard_id: int,
+    start: int,
+    stop: int,
+    maps: np.ndarray,
+    preds: np.ndarray,
+    dtype: str = "float32",
+    features: np.ndarray | None = None,
+    logits: np.ndarray | None = None,
+) -> dict:
     """Write one shard (maps, predictions, then features and logits when given) under `folder` (a Loc
     or a local path).
 
@@ -178,8 +205,14 @@ def write_shard(folder, shard_id: int, start: int, stop: int, maps: np.ndarray, 
         raise ValueError(f"heatmap store dtype '{dtype}': expected one of {', '.join(STORE_DTYPES)}")
     folder = Loc.parse(folder)
     name = f"shard-{shard_id:05d}.npy"
-    entry = {"id": shard_id, "start": start, "stop": stop, "file": name, "pred_file": f"pred-{shard_id:05d}.npy",
-             "item_shape": list(maps.shape[1:])}
+    entry = {
+        "id": shard_id,
+        "start": start,
+        "stop": stop,
+        "file": name,
+        "pred_file": f"pred-{shard_id:05d}.npy",
+        "item_shape": list(maps.shape[1:]),
+    }
     maps, scale_bytes = maps.astype(np.float32, copy=False), 0
     if dtype == "float16":
         scale = np.abs(maps.reshape(len(maps), -1)).max(axis=1) if maps.size else np.zeros(0, np.float32)
@@ -193,9 +226,11 @@ def write_shard(folder, shard_id: int, start: int, stop: int, maps: np.ndarray, 
     extra = 0
     if features is not None:
         if logits is None or not len(features) == len(logits) == len(maps):
-            raise ValueError(f"shard {shard_id}: features and logits must both be given, one row per heatmap "
-                             f"({len(maps)}); got {None if features is None else len(features)} and "
-                             f"{None if logits is None else len(logits)}")
+            raise ValueError(
+                f"shard {shard_id}: features and logits must both be given, one row per heatmap "
+                f"({len(maps)}); got {None if features is None else len(features)} and "
+                f"{None if logits is None else len(logits)}"
+            )
         features, logits = features.astype(np.float32, copy=False), logits.astype(np.float32, copy=False)
         entry["features_file"], entry["logits_file"] = f"feat-{shard_id:05d}.npy", f"logit-{shard_id:05d}.npy"
         save_npy(folder / entry["features_file"], features)
@@ -211,8 +246,7 @@ def write_index(folder, n: int, entries: list[dict], dtype: str = "float32") -> 
     if covered != n:
         raise RuntimeError(f"heatmap shards cover {covered} of {n} images; refusing to write an incomplete index")
     item_shape = entries[0]["item_shape"] if entries else []
-    write_json(Loc.parse(folder) / "index.json",
-               {"n": n, "item_shape": item_shape, "dtype": dtype, "shards": entries})
+    write_json(Loc.parse(folder) / "index.json", {"n": n, "item_shape": item_shape, "dtype": dtype, "shards": entries})
 
 
 # ----------------------------------------------------------------------------- Ray wiring
@@ -268,11 +302,15 @@ class HeatmapWorker:
             data = build_dataset(spec.dataset, spec.seed)
             self.sampler = ShardBatches(self.hspec.batch_size)
             # workers and pinned memory from the spec; persistent: they serve every shard of this actor
-            self.loader = DataLoader(data.val.images, batch_sampler=self.sampler,
-                                     **loader_options(spec.dataset, persistent=True, device=self.device))
+            self.loader = DataLoader(
+                data.val.images,
+                batch_sampler=self.sampler,
+                **loader_options(spec.dataset, persistent=True, device=self.device),
+            )
             model = load_checkpoint(spec.model.backbone, data.n_classes, Loc.parse(model_uri)).to(self.device)
-            self.method = with_features(HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec), model,
-                                        self.hspec.precision)
+            self.method = with_features(
+                HEATMAP_METHODS.get(self.hspec.method)(model, self.hspec), model, self.hspec.precision
+            )
         except UserError as e:
             self.error = e
         self.lock = threading.Lock()
@@ -288,10 +326,8 @@ class HeatmapWorker:
         is released, while the next shard computes."""
         with self.lock:
             self.sampler.start, self.sampler.stop = start, stop
-            maps, preds, feats, logits = extract_batches(self.method, self.loader, self.hspec.downsize,
-                                                         self.device)
-        return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype, feats,
-                           logits)
+            maps, preds, feats, logits = extract_batches(self.method, self.loader, self.hspec.downsize, self.device)
+        return write_shard(self.out, shard_id, start, stop, maps, preds, self.hspec.store_dtype, feats, logits)
 
 
 def _extract_here(spec, checkpoint, ranges: list, out) -> tuple[list[dict], dict]:
@@ -347,17 +383,33 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
     ranges = shard_ranges(n_images, hspec.shard_size)
     on_gpu = spec.resources.gpu is True  # from the spec (resolved once per run), not the cluster's state now
     if on_gpu and holds_gpu():
-        log.info("heatmaps: %s on %d images, %d shards in this process, on its own GPU share", hspec.method,
-                 n_images, len(ranges))
+        log.info(
+            "heatmaps: %s on %d images, %d shards in this process, on its own GPU share",
+            hspec.method,
+            n_images,
+            len(ranges),
+        )
         entries, placement = _extract_here(spec, checkpoint, ranges, out)
         write_index(out, n_images, entries, hspec.store_dtype)
-        return {"n": n_images, "shards": len(entries), "actors": 0, "actors_lost": 0, "actors_started": 0,
-                "device": "cuda", "placements": [placement],
-                "bytes_written": sum(e["bytes"] for e in entries)}
+        return {
+            "n": n_images,
+            "shards": len(entries),
+            "actors": 0,
+            "actors_lost": 0,
+            "actors_started": 0,
+            "device": "cuda",
+            "placements": [placement],
+            "bytes_written": sum(e["bytes"] for e in entries),
+        }
     n_actors, options, threads = actor_options(spec, len(ranges))
-    log.info("heatmaps: %s on %d images, %d shards over %d actor(s) (%s)", hspec.method, n_images,
-             len(ranges), n_actors,
-             f"{options['num_gpus']:g} GPU each" if on_gpu else f"{threads} CPU thread(s) each")
+    log.info(
+        "heatmaps: %s on %d images, %d shards over %d actor(s) (%s)",
+        hspec.method,
+        n_images,
+        len(ranges),
+        n_actors,
+        f"{options['num_gpus']:g} GPU each" if on_gpu else f"{threads} CPU thread(s) each",
+    )
     Worker = ray.remote(HeatmapWorker).options(**options)
     make = lambda: Worker.remote(spec.to_dict(), str(checkpoint), str(out), threads)  # noqa: E731
     actors = [make() for _ in range(n_actors)]
@@ -378,8 +430,12 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
         free[:] = [a for a in free if a is not actor]
         if lost > max_lost:
             raise RuntimeError(f"heatmap extraction lost {lost} actors (last: {err}); giving up") from err
-        log.warning("heatmaps: an actor died (%s); its shards go back in the queue and a new actor "
-                    "replaces it (%d/%d)", type(err).__name__, lost, max_lost)
+        log.warning(
+            "heatmaps: an actor died (%s); its shards go back in the queue and a new actor replaces it (%d/%d)",
+            type(err).__name__,
+            lost,
+            max_lost,
+        )
         new = make()
         actors.append(new)
         starting[new.ready.remote()] = new
@@ -427,6 +483,13 @@ def extract_with_actors(spec, checkpoint, n_images: int, out) -> dict:
         for a in actors:
             ray.kill(a)
     write_index(out, n_images, entries, spec.heatmaps.store_dtype)
-    return {"n": n_images, "shards": len(entries), "actors": n_actors, "actors_lost": lost,
-            "actors_started": len(actors) - len(starting), "device": "cuda" if on_gpu else "cpu",
-            "placements": placements, "bytes_written": sum(e["bytes"] for e in entries)}
+    return {
+        "n": n_images,
+        "shards": len(entries),
+        "actors": n_actors,
+        "actors_lost": lost,
+        "actors_started": len(actors) - len(starting),
+        "device": "cuda" if on_gpu else "cpu",
+        "placements": placements,
+        "bytes_written": sum(e["bytes"] for e in entries),
+    }

@@ -15,6 +15,7 @@ only); the maps come back in fp32.
 Each method's `explain(x)` also returns the penultimate features and logits of its
 forward (method.py): the heatmaps stage keeps them, so val is forwarded once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,13 @@ from .method import HEATMAP_METHODS, Explained, HeatmapMethod, as_fp32, forward_
 
 @dataclass
 class IntegratedGradientsKeys:
-    ig_steps: int = opt(32, "integrated gradients: gradient evaluations along the path from the all-zero "
-                            "baseline (midpoint rule); the completeness error shrinks as 1/steps", positive)
+    ig_steps: int = opt(
+        32,
+        "integrated gradients: gradient evaluations along the path from the all-zero "
+        "baseline (midpoint rule); the completeness error shrinks as 1/steps",
+        positive,
+    )
+
 
 IG_IMAGES_PER_PASS = 256  # integrated gradients batches path points up to this many images per forward
 
@@ -74,8 +80,11 @@ class GradCAM(HeatmapMethod):
         feats = self.model.forward_features(x.detach())
         if feats.dim() != 4:
             from ..errors import UserError
-            raise UserError(f"heatmaps.method 'gradcam' needs a 4-D feature map (B, C, H, W) from "
-                            f"forward_features; '{type(self.model).__name__}' gives shape {tuple(feats.shape)}")
+
+            raise UserError(
+                f"heatmaps.method 'gradcam' needs a 4-D feature map (B, C, H, W) from "
+                f"forward_features; '{type(self.model).__name__}' gives shape {tuple(feats.shape)}"
+            )
         feats.retain_grad()
         pooled = self.model.forward_head(feats, pre_logits=True)  # the penultimate features
         logits = self.model.get_classifier()(pooled)

@@ -57,6 +57,7 @@ GELU, squeeze-excite multiplications, pre-activation BatchNorm, 'same'-padded
 convolutions) is refused with an error naming the layer, rather than producing
 meaningless relevance.
 """
+
 from __future__ import annotations
 
 import copy
@@ -84,11 +85,19 @@ class LrpKeys:
     conv_rule: Literal["alpha_beta", "gamma"] = opt("alpha_beta", "LRP rule on convolutions (paper: alpha2-beta1)")
     alpha: float = opt(2.0, "LRP alpha-beta: alpha (alpha - beta = 1 conserves relevance)", positive)
     beta: float = opt(1.0, "LRP alpha-beta: beta", non_negative)
-    gamma: float = opt(0.25, "LRP gamma rule: extra weight on the contributions of the output's own sign "
-                             "(zennit's Gamma); the released ExMap code uses 4", non_negative)
+    gamma: float = opt(
+        0.25,
+        "LRP gamma rule: extra weight on the contributions of the output's own sign "
+        "(zennit's Gamma); the released ExMap code uses 4",
+        non_negative,
+    )
     epsilon: float = opt(1e-6, "LRP epsilon on linear layers and pools; stabilises division", positive)
-    canonize: bool = opt(True, "LRP: fold BatchNorm into the convolution before it (canonization), so the conv "
-                               "rule sees the effective weights; false keeps BatchNorm as a layer under epsilon")
+    canonize: bool = opt(
+        True,
+        "LRP: fold BatchNorm into the convolution before it (canonization), so the conv "
+        "rule sees the effective weights; false keeps BatchNorm as a layer under epsilon",
+    )
+
 
 PASS_MODULES = (nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
 EPS_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
@@ -179,8 +188,9 @@ class ConvRule(nn.Module):
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         b = None if conv.bias is None else conv.bias.detach()
         self.register_buffer("w_fwd", self._stack(wp, wn), persistent=False)
-        self.register_buffer("b_fwd", None if b is None else self._stack(b.clamp(min=0), b.clamp(max=0)),
-                             persistent=False)
+        self.register_buffer(
+            "b_fwd", None if b is None else self._stack(b.clamp(min=0), b.clamp(max=0)), persistent=False
+        )
         self.register_buffer("w_bwd", self._stack(*rule.weights(wp, wn)), persistent=False)
         if not nonneg_input:
             self.register_buffer("w_fwd_neg", self._stack(wn, wp), persistent=False)
@@ -247,8 +257,9 @@ class _ConvRuleFn(torch.autograd.Function):
         elif layer.nonneg:
             Z, z = layer.conv2(x, layer.param("w_fwd", dtype), layer.param("b_fwd", dtype)), None
         else:
-            Z = layer.conv2(x.clamp(min=0), layer.param("w_fwd", dtype), layer.param("b_fwd", dtype)) + \
-                layer.conv2(x.clamp(max=0), layer.param("w_fwd_neg", dtype))
+            Z = layer.conv2(x.clamp(min=0), layer.param("w_fwd", dtype), layer.param("b_fwd", dtype)) + layer.conv2(
+                x.clamp(max=0), layer.param("w_fwd_neg", dtype)
+            )
             z = layer.pairs(layer.conv2(x, *layer.low_precision(dtype)), 1)[:, :, 0] if low else None
         ctx.layer = layer
         ctx.save_for_backward(x, Z, None if z is None or layer.nonneg else z)
@@ -278,8 +289,9 @@ class _ConvRuleFn(torch.autograd.Function):
         if layer.nonneg:
             R_in = x * layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S)
         else:
-            R_in = x.clamp(min=0) * layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S) + \
-                x.clamp(max=0) * layer.transposed(x.shape, layer.param("w_bwd_neg", Z.dtype), S)
+            R_in = x.clamp(min=0) * layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S) + x.clamp(
+                max=0
+            ) * layer.transposed(x.shape, layer.param("w_bwd_neg", Z.dtype), S)
         return R_in.to(x.dtype), None
 
 
@@ -349,15 +361,20 @@ class LRP(HeatmapMethod):
         self.eps = hspec.epsilon
         self.precision = hspec.precision
         if hspec.conv_rule == "alpha_beta" and abs(hspec.alpha - hspec.beta - 1.0) > 1e-6:
-            raise UserError(f"heatmaps.method 'lrp' with conv_rule alpha_beta needs heatmaps.alpha - heatmaps.beta "
-                            f"= 1 so that relevance is conserved; got alpha={hspec.alpha}, beta={hspec.beta} "
-                            f"(the paper: alpha 2, beta 1)")
-        CONV_RULES = {"alpha_beta": lambda: AlphaBeta(hspec.alpha, hspec.beta, hspec.epsilon),
-                      "gamma": lambda: Gamma(hspec.gamma, hspec.epsilon)}
-        self.net = build_lrp_model(model, CONV_RULES[hspec.conv_rule](), hspec.epsilon,
-                                   canonize=hspec.canonize)
-        if any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
-               for p in model.parameters()):  # a channels_last model: its folded, stacked weights too
+            raise UserError(
+                f"heatmaps.method 'lrp' with conv_rule alpha_beta needs heatmaps.alpha - heatmaps.beta "
+                f"= 1 so that relevance is conserved; got alpha={hspec.alpha}, beta={hspec.beta} "
+                f"(the paper: alpha 2, beta 1)"
+            )
+        CONV_RULES = {
+            "alpha_beta": lambda: AlphaBeta(hspec.alpha, hspec.beta, hspec.epsilon),
+            "gamma": lambda: Gamma(hspec.gamma, hspec.epsilon),
+        }
+        self.net = build_lrp_model(model, CONV_RULES[hspec.conv_rule](), hspec.epsilon, canonize=hspec.canonize)
+        if any(
+            p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+            for p in model.parameters()
+        ):  # a channels_last model: its folded, stacked weights too
             self.net.to(memory_format=torch.channels_last)
         # the penultimate features: what the (wrapped) classifier receives in the forward
         # (a model that is not timm's, as in the property tests, has no penultimate layer to name: no features)
@@ -367,9 +384,11 @@ class LRP(HeatmapMethod):
             try:
                 clf = self.net.get_submodule(name)
             except AttributeError:
-                raise UserError(f"heatmaps.method 'lrp': the traced copy of '{type(model).__name__}' has no classifier "
-                                f"'{name}' (its features could not be kept); use heatmaps.method "
-                                f"input_x_gradient") from None
+                raise UserError(
+                    f"heatmaps.method 'lrp': the traced copy of '{type(model).__name__}' has no classifier "
+                    f"'{name}' (its features could not be kept); use heatmaps.method "
+                    f"input_x_gradient"
+                ) from None
             clf.register_forward_pre_hook(lambda _module, args: self._features.append(args[0].detach()))
 
     def explain(self, x: torch.Tensor) -> Explained:
@@ -396,8 +415,12 @@ def _nonneg_nodes(gm: torch.fx.GraphModule) -> set:
                 out.add(node)
         elif node.op == "call_method" and node.target in SHAPE_OPS and args and args[0] in out:
             out.add(node)
-        elif node.op == "call_function" and node.target in (torch.flatten, operator.add, operator.iadd, torch.add) \
-                and args and all(a in out for a in args):
+        elif (
+            node.op == "call_function"
+            and node.target in (torch.flatten, operator.add, operator.iadd, torch.add)
+            and args
+            and all(a in out for a in args)
+        ):
             out.add(node)
     return out
 
@@ -409,8 +432,10 @@ def build_lrp_model(model: nn.Module, conv_rule, eps: float, canonize: bool = Tr
         # canonize: fold BatchNorm into the conv before it; otherwise BatchNorm keeps its own (epsilon) rule
         gm = fuse(copy.deepcopy(model).eval()) if canonize else torch.fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as e:  # noqa: BLE001 - any tracing failure means: not a supported model
-        raise UserError(f"heatmaps.method 'lrp': model '{name}' cannot be traced for LRP ({type(e).__name__}: {e}); "
-                        f"use heatmaps.method input_x_gradient or gradcam") from None
+        raise UserError(
+            f"heatmaps.method 'lrp': model '{name}' cannot be traced for LRP ({type(e).__name__}: {e}); "
+            f"use heatmaps.method input_x_gradient or gradcam"
+        ) from None
     gm.requires_grad_(False)  # relevance flows to the input only
     nonneg = _nonneg_nodes(gm)
     for node in list(gm.graph.nodes):
@@ -424,8 +449,11 @@ def build_lrp_model(model: nn.Module, conv_rule, eps: float, canonize: bool = Tr
             elif not isinstance(mod, PASS_MODULES):
                 _unsupported(name, f"layer '{node.target}' ({type(mod).__name__})")
         elif node.op == "call_function":
-            if node.target in (operator.add, operator.iadd, torch.add) and \
-                    all(isinstance(a, torch.fx.Node) for a in node.args[:2]) and len(node.args) == 2:
+            if (
+                node.target in (operator.add, operator.iadd, torch.add)
+                and all(isinstance(a, torch.fx.Node) for a in node.args[:2])
+                and len(node.args) == 2
+            ):
                 with gm.graph.inserting_after(node):
                     new = gm.graph.call_function(relevance_sum, (node.args[0], node.args[1], eps))
                 node.replace_all_uses_with(new)
@@ -440,9 +468,11 @@ def build_lrp_model(model: nn.Module, conv_rule, eps: float, canonize: bool = Tr
 
 
 def _unsupported(model_name: str, what: str):
-    raise UserError(f"heatmaps.method 'lrp' supports CNNs of Conv2d/BatchNorm/ReLU/pooling/residual-add/Linear "
-                    f"(timm resnet*, test_resnet, vgg*); model '{model_name}' has an unsupported {what}. "
-                    f"Use heatmaps.method input_x_gradient or gradcam for this backbone")
+    raise UserError(
+        f"heatmaps.method 'lrp' supports CNNs of Conv2d/BatchNorm/ReLU/pooling/residual-add/Linear "
+        f"(timm resnet*, test_resnet, vgg*); model '{model_name}' has an unsupported {what}. "
+        f"Use heatmaps.method input_x_gradient or gradcam for this backbone"
+    )
 
 
 def record_conv_rules(lrp: "LRP", x: torch.Tensor) -> tuple[list, list]:

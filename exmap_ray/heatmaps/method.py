@@ -18,6 +18,7 @@ precision (`heatmaps.precision`, stages.features_task), so val and test features
 both fp32, or both a bf16 forward's (LRP's wrapped convolutions then give each output rounded once,
 as a plain bf16 convolution does: heatmaps/lrp.py).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -35,9 +36,9 @@ HEATMAP_METHODS: Registry = Registry("heatmap method", "heatmaps.method")
 
 class Explained(NamedTuple):
     relevance: torch.Tensor  # (B, C', H, W): the explanation of `pred`
-    pred: torch.Tensor       # (B,): the explained (predicted) class
+    pred: torch.Tensor  # (B,): the explained (predicted) class
     features: Optional[torch.Tensor]  # (B, d) fp32: penultimate features of the same forward (None: not a timm model)
-    logits: torch.Tensor     # (B, n_classes) fp32: the classifier's output on them
+    logits: torch.Tensor  # (B, n_classes) fp32: the classifier's output on them
 
 
 class HeatmapMethod:
@@ -72,9 +73,12 @@ def classifier_name(model: nn.Module) -> str:
         if m is clf and name:
             return name
     from ..errors import UserError
-    raise UserError(f"model '{type(model).__name__}' has no classifier module among its submodules "
-                    f"(get_classifier() gives {type(clf).__name__}); the heatmaps stage needs one to keep the "
-                    f"val features of its forward")
+
+    raise UserError(
+        f"model '{type(model).__name__}' has no classifier module among its submodules "
+        f"(get_classifier() gives {type(clf).__name__}); the heatmaps stage needs one to keep the "
+        f"val features of its forward"
+    )
 
 
 class _PlainForward:

@@ -20,6 +20,7 @@ of every point of a split (`LastLayerResult` for a head, `end_to_end.EndToEndMod
 fine-tune). `groups` are any int ids; true groups are never needed, and every hyperparameter is
 chosen on the worst *given*-group accuracy.
 """
+
 from __future__ import annotations
 
 from . import dfr, dpe, groupdro, jtt  # noqa: F401  (register; dpe only where the dpe extra is installed)
@@ -30,6 +31,21 @@ from .dfr import DFRModel, DfrKeys, fit_dfr
 from .groupdro import GroupDROKeys, fit_groupdro
 from .jtt import JttKeys, error_set_from_groups, fit_jtt
 
-__all__ = ["RETRAINERS", "Retrainer", "RetrainedModel", "Head", "LastLayerResult", "FunctionRetrainer", "DFRModel",
-           "RetrainConfig", "DfrKeys", "GroupDROKeys", "JttKeys", "LastLayerModel", "fit_dfr", "fit_groupdro",
-           "fit_jtt", "error_set_from_groups"]
+__all__ = [
+    "RETRAINERS",
+    "Retrainer",
+    "RetrainedModel",
+    "Head",
+    "LastLayerResult",
+    "FunctionRetrainer",
+    "DFRModel",
+    "RetrainConfig",
+    "DfrKeys",
+    "GroupDROKeys",
+    "JttKeys",
+    "LastLayerModel",
+    "fit_dfr",
+    "fit_groupdro",
+    "fit_jtt",
+    "error_set_from_groups",
+]

@@ -4,6 +4,7 @@ A retrainer registers with `@RETRAINERS.register(NAME, keys=KeysDataclass, end_t
 function, in its own module: the spec gets its section `retrain.<NAME>` from `keys`, and `end_to_end=True`
 gives it the whole-network fine-tune (finetune.py) with its objective.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ from .config import RetrainConfig
 class Head(Protocol):
     """What `Retrainer.fit` returns: a head on penultimate features, and how its value was chosen."""
 
-    chosen: dict[str, Any]       # the selected hyperparameter(s), e.g. {"C": 0.1}
-    heldout: dict[str, float]    # held-out worst accuracies there: "pseudo", "class", and any score_groups
-    heldout_idx: np.ndarray      # (repeats, n/2) val indices of each held-out half
-    heldout_pred: np.ndarray     # (repeats, n/2) the predictions there
+    chosen: dict[str, Any]  # the selected hyperparameter(s), e.g. {"C": 0.1}
+    heldout: dict[str, float]  # held-out worst accuracies there: "pseudo", "class", and any score_groups
+    heldout_idx: np.ndarray  # (repeats, n/2) val indices of each held-out half
+    heldout_pred: np.ndarray  # (repeats, n/2) the predictions there
 
     def predict(self, feats: np.ndarray) -> np.ndarray: ...
 
@@ -41,15 +42,22 @@ class RetrainedModel(Protocol):
 
 @runtime_checkable
 class Retrainer(Protocol):
-    name: str                    # its retrain.method name
-    keys: type                   # the dataclass of its section retrain.<name>: every key with default and reason
-    section: str                 # "retrain.<name>": where its keys sit in the spec
-    modes: tuple[str, ...]       # "last_layer", and "end_to_end" where it can fine-tune the whole network
+    name: str  # its retrain.method name
+    keys: type  # the dataclass of its section retrain.<name>: every key with default and reason
+    section: str  # "retrain.<name>": where its keys sit in the spec
+    modes: tuple[str, ...]  # "last_layer", and "end_to_end" where it can fine-tune the whole network
 
     def config(self, spec) -> RetrainConfig: ...
 
-    def fit(self, feats: np.ndarray, y: np.ndarray, groups: np.ndarray, config, seed: int,
-            score_groups: Optional[dict[str, np.ndarray]] = None) -> Head: ...
+    def fit(
+        self,
+        feats: np.ndarray,
+        y: np.ndarray,
+        groups: np.ndarray,
+        config,
+        seed: int,
+        score_groups: Optional[dict[str, np.ndarray]] = None,
+    ) -> Head: ...
 
     # end_to_end only: (model, images, y, groups, config, seed, max_steps=None, device="cpu") -> FinetuneResult
     finetune: Optional[Callable]
@@ -109,6 +117,7 @@ def _end_to_end(method: str) -> Callable:
         from .finetune import finetune_with  # torch only when asked for
 
         return finetune_with(method, model, images, y, groups, config, seed, max_steps=max_steps, device=device)
+
     return run
 
 

@@ -8,6 +8,7 @@ over random halves of val, fit on one half and score the worst *given*-group acc
 DFR's (`default_rng([seed, 0])`), so with one seed every retrainer is scored on the same halves and
 sweep-level scores such as `selection.worst_over_groupings` compare them fairly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,12 +25,12 @@ from .head import LinearHead
 class LastLayerModel(LinearHead):
     mean: np.ndarray
     std: np.ndarray
-    coef: np.ndarray          # (n_classes or 1, d), on standardised features
+    coef: np.ndarray  # (n_classes or 1, d), on standardised features
     intercept: np.ndarray
     classes: np.ndarray
-    chosen: dict              # the selected hyperparameter(s), e.g. {"weight_decay": 0.01}
-    selection: dict           # candidate value -> {"pseudo": ..., "class": ..., **extra}: mean held-out worst accs
-    heldout_idx: np.ndarray   # (repeats, n/2) val indices of each held-out half
+    chosen: dict  # the selected hyperparameter(s), e.g. {"weight_decay": 0.01}
+    selection: dict  # candidate value -> {"pseudo": ..., "class": ..., **extra}: mean held-out worst accs
+    heldout_idx: np.ndarray  # (repeats, n/2) val indices of each held-out half
     heldout_pred: np.ndarray  # (repeats, n/2) predictions there at the chosen value
     method: str = ""
     extra: dict = field(default_factory=dict)  # method-specific diagnostics (final GroupDRO q, error-set size, ...)
@@ -49,16 +50,22 @@ def standardise(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def check_inputs(name: str, feats: np.ndarray, y: np.ndarray, groups: np.ndarray) -> None:
     if not (len(feats) == len(y) == len(groups)):
-        raise UserError(f"{name}: features, labels and groups differ in length "
-                        f"({len(feats)}, {len(y)}, {len(groups)})")
+        raise UserError(f"{name}: features, labels and groups differ in length ({len(feats)}, {len(y)}, {len(groups)})")
     classes = np.unique(y)
     if len(classes) < 2:
         raise UserError(f"{name} needs at least two classes in val; it has only y = {classes[0]}")
 
 
-def select_on_halves(fit_predict: Callable[[np.ndarray, np.ndarray, object, int], np.ndarray],
-                     X: np.ndarray, y: np.ndarray, groups: np.ndarray, grid: list, repeats: int, seed: int,
-                     score_groups: dict[str, np.ndarray] | None = None):
+def select_on_halves(
+    fit_predict: Callable[[np.ndarray, np.ndarray, object, int], np.ndarray],
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    grid: list,
+    repeats: int,
+    seed: int,
+    score_groups: dict[str, np.ndarray] | None = None,
+):
     """Choose a value from `grid` by mean held-out worst-group accuracy under `groups`.
 
     `fit_predict(train_idx, test_idx, value, fit_seed) -> predictions on test_idx`. Also scored, for
@@ -71,7 +78,7 @@ def select_on_halves(fit_predict: Callable[[np.ndarray, np.ndarray, object, int]
     halves, preds = [], {v: [] for v in grid}
     for _ in range(repeats):
         perm = split_rng.permutation(len(y))
-        a, b = perm[: len(y) // 2], perm[len(y) // 2:]
+        a, b = perm[: len(y) // 2], perm[len(y) // 2 :]
         if len(np.unique(y[a])) < 2:
             continue
         halves.append(b)
@@ -80,8 +87,9 @@ def select_on_halves(fit_predict: Callable[[np.ndarray, np.ndarray, object, int]
             preds[v].append(pred)
             for name, g in scorers.items():
                 scores[v][name].append(worst_group_acc(pred, y[b], g[b]))
-    selection = {v: {name: float(np.mean(s)) if s else float("nan") for name, s in per.items()}
-                 for v, per in scores.items()}
+    selection = {
+        v: {name: float(np.mean(s)) if s else float("nan") for name, s in per.items()} for v, per in scores.items()
+    }
     best = max(grid, key=lambda v: (np.nan_to_num(selection[v]["pseudo"], nan=-1.0), -grid.index(v)))
     return best, selection, np.array(halves), np.array(preds[best])
 

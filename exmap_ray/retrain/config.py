@@ -7,6 +7,7 @@ A retrainer's own keys are its section `retrain.<name>` (the dataclass it regist
 `retrain.n_select_repeats` and `retrain.end_to_end` (the fine-tune of `retrain.mode: end_to_end`)
 are shared by every retrainer and sit beside it here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    own: Any                     # the retrainer's section, retrain.<name>
-    n_select_repeats: int = 5    # retrain.n_select_repeats
-    end_to_end: Any = None       # retrain.end_to_end (EndToEndSpec), for an end-to-end fine-tune
+    own: Any  # the retrainer's section, retrain.<name>
+    n_select_repeats: int = 5  # retrain.n_select_repeats
+    end_to_end: Any = None  # retrain.end_to_end (EndToEndSpec), for an end-to-end fine-tune
 
     def __getattr__(self, name: str):  # called only for names not above: the retrainer's own keys
         if name.startswith("__") or name == "own":

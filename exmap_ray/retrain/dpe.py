@@ -29,6 +29,7 @@ ones. `bench`'s row "DPE (no group labels)" gives the classes (the `class` sourc
 is by worst-class accuracy and no group is inferred or used: the paper's label-free setting. Given
 ExMap's pseudo groups instead, the choices follow the worst pseudo group. Runs on CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,25 +58,46 @@ EVAL_BATCH = 4096  # rows per forward pass when predicting or scoring a member's
 class DpeKeys:
     """DPE's section of the spec, `retrain.dpe` (defaults: the package's, its released Waterbirds run's)."""
 
-    n_members: int = opt(15, "prototype classifiers in the ensemble, trained one after another (DPE's "
-                             "num_stages; 15 in the package and the paper)", positive,
-                         search={"choice": [5, 15, 30]})
-    epochs: int = opt(20, "passes of each member over its class-balanced subset; each member keeps its "
-                          "epoch of best worst-group accuracy on the points it was trained from", positive)
-    lr: float = opt(1e-3, "SGD step size (momentum 0.9, constant), as in the package and its Waterbirds run",
-                    positive, search={"loguniform": [1e-4, 1e-2]})
-    batch_size: int = opt(256, "minibatch of a member's training (the last partial batch is dropped, as in "
-                               "the package; a subset smaller than this is one batch)", positive)
+    n_members: int = opt(
+        15,
+        "prototype classifiers in the ensemble, trained one after another (DPE's "
+        "num_stages; 15 in the package and the paper)",
+        positive,
+        search={"choice": [5, 15, 30]},
+    )
+    epochs: int = opt(
+        20,
+        "passes of each member over its class-balanced subset; each member keeps its "
+        "epoch of best worst-group accuracy on the points it was trained from",
+        positive,
+    )
+    lr: float = opt(
+        1e-3,
+        "SGD step size (momentum 0.9, constant), as in the package and its Waterbirds run",
+        positive,
+        search={"loguniform": [1e-4, 1e-2]},
+    )
+    batch_size: int = opt(
+        256,
+        "minibatch of a member's training (the last partial batch is dropped, as in "
+        "the package; a subset smaller than this is one batch)",
+        positive,
+    )
     cov_reg_grid: list[float] = opt(
-        [5e5], "initial weight of the inter-prototype covariance penalty (the members' diversity) tried, "
-               "chosen by held-out worst given-group accuracy; 5e5 is the released Waterbirds and CelebA "
-               "runs' (the package defaults to 5e4). The penalty is divided by the feature width, and "
-               "these values were set on 2048-d features: narrower ones may want less",
-        positive_list, search={"choice": [[5e4], [1e5], [5e5], [5e4, 1e5, 5e5]]})
-    alpha: float = opt(0.05, "decay of the covariance weight over members: member m gets "
-                             "cov_reg / (1 + alpha (m - 1))", non_negative)
-    wd_weight: float = opt(10.0, "weight of the L2 penalty on a member's prototypes (the package's "
-                                 "wd_weight)", non_negative)
+        [5e5],
+        "initial weight of the inter-prototype covariance penalty (the members' diversity) tried, "
+        "chosen by held-out worst given-group accuracy; 5e5 is the released Waterbirds and CelebA "
+        "runs' (the package defaults to 5e4). The penalty is divided by the feature width, and "
+        "these values were set on 2048-d features: narrower ones may want less",
+        positive_list,
+        search={"choice": [[5e4], [1e5], [5e5], [5e4, 1e5, 5e5]]},
+    )
+    alpha: float = opt(
+        0.05, "decay of the covariance weight over members: member m gets cov_reg / (1 + alpha (m - 1))", non_negative
+    )
+    wd_weight: float = opt(
+        10.0, "weight of the L2 penalty on a member's prototypes (the package's wd_weight)", non_negative
+    )
     entropic: float = opt(30.0, "IsoMax+ entropic scale of the training loss (the package's)", positive)
 
 
@@ -86,11 +108,11 @@ class DPEModel:
 
     mean: np.ndarray
     std: np.ndarray
-    prototypes: np.ndarray    # (members, n_classes, d)
-    scales: np.ndarray        # (members,) distance scales
+    prototypes: np.ndarray  # (members, n_classes, d)
+    scales: np.ndarray  # (members,) distance scales
     classes: np.ndarray
-    chosen: dict              # {"cov_reg": ...}
-    selection: dict           # cov_reg -> {"pseudo": ..., "class": ..., **extra}: held-out worst accuracies
+    chosen: dict  # {"cov_reg": ...}
+    selection: dict  # cov_reg -> {"pseudo": ..., "class": ..., **extra}: held-out worst accuracies
     heldout_idx: np.ndarray
     heldout_pred: np.ndarray
     extra: dict = field(default_factory=dict)
@@ -118,11 +140,16 @@ def _core():
         import dpe
         from dpe import core
     except ImportError as e:
-        raise UserError(f"retrain.method dpe needs dpe {DPE_VERSION} and netcal, which do not import here "
-                        f"({type(e).__name__}: {e}); {INSTALL} installs them") from None
+        raise UserError(
+            f"retrain.method dpe needs dpe {DPE_VERSION} and netcal, which do not import here "
+            f"({type(e).__name__}: {e}); {INSTALL} installs them"
+        ) from None
     if getattr(dpe, "__version__", None) != DPE_VERSION:
-        log.warning("dpe %s found; this retrainer was written and tested against %s",
-                    getattr(dpe, "__version__", "?"), DPE_VERSION)
+        log.warning(
+            "dpe %s found; this retrainer was written and tested against %s",
+            getattr(dpe, "__version__", "?"),
+            DPE_VERSION,
+        )
     return core
 
 
@@ -201,8 +228,7 @@ def _lean_and_seeded(core, seed: int):
 
     threads, evaluate = torch.get_num_threads(), core._evaluate
     try:
-        with torch.random.fork_rng(devices=[]), contextlib.redirect_stderr(io.StringIO()), \
-                warnings.catch_warnings():
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.set_num_threads(1)
             torch.manual_seed(int(seed))
@@ -222,8 +248,9 @@ def _shelf(d: int):
     return model
 
 
-def train_ensemble(X: np.ndarray, yi: np.ndarray, gi: np.ndarray, n_classes: int, k, cov_reg: float,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+def train_ensemble(
+    X: np.ndarray, yi: np.ndarray, gi: np.ndarray, n_classes: int, k, cov_reg: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """DPE's ensemble on rows X (standardised per sample) with class indices `yi`; `gi` choose each member's
     epoch. Returns (prototypes (members, n_classes, d), distance scales (members,))."""
     import torch
@@ -235,18 +262,30 @@ def train_ensemble(X: np.ndarray, yi: np.ndarray, gi: np.ndarray, n_classes: int
 
     def train_loader(_datasets):  # a fresh class-balanced subset per member (DPE's random_subset)
         sub = class_balanced(yi, rng)
-        return _loader(_Rows(X[sub], yi[sub], gi[sub], n_classes), batch, shuffle=True, generator=gen,
-                       drop_last=True)
+        return _loader(_Rows(X[sub], yi[sub], gi[sub], n_classes), batch, shuffle=True, generator=gen, drop_last=True)
 
     with _lean_and_seeded(core, seed):
         *_, ensemble = core._train_ensemble(
-            init_model_func=partial(core._init_model, device="cpu", num_classes=n_classes,
-                                    loss_name="isomax"),
-            datasets={}, dataloaders={"val": _loader(rows, _eval_batch(len(rows)))},
+            init_model_func=partial(core._init_model, device="cpu", num_classes=n_classes, loss_name="isomax"),
+            datasets={},
+            dataloaders={"val": _loader(rows, _eval_batch(len(rows)))},
             init_train_loader=train_loader,
-            cov_reg=cov_reg, random_subset=True, num_stages=k.n_members, full_model=_shelf(X.shape[1]),
-            optim="sgd", alpha=k.alpha, eval_freq=-1, epochs=k.epochs, lr=k.lr, wd_weight=k.wd_weight,
-            entropic=k.entropic, loss_name="isomax", scheduler="none", weight_decay=0.0, device="cpu")
+            cov_reg=cov_reg,
+            random_subset=True,
+            num_stages=k.n_members,
+            full_model=_shelf(X.shape[1]),
+            optim="sgd",
+            alpha=k.alpha,
+            eval_freq=-1,
+            epochs=k.epochs,
+            lr=k.lr,
+            wd_weight=k.wd_weight,
+            entropic=k.entropic,
+            loss_name="isomax",
+            scheduler="none",
+            weight_decay=0.0,
+            device="cpu",
+        )
     protos = np.stack([p[:, 0].cpu().numpy() for p, _ in ensemble]).astype(np.float64)
     scales = np.array([float(s.reshape(-1)[0]) for _, s in ensemble])
     return protos, scales
@@ -258,14 +297,15 @@ def _predict_proba(protos: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.
 
     core = _core()
     n_classes = protos.shape[1]
-    ensemble = [(torch.as_tensor(p[:, None], dtype=torch.float32), torch.as_tensor([s], dtype=torch.float32))
-                for p, s in zip(protos, scales)]
+    ensemble = [
+        (torch.as_tensor(p[:, None], dtype=torch.float32), torch.as_tensor([s], dtype=torch.float32))
+        for p, s in zip(protos, scales)
+    ]
     rows = _Rows(X, np.zeros(len(X), np.int64), np.zeros(len(X), np.int64), n_classes)
     # the head's init (overwritten by each member) and the loader's base seed draw on torch's generator
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = core._init_model(num_classes=n_classes, model=_shelf(X.shape[1]), loss_name="isomax",
-                                 device="cpu")
+        model = core._init_model(num_classes=n_classes, model=_shelf(X.shape[1]), loss_name="isomax", device="cpu")
         logits = core._predict(ensemble, _loader(rows, _eval_batch(len(rows))), model, device="cpu")
     return logits.softmax(dim=2).mean(0).numpy()
 
@@ -274,19 +314,26 @@ def _missing() -> str | None:
     """Why the dpe retrainer cannot run here (dpe or netcal absent), or None."""
     if dpe_installed():
         return None
-    return (f"runs Diverse Prototypical Ensembles (dpe {DPE_VERSION}, with netcal), which is not installed: "
-            f"{INSTALL}")
+    return f"runs Diverse Prototypical Ensembles (dpe {DPE_VERSION}, with netcal), which is not installed: {INSTALL}"
 
 
 @RETRAINERS.register("dpe", keys=DpeKeys, unavailable=_missing())
-def fit_dpe(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
-            score_groups: dict[str, np.ndarray] | None = None) -> DPEModel:
+def fit_dpe(
+    feats: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    r,
+    seed: int,
+    score_groups: dict[str, np.ndarray] | None = None,
+) -> DPEModel:
     """DPE without attribute labels on val features; `groups` choose each member's epoch and the cov_reg,
     never the training subsets. `r`: its keys and retrain.n_select_repeats (a `RetrainConfig`)."""
     check_inputs("DPE", feats, y, groups)
     if np.asarray(feats).shape[1] < 2:
-        raise UserError(f"DPE needs features of at least 2 dimensions (they are standardised per sample); "
-                        f"got {np.asarray(feats).shape[1]}")
+        raise UserError(
+            f"DPE needs features of at least 2 dimensions (they are standardised per sample); "
+            f"got {np.asarray(feats).shape[1]}"
+        )
     Z, mean, std = standardise(feats)
     X = per_sample(Z)
     classes, yi = np.unique(y, return_inverse=True)
@@ -297,11 +344,27 @@ def fit_dpe(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
         return classes[_predict_proba(protos, scales, X[b]).argmax(1)]
 
     grid = list(r.cov_reg_grid)
-    best, selection, halves, preds = select_on_halves(fit_predict, X, y, groups, grid, r.n_select_repeats,
-                                                      seed, score_groups)
-    protos, scales = train_ensemble(X, yi, gi, len(classes), r, best,
-                                    int(np.random.default_rng([seed, 2]).integers(2**31 - 1)))
-    log.info("DPE: %d members, cov_reg %g (held-out worst given-group acc %.3f)", len(protos), best,
-             selection[best]["pseudo"])
-    return DPEModel(mean, std, protos, scales, classes, {"cov_reg": best}, selection, halves, preds,
-                    extra={"dpe": DPE_VERSION, "members": int(len(protos))})
+    best, selection, halves, preds = select_on_halves(
+        fit_predict, X, y, groups, grid, r.n_select_repeats, seed, score_groups
+    )
+    protos, scales = train_ensemble(
+        X, yi, gi, len(classes), r, best, int(np.random.default_rng([seed, 2]).integers(2**31 - 1))
+    )
+    log.info(
+        "DPE: %d members, cov_reg %g (held-out worst given-group acc %.3f)",
+        len(protos),
+        best,
+        selection[best]["pseudo"],
+    )
+    return DPEModel(
+        mean,
+        std,
+        protos,
+        scales,
+        classes,
+        {"cov_reg": best},
+        selection,
+        halves,
+        preds,
+        extra={"dpe": DPE_VERSION, "members": int(len(protos))},
+    )

@@ -13,6 +13,7 @@ choose `retrain.end_to_end.lr`, `epochs` and the rest without true groups. Write
 `heldout_idx.npy` and `heldout_pred.npy` (shape (1, n/2), like DFR's selection surface) to
 `out_dir`, and returns the info the stage cache records.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,7 @@ def _subset(images, idx: np.ndarray):
 def heldout_half(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit half, held-out half): DFR's first selection split for this seed."""
     perm = np.random.default_rng([seed, 0]).permutation(n)
-    return perm[: n // 2], perm[n // 2:]
+    return perm[: n // 2], perm[n // 2 :]
 
 
 @torch.no_grad()
@@ -48,16 +49,26 @@ def weight_change(before: torch.nn.Module, after: torch.nn.Module) -> float:
     return (diff / max(norm, 1e-30)) ** 0.5
 
 
-def run_end_to_end(spec, model: torch.nn.Module, val_images, y_val: np.ndarray, groups: np.ndarray,
-                   test_images, seed: int, out_dir: Path, device: str | None = None) -> dict:
+def run_end_to_end(
+    spec,
+    model: torch.nn.Module,
+    val_images,
+    y_val: np.ndarray,
+    groups: np.ndarray,
+    test_images,
+    seed: int,
+    out_dir: Path,
+    device: str | None = None,
+) -> dict:
     from .base import RETRAINERS
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     retrainer = RETRAINERS.get(spec.retrain.method)
     finetune, config = retrainer.finetune, retrainer.config(spec)
     a, b = heldout_half(len(y_val), seed)
-    log.info("end-to-end %s: fine-tuning on half of val (%d images) to score the other half",
-             spec.retrain.method, len(a))
+    log.info(
+        "end-to-end %s: fine-tuning on half of val (%d images) to score the other half", spec.retrain.method, len(a)
+    )
     half = finetune(model, _subset(val_images, a), y_val[a], groups[a], config, seed, device=device)
     heldout_pred = half.predict(_subset(val_images, b), device=device)
     log.info("end-to-end %s: fine-tuning on all of val (%d images): the final model", spec.retrain.method, len(y_val))
@@ -68,19 +79,22 @@ def run_end_to_end(spec, model: torch.nn.Module, val_images, y_val: np.ndarray, 
     save_npy(out_dir / "heldout_pred.npy", heldout_pred[None])
     moved = weight_change(model, full.model)
     log.info("end-to-end %s: the final fine-tune moved the weights by %.2g of their norm", spec.retrain.method, moved)
-    return {"steps": {"half": half.steps, "full": full.steps},
-            "weight_change": moved,
-            "last_loss": full.losses[-1] if full.losses else None,
-            "q": full.q.tolist() if full.q is not None else None,
-            "heldout_worst_pseudo_group_acc": worst_group_acc(heldout_pred, y_val[b], groups[b]),
-            "device": device}
+    return {
+        "steps": {"half": half.steps, "full": full.steps},
+        "weight_change": moved,
+        "last_loss": full.losses[-1] if full.losses else None,
+        "q": full.q.tolist() if full.q is not None else None,
+        "heldout_worst_pseudo_group_acc": worst_group_acc(heldout_pred, y_val[b], groups[b]),
+        "device": device,
+    }
 
 
 class EndToEndModel:
     """The cached stage's outputs as a `retrain.RetrainedModel` (what `pipeline.evaluate_row` reads)."""
 
-    def __init__(self, stage_dir: Path, y_val: np.ndarray, groups: np.ndarray,
-                 score_groups: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self, stage_dir: Path, y_val: np.ndarray, groups: np.ndarray, score_groups: dict[str, np.ndarray] | None = None
+    ):
         d = stage_dir
         self.test_pred = load_npy(d / "test_pred.npy")
         self.heldout_idx = load_npy(d / "heldout_idx.npy")
@@ -94,6 +108,8 @@ class EndToEndModel:
         """Labels of `split`: the stage predicted the test images with the fine-tuned network (val is
         predicted on its held-out half only: `heldout_idx`, `heldout_pred`)."""
         if split != "test":
-            raise ValueError(f"the end_to_end stage saved test predictions only, not '{split}' (val: its held-out "
-                             f"half, heldout_pred)")
+            raise ValueError(
+                f"the end_to_end stage saved test predictions only, not '{split}' (val: its held-out "
+                f"half, heldout_pred)"
+            )
         return self.test_pred

@@ -13,6 +13,7 @@ Images are a torch Dataset of (C, H, W) tensors or an (N, C, H, W) tensor; label
 numpy arrays. There is no hyperparameter selection
 here: end-to-end runs are costly, so it is left to a sweep on the label-free held-out metrics.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,8 @@ class _Indexed(Dataset):
 
 @dataclass
 class FinetuneResult:
-    model: nn.Module                 # the fine-tuned copy (eval mode)
-    q: np.ndarray | None             # final GroupDRO group weights, in sorted group-id order (None for upweight)
+    model: nn.Module  # the fine-tuned copy (eval mode)
+    q: np.ndarray | None  # final GroupDRO group weights, in sorted group-id order (None for upweight)
     losses: list[float] = field(default_factory=list)  # the objective per step
     steps: int = 0
 
@@ -53,10 +54,23 @@ class FinetuneResult:
         return torch.cat(preds).numpy()
 
 
-def finetune(model: nn.Module, images, y: np.ndarray, groups: np.ndarray, *, objective: str = "groupdro",
-             eta: float = 0.01, weights: np.ndarray | None = None, lr: float = 1e-4, weight_decay: float = 1e-4,
-             epochs: int = 1, batch_size: int = 64, seed: int = 0, max_steps: int | None = None,
-             device: str = "cpu") -> FinetuneResult:
+def finetune(
+    model: nn.Module,
+    images,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    objective: str = "groupdro",
+    eta: float = 0.01,
+    weights: np.ndarray | None = None,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-4,
+    epochs: int = 1,
+    batch_size: int = 64,
+    seed: int = 0,
+    max_steps: int | None = None,
+    device: str = "cpu",
+) -> FinetuneResult:
     """Fine-tune a copy of `model` on (images, y) with `groups`; `max_steps` caps the steps (tests, smoke runs)."""
     if objective not in ("groupdro", "upweight"):
         raise ValueError(f"objective must be 'groupdro' or 'upweight', got {objective!r}")
@@ -70,8 +84,13 @@ def finetune(model: nn.Module, images, y: np.ndarray, groups: np.ndarray, *, obj
     q = torch.full((len(gids),), 1.0 / len(gids))
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     # drop a ragged last batch (a batch of one breaks BatchNorm in train mode) unless that is all there is
-    loader = DataLoader(_Indexed(images), batch_size=batch_size, shuffle=True, drop_last=len(images) > batch_size,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        _Indexed(images),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(images) > batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
     losses, step = [], 0
     for _ in range(epochs):
         for x, idx in loader:
@@ -100,13 +119,29 @@ def finetune(model: nn.Module, images, y: np.ndarray, groups: np.ndarray, *, obj
     return FinetuneResult(net.eval(), q.cpu().numpy() if objective == "groupdro" else None, losses, step)
 
 
-def finetune_with(method: str, model: nn.Module, images, y: np.ndarray, groups: np.ndarray, r, seed: int,
-                       max_steps: int | None = None, device: str = "cpu") -> FinetuneResult:
+def finetune_with(
+    method: str,
+    model: nn.Module,
+    images,
+    y: np.ndarray,
+    groups: np.ndarray,
+    r,
+    seed: int,
+    max_steps: int | None = None,
+    device: str = "cpu",
+) -> FinetuneResult:
     """`method` groupdro or jtt; `r` its `RetrainConfig`: its own keys (retrain.groupdro.eta,
     retrain.jtt.upweight) and the fine-tune's, `r.end_to_end` (retrain.end_to_end)."""
     e2e = r.end_to_end
-    common = dict(lr=e2e.lr, weight_decay=e2e.weight_decay, epochs=e2e.epochs, batch_size=e2e.batch_size,
-                  seed=seed, max_steps=max_steps, device=device)
+    common = dict(
+        lr=e2e.lr,
+        weight_decay=e2e.weight_decay,
+        epochs=e2e.epochs,
+        batch_size=e2e.batch_size,
+        seed=seed,
+        max_steps=max_steps,
+        device=device,
+    )
     if method == "groupdro":
         return finetune(model, images, y, groups, objective="groupdro", eta=r.eta, **common)
     if method == "jtt":

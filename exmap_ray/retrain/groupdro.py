@@ -13,6 +13,7 @@ the weight decay is chosen from `weight_decay_grid` by the worst *given*-group a
 on held-out val halves (label-free for pseudo groups; see `common.select_on_halves`). Sagawa et
 al.'s generalisation adjustment (C / sqrt(n_g)) is not used. `groupdro_step` is the numpy core.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,18 +33,26 @@ MOMENTUM = 0.9
 class GroupDROKeys:
     """GroupDRO's section of the spec, `retrain.groupdro` (eta and batch_size serve its end-to-end mode too)."""
 
-    eta: float = opt(0.01, "step size of the group weights, q_g <- q_g exp(eta l_g) per batch (Sagawa et al.'s "
-                           "0.01); larger reacts faster to the worst group but lets q swing between groups", positive,
-                     search={"loguniform": [0.001, 0.1]})
+    eta: float = opt(
+        0.01,
+        "step size of the group weights, q_g <- q_g exp(eta l_g) per batch (Sagawa et al.'s "
+        "0.01); larger reacts faster to the worst group but lets q swing between groups",
+        positive,
+        search={"loguniform": [0.001, 0.1]},
+    )
     epochs: int = opt(30, "last layer: passes over val (group-balanced minibatch SGD)", positive)
-    lr: float = opt(0.02, "last layer: initial SGD step size (momentum 0.9, cosine decay) on standardised "
-                          "features", positive)
-    batch_size: int = opt(128, "last layer: the minibatch (retrain.end_to_end.batch_size is the fine-tune's)",
-                          positive)
-    weight_decay_grid: list[float] = opt([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "last layer: L2 strengths tried, chosen "
-                                                                         "by held-out worst pseudo-group accuracy "
-                                                                         "(label-free); GroupDRO needs strong L2 "
-                                                                         "(Sagawa et al.)", non_negative_list)
+    lr: float = opt(
+        0.02, "last layer: initial SGD step size (momentum 0.9, cosine decay) on standardised features", positive
+    )
+    batch_size: int = opt(128, "last layer: the minibatch (retrain.end_to_end.batch_size is the fine-tune's)", positive)
+    weight_decay_grid: list[float] = opt(
+        [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+        "last layer: L2 strengths tried, chosen "
+        "by held-out worst pseudo-group accuracy "
+        "(label-free); GroupDRO needs strong L2 "
+        "(Sagawa et al.)",
+        non_negative_list,
+    )
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -73,8 +82,20 @@ def groupdro_step(W, b, X, yi, gi, q, eta: float, weight_decay: float):
     return gW, dz.sum(0), q, float((q * group_loss)[present].sum())
 
 
-def train_groupdro_head(X, yi, gi, n_classes: int, n_groups: int, *, eta: float, weight_decay: float, lr: float,
-                        epochs: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def train_groupdro_head(
+    X,
+    yi,
+    gi,
+    n_classes: int,
+    n_groups: int,
+    *,
+    eta: float,
+    weight_decay: float,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(W (K, d), b (K,), final q (G,)) after `epochs` passes of online GroupDRO.
 
     Batches are drawn group-balanced (with replacement, P(i) proportional to 1 / |group of i|), as
@@ -92,7 +113,7 @@ def train_groupdro_head(X, yi, gi, n_classes: int, n_groups: int, *, eta: float,
     for _ in range(epochs):
         order = rng.choice(len(yi), size=len(yi), p=p_draw)
         for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             gW, gb, q, _ = groupdro_step(W, b, X[idx], yi[idx], gi[idx], q, eta, weight_decay)
             vW, vb = MOMENTUM * vW + gW, MOMENTUM * vb + gb
             step = lr * 0.5 * (1 + np.cos(np.pi * t / total))  # cosine decay: a calm final iterate
@@ -102,8 +123,14 @@ def train_groupdro_head(X, yi, gi, n_classes: int, n_groups: int, *, eta: float,
 
 
 @RETRAINERS.register("groupdro", keys=GroupDROKeys, end_to_end=True)
-def fit_groupdro(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
-                 score_groups: dict[str, np.ndarray] | None = None) -> LastLayerModel:
+def fit_groupdro(
+    feats: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    r,
+    seed: int,
+    score_groups: dict[str, np.ndarray] | None = None,
+) -> LastLayerModel:
     """Last-layer GroupDRO on val with `groups` (any ids); `r`: its keys and retrain.n_select_repeats
     (a `RetrainConfig`).
 
@@ -114,19 +141,46 @@ def fit_groupdro(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: 
     gids, gi = np.unique(groups, return_inverse=True)
 
     def train(idx, wd, fit_seed):
-        return train_groupdro_head(X[idx], yi[idx], gi[idx], len(classes), len(gids), eta=r.eta,
-                                   weight_decay=wd, lr=r.lr, epochs=r.epochs, batch_size=r.batch_size,
-                                   seed=fit_seed)
+        return train_groupdro_head(
+            X[idx],
+            yi[idx],
+            gi[idx],
+            len(classes),
+            len(gids),
+            eta=r.eta,
+            weight_decay=wd,
+            lr=r.lr,
+            epochs=r.epochs,
+            batch_size=r.batch_size,
+            seed=fit_seed,
+        )
 
     def fit_predict(a, b_idx, wd, fit_seed):
         W, b, _ = train(a, wd, fit_seed)
         return classes[(X[b_idx] @ W.T + b).argmax(1)]
 
     grid = list(r.weight_decay_grid)
-    best, selection, halves, preds = select_on_halves(fit_predict, X, y, groups, grid, r.n_select_repeats, seed,
-                                                      score_groups)
+    best, selection, halves, preds = select_on_halves(
+        fit_predict, X, y, groups, grid, r.n_select_repeats, seed, score_groups
+    )
     W, b, q = train(np.arange(len(y)), best, int(np.random.default_rng([seed, 2]).integers(2**31 - 1)))
-    log.info("GroupDRO: weight decay %g (held-out worst-group acc %.3f), %d groups, final q %s",
-             best, selection[best]["pseudo"], len(gids), np.round(q, 3).tolist())
-    return LastLayerModel(mean, std, W, b, classes, {"weight_decay": best}, selection, halves, preds,
-                          method="groupdro", extra={"q": {int(g): float(v) for g, v in zip(gids, q)}})
+    log.info(
+        "GroupDRO: weight decay %g (held-out worst-group acc %.3f), %d groups, final q %s",
+        best,
+        selection[best]["pseudo"],
+        len(gids),
+        np.round(q, 3).tolist(),
+    )
+    return LastLayerModel(
+        mean,
+        std,
+        W,
+        b,
+        classes,
+        {"weight_decay": best},
+        selection,
+        halves,
+        preds,
+        method="groupdro",
+        extra={"q": {int(g): float(v) for g, v in zip(gids, q)}},
+    )

@@ -1,4 +1,5 @@
 """The linear head every last-layer retrainer returns: standardised features in, class decisions out."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -12,6 +12,7 @@ exactly, as sample weights in an L2 logistic regression on standardised val feat
 lbfgs); its weight decay is chosen from `retrain.jtt.weight_decay_grid` by the worst given-group
 accuracy on held-out val halves (label-free, `common.select_on_halves`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,13 +34,19 @@ log = logging.getLogger(__name__)
 class JttKeys:
     """JTT's section of the spec, `retrain.jtt` (upweight serves its end-to-end mode too)."""
 
-    upweight: float = opt(20.0, "lambda_up: weight of the error set (a class's points outside its largest group); "
-                                "the JTT paper uses 20 to 100", lambda v: None if v >= 1 else "a number >= 1",
-                          search={"choice": [20.0, 50.0, 100.0]})
-    weight_decay_grid: list[float] = opt([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "last layer: L2 strengths tried for the "
-                                                                         "upweighted head, chosen by held-out "
-                                                                         "worst pseudo-group accuracy (label-free)",
-                                         non_negative_list)
+    upweight: float = opt(
+        20.0,
+        "lambda_up: weight of the error set (a class's points outside its largest group); the JTT paper uses 20 to 100",
+        lambda v: None if v >= 1 else "a number >= 1",
+        search={"choice": [20.0, 50.0, 100.0]},
+    )
+    weight_decay_grid: list[float] = opt(
+        [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+        "last layer: L2 strengths tried for the "
+        "upweighted head, chosen by held-out "
+        "worst pseudo-group accuracy (label-free)",
+        non_negative_list,
+    )
 
 
 def fit_weighted_logreg(X, y, weights, weight_decay: float, seed: int) -> LogisticRegression:
@@ -52,8 +59,14 @@ def fit_weighted_logreg(X, y, weights, weight_decay: float, seed: int) -> Logist
 
 
 @RETRAINERS.register("jtt", keys=JttKeys, end_to_end=True)
-def fit_jtt(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
-            score_groups: dict[str, np.ndarray] | None = None) -> LastLayerModel:
+def fit_jtt(
+    feats: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    r,
+    seed: int,
+    score_groups: dict[str, np.ndarray] | None = None,
+) -> LastLayerModel:
     """Last-layer JTT on val; `r`: its keys and retrain.n_select_repeats (a `RetrainConfig`).
     `score_groups`: analysis only."""
     check_inputs("JTT", feats, y, groups)
@@ -67,11 +80,28 @@ def fit_jtt(feats: np.ndarray, y: np.ndarray, groups: np.ndarray, r, seed: int,
         return fit_weighted_logreg(X[a], y[a], weights[a], wd, fit_seed).predict(X[b])
 
     grid = list(r.weight_decay_grid)
-    best, selection, halves, preds = select_on_halves(fit_predict, X, y, groups, grid, r.n_select_repeats, seed,
-                                                      score_groups)
+    best, selection, halves, preds = select_on_halves(
+        fit_predict, X, y, groups, grid, r.n_select_repeats, seed, score_groups
+    )
     clf = fit_weighted_logreg(X, y, weights, best, seed)
-    log.info("JTT: weight decay %g (held-out worst-group acc %.3f), error set %d of %d, upweight %g",
-             best, selection[best]["pseudo"], int(err.sum()), len(y), r.upweight)
-    return LastLayerModel(mean, std, clf.coef_, clf.intercept_, clf.classes_, {"weight_decay": best}, selection,
-                          halves, preds, method="jtt",
-                          extra={"error_set_size": int(err.sum()), "upweight": float(r.upweight)})
+    log.info(
+        "JTT: weight decay %g (held-out worst-group acc %.3f), error set %d of %d, upweight %g",
+        best,
+        selection[best]["pseudo"],
+        int(err.sum()),
+        len(y),
+        r.upweight,
+    )
+    return LastLayerModel(
+        mean,
+        std,
+        clf.coef_,
+        clf.intercept_,
+        clf.classes_,
+        {"weight_decay": best},
+        selection,
+        halves,
+        preds,
+        method="jtt",
+        extra={"error_set_size": int(err.sum()), "upweight": float(r.upweight)},
+    )

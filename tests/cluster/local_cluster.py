@@ -10,6 +10,7 @@
 
 Teardown stops only the processes this object started, by their process ids.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,7 @@ def can_run() -> str | None:
 
 
 class LocalCluster:
-    def __init__(self, hide: list[Path], n_workers: int = 2, worker_cpus: int = 2,
-                 worker_gpus: dict | None = None):
+    def __init__(self, hide: list[Path], n_workers: int = 2, worker_cpus: int = 2, worker_gpus: dict | None = None):
         """`hide`: folders the worker nodes must not see (besides this cluster's own base folder, a short
         path under /tmp: Ray's socket paths must stay under the 107-byte limit of Unix sockets).
         `worker_gpus`: logical GPUs of some worker nodes, {worker index: count} (the head has none)."""
@@ -94,18 +94,27 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.mlflow_port}"
 
     def s3_uri(self, prefix: str) -> str:
-        return (f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{self.s3_port}&scheme=http"
-                f"&region=us-east-1")
+        return f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{self.s3_port}&scheme=http&region=us-east-1"
 
     def env(self, **extra) -> dict:
         """The environment of every node, server and client: token auth on, S3 credentials as an
         instance profile would give them, nothing reaching out of this machine."""
         e = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "EXMAP_RAY_FAULTS"))}
-        e.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, PATH=f"{BIN}:{e.get('PATH', '')}",
-                 AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                 AWS_EC2_METADATA_DISABLED="true", RAY_USAGE_STATS_ENABLED="0", TQDM_DISABLE="1",
-                 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
-                 MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", PYTHONUNBUFFERED="1")
+        e.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            PATH=f"{BIN}:{e.get('PATH', '')}",
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_EC2_METADATA_DISABLED="true",
+            RAY_USAGE_STATS_ENABLED="0",
+            TQDM_DISABLE="1",
+            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+            RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
+            PYTHONUNBUFFERED="1",
+        )
         e.pop("RAY_ADDRESS", None)  # set for the nodes, the raylets fail to start (Ray 2.60)
         e.update(extra)
         return e
@@ -114,8 +123,12 @@ class LocalCluster:
     def node_ports() -> list[str]:
         """Ports of a node's agents, free ones: every node here shares one machine, so Ray's fixed defaults
         (52365 for the dashboard agent and others) would collide between nodes and with other Ray instances."""
-        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+        return [
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+        ]
 
     def _spawn(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
@@ -129,25 +142,57 @@ class LocalCluster:
         """Servers and nodes start side by side: only the workers wait for the head."""
         head_dir = self.base / "head"
         (head_dir / "cache").mkdir(parents=True, exist_ok=True)
-        s3 = self._spawn("moto", [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1",
-                                  "-p", str(self.s3_port)], self.env())
+        s3 = self._spawn(
+            "moto", [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)], self.env()
+        )
         # the server needs the bucket only when the first artifact arrives, made below
-        mlf = self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1",
-                                     "--port", str(self.mlflow_port), "--workers", "1",
-                                     "--backend-store-uri", f"sqlite:///{head_dir / 'mlflow.db'}",
-                                     "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
-                          self.env(MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}",
-                                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # as cluster.yaml: no huey workers
+        mlf = self._spawn(
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{head_dir / 'mlflow.db'}",
+                "--artifacts-destination",
+                f"s3://{BUCKET}/mlartifacts",
+            ],
+            self.env(
+                MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"
+            ),
+        )  # as cluster.yaml: no huey workers
         # the GCS checks each node every second and gives it up after 3 missed checks (Ray's defaults:
         # 3 s and 5): a killed node is noticed in seconds, so the node-loss test does not wait on it
-        head_env = self.env(EXMAP_RAY_NODE_CACHE=str(head_dir / "cache"), RAY_health_check_period_ms="1000",
-                            RAY_health_check_failure_threshold="3")
+        head_env = self.env(
+            EXMAP_RAY_NODE_CACHE=str(head_dir / "cache"),
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_failure_threshold="3",
+        )
         self.head_started = True
-        r = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", "--num-cpus=0",
-                            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={self.dash_port}", f"--temp-dir={head_dir / 'ray'}",
-                            "--disable-usage-stats", *self.node_ports()], env=head_env, capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                f"--port={self.gcs_port}",
+                "--num-cpus=0",
+                "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dash_port}",
+                f"--temp-dir={head_dir / 'ray'}",
+                "--disable-usage-stats",
+                *self.node_ports(),
+            ],
+            env=head_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if r.returncode:
             raise RuntimeError(f"ray start --head failed:\n{(r.stdout + r.stderr)[-3000:]}")
         wait_port(self.s3_port, 60, "moto server", s3)
@@ -164,27 +209,45 @@ class LocalCluster:
         """A worker node in its own mount namespace: tmpfs over the hidden tree, its own temp and cache."""
         node = self.base / f"exmap-node-{i}"  # exists only inside this node's tmpfs
         mounts = "".join(f"mount -t tmpfs -o size=4g tmpfs {h}; " for h in self.hide)
-        script = (f"set -e; {mounts}"
-                  f"mkdir -p /tmp/ray && mount -t tmpfs -o size=1g tmpfs /tmp/ray; "
-                  f"mkdir -p {node}/ray {node}/cache; "
-                  # ahead of the machine's other processes: a starving node misses the registration window
-                  f"exec nice -n -5 {BIN / 'ray'} start --address={self.address} --num-cpus={self.worker_cpus} "
-                  f"--num-gpus={self.worker_gpus.get(i, 0)} "
-                  f"--node-ip-address=127.0.0.1 --temp-dir={node}/ray --block --disable-usage-stats "
-                  + " ".join(self.node_ports()))
-        self._spawn(f"worker{i}", ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script],
-                    self.env(EXMAP_RAY_NODE_CACHE=f"{node}/cache"))
+        script = (
+            f"set -e; {mounts}"
+            f"mkdir -p /tmp/ray && mount -t tmpfs -o size=1g tmpfs /tmp/ray; "
+            f"mkdir -p {node}/ray {node}/cache; "
+            # ahead of the machine's other processes: a starving node misses the registration window
+            f"exec nice -n -5 {BIN / 'ray'} start --address={self.address} --num-cpus={self.worker_cpus} "
+            f"--num-gpus={self.worker_gpus.get(i, 0)} "
+            f"--node-ip-address=127.0.0.1 --temp-dir={node}/ray --block --disable-usage-stats "
+            + " ".join(self.node_ports())
+        )
+        self._spawn(
+            f"worker{i}",
+            ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script],
+            self.env(EXMAP_RAY_NODE_CACHE=f"{node}/cache"),
+        )
 
     def _make_bucket(self) -> None:
         from pyarrow import fs as pafs
 
-        s3 = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
-                               endpoint_override=f"127.0.0.1:{self.s3_port}", allow_bucket_creation=True)
+        s3 = pafs.S3FileSystem(
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            scheme="http",
+            endpoint_override=f"127.0.0.1:{self.s3_port}",
+            allow_bucket_creation=True,
+        )
         s3.create_dir(BUCKET)
 
     def ray_cli(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), *args], env=self.env(), capture_output=True, text=True,
-                              timeout=timeout, check=check, cwd=REPO)
+        return subprocess.run(
+            [str(BIN / "ray"), *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            cwd=REPO,
+        )
 
     def _get(self, path: str, timeout: float = 30):
         """GET a dashboard REST path with the cluster's token: the state and job queries poll through
@@ -221,12 +284,16 @@ class LocalCluster:
             if seen >= n:
                 return
             time.sleep(1)
-        tails = "".join(f"\n--- {f.name} (last lines)\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:])
-                        for f in sorted(self.logs.glob("*.log")) if f.name.startswith(("head", "worker")))
+        tails = "".join(
+            f"\n--- {f.name} (last lines)\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:])
+            for f in sorted(self.logs.glob("*.log"))
+            if f.name.startswith(("head", "worker"))
+        )
         raise RuntimeError(f"only {seen} of {n} Ray nodes came up within {timeout:g} s; logs in {self.logs}{tails}")
 
-    def submit(self, entrypoint: str, *, wait: bool = True, timeout: float = 600,
-               runtime_env: dict | None = None) -> subprocess.CompletedProcess:
+    def submit(
+        self, entrypoint: str, *, wait: bool = True, timeout: float = 600, runtime_env: dict | None = None
+    ) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir .` of the repository, as a user's laptop would (`runtime_env`:
         more of the job's runtime environment, e.g. env_vars for every process of the job)."""
         args = ["job", "submit", f"--address={self.dashboard}", f"--working-dir={REPO}"]

@@ -6,6 +6,7 @@ MLflow runs on the head with its artifacts in the bucket; Ray token authenticati
 go in through `ray job submit --working-dir .`, as from a laptop. Every artifact must travel
 through the bucket, or the run could not finish.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,10 @@ import pytest
 from ..conftest import machine_to_itself
 from .local_cluster import REPO, LocalCluster, can_run
 
-pytestmark = [pytest.mark.skipif(can_run() is not None, reason=f"multi-node cluster test: {can_run()}"),
-              pytest.mark.cluster]
+pytestmark = [
+    pytest.mark.skipif(can_run() is not None, reason=f"multi-node cluster test: {can_run()}"),
+    pytest.mark.cluster,
+]
 SPEC = "tests/cluster/tiny.yaml"
 SWEEP = "tests/cluster/tiny_sweep.yaml"
 
@@ -65,8 +68,13 @@ def single_node(tiny_run):
 def s3fs(c: LocalCluster):
     from pyarrow import fs as pafs
 
-    return pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
-                             endpoint_override=f"127.0.0.1:{c.s3_port}")
+    return pafs.S3FileSystem(
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        scheme="http",
+        endpoint_override=f"127.0.0.1:{c.s3_port}",
+    )
 
 
 def s3_read(c: LocalCluster, path: str) -> bytes:
@@ -128,8 +136,10 @@ def jobs(single_node, cluster):
     killed_at = time.monotonic() - t0
     os.kill(c.raylet_pid(1), signal.SIGKILL)
     states["sweep"] = c.wait_job(ids["sweep"], 600)  # bounds a hang; a quiet machine needs far less
-    print(f"\ncluster jobs: run ended at {run_s:.0f} s; a node killed at {killed_at:.0f} s; the sweep ended at "
-          f"{time.monotonic() - t0:.0f} s: {states}")
+    print(
+        f"\ncluster jobs: run ended at {run_s:.0f} s; a node killed at {killed_at:.0f} s; the sweep ended at "
+        f"{time.monotonic() - t0:.0f} s: {states}"
+    )
     wall0 = time.time() - (time.monotonic() - t0)
     for r in sorted(records(c), key=lambda r: r["time"]):  # the stages' timeline, for the log
         print(f"  {r['time'] - wall0:6.1f} s  {r['stage']:<9} {r['event']:<9} {r.get('seconds', '')}")
@@ -165,8 +175,9 @@ def test_run_on_the_cluster_matches_one_node_and_logs_to_mlflow(single_node, clu
     assert not any("testing" in v or c.token in v for v in run.data.params.values())  # no credentials
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="results.json",
-                                                tracking_uri=c.tracking_uri)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="results.json", tracking_uri=c.tracking_uri
+    )
     assert json.loads(open(local).read())["robust"]["test"] == got["robust"]["test"]  # read through the server
     assert any(p.startswith("mlartifacts/") and p.endswith("results.json") for p in files)  # stored in the bucket
 
@@ -204,8 +215,13 @@ def test_no_stage_is_computed_twice_across_jobs_and_node_loss(cluster, jobs):
 
 def test_nothing_is_written_outside_the_bucket_but_node_caches(cluster, jobs):
     c = cluster
-    repo_files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                                capture_output=True, text=True, check=True).stdout.split()
+    repo_files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     listing = c.base / "repo_files.json"
     listing.write_text(json.dumps(repo_files))
     r = c.submit(f"python tests/cluster/list_node_files.py {c.base} {listing}")
@@ -221,7 +237,7 @@ def test_nothing_is_written_outside_the_bucket_but_node_caches(cluster, jobs):
         if not p.is_file() or rel.parts[0] in ("cache", "mlflow.db") or rel.name.startswith("mlflow.db"):
             continue
         if "working_dir_files" in rel.parts:
-            inner = rel.parts[rel.parts.index("working_dir_files") + 2:]  # () beside the copies: Ray's zip, lock
+            inner = rel.parts[rel.parts.index("working_dir_files") + 2 :]  # () beside the copies: Ray's zip, lock
             if inner and "/".join(inner) not in repo_files and "__pycache__" not in inner:  # bytecode: derived
                 extra.append(str(rel))
         elif rel.parts[0] != "ray":
@@ -238,17 +254,25 @@ def test_gpu_stages_run_on_the_gpu_node_never_on_the_head(cluster):
     never the GPU node), or alone (-k gpu_stages)."""
     c = cluster
     common = f"--cache '{c.s3_uri('gpu-cache')}' --tracking-uri {c.tracking_uri}"
-    r = c.submit(f"exmap-ray run {SPEC} --out '{c.s3_uri('gpu-run')}' {common} --set resources.gpu=true "
-                 f"--set heatmaps.actors_per_gpu=2", runtime_env={"env_vars": {"EXMAP_RAY_FAKE_CUDA": "1"}})
+    r = c.submit(
+        f"exmap-ray run {SPEC} --out '{c.s3_uri('gpu-run')}' {common} --set resources.gpu=true "
+        f"--set heatmaps.actors_per_gpu=2",
+        runtime_env={"env_vars": {"EXMAP_RAY_FAKE_CUDA": "1"}},
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     nodes = c.nodes()
     gpu_nodes = {n["node_id"] for n in nodes if n.get("resources_total", {}).get("GPU", 0) > 0}
     head = {n["node_id"] for n in nodes if n.get("is_head_node")}
     assert len(gpu_nodes) == 1 and head and not gpu_nodes & head, nodes
-    done = {p.split("/")[1].split("-")[0]: json.loads(s3_read(c, p)) for p in s3_list(c, "gpu-cache")
-            if p.endswith("/done")}
-    placements = [done["erm"]["environment"]["placement"], done["features"]["placement"],
-                  done["clusters"]["placement"], *done["heatmaps"]["placements"]]
+    done = {
+        p.split("/")[1].split("-")[0]: json.loads(s3_read(c, p)) for p in s3_list(c, "gpu-cache") if p.endswith("/done")
+    }
+    placements = [
+        done["erm"]["environment"]["placement"],
+        done["features"]["placement"],
+        done["clusters"]["placement"],
+        *done["heatmaps"]["placements"],
+    ]
     # both actors ask for the GPU node; under load one may finish every shard before the other is up
     assert 1 <= len(done["heatmaps"]["placements"]) <= 2
     for p in placements:

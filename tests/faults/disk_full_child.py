@@ -4,6 +4,7 @@ Fills DIR with a ballast file so that heatmap shards cannot all be written, extr
 heatmaps through the stage cache on a real local Ray, then frees the ballast and
 extracts again. Prints one JSON line with what it observed.
 """
+
 import json
 import logging
 import shutil
@@ -44,8 +45,9 @@ try:
     seen["first"] = "no error"
 except UserError as e:
     seen["first"] = f"{type(e).__name__}: {e}"
-seen["after_fail"] = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                            if p.is_file() and ".locks" not in str(p) and p != ballast)
+seen["after_fail"] = sorted(
+    str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".locks" not in str(p) and p != ballast
+)
 seen["done_after_fail"] = stage.done
 ballast.unlink()
 info = cache.run(stage, lambda d: extract_with_actors(spec, ckpt, len(data.val), d))

@@ -1,4 +1,5 @@
 """Fault injection against real processes: find a Ray actor's process and SIGKILL it."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,11 @@ def alive_actor_pids(class_name: str) -> list[int]:
     session's Ray runs without a dashboard, which Ray's state API would need)."""
     from ray._private.state import actors
 
-    return [a["Pid"] for a in actors().values()
-            if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a.get("Pid")]
+    return [
+        a["Pid"]
+        for a in actors().values()
+        if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a.get("Pid")
+    ]
 
 
 class KillWhen(threading.Thread):

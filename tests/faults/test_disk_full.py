@@ -5,6 +5,7 @@ during extraction on a real local Ray. The error must say the disk is full and n
 file; nothing partial may remain that a later run would trust; once space is freed the
 stage is computed afresh.
 """
+
 import json
 import os
 import shutil
@@ -20,8 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 def _namespace_ok(tmp: Path) -> bool:
     if not shutil.which("unshare"):
         return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            f"mount -t tmpfs -o size=64k tmpfs {tmp}"], capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp}"],
+        capture_output=True,
+    )
     return probe.returncode == 0
 
 
@@ -31,13 +34,20 @@ def test_disk_full_during_shards(tmp_path):
     if not _namespace_ok(small):
         pytest.skip("needs `unshare --user --mount` to mount a small tmpfs (user namespaces are disabled here)")
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}
-    cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-           f"mount -t tmpfs -o size=1m tmpfs {small} && exec {sys.executable} "
-           f"{REPO / 'tests/faults/disk_full_child.py'} {small} {tmp_path}"]
+    cmd = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "sh",
+        "-c",
+        f"mount -t tmpfs -o size=1m tmpfs {small} && exec {sys.executable} "
+        f"{REPO / 'tests/faults/disk_full_child.py'} {small} {tmp_path}",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, f"child failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-    seen = json.loads(line[len("RESULT "):])
+    seen = json.loads(line[len("RESULT ") :])
 
     assert seen["first"].startswith("DiskFullError: disk full while writing"), seen["first"]
     assert "shard-" in seen["first"] or "pred-" in seen["first"]  # names the file it was writing

@@ -2,6 +2,7 @@
 being written), then started again with the same spec and --resume. Finished stages are reused
 (asserted through the cache's record), the half-written stage is never taken as done, and the
 interrupted MLflow run is marked KILLED. (The same fault for `exmap-ray tune` is in tests/test_tune.py.)"""
+
 import json
 import logging
 import os
@@ -54,8 +55,8 @@ def test_run_killed_mid_stage_resumes(tiny_run, tmp_path, capsys, caplog):
     caplog.set_level(logging.WARNING, logger="exmap_ray")
     assert main(cmd[3:] + ["--resume"]) == 0, capsys.readouterr().err[-3000:]
     after = [(r_["stage"], r_["event"]) for r_ in StageCache(cache).records()]
-    assert after[:len(before)] == before
-    new = after[len(before):]
+    assert after[: len(before)] == before
+    new = after[len(before) :]
     assert ("erm", "reused") in new and ("features", "reused") in new  # finished stages: not recomputed
     assert ("erm", "computed") not in after and after.count(("features", "computed")) == 1
     assert ("heatmaps", "computed") in new  # the half-written one: cleared and redone

@@ -4,6 +4,7 @@ ERM must resume from its last checkpoint (not from epoch 0) and reach the same q
 must redo the lost shard elsewhere and end with every val image exactly once, equal to an
 undisturbed run.
 """
+
 import numpy as np
 import torch
 
@@ -21,6 +22,7 @@ from .helpers import KillWhen, files
 
 def test_erm_worker_killed_resumes_from_checkpoint(ray_local, tmp_path):
     spec = from_dict(tiny_spec_dict(dataset={"n_train": 500}, erm={"epochs": 3, "batch_size": 32}))
+
     def committed() -> bool:
         # a checkpoint counts once the controller has recorded it (a folder alone may be half-reported)
         snap = files(tmp_path / "hit" / "ray_train", "**/checkpoint_manager_snapshot.json")
@@ -53,8 +55,11 @@ def undisturbed_val_acc(spec) -> float:
 
     threads = torch.get_num_threads()  # train_loop sets its worker's thread count: here, this process's
     try:
-        result = TorchTrainer(train_loop, train_loop_config={"spec": spec.to_dict(), "threads": 1},
-                              scaling_config=ScalingConfig(num_workers=0)).fit()
+        result = TorchTrainer(
+            train_loop,
+            train_loop_config={"spec": spec.to_dict(), "threads": 1},
+            scaling_config=ScalingConfig(num_workers=0),
+        ).fit()
     finally:
         torch.set_num_threads(threads)
     assert result.metrics["epoch"] == spec.erm.epochs and result.metrics["resumed_from"] == 0
@@ -62,8 +67,9 @@ def undisturbed_val_acc(spec) -> float:
 
 
 def test_heatmap_actor_killed_shards_redone(ray_local, tmp_path):
-    spec = from_dict(tiny_spec_dict(dataset={"n_val": 1200},
-                                    heatmaps={"shard_size": 30, "num_actors": 2, "batch_size": 10}))
+    spec = from_dict(
+        tiny_spec_dict(dataset={"n_val": 1200}, heatmaps={"shard_size": 30, "num_actors": 2, "batch_size": 10})
+    )
     data = build_dataset(spec.dataset, spec.seed)
     torch.manual_seed(0)
     model = create_model(spec.model.backbone, data.n_classes).eval()

@@ -4,6 +4,7 @@ Real processes only: the `exmap-ray` CLI (in a subprocess with its own local Ray
 at once; in this process, on the session's Ray, where it runs to the end), a real `mlflow server` on
 SQLite that the test SIGKILLs mid-run and restarts, and `sync-mlflow`.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,15 +59,31 @@ class MlflowServer:
 
     def start(self, timeout: float = 180.0) -> "MlflowServer":
         mlflow_exe = Path(sys.executable).with_name("mlflow")
-        cmd = [str(mlflow_exe) if mlflow_exe.exists() else "mlflow", "server",
-               "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-               "--artifacts-destination", str(self.root / "server-artifacts"),
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        cmd = [
+            str(mlflow_exe) if mlflow_exe.exists() else "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'server.db'}",
+            "--artifacts-destination",
+            str(self.root / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         log = open(self.root / f"server-{time.time():.0f}.log", "w")
         # no job-execution workers: MLflow 3 starts seven huey consumers for its GenAI jobs by default,
         # a few % of a core each while idle, which exmap-ray never uses
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                     env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            start_new_session=True,
+        )
         t0 = time.time()
         while time.time() - t0 < timeout:
             assert self.proc.poll() is None, f"mlflow server exited: {Path(log.name).read_text()[-2000:]}"
@@ -116,8 +133,13 @@ def test_unreachable_server_at_start_stops_at_once(tmp_path, command):
     extra = ["--set", "search.space={clustering.k: {grid: [2, 3]}}"] if command == "tune" else []
     # "at once" is asserted by what did not happen (no stage work, below); a hang fails by the timeout.
     # A wall-clock bound would flake on a loaded machine.
-    p = subprocess.run(_cli(command, str(_spec(tmp_path)), "--out", str(out), "--tracking-uri", uri, *extra),
-                       capture_output=True, text=True, env=ENV, timeout=120)
+    p = subprocess.run(
+        _cli(command, str(_spec(tmp_path)), "--out", str(out), "--tracking-uri", uri, *extra),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stderr
     assert uri in p.stderr and "unreachable" in p.stderr
     assert f"sqlite:///{out.resolve() / 'mlflow.db'}" in p.stderr  # the local default, for this OUT
@@ -193,7 +215,8 @@ def test_server_killed_mid_run_then_sync(tiny_run, tmp_path, capfd, caplog):
         assert fresh.info.status == "FINISHED" and fresh.data.tags["exmap_ray.synced_from"] == str(copy.resolve())
         assert MlflowClient(other).get_experiment(fresh.info.experiment_id).name == "tiny"
         assert fresh.data.metrics["robust.test.worst_group_acc"] == pytest.approx(
-            results["robust"]["test"]["worst_group_acc"])
+            results["robust"]["test"]["worst_group_acc"]
+        )
 
         # the server comes back on the same db; sync needs no flags (the URI is in OUT/tracking.json)
         server.start()
@@ -263,7 +286,8 @@ def test_server_killed_mid_sweep_then_sync(tiny_run, tmp_path, capsys):
         parent = client.get_run(parent_id)
         assert parent.info.status == "FINISHED"
         assert parent.data.metrics["label_free_choice.test_worst_group_acc"] == pytest.approx(
-            summary["label_free_choice"]["test_worst_group_acc"])
+            summary["label_free_choice"]["test_worst_group_acc"]
+        )
         assert {"summary.md", "summary.csv", "summary.json"} <= {a.path for a in client.list_artifacts(parent_id)}
         exp = parent.info.experiment_id
         kids = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
@@ -293,8 +317,9 @@ def test_server_killed_mid_bench_keeps_every_result_then_sync(tiny_run, tmp_path
 
     out = tmp_path / "bench"
     server = MlflowServer(tmp_path, _free_port()).start()
-    killer, killed = _kill_when(server, lambda: json.loads((out / "tracking.json").read_text()).get("run_id"),
-                                poll=0.02)
+    killer, killed = _kill_when(
+        server, lambda: json.loads((out / "tracking.json").read_text()).get("run_id"), poll=0.02
+    )
     try:
         summary = run_bench(from_dict(tiny_spec_dict()), [0], out, tiny_run[0] / "cache", server.uri)
         killer.join(timeout=5)

@@ -1,5 +1,6 @@
 """Fault 3: a Tune trial raises. It is retried up to search.max_failures; a trial that keeps
 failing is reported in the summary with its error, and the other trials' results stand."""
+
 import json
 
 import yaml
@@ -16,10 +17,12 @@ def test_failing_trials_are_retried_then_reported(tiny_run, tmp_path, fault_plan
     d["search"] = {"space": {"clustering.k": {"grid": [2, 3, 4]}}, "max_concurrent_trials": 2, "max_failures": 1}
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump(d))
-    plan = fault_plan([
-        {"point": "trial", "when": {"clustering.k": 3}, "times": 1, "message": "transient failure"},
-        {"point": "trial", "when": {"clustering.k": 4}, "times": 99, "message": "persistent failure"},
-    ])
+    plan = fault_plan(
+        [
+            {"point": "trial", "when": {"clustering.k": 3}, "times": 1, "message": "transient failure"},
+            {"point": "trial", "when": {"clustering.k": 4}, "times": 99, "message": "persistent failure"},
+        ]
+    )
     out = tmp_path / "sweep"
     cache = tiny_run[0] / "cache"  # the tiny spec's ERM and heatmaps, trained once per session
     assert main(["tune", str(spec), "--out", str(out), "--cache", str(cache), "--quiet"]) == 0  # it completes

@@ -20,6 +20,7 @@ MNIST test digits that ship with exmap-ray (split without overlap; nothing is do
 - True group = y * 2 + a for one attribute, (y * 2 + a1) * 2 + a2 for a pair; `Split.attrs` holds each
   attribute under its painter's name, and the test metrics include the per-shortcut gaps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,15 +40,15 @@ from ..base import DATASETS, GroupData, Split, TensorImages
 from ..cmnist import load_digits, to_input
 from .painters import INK, OVERLAY, PAINTERS, Layers, Painter
 
-SIZE = 32         # the zoo's canvas when dataset.image_size is None: the 28-pixel digit and a 2-pixel margin
-MIN_SIZE = 16     # below it a texture's stripes alias and the probes cannot read the marks back
+SIZE = 32  # the zoo's canvas when dataset.image_size is None: the 28-pixel digit and a 2-pixel margin
+MIN_SIZE = 16  # below it a texture's stripes alias and the probes cannot read the marks back
 N_DIGITS = 10_000
 
 
 @dataclass(frozen=True)
 class Family:
-    painters: tuple        # painter names, first to last
-    rho: tuple             # default P(agrees with the class) on train/val, one per painter
+    painters: tuple  # painter names, first to last
+    rho: tuple  # default P(agrees with the class) on train/val, one per painter
 
 
 FAMILIES = {
@@ -66,9 +67,9 @@ FAMILIES = {
 
 RHO_WHY = {  # one reason per form, so `exmap-ray spec` lists the families that share it on one line
     1: "P(the family's shortcut agrees with the class) on train and val; independent of the class on test. "
-       "0.98: 40 minority images per class in val at the default sizes",
+    "0.98: 40 minority images per class in val at the default sizes",
     2: "P(the pair's first shortcut agrees with the class) on train and val; independent of the class on "
-       "test. 0.97 as cmnist_multi's colour: weaker than 0.98 so the groups where both disagree have members",
+    "test. 0.97 as cmnist_multi's colour: weaker than 0.98 so the groups where both disagree have members",
 }
 
 
@@ -82,33 +83,46 @@ def family_keys(name: str, family: Family) -> type:
     first = family.painters[0]
     fields = [("rho", float, opt(family.rho[0], RHO_WHY[len(family.painters)], fraction))]
     for p, rho in zip(family.painters[1:], family.rho[1:]):
-        why = (f"P(the {p} agrees with the class) within each (class, {first}) cell of train and val, so "
-               f"independently of the {first}; independent of the class on test")
+        why = (
+            f"P(the {p} agrees with the class) within each (class, {first}) cell of train and val, so "
+            f"independently of the {first}; independent of the class on test"
+        )
         fields.append((f"rho_{p}", float, opt(rho, why, fraction)))
     fields += [
-        ("classes", int, opt(2, "2: y = digit >= 5; 10: y = digit (each attribute then agrees with the "
-                                "digit's parity)", _classes)),
-        ("n_train", int, opt(4000, "training images (n_train + n_val + n_test <= 10,000 shipped digits)",
-                             positive)),
-        ("n_val", int, opt(4000, "validation images; ExMap clusters these and DFR fits on them, so minority "
-                                 "groups need members", positive)),
+        (
+            "classes",
+            int,
+            opt(2, "2: y = digit >= 5; 10: y = digit (each attribute then agrees with the digit's parity)", _classes),
+        ),
+        ("n_train", int, opt(4000, "training images (n_train + n_val + n_test <= 10,000 shipped digits)", positive)),
+        (
+            "n_val",
+            int,
+            opt(
+                4000,
+                "validation images; ExMap clusters these and DFR fits on them, so minority groups need members",
+                positive,
+            ),
+        ),
         ("n_test", int, opt(2000, "test images (every attribute independent of the class)", positive)),
     ]
-    cls = dataclasses.make_dataclass("".join(w.title() for w in name.split("_")) + "Keys", fields,
-                                     namespace={"__post_init__": lambda self: check_keys(self, name)})
+    cls = dataclasses.make_dataclass(
+        "".join(w.title() for w in name.split("_")) + "Keys",
+        fields,
+        namespace={"__post_init__": lambda self: check_keys(self, name)},
+    )
     cls.__module__ = __name__
     cls.__doc__ = f"{name}'s own keys: its shortcut strengths, class form and split sizes."
     return cls
 
 
-def assign_attrs(y: np.ndarray, rhos: list[float], ks: list[int],
-                 rng: np.random.Generator) -> list[np.ndarray]:
+def assign_attrs(y: np.ndarray, rhos: list[float], ks: list[int], rng: np.random.Generator) -> list[np.ndarray]:
     """One attribute per painter; attribute i agrees with the class (= y mod k_i) on an exact share rho_i of
     each cell of (class, attributes before it). A minority cell keeps at least 2 members for every group
     the later attributes split it into, and so does the majority, when the cell is large enough."""
     cells, out = y.copy(), []
     for i, (rho, k) in enumerate(zip(rhos, ks)):
-        need = 2 * int(np.prod(ks[i + 1:]))
+        need = 2 * int(np.prod(ks[i + 1 :]))
         aligned = y % k
         a = aligned.copy()
         for c in np.unique(cells):
@@ -134,8 +148,9 @@ def digit_alpha(digits: np.ndarray, size: int) -> torch.Tensor:
     return F.pad(a, (lo, size - d - lo, lo, size - d - lo))
 
 
-def render(painters: list[Painter], digits: np.ndarray, attrs: list[np.ndarray], size: int,
-           rng: np.random.Generator) -> torch.Tensor:
+def render(
+    painters: list[Painter], digits: np.ndarray, attrs: list[np.ndarray], size: int, rng: np.random.Generator
+) -> torch.Tensor:
     """Paint every painter's attribute into the digits: backgrounds and ink, the composite, then overlays
     and post filters, each layer in the family's order. (N, 3, S, S) float in [0, 1]."""
     alpha = digit_alpha(digits, size)
@@ -156,8 +171,7 @@ def class_names(classes: int) -> list[str]:
 
 def group_names(painters: list[Painter], classes: int) -> list[str]:
     """Index = true group: y, then each attribute's value, the last varying fastest."""
-    return [" ".join([c, *vals]) for c in class_names(classes)
-            for vals in product(*(p.values for p in painters))]
+    return [" ".join([c, *vals]) for c in class_names(classes) for vals in product(*(p.values for p in painters))]
 
 
 def group_of(y: np.ndarray, attrs: list[np.ndarray], ks: list[int]) -> np.ndarray:
@@ -177,9 +191,11 @@ def check_keys(dspec, name: str) -> None:
     split_sizes(dspec, name)
     size = getattr(dspec, "image_size", None)  # a common key: absent from the bare keys class
     if size is not None and size < MIN_SIZE:
-        raise SpecError(f"spec key 'dataset.image_size': got {size}, but dataset '{name}' draws its marks "
-                        f"and textures on a canvas of at least {MIN_SIZE} pixels; use {MIN_SIZE} or more, or "
-                        f"null for the zoo's {SIZE}")
+        raise SpecError(
+            f"spec key 'dataset.image_size': got {size}, but dataset '{name}' draws its marks "
+            f"and textures on a canvas of at least {MIN_SIZE} pixels; use {MIN_SIZE} or more, or "
+            f"null for the zoo's {SIZE}"
+        )
 
 
 def split_sizes(dspec, name: str) -> dict[str, int]:
@@ -187,9 +203,11 @@ def split_sizes(dspec, name: str) -> dict[str, int]:
     sizes = {"train": dspec.n_train, "val": dspec.n_val, "test": dspec.n_test}
     total = sum(sizes.values())
     if total > N_DIGITS:
-        raise SpecError(f"spec keys 'dataset.n_train' + 'dataset.n_val' + 'dataset.n_test' = {total}, but "
-                        f"dataset '{name}' draws from the {N_DIGITS:,} MNIST digits shipped with exmap-ray, "
-                        f"each used once; lower them to a total of at most {N_DIGITS:,}")
+        raise SpecError(
+            f"spec keys 'dataset.n_train' + 'dataset.n_val' + 'dataset.n_test' = {total}, but "
+            f"dataset '{name}' draws from the {N_DIGITS:,} MNIST digits shipped with exmap-ray, "
+            f"each used once; lower them to a total of at most {N_DIGITS:,}"
+        )
     return sizes
 
 
@@ -204,15 +222,23 @@ def build_zoo(dspec, seed: int, family: Family) -> GroupData:
     order = rng.permutation(len(digits))
     splits, start = {}, 0
     for name, n in sizes.items():
-        idx = order[start:start + n]
+        idx = order[start : start + n]
         start += n
         y = labels[idx] if dspec.classes == 10 else (labels[idx] >= 5).astype(np.int64)
         attrs = assign_attrs(y, rhos if name != "test" else [1.0 / k for k in ks], ks, rng)
         x = to_input(render(painters, digits[idx], attrs, size, rng), dspec)
-        splits[name] = Split(images=TensorImages(x), y=y, group=group_of(y, attrs, ks),
-                             attrs={p.name: a for p, a in zip(painters, attrs)})
-    return GroupData(**splits, n_classes=dspec.classes, group_names=group_names(painters, dspec.classes),
-                     shortcut_metrics=partial(gaps, names=tuple(family.painters)))
+        splits[name] = Split(
+            images=TensorImages(x),
+            y=y,
+            group=group_of(y, attrs, ks),
+            attrs={p.name: a for p, a in zip(painters, attrs)},
+        )
+    return GroupData(
+        **splits,
+        n_classes=dspec.classes,
+        group_names=group_names(painters, dspec.classes),
+        shortcut_metrics=partial(gaps, names=tuple(family.painters)),
+    )
 
 
 def _summary(name: str, family: Family) -> str:
@@ -223,6 +249,7 @@ def _summary(name: str, family: Family) -> str:
 def _builder(family: Family):
     def build(dspec, seed: int) -> GroupData:
         return build_zoo(dspec, seed, family)
+
     return build
 
 

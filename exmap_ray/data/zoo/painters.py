@@ -11,6 +11,7 @@ the digit is composited over the background, then overlay painters draw on `img`
 filter it (an acquisition shift applies to everything). All randomness comes from the numpy
 generator handed in, so a build is a function of (seed, keys).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,14 +31,14 @@ from ...errors import DataError
 
 log = logging.getLogger(__name__)
 
-BACKGROUND, INK, OVERLAY, POST = 0, 1, 2, 3   # painting order
+BACKGROUND, INK, OVERLAY, POST = 0, 1, 2, 3  # painting order
 
 
 @dataclass
 class Layers:
-    bg: torch.Tensor         # (N, 3, S, S) what lies behind the digit; black by default
-    ink: torch.Tensor        # (N, 3) the digit's colour; white by default
-    alpha: torch.Tensor      # (N, 1, S, S) the digit's coverage in [0, 1]
+    bg: torch.Tensor  # (N, 3, S, S) what lies behind the digit; black by default
+    ink: torch.Tensor  # (N, 3) the digit's colour; white by default
+    alpha: torch.Tensor  # (N, 1, S, S) the digit's coverage in [0, 1]
     img: torch.Tensor = None  # (N, 3, S, S) the composite, set before OVERLAY painters run
 
     @property
@@ -47,13 +48,13 @@ class Layers:
 
 @dataclass(frozen=True)
 class Painter:
-    name: str                 # the attribute's name (Split.attrs, group names, gap metrics)
-    kind: str                 # the real-world shortcut it stands for
-    values: tuple             # readable names of attribute values 0 and 1
-    stage: int                # BACKGROUND, INK, OVERLAY or POST
-    paint: Callable           # (Layers, attr (N,) int64, rng) -> None, drawing into the layers
-    probe: Callable           # images (N, 3, S, S) in [0, 1] -> attr (N,) int64, from the pixels alone
-    what: str                 # one sentence for the docs: what it paints
+    name: str  # the attribute's name (Split.attrs, group names, gap metrics)
+    kind: str  # the real-world shortcut it stands for
+    values: tuple  # readable names of attribute values 0 and 1
+    stage: int  # BACKGROUND, INK, OVERLAY or POST
+    paint: Callable  # (Layers, attr (N,) int64, rng) -> None, drawing into the layers
+    probe: Callable  # images (N, 3, S, S) in [0, 1] -> attr (N,) int64, from the pixels alone
+    what: str  # one sentence for the docs: what it paints
 
 
 def _unit(size: int) -> float:
@@ -83,6 +84,7 @@ def probe_colour(x: torch.Tensor) -> np.ndarray:
 
 # --------------------------------------------------------------------------- patch (hospital tokens)
 
+
 def _patch(size: int) -> int:
     return max(1, round(4 * _unit(size)))
 
@@ -99,6 +101,7 @@ def probe_patch(x: torch.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- frame (scanner borders)
+
 
 def _ring(size: int) -> torch.Tensor:
     w = max(1, round(_unit(size)))
@@ -152,17 +155,23 @@ def probe_texture(x: torch.Tensor) -> np.ndarray:
 # colour at once. The sha256 prefixes are those of scikit-image 0.25.0 and 0.26.0 (identical files).
 PHOTOS = {
     0: {"grass.png": "b6b6022426b38936", "gravel.png": "c48615b451bf1e60", "brick.png": "7966caf324f6ba84"},
-    1: {"coffee.png": "cc02f8ca188b167c", "chelsea.png": "596aa1e7cb875eb7",
+    1: {
+        "coffee.png": "cc02f8ca188b167c",
+        "chelsea.png": "596aa1e7cb875eb7",
         "astronaut.png": "88431cd9653ccd53",
-        "rocket.jpg": "c2dd0de7c538df8d", "motorcycle_left.png": "db18e9c415761740"},
+        "rocket.jpg": "c2dd0de7c538df8d",
+        "motorcycle_left.png": "db18e9c415761740",
+    },
 }
 
 
 def photo_folder() -> Path:
     spec = importlib.util.find_spec("skimage")
     if spec is None or spec.origin is None:
-        raise DataError("the zoo's photo backgrounds are read from the scikit-image package, which is not "
-                        "installed; pip install scikit-image (a dependency of exmap-ray)")
+        raise DataError(
+            "the zoo's photo backgrounds are read from the scikit-image package, which is not "
+            "installed; pip install scikit-image (a dependency of exmap-ray)"
+        )
     return Path(spec.origin).parent / "data"
 
 
@@ -178,16 +187,23 @@ def load_photos(size: int) -> dict[int, list[torch.Tensor]]:
         for name, want in files.items():
             path = folder / name
             if not path.is_file():
-                raise DataError(f"zoo photo '{path}' is missing from the installed scikit-image; "
-                                f"reinstall it (pip install --force-reinstall scikit-image)")
+                raise DataError(
+                    f"zoo photo '{path}' is missing from the installed scikit-image; "
+                    f"reinstall it (pip install --force-reinstall scikit-image)"
+                )
             if want and not hashlib.sha256(path.read_bytes()).hexdigest().startswith(want):
-                log.warning("zoo photo %s differs from scikit-image 0.25-0.26's: zoo_photo images will "
-                            "differ from those made with it", path)
+                log.warning(
+                    "zoo photo %s differs from scikit-image 0.25-0.26's: zoo_photo images will "
+                    "differ from those made with it",
+                    path,
+                )
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 k = 2 * size / min(im.size)
-                im = im.resize((max(size, round(im.size[0] * k)), max(size, round(im.size[1] * k))),
-                               Image.BOX if k < 1 else Image.BICUBIC)
+                im = im.resize(
+                    (max(size, round(im.size[0] * k)), max(size, round(im.size[1] * k))),
+                    Image.BOX if k < 1 else Image.BICUBIC,
+                )
                 out[value].append(torch.tensor(np.asarray(im), dtype=torch.float32).permute(2, 0, 1) / 255)
     return out
 
@@ -199,7 +215,7 @@ def paint_photo(L: Layers, attr, rng) -> None:
     photos = load_photos(s)
     bg = torch.empty(n, 3, s, s)
     counts = np.array([len(photos[v]) for v in sorted(photos)])
-    which = (rng.random(n) * counts[attr]).astype(np.int64)   # a photo of the attribute's set, uniformly
+    which = (rng.random(n) * counts[attr]).astype(np.int64)  # a photo of the attribute's set, uniformly
     oy, ox, flip = rng.random(n), rng.random(n), rng.random(n) < 0.5
     ar = torch.arange(s)
     for value, group in photos.items():
@@ -252,8 +268,8 @@ def paint_object(L: Layers, attr, rng) -> None:
     rows = torch.as_tensor(top).view(-1, 1) + ar
     cols = torch.as_tensor(left).view(-1, 1) + ar
     at = (torch.arange(n).view(-1, 1, 1), slice(None), rows[:, :, None], cols[:, None, :])
-    mask = stamps[torch.as_tensor(attr)].unsqueeze(-1)                  # (n, o, o, 1)
-    L.img[at] = torch.where(mask, YELLOW, L.img[at])                    # L.img[at]: (n, o, o, 3)
+    mask = stamps[torch.as_tensor(attr)].unsqueeze(-1)  # (n, o, o, 1)
+    L.img[at] = torch.where(mask, YELLOW, L.img[at])  # L.img[at]: (n, o, o, 3)
 
 
 def probe_object(x: torch.Tensor) -> np.ndarray:
@@ -270,8 +286,10 @@ def probe_object(x: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------- watermark (ImageNet-W)
 
 GLYPHS = {  # a 3x5 pixel font, enough for the word
-    "S": ["111", "100", "111", "001", "111"], "T": ["111", "010", "010", "010", "010"],
-    "O": ["111", "101", "101", "101", "111"], "C": ["111", "100", "100", "100", "111"],
+    "S": ["111", "100", "111", "001", "111"],
+    "T": ["111", "010", "010", "010", "010"],
+    "O": ["111", "101", "101", "101", "111"],
+    "C": ["111", "100", "100", "100", "111"],
     "K": ["101", "101", "110", "101", "101"],
 }
 WORD = "STOCK"
@@ -297,7 +315,7 @@ def paint_watermark(L: Layers, attr, rng) -> None:
         for lf in np.unique(left[top == t]):
             sel = torch.as_tensor(idx[(top == t) & (left == lf)])
             a = torch.zeros(1, 1, s, s)
-            a[0, 0, t:t + h, lf:lf + w] = 0.5 * word[: s - t, : s - lf]
+            a[0, 0, t : t + h, lf : lf + w] = 0.5 * word[: s - t, : s - lf]
             L.img[sel] = L.img[sel] * (1 - a) + MARK * a
 
 
@@ -308,23 +326,24 @@ def probe_watermark(x: torch.Tensor) -> np.ndarray:
 
 # --------------------------------------------------------------------------- blur (acquisition shift)
 
+
 def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur with replicated edges, as two (S, S) matrix products: far faster on CPU than a
     depthwise convolution of a few thousand small images."""
     s = x.shape[-1]
     r = max(1, math.ceil(3 * sigma))
     t = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
     B = torch.zeros(s, s)
     rows = torch.arange(s).view(-1, 1)
-    cols = (rows + t.long()).clamp(0, s - 1)   # replicated edges: weight past an edge lands on it
+    cols = (rows + t.long()).clamp(0, s - 1)  # replicated edges: weight past an edge lands on it
     B.index_put_((rows.expand(-1, len(t)), cols), k.expand(s, -1), accumulate=True)
     return B @ x @ B.T
 
 
 def _sigma(size: int) -> float:
-    return max(1.0, _unit(size))   # 1 pixel on the 32 canvas; never under a pixel on smaller ones
+    return max(1.0, _unit(size))  # 1 pixel on the 32 canvas; never under a pixel on smaller ones
 
 
 def paint_blur(L: Layers, attr, rng) -> None:
@@ -336,8 +355,7 @@ def paint_blur(L: Layers, attr, rng) -> None:
 
 def _max_step(x: torch.Tensor) -> torch.Tensor:
     g = x.amax(1)
-    return torch.maximum((g[:, :, 1:] - g[:, :, :-1]).abs().amax((1, 2)),
-                         (g[:, 1:] - g[:, :-1]).abs().amax((1, 2)))
+    return torch.maximum((g[:, :, 1:] - g[:, :, :-1]).abs().amax((1, 2)), (g[:, 1:] - g[:, :-1]).abs().amax((1, 2)))
 
 
 def probe_blur(x: torch.Tensor) -> np.ndarray:
@@ -347,27 +365,84 @@ def probe_blur(x: torch.Tensor) -> np.ndarray:
     return (ratio > 0.51).long().numpy()
 
 
-PAINTERS = {p.name: p for p in [
-    Painter("colour", "colour of the object (C-MNIST, CelebA's hair)", ("red", "green"), INK,
-            paint_colour, probe_colour, "the digit is drawn red (0) or green (1) on black"),
-    Painter("patch", "position of a mark (hospital tokens in X-rays)", ("TL", "BR"), OVERLAY,
-            paint_patch, probe_patch, "a white 4x4 square in the top-left (0) or bottom-right (1) corner"),
-    Painter("frame", "a border (scanner borders)", ("no-frame", "frame"), OVERLAY,
-            paint_frame, probe_frame, "a light-grey frame one pixel wide around the image (1), or none (0)"),
-    Painter("texture", "background texture (Waterbirds)", ("stripes", "dots"), BACKGROUND,
-            paint_texture, probe_texture, "a dim procedural texture behind the digit: stripes within 20 "
-                                          "degrees of horizontal (0) or a grid of soft dots (1), random "
-                                          "frequency and phase"),
-    Painter("photo", "natural background (Waterbirds, MetaShift)", ("ground", "scene"), BACKGROUND,
-            paint_photo, probe_photo, "a random crop of a photograph from scikit-image's data, at reduced "
-                                      "contrast, behind the digit: grass, gravel or brick (grey, 0) or "
-                                      "coffee, chelsea, astronaut, rocket or motorcycle (colour, 1)"),
-    Painter("object", "co-occurring object (UrbanCars)", ("ring", "plus"), OVERLAY,
-            paint_object, probe_object, "a small yellow ring (0) or plus (1) in a random corner"),
-    Painter("watermark", "overlay (ImageNet-W's watermark)", ("no-mark", "mark"), OVERLAY,
-            paint_watermark, probe_watermark, "the word STOCK in translucent pale blue at a random height "
-                                              "across the middle (1), or none (0)"),
-    Painter("blur", "acquisition shift (blur)", ("sharp", "blurred"), POST,
-            paint_blur, probe_blur, "the whole image is sharp (0) or Gaussian-blurred (1), sigma 1 pixel "
-                                    "at 32"),
-]}
+PAINTERS = {
+    p.name: p
+    for p in [
+        Painter(
+            "colour",
+            "colour of the object (C-MNIST, CelebA's hair)",
+            ("red", "green"),
+            INK,
+            paint_colour,
+            probe_colour,
+            "the digit is drawn red (0) or green (1) on black",
+        ),
+        Painter(
+            "patch",
+            "position of a mark (hospital tokens in X-rays)",
+            ("TL", "BR"),
+            OVERLAY,
+            paint_patch,
+            probe_patch,
+            "a white 4x4 square in the top-left (0) or bottom-right (1) corner",
+        ),
+        Painter(
+            "frame",
+            "a border (scanner borders)",
+            ("no-frame", "frame"),
+            OVERLAY,
+            paint_frame,
+            probe_frame,
+            "a light-grey frame one pixel wide around the image (1), or none (0)",
+        ),
+        Painter(
+            "texture",
+            "background texture (Waterbirds)",
+            ("stripes", "dots"),
+            BACKGROUND,
+            paint_texture,
+            probe_texture,
+            "a dim procedural texture behind the digit: stripes within 20 "
+            "degrees of horizontal (0) or a grid of soft dots (1), random "
+            "frequency and phase",
+        ),
+        Painter(
+            "photo",
+            "natural background (Waterbirds, MetaShift)",
+            ("ground", "scene"),
+            BACKGROUND,
+            paint_photo,
+            probe_photo,
+            "a random crop of a photograph from scikit-image's data, at reduced "
+            "contrast, behind the digit: grass, gravel or brick (grey, 0) or "
+            "coffee, chelsea, astronaut, rocket or motorcycle (colour, 1)",
+        ),
+        Painter(
+            "object",
+            "co-occurring object (UrbanCars)",
+            ("ring", "plus"),
+            OVERLAY,
+            paint_object,
+            probe_object,
+            "a small yellow ring (0) or plus (1) in a random corner",
+        ),
+        Painter(
+            "watermark",
+            "overlay (ImageNet-W's watermark)",
+            ("no-mark", "mark"),
+            OVERLAY,
+            paint_watermark,
+            probe_watermark,
+            "the word STOCK in translucent pale blue at a random height across the middle (1), or none (0)",
+        ),
+        Painter(
+            "blur",
+            "acquisition shift (blur)",
+            ("sharp", "blurred"),
+            POST,
+            paint_blur,
+            probe_blur,
+            "the whole image is sharp (0) or Gaussian-blurred (1), sigma 1 pixel at 32",
+        ),
+    ]
+}
