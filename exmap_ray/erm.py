@@ -71,6 +71,7 @@ def train_epoch(model: nn.Module, loader, opt, device, precision: str = "fp32", 
         "train_loss": loss_sum / max(total, 1),
         "train_acc": correct / max(total, 1),
         "images_per_s": total / max(dt, 1e-9),
+        "train_s": dt,
     }
 
 
@@ -184,7 +185,11 @@ def train_loop(config: dict) -> None:
         for group in opt.param_groups:  # a function of the epoch, so a resumed run gets the same rate
             group["lr"] = epoch_lr(e, epoch)
         metrics = train_epoch(model, train, opt, device, **amp)
+        t_val = time.perf_counter()
         metrics.update(epoch=epoch + 1, val_acc=accuracy(model, val, device, **amp), resumed_from=start)
+        # where an epoch's time went (benchmarks/erm_bound.py): training, validation, and, from the driver's
+        # clock, how long after fit() began this worker had its first epoch done
+        metrics.update(val_s=time.perf_counter() - t_val, since_fit_s=time.time() - config.get("fit_t0", time.time()))
         history.append(metrics)
         if e.keep == "best_val_acc" and rank == 0 and metrics["val_acc"] > best["val_acc"]:  # the first best wins
             best = {
@@ -293,7 +298,13 @@ def _fit(spec, train_dir: Loc, use_gpu: bool, threads: int, progress, backend: s
     e = spec.erm
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.to_dict(), "threads": threads, "progress": progress, "backend": backend},
+        train_loop_config={
+            "spec": spec.to_dict(),
+            "threads": threads,
+            "progress": progress,
+            "backend": backend,
+            "fit_t0": time.time(),
+        },
         scaling_config=ScalingConfig(
             num_workers=e.num_workers,
             use_gpu=use_gpu,

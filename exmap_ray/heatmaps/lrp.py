@@ -70,7 +70,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
-from torch.nn.grad import conv2d_input
 
 from ..errors import UserError
 from ..models import autocast
@@ -136,12 +135,16 @@ _PAIR_SIGN: dict = {}
 class AlphaBeta:
     """alpha * (share of P) - beta * (share of N): zennit's AlphaBeta."""
 
+    needs_z = False  # coefficients() reads P and N alone: z = P + N is not formed in the backward
+
     def __init__(self, alpha: float, beta: float, eps: float):
         self.alpha, self.beta, self.eps = alpha, beta, eps
 
     def coefficients(self, Rs, Zs, z):
-        # P >= 0 and N <= 0 always, so each is stabilised away from 0 by its own sign (N = 0 carries nothing)
-        return Rs / (Zs + self.eps * _pair_sign(Zs.device))
+        # P >= 0 and N <= 0 always, so each is stabilised away from 0 by its own sign (N = 0 carries nothing).
+        # Zs is the backward's own fp32 copy (or the saved pair, used once): overwritten, no new buffers
+        Zs = Zs.add_(self.eps * _pair_sign(Zs.device))
+        return torch.div(Rs, Zs, out=Zs)
 
     def weights(self, a, b):
         return self.alpha * a, -self.beta * b
@@ -155,13 +158,17 @@ class Gamma:
     also the symmetric gamma rule of the released ExMap code (there with gamma = 4).
     """
 
+    needs_z = True
+
     def __init__(self, gamma: float, eps: float):
         self.gamma, self.eps = gamma, eps
 
     def coefficients(self, Rs, Zs, z):
         sign = _pair_sign(Zs.device)
-        S = Rs / (z + self.gamma * Zs + self.eps * sign)  # [R / (z + gamma P), R / (z + gamma N)]
-        return torch.where(z * sign > 0, S, 0.0)  # the first where z > 0, the second where z < 0
+        off = z * sign <= 0  # the first pair member counts where z > 0, the second where z < 0
+        # [R / (z + gamma P), R / (z + gamma N)], in Zs's own buffer (the backward's, used once)
+        D = Zs.mul_(self.gamma).add_(z).add_(self.eps * sign)
+        return torch.div(Rs, D, out=D).masked_fill_(off, 0.0)
 
     def weights(self, a, b):
         g = self.gamma
@@ -237,8 +244,16 @@ class ConvRule(nn.Module):
         return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
     def transposed(self, shape, w, S):
+        """The transposed convolution of S to the input's shape. `conv_transpose2d` with the output padding
+        that gives that shape, not `conv2d_input`: that one hands the convolution's backward an expanded
+        stand-in for the input, which the CPU kernel copies out in full (a fill and a copy per layer)."""
         c = self.conv
-        return conv2d_input(shape, w, S, c.stride, c.padding, c.dilation, c.groups)
+        pad = tuple(
+            shape[2 + i]
+            - ((S.shape[2 + i] - 1) * c.stride[i] - 2 * c.padding[i] + c.dilation[i] * (c.kernel_size[i] - 1) + 1)
+            for i in range(2)
+        )
+        return F.conv_transpose2d(S, w, None, c.stride, c.padding, pad, c.groups, c.dilation)
 
     def forward(self, x):
         return _ConvRuleFn.apply(x, self)
@@ -284,10 +299,14 @@ class _ConvRuleFn(torch.autograd.Function):
             Zs, z = Z3[:, :, :2], Z3[:, :, 2:]
         else:
             Zs = layer.pairs(Z.float())
-            z = Zs.sum(2, keepdim=True) if z_signed is None else z_signed.float().unsqueeze(2)
+            if z_signed is not None:
+                z = z_signed.float().unsqueeze(2)
+            else:
+                z = Zs.sum(2, keepdim=True) if layer.rule.needs_z else None
         S = layer.rule.coefficients(layer.pairs(R.float(), 1), Zs, z).flatten(1, 3).to(Z.dtype)
         if layer.nonneg:
-            R_in = x * layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S)
+            T = layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S)
+            R_in = T.mul_(x) if T.dtype == x.dtype else x * T  # in place where no dtype is promoted
         else:
             R_in = x.clamp(min=0) * layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S) + x.clamp(
                 max=0
