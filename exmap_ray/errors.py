@@ -19,6 +19,11 @@ class UserError(Exception):
     """A problem in what the user gave us; the message says what and how to fix it."""
 
 
+class Fenced(RuntimeError):
+    """A trial of a sweep whose folder another driver (a `--resume`) has claimed since it started (fence.py).
+    An MLflow run it ends is marked KILLED."""
+
+
 class SpecError(UserError):
     """A bad spec key, type or value. The message names the key path."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +146,12 @@ def run_pipeline(
     parent_run_id: str | None = None,
     run_name: str | None = None,
     run_tags: dict | None = None,
+    fence: Callable[[str], None] | None = None,
 ) -> dict:
     """The whole pipeline once. `out` and `cache_dir` are local paths or storage URIs (storage.Loc).
-    `run_tags`: more MLflow tags for the run (a sweep's trial tags its sweep attempt)."""
+    `run_tags`: more MLflow tags for the run (a sweep's trial tags its sweep attempt). `fence(where)` (a
+    sweep's trial, fence.check) raises `Fenced` once a resumed sweep owns the folder: it is called when the
+    MLflow run has been created and before the results are written, and the run then ends KILLED."""
     timer = Timer()
     with timer("dataset"):
         data = data or preflight(spec)
@@ -167,6 +171,8 @@ def run_pipeline(
     spec, out, tracker = job.spec, job.out, job.tracker
     tags = {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(run_tags or {})} or None
     with tracker.run(experiment_id=job.exp_id, run_name=run_name or spec.name, tags=tags):
+        if fence:
+            fence("the start of its MLflow run")
         tracker.call("log_params", tracking.log_flat_params, spec.flat())
         write_json(out / "spec.resolved.json", spec.to_dict())
         up = compute_upstream(spec, data, job.cache, timer)
@@ -184,6 +190,8 @@ def run_pipeline(
         tracker.call("log_metrics", tracking.log_metrics, {"timings_s": timer.seconds})
         save_npz(out / "selection.npz", **heldout, pseudo_groups=up.pseudo, y=data.val.y)
         results["robust"]["selection_file"] = str(out / "selection.npz")
+        if fence:
+            fence("its results")
         write_json(out / "results.json", results)
         make_figures(data, up, results, out, spec)
         for name in tracking.ARTIFACTS:

@@ -16,7 +16,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Fenced, UserError
 from .storage import write_json
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ class Tracker:
         try:
             yield self
             status = "FINISHED"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Fenced):  # interrupted, or fenced off by a resumed sweep (fence.py)
             status = "KILLED"
             raise
         finally:

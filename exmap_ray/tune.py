@@ -24,12 +24,12 @@ import math
 import os
 import re
 import tempfile
-import uuid
+import functools
 from pathlib import Path
 
 import numpy as np
 
-from . import console, plots, quiet_worker_logs, tracking
+from . import console, fence, plots, quiet_worker_logs, tracking
 from .console import Progress
 from .errors import UserError
 from .faults import inject
@@ -108,6 +108,8 @@ def run_trial(
     overrides = unflatten({d.key: d.decode(config[d.tune_key]) for d in domains if d.tune_key in config})
     spec = from_dict(_deep_merge(base, overrides))
     name = tune.get_context().get_trial_name()
+    fenced = functools.partial(fence.check, root, attempt)  # raises Fenced once a resume owns the folder
+    fenced(f"the start of trial {name}")
     # Tune snapshots its own state only every few seconds, so after a crash it may rerun a trial that
     # had finished. A done record keyed by the resolved spec makes that rerun a cheap re-report.
     resolved = {k: v for k, v in spec.to_dict().items() if k != "search"}
@@ -130,8 +132,10 @@ def run_trial(
             parent_run_id=parent_run_id,
             run_name=name,
             run_tags={ATTEMPT_TAG: attempt} if attempt else None,
+            fence=fenced,
         )
         res["trial"] = name
+        fenced(f"trial {name}'s done record")
         write_json(done, res)  # after the MLflow run has ended: the trial counts as done only now
     metrics = trial_metrics(res, spec.search.metric)
     metrics["trial_name"] = name  # the summary's and MLflow's name for this trial, whatever Tune's id scheme
@@ -252,9 +256,13 @@ def run_sweep(spec: Spec, out, cache_dir=None, tracking_uri: str | None = None, 
     ):
         parent_id = tracker.run_id or state.get("parent_run_id")
         write_json(out / "spec.resolved.json", spec.to_dict())
-        # one id per driver process: the trials it starts tag their MLflow runs with it
-        attempt = uuid.uuid4().hex
+        # one id per driver process, holding the folder's fence token (fence.py): the trials it starts tag
+        # their MLflow runs with it, and a trial of an earlier driver stops before it writes anything that counts
+        attempt, before = fence.claim(out, fence.current_ray_job())
         if resume:
+            # the interrupted driver's trial actors can outlive it by seconds: on the same Ray, wait for them
+            # to end before marking their runs and starting trials; any that outlast the wait are fenced off
+            fence.wait_for_job(before.get("ray_job"))
             tracker.call("search_runs", _mark_killed_children, parent_id)
         else:
             tracker.call(
