@@ -268,7 +268,7 @@ def pick_groups(spec: Spec, data: GroupData, up: Upstream, cache, timer: Timer) 
     from .selection import pick_among
 
     variants = pick_variants(spec)
-    if not variants:
+    if not variants or spec.groups.source != "exmap":  # the entries set how ExMap's heatmaps are clustered
         return spec, up, None
     rows = []
     with timer("pick"):

@@ -302,7 +302,8 @@ class GroupsCommon:
         "a small label-free sweep on the shared upstream: a list of settings of clustering.* and "
         "groups.* keys ({} = this spec as it is); `run` clusters val once per entry, retrains on each "
         "grouping and keeps the one `exmap-ray tune` would choose (search.metric, search.select, "
-        "search.se), with every candidate's scores in results.json. Empty: this spec's own groups",
+        "search.se), with every candidate's scores in results.json (with groups.source exmap). Empty: this "
+        "spec's own groups",
         lambda v: _pick_check(v),
         execution=True,  # no stage's output depends on it: it chooses among the clusters stages of its entries
     )
