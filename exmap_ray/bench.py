@@ -27,7 +27,7 @@ from . import plots, tracking
 from .console import tagged
 from .groups import GROUP_SOURCES
 from .retrain import RETRAINERS
-from .pipeline import evaluate_row, preflight, start_job
+from .pipeline import evaluate_row, pick_groups, preflight, start_job
 from .resources import describe_environment, environment
 from .spec import Spec, from_dict
 from .stages import Timer, compute_upstream
@@ -77,6 +77,10 @@ def dpe_rows() -> list[tuple]:
     return [r for r in DPE_ROWS if r[3] in RETRAINERS]
 
 
+def _with(spec: Spec, section: str, **keys) -> Spec:
+    return dataclasses.replace(spec, **{section: dataclasses.replace(getattr(spec, section), **keys)})
+
+
 def bench_seed(
     spec: Spec, cache: StageCache, timer: Timer, end_to_end: bool = False, erm_envs: dict | None = None
 ) -> list[dict]:
@@ -116,6 +120,16 @@ def bench_seed(
                     group_info=e2e_up.info["clusters"],
                     mode="end_to_end",
                 )
+            elif source == "exmap" and spec.groups.pick_among:  # as `run` gives it: the entries' label-free pick
+                s = spec if scope is None else _with(spec, "clustering", scope=scope)
+                s = _with(s, "retrain", method=retrainer)
+                chosen, cup, picked = pick_groups(
+                    s, data, compute_upstream(s, data, cache, timer, have=up), cache, timer
+                )
+                r = evaluate_row(
+                    chosen, data, cup, source, retrainer, groups=cup.pseudo, group_info=cup.info["clusters"]
+                )
+                row["pick"] = picked["chosen"]
             else:
                 r = evaluate_row(spec, data, up, source, retrainer, scope=scope)
             if source is not None:

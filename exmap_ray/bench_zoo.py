@@ -11,7 +11,7 @@ the heatmaps are computed once through the stage cache and shared by every row:
 - ERM; oracle DFR (true val groups: the bound);
 - ExMap as shipped (the family's spec: what `exmap-ray run FAMILY` gives);
 - ExMap, the shipped sweep's label-free pick: every trial of `FAMILY_sweep` run here, in this process,
-  and chosen the way `exmap-ray tune` chooses (tune.score_trials + tune.choose), with the sweep's best
+  and chosen the way `exmap-ray tune` chooses (selection.pick_among), with the sweep's best
   trial by test WGA beside it (for the gap between the pick and the best);
 - feature clustering, JTT's error set and random groups, each + its retrainer; SpuCo's GEORGE, SPARE and
   EIIL where the `peers` extra is installed; DPE (no group labels) where the `dpe` extra is.
@@ -35,9 +35,10 @@ import yaml
 from . import plots
 from .bench import aggregate, dpe_rows, peer_rows
 from .errors import UserError, did_you_mean
-from .pipeline import evaluate_row, preflight, start_job
+from .pipeline import evaluate_row, pick_groups, preflight, start_job
 from .resources import resolve_resources
 from .search import parse_space, unflatten
+from .selection import pick_among
 from .spec import SHIPPED, Spec, load_spec, shipped_specs
 from .stages import Timer, compute_upstream
 from .storage import write_json
@@ -141,30 +142,29 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def label_free_pick(results: list, spec: Spec, y: np.ndarray) -> tuple[int, int]:
     """Among rows fitted on the same val (each a (Row, its val pseudo groups)), the one `exmap-ray tune`
-    would choose (spec.search's metric, select and se), and the one with the best test WGA: indices."""
-    from .tune import choose, score_trials
-
-    scored, loaded = [], {}
-    for i, (r, pseudo) in enumerate(results):
-        m = r.model
-        loaded[i] = {"heldout_idx": m.heldout_idx, "heldout_pred": m.heldout_pred, "pseudo_groups": pseudo, "y": y}
-        scored.append(
-            {
-                "trial": i,
-                "status": "OK",
-                "n_groups": int(r.group_info["n_groups"]),
-                "val_worst_pseudo_group_acc": m.heldout["pseudo"],
-                "val_worst_class_acc": m.heldout["class"],
-            }
-        )
-    metric = spec.search.metric
-    if metric != "sweep_worst_pseudo_group_acc":  # the trial's own metric, as tune reports it
-        for r in scored:
-            r["selection_metric"] = r[metric]
-    score_trials(scored, loaded, metric, spec.search.se)
-    pick = choose(scored, spec.search.select)["trial"]
+    would choose (spec.search's metric, select and se; selection.pick_among), and the one with the best test
+    WGA: indices."""
+    s = spec.search
+    pick, _ = pick_among(results, y, s.metric, s.select, s.se)
     best = max(range(len(results)), key=lambda i: results[i][0].test["worst_group_acc"])
     return pick, best
+
+
+def run_row(spec: Spec, data, up, cache, timer: Timer) -> tuple:
+    """The robust row `exmap-ray run` computes for `spec` on the shared upstream `up`: its groups (the
+    `groups.pick_among` choice where the spec has one), retrained. (Row, val pseudo groups, {"pick": the
+    chosen entry} or None)."""
+    chosen, cup, picked = pick_groups(spec, data, compute_upstream(spec, data, cache, timer, have=up), cache, timer)
+    r = evaluate_row(
+        chosen,
+        data,
+        cup,
+        chosen.groups.source,
+        chosen.retrain.method,
+        groups=cup.pseudo,
+        group_info=cup.info["clusters"],
+    )
+    return r, cup.pseudo, {"pick": picked["chosen"]} if picked else None
 
 
 def family_seed(
@@ -188,21 +188,17 @@ def family_seed(
     for name, source, retrainer in (BASE_ROWS + extra) if baselines else BASE_ROWS[:2]:
         r = evaluate_row(spec, data, up, source, retrainer)
         rows.append(_row(name, family, seed, r, source))
-    shipped = evaluate_row(
-        spec, data, up, spec.groups.source, spec.retrain.method, groups=up.pseudo, group_info=up.info["clusters"]
-    )
-    rows.insert(2, _row(SHIPPED_ROW, family, seed, shipped, spec.groups.source))
-    candidates = [(shipped, up.pseudo, "shipped")]
+    shipped, pseudo, picked = run_row(spec, data, up, cache, timer)  # what `exmap-ray run FAMILY` gives
+    rows.insert(2, _row(SHIPPED_ROW, family, seed, shipped, spec.groups.source, picked))
+    candidates = [(shipped, pseudo, "shipped")]
     for k, (vname, vsets) in enumerate(variants):
         v = dataclasses.replace(
             load_spec(SHIPPED / f"{family}.yaml", [*sets, *vsets, f"seed={seed}"]), resources=spec.resources
         )
-        vup = compute_upstream(v, data, cache, timer, have=up)
-        r = evaluate_row(
-            v, data, vup, v.groups.source, v.retrain.method, groups=vup.pseudo, group_info=vup.info["clusters"]
-        )
-        rows.insert(3 + k, _row(f"ExMap ({vname})", family, seed, r, v.groups.source, {"variant": ",".join(vsets)}))
-        candidates.append((r, vup.pseudo, vname))
+        r, vpseudo, picked = run_row(v, data, up, cache, timer)
+        extra = {"variant": ",".join(vsets), **(picked or {})}
+        rows.insert(3 + k, _row(f"ExMap ({vname})", family, seed, r, v.groups.source, extra))
+        candidates.append((r, vpseudo, vname))
     if variants:
         pick, best = label_free_pick([(r, g) for r, g, _ in candidates], spec, data.val.y)
         rows.insert(
@@ -226,21 +222,8 @@ def family_seed(
         results = []
         for t in trials:
             t = dataclasses.replace(t, resources=spec.resources)
-            tup = compute_upstream(t, data, cache, timer, have=up)
-            results.append(
-                (
-                    evaluate_row(
-                        t,
-                        data,
-                        tup,
-                        t.groups.source,
-                        t.retrain.method,
-                        groups=tup.pseudo,
-                        group_info=tup.info["clusters"],
-                    ),
-                    tup.pseudo,
-                )
-            )
+            r, tpseudo, _ = run_row(t, data, up, cache, timer)
+            results.append((r, tpseudo))
         pick, best = label_free_pick(results, trials[0], data.val.y)
         rows.insert(
             3 + len(variants) + bool(variants),

@@ -36,7 +36,7 @@ from .groups import infer_groups
 from .retrain import RETRAINERS, LastLayerResult, RetrainedModel
 from .retrain.dfr import MIN_GROUP_SIZE as DFR_MIN_GROUP_SIZE
 from .hashing import RETRAIN_SEED
-from .spec import Spec, stage_seed
+from .spec import Spec, pick_variants, stage_seed
 from .stages import Timer, Upstream, compute_upstream, group_context
 from .resources import check_gpu_nodes, environment, resolve_resources
 from .storage import Loc
@@ -178,7 +178,10 @@ def run_pipeline(
         up = compute_upstream(spec, data, job.cache, timer)
         for h in up.info["erm"].get("history") or []:
             tracker.call("log_metrics", tracking.log_metrics, h, "erm.", step=h["epoch"])
-        results, heldout = evaluate_all(spec, data, up, timer)
+        chosen, up, picked = pick_groups(spec, data, up, job.cache, timer)  # as they are without pick_among
+        results, heldout = evaluate_all(chosen, data, up, timer)
+        if picked:
+            results["robust"]["pick"] = picked
         results.update(
             timings_s=timer.seconds,
             config=spec.to_dict(),
@@ -264,6 +267,46 @@ def evaluate_row(
     if data.shortcut_metrics is not None:  # datasets with several shortcuts: per-shortcut gaps (UrbanCars)
         row.test["shortcut_gaps"] = data.shortcut_metrics(pred, test.y, test.attrs)
     return row
+
+
+def pick_groups(spec: Spec, data: GroupData, up: Upstream, cache, timer: Timer) -> tuple[Spec, Upstream, dict | None]:
+    """`groups.pick_among`: each entry's groups (its clusters stage, on `up`'s ERM and heatmaps), retrained
+    on and scored label-free as `exmap-ray tune` scores trials; the chosen entry's spec and upstream, and a
+    record of the choice (None without pick_among: `spec` and `up` as they are)."""
+    from .selection import pick_among
+
+    variants = pick_variants(spec)
+    if not variants or spec.groups.source != "exmap":  # the entries set how ExMap's heatmaps are clustered
+        return spec, up, None
+    rows = []
+    with timer("pick"):
+        for label, v in variants:
+            vup = compute_upstream(v, data, cache, timer, have=up)
+            with tagged(f"pick: {label}"):
+                r = evaluate_row(
+                    v, data, vup, v.groups.source, v.retrain.method, groups=vup.pseudo, group_info=vup.info["clusters"]
+                )
+            rows.append((label, v, vup, r))
+        s = spec.search
+        chosen, scored = pick_among([(r, vup.pseudo) for _, _, vup, r in rows], data.val.y, s.metric, s.select, s.se)
+    label, v, vup, _ = rows[chosen]
+    log.info("groups.pick_among: chose '%s' of %d (%s, %s)", label, len(rows), s.metric, s.select)
+    record = {
+        "chosen": label,
+        "metric": s.metric,
+        "select": s.select,
+        "candidates": [
+            {
+                "entry": lab,
+                "n_groups": sc["n_groups"],
+                "selection_metric": sc.get("selection_metric"),
+                "selection_se": sc.get("selection_se"),
+                "test_worst_group_acc": r.test["worst_group_acc"],  # for the record only: never chooses
+            }
+            for (lab, _, _, r), sc in zip(rows, scored)
+        ],
+    }
+    return v, vup, record
 
 
 def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tuple[dict, dict]:

@@ -154,3 +154,83 @@ def score_se(score: float, halves: np.ndarray, sizes: np.ndarray, kind: str) -> 
             return float("nan")
         return math.sqrt(max(score * (1 - score), 0.0) / float(np.mean(sizes)))
     raise ValueError(f"unknown standard-error kind {kind!r}; use 'binomial' or 'halves'")
+
+
+# ── the label-free choice among trials (a sweep's summary, bench --zoo, groups.pick_among) ─────────────
+SWEEP_METRIC = "sweep_worst_pseudo_group_acc"  # needs every trial: scored on every trial's pseudo groups
+
+
+def _best(rows: list[dict], key: str) -> dict | None:
+    ok = [r for r in rows if r["status"] == "OK" and r.get(key) is not None and not math.isnan(r[key])]
+    return max(ok, key=lambda r: r[key]) if ok else None
+
+
+def choose(rows: list[dict], select: str) -> dict | None:
+    """The label-free choice: the best selection metric, or (one_se) the simplest trial within its noise.
+
+    one_se is the one-standard-error rule: with `se` the standard error of the best trial's score
+    (`search.se`), every trial scoring at least best - se is as good as the data can tell, and among
+    those the one with the fewest pseudo groups (larger groups: steadier balanced DFR fits) is chosen,
+    ties to the higher score. No true group enters.
+    """
+    best = _best(rows, "selection_metric")
+    se = best.get("selection_se") if best else None
+    if best is None or select == "best" or se is None or math.isnan(se):
+        return best
+    band = [
+        r
+        for r in rows
+        if r["status"] == "OK"
+        and r.get("selection_metric") is not None
+        and r["selection_metric"] >= best["selection_metric"] - se
+    ]
+    return min(band, key=lambda r: (r.get("n_groups") or math.inf, -r["selection_metric"], r["trial"]))
+
+
+def score_trials(ok: list[dict], loaded: dict, metric: str, se: str = "binomial") -> None:
+    """`add_sweep_metric` on trials whose held-out predictions are in memory: `loaded[trial]` holds
+    heldout_idx, heldout_pred, pseudo_groups and y (what a trial's selection.npz holds). `exmap-ray bench
+    --zoo` scores its in-process sweep with this, so its pick is the one `exmap-ray tune` would make."""
+    import hashlib
+
+    buckets: dict[str, list[dict]] = {}
+    for r in ok:  # trials that vary dataset or seed have another val: compare within a bucket
+        d = loaded[r["trial"]]  # (each trial is scored on its own held-out halves: end-to-end trials have one)
+        buckets.setdefault(hashlib.sha1(np.asarray(d["y"], np.int64).tobytes()).hexdigest(), []).append(r)
+    for group in buckets.values():  # the bucket's groupings are numbered once, then every trial is scored on them
+        groupings = prepare_groupings([loaded[r["trial"]]["pseudo_groups"] for r in group])
+        for r in group:
+            d = loaded[r["trial"]]
+            r[SWEEP_METRIC], halves, sizes = worst_over_groupings_halves(
+                d["heldout_idx"], d["heldout_pred"], d["y"], groupings
+            )
+            if metric == SWEEP_METRIC:
+                r["selection_metric"] = r[SWEEP_METRIC]
+            else:  # the noise of the trial's own metric: its own pseudo groups, or the classes
+                own = d["y"] if metric == "val_worst_class_acc" else d["pseudo_groups"]
+                _, halves, sizes = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"], d["y"], [own])
+            r["selection_se"] = score_se(r["selection_metric"], halves, sizes, se)
+
+
+def pick_among(candidates: list, y, metric: str, select: str, se: str) -> tuple[int, list[dict]]:
+    """The candidate `exmap-ray tune` would choose among models fitted on the same val (each a (Row, its
+    val pseudo groups); a Row's `model` holds its held-out halves' predictions): its index, and every
+    candidate's scores (selection_metric, selection_se, n_groups)."""
+    scored, loaded = [], {}
+    for i, (r, pseudo) in enumerate(candidates):
+        m = r.model
+        loaded[i] = {"heldout_idx": m.heldout_idx, "heldout_pred": m.heldout_pred, "pseudo_groups": pseudo, "y": y}
+        scored.append(
+            {
+                "trial": i,
+                "status": "OK",
+                "n_groups": int(r.group_info["n_groups"]),
+                "val_worst_pseudo_group_acc": m.heldout["pseudo"],
+                "val_worst_class_acc": m.heldout["class"],
+            }
+        )
+    if metric != SWEEP_METRIC:  # the trial's own metric, as tune reports it
+        for r in scored:
+            r["selection_metric"] = r[metric]
+    score_trials(scored, loaded, metric, se)
+    return choose(scored, select)["trial"], scored

@@ -48,6 +48,20 @@ def _gpu_share(v, zero: bool = False):
     )
 
 
+PICKABLE = ("clustering.", "groups.")  # what a groups.pick_among entry may set: the clusters stage's keys
+
+
+def _pick_check(v):
+    for i, entry in enumerate(v):
+        bad = [k for k in entry if not str(k).startswith(PICKABLE) or k in ("groups.pick_among", "groups.source")]
+        if bad:
+            return (
+                f"a list of mappings of clustering.* and groups.* keys (not groups.source or groups.pick_among), "
+                f"e.g. [{{}}, {{clustering.input: both}}]; entry {i} sets {', '.join(map(str, bad))}"
+            )
+    return None
+
+
 def _k_check(v):
     return None if v == "auto" or v >= 2 else "an integer >= 2, or 'auto' (eigengap)"
 
@@ -282,6 +296,16 @@ class GroupsCommon:
         "(undoes splitting the groups ERM already gets right, e.g. with clustering.method "
         "spectral_split); never the oracle's true groups",
         neutral=False,
+    )
+    pick_among: list[dict] = opt(
+        [],
+        "a small label-free sweep on the shared upstream: a list of settings of clustering.* and "
+        "groups.* keys ({} = this spec as it is); `run` clusters val once per entry, retrains on each "
+        "grouping and keeps the one `exmap-ray tune` would choose (search.metric, search.select, "
+        "search.se), with every candidate's scores in results.json (with groups.source exmap). Empty: this "
+        "spec's own groups",
+        lambda v: _pick_check(v),
+        execution=True,  # no stage's output depends on it: it chooses among the clusters stages of its entries
     )
 
 
@@ -817,7 +841,9 @@ def load_spec(path: str | Path | None = None, sets: list[str] | None = None, ext
 
 
 def from_dict(data: dict) -> Spec:
-    return _build(Spec, data, "")
+    spec = _build(Spec, data, "")
+    pick_variants(spec)  # each groups.pick_among entry is a valid spec too, or a SpecError naming it
+    return spec
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -879,3 +905,33 @@ def describe_defaults() -> str:
 
     walk(Spec, "")
     return "\n".join(lines)
+
+
+def pick_variants(spec: Spec) -> list[tuple[str, Spec]]:
+    """`groups.pick_among` as specs: (a label, the spec with that entry's keys set and pick_among empty) per
+    entry. Raises SpecError naming the entry whose keys or values are not valid."""
+    entries = spec.groups.pick_among
+    if entries and spec.retrain.mode != "last_layer":
+        raise SpecError(
+            f"spec key 'groups.pick_among' retrains once per entry, which retrain.mode "
+            f"'{spec.retrain.mode}' (a fine-tune of the whole network each time) does not; use "
+            f"retrain.mode last_layer, or groups.pick_among []"
+        )
+    base = spec.to_dict()
+    base["groups"]["pick_among"] = []
+    out = []
+    for i, entry in enumerate(entries):
+        over: dict = {}
+        for key, value in entry.items():
+            node = over
+            *parents, last = str(key).split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
+        try:
+            variant = from_dict(_deep_merge(base, over))
+        except SpecError as e:
+            raise SpecError(f"spec key 'groups.pick_among[{i}]' ({entry}): {e}") from None
+        label = ",".join(f"{k}={v}" for k, v in entry.items()) or "as specified"
+        out.append((label, variant))
+    return out

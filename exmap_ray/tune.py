@@ -20,14 +20,12 @@ import contextlib
 import csv
 import io
 import logging
-import math
 import os
 import re
 import tempfile
 import functools
 from pathlib import Path
 
-import numpy as np
 
 from . import console, fence, plots, quiet_worker_logs, tracking
 from .console import Progress
@@ -35,7 +33,7 @@ from .errors import UserError
 from .faults import inject
 from .pipeline import preflight, run_pipeline, start_job
 from .search import Domain, n_trials, parse_space, unflatten
-from .selection import prepare_groupings, score_se, worst_over_groupings_halves
+from .selection import SWEEP_METRIC, _best, choose, score_trials  # noqa: F401 - tune.choose, tune.score_trials
 from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
 from .resources import resolve_resources
 from .stages import changes, run_stages, shared_stages
@@ -45,7 +43,6 @@ from .storage import load_npz, read_json, write_json
 
 log = logging.getLogger(__name__)
 ORACLE_METRIC = "oracle_val_worst_group_acc"
-SWEEP_METRIC = "sweep_worst_pseudo_group_acc"  # needs every trial: computed in the summary
 ATTEMPT_TAG = "exmap_ray.sweep_attempt"  # on a trial's MLflow run: which driver process started the trial
 COLUMNS = [
     "trial",
@@ -435,33 +432,6 @@ def collect_rows(grid, domains) -> list[dict]:
     return sorted(rows, key=lambda x: x["trial"])
 
 
-def _best(rows: list[dict], key: str) -> dict | None:
-    ok = [r for r in rows if r["status"] == "OK" and r.get(key) is not None and not math.isnan(r[key])]
-    return max(ok, key=lambda r: r[key]) if ok else None
-
-
-def choose(rows: list[dict], select: str) -> dict | None:
-    """The label-free choice: the best selection metric, or (one_se) the simplest trial within its noise.
-
-    one_se is the one-standard-error rule: with `se` the standard error of the best trial's score
-    (`search.se`), every trial scoring at least best - se is as good as the data can tell, and among
-    those the one with the fewest pseudo groups (larger groups: steadier balanced DFR fits) is chosen,
-    ties to the higher score. No true group enters.
-    """
-    best = _best(rows, "selection_metric")
-    se = best.get("selection_se") if best else None
-    if best is None or select == "best" or se is None or math.isnan(se):
-        return best
-    band = [
-        r
-        for r in rows
-        if r["status"] == "OK"
-        and r.get("selection_metric") is not None
-        and r["selection_metric"] >= best["selection_metric"] - se
-    ]
-    return min(band, key=lambda r: (r.get("n_groups") or math.inf, -r["selection_metric"], r["trial"]))
-
-
 def add_sweep_metric(rows: list[dict], metric: str, se: str = "binomial") -> None:
     """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only),
     and the standard error of each trial's selection metric (`se`: binomial or halves)."""
@@ -469,31 +439,6 @@ def add_sweep_metric(rows: list[dict], metric: str, se: str = "binomial") -> Non
         r for r in rows if r["status"] == "OK" and r.get("selection_file") and Loc.parse(r["selection_file"]).exists()
     ]  # a path or a URI under the storage root
     score_trials(ok, {r["trial"]: load_npz(r["selection_file"]) for r in ok}, metric, se)
-
-
-def score_trials(ok: list[dict], loaded: dict, metric: str, se: str = "binomial") -> None:
-    """`add_sweep_metric` on trials whose held-out predictions are in memory: `loaded[trial]` holds
-    heldout_idx, heldout_pred, pseudo_groups and y (what a trial's selection.npz holds). `exmap-ray bench
-    --zoo` scores its in-process sweep with this, so its pick is the one `exmap-ray tune` would make."""
-    import hashlib
-
-    buckets: dict[str, list[dict]] = {}
-    for r in ok:  # trials that vary dataset or seed have another val: compare within a bucket
-        d = loaded[r["trial"]]  # (each trial is scored on its own held-out halves: end-to-end trials have one)
-        buckets.setdefault(hashlib.sha1(np.asarray(d["y"], np.int64).tobytes()).hexdigest(), []).append(r)
-    for group in buckets.values():  # the bucket's groupings are numbered once, then every trial is scored on them
-        groupings = prepare_groupings([loaded[r["trial"]]["pseudo_groups"] for r in group])
-        for r in group:
-            d = loaded[r["trial"]]
-            r[SWEEP_METRIC], halves, sizes = worst_over_groupings_halves(
-                d["heldout_idx"], d["heldout_pred"], d["y"], groupings
-            )
-            if metric == SWEEP_METRIC:
-                r["selection_metric"] = r[SWEEP_METRIC]
-            else:  # the noise of the trial's own metric: its own pseudo groups, or the classes
-                own = d["y"] if metric == "val_worst_class_acc" else d["pseudo_groups"]
-                _, halves, sizes = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"], d["y"], [own])
-            r["selection_se"] = score_se(r["selection_metric"], halves, sizes, se)
 
 
 def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
