@@ -278,6 +278,9 @@ def pick_groups(spec: Spec, data: GroupData, up: Upstream, cache, timer: Timer) 
     variants = pick_variants(spec)
     if not variants or spec.groups.source != "exmap":  # the entries set how ExMap's heatmaps are clustered
         return spec, up, None
+    if spec.retrain.mode != "last_layer":  # one fine-tune of the whole network per entry: not done
+        log.info("groups.pick_among: retrain.mode %s fine-tunes on the spec's own groups", spec.retrain.mode)
+        return spec, up, None
     rows = []
     with timer("pick"):
         for label, v in variants:

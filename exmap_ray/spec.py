@@ -302,8 +302,8 @@ class GroupsCommon:
         "a small label-free sweep on the shared upstream: a list of settings of clustering.* and "
         "groups.* keys ({} = this spec as it is); `run` clusters val once per entry, retrains on each "
         "grouping and keeps the one `exmap-ray tune` would choose (search.metric, search.select, "
-        "search.se), with every candidate's scores in results.json (with groups.source exmap). Empty: this "
-        "spec's own groups",
+        "search.se), with every candidate's scores in results.json (with groups.source exmap and retrain.mode "
+        "last_layer; an end-to-end fine-tune uses this spec's own groups). Empty: this spec's own groups",
         lambda v: _pick_check(v),
         execution=True,  # no stage's output depends on it: it chooses among the clusters stages of its entries
     )
@@ -911,12 +911,6 @@ def pick_variants(spec: Spec) -> list[tuple[str, Spec]]:
     """`groups.pick_among` as specs: (a label, the spec with that entry's keys set and pick_among empty) per
     entry. Raises SpecError naming the entry whose keys or values are not valid."""
     entries = spec.groups.pick_among
-    if entries and spec.retrain.mode != "last_layer":
-        raise SpecError(
-            f"spec key 'groups.pick_among' retrains once per entry, which retrain.mode "
-            f"'{spec.retrain.mode}' (a fine-tune of the whole network each time) does not; use "
-            f"retrain.mode last_layer, or groups.pick_among []"
-        )
     base = spec.to_dict()
     base["groups"]["pick_among"] = []
     out = []
