@@ -332,6 +332,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_zoo(args) -> int:
+    from . import plugins  # noqa: F401  (every registry: SpuCo's sources are the peer rows, where installed)
     from .bench_zoo import choose_families, choose_seeds, parse_variant, protocol, run_zoo
     from .console import tagged
 
