@@ -1,6 +1,6 @@
 """Layer-wise relevance propagation on timm CNNs, built once per model.
 
-    python benchmarks/lrp_speed.py            # img/s against input x gradient on this machine
+    python benchmarks/lrp_speed.py            # img/s against a bare forward+backward to the input
 
 How it works: the model is traced with torch.fx, BatchNorm is folded into the
 preceding convolution (canonization), and each layer is wrapped in an autograd
