@@ -139,7 +139,8 @@ def run_case(case: str, path: str, n: int, out: str) -> dict:
     """One case in this process: cluster the memmap at `path`, save labels to `out`, return figures."""
     from exmap_ray import clustering
     from exmap_ray.groups import pseudo_groups
-    from exmap_ray.clustering.scale import float16_roundtrip, normalize_rows
+    from exmap_ray.chunked import normalize_rows
+    from exmap_ray.clustering.scale import float16_roundtrip
     from exmap_ray.spec import ClusteringSpec
 
     if os.environ.get("ANCHOR_MEAN"):  # --anchor-mean: the rows averaged into each anchor (the trade-off)

@@ -258,7 +258,7 @@ def part_kmeans(cfg, device, out: Path) -> None:
     from sklearn.metrics import adjusted_rand_score
 
     from exmap_ray.clustering import kmeans, kmeanspp_init
-    from exmap_ray.clustering_scale import _faiss_gpu
+    from exmap_ray.clustering.scale import _faiss_gpu
 
     n, d, k, niter = cfg["kmeans_n"], cfg["kmeans_d"], cfg["kmeans_k"], 25
     rng = np.random.default_rng(0)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from exmap_ray.data import build_dataset
 from exmap_ray.data.zoo import FAMILIES
 from exmap_ray.spec import from_dict
-from exmap_ray.store import atomic_path
+from exmap_ray.storage import atomic_path
 
 GAP, LABEL, NAME_W = 6, 12, 118
 PAPER = (150, 150, 150)  # mid grey: the white patch and light frame show against it, as on black
