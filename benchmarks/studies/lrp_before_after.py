@@ -7,16 +7,14 @@ share of a bare forward+backward to the input (benchmarks/lrp_speed.py), the pas
 round-robin, median of REPEATS batches. Results: benchmarks/results/bounds/lrp_ab.txt.
 """
 
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lrp_speed import MODELS, bare_pass, build  # noqa: E402
+from lrp_speed import MODELS, bare_pass, build, time_methods  # noqa: E402
 
 import exmap_ray.heatmaps.lrp as new  # noqa: E402
 from exmap_ray.spec import HeatmapSpec  # noqa: E402
@@ -46,16 +44,9 @@ def main() -> None:
             fns[f"new {rule}"] = new.LRP(m, HeatmapSpec(conv_rule=rule))
             a, b = fns[f"old {rule}"](x)[0], fns[f"new {rule}"](x)[0]
             print(name, rule, "max rel diff", float((a - b).abs().max() / a.abs().max()))
-        ts = {k: [] for k in fns}
-        for r in range(repeats + 1):
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f(x)
-                if r:
-                    ts[k].append(time.perf_counter() - t)
-        b = statistics.median(ts["bare"])
-        for k, v in ts.items():
-            print(f"{name} {k:16s} {128 / statistics.median(v):7.0f} img/s {b / statistics.median(v):5.0%}")
+        med = time_methods(fns, x, repeats)  # round-robin, median of `repeats` batches
+        for k, v in med.items():
+            print(f"{name} {k:16s} {128 / v:7.0f} img/s {med['bare'] / v:5.0%}")
 
 
 if __name__ == "__main__":
