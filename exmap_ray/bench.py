@@ -123,12 +123,8 @@ def bench_seed(
             elif source == "exmap" and spec.groups.pick_among:  # as `run` gives it: the entries' label-free pick
                 s = spec if scope is None else _with(spec, "clustering", scope=scope)
                 s = _with(s, "retrain", method=retrainer)
-                chosen, cup, picked = pick_groups(
-                    s, data, compute_upstream(s, data, cache, timer, have=up), cache, timer
-                )
-                r = evaluate_row(
-                    chosen, data, cup, source, retrainer, groups=cup.pseudo, group_info=cup.info["clusters"]
-                )
+                # bench runs last-layer rows of the exmap source: pick_groups always picks and retrains here
+                _, _, picked, r = pick_groups(s, data, compute_upstream(s, data, cache, timer, have=up), cache, timer)
                 row["pick"] = picked["chosen"]
             else:
                 r = evaluate_row(spec, data, up, source, retrainer, scope=scope)

@@ -150,12 +150,13 @@ def label_free_pick(results: list, spec: Spec, y: np.ndarray) -> tuple[int, int]
     return pick, best
 
 
-def run_row(spec: Spec, data, up, cache, timer: Timer) -> tuple:
+def run_row(spec: Spec, data, up, cache, timer: Timer, own=None) -> tuple:
     """The robust row `exmap-ray run` computes for `spec` on the shared upstream `up`: its groups (the
-    `groups.pick_among` choice where the spec has one), retrained. (Row, val pseudo groups, {"pick": the
-    chosen entry} or None)."""
-    chosen, cup, picked = pick_groups(spec, data, compute_upstream(spec, data, cache, timer, have=up), cache, timer)
-    r = evaluate_row(
+    `groups.pick_among` choice where the spec has one), retrained. `own`: the spec's upstream where the
+    caller has it. (Row, val pseudo groups, {"pick": the chosen entry} or None)."""
+    own = own or compute_upstream(spec, data, cache, timer, have=up)
+    chosen, cup, picked, row = pick_groups(spec, data, own, cache, timer)
+    r = row or evaluate_row(
         chosen,
         data,
         cup,
@@ -188,7 +189,7 @@ def family_seed(
     for name, source, retrainer in (BASE_ROWS + extra) if baselines else BASE_ROWS[:2]:
         r = evaluate_row(spec, data, up, source, retrainer)
         rows.append(_row(name, family, seed, r, source))
-    shipped, pseudo, picked = run_row(spec, data, up, cache, timer)  # what `exmap-ray run FAMILY` gives
+    shipped, pseudo, picked = run_row(spec, data, up, cache, timer, own=up)  # what `exmap-ray run FAMILY` gives
     rows.insert(2, _row(SHIPPED_ROW, family, seed, shipped, spec.groups.source, picked))
     candidates = [(shipped, pseudo, "shipped")]
     for k, (vname, vsets) in enumerate(variants):

@@ -178,8 +178,8 @@ def run_pipeline(
         up = compute_upstream(spec, data, job.cache, timer)
         for h in up.info["erm"].get("history") or []:
             tracker.call("log_metrics", tracking.log_metrics, h, "erm.", step=h["epoch"])
-        chosen, up, picked = pick_groups(spec, data, up, job.cache, timer)  # as they are without pick_among
-        results, heldout = evaluate_all(chosen, data, up, timer)
+        chosen, up, picked, robust = pick_groups(spec, data, up, job.cache, timer)  # as is without pick_among
+        results, heldout = evaluate_all(chosen, data, up, timer, robust)
         if picked:
             results["robust"]["pick"] = picked
         results.update(
@@ -269,30 +269,39 @@ def evaluate_row(
     return row
 
 
-def pick_groups(spec: Spec, data: GroupData, up: Upstream, cache, timer: Timer) -> tuple[Spec, Upstream, dict | None]:
+def pick_groups(
+    spec: Spec, data: GroupData, up: Upstream, cache, timer: Timer
+) -> tuple[Spec, Upstream, dict | None, Row | None]:
     """`groups.pick_among`: each entry's groups (its clusters stage, on `up`'s ERM and heatmaps), retrained
-    on and scored label-free as `exmap-ray tune` scores trials; the chosen entry's spec and upstream, and a
-    record of the choice (None without pick_among: `spec` and `up` as they are)."""
+    on and scored label-free as `exmap-ray tune` scores trials; the chosen entry's spec, upstream, a record
+    of the choice and its retrained row (without pick_among: `spec` and `up` as they are, None, None)."""
     from .selection import pick_among
 
     variants = pick_variants(spec)
     if not variants or spec.groups.source != "exmap":  # the entries set how ExMap's heatmaps are clustered
-        return spec, up, None
+        return spec, up, None, None
     if spec.retrain.mode != "last_layer":  # one fine-tune of the whole network per entry: not done
         log.info("groups.pick_among: retrain.mode %s fine-tunes on the spec's own groups", spec.retrain.mode)
-        return spec, up, None
+        return spec, up, None, None
     rows = []
     with timer("pick"):
         for label, v in variants:
             vup = compute_upstream(v, data, cache, timer, have=up)
             with tagged(f"pick: {label}"):
                 r = evaluate_row(
-                    v, data, vup, v.groups.source, v.retrain.method, groups=vup.pseudo, group_info=vup.info["clusters"]
+                    v,
+                    data,
+                    vup,
+                    v.groups.source,
+                    v.retrain.method,
+                    groups=vup.pseudo,
+                    group_info=vup.info["clusters"],
+                    score_groups={"true": data.val.group},  # for the chosen row's record only; never chooses
                 )
             rows.append((label, v, vup, r))
         s = spec.search
         chosen, scored = pick_among([(r, vup.pseudo) for _, _, vup, r in rows], data.val.y, s.metric, s.select, s.se)
-    label, v, vup, _ = rows[chosen]
+    label, v, vup, row = rows[chosen]
     log.info("groups.pick_among: chose '%s' of %d (%s, %s)", label, len(rows), s.metric, s.select)
     record = {
         "chosen": label,
@@ -309,11 +318,14 @@ def pick_groups(spec: Spec, data: GroupData, up: Upstream, cache, timer: Timer) 
             for (lab, _, _, r), sc in zip(rows, scored)
         ],
     }
-    return v, vup, record
+    return v, vup, record, row
 
 
-def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tuple[dict, dict]:
-    """Test metrics of ERM, ExMap and oracle DFR; plus ExMap's held-out val predictions (for sweeps)."""
+def evaluate_all(
+    spec: Spec, data: GroupData, up: Upstream, timer: Timer, robust: Row | None = None
+) -> tuple[dict, dict]:
+    """Test metrics of ERM, ExMap and oracle DFR; plus ExMap's held-out val predictions (for sweeps).
+    `robust`: the ExMap row, already retrained (pick_groups' choice), else it is retrained here."""
     erm = evaluate_row(spec, data, up, None, None)
     res = {"erm": {"test": erm.test, "val_acc": float((up.val_logits.argmax(1) == data.val.y).mean())}}
     cluster_info = up.info["clusters"]
@@ -321,7 +333,7 @@ def evaluate_all(spec: Spec, data: GroupData, up: Upstream, timer: Timer) -> tup
     with timer("retrain"):
         with tagged(f"retrain: {label}"):  # both rows log their DFR choice: each line names its row
             # true groups scored for analysis, never used to choose
-            ex = evaluate_row(
+            ex = robust or evaluate_row(
                 spec,
                 data,
                 up,

@@ -911,6 +911,8 @@ def pick_variants(spec: Spec) -> list[tuple[str, Spec]]:
     """`groups.pick_among` as specs: (a label, the spec with that entry's keys set and pick_among empty) per
     entry. Raises SpecError naming the entry whose keys or values are not valid."""
     entries = spec.groups.pick_among
+    if not entries:  # every spec read comes here (from_dict): nothing to build for the usual empty list
+        return []
     base = spec.to_dict()
     base["groups"]["pick_among"] = []
     out = []
