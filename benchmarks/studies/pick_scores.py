@@ -1,0 +1,208 @@
+"""Which label-free score chooses best among `groups.pick_among` entries? Collect once, score offline.
+
+    # 1. fit every entry on a family's shared upstream (the stage cache) and keep what a score may read
+    python benchmarks/studies/pick_scores.py collect --families zoo_patch,zoo_frame --seeds 0,1 \
+        --cache runs/zoo-cache --out runs/pick-scores/dev [--set dataset.n_val=2000 ...]
+    # 2. every rule on every collected family-seed: the test WGA of the entry it picks, per family
+    python benchmarks/studies/pick_scores.py score runs/pick-scores/dev
+
+`collect` writes one npz per family and seed: val y, val true groups (for the report only), and per entry
+its val pseudo groups, its DFR fit's held-out halves (indices and predictions) and its test WGA. `score`
+trains nothing: it applies each rule in RULES (selection-score variants; true groups never enter a rule)
+and prints, per family, the mean test WGA of the entries each rule picks, with the oracle choice (the best
+entry by test WGA) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ENTRIES = [  # the groups.pick_among entries studied: label, --set words
+    ("shipped", []),
+    ("both", ["clustering.input=both"]),
+    ("both-merge", ["clustering.input=both", "groups.merge_easy=true"]),
+    ("features", ["clustering.input=features"]),
+]
+
+
+def collect(families: list[str], seeds: list[int], sets: list[str], cache_dir: str, out: Path) -> None:
+    from exmap_ray.cache import StageCache
+    from exmap_ray.pipeline import evaluate_row, preflight
+    from exmap_ray.resources import resolve_resources
+    from exmap_ray.spec import SHIPPED, load_spec
+    from exmap_ray.stages import Timer, compute_upstream
+
+    out.mkdir(parents=True, exist_ok=True)
+    cache, timer = StageCache(cache_dir), Timer()
+    for family in families:
+        for seed in seeds:
+            path = out / f"{family}_seed{seed}.npz"
+            if path.exists():
+                continue
+            spec = resolve_resources(load_spec(SHIPPED / f"{family}.yaml", [*sets, f"seed={seed}"]))
+            data = preflight(spec, check_model=False)
+            up = compute_upstream(spec, data, cache, timer)
+            arrays = {"y": data.val.y, "group": data.val.group}
+            meta = []
+            for label, words in ENTRIES:
+                v = dataclasses.replace(
+                    load_spec(SHIPPED / f"{family}.yaml", [*sets, *words, f"seed={seed}"]), resources=spec.resources
+                )
+                vup = compute_upstream(v, data, cache, timer, have=up)
+                r = evaluate_row(
+                    v, data, vup, v.groups.source, v.retrain.method, groups=vup.pseudo, group_info=vup.info["clusters"]
+                )
+                arrays[f"{label}/pseudo"] = vup.pseudo
+                arrays[f"{label}/heldout_idx"] = r.model.heldout_idx
+                arrays[f"{label}/heldout_pred"] = r.model.heldout_pred
+                meta.append(
+                    {"entry": label, "test_wga": r.test["worst_group_acc"], "test_mean": r.test.get("mean_acc")}
+                )
+            oracle = evaluate_row(spec, data, up, "true", "dfr", groups=data.val.group)
+            arrays["meta"] = np.array(
+                json.dumps({"family": family, "seed": seed, "entries": meta, "oracle": oracle.test["worst_group_acc"]})
+            )
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **arrays)
+            tmp.rename(path)
+            print(family, seed, [(m["entry"], round(m["test_wga"], 3)) for m in meta], flush=True)
+
+
+# ── scores: (models, groupings, y) -> one number per model; larger is better ──────────────────────────
+def _group_acc(idx, pred, y, groups, min_members, shrink):
+    """Per group of `groups` on held-out half `idx`: accuracy (shrunk toward the half's accuracy by
+    `shrink` pseudo-counts), for groups with at least min_members there."""
+    g = groups[idx]
+    right = (pred == y[idx]).astype(float)
+    labels, inv = np.unique(g, return_inverse=True)
+    count = np.bincount(inv)
+    hits = np.bincount(inv, weights=right)
+    p = right.mean()
+    acc = (hits + shrink * p) / (count + shrink)
+    keep = count >= min_members
+    return acc[keep], count[keep]
+
+
+def worst(model, groupings, y, min_members=3, shrink=0.0, frac=0.0, agg="min"):
+    """Mean over halves of the worst group accuracy, per grouping; then `agg` over groupings."""
+    per = []
+    for groups in groupings:
+        vals = []
+        for idx, pred in zip(model["heldout_idx"], model["heldout_pred"]):
+            m = max(min_members, int(math.ceil(frac * len(idx))))
+            acc, _ = _group_acc(idx, pred, y, groups, m, shrink)
+            if len(acc):
+                vals.append(acc.min())
+        if vals:
+            per.append(float(np.mean(vals)))
+    if not per:
+        return float("nan")
+    return float({"min": np.min, "mean": np.mean}[agg](per))
+
+
+def rule_scores(models, groupings, y, **kw):
+    return [worst(m, groupings, y, **kw) for m in models]
+
+
+def rank_sum(models, groupings, y, **kw):
+    """Borda: on each grouping rank the models by their worst group there; minus the summed ranks."""
+    table = np.array([[worst(m, [g], y, **kw) for g in groupings] for m in models])  # (models, groupings)
+    ranks = np.argsort(np.argsort(-table, axis=0), axis=0)
+    return list(-ranks.sum(1).astype(float))
+
+
+def cross(models, groupings, y, **kw):
+    """Each model scored on the other entries' groupings only (not the one it was fitted to)."""
+    return [worst(m, [g for j, g in enumerate(groupings) if j != i] or groupings, y, **kw) for i, m in enumerate(models)]
+
+
+def binomial_se(score, n):
+    return math.sqrt(max(score * (1 - score), 0.0) / max(n, 1))
+
+
+RULES = {
+    "min3 (shipped rule's score, best)": lambda M, G, y: rule_scores(M, G, y),
+    "min10": lambda M, G, y: rule_scores(M, G, y, min_members=10),
+    "min20": lambda M, G, y: rule_scores(M, G, y, min_members=20),
+    "frac2%": lambda M, G, y: rule_scores(M, G, y, frac=0.02),
+    "shrink10": lambda M, G, y: rule_scores(M, G, y, shrink=10),
+    "shrink20": lambda M, G, y: rule_scores(M, G, y, shrink=20),
+    "shrink50": lambda M, G, y: rule_scores(M, G, y, shrink=50),
+    "mean-over-groupings": lambda M, G, y: rule_scores(M, G, y, agg="mean"),
+    "mean-over-groupings shrink20": lambda M, G, y: rule_scores(M, G, y, agg="mean", shrink=20),
+    "borda": lambda M, G, y: rank_sum(M, G, y),
+    "borda shrink20": lambda M, G, y: rank_sum(M, G, y, shrink=20),
+    "cross": lambda M, G, y: cross(M, G, y),
+    "cross shrink20": lambda M, G, y: cross(M, G, y, shrink=20),
+}
+
+
+def load(path: Path):
+    z = np.load(path)
+    meta = json.loads(str(z["meta"]))
+    models, groupings = [], []
+    for m in meta["entries"]:
+        e = m["entry"]
+        models.append({"heldout_idx": z[f"{e}/heldout_idx"], "heldout_pred": z[f"{e}/heldout_pred"]})
+        groupings.append(z[f"{e}/pseudo"])
+    return meta, models, groupings, z["y"]
+
+
+def score(dirs: list[Path], entries: list[str]) -> None:
+    rows = []  # (family, seed, rule, picked entry, its test wga, best wga, oracle)
+    for d in dirs:
+        for path in sorted(d.glob("*.npz")):
+            meta, models, groupings, y = load(path)
+            keep = [i for i, m in enumerate(meta["entries"]) if m["entry"] in entries]
+            M, G = [models[i] for i in keep], [groupings[i] for i in keep]
+            wga = [meta["entries"][i]["test_wga"] for i in keep]
+            for name, rule in RULES.items():
+                s = np.nan_to_num(np.array(rule(M, G, y), float), nan=-np.inf)
+                pick = int(np.argmax(s))  # first on ties: the shipped entry is listed first
+                rows.append((meta["family"], meta["seed"], name, entries[pick], wga[pick], max(wga), meta["oracle"]))
+            for i, e in enumerate(entries):
+                rows.append((meta["family"], meta["seed"], f"always {e}", e, wga[i], max(wga), meta["oracle"]))
+    fams = sorted({r[0] for r in rows})
+    names = list(dict.fromkeys(r[2] for r in rows))
+    print(f"entries: {', '.join(entries)}; {len({(r[0], r[1]) for r in rows})} family-seeds from {', '.join(map(str, dirs))}")
+    print("| rule | " + " | ".join(f.replace("zoo_", "") for f in fams) + " | mean | worst vs best entry |")
+    print("|---|" + "---|" * (len(fams) + 2))
+    best = {f: np.mean([r[5] for r in rows if r[0] == f and r[2] == names[0]]) for f in fams}
+    for n in [*names, "best entry (test; not label-free)"]:
+        if n.startswith("best entry"):
+            per = [best[f] for f in fams]
+        else:
+            per = [np.mean([r[4] for r in rows if r[0] == f and r[2] == n]) for f in fams]
+        gap = min(p - best[f] for p, f in zip(per, fams))
+        print(f"| {n} | " + " | ".join(f"{p:.3f}" for p in per) + f" | **{np.mean(per):.3f}** | {gap:+.3f} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--families", required=True)
+    c.add_argument("--seeds", required=True)
+    c.add_argument("--cache", required=True)
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--set", action="append", default=[])
+    s = sub.add_parser("score")
+    s.add_argument("dirs", nargs="+", type=Path)
+    s.add_argument("--entries", default="shipped,both,both-merge")
+    a = ap.parse_args(argv)
+    if a.cmd == "collect":
+        collect(a.families.split(","), [int(x) for x in a.seeds.split(",")], a.set, a.cache, a.out)
+    else:
+        score(a.dirs, a.entries.split(","))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
