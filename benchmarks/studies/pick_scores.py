@@ -198,7 +198,10 @@ def main(argv=None) -> int:
     s.add_argument("--entries", default="shipped,both,both-merge")
     a = ap.parse_args(argv)
     if a.cmd == "collect":
-        collect(a.families.split(","), [int(x) for x in a.seeds.split(",")], a.set, a.cache, a.out)
+        from exmap_ray.cli import ray_session
+
+        with ray_session(None):
+            collect(a.families.split(","), [int(x) for x in a.seeds.split(",")], a.set, a.cache, a.out)
     else:
         score(a.dirs, a.entries.split(","))
     return 0
