@@ -139,6 +139,50 @@ def worst_over_groupings_halves(
     return best_mean, worst[ok, best_u], gs.sizes[arg[ok, best_u]].astype(int)
 
 
+def pooled_worst_over_groupings(
+    heldout_idx: np.ndarray,
+    heldout_pred: np.ndarray,
+    y: np.ndarray,
+    groupings: list[np.ndarray] | GroupingSet,
+    min_members: int = 3,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The worst accuracy over every group of every grouping, each group's accuracy pooled over the held-out
+    halves (all the predictions made for its members); groups with fewer than `min_members` val members
+    are left out. Returns it, that group's accuracy on each half (where it has members) and its val size
+    (as `worst_over_groupings_halves`, for `score_se`).
+
+    Unlike the per-half worst averaged over halves, a group's accuracy is measured on every held-out
+    prediction of its members before the minimum is taken, so the score is not pulled down by whichever
+    few-member group happens to be worst on each half (with many small groups, that minimum of noisy
+    values sits below every group's true accuracy, and most for the model fitted to the most groups).
+    """
+    gs = groupings if isinstance(groupings, GroupingSet) else prepare_groupings(groupings)
+    y = np.asarray(y)
+    if not len(gs.codes) or not len(heldout_idx):
+        return float("nan"), np.array([]), np.array([])
+    idx = np.concatenate([np.asarray(i) for i in heldout_idx])
+    right = np.concatenate([np.asarray(p) == y[np.asarray(i)] for i, p in zip(heldout_idx, heldout_pred)])
+    top = int(gs.offsets[-1])
+    count, hits = np.zeros(top), np.zeros(top)
+    step = max(1, GROUPING_BLOCK // max(len(idx), 1))
+    for lo in range(0, len(gs.codes), step):
+        c = gs.codes[lo : lo + step, idx].ravel()
+        count += np.bincount(c, minlength=top)
+        hits += np.bincount(c, weights=np.tile(right, len(gs.codes[lo : lo + step])), minlength=top)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where((count > 0) & (gs.sizes >= max(min_members, 1)), hits / count, np.inf)
+    if not np.isfinite(acc).any():
+        return float("nan"), np.array([]), np.array([])
+    w = int(np.argmin(acc))  # the first on ties: the earliest grouping's smallest code
+    u = int(np.searchsorted(gs.offsets, w, side="right") - 1)
+    halves = []
+    for i, p in zip(heldout_idx, heldout_pred):
+        m = gs.codes[u, np.asarray(i)] == w
+        if m.any():
+            halves.append(float((np.asarray(p)[m] == y[np.asarray(i)][m]).mean()))
+    return float(acc[w]), np.array(halves), np.full(len(halves), int(gs.sizes[w]))
+
+
 def score_se(score: float, halves: np.ndarray, sizes: np.ndarray, kind: str) -> float:
     """Standard error of a held-out worst-group score (nan when it cannot be estimated).
 
@@ -158,6 +202,8 @@ def score_se(score: float, halves: np.ndarray, sizes: np.ndarray, kind: str) -> 
 
 # ── the label-free choice among trials (a sweep's summary, bench --zoo, groups.pick_among) ─────────────
 SWEEP_METRIC = "sweep_worst_pseudo_group_acc"  # needs every trial: scored on every trial's pseudo groups
+POOLED_METRIC = "sweep_pooled_worst_group_acc"  # the same groups, each group's accuracy pooled over the halves
+SWEEP_METRICS = (SWEEP_METRIC, POOLED_METRIC)  # the metrics a trial cannot compute alone
 
 
 def _best(rows: list[dict], key: str) -> dict | None:
@@ -187,7 +233,7 @@ def choose(rows: list[dict], select: str) -> dict | None:
     return min(band, key=lambda r: (r.get("n_groups") or math.inf, -r["selection_metric"], r["trial"]))
 
 
-def score_trials(ok: list[dict], loaded: dict, metric: str, se: str = "binomial") -> None:
+def score_trials(ok: list[dict], loaded: dict, metric: str, se: str = "binomial", min_members: int = 3) -> None:
     """`add_sweep_metric` on trials whose held-out predictions are in memory: `loaded[trial]` holds
     heldout_idx, heldout_pred, pseudo_groups and y (what a trial's selection.npz holds). `exmap-ray bench
     --zoo` scores its in-process sweep with this, so its pick is the one `exmap-ray tune` would make."""
@@ -202,17 +248,23 @@ def score_trials(ok: list[dict], loaded: dict, metric: str, se: str = "binomial"
         for r in group:
             d = loaded[r["trial"]]
             r[SWEEP_METRIC], halves, sizes = worst_over_groupings_halves(
-                d["heldout_idx"], d["heldout_pred"], d["y"], groupings
+                d["heldout_idx"], d["heldout_pred"], d["y"], groupings, min_members
             )
+            pooled = pooled_worst_over_groupings(d["heldout_idx"], d["heldout_pred"], d["y"], groupings, min_members)
+            r[POOLED_METRIC] = pooled[0]
             if metric == SWEEP_METRIC:
                 r["selection_metric"] = r[SWEEP_METRIC]
+            elif metric == POOLED_METRIC:
+                r["selection_metric"], halves, sizes = pooled
             else:  # the noise of the trial's own metric: its own pseudo groups, or the classes
                 own = d["y"] if metric == "val_worst_class_acc" else d["pseudo_groups"]
-                _, halves, sizes = worst_over_groupings_halves(d["heldout_idx"], d["heldout_pred"], d["y"], [own])
+                _, halves, sizes = worst_over_groupings_halves(
+                    d["heldout_idx"], d["heldout_pred"], d["y"], [own], min_members
+                )
             r["selection_se"] = score_se(r["selection_metric"], halves, sizes, se)
 
 
-def pick_among(candidates: list, y, metric: str, select: str, se: str) -> tuple[int, list[dict]]:
+def pick_among(candidates: list, y, metric: str, select: str, se: str, min_members: int = 3) -> tuple[int, list[dict]]:
     """The candidate `exmap-ray tune` would choose among models fitted on the same val (each a (Row, its
     val pseudo groups); a Row's `model` holds its held-out halves' predictions): its index, and every
     candidate's scores (selection_metric, selection_se, n_groups)."""
@@ -229,8 +281,8 @@ def pick_among(candidates: list, y, metric: str, select: str, se: str) -> tuple[
                 "val_worst_class_acc": m.heldout["class"],
             }
         )
-    if metric != SWEEP_METRIC:  # the trial's own metric, as tune reports it
+    if metric not in SWEEP_METRICS:  # the trial's own metric, as tune reports it
         for r in scored:
             r["selection_metric"] = r[metric]
-    score_trials(scored, loaded, metric, se)
+    score_trials(scored, loaded, metric, se, min_members)
     return choose(scored, select)["trial"], scored

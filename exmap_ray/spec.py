@@ -376,10 +376,18 @@ class SearchSpec:
         "dotted spec key -> one domain: {grid: [...]}, {choice: [...]}, "
         "{uniform: [lo, hi]}, {loguniform: [lo, hi]} or {randint: [lo, hi]}",
     )
-    metric: Literal["sweep_worst_pseudo_group_acc", "val_worst_pseudo_group_acc", "val_worst_class_acc"] = opt(
+    metric: Literal[
+        "sweep_worst_pseudo_group_acc",
+        "sweep_pooled_worst_group_acc",
+        "val_worst_pseudo_group_acc",
+        "val_worst_class_acc",
+    ] = opt(
         "sweep_worst_pseudo_group_acc",
         "label-free selection metric on held-out val halves. sweep_*: each trial "
-        "scored on every trial's pseudo groups (worst); val_*: on its own pseudo groups / on classes. "
+        "scored on every trial's pseudo groups (worst): sweep_worst_* takes each half's worst group "
+        "and averages over halves; sweep_pooled_* pools each group's held-out predictions over the "
+        "halves first, then takes the worst group (steadier where groupings have many small groups); "
+        "val_*: on its own pseudo groups / on classes. "
         "The own-groups metrics overrate trials whose clustering missed the minority",
     )
     select: Literal["one_se", "best"] = opt(

@@ -33,7 +33,14 @@ from .errors import UserError
 from .faults import inject
 from .pipeline import preflight, run_pipeline, start_job
 from .search import Domain, n_trials, parse_space, unflatten
-from .selection import SWEEP_METRIC, _best, choose, score_trials  # noqa: F401 - tune.choose, tune.score_trials
+from .selection import (  # noqa: F401 - tune.choose, tune.score_trials
+    POOLED_METRIC,
+    SWEEP_METRIC,
+    SWEEP_METRICS,
+    _best,
+    choose,
+    score_trials,
+)
 from .spec import Spec, _deep_merge, from_dict, stable_hash, stage_seed
 from .resources import resolve_resources
 from .stages import changes, run_stages, shared_stages
@@ -50,6 +57,7 @@ COLUMNS = [
     "selection_metric",
     "selection_se",
     SWEEP_METRIC,
+    POOLED_METRIC,
     "val_worst_pseudo_group_acc",
     "val_worst_class_acc",
     ORACLE_METRIC,
@@ -79,7 +87,7 @@ def trial_metrics(res: dict, metric: str) -> dict:
         "selection_file": e["selection_file"],
     }
     # in flight (for Tune's search algorithms) the sweep metric is proxied by the trial's own groups
-    m["selection_metric"] = m["val_worst_pseudo_group_acc" if metric == SWEEP_METRIC else metric]
+    m["selection_metric"] = m["val_worst_pseudo_group_acc" if metric in SWEEP_METRICS else metric]
     return m
 
 

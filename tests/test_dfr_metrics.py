@@ -192,3 +192,30 @@ def test_score_se_binomial_rests_on_the_worst_groups_size():
     assert np.isnan(score_se(score, halves[:1], sizes[:1], "halves"))
     with pytest.raises(ValueError, match="binomial"):
         score_se(score, halves, sizes, "bootstrap")
+
+
+def test_pooled_worst_group_pools_each_group_over_the_halves_before_the_minimum():
+    from exmap_ray.selection import pooled_worst_over_groupings, score_se, worst_over_groupings_halves
+
+    y = np.zeros(12, np.int64)
+    g = np.array([0] * 6 + [1] * 3 + [2] * 3)  # one group of six, two of three
+    right = np.ones(12, bool)
+    right[[6, 11]] = False  # group 1 loses member 6, group 2 member 11: each 2/3 right over all of val
+    pred = np.where(right, y, 1)
+    # two halves: the first holds the wrong member of group 1, the second the wrong member of group 2
+    idx = np.array([[0, 1, 2, 6, 7, 9, 10], [3, 4, 5, 8, 11, 6, 7]])
+    halves_pred = pred[idx]
+    per_half, _, _ = worst_over_groupings_halves(idx, halves_pred, y, [g], min_members=1)
+    score, halves, sizes = pooled_worst_over_groupings(idx, halves_pred, y, [g], min_members=1)
+    # per half: the first half's worst is group 1 (1 of 2), the second's group 2 (0 of 1): (1/2 + 0) / 2
+    assert per_half == pytest.approx(0.25)
+    # pooled: group 1 has 3 of its 5 held-out predictions right, group 2 2 of 3, group 0 all: the worst is 0.6
+    assert score == pytest.approx(0.6) and list(sizes) == [3, 3]
+    assert list(halves) == pytest.approx([1 / 2, 2 / 3])  # group 1 on each half
+    assert score_se(score, halves, sizes, "binomial") == pytest.approx(np.sqrt(0.6 * 0.4 / 3))
+    # groups with fewer val members than min_members leave the score
+    assert pooled_worst_over_groupings(idx, halves_pred, y, [g], min_members=4)[0] == 1.0
+    # a grouping that isolates a missed minority still sets it, as with the per-half score (the single
+    # group of all twelve: 11 of 14 predictions right)
+    assert pooled_worst_over_groupings(idx, halves_pred, y, [np.zeros(12), g], min_members=1)[0] == pytest.approx(0.6)
+    assert pooled_worst_over_groupings(idx, halves_pred, y, [np.zeros(12)], min_members=1)[0] == pytest.approx(11 / 14)

@@ -107,6 +107,42 @@ def worst(model, groupings, y, min_members=3, shrink=0.0, frac=0.0, agg="min"):
     return float({"min": np.min, "mean": np.mean}[agg](per))
 
 
+def pooled(model, groupings, y, min_val=3):
+    """Each group's accuracy pooled over the held-out halves (every prediction of its members), over the
+    groups of every grouping with at least `min_val` val members: (the minimum, that group's val size)."""
+    idx, pred = np.concatenate(model["heldout_idx"]), np.concatenate(model["heldout_pred"])
+    right = (pred == y[idx]).astype(float)
+    best = (np.inf, 0)
+    for groups in groupings:
+        labels, inv = np.unique(groups, return_inverse=True)
+        size = np.bincount(inv)
+        g = inv[idx]
+        count = np.bincount(g, minlength=len(labels))
+        hits = np.bincount(g, weights=right, minlength=len(labels))
+        ok = (size >= min_val) & (count > 0)
+        if ok.any():
+            acc = np.where(ok, hits / np.maximum(count, 1), np.inf)
+            a = int(np.argmin(acc))
+            if acc[a] < best[0]:
+                best = (float(acc[a]), int(size[a]))
+    return best
+
+
+def pooled_rule(models, groupings, y, min_val=3, select="best", k=1.0):
+    res = [pooled(m, groupings, y, min_val) for m in models]
+    sc = [r[0] for r in res]
+    b = int(np.argmax(sc))
+    se = lambda i: binomial_se(res[i][0], res[i][1])  # noqa: E731
+    if select == "best":
+        pick = b
+    elif select == "one_se":  # fewest groups within the best's SE
+        band = [i for i in range(len(sc)) if sc[i] >= sc[b] - k * se(b)]
+        pick = min(band, key=lambda i: (len(np.unique(groupings[i])), -sc[i], i))
+    else:  # default first
+        pick = 0 if sc[0] >= sc[b] - k * math.hypot(se(b), se(0)) else b
+    return [float(i == pick) for i in range(len(models))]
+
+
 def rule_scores(models, groupings, y, **kw):
     return [worst(m, groupings, y, **kw) for m in models]
 
@@ -120,14 +156,71 @@ def rank_sum(models, groupings, y, **kw):
 
 def cross(models, groupings, y, **kw):
     """Each model scored on the other entries' groupings only (not the one it was fitted to)."""
-    return [worst(m, [g for j, g in enumerate(groupings) if j != i] or groupings, y, **kw) for i, m in enumerate(models)]
+    return [
+        worst(m, [g for j, g in enumerate(groupings) if j != i] or groupings, y, **kw) for i, m in enumerate(models)
+    ]
 
 
 def binomial_se(score, n):
     return math.sqrt(max(score * (1 - score), 0.0) / max(n, 1))
 
 
+def shipped_rule(models, groupings, y, select="one_se", min_members=3, metric=None):
+    """selection.pick_among as `groups.pick_among` runs it (sweep metric, one-SE binomial, fewest groups):
+    returned as scores, 1 for the chosen entry and 0 elsewhere."""
+    from types import SimpleNamespace
+
+    from exmap_ray.selection import SWEEP_METRIC, pick_among
+
+    cands = [
+        (
+            SimpleNamespace(
+                model=SimpleNamespace(
+                    heldout_idx=m["heldout_idx"], heldout_pred=m["heldout_pred"], heldout={"pseudo": 0, "class": 0}
+                ),
+                group_info={"n_groups": len(np.unique(g))},
+            ),
+            g,
+        )
+        for m, g in zip(models, groupings)
+    ]
+    pick, scored = pick_among(
+        cands, y, metric or SWEEP_METRIC, select.split(":")[0] if ":" in select else select, "binomial", min_members
+    )
+    if select.startswith("default"):  # the first entry unless the best beats it by more than k SE
+        k = float(select.split(":")[1])
+        best = max(scored, key=lambda r: r["selection_metric"])
+        first = scored[0]
+        se = best["selection_se"]
+        if select.startswith("default2"):  # both entries' errors
+            se = math.hypot(best["selection_se"], first["selection_se"])
+        pick = 0 if first["selection_metric"] >= best["selection_metric"] - k * se else pick
+    return [float(i == pick) for i in range(len(models))]
+
+
 RULES = {
+    "pooled metric (product), one_se": lambda M, G, y: shipped_rule(M, G, y, metric="sweep_pooled_worst_group_acc"),
+    "shipped rule (one_se, binomial)": lambda M, G, y: shipped_rule(M, G, y),
+    **{
+        f"shipped rule, min members {m}": (lambda m: lambda M, G, y: shipped_rule(M, G, y, min_members=m))(m)
+        for m in (4, 5, 6, 8)
+    },
+    **{
+        f"default unless beaten by 1 SE (both SEs), min {m}": (
+            lambda m: lambda M, G, y: shipped_rule(M, G, y, "default2:1", min_members=m)
+        )(m)
+        for m in (4, 5, 6)
+    },
+    **{
+        f"pooled min{m} {sel}": (lambda m, sel: lambda M, G, y: pooled_rule(M, G, y, m, sel))(m, sel)
+        for m in (3, 5, 8)
+        for sel in ("best", "one_se", "default")
+    },
+    "default unless beaten by 1 SE": lambda M, G, y: shipped_rule(M, G, y, "default:1"),
+    "default unless beaten by 2 SE": lambda M, G, y: shipped_rule(M, G, y, "default:2"),
+    "default unless beaten by 3 SE": lambda M, G, y: shipped_rule(M, G, y, "default:3"),
+    "default unless beaten by 1 SE (both SEs)": lambda M, G, y: shipped_rule(M, G, y, "default2:1"),
+    "default unless beaten by 2 SE (both SEs)": lambda M, G, y: shipped_rule(M, G, y, "default2:2"),
     "min3 (shipped rule's score, best)": lambda M, G, y: rule_scores(M, G, y),
     "min10": lambda M, G, y: rule_scores(M, G, y, min_members=10),
     "min20": lambda M, G, y: rule_scores(M, G, y, min_members=20),
@@ -171,7 +264,10 @@ def score(dirs: list[Path], entries: list[str]) -> None:
                 rows.append((meta["family"], meta["seed"], f"always {e}", e, wga[i], max(wga), meta["oracle"]))
     fams = sorted({r[0] for r in rows})
     names = list(dict.fromkeys(r[2] for r in rows))
-    print(f"entries: {', '.join(entries)}; {len({(r[0], r[1]) for r in rows})} family-seeds from {', '.join(map(str, dirs))}")
+    print(
+        f"entries: {', '.join(entries)}; {len({(r[0], r[1]) for r in rows})} family-seeds "
+        f"from {', '.join(map(str, dirs))}"
+    )
     print("| rule | " + " | ".join(f.replace("zoo_", "") for f in fams) + " | mean | worst vs best entry |")
     print("|---|" + "---|" * (len(fams) + 2))
     best = {f: np.mean([r[5] for r in rows if r[0] == f and r[2] == names[0]]) for f in fams}
