@@ -193,8 +193,10 @@ def family_seed(
     rows.insert(2, _row(SHIPPED_ROW, family, seed, shipped, spec.groups.source, picked))
     candidates = [(shipped, pseudo, "shipped")]
     for k, (vname, vsets) in enumerate(variants):
+        # a variant row is its keys as given, not a pick among the family spec's entries (unless it sets its own)
+        own = [] if any(w.split("=", 1)[0].strip() == "groups.pick_among" for w in vsets) else ["groups.pick_among=[]"]
         v = dataclasses.replace(
-            load_spec(SHIPPED / f"{family}.yaml", [*sets, *vsets, f"seed={seed}"]), resources=spec.resources
+            load_spec(SHIPPED / f"{family}.yaml", [*sets, *vsets, *own, f"seed={seed}"]), resources=spec.resources
         )
         r, vpseudo, picked = run_row(v, data, up, cache, timer)
         extra = {"variant": ",".join(vsets), **(picked or {})}
