@@ -109,3 +109,11 @@ def test_one_tiny_family_end_to_end(ray_local, tmp_path):
     assert (out / "zoo_wga.png").stat().st_size > 1000
     records = [r for r in json.loads((out / "zoo.json").read_text())["per_seed"] if r["row"] == SHIPPED_ROW]
     assert len(records) == 1 and 0.0 <= records[0]["test_wga"] <= 1.0
+    # the shipped zoo spec picks among its groups.pick_among entries; a variant row is its keys as given
+    assert records[0]["pick"] in (
+        "as specified",
+        "clustering.input=both",
+        "clustering.input=both,groups.merge_easy=True",
+    )
+    variant = next(r for r in per_seed if r["row"] == "ExMap (both)")
+    assert "pick" not in variant and variant["variant"] == "clustering.input=both"

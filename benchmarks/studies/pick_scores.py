@@ -24,15 +24,21 @@ from pathlib import Path
 
 import numpy as np
 
-ENTRIES = [  # the groups.pick_among entries studied: label, --set words
-    ("shipped", []),
-    ("both", ["clustering.input=both"]),
-    ("both-merge", ["clustering.input=both", "groups.merge_easy=true"]),
-    ("features", ["clustering.input=features"]),
-]
+ENTRIES = {  # the groups.pick_among entries that can be studied: label -> --set words
+    "shipped": [],
+    "both": ["clustering.input=both"],
+    "both-merge": ["clustering.input=both", "groups.merge_easy=true"],
+    "features": ["clustering.input=features"],
+    "both-local": ["clustering.input=both", "clustering.scope=local"],
+    "features-local": ["clustering.input=features", "clustering.scope=local"],
+    "both-merge-local": ["clustering.input=both", "groups.merge_easy=true", "clustering.scope=local"],
+}
+COLLECTED = ["shipped", "both", "both-merge", "features"]
 
 
-def collect(families: list[str], seeds: list[int], sets: list[str], cache_dir: str, out: Path) -> None:
+def collect(
+    families: list[str], seeds: list[int], sets: list[str], cache_dir: str, out: Path, entries=COLLECTED
+) -> None:
     from exmap_ray.cache import StageCache
     from exmap_ray.pipeline import evaluate_row, preflight
     from exmap_ray.resources import resolve_resources
@@ -46,12 +52,15 @@ def collect(families: list[str], seeds: list[int], sets: list[str], cache_dir: s
             path = out / f"{family}_seed{seed}.npz"
             if path.exists():
                 continue
-            spec = resolve_resources(load_spec(SHIPPED / f"{family}.yaml", [*sets, f"seed={seed}"]))
+            spec = resolve_resources(
+                load_spec(SHIPPED / f"{family}.yaml", [*sets, "groups.pick_among=[]", f"seed={seed}"])
+            )
             data = preflight(spec, check_model=False)
             up = compute_upstream(spec, data, cache, timer)
             arrays = {"y": data.val.y, "group": data.val.group}
             meta = []
-            for label, words in ENTRIES:
+            for label in entries:
+                words = ["groups.pick_among=[]", *ENTRIES[label]]  # each entry as given (the spec may pick)
                 v = dataclasses.replace(
                     load_spec(SHIPPED / f"{family}.yaml", [*sets, *words, f"seed={seed}"]), resources=spec.resources
                 )
@@ -289,6 +298,7 @@ def main(argv=None) -> int:
     c.add_argument("--cache", required=True)
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--set", action="append", default=[])
+    c.add_argument("--entries", default=",".join(COLLECTED), help=f"of {', '.join(ENTRIES)}")
     s = sub.add_parser("score")
     s.add_argument("dirs", nargs="+", type=Path)
     s.add_argument("--entries", default="shipped,both,both-merge")
@@ -297,7 +307,9 @@ def main(argv=None) -> int:
         from exmap_ray.cli import ray_session
 
         with ray_session(None):
-            collect(a.families.split(","), [int(x) for x in a.seeds.split(",")], a.set, a.cache, a.out)
+            collect(
+                a.families.split(","), [int(x) for x in a.seeds.split(",")], a.set, a.cache, a.out, a.entries.split(",")
+            )
     else:
         score(a.dirs, a.entries.split(","))
     return 0
