@@ -400,6 +400,10 @@ def make_figures(data: GroupData, up: Upstream, results: dict, out: Path, spec: 
     )
 
 
+def _score(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def format_table(results: dict) -> str:
     e = results["robust"]
     label = (
@@ -417,8 +421,18 @@ def format_table(results: dict) -> str:
             f"{name:<30} {t['worst_group_acc']:>9.3f} {t['mean_acc']:>9.3f} {t['mean_acc_train_weighted']:>15.3f}"
         )
     e = results["robust"]
+    pick = e.get("pick")
     lines += [
         "",
+        *(
+            [
+                f"groups.pick_among ({pick['metric']}, {pick['select']}; label-free): chose '{pick['chosen']}'",
+                "  scores: "
+                + ", ".join(f"{c['entry']} {_score(c.get('selection_metric'))}" for c in pick["candidates"]),
+            ]
+            if pick
+            else []
+        ),
         f"pseudo groups: {e['n_groups']} (k per scope {e['k_chosen']}), sizes {e['pseudo_group_sizes']}",
         f"agreement with true val groups: ARI {e['ari']:.3f}, NMI {e['nmi']:.3f}, "
         f"worst-group recovery {e['worst_recovery']:.2f}",

@@ -80,6 +80,8 @@ def test_console_of_a_run_by_default_and_quiet(tiny_run, tmp_path):
         "ERM ",
         "ExMap + DFR ",
         "oracle DFR (true val groups) ",
+        "groups.pick_among (",
+        "  scores: ",
         "pseudo groups: ",
         "agreement with true val groups: ",
         "true group ",

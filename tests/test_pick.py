@@ -43,3 +43,9 @@ def test_run_keeps_the_label_free_choice_and_reports_every_candidate(tiny_run, t
     assert res["robust"]["n_groups"] == alone["robust"]["n_groups"]
     mine = next(c for c in pick["candidates"] if c["entry"] == pick["chosen"])
     assert mine["test_worst_group_acc"] == res["robust"]["test"]["worst_group_acc"]
+    # the run's table names the choice and every candidate's label-free score
+    from exmap_ray.pipeline import format_table
+
+    table = format_table(res)
+    assert f"chose '{pick['chosen']}'" in table and pick["metric"] in table
+    assert all(f"{c['entry']} {c['selection_metric']:.3f}" in table for c in pick["candidates"])
