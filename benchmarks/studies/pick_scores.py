@@ -32,6 +32,14 @@ ENTRIES = {  # the groups.pick_among entries that can be studied: label -> --set
     "both-local": ["clustering.input=both", "clustering.scope=local"],
     "features-local": ["clustering.input=features", "clustering.scope=local"],
     "both-merge-local": ["clustering.input=both", "groups.merge_easy=true", "clustering.scope=local"],
+    # GEORGE's kind: k-means per class, k by the best silhouette
+    "features-silhouette-local": [
+        "clustering.input=features",
+        "clustering.method=kmeans_silhouette",
+        "clustering.scope=local",
+    ],
+    "both-silhouette-local": ["clustering.input=both", "clustering.method=kmeans_silhouette", "clustering.scope=local"],
+    "both-silhouette": ["clustering.input=both", "clustering.method=kmeans_silhouette"],
 }
 COLLECTED = ["shipped", "both", "both-merge", "features"]
 
