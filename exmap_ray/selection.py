@@ -78,10 +78,16 @@ def prepare_groupings(groupings: list[np.ndarray]) -> GroupingSet:
 
 
 def _half_worst(
-    codes: np.ndarray, offsets: np.ndarray, idx: np.ndarray, correct: np.ndarray, min_members: int
+    codes: np.ndarray,
+    offsets: np.ndarray,
+    idx: np.ndarray,
+    correct: np.ndarray,
+    min_members: int,
+    sizes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per grouping, the worst accuracy on one held-out half over groups with >= min_members there
-    (inf where none qualifies) and the code of that group (ties: the smallest code)."""
+    (inf where none qualifies) and the code of that group (ties: the smallest code). With `sizes` (every
+    code's val size), a group qualifies by its val size instead, where it has any member in `idx`."""
     u = len(codes)
     worst, arg = np.full(u, np.inf), np.full(u, -1, np.int64)
     step = max(1, GROUPING_BLOCK // max(len(idx), 1))
@@ -91,8 +97,9 @@ def _half_worst(
         base, top = int(offsets[lo]), int(offsets[hi])
         count = np.bincount(c - base, minlength=top - base)
         right = np.bincount(c - base, weights=np.tile(correct, hi - lo), minlength=top - base)
+        keep = count >= max(min_members, 1) if sizes is None else (count > 0) & (sizes[base:top] >= max(min_members, 1))
         with np.errstate(invalid="ignore", divide="ignore"):
-            acc = np.where(count >= max(min_members, 1), right / count, np.inf)
+            acc = np.where(keep, right / count, np.inf)
         for j in range(lo, hi):
             seg = acc[offsets[j] - base : offsets[j + 1] - base]
             if len(seg):
@@ -160,27 +167,19 @@ def pooled_worst_over_groupings(
     y = np.asarray(y)
     if not len(gs.codes) or not len(heldout_idx):
         return float("nan"), np.array([]), np.array([])
-    idx = np.concatenate([np.asarray(i) for i in heldout_idx])
+    idx = np.concatenate([np.asarray(i) for i in heldout_idx])  # every half's predictions as one
     right = np.concatenate([np.asarray(p) == y[np.asarray(i)] for i, p in zip(heldout_idx, heldout_pred)])
-    top = int(gs.offsets[-1])
-    count, hits = np.zeros(top), np.zeros(top)
-    step = max(1, GROUPING_BLOCK // max(len(idx), 1))
-    for lo in range(0, len(gs.codes), step):
-        c = gs.codes[lo : lo + step, idx].ravel()
-        count += np.bincount(c, minlength=top)
-        hits += np.bincount(c, weights=np.tile(right, len(gs.codes[lo : lo + step])), minlength=top)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        acc = np.where((count > 0) & (gs.sizes >= max(min_members, 1)), hits / count, np.inf)
-    if not np.isfinite(acc).any():
+    worst, arg = _half_worst(gs.codes, gs.offsets, idx, right, min_members, sizes=gs.sizes)
+    u = int(np.argmin(worst))  # the first on ties: the earliest grouping (its smallest code)
+    if not np.isfinite(worst[u]):
         return float("nan"), np.array([]), np.array([])
-    w = int(np.argmin(acc))  # the first on ties: the earliest grouping's smallest code
-    u = int(np.searchsorted(gs.offsets, w, side="right") - 1)
+    w = int(arg[u])
     halves = []
     for i, p in zip(heldout_idx, heldout_pred):
         m = gs.codes[u, np.asarray(i)] == w
         if m.any():
             halves.append(float((np.asarray(p)[m] == y[np.asarray(i)][m]).mean()))
-    return float(acc[w]), np.array(halves), np.full(len(halves), int(gs.sizes[w]))
+    return float(worst[u]), np.array(halves), np.full(len(halves), int(gs.sizes[w]))
 
 
 def score_se(score: float, halves: np.ndarray, sizes: np.ndarray, kind: str) -> float:

@@ -208,11 +208,13 @@ class ConvRule(nn.Module):
         )
         self.register_buffer("w_bwd", self._stack(*rule.weights(wp, wn)), persistent=False)
         if not nonneg_input:
-            self.register_buffer("w_fwd_neg", self._stack(wn, wp), persistent=False)
-            self.register_buffer("w_bwd_neg", self._stack(*rule.weights(wn, wp)), persistent=False)
+            w_fwd_neg, w_bwd_neg = self._stack(wn, wp), self._stack(*rule.weights(wn, wp))
             if self.groups == 1:  # x+ and x- side by side as one input: one convolution each way, not two
-                self.register_buffer("w_fwd_both", torch.cat([self.w_fwd, self.w_fwd_neg], 1), persistent=False)
-                self.register_buffer("w_bwd_both", torch.cat([self.w_bwd, self.w_bwd_neg], 1), persistent=False)
+                self.register_buffer("w_fwd_both", torch.cat([self.w_fwd, w_fwd_neg], 1), persistent=False)
+                self.register_buffer("w_bwd_both", torch.cat([self.w_bwd, w_bwd_neg], 1), persistent=False)
+            else:
+                self.register_buffer("w_fwd_neg", w_fwd_neg, persistent=False)
+                self.register_buffer("w_bwd_neg", w_bwd_neg, persistent=False)
         self._cast: dict = {}
 
     def _stack(self, *parts: torch.Tensor) -> torch.Tensor:
@@ -291,6 +293,7 @@ class _ConvRuleFn(torch.autograd.Function):
             )
             z = layer.pairs(layer.conv2(x, *layer.low_precision(dtype)), 1)[:, :, 0] if low else None
         ctx.layer = layer
+        # the input itself, not [x+, x-]: record_conv_rules reads it back as the layer's input
         ctx.save_for_backward(x, Z, None if z is None or layer.nonneg else z)
         # in fp32, also under autocast: the relevance handed between layers stays fp32. A new tensor, not a
         # view of Z, so that an in-place ReLU after it is allowed
@@ -324,8 +327,7 @@ class _ConvRuleFn(torch.autograd.Function):
         elif layer.groups == 1:  # one transposed convolution to [x+, x-]'s channels, then x+ * T+ + x- * T-
             X = _split_sign(x)
             T = layer.transposed(X.shape, layer.param("w_bwd_both", Z.dtype), S)
-            R_in = T.mul_(X) if T.dtype == X.dtype else X * T
-            R_in = torch.add(*R_in.chunk(2, 1))
+            R_in = torch.add(*(T.mul_(X) if T.dtype == X.dtype else X * T).chunk(2, 1))
         else:
             R_in = x.clamp(min=0) * layer.transposed(x.shape, layer.param("w_bwd", Z.dtype), S) + x.clamp(
                 max=0
