@@ -67,15 +67,17 @@ def protocol(path: Path = PROTOCOL) -> dict:
 
 
 def choose_seeds(arg: str | None, proto: dict, quick: bool) -> list[int]:
-    """--seeds: 'dev', 'judge', or comma-separated integers; default: quick's seeds or the dev seeds."""
+    """--seeds: 'dev', 'judge', 'judge2', or comma-separated integers; default: quick's seeds or the dev seeds."""
     if arg is None:
         return list(proto["quick"]["seeds"] if quick else proto["dev_seeds"])
-    if arg in ("dev", "judge"):
+    if arg in ("dev", "judge", "judge2"):
+        if f"{arg}_seeds" not in proto:
+            raise UserError(f"--seeds {arg}: the zoo protocol has no '{arg}_seeds' key")
         return list(proto[f"{arg}_seeds"])
     try:
         return [int(s) for s in arg.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds {arg!r}: give 'dev', 'judge' (the protocol's) or integers such as 0,1,2") from None
+        raise UserError(f"--seeds {arg!r}: give 'dev', 'judge', 'judge2' (the protocol's) or integers such as 0,1,2") from None
 
 
 def choose_families(arg: str | None, proto: dict, quick: bool) -> list[str]:

@@ -40,6 +40,9 @@ TINY = [
 def test_the_protocol_fixes_disjoint_seeds_and_ships_every_family():
     p = protocol()
     assert set(p["dev_seeds"]).isdisjoint(p["judge_seeds"]) and len(p["judge_seeds"]) >= 3
+    # the second judge set is fresh: disjoint from both
+    assert not set(p["judge2_seeds"]) & (set(p["dev_seeds"]) | set(p["judge_seeds"]))
+    assert choose_seeds("judge2", p, quick=False) == p["judge2_seeds"]
     for family in p["families"]:
         assert family in shipped_specs() and f"{family}_sweep" in shipped_specs()
     assert choose_seeds("judge", p, quick=False) == p["judge_seeds"]
