@@ -15,7 +15,15 @@ from exmap_ray import plugins, registry
 from exmap_ray.errors import SpecError
 from exmap_ray.groups import GROUP_SOURCES, GroupContext, infer_groups
 from exmap_ray.metrics import agreement
-from exmap_ray.groups.peers import PEER_SOURCES, _spuco, eiil, finish_groups, partition_to_clusters, spuco_installed
+from exmap_ray.groups.peers import (
+    PEER_SOURCES,
+    _spuco,
+    eiil,
+    finish_groups,
+    partition_to_clusters,
+    spuco_installed,
+    umap_seeded,
+)
 from exmap_ray.spec import ClusteringSpec, from_dict
 
 assert plugins
@@ -123,3 +131,18 @@ def test_george_clusters_features_per_class_and_small_groups_merge():
     # with a minimum above every group's size each class collapses to one group: pseudo group = class
     merged, info = infer_groups("spuco_george", ctx_for(X, y, logits, k_max=4, min_group_size=1000))
     assert np.array_equal(merged, y) and info["n_groups"] == 2
+
+
+@needs_spuco
+def test_george_is_reproducible_for_a_seed_and_umap_is_put_back():
+    import umap
+
+    _spuco()  # SpuCo's own modules import umap; the block seeds the class they call
+    original = umap.UMAP
+    with umap_seeded(5):
+        assert umap.UMAP(n_components=2).random_state == 5
+        assert umap.UMAP(n_components=2, random_state=9).random_state == 9  # an explicit one wins
+    assert umap.UMAP is original and umap.UMAP(n_components=2).random_state is None
+    X, y, _, logits = planted(seed=3, n_maj=120, n_min=40, d=16)
+    runs = [infer_groups("spuco_george", ctx_for(X, y, logits, k_max=6))[0] for _ in range(2)]
+    assert np.array_equal(runs[0], runs[1])

@@ -27,6 +27,7 @@ asking for one raises a SpecError naming the extra to install. The global random
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import logging
@@ -131,12 +132,35 @@ def finish_groups(
     return class_by_cluster(y, cluster_of), {**extra, "merged": merges}
 
 
+@contextlib.contextmanager
+def umap_seeded(seed: int):
+    """SpuCo's GEORGE builds `umap.UMAP(...)` without a random_state, so UMAP runs numba's parallel threads
+    and its embedding (and GEORGE's groups) changes from run to run whatever global seed is set. Inside
+    this block a UMAP made without one gets `random_state=seed` (UMAP's documented way to be reproducible;
+    it then runs on one thread). The umap module is put back afterwards."""
+    import umap
+
+    original = umap.UMAP
+
+    @functools.wraps(original, updated=())
+    def seeded(*args, **kwargs):
+        kwargs.setdefault("random_state", int(seed))
+        return original(*args, **kwargs)
+
+    umap.UMAP = seeded
+    try:
+        yield
+    finally:
+        umap.UMAP = original
+
+
 def george(features: np.ndarray, y: np.ndarray, k_max: int, seed: int) -> np.ndarray:
-    """SpuCo's GEORGE on penultimate features: one cluster id per point (clusters are per class)."""
+    """SpuCo's GEORGE on penultimate features: one cluster id per point (clusters are per class); the same
+    groups for the same seed (umap_seeded)."""
     import torch
 
     gi, _ = _spuco()
-    with _seeded(seed):
+    with _seeded(seed), umap_seeded(seed):
         inf = gi.GeorgeInference(
             Z=torch.as_tensor(np.asarray(features, np.float32)), class_labels=y.tolist(), max_clusters=k_max
         )
