@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--take", action="append", default=[], help="ROW=NEW NAME: a row of EXTRA, renamed")
     ap.add_argument("--drop", action="append", default=[], help="a row of BASE to leave out")
     ap.add_argument("--rename", action="append", default=[], help="ROW=NEW NAME: a row of BASE, renamed")
+    ap.add_argument("--plot", help="also write the families x rows grid (plots.zoo_grid) to this PNG")
     a = ap.parse_args()
     rows = [r for r in json.load(open(a.base)) if r["row"] not in a.drop]
     ren = dict(x.split("=", 1) for x in a.rename)
@@ -38,6 +39,13 @@ def main() -> None:
         for f in fams
         for n in names
     }
+    if a.plot:
+        from pathlib import Path
+
+        from exmap_ray import plots
+
+        by_family = {f: [{"row": n, "test_wga": mean[f, n]} for n in names] for f in fams}
+        plots.zoo_grid(by_family, names, Path(a.plot), "test WGA, mean over seeds")
     free = [n for n in names if n != ORACLE]
     print("| family | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
