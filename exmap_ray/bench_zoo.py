@@ -77,7 +77,9 @@ def choose_seeds(arg: str | None, proto: dict, quick: bool) -> list[int]:
     try:
         return [int(s) for s in arg.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds {arg!r}: give 'dev', 'judge', 'judge2' (the protocol's) or integers such as 0,1,2") from None
+        raise UserError(
+            f"--seeds {arg!r}: give 'dev', 'judge', 'judge2' (the protocol's) or integers such as 0,1,2"
+        ) from None
 
 
 def choose_families(arg: str | None, proto: dict, quick: bool) -> list[str]:

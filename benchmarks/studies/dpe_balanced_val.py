@@ -55,7 +55,8 @@ def main() -> None:
     dpe = RETRAINERS.get("dpe")
 
     def dpe_wga(idx: np.ndarray) -> float:
-        head = dpe.fit(up.val_features[idx], val.y[idx], val.y[idx], dpe.config(spec), stage_seed(spec.seed, RETRAIN_SEED))
+        seed = stage_seed(spec.seed, RETRAIN_SEED)
+        head = dpe.fit(up.val_features[idx], val.y[idx], val.y[idx], dpe.config(spec), seed)
         pred = head.predict(up.test_features)
         return evaluate(pred, test.y, test.group, data.group_names, data.train.group)["worst_group_acc"]
 

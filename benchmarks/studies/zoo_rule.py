@@ -52,15 +52,19 @@ def main() -> int:
     for f in mb:
         d = mc[f] - mb[f]
         flag = " **(rule 2)**" if d < -a.loss else ""
-        print(f"| {f.replace('zoo_', '').replace('_', '+')} | {mb[f]:.3f} | {mc[f]:.3f} | {d:+.3f}{flag} | "
-              f"{oracle.get(f, float('nan')):.3f} |")
+        print(
+            f"| {f.replace('zoo_', '').replace('_', '+')} | {mb[f]:.3f} | {mc[f]:.3f} | {d:+.3f}{flag} | "
+            f"{oracle.get(f, float('nan')):.3f} |"
+        )
     gb, gc = statistics.mean(mb.values()), statistics.mean(mc.values())
     print(f"| **mean** | {gb:.3f} | {gc:.3f} | {gc - gb:+.3f} | {statistics.mean(oracle.values()):.3f} |")
     worst = min(mb, key=lambda f: mc[f] - mb[f])
     r1, r2 = gc - gb >= a.gain, mc[worst] - mb[worst] >= -a.loss
     print(f"\nrule 1 (mean gain >= {a.gain}): {'passes' if r1 else 'fails'} ({gc - gb:+.3f})")
-    print(f"rule 2 (no family below by more than {a.loss}): {'passes' if r2 else 'fails'} "
-          f"(least change {mc[worst] - mb[worst]:+.3f}, {worst})")
+    print(
+        f"rule 2 (no family below by more than {a.loss}): {'passes' if r2 else 'fails'} "
+        f"(least change {mc[worst] - mb[worst]:+.3f}, {worst})"
+    )
     if a.goals:
         goals(cand, a.row, oracle)
     return 0
@@ -80,8 +84,10 @@ def goals(records: list[dict], row: str, oracle: dict[str, float]) -> None:
         rec = [r["worst_recovery"] >= 0.5 for r in records if r["row"] == row and r["family"] == f]
         limit = 0.10 if f in PAIRS else 0.05
         gap = oracle[f] - m[f]
-        print(f"| {f.replace('zoo_', '').replace('_', '+')} | {gap:+.3f} | {limit:.2f} | "
-              f"{'yes' if gap <= limit else 'no'} | {sum(rec)} of {len(rec)} |")
+        print(
+            f"| {f.replace('zoo_', '').replace('_', '+')} | {gap:+.3f} | {limit:.2f} | "
+            f"{'yes' if gap <= limit else 'no'} | {sum(rec)} of {len(rec)} |"
+        )
 
 
 if __name__ == "__main__":
