@@ -67,19 +67,17 @@ def protocol(path: Path = PROTOCOL) -> dict:
 
 
 def choose_seeds(arg: str | None, proto: dict, quick: bool) -> list[int]:
-    """--seeds: 'dev', 'judge', 'judge2', or comma-separated integers; default: quick's seeds or the dev seeds."""
+    """--seeds: a seed set of the protocol by name (its NAME_seeds keys: dev, judge, judge2), or
+    comma-separated integers; default: quick's seeds or the dev seeds."""
     if arg is None:
         return list(proto["quick"]["seeds"] if quick else proto["dev_seeds"])
-    if arg in ("dev", "judge", "judge2"):
-        if f"{arg}_seeds" not in proto:
-            raise UserError(f"--seeds {arg}: the zoo protocol has no '{arg}_seeds' key")
+    if f"{arg}_seeds" in proto:
         return list(proto[f"{arg}_seeds"])
     try:
         return [int(s) for s in arg.split(",") if s.strip()]
     except ValueError:
-        raise UserError(
-            f"--seeds {arg!r}: give 'dev', 'judge', 'judge2' (the protocol's) or integers such as 0,1,2"
-        ) from None
+        names = ", ".join(f"'{k.removesuffix('_seeds')}'" for k in proto if k.endswith("_seeds"))
+        raise UserError(f"--seeds {arg!r}: give {names} (the protocol's) or integers such as 0,1,2") from None
 
 
 def choose_families(arg: str | None, proto: dict, quick: bool) -> list[str]:

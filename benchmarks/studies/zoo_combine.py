@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
-ORACLE = "oracle DFR (true groups)"
+from exmap_ray.bench_zoo import ORACLE, summarize
+
+
+def short(family: str) -> str:
+    """zoo_frame_patch -> frame+patch, as the tables name families."""
+    return family.replace("zoo_", "").replace("_", "+")
 
 
 def main() -> None:
@@ -32,34 +36,26 @@ def main() -> None:
         r["row"] = ren.get(r["row"], r["row"])
     take = dict(x.split("=", 1) for x in a.take)
     rows += [{**r, "row": take[r["row"]]} for r in json.load(open(a.extra)) if r["row"] in take]
+    rows = [r for r in rows if r["row"] != "ERM"]
     fams = list(dict.fromkeys(r["family"] for r in rows))
-    names = [n for n in dict.fromkeys(r["row"] for r in rows) if n != "ERM"]
-    mean = {
-        (f, n): statistics.mean(r["test_wga"] for r in rows if r["family"] == f and r["row"] == n)
-        for f in fams
-        for n in names
-    }
+    by_family, summary = summarize(rows, fams)  # bench --zoo's own means over seeds and mean ranks
+    names = [s["row"] for s in summary]
+    mean = {(f, r["row"]): r["test_wga"] for f, rs in by_family.items() for r in rs}
     if a.plot:
         from pathlib import Path
 
         from exmap_ray import plots
 
-        by_family = {f: [{"row": n, "test_wga": mean[f, n]} for n in names] for f in fams}
         plots.zoo_grid(by_family, names, Path(a.plot), "test WGA, mean over seeds")
     free = [n for n in names if n != ORACLE]
     print("| family | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    ranks = {n: [] for n in free}
     for f in fams:
         top = max(mean[f, n] for n in free)
-        for n in free:
-            ranks[n].append(1 + sum(mean[f, m] > mean[f, n] + 1e-12 for m in free))
         cells = [f"**{mean[f, n]:.3f}**" if n in free and mean[f, n] == top else f"{mean[f, n]:.3f}" for n in names]
-        print(f"| {f.replace('zoo_', '').replace('_', '+')} | " + " | ".join(cells) + " |")
-    print("| **mean** | " + " | ".join(f"{statistics.mean(mean[f, n] for f in fams):.3f}" for n in names) + " |")
-    print(
-        "| mean rank | " + " | ".join("-" if n == ORACLE else f"{statistics.mean(ranks[n]):.2f}" for n in names) + " |"
-    )
+        print(f"| {short(f)} | " + " | ".join(cells) + " |")
+    print("| **mean** | " + " | ".join(f"{s['mean_wga']:.3f}" for s in summary) + " |")
+    print("| mean rank | " + " | ".join("-" if s["row"] == ORACLE else f"{s['mean_rank']:.2f}" for s in summary) + " |")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ import json
 import statistics
 import sys
 
-ORACLE = "oracle DFR (true groups)"
+from exmap_ray.bench_zoo import ORACLE, summarize
+from zoo_combine import short
 
 
 def means(records: list[dict], row: str) -> dict[str, float]:
-    fams = dict.fromkeys(r["family"] for r in records if r["row"] == row)
-    return {f: statistics.mean(r["test_wga"] for r in records if r["row"] == row and r["family"] == f) for f in fams}
+    """Per family with ROW: its mean test WGA over seeds (bench --zoo's summarize)."""
+    by_family, _ = summarize(records, list(dict.fromkeys(r["family"] for r in records)))
+    return {f: r["test_wga"] for f, rs in by_family.items() for r in rs if r["row"] == row}
 
 
 def seeds(records: list[dict], row: str) -> set:
@@ -52,10 +54,7 @@ def main() -> int:
     for f in mb:
         d = mc[f] - mb[f]
         flag = " **(rule 2)**" if d < -a.loss else ""
-        print(
-            f"| {f.replace('zoo_', '').replace('_', '+')} | {mb[f]:.3f} | {mc[f]:.3f} | {d:+.3f}{flag} | "
-            f"{oracle.get(f, float('nan')):.3f} |"
-        )
+        print(f"| {short(f)} | {mb[f]:.3f} | {mc[f]:.3f} | {d:+.3f}{flag} | {oracle.get(f, float('nan')):.3f} |")
     gb, gc = statistics.mean(mb.values()), statistics.mean(mc.values())
     print(f"| **mean** | {gb:.3f} | {gc:.3f} | {gc - gb:+.3f} | {statistics.mean(oracle.values()):.3f} |")
     worst = min(mb, key=lambda f: mc[f] - mb[f])
@@ -85,8 +84,7 @@ def goals(records: list[dict], row: str, oracle: dict[str, float]) -> None:
         limit = 0.10 if f in PAIRS else 0.05
         gap = oracle[f] - m[f]
         print(
-            f"| {f.replace('zoo_', '').replace('_', '+')} | {gap:+.3f} | {limit:.2f} | "
-            f"{'yes' if gap <= limit else 'no'} | {sum(rec)} of {len(rec)} |"
+            f"| {short(f)} | {gap:+.3f} | {limit:.2f} | {'yes' if gap <= limit else 'no'} | {sum(rec)} of {len(rec)} |"
         )
 
 
