@@ -40,12 +40,23 @@ ENTRIES = {  # the groups.pick_among entries that can be studied: label -> --set
     ],
     "both-silhouette-local": ["clustering.input=both", "clustering.method=kmeans_silhouette", "clustering.scope=local"],
     "both-silhouette": ["clustering.input=both", "clustering.method=kmeans_silhouette"],
+    "both-silhouette-merge": ["clustering.input=both", "clustering.method=kmeans_silhouette", "groups.merge_easy=true"],
+    # products of two groupings: the heatmaps' clusters split by the features' (or by the channel-summed maps')
+    "cross-features": ["clustering.cross_features=all"],
+    "cross-features-hard": ["clustering.cross_features=hard"],
+    "both-cross-spatial-hard": ["clustering.input=both", "clustering.cross_spatial=hard"],
 }
 COLLECTED = ["shipped", "both", "both-merge", "features"]
 
 
 def collect(
-    families: list[str], seeds: list[int], sets: list[str], cache_dir: str, out: Path, entries=COLLECTED
+    families: list[str],
+    seeds: list[int],
+    sets: list[str],
+    cache_dir: str,
+    out: Path,
+    entries=COLLECTED,
+    keep_features: bool = False,
 ) -> None:
     from exmap_ray.cache import StageCache
     from exmap_ray.pipeline import evaluate_row, preflight
@@ -65,7 +76,10 @@ def collect(
             )
             data = preflight(spec, check_model=False)
             up = compute_upstream(spec, data, cache, timer)
-            arrays = {"y": data.val.y, "group": data.val.group}
+            arrays = {"y": data.val.y, "group": data.val.group, "test_y": data.test.y, "test_group": data.test.group}
+            if keep_features:  # for retraining studies offline (e.g. several groupings' fits together)
+                arrays["val_features"] = np.asarray(up.val_features, np.float32)
+                arrays["test_features"] = np.asarray(up.test_features, np.float32)
             meta = []
             for label in entries:
                 words = ["groups.pick_among=[]", *ENTRIES[label]]  # each entry as given (the spec may pick)
@@ -79,6 +93,7 @@ def collect(
                 arrays[f"{label}/pseudo"] = vup.pseudo
                 arrays[f"{label}/heldout_idx"] = r.model.heldout_idx
                 arrays[f"{label}/heldout_pred"] = r.model.heldout_pred
+                arrays[f"{label}/test_decision"] = r.model.head.decision(vup.test_features)
                 meta.append(
                     {"entry": label, "test_wga": r.test["worst_group_acc"], "test_mean": r.test.get("mean_acc")}
                 )
@@ -307,6 +322,7 @@ def main(argv=None) -> int:
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--set", action="append", default=[])
     c.add_argument("--entries", default=",".join(COLLECTED), help=f"of {', '.join(ENTRIES)}")
+    c.add_argument("--keep-features", action="store_true", help="also save val and test features, test groups")
     s = sub.add_parser("score")
     s.add_argument("dirs", nargs="+", type=Path)
     s.add_argument("--entries", default="shipped,both,both-merge")
@@ -316,7 +332,13 @@ def main(argv=None) -> int:
 
         with ray_session(None):
             collect(
-                a.families.split(","), [int(x) for x in a.seeds.split(",")], a.set, a.cache, a.out, a.entries.split(",")
+                a.families.split(","),
+                [int(x) for x in a.seeds.split(",")],
+                a.set,
+                a.cache,
+                a.out,
+                a.entries.split(","),
+                a.keep_features,
             )
     else:
         score(a.dirs, a.entries.split(","))
