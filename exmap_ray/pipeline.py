@@ -300,13 +300,16 @@ def pick_groups(
                 )
             rows.append((label, v, vup, r))
         s = spec.search
-        chosen, scored = pick_among([(r, vup.pseudo) for _, _, vup, r in rows], data.val.y, s.metric, s.select, s.se)
+        chosen, scored = pick_among(
+            [(r, vup.pseudo) for _, _, vup, r in rows], data.val.y, s.metric, s.select, s.se, s.min_members
+        )
     label, v, vup, row = rows[chosen]
     log.info("groups.pick_among: chose '%s' of %d (%s, %s)", label, len(rows), s.metric, s.select)
     record = {
         "chosen": label,
         "metric": s.metric,
         "select": s.select,
+        "min_members": s.min_members,
         "candidates": [
             {
                 "entry": lab,

@@ -402,6 +402,13 @@ class SearchSpec:
         "the top score rests on; halves = the spread of the score over the held-out halves, which "
         "overlap and so understate the noise of a group of a few images",
     )
+    min_members: int = opt(
+        3,
+        "the sweep_* metrics leave out groups with fewer val members than this: a group of a few images "
+        "has an accuracy of a few held-out predictions, and the worst of many such noisy values decides "
+        "the score (and so groups.pick_among's choice or a sweep's) more than any real difference",
+        _positive,
+    )
     num_samples: int = opt(1, "Tune num_samples: repeats of the grid, or random draws for sampled domains", _positive)
     algorithm: Literal["basic", "optuna", "hyperopt"] = opt(
         "basic", "basic = grid/random; optuna and hyperopt need their package installed"

@@ -440,17 +440,18 @@ def collect_rows(grid, domains) -> list[dict]:
     return sorted(rows, key=lambda x: x["trial"])
 
 
-def add_sweep_metric(rows: list[dict], metric: str, se: str = "binomial") -> None:
+def add_sweep_metric(rows: list[dict], metric: str, se: str = "binomial", min_members: int = 3) -> None:
     """Score each trial's held-out predictions on every trial's pseudo groups (same val and halves only),
-    and the standard error of each trial's selection metric (`se`: binomial or halves)."""
+    and the standard error of each trial's selection metric (`se`: binomial or halves); groups with fewer
+    than `min_members` val members are left out (search.min_members)."""
     ok = [
         r for r in rows if r["status"] == "OK" and r.get("selection_file") and Loc.parse(r["selection_file"]).exists()
     ]  # a path or a URI under the storage root
-    score_trials(ok, {r["trial"]: load_npz(r["selection_file"]) for r in ok}, metric, se)
+    score_trials(ok, {r["trial"]: load_npz(r["selection_file"]) for r in ok}, metric, se, min_members)
 
 
 def summarize(rows: list[dict], domains, spec: Spec, out: Path) -> dict:
-    add_sweep_metric(rows, spec.search.metric, spec.search.se)
+    add_sweep_metric(rows, spec.search.metric, spec.search.se, spec.search.min_members)
     chosen, oracle = choose(rows, spec.search.select), _best(rows, ORACLE_METRIC)
     top = _best(rows, "selection_metric")  # the plain maximum, reported beside the rule's choice
     cols = ["trial"] + [f"config.{d.key}" for d in domains] + COLUMNS[1:] + ["error"]

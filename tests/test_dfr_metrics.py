@@ -219,3 +219,41 @@ def test_pooled_worst_group_pools_each_group_over_the_halves_before_the_minimum(
     # group of all twelve: 11 of 14 predictions right)
     assert pooled_worst_over_groupings(idx, halves_pred, y, [np.zeros(12), g], min_members=1)[0] == pytest.approx(0.6)
     assert pooled_worst_over_groupings(idx, halves_pred, y, [np.zeros(12)], min_members=1)[0] == pytest.approx(11 / 14)
+
+
+def test_search_min_members_keeps_a_few_images_from_deciding_the_pick():
+    """groups.pick_among scores every candidate on every candidate's groups; search.min_members leaves out
+    the groups with fewer val members, so one tiny group cannot decide the choice."""
+    from types import SimpleNamespace
+
+    from exmap_ray.errors import SpecError
+    from exmap_ray.selection import pick_among
+    from exmap_ray.spec import from_dict
+
+    from .conftest import tiny_spec_dict
+
+    y = np.array([0] * 30 + [1] * 30)
+    g_a = y.copy()  # candidate A's groups: the classes
+    g_b = np.where(np.arange(60) < 4, 2, y)  # B's: the classes, with 4 images of class 0 apart
+    pred_a = y.copy()
+    pred_a[:4] = 1  # A misses the 4 images and nothing else
+    pred_b = y.copy()
+    pred_b[30:36] = 0  # B gets them right and misses 6 of class 1 (0.8 there)
+    idx = [np.arange(60)]
+
+    def cand(pred, g):
+        model = SimpleNamespace(heldout_idx=idx, heldout_pred=[pred], heldout={"pseudo": 0.0, "class": 0.0})
+        return SimpleNamespace(model=model, group_info={"n_groups": len(np.unique(g))}), g
+
+    cands = [cand(pred_a, g_a), cand(pred_b, g_b)]
+    metric = "sweep_pooled_worst_group_acc"
+    chosen, scored = pick_among(cands, y, metric, "best", "binomial", min_members=3)
+    assert chosen == 1 and scored[0]["selection_metric"] == 0.0  # the 4 images decide: A scores 0 there
+    chosen, scored = pick_among(cands, y, metric, "best", "binomial", min_members=5)
+    assert chosen == 0 and scored[0]["selection_metric"] == pytest.approx(26 / 30)  # class 0 as a whole
+    assert scored[1]["selection_metric"] == pytest.approx(0.8)
+    # the key: 3 unless a spec sets it; it must be a positive integer
+    assert from_dict(tiny_spec_dict()).search.min_members == 3
+    assert from_dict(tiny_spec_dict(search={"min_members": 12})).search.min_members == 12
+    with pytest.raises(SpecError, match="search.min_members"):
+        from_dict(tiny_spec_dict(search={"min_members": 0}))

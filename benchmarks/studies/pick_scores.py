@@ -243,6 +243,12 @@ RULES = {
         )(m)
         for m in (4, 5, 6)
     },
+    **{  # the shipped metric and one-SE rule, groups under m val members left out of the score
+        f"shipped pooled metric, min members {m}": (
+            lambda m: lambda M, G, y: shipped_rule(M, G, y, metric="sweep_pooled_worst_group_acc", min_members=m)
+        )(m)
+        for m in (3, 5, 6, 8, 10, 12, 15, 20)
+    },
     **{
         f"pooled min{m} {sel}": (lambda m, sel: lambda M, G, y: pooled_rule(M, G, y, m, sel))(m, sel)
         for m in (3, 5, 8)
