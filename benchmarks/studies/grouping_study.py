@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     from exmap_ray.retrain.base import RETRAINERS
     from exmap_ray.hashing import RETRAIN_SEED
     from exmap_ray.spec import SHIPPED, load_spec, stage_seed
+    from union_dfr import print_family_table  # this folder is on sys.path when the script runs
 
     entries, methods = a.entries.split(","), a.methods.split(",")
     rows: dict[str, dict[str, list[float]]] = {}
@@ -100,12 +101,7 @@ def main(argv=None) -> int:
             add(name, wga(head.predict(Xt)))
         add("oracle DFR", meta["oracle"])
         print(path.name, {k: round(v[fam][-1], 3) for k, v in rows.items()}, file=sys.stderr, flush=True)
-    fams = sorted(next(iter(rows.values())))
-    print("| row | " + " | ".join(fams) + " | mean |")
-    print("|---" * (len(fams) + 2) + "|")
-    for name, per in rows.items():
-        vals = [float(np.mean(per[f])) for f in fams]
-        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | **{np.mean(vals):.3f}** |")
+    print_family_table(rows)
     return 0
 
 

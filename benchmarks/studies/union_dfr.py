@@ -122,13 +122,18 @@ def main(argv=None) -> int:
         add("oracle reweight", wga(union_fit(Xv, y, [z["group"]], "reweight")(Xt), ty, tg))
         add("oracle DFR (collected)", meta["oracle"])
         print(path.name, {k: round(v[fam][-1], 3) for k, v in rows.items()}, file=sys.stderr, flush=True)
+    print_family_table(rows)
+    return 0
+
+
+def print_family_table(rows: dict[str, dict[str, list[float]]]) -> None:
+    """rows: row name -> family -> one value per seed; printed as a markdown table of the seed means."""
     fams = sorted(next(iter(rows.values())))
     print("| row | " + " | ".join(fams) + " | mean |")
     print("|---" * (len(fams) + 2) + "|")
     for name, per in rows.items():
         vals = [float(np.mean(per[f])) for f in fams]
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | **{np.mean(vals):.3f}** |")
-    return 0
 
 
 if __name__ == "__main__":
