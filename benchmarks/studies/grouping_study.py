@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -64,15 +63,12 @@ def main(argv=None) -> int:
     from exmap_ray.retrain.base import RETRAINERS
     from exmap_ray.hashing import RETRAIN_SEED
     from exmap_ray.spec import SHIPPED, load_spec, stage_seed
-    from union_dfr import print_family_table  # this folder is on sys.path when the script runs
+    from union_dfr import collected, print_family_table  # this folder is on sys.path when the script runs
 
     entries, methods = a.entries.split(","), a.methods.split(",")
     rows: dict[str, dict[str, list[float]]] = {}
-    for path in sorted(a.dir.glob("*.npz")):
-        z = np.load(path)
-        meta = json.loads(str(z["meta"]))
+    for path, z, meta, fam in collected(a.dir):
         family, seed = meta["family"], meta["seed"]
-        fam = family.removeprefix("zoo_")
         spec = load_spec(SHIPPED / f"{family}.yaml", [f"seed={seed}"])
         r = RETRAINERS.get("dfr")
         y, ty, tg = z["y"], z["test_y"], z["test_group"]

@@ -99,10 +99,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     entries, union = a.entries.split(","), a.union.split(",")
     rows: dict[str, dict[str, list[float]]] = {}
-    for path in sorted(a.dir.glob("*.npz")):
-        z = np.load(path)
-        meta = json.loads(str(z["meta"]))
-        fam = meta["family"].removeprefix("zoo_")
+    for path, z, meta, fam in collected(a.dir):
         y, ty, tg = z["y"], z["test_y"], z["test_group"]
         classes = np.unique(y)
 
@@ -124,6 +121,14 @@ def main(argv=None) -> int:
         print(path.name, {k: round(v[fam][-1], 3) for k, v in rows.items()}, file=sys.stderr, flush=True)
     print_family_table(rows)
     return 0
+
+
+def collected(folder: Path):
+    """Each npz `pick_scores.py collect` wrote: (path, its arrays, its meta, the family less `zoo_`)."""
+    for path in sorted(folder.glob("*.npz")):
+        z = np.load(path)
+        meta = json.loads(str(z["meta"]))
+        yield path, z, meta, meta["family"].removeprefix("zoo_")
 
 
 def print_family_table(rows: dict[str, dict[str, list[float]]]) -> None:
