@@ -67,7 +67,7 @@ def protocol(path: Path = PROTOCOL) -> dict:
 
 
 def choose_seeds(arg: str | None, proto: dict, quick: bool) -> list[int]:
-    """--seeds: a seed set of the protocol by name (its NAME_seeds keys: dev, judge, judge2), or
+    """--seeds: a seed set of the protocol by name (its NAME_seeds keys: dev, judge, judge2, ...), or
     comma-separated integers; default: quick's seeds or the dev seeds."""
     if arg is None:
         return list(proto["quick"]["seeds"] if quick else proto["dev_seeds"])

@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument(
         "--seeds",
         default=None,
-        help="number of seeds, from the spec's seed upwards (default 3); with --zoo: 'dev', 'judge', 'judge2', "
-        "'judge3' (the protocol's, exmap_ray/zoo_protocol.yaml) or integers such as 0,1 (default: dev)",
+        help="number of seeds, from the spec's seed upwards (default 3); with --zoo: a seed set named in "
+        "exmap_ray/zoo_protocol.yaml (its NAME_seeds keys: dev, judge, judge2, ...) or integers such as 0,1 "
+        "(default: dev)",
     )
     bn.add_argument(
         "--zoo",

@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from exmap_ray.groups.formation import pseudo_groups
     from exmap_ray.retrain.base import RETRAINERS
+    from exmap_ray.selection import worst_group_acc
     from exmap_ray.hashing import RETRAIN_SEED
     from exmap_ray.spec import SHIPPED, load_spec, stage_seed
     from union_dfr import collected, print_family_table  # this folder is on sys.path when the script runs
@@ -73,9 +74,6 @@ def main(argv=None) -> int:
         r = RETRAINERS.get("dfr")
         y, ty, tg = z["y"], z["test_y"], z["test_group"]
         Xv, Xt = z["val_features"], z["test_features"]
-
-        def wga(pred):
-            return min(float((pred[tg == k] == ty[tg == k]).mean()) for k in np.unique(tg))
 
         def add(name, v):
             rows.setdefault(name, {}).setdefault(fam, []).append(v)
@@ -94,7 +92,7 @@ def main(argv=None) -> int:
                 X = Xv if d is None else (local_pca(Xv, y, d) if keys["scope"] == "local" else pca(Xv, d))
             groups, _ = pseudo_groups(X, y, cspec, seed, what="features")
             head = r.fit(Xv, y, groups, r.config(spec), stage_seed(seed, RETRAIN_SEED))
-            add(name, wga(head.predict(Xt)))
+            add(name, worst_group_acc(head.predict(Xt), ty, tg))
         add("oracle DFR", meta["oracle"])
         print(path.name, {k: round(v[fam][-1], 3) for k, v in rows.items()}, file=sys.stderr, flush=True)
     print_family_table(rows)

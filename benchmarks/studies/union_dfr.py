@@ -26,26 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from exmap_ray.retrain.dfr import _fit, balanced_subsample, group_weights
+from exmap_ray.selection import pooled_worst_over_groupings, worst_group_acc as wga
 
 C_GRID = [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01]
-
-
-def wga(pred, y, g):
-    return min(float((pred[g == k] == y[g == k]).mean()) for k in np.unique(g))
-
-
-def pooled_worst(pred_by_half, halves, y, groupings, min_val=3):
-    """Each group's held-out accuracy pooled over the halves; the worst over every grouping's groups."""
-    idx, pred = np.concatenate(halves), np.concatenate(pred_by_half)
-    worst = 1.0
-    for g in groupings:
-        for k in np.unique(g):
-            if (g == k).sum() < min_val:
-                continue
-            m = g[idx] == k
-            if m.any():
-                worst = min(worst, float((pred[m] == y[idx][m]).mean()))
-    return worst
 
 
 def union_fit(Xv, y, groupings, mode, seed=0, repeats=5, final=20):
@@ -73,7 +56,7 @@ def union_fit(Xv, y, groupings, mode, seed=0, repeats=5, final=20):
                 sub = subsample(a, r)
                 clf = _fit(X[sub], y[sub], C, int(rng.integers(2**31 - 1)))
             preds[C].append(clf.predict(X[b]))
-    score = {C: pooled_worst(preds[C], halves, y, groupings) for C in C_GRID}
+    score = {C: pooled_worst_over_groupings(halves, preds[C], y, groupings, 3)[0] for C in C_GRID}
     best = max(C_GRID, key=lambda C: (score[C], C))
     allix = np.arange(len(y))
     if mode == "reweight":

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from exmap_ray.pipeline import preflight
     from exmap_ray.resources import resolve_resources
     from exmap_ray.spec import SHIPPED, load_spec
-    from exmap_ray.stages import Timer, run_stages
+    from exmap_ray.stages import run_stages
 
     logging.basicConfig(filename=a.log or "/dev/null", level=logging.INFO, force=True)
     p = protocol()
@@ -42,8 +42,8 @@ def main(argv=None) -> int:
             for seed in seeds:
                 spec = resolve_resources(load_spec(SHIPPED / f"{family}.yaml", [*a.set, f"seed={seed}"]))
                 data = preflight(spec, check_model=False)
-                timer, t0 = Timer(), time.perf_counter()
-                run_stages(spec, data, cache, timer, targets=["features", "heatmaps"])
+                t0 = time.perf_counter()
+                run_stages(spec, data, cache, targets=["features", "heatmaps"])
                 print(f"{family} seed {seed}: {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
