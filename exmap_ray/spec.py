@@ -297,6 +297,15 @@ class GroupsCommon:
         "spectral_split); never the oracle's true groups",
         neutral=False,
     )
+    split_ica: bool = opt(
+        False,
+        "after a label-free source (and groups.merge_easy): look in each pseudo group of 100+ val points for "
+        "a second shortcut, as an independent component of ERM's val features with two clearly separate "
+        "modes (the smaller 3-25% of the group); every group is split by each one found. For shortcuts "
+        "that the clustering leaves inside its groups, e.g. a pair's weaker one (docs/methods.md); never "
+        "the oracle's true groups",
+        neutral=False,
+    )
     pick_among: list[dict] = opt(
         [],
         "a small label-free sweep on the shared upstream: a list of settings of clustering.* and "

@@ -200,6 +200,7 @@ def group_context(
         true_groups=true_groups,
         random_k=spec.groups.random_k,
         merge_easy=spec.groups.merge_easy,
+        split_ica=spec.groups.split_ica,
     )
 
 

@@ -168,6 +168,77 @@ def test_merge_easy_joins_the_groups_erm_gets_right_and_keeps_the_hard_ones(monk
         infer_groups("pieces", ctx(merge_easy=True, val_logits=None))
 
 
+def two_shortcuts(seed=0, second=10.0, n=2000, d=64):
+    """Features of 2 classes with a strong first shortcut (97% agree) and a weaker second one (90% agree
+    within each (class, first) cell), on anisotropic noise whose largest directions are neither: the
+    second shortcut sits on a quiet dimension, shifted by `second` (0: no second shortcut)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    a1 = np.where(rng.random(n) < 0.97, y, 1 - y)
+    a2 = np.where(rng.random(n) < 0.9, y, 1 - y)
+    X = rng.normal(size=(n, d)) * np.linspace(3, 0.5, d)
+    X[:, 0] += 8 * y
+    X[:, 1] += 6 * a1
+    X[:, 40] += second * a2
+    return y, a1, a2, X
+
+
+def test_split_ica_finds_a_second_shortcut_inside_the_groups_and_splits_every_group_by_it():
+    """groups.split_ica: given the (class, first shortcut) groups, the weaker second shortcut (a 10%
+    minority in each large group, not the largest variance) is found as one attribute, and every group is
+    split by it, the small ones too; fragments under min_size merge back."""
+    from exmap_ray.groups.formation import split_by_components
+
+    y, a1, a2, X = two_shortcuts()
+    first = y * 2 + a1
+    groups, info = split_by_components(first, y, X, seed=0, min_size=5)
+    assert info["attributes"] == 1  # found in both large groups, kept once
+    searched = {r["group"]: r for r in info["searched"]}
+    assert set(searched) == {0, 3}  # the two groups of >= 100 members
+    assert all(r["attribute"] == 0 and r["separation"] >= 3 and 0.03 <= r["share"] <= 0.25 for r in searched.values())
+    assert adjusted_rand_score(y * 4 + a1 * 2 + a2, groups) > 0.95
+    assert np.array_equal(np.unique(groups), np.arange(len(np.unique(groups))))  # dense ids
+    assert np.bincount(groups).min() >= 5
+    # every group is a part of one first-shortcut group (a split, never a merge across them)
+    assert all(len(np.unique(first[groups == g])) == 1 for g in np.unique(groups))
+
+
+def test_split_ica_leaves_groups_alone_when_no_component_has_two_clear_modes():
+    from exmap_ray.groups.formation import split_by_components
+
+    y, a1, _, X = two_shortcuts(second=0.0)
+    first = y * 2 + a1
+    groups, info = split_by_components(first, y, X, seed=0, min_size=5)
+    assert info["attributes"] == 0 and info["merged"] == []
+    assert np.array_equal(groups, first)
+
+
+def test_split_ica_key_runs_after_the_source_never_on_the_oracle(monkeypatch):
+    y, a1, a2, X = two_shortcuts()
+    first = y * 2 + a1
+    monkeypatch.setitem(GROUP_SOURCES._items, "first", GroupSource(lambda c: (first, {}), ()))
+    c = GroupContext(
+        y_val=y,
+        clustering=ClusteringSpec(min_group_size=5),
+        seed=0,
+        val_features=X,
+        true_groups=(y * 2 + a1) * 2 + a2,
+        split_ica=True,
+    )
+    groups, info = infer_groups("first", c)
+    assert info["n_groups_before_split"] == 4 and info["split_ica"]["attributes"] == 1 and info["n_groups"] > 4
+    assert np.array_equal(infer_groups("first", dataclasses.replace(c, split_ica=False))[0], first)  # off: as is
+    assert np.array_equal(infer_groups("true", c)[0], c.true_groups)
+    with pytest.raises(UserError, match="split_ica needs ERM's val features"):
+        infer_groups("first", dataclasses.replace(c, val_features=None))
+    # the key reaches the context from a spec, and at its default it leaves the clusters stage's key alone
+    from exmap_ray.stages import group_context
+
+    on = from_dict({"groups": {"split_ica": True}})
+    assert group_context(on, y, None, X, None, None).split_ica
+    assert not group_context(from_dict({}), y, None, X, None, None).split_ica
+
+
 def colour_and_place(seed=1):
     """2 classes x colour (which of 2 channels holds the relevance) x place (a faint spot top left or
     bottom right): 8 true groups, 120 / 20 / 20 / 8 per class. The channel decides most of the distance

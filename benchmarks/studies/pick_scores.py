@@ -41,6 +41,11 @@ ENTRIES = {  # the groups.pick_among entries that can be studied: label -> --set
     "both-silhouette-local": ["clustering.input=both", "clustering.method=kmeans_silhouette", "clustering.scope=local"],
     "both-silhouette": ["clustering.input=both", "clustering.method=kmeans_silhouette"],
     "both-silhouette-merge": ["clustering.input=both", "clustering.method=kmeans_silhouette", "groups.merge_easy=true"],
+    # groups.split_ica: each grouping above, then split by two-moded independent components of the features
+    "shipped-ica": ["groups.split_ica=true"],
+    "both-ica": ["clustering.input=both", "groups.split_ica=true"],
+    "both-merge-ica": ["clustering.input=both", "groups.merge_easy=true", "groups.split_ica=true"],
+    "both-silhouette-ica": ["clustering.input=both", "clustering.method=kmeans_silhouette", "groups.split_ica=true"],
     # products of two groupings: the heatmaps' clusters split by the features' (or by the channel-summed maps')
     "cross-features": ["clustering.cross_features=all"],
     "cross-features-hard": ["clustering.cross_features=hard"],

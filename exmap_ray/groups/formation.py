@@ -248,3 +248,99 @@ def class_by_cluster(y: np.ndarray, cluster_of: np.ndarray) -> np.ndarray:
     pairs = np.stack([y, cluster_of], 1)
     _, ids = np.unique(pairs, axis=0, return_inverse=True)
     return ids.ravel().astype(np.int64)
+
+
+# `groups.split_ica`: a second shortcut the clustering left inside its groups. Within a (class, first
+# shortcut) group a weaker shortcut is a minority of a few to a quarter of the points. It is linearly
+# present in ERM's features but is not their largest variance (digit shape is), so k-means or a GMM on
+# the group does not cut along it. An independent component that is cleanly two-moded does.
+SPLIT_MIN_MEMBERS = 100  # groups smaller than this are not searched (too few points to estimate 20 components)
+SPLIT_DIMS = 20  # PCA dimensions kept before ICA, within each searched group
+SPLIT_MIN_SEPARATION = 3.0  # Ashman's D of the two modes: |m1 - m2| * sqrt(2) / sqrt(s1^2 + s2^2)
+SPLIT_SHARE = (0.03, 0.25)  # the smaller mode's share of the group: a minority, not a half/half split
+SPLIT_FIT_MAX = 20_000  # PCA and ICA are fitted on at most this many points of a group, then applied to all
+SPLIT_ICA_ITER = 200  # FastICA iterations; where it has not converged no component is cleanly two-moded
+SPLIT_SAME = 0.5  # an attribute whose labels agree with an earlier one's (|ARI| above this) is dropped
+
+
+def _two_modes(s: np.ndarray, seed: int):
+    """A 1-D GMM with two components on `s`: (Ashman's D, the smaller mode's share, the fitted GMM)."""
+    from sklearn.mixture import GaussianMixture
+
+    gm = GaussianMixture(2, n_init=2, random_state=seed).fit(s[:, None])
+    mu, sd = gm.means_.ravel(), np.sqrt(gm.covariances_.ravel())
+    d = abs(mu[0] - mu[1]) * np.sqrt(2.0) / max(float(np.sqrt(sd[0] ** 2 + sd[1] ** 2)), 1e-12)
+    lab = gm.predict(s[:, None])
+    return float(d), float(min(lab.mean(), 1 - lab.mean())), gm
+
+
+def split_by_components(
+    groups: np.ndarray, y: np.ndarray, X: np.ndarray, seed: int, min_size: int
+) -> tuple[np.ndarray, dict]:
+    """`groups.split_ica`: cross the pseudo groups with binary attributes found in ERM's val features `X`.
+
+    In each group of at least SPLIT_MIN_MEMBERS points: PCA to SPLIT_DIMS dimensions, then FastICA; each
+    independent component gets a two-mode 1-D GMM, and the component whose modes are furthest apart
+    (Ashman's D), with a minority share in SPLIT_SHARE, becomes an attribute if its D reaches
+    SPLIT_MIN_SEPARATION. The attribute labels every val point (the group's PCA, ICA and GMM applied to
+    all rows), since a shortcut shared across groups also splits the small groups, where it could not be
+    found. Attributes that repeat an earlier one are dropped; every group is then split by every attribute,
+    and fragments under `min_size` (clustering.min_group_size) merge into the nearest part of the group they
+    came from (`merge_small` with the old groups as its classes), so a split never mixes two old groups.
+    Uses the class labels and features only. Returns dense ids and what was found per searched group."""
+    import warnings
+
+    from sklearn.decomposition import PCA, FastICA
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import adjusted_rand_score
+
+    groups, y = np.asarray(groups), np.asarray(y)
+    X = np.asarray(X, np.float64).reshape(len(groups), -1)
+    rng = np.random.default_rng(seed)
+    attrs, found = [], []
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        if len(idx) < SPLIT_MIN_MEMBERS:
+            continue
+        fit = idx if len(idx) <= SPLIT_FIT_MAX else np.sort(rng.choice(idx, SPLIT_FIT_MAX, replace=False))
+        dims = min(SPLIT_DIMS, len(fit) - 1, X.shape[1])
+        pca = PCA(dims, random_state=seed).fit(X[fit])
+        with warnings.catch_warnings():  # no non-Gaussian direction (nothing to find) leaves ICA unconverged
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            ica = FastICA(dims, random_state=seed, max_iter=SPLIT_ICA_ITER, whiten="unit-variance")
+            ica.fit(pca.transform(X[fit]))
+        S = ica.transform(pca.transform(X[idx]))
+        best = None
+        for j in range(dims):
+            d, share, gm = _two_modes(S[:, j], seed)
+            if SPLIT_SHARE[0] <= share <= SPLIT_SHARE[1] and share * len(idx) >= min_size:
+                if best is None or d > best[0]:
+                    best = (d, share, j, gm)
+        record = {"group": int(g), "members": int(len(idx))}
+        if best is not None:
+            record.update(separation=round(best[0], 2), share=round(best[1], 3))
+        if best is not None and best[0] >= SPLIT_MIN_SEPARATION:
+            d, share, j, gm = best
+            lab = gm.predict(ica.transform(pca.transform(X))[:, [j]]).astype(np.int64)
+            same = [i for i, a in enumerate(attrs) if abs(adjusted_rand_score(a, lab)) > SPLIT_SAME]
+            record["attribute"] = same[0] if same else len(attrs)
+            if not same:
+                attrs.append(lab)
+        found.append(record)
+    out = groups.astype(np.int64)
+    for a in attrs:
+        out = out * 2 + a
+    _, out = np.unique(out, return_inverse=True)
+    merges = []
+    if attrs:
+        out, merges = merge_small(X, groups, out.ravel().astype(np.int64), min_size)  # within each old group
+    _, dense = np.unique(out, return_inverse=True)
+    dense = dense.ravel().astype(np.int64)
+    log.info(
+        "groups.split_ica: %d attribute(s) from %d searched group(s); %d -> %d groups",
+        len(attrs),
+        len(found),
+        len(np.unique(groups)),
+        len(np.unique(dense)),
+    )
+    return dense, {"attributes": len(attrs), "searched": found, "merged": merges}

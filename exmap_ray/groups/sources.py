@@ -29,7 +29,15 @@ from ..clustering import ChunkedRows
 from ..errors import UserError
 from ..options import opt
 from ..registry import Registry
-from .formation import channel_sums, check_heatmaps, check_rows, class_by_cluster, merge_easy_groups, pseudo_groups
+from .formation import (
+    channel_sums,
+    check_heatmaps,
+    check_rows,
+    class_by_cluster,
+    merge_easy_groups,
+    pseudo_groups,
+    split_by_components,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class GroupContext:
     true_groups: Optional[np.ndarray] = None  # (N,) true groups: the `true` source (oracle) only
     random_k: Optional[int] = None  # `random`: groups per class; None = clustering.k if an int, else 2
     merge_easy: bool = False  # groups.merge_easy: merge_easy_groups after a label-free source
+    split_ica: bool = False  # groups.split_ica: split_by_components after a label-free source (and merge_easy)
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,14 @@ def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
         before = int(len(np.unique(groups)))
         groups, merged = merge_easy_groups(groups, ctx.y_val, ctx.val_logits)
         info = {**info, "merged_easy": merged, "n_groups_before_merge": before}
+    if ctx.split_ica and not src.oracle:
+        if ctx.val_features is None:
+            raise UserError("groups.split_ica needs ERM's val features, which the caller did not provide")
+        before = int(len(np.unique(groups)))
+        groups, split = split_by_components(
+            groups, ctx.y_val, ctx.val_features, ctx.seed, ctx.clustering.min_group_size
+        )
+        info = {**info, "split_ica": split, "n_groups_before_split": before}
     ids, counts = np.unique(groups, return_counts=True)
     return groups, {
         "source": name,
