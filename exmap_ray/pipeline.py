@@ -387,6 +387,8 @@ def make_figures(data: GroupData, up: Upstream, results: dict, out: Path, spec: 
     pseudo = up.pseudo
     H = HeatmapShards(up.stages["heatmaps"].dir)  # read per heatmap shown (remote: via the node-local cache)
     pairs = up.info["clusters"].get("group_class_cluster")
+    if pairs is not None and len(pairs) != int(pseudo.max()) + 1:  # a record from before merges and splits
+        pairs = None
     captions = []
     for g in range(int(pseudo.max()) + 1):
         true = data.val.group[pseudo == g]

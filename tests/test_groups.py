@@ -216,7 +216,10 @@ def test_split_ica_leaves_groups_alone_when_no_component_has_two_clear_modes():
 def test_split_ica_key_runs_after_the_source_never_on_the_oracle(monkeypatch):
     y, a1, a2, X = two_shortcuts()
     first = y * 2 + a1
-    monkeypatch.setitem(GROUP_SOURCES._items, "first", GroupSource(lambda c: (first, {}), ()))
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]  # what exmap's clustering records: (class, cluster) per group id
+    monkeypatch.setitem(
+        GROUP_SOURCES._items, "first", GroupSource(lambda c: (first, {"group_class_cluster": pairs}), ())
+    )
     c = GroupContext(
         y_val=y,
         clustering=ClusteringSpec(min_group_size=5),
@@ -227,6 +230,7 @@ def test_split_ica_key_runs_after_the_source_never_on_the_oracle(monkeypatch):
     )
     groups, info = infer_groups("first", c)
     assert info["n_groups_before_split"] == 4 and info["split_ica"]["attributes"] == 1 and info["n_groups"] > 4
+    assert "group_class_cluster" not in info  # stale once split (run's figure captions read it)
     assert np.array_equal(infer_groups("first", dataclasses.replace(c, split_ica=False))[0], first)  # off: as is
     assert np.array_equal(infer_groups("true", c)[0], c.true_groups)
     with pytest.raises(UserError, match="split_ica needs ERM's val features"):

@@ -103,6 +103,9 @@ def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
             groups, ctx.y_val, ctx.val_features, ctx.seed, ctx.clustering.min_group_size
         )
         info = {**info, "split_ica": split, "n_groups_before_split": before}
+    if "n_groups_before_merge" in info or "n_groups_before_split" in info:
+        # the source's (class, cluster) of each group id no longer holds once groups are merged or split
+        info.pop("group_class_cluster", None)
     ids, counts = np.unique(groups, return_counts=True)
     return groups, {
         "source": name,
