@@ -81,6 +81,7 @@ def fit(src: Path, out: Path) -> None:
 
 def score(src: Path) -> None:
     from pick_scores import shipped_rule  # this folder is on sys.path when the script runs
+    from union_dfr import print_family_table
 
     rows: dict[str, dict[str, list[float]]] = {}
     files = sorted(src.glob("*.pkl"))
@@ -100,13 +101,8 @@ def score(src: Path) -> None:
             picked = shipped_rule(models, [E[n]["groups"] for n in names], y, metric="sweep_pooled_worst_group_acc")
             add(f"pick: {row}", E[names[int(np.argmax(picked))]]["test"])
         add("best entry (test; not label-free)", max(v["test"] for v in E.values()))
-    fams = sorted({f for r in rows.values() for f in r})
     print(f"{len(files)} family-seeds from {src}; test WGA, mean over seeds")
-    print("| row | " + " | ".join(fams) + " | mean |")
-    print("|---" * (len(fams) + 2) + "|")
-    for row, by in rows.items():
-        vals = [float(np.mean(by[f])) for f in fams]
-        print(f"| {row} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | **{np.mean(vals):.3f}** |")
+    print_family_table(rows)
 
 
 def main(argv=None) -> int:
