@@ -191,7 +191,7 @@ def test_split_ica_finds_a_second_shortcut_inside_the_groups_and_splits_every_gr
 
     y, a1, a2, X = two_shortcuts()
     first = y * 2 + a1
-    groups, info = split_by_components(first, y, X, seed=0, min_size=5)
+    groups, info = split_by_components(first, X, seed=0, min_size=5)
     assert info["attributes"] == 1  # found in both large groups, kept once
     searched = {r["group"]: r for r in info["searched"]}
     assert set(searched) == {0, 3}  # the two groups of >= 100 members
@@ -208,7 +208,7 @@ def test_split_ica_leaves_groups_alone_when_no_component_has_two_clear_modes():
 
     y, a1, _, X = two_shortcuts(second=0.0)
     first = y * 2 + a1
-    groups, info = split_by_components(first, y, X, seed=0, min_size=5)
+    groups, info = split_by_components(first, X, seed=0, min_size=5)
     assert info["attributes"] == 0 and info["merged"] == []
     assert np.array_equal(groups, first)
 

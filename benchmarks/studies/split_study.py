@@ -61,9 +61,7 @@ def fit(src: Path, out: Path) -> None:
             entries[b] = dict(
                 groups=groups, heldout_idx=z[f"{b}/heldout_idx"], heldout_pred=z[f"{b}/heldout_pred"], test=by_test[b]
             )
-            split, info = split_by_components(
-                groups, y, Xv, stage_seed(seed, "clusters"), spec.clustering.min_group_size
-            )
+            split, info = split_by_components(groups, Xv, stage_seed(seed, "clusters"), spec.clustering.min_group_size)
             head = r.fit(Xv, y, split, cfg, rseed)
             entries[b + "+ica"] = dict(
                 groups=split,

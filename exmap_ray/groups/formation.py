@@ -229,7 +229,7 @@ def merge_easy_groups(groups: np.ndarray, y: np.ndarray, val_logits: np.ndarray)
     accuracy on the whole class become one group; the harder ones stay. Uses the class labels and ERM's
     predictions only, as DFR does. Returns dense ids (in the old ids' order) and, per class, the old ids
     merged (classes with fewer than two easy groups are left alone)."""
-    groups, y = np.asarray(groups), np.asarray(y)
+    groups = np.asarray(groups)
     correct = np.asarray(val_logits).argmax(1) == y
     out, merged = groups.copy(), {}
     for c in np.unique(y):
@@ -274,9 +274,7 @@ def _two_modes(s: np.ndarray, seed: int):
     return float(d), float(min(lab.mean(), 1 - lab.mean())), gm
 
 
-def split_by_components(
-    groups: np.ndarray, y: np.ndarray, X: np.ndarray, seed: int, min_size: int
-) -> tuple[np.ndarray, dict]:
+def split_by_components(groups: np.ndarray, X: np.ndarray, seed: int, min_size: int) -> tuple[np.ndarray, dict]:
     """`groups.split_ica`: cross the pseudo groups with binary attributes found in ERM's val features `X`.
 
     In each group of at least SPLIT_MIN_MEMBERS points: PCA to SPLIT_DIMS dimensions, then FastICA; each
@@ -287,14 +285,15 @@ def split_by_components(
     found. Attributes that repeat an earlier one are dropped; every group is then split by every attribute,
     and fragments under `min_size` (clustering.min_group_size) merge into the nearest part of the group they
     came from (`merge_small` with the old groups as its classes), so a split never mixes two old groups.
-    Uses the class labels and features only. Returns dense ids and what was found per searched group."""
+    Uses the groups and features only (a pseudo group lies in one class). Returns dense ids and what was
+    found per searched group."""
     import warnings
 
     from sklearn.decomposition import PCA, FastICA
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import adjusted_rand_score
 
-    groups, y = np.asarray(groups), np.asarray(y)
+    groups = np.asarray(groups)
     X = np.asarray(X, np.float64).reshape(len(groups), -1)
     rng = np.random.default_rng(seed)
     attrs, found = [], []
@@ -330,10 +329,9 @@ def split_by_components(
     out = groups.astype(np.int64)
     for a in attrs:
         out = out * 2 + a
-    _, out = np.unique(out, return_inverse=True)
     merges = []
     if attrs:
-        out, merges = merge_small(X, groups, out.ravel().astype(np.int64), min_size)  # within each old group
+        out, merges = merge_small(X, groups, out, min_size)  # within each old group
     _, dense = np.unique(out, return_inverse=True)
     dense = dense.ravel().astype(np.int64)
     log.info(

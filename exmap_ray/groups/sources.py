@@ -99,13 +99,10 @@ def infer_groups(name: str, ctx: GroupContext) -> tuple[np.ndarray, dict]:
         if ctx.val_features is None:
             raise UserError("groups.split_ica needs ERM's val features, which the caller did not provide")
         before = int(len(np.unique(groups)))
-        groups, split = split_by_components(
-            groups, ctx.y_val, ctx.val_features, ctx.seed, ctx.clustering.min_group_size
-        )
+        groups, split = split_by_components(groups, ctx.val_features, ctx.seed, ctx.clustering.min_group_size)
         info = {**info, "split_ica": split, "n_groups_before_split": before}
-    if "n_groups_before_merge" in info or "n_groups_before_split" in info:
-        # the source's (class, cluster) of each group id no longer holds once groups are merged or split
-        info.pop("group_class_cluster", None)
+    if (ctx.merge_easy or ctx.split_ica) and not src.oracle:
+        info.pop("group_class_cluster", None)  # the source's (class, cluster) per group id: renumbered since
     ids, counts = np.unique(groups, return_counts=True)
     return groups, {
         "source": name,
