@@ -43,6 +43,48 @@ def test_kmeans_silhouette_finds_the_planted_k(k):
     assert max(info["silhouette"], key=info["silhouette"].get) == str(k) and len(info["silhouette"]) == 7
 
 
+def test_the_silhouettes_equal_sklearns_on_its_sample():
+    """One distance matrix for every labelling gives sklearn's silhouette_score, sample included (points
+    beyond the sample size, a singleton cluster, a labelling with one cluster among the sampled points)."""
+    from sklearn.metrics import silhouette_score
+
+    from exmap_ray.clustering.clusterers import silhouettes
+    from exmap_ray.clustering.kmeans import kmeans
+
+    X, _ = blobs([150, 90, 60], d=12, seed=3)
+    runs = {k: kmeans(X, k, 25, 3, seed=0) for k in range(2, 7)}
+    runs["singleton"] = np.r_[np.zeros(len(X) - 1, int), 1]
+    for sample, seed in ((len(X), 0), (200, 7)):
+        got = silhouettes(X, runs, sample, seed)
+        for k, labels in runs.items():
+            want = silhouette_score(X, labels, sample_size=sample, random_state=seed)
+            assert got[k] == pytest.approx(want, abs=1e-6), (k, sample)
+    one = {"one": np.zeros(len(X), int)}
+    assert silhouettes(X, one, 100, 0) == {"one": -1.0}
+
+
+def test_faiss_kmeans_gives_the_same_labels_on_one_thread_or_two():
+    """Small inputs run FAISS on one OpenMP thread (faster on 2 cores); the labels are those of two
+    threads, and the caller's thread count is restored."""
+    import importlib
+
+    import faiss
+
+    km = importlib.import_module("exmap_ray.clustering.kmeans")  # the module (the package exports the function)
+
+    X, _ = blobs([300, 200, 100], d=40, seed=4)
+    before = faiss.omp_get_max_threads()
+    small = {k: km.kmeans(X, k, 25, 3, seed=1) for k in (2, 3, 5)}
+    assert faiss.omp_get_max_threads() == before
+    limit = km.FAISS_ONE_THREAD_MAX
+    km.FAISS_ONE_THREAD_MAX = 0  # every input counts as large: FAISS's own thread count
+    try:
+        large = {k: km.kmeans(X, k, 25, 3, seed=1) for k in (2, 3, 5)}
+    finally:
+        km.FAISS_ONE_THREAD_MAX = limit
+    assert all((small[k] == large[k]).all() for k in small)
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_gmm_bic_finds_the_planted_k_with_unequal_spreads(k):
     X, truth = blobs([120, 60, 90, 40][:k], seed=10 + k, scales=[0.2, 0.6, 0.3, 0.8][:k])

@@ -211,21 +211,44 @@ def kmeans_silhouette_clusters(X: np.ndarray, cspec, seed: int) -> tuple[np.ndar
     The silhouette (Euclidean) is computed on at most SILHOUETTE_SAMPLE points, so it stays cheap
     on large scopes. With an integer k this is plain k-means.
     """
-    from sklearn.metrics import silhouette_score
-
     ks = candidate_ks(cspec, len(X))
     runs = {k: kmeans(X, k, cspec.niter, cspec.nredo, seed) for k in ks}
     if len(ks) == 1:
         return runs[ks[0]], {"k": ks[0]}
-    scores = {}
-    for k, labels in runs.items():
-        scores[k] = (
-            float(silhouette_score(X, labels, sample_size=min(len(X), SILHOUETTE_SAMPLE), random_state=seed))
-            if len(np.unique(labels)) > 1
-            else -1.0
-        )
+    scores = silhouettes(X, runs, SILHOUETTE_SAMPLE, seed)
     best = max(ks, key=lambda k: (scores[k], -k))  # ties: the smaller k
     return runs[best], {"k": int(best), "silhouette": {str(k): round(v, 6) for k, v in scores.items()}}
+
+
+def silhouettes(X: np.ndarray, runs: dict, sample_size: int, seed: int) -> dict:
+    """The mean silhouette (Euclidean) of each labelling in `runs`, as sklearn's `silhouette_score(X, labels,
+    sample_size=min(n, sample_size), random_state=seed)` gives it (the same sample of points), but with the
+    sample's distance matrix computed once for every labelling, not once per labelling: the per-cluster sums
+    of distances are one product with the labels' indicator matrix. A labelling with a single cluster among
+    the sampled points scores -1. Equal to sklearn's to float32 rounding (tests/test_clustering.py)."""
+    from sklearn.metrics import pairwise_distances
+
+    n = len(X)
+    idx = np.random.RandomState(seed).permutation(n)[: min(n, sample_size)]  # sklearn's sample
+    D = pairwise_distances(X[idx]).astype(np.float64)  # zero diagonal, as sklearn's
+    out = {}
+    for k, labels in runs.items():
+        _, lab = np.unique(np.asarray(labels)[idx], return_inverse=True)
+        m = lab.max() + 1
+        if m < 2:
+            out[k] = -1.0
+            continue
+        sizes = np.bincount(lab, minlength=m)
+        sums = D @ np.eye(m)[lab]  # (n, m): each point's summed distance to each cluster
+        rows = np.arange(len(lab))
+        own = sizes[lab]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = sums[rows, lab] / (own - 1)
+            sums[rows, lab] = np.inf
+            b = (sums / sizes).min(1)
+            s = (b - a) / np.maximum(a, b)
+        out[k] = float(np.mean(np.where(own > 1, np.nan_to_num(s), 0.0)))
+    return out
 
 
 @CLUSTERERS.register("gmm")

@@ -8,6 +8,7 @@ resources.gpu true) FAISS's GPU build on the task's GPU, or torch where that bui
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -18,6 +19,7 @@ from . import device, scale
 
 JOINT_ITERS = 5  # kmeans_joint: iterations all restarts run before only the best goes on
 LLOYD_CHUNK = 8192  # rows per step of kmeans_joint: its (chunk, d) block and products stay in cache
+FAISS_ONE_THREAD_MAX = 6_000_000  # N x d at or below which FAISS's CPU k-means runs on one OpenMP thread
 
 
 def kmeanspp_init(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -111,24 +113,47 @@ def kmeans(X: np.ndarray, k: int, niter: int = 25, nredo: int = 3, seed: int = 0
     if len(X) >= scale.SCALE_MIN_N and device.current() is None:
         return kmeans_joint(X, [kmeanspp_init(X, k, rng) for _ in range(nredo)], niter)
     best, best_obj = None, np.inf
-    for _ in range(nredo):
-        km = faiss.Kmeans(
-            X.shape[1],
-            k,
-            niter=niter,
-            seed=int(rng.integers(2**31 - 1)),
-            gpu=False,
-            max_points_per_centroid=math.ceil(len(X) / k) + 1,
-            min_points_per_centroid=1,
-            verbose=False,
-        )
-        km.index = device.faiss_index(km.index)  # the task's GPU alone (GPU route), else as it was
-        km.train(X, init_centroids=kmeanspp_init(X, k, rng))
-        obj = float(km.obj[-1]) if len(km.obj) else np.inf
-        if obj < best_obj or best is None:
-            best, best_obj = km, obj
-    _, labels = best.index.search(X, 1)
+    with _faiss_threads(1 if X.size <= FAISS_ONE_THREAD_MAX and device.current() is None else None):
+        for _ in range(nredo):
+            km = _faiss_train(X, k, niter, rng)
+            obj = float(km.obj[-1]) if len(km.obj) else np.inf
+            if obj < best_obj or best is None:
+                best, best_obj = km, obj
+        _, labels = best.index.search(X, 1)
     return labels.ravel().astype(np.int64)
+
+
+def _faiss_train(X: np.ndarray, k: int, niter: int, rng: np.random.Generator):
+    """One FAISS k-means, k-means++ seeded from `rng`, trained on X."""
+    km = faiss.Kmeans(
+        X.shape[1],
+        k,
+        niter=niter,
+        seed=int(rng.integers(2**31 - 1)),
+        gpu=False,
+        max_points_per_centroid=math.ceil(len(X) / k) + 1,
+        min_points_per_centroid=1,
+        verbose=False,
+    )
+    km.index = device.faiss_index(km.index)  # the task's GPU alone (GPU route), else as it was
+    km.train(X, init_centroids=kmeanspp_init(X, k, rng))
+    return km
+
+
+@contextlib.contextmanager
+def _faiss_threads(n: int | None):
+    """FAISS's OpenMP threads for this thread's calls inside the block (None: as they are). On small inputs
+    one thread is faster on 2 cores: 3,000 x 1,100, k = 2..10, 3 restarts each, took 1.2 s on one thread
+    against 2.9 s on two, with the same labels (docs/benchmarks.md); from about 10,000 x 1,100 on, two win."""
+    if n is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 TORCH_CHUNK = 1 << 18  # rows per distance block in kmeans_torch: (chunk, k) distances on the device
