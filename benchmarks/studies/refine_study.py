@@ -1,0 +1,202 @@
+"""Does refining the groups (the clusters' members re-assigned by a cross-fitted linear probe of the features)
+help, alone or as more `groups.pick_among` entries? Offline, on what `pick_scores.py collect
+--keep-features` saved.
+
+    python benchmarks/studies/refine_study.py fit runs/pick-scores/full-dev runs/pick-scores/full-dev-refine
+    python benchmarks/studies/refine_study.py score runs/pick-scores/full-dev-refine
+
+`fit`: for each collected family-seed and entry, the entry's val pseudo groups are re-assigned by the
+`refine_by_probe` below (with the clusters stage's seed and the spec's
+clustering.min_group_size), and the family's DFR is
+fitted on them as a row is (`exmap_ray.retrain`, the spec's keys and seed). Per family-seed one pickle:
+every entry and every "<entry>+refine", with its groups, held-out halves, test WGA and the minority
+recovery of its groups (true groups read for the report only). `score`: per family (mean over the
+collected seeds), each entry alone and what `groups.pick_among`'s rule (`search.metric:
+sweep_pooled_worst_group_acc`, one-SE, fewest groups) picks from several sets of entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# The refinement studied here: the clusters' members, re-assigned by a linear probe of ERM's features. A shortcut's
+# minority is a few percent of a class; the clustering often puts a part of it in the majority's cluster
+# and some majority points in its own. The shortcut is linear in the features, so a class-balanced
+# logistic regression trained on the noisy cluster labels (within the class) points along it, and its
+# cross-fitted prediction puts most stray points back (this study).
+REFINE_FOLDS = 5  # cross-fitting: each point is assigned by a probe not fitted on it
+REFINE_C = 0.1  # the probe's inverse L2 strength, on standardised features
+REFINE_ROUNDS = 2  # re-fit on the new assignment this many times at most (stops when nothing moves)
+REFINE_FIT_MAX = 20_000  # points per class a probe is fitted on at most (all points are assigned)
+
+
+def refine_by_probe(
+    groups: np.ndarray, X: np.ndarray, y: np.ndarray, seed: int, min_size: int
+) -> tuple[np.ndarray, dict]:
+    """Within each class holding two or more pseudo groups, a multinomial logistic
+    regression (class-balanced over the groups, L2 with C = REFINE_C on standardised features) learns the
+    class's groups from ERM's val features `X`; each point then joins the group its cross-fitted probe
+    (REFINE_FOLDS folds, stratified by group) ranks first. Repeated up to REFINE_ROUNDS times. A class whose
+    smallest group has fewer than 2 members is left alone. Groups left under `min_size`
+    (clustering.min_group_size) then merge into their class's nearest group (`merge_small`), and the ids
+    are made dense in their old order. Uses the class labels, groups and features only. Returns the groups
+    and, per round, how many points moved."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    from exmap_ray.groups.formation import merge_small
+
+    groups = np.asarray(groups, np.int64)
+    X = np.asarray(X, np.float32).reshape(len(groups), -1)
+    Xs = (X - X.mean(0)) / (X.std(0) + 1e-6)
+    rng = np.random.default_rng(seed)
+    out, moved = groups.copy(), []
+    for _ in range(REFINE_ROUNDS):
+        new = out.copy()
+        for c in np.unique(y):
+            idx = np.flatnonzero(y == c)
+            labs, counts = np.unique(out[idx], return_counts=True)
+            if len(labs) < 2 or counts.min() < 2:
+                continue
+            fit = idx if len(idx) <= REFINE_FIT_MAX else np.sort(rng.choice(idx, REFINE_FIT_MAX, replace=False))
+            _, fit_counts = np.unique(out[fit], return_counts=True)
+            if len(fit_counts) < len(labs) or fit_counts.min() < 2:
+                continue
+            score = np.zeros((len(idx), len(labs)))
+            pos = {int(i): j for j, i in enumerate(idx)}
+            folds = StratifiedKFold(min(REFINE_FOLDS, int(fit_counts.min())), shuffle=True, random_state=seed)
+            rest = np.setdiff1d(idx, fit)  # points outside the fitted subsample: every fold's probe, averaged
+            for tr, te in folds.split(fit, out[fit]):
+                probe = LogisticRegression(C=REFINE_C, class_weight="balanced", max_iter=300)
+                with warnings.catch_warnings():  # lbfgs short of its tolerance still ranks the groups
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    probe.fit(Xs[fit[tr]], out[fit[tr]])
+                score[[pos[int(i)] for i in fit[te]]] = probe.predict_proba(Xs[fit[te]])
+                if len(rest):
+                    score[[pos[int(i)] for i in rest]] += probe.predict_proba(Xs[rest])
+            new[idx] = labs[score.argmax(1)]
+        moved.append(int((new != out).sum()))
+        if moved[-1] == 0:
+            break
+        out = new
+    out, merges = merge_small(X, y, out, min_size)
+    _, dense = np.unique(out, return_inverse=True)
+    return dense.ravel().astype(np.int64), {"moved": moved, "merged": merges}
+
+
+BASES = ["shipped", "both", "both-merge", "both-silhouette"]
+SETS = {  # rows of `score`: label -> the pick_among entries, in order (the first is the spec as it is)
+    "the shipped pick (4 entries)": BASES,
+    "4 + both-silhouette+refine": [*BASES, "both-silhouette+refine"],
+    "4 + both+refine, both-silhouette+refine": [*BASES, "both+refine", "both-silhouette+refine"],
+    "every entry with refine instead": [b + "+refine" for b in BASES],
+    "4 + the 4 with refine (8 entries)": [*BASES, *(b + "+refine" for b in BASES)],
+}
+
+
+def worst_recovery(true: np.ndarray, groups: np.ndarray) -> float:
+    """The smallest, over true groups, best Jaccard overlap with a pseudo group (for the report only)."""
+    rec = []
+    for t in np.unique(true):
+        m = true == t
+        rec.append(max(((groups[m] == q).sum() / ((groups == q) | m).sum()) for q in np.unique(groups[m])))
+    return float(min(rec))
+
+
+def fit(src: Path, out: Path) -> None:
+    from exmap_ray.hashing import RETRAIN_SEED
+    from exmap_ray.retrain.base import RETRAINERS
+    from exmap_ray.selection import worst_group_acc
+    from exmap_ray.spec import SHIPPED, load_spec, stage_seed
+
+    out.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.glob("*.npz")):
+        dest = out / (p.stem + ".pkl")
+        if dest.exists():
+            continue
+        z = np.load(p, allow_pickle=True)
+        meta = json.loads(str(z["meta"]))
+        family, seed = meta["family"], meta["seed"]
+        spec = load_spec(SHIPPED / f"{family}.yaml", [f"seed={seed}"])
+        r = RETRAINERS.get("dfr")
+        cfg, rseed = r.config(spec), stage_seed(seed, RETRAIN_SEED)
+        y, g, ty, tg = z["y"], z["group"], z["test_y"], z["test_group"]
+        Xv, Xt = z["val_features"], z["test_features"]
+        by_test = {m["entry"]: m["test_wga"] for m in meta["entries"]}
+        entries = {}
+        for b in BASES:
+            groups = z[f"{b}/pseudo"]
+            entries[b] = dict(
+                groups=groups,
+                heldout_idx=z[f"{b}/heldout_idx"],
+                heldout_pred=z[f"{b}/heldout_pred"],
+                test=by_test[b],
+                recovery=worst_recovery(g, groups),
+            )
+            refined, info = refine_by_probe(groups, Xv, y, stage_seed(seed, "clusters"), spec.clustering.min_group_size)
+            head = r.fit(Xv, y, refined, cfg, rseed)
+            entries[b + "+refine"] = dict(
+                groups=refined,
+                heldout_idx=head.heldout_idx,
+                heldout_pred=head.heldout_pred,
+                test=worst_group_acc(head.predict(Xt), ty, tg),
+                recovery=worst_recovery(g, refined),
+                moved=info["moved"],
+            )
+        tmp = dest.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(dict(family=family, seed=seed, oracle=meta["oracle"], y=y, entries=entries), f)
+        tmp.rename(dest)
+        print(family, seed, {k: (round(v["test"], 3), round(v["recovery"], 2)) for k, v in entries.items()}, flush=True)
+
+
+def score(src: Path) -> None:
+    from pick_scores import shipped_rule  # this folder is on sys.path when the script runs
+    from union_dfr import print_family_table
+
+    rows: dict[str, dict[str, list[float]]] = {}
+    files = sorted(src.glob("*.pkl"))
+    for p in files:
+        with open(p, "rb") as f:
+            d = pickle.load(f)
+        fam, E, y = d["family"].removeprefix("zoo_"), d["entries"], d["y"]
+
+        def add(row, v):
+            rows.setdefault(row, {}).setdefault(fam, []).append(v)
+
+        add("oracle DFR", d["oracle"])
+        for k, v in E.items():
+            add(f"always {k}", v["test"])
+        for row, names in SETS.items():
+            models = [dict(heldout_idx=E[n]["heldout_idx"], heldout_pred=E[n]["heldout_pred"]) for n in names]
+            picked = shipped_rule(models, [E[n]["groups"] for n in names], y, metric="sweep_pooled_worst_group_acc")
+            add(f"pick: {row}", E[names[int(np.argmax(picked))]]["test"])
+        add("best entry (test; not label-free)", max(v["test"] for v in E.values()))
+    print(f"{len(files)} family-seeds from {src}; test WGA, mean over seeds")
+    print_family_table(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("src", type=Path)
+    f.add_argument("out", type=Path)
+    s = sub.add_parser("score")
+    s.add_argument("src", type=Path)
+    a = ap.parse_args(argv)
+    fit(a.src, a.out) if a.cmd == "fit" else score(a.src)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
