@@ -42,13 +42,14 @@ def test_the_protocol_fixes_disjoint_seeds_and_ships_every_family():
     assert set(p["dev_seeds"]).isdisjoint(p["judge_seeds"]) and len(p["judge_seeds"]) >= 3
     # every later judge set is fresh: each seed set is disjoint from every other
     sets = {k: set(v) for k, v in p.items() if k.endswith("_seeds")}
-    assert {"judge2_seeds", "judge3_seeds", "judge4_seeds"} <= set(sets)
+    assert {"judge2_seeds", "judge3_seeds", "judge4_seeds", "judge5_seeds"} <= set(sets)
     for a in sets:
         for b in sets:
             assert a == b or not sets[a] & sets[b], (a, b)
     assert choose_seeds("judge2", p, quick=False) == p["judge2_seeds"]
     assert choose_seeds("judge3", p, quick=False) == p["judge3_seeds"] == [27, 28, 29]
     assert choose_seeds("judge4", p, quick=False) == [30, 31, 32]
+    assert choose_seeds("judge5", p, quick=False) == [33, 34, 35, 36, 37]
     for family in p["families"]:
         assert family in shipped_specs() and f"{family}_sweep" in shipped_specs()
     assert choose_seeds("judge", p, quick=False) == p["judge_seeds"]
