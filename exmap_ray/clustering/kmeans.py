@@ -144,7 +144,7 @@ def _faiss_train(X: np.ndarray, k: int, niter: int, rng: np.random.Generator):
 def _faiss_threads(n: int | None):
     """FAISS's OpenMP threads for this thread's calls inside the block (None: as they are). On small inputs
     one thread is faster on 2 cores: 3,000 x 1,100, k = 2..10, 3 restarts each, took 1.2 s on one thread
-    against 2.9 s on two, with the same labels (docs/benchmarks.md); from about 10,000 x 1,100 on, two win."""
+    against 3.3 s on two, with the same labels; at 10,000 x 1,100 the two are close (docs/benchmarks.md)."""
     if n is None:
         yield
         return
