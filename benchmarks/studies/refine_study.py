@@ -160,29 +160,9 @@ def fit(src: Path, out: Path) -> None:
 
 
 def score(src: Path) -> None:
-    from pick_scores import shipped_rule  # this folder is on sys.path when the script runs
-    from union_dfr import print_family_table
+    from split_study import score as score_sets  # the same pickle layout; this folder is on sys.path
 
-    rows: dict[str, dict[str, list[float]]] = {}
-    files = sorted(src.glob("*.pkl"))
-    for p in files:
-        with open(p, "rb") as f:
-            d = pickle.load(f)
-        fam, E, y = d["family"].removeprefix("zoo_"), d["entries"], d["y"]
-
-        def add(row, v):
-            rows.setdefault(row, {}).setdefault(fam, []).append(v)
-
-        add("oracle DFR", d["oracle"])
-        for k, v in E.items():
-            add(f"always {k}", v["test"])
-        for row, names in SETS.items():
-            models = [dict(heldout_idx=E[n]["heldout_idx"], heldout_pred=E[n]["heldout_pred"]) for n in names]
-            picked = shipped_rule(models, [E[n]["groups"] for n in names], y, metric="sweep_pooled_worst_group_acc")
-            add(f"pick: {row}", E[names[int(np.argmax(picked))]]["test"])
-        add("best entry (test; not label-free)", max(v["test"] for v in E.values()))
-    print(f"{len(files)} family-seeds from {src}; test WGA, mean over seeds")
-    print_family_table(rows)
+    score_sets(src, SETS)
 
 
 def main(argv=None) -> int:

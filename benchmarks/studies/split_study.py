@@ -77,7 +77,9 @@ def fit(src: Path, out: Path) -> None:
         print(family, seed, {k: round(v["test"], 3) for k, v in entries.items()}, flush=True)
 
 
-def score(src: Path) -> None:
+def score(src: Path, sets: dict | None = None) -> None:
+    """Per family, each entry alone and the pick over each of `sets` (label -> entries; default SETS), from
+    the pickles `fit` wrote (refine_study.py's have the same layout)."""
     from pick_scores import shipped_rule  # this folder is on sys.path when the script runs
     from union_dfr import print_family_table
 
@@ -94,7 +96,7 @@ def score(src: Path) -> None:
         add("oracle DFR", d["oracle"])
         for k, v in E.items():
             add(f"always {k}", v["test"])
-        for row, names in SETS.items():
+        for row, names in (sets or SETS).items():
             models = [dict(heldout_idx=E[n]["heldout_idx"], heldout_pred=E[n]["heldout_pred"]) for n in names]
             picked = shipped_rule(models, [E[n]["groups"] for n in names], y, metric="sweep_pooled_worst_group_acc")
             add(f"pick: {row}", E[names[int(np.argmax(picked))]]["test"])
