@@ -18,8 +18,6 @@ sweep_pooled_worst_group_acc`, one-SE, fewest groups) picks from several sets of
 from __future__ import annotations
 
 import argparse
-import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -113,50 +111,17 @@ def worst_recovery(true: np.ndarray, groups: np.ndarray) -> float:
 
 
 def fit(src: Path, out: Path) -> None:
-    from exmap_ray.hashing import RETRAIN_SEED
-    from exmap_ray.retrain.base import RETRAINERS
-    from exmap_ray.selection import worst_group_acc
-    from exmap_ray.spec import SHIPPED, load_spec, stage_seed
+    from split_study import fit_entries  # the same loop as split_study's; this folder is on sys.path
 
-    out.mkdir(parents=True, exist_ok=True)
-    for p in sorted(src.glob("*.npz")):
-        dest = out / (p.stem + ".pkl")
-        if dest.exists():
-            continue
-        z = np.load(p, allow_pickle=True)
-        meta = json.loads(str(z["meta"]))
-        family, seed = meta["family"], meta["seed"]
-        spec = load_spec(SHIPPED / f"{family}.yaml", [f"seed={seed}"])
-        r = RETRAINERS.get("dfr")
-        cfg, rseed = r.config(spec), stage_seed(seed, RETRAIN_SEED)
-        y, g, ty, tg = z["y"], z["group"], z["test_y"], z["test_group"]
-        Xv, Xt = z["val_features"], z["test_features"]
-        by_test = {m["entry"]: m["test_wga"] for m in meta["entries"]}
-        entries = {}
-        for b in BASES:
-            groups = z[f"{b}/pseudo"]
-            entries[b] = dict(
-                groups=groups,
-                heldout_idx=z[f"{b}/heldout_idx"],
-                heldout_pred=z[f"{b}/heldout_pred"],
-                test=by_test[b],
-                recovery=worst_recovery(g, groups),
-            )
-            refined, info = refine_by_probe(groups, Xv, y, stage_seed(seed, "clusters"), spec.clustering.min_group_size)
-            head = r.fit(Xv, y, refined, cfg, rseed)
-            entries[b + "+refine"] = dict(
-                groups=refined,
-                heldout_idx=head.heldout_idx,
-                heldout_pred=head.heldout_pred,
-                test=worst_group_acc(head.predict(Xt), ty, tg),
-                recovery=worst_recovery(g, refined),
-                moved=info["moved"],
-            )
-        tmp = dest.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(dict(family=family, seed=seed, oracle=meta["oracle"], y=y, entries=entries), f)
-        tmp.rename(dest)
-        print(family, seed, {k: (round(v["test"], 3), round(v["recovery"], 2)) for k, v in entries.items()}, flush=True)
+    def refine(groups, z, spec, seed):
+        from exmap_ray.spec import stage_seed
+
+        new, info = refine_by_probe(
+            groups, z["val_features"], z["y"], stage_seed(seed, "clusters"), spec.clustering.min_group_size
+        )
+        return new, {"moved": info["moved"]}
+
+    fit_entries(src, out, "+refine", refine, lambda z, groups: {"recovery": worst_recovery(z["group"], groups)})
 
 
 def score(src: Path) -> None:

@@ -36,6 +36,24 @@ SETS = {  # rows of `score`: label -> the pick_among entries, in order (the firs
 
 def fit(src: Path, out: Path) -> None:
     from exmap_ray.groups.formation import split_by_components
+
+    def split(groups, z, spec, seed):
+        from exmap_ray.spec import stage_seed
+
+        out, info = split_by_components(
+            groups, z["val_features"], stage_seed(seed, "clusters"), spec.clustering.min_group_size
+        )
+        return out, {"attributes": info["attributes"]}
+
+    fit_entries(src, out, "+ica", split)
+
+
+def fit_entries(src: Path, out: Path, suffix: str, regroup, describe=None) -> None:
+    """For each collected family-seed (`pick_scores.py collect --keep-features`), each entry in BASES as
+    collected and "<entry><suffix>": its groups after `regroup(groups, npz, spec, seed) -> (groups, record)`,
+    with the family's DFR fitted on them as a row is (`exmap_ray.retrain`, the spec's keys and seed).
+    `describe(npz, groups) -> dict` adds to every entry's record (for the report only). One pickle per
+    family-seed in `out`, written atomically; a family-seed already there is skipped."""
     from exmap_ray.hashing import RETRAIN_SEED
     from exmap_ray.retrain.base import RETRAINERS
     from exmap_ray.selection import worst_group_acc
@@ -61,15 +79,18 @@ def fit(src: Path, out: Path) -> None:
             entries[b] = dict(
                 groups=groups, heldout_idx=z[f"{b}/heldout_idx"], heldout_pred=z[f"{b}/heldout_pred"], test=by_test[b]
             )
-            split, info = split_by_components(groups, Xv, stage_seed(seed, "clusters"), spec.clustering.min_group_size)
-            head = r.fit(Xv, y, split, cfg, rseed)
-            entries[b + "+ica"] = dict(
-                groups=split,
+            new, record = regroup(groups, z, spec, seed)
+            head = r.fit(Xv, y, new, cfg, rseed)
+            entries[b + suffix] = dict(
+                groups=new,
                 heldout_idx=head.heldout_idx,
                 heldout_pred=head.heldout_pred,
                 test=worst_group_acc(head.predict(Xt), ty, tg),
-                attributes=info["attributes"],
+                **record,
             )
+            if describe is not None:
+                for name in (b, b + suffix):
+                    entries[name].update(describe(z, entries[name]["groups"]))
         tmp = dest.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             pickle.dump(dict(family=family, seed=seed, oracle=meta["oracle"], y=y, entries=entries), f)
