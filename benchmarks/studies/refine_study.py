@@ -17,7 +17,6 @@ sweep_pooled_worst_group_acc`, one-SE, fewest groups) picks from several sets of
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -131,16 +130,9 @@ def score(src: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fit")
-    f.add_argument("src", type=Path)
-    f.add_argument("out", type=Path)
-    s = sub.add_parser("score")
-    s.add_argument("src", type=Path)
-    a = ap.parse_args(argv)
-    fit(a.src, a.out) if a.cmd == "fit" else score(a.src)
-    return 0
+    from split_study import fit_score_cli
+
+    return fit_score_cli(__doc__, fit, score, argv)
 
 
 if __name__ == "__main__":

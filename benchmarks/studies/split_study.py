@@ -126,8 +126,9 @@ def score(src: Path, sets: dict | None = None) -> None:
     print_family_table(rows)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def fit_score_cli(doc: str, fit_fn, score_fn, argv=None) -> int:
+    """`fit SRC OUT` and `score SRC`, the two sub-commands of this study and refine_study.py."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit")
     f.add_argument("src", type=Path)
@@ -135,8 +136,12 @@ def main(argv=None) -> int:
     s = sub.add_parser("score")
     s.add_argument("src", type=Path)
     a = ap.parse_args(argv)
-    fit(a.src, a.out) if a.cmd == "fit" else score(a.src)
+    fit_fn(a.src, a.out) if a.cmd == "fit" else score_fn(a.src)
     return 0
+
+
+def main(argv=None) -> int:
+    return fit_score_cli(__doc__, fit, score, argv)
 
 
 if __name__ == "__main__":
