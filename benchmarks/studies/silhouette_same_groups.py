@@ -2,11 +2,13 @@
 family-seed's cached upstream (nothing written) and compare with the grouping `pick_scores.py collect` saved
 there (runs/pick-scores/full-dev, made by the code before the one-thread FAISS and one-matrix silhouettes).
 
-    python benchmarks/studies/silhouette_same_groups.py zoo_colour,zoo_patch,... 0,1
+    python benchmarks/studies/silhouette_same_groups.py zoo_colour,zoo_patch,... 0,1 \
+        [--cache runs/zoo-cache] [--collected runs/pick-scores/full-dev]
 """
 
-import sys
+import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -18,9 +20,15 @@ from exmap_ray.stages import stage_keys, group_context
 from exmap_ray.heatmaps.extract import HeatmapShards
 from exmap_ray.groups.sources import infer_groups
 
-fams = sys.argv[1].split(",")
-seeds = [int(s) for s in sys.argv[2].split(",")]
-cache = StageCache("/work/runs/zoo-cache")
+ap = argparse.ArgumentParser()
+ap.add_argument("families")
+ap.add_argument("seeds")
+ap.add_argument("--cache", default="runs/zoo-cache", help="the stage cache holding the family-seeds' upstreams")
+ap.add_argument("--collected", default="runs/pick-scores/full-dev", type=Path, help="pick_scores.py collect's folder")
+args = ap.parse_args()
+fams = args.families.split(",")
+seeds = [int(s) for s in args.seeds.split(",")]
+cache = StageCache(args.cache)
 same = 0
 n = 0
 for fam in fams:
@@ -44,7 +52,7 @@ for fam in fams:
         t = time.perf_counter()
         g, info = infer_groups("exmap", ctx)
         dt = time.perf_counter() - t
-        old = np.load(f"/work/runs/pick-scores/full-dev/{fam}_seed{seed}.npz")["both-silhouette/pseudo"]
+        old = np.load(args.collected / f"{fam}_seed{seed}.npz")["both-silhouette/pseudo"]
         ok = bool((old == g).all())
         same += ok
         n += 1
