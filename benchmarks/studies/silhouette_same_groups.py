@@ -38,7 +38,7 @@ for fam in fams:
         data = preflight(v, check_model=False)
         st = stage_keys(v, cache)
         hm = HeatmapShards(st["heatmaps"].dir)
-        if not (st["heatmaps"].dir / "done.json").exists() and not any(st["heatmaps"].dir.glob("done*")):
+        if not st["heatmaps"].done:  # the cache's own completion mark
             print(fam, seed, "no cached heatmaps", st["heatmaps"].dir)
             continue
         ctx = group_context(

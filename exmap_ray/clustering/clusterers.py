@@ -225,7 +225,7 @@ def silhouettes(X: np.ndarray, runs: dict, sample_size: int, seed: int) -> dict:
     sample_size=min(n, sample_size), random_state=seed)` gives it (the same sample of points), but with the
     sample's distance matrix computed once for every labelling, not once per labelling: the per-cluster sums
     of distances are one product with the labels' indicator matrix. A labelling with a single cluster among
-    the sampled points scores -1. Equal to sklearn's to float32 rounding (tests/test_clustering.py)."""
+    the sampled points scores -1. Equal to sklearn's to float32 rounding (tests/test_clusterers.py)."""
     from sklearn.metrics import pairwise_distances
 
     n = len(X)
